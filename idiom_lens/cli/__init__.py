@@ -1,0 +1,47 @@
+"""The `idiom-lens` command line: a thin layer over the library.
+
+Each subcommand lives in its own module with a `register(subparsers)` function that adds
+its parser and sets `handler`. User mistakes (`InputError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from idiom_lens.errors import InputError
+
+# Subcommand modules, in the order `idiom-lens --help` lists them.
+_COMMANDS = ("models", "predict", "data", "run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="idiom-lens",
+        description="How transformers recall memorized sequences (idioms, facts): "
+        "memorization, logit-lens trajectories, attributions, interventions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(f"idiom_lens.cli.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as err:
+        print(f"idiom-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Probe tokenization: the prompt tokens the model sees and the target token it should recall.
+
+method.md section 2: tokenize the whole sequence; the target token is the first sub-word token of
+the last word (with its leading space); the model runs on the prompt tokens only. We split the
+whole-sequence tokenization at the character where the last word's leading space begins, so the
+prompt tokens are exactly those of the full text (no re-tokenization drift). BOS follows the
+tokenizer's own setting unless `prepend_bos` is given, and is recorded on every `ProbeTokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from idiom_lens.errors import InputError
+from idiom_lens.types import Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTokens:
+    """Token ids of one probe: what the model reads and what it should predict."""
+
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]  # every sub-word token of the last word; [0] is the target
+    has_bos: bool
+
+    @property
+    def target_id(self) -> int:
+        return self.target_ids[0]
+
+
+def split_probe(
+    tokenizer: Any, prompt: str, target: str, *, prepend_bos: bool | None = None
+) -> ProbeTokens:
+    """Tokenize ``prompt + " " + target`` and split it at the start of the last word."""
+    if not prompt or not prompt.strip():
+        raise InputError(f"probe prompt is empty (target {target!r}): expected at least one word")
+    if not target or not target.strip() or any(c.isspace() for c in target):
+        raise InputError(f"probe target {target!r} must be a single non-empty word (prompt {prompt!r})")
+    text = f"{prompt} {target}"
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids: list[int] = list(encoded["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+
+    bos_id = tokenizer.bos_token_id
+    has_bos = bool(ids) and bos_id is not None and ids[0] == bos_id and offsets[0] == (0, 0)
+    if has_bos and prepend_bos is False:
+        ids, offsets, has_bos = ids[1:], offsets[1:], False
+    elif not has_bos and prepend_bos:
+        if bos_id is None:
+            raise InputError("prepend_bos=True but the tokenizer has no BOS token")
+        ids, offsets, has_bos = [bos_id, *ids], [(0, 0), *offsets], True
+
+    boundary = len(prompt)  # the space before the target word
+    first_target = next(
+        (i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None
+    )
+    if first_target is None:
+        raise InputError(f"could not locate target {target!r} in the tokenization of {text!r}")
+    if offsets[first_target][0] < boundary:
+        raise InputError(
+            f"the tokenizer merges the end of the prompt with the target in {text!r}: "
+            "no token boundary before the last word"
+        )
+    prompt_ids = tuple(ids[:first_target])
+    target_ids = tuple(ids[first_target:])
+    if len(prompt_ids) == int(has_bos):
+        raise InputError(f"probe prompt {prompt!r} produced no tokens")
+    return ProbeTokens(prompt_ids=prompt_ids, target_ids=target_ids, has_bos=has_bos)
+
+
+def split_probes(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prepend_bos: bool | None = None
+) -> list[ProbeTokens]:
+    return [split_probe(tokenizer, p, t, prepend_bos=prepend_bos) for p, t in pairs]
+
+
+def encode_prompt(tokenizer: Any, text: str, *, prepend_bos: bool | None = None) -> tuple[int, ...]:
+    """Token ids of a free prompt (for `predict`): BOS handled as in `split_probe`."""
+    if not text or not text.strip():
+        raise InputError("text is empty: expected a prompt to continue")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos_id = tokenizer.bos_token_id
+    has_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
+    if has_bos and prepend_bos is False:
+        ids = ids[1:]
+    elif not has_bos and prepend_bos and bos_id is not None:
+        ids = [bos_id, *ids]
+    return tuple(ids)
+
+
+def right_pad(
+    sequences: Sequence[Sequence[int]], *, pad_id: int
+) -> tuple[Tokens, torch.Tensor]:
+    """Right-pad token sequences into one batch, and return each sequence's last index.
+
+    With causal attention, right padding never changes the activations at real positions, so
+    no attention mask is needed and batched results equal unbatched ones.
+    """
+    if not sequences:
+        raise InputError("no sequences to batch")
+    longest = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    last = torch.tensor([len(s) - 1 for s in sequences], dtype=torch.long)
+    return tokens, last
+
+
+def pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # pragma: no cover
