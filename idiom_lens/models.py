@@ -314,6 +314,12 @@ def _boot_hub(model_id: str, *, device: str, dtype: torch.dtype) -> tuple[Any, A
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
+    reason = _hub_unreachable_reason()
+    if reason:
+        raise InputError(
+            f"model {model_id!r} is neither a known name nor a local path, and {reason}; "
+            f"{_offline_help()}"
+        )
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -327,6 +333,27 @@ def _boot_hub(model_id: str, *, device: str, dtype: torch.dtype) -> tuple[Any, A
             f"provide it ({first}); {_offline_help()}"
         ) from None
     return bridge, tokenizer
+
+
+def _hub_unreachable_reason(timeout: float = 3.0) -> str:
+    """Why the hub cannot be used right now ('' if it answers), checked in at most `timeout` s.
+
+    huggingface_hub retries for about a minute before giving up; one TCP connect tells sooner.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"the model hub {url.geturl()} is unreachable ({err.__class__.__name__}: {err})"
+    return ""
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Sequence
 from idiom_lens.errors import InputError
 
 # Subcommand modules, in the order `idiom-lens --help` lists them.
-_COMMANDS = ("models", "predict", "data", "run")
+_COMMANDS = ("models", "predict", "data", "trajectory", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

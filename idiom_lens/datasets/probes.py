@@ -14,6 +14,7 @@ import pandas as pd
 
 ProbeKind = Literal["idiom", "fact", "text"]
 PROBE_KINDS: tuple[ProbeKind, ...] = ("idiom", "fact", "text")
+FLAG_NAMES: tuple[str, ...] = ("similarity_ind", "prompt_comp_ind", "frequent_target_ind", "hard_to_guess")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,15 @@ class Probe:
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """A named, ordered collection of probes with unique ids."""
+    """A named, ordered collection of probes with unique ids.
+
+    `skipped` lists the rows a loader left out when asked to (`on_error="skip"`), one
+    "file:line: reason" each, so that nothing is dropped without a trace.
+    """
 
     name: str
     probes: tuple[Probe, ...] = field(default_factory=tuple)
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.probes)
@@ -55,6 +61,10 @@ class ProbeSet:
         rows = [asdict(p) | {"text": p.text} for p in self.probes]
         return pd.DataFrame(rows, columns=[*Probe.__dataclass_fields__, "text"])
 
+    def flag_counts(self) -> dict[str, int]:
+        """Number of probes whose flag is True, per flag (None counts as not True)."""
+        return {name: sum(getattr(p, name) is True for p in self.probes) for name in FLAG_NAMES}
+
     @staticmethod
     def concat(name: str, sets: Sequence["ProbeSet"]) -> "ProbeSet":
-        return ProbeSet(name, tuple(p for s in sets for p in s.probes))
+        return ProbeSet(name, tuple(p for s in sets for p in s.probes), tuple(x for s in sets for x in s.skipped))

@@ -1,0 +1,85 @@
+"""`idiom-lens data ...` through `idiom_lens.cli.main` (only the data subcommand is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import idiom_lens.cli as cli
+from idiom_lens.datasets import load_probes
+
+
+@pytest.fixture(autouse=True)
+def only_data_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_COMMANDS", ("data",))
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["name", "probes", "similarity_ind"]
+    for name in ("idioms", "text", "facts"):
+        row = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert int(row.split()[1]) == len(load_probes(name))
+
+
+def test_show_bundled_with_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["data", "show", "facts", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["id", "kind", "prompt", "target"]
+    assert len(lines) == 5 and lines[-1].startswith("(3 of ")
+
+
+def test_show_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text("text\nonce in a blue moon\n", encoding="utf-8")
+    assert cli.main(["data", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mine-2" in out and "moon" in out
+
+
+def test_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "idioms.csv"
+    assert cli.main(["data", "export", "idioms", str(out)]) == 0
+    assert load_probes(out).probes == load_probes("idioms").probes
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["data", "show", "idiomz"]) == 2
+    assert "known sets are facts, idioms, text" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ice"}\n', encoding="utf-8")
+    assert cli.main(["data", "show", str(bad)]) == 2
+    assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_build_without_packages_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from idiom_lens.datasets import build
+
+    monkeypatch.setattr(build, "missing_build_packages", lambda: ["countryinfo"])
+    assert cli.main(["data", "build"]) == 2
+    err = capsys.readouterr().err
+    assert "countryinfo" in err and "idiom-lens[build-data]" in err
+
+
+def test_build_and_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command's plumbing, with a stand-in builder (the real one is tested in test_build.py)."""
+    from idiom_lens.datasets import build
+
+    def fake_build_all(out_dir: Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "idioms.jsonl").write_text('{"text": "once in a blue moon"}\n', encoding="utf-8")
+        return {"idioms": out_dir / "idioms.jsonl"}
+
+    monkeypatch.setattr(build, "missing_build_packages", lambda: [])
+    monkeypatch.setattr(build, "build_all", fake_build_all)
+    assert cli.main(["data", "build", "--out", str(tmp_path)]) == 0
+    assert "wrote idioms" in capsys.readouterr().out
+    assert cli.main(["data", "build", "--check", "--out", str(tmp_path)]) == 0
+    assert "byte for byte" in capsys.readouterr().out
+    (tmp_path / "idioms.jsonl").write_text("changed\n", encoding="utf-8")
+    assert cli.main(["data", "build", "--check", "--out", str(tmp_path)]) == 1
+    assert "differs" in capsys.readouterr().out

@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny random models built offline (fast), and the embedded model (slow).
+
+The tiny models are real Hugging Face architectures (Gemma 3 and Llama) with a few layers and a
+byte-level BPE tokenizer trained here on a handful of sentences, saved to a temp directory and
+loaded through `idiom_lens.models.load_model` like any local model directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from idiom_lens.datasets.probes import Probe
+
+CORPUS = [
+    "once in a blue moon",
+    "turn a blind eye",
+    "kill two birds with one stone",
+    "the elephant in the room",
+    "a piece of cake",
+    "break the ice",
+    "the capital of France is Paris",
+    "the cat sat on the mat",
+    "she walked to the market",
+    "he read a long book about history",
+]
+
+
+def tiny_probes() -> list[Probe]:
+    probes = []
+    for i, text in enumerate(CORPUS):
+        words = text.split()
+        kind = "fact" if "capital" in text else ("text" if i >= 7 else "idiom")
+        probes.append(
+            Probe(id=f"p{i}", prompt=" ".join(words[:-1]), target=words[-1], kind=kind,
+                  hard_to_guess=(i % 2 == 0))
+        )
+    return probes
+
+
+def _train_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(out_dir))
+
+
+def _build_tiny(out_dir: Path, arch: str) -> Path:
+    from transformers import AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out_dir)
+    vocab = len(AutoTokenizer.from_pretrained(str(out_dir)))
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+            sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+        model = Gemma3ForCausalLM(config)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    # Larger-than-default weights so the random model's predictions are not all near-uniform.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from idiom_lens.models import load_model
+
+    return load_model(str(tiny_model_dir), mode="raw", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_compat(tiny_model_dir):
+    from idiom_lens.models import load_model
+
+    return load_model(str(tiny_model_dir), mode="compat", progress=False)
+
+
+@pytest.fixture(scope="session")
+def probes() -> list[Probe]:
+    return tiny_probes()
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The embedded Gemma 3 270M in raw mode (built into the cache on first use)."""
+    from idiom_lens.models import load_model
+
+    return load_model("gemma-3-270m", mode="raw", progress=False)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_compat():
+    from idiom_lens.models import load_model
+
+    return load_model("gemma-3-270m", mode="compat", progress=False)

@@ -1,0 +1,91 @@
+"""The builder reproduces the bundled files byte for byte; bundled sets meet their requirements.
+
+Building needs the build-data extra (englishidioms, wordfreq, countryinfo): this test fails,
+never skips, when they are missing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from idiom_lens.datasets import bundled_names, bundled_path, load_probes
+from idiom_lens.datasets.build import SLOT_WORDS, STOP_WORDS, bare, build_all, missing_build_packages
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    assert not missing_build_packages(), "install the build-data extra: pip install 'idiom-lens[build-data]'"
+    return build_all(tmp_path_factory.mktemp("built"))
+
+
+def test_builder_reproduces_bundled_files(built: dict[str, Path]) -> None:
+    assert sorted(built) == bundled_names()
+    for name, path in built.items():
+        assert path.read_bytes() == bundled_path(name).read_bytes(), f"{name}.jsonl differs: run `idiom-lens data build`"
+
+
+def test_bundled_files_are_plain_utf8_jsonl() -> None:
+    total = 0
+    for name in bundled_names():
+        data = bundled_path(name).read_bytes()
+        total += len(data)
+        assert b"\r" not in data and data.endswith(b"\n")
+        data.decode("utf-8")
+    assert total < 2_000_000
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_idioms_requirements() -> None:
+    idioms = load_probes("idioms")
+    assert len(idioms) >= 800
+    for probe in idioms:
+        words = _words(probe.text)
+        assert probe.kind == "idiom" and len(words) >= 4, probe
+        assert not {bare(w) for w in words} & SLOT_WORDS, probe
+        assert not all(bare(w) in STOP_WORDS for w in _words(probe.prompt)), probe
+        assert re.fullmatch(r"[A-Za-z]+", probe.target), probe
+        assert probe.source.startswith("englishidioms")
+    assert len({p.text.lower() for p in idioms}) == len(idioms)
+
+
+def test_text_requirements() -> None:
+    text, idioms = load_probes("text"), load_probes("idioms")
+    assert len(text) >= 500
+    assert all(p.kind == "text" and re.fullmatch(r"[A-Za-z]+", p.target) for p in text)
+    assert all(bare(p.target) not in STOP_WORDS for p in text)
+    # word-count histogram matches the idioms' one
+    assert Counter(len(_words(p.text)) for p in text) == Counter(len(_words(p.text)) for p in idioms)
+
+
+def test_facts_requirements() -> None:
+    facts = load_probes("facts")
+    assert len(facts) >= 300
+    assert all(p.kind == "fact" and len(p.target.split()) == 1 for p in facts)
+    assert {p.id.split("-")[1] for p in facts} == {"capital", "country", "demonym"}
+
+
+@pytest.mark.parametrize("name", ["idioms", "text", "facts"])
+def test_unique_ids_and_prompts(name: str) -> None:
+    probes = load_probes(name)
+    assert len({p.id for p in probes}) == len(probes)
+    assert len({p.prompt.lower() for p in probes}) == len(probes)  # one target per prompt
+    assert all(p.hard_to_guess == (not p.prompt_comp_ind and not p.similarity_ind) for p in probes)
+    assert all(None not in (p.similarity_ind, p.prompt_comp_ind, p.frequent_target_ind) for p in probes)
+
+
+def test_runtime_import_needs_no_build_package() -> None:
+    code = (
+        "import sys; import idiom_lens.datasets as d; d.load_probes('idioms'); "
+        "bad = [m for m in ('englishidioms', 'wordfreq', 'countryinfo') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,83 @@
+"""Each flag rule of the builder on hand-picked cases (needs wordfreq for frequent_target_ind)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from idiom_lens.datasets import build
+from idiom_lens.datasets.build import CompositionalityRef, flags, frequent_target_ind, prompt_comp_ind, similarity_ind
+
+# A tiny reference: "give up" is a short dictionary phrase; "long time" a frequent corpus bigram.
+REF = CompositionalityRef(
+    short_phrases=frozenset({"give up", "the naked eye"}),
+    bigrams=Counter({("long", "time"): 30, ("blue", "moon"): 1, ("the", "day"): 50}),
+    unigrams=Counter({"long": 200, "blue": 100, "the": 10_000}),
+)
+
+
+@pytest.mark.parametrize(
+    "prompt, target, expected",
+    [
+        ("let bygones be", "bygones", True),
+        ("boys will be", "boys", True),
+        ("a dog's life, every", "dogs", True),  # inflection: dog's / dogs
+        ("heading for a", "head", True),  # shared prefix, simple form
+        ("from time to", "time", True),
+        ("once in a blue", "moon", False),
+        ("understand the", "under", False),  # "stand" left after the common prefix: too long
+        ("carry on with the", "carriage", False),
+    ],
+)
+def test_similarity(prompt: str, target: str, expected: bool) -> None:
+    assert similarity_ind(prompt, target) is expected
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [("up", False), ("time", False), ("out", False), ("the", False), ("moon", True), ("stone", True), ("eye", True)],
+)
+def test_frequent_target(target: str, expected: bool) -> None:
+    assert frequent_target_ind(target) is expected
+
+
+def test_frequent_threshold_is_documented() -> None:
+    assert build.FREQUENT_ZIPF == 6.0
+    assert "FREQUENT_ZIPF" in (build.__doc__ or "")
+
+
+@pytest.mark.parametrize(
+    "prompt, target, expected",
+    [
+        ("never give", "up", True),  # tail "give up" is a fixed phrase by itself
+        ("see it with the naked", "eye", True),  # two-word tail + target
+        ("for a very long", "time", True),  # corpus collocation long -> time (30/200 >= 0.1)
+        ("once in a blue", "moon", False),  # blue -> moon is rare in general language
+        ("at the end of the", "day", False),  # frequent bigram but a tiny share of what follows "the"
+    ],
+)
+def test_prompt_comp(prompt: str, target: str, expected: bool) -> None:
+    assert prompt_comp_ind(prompt, target, REF) is expected
+
+
+def test_hard_to_guess_combines_the_others() -> None:
+    assert flags("once in a blue", "moon", REF)["hard_to_guess"] is True
+    assert flags("let bygones be", "bygones", REF)["hard_to_guess"] is False
+    assert flags("for a very long", "time", REF) == {
+        "similarity_ind": False,
+        "prompt_comp_ind": True,
+        "frequent_target_ind": False,
+        "hard_to_guess": False,
+    }
+
+
+def test_bundled_idioms_carry_the_expected_flags() -> None:
+    from idiom_lens.datasets import load_probes
+
+    by_text = {p.text.lower(): p for p in load_probes("idioms")}
+    assert by_text["once in a blue moon"].hard_to_guess is True
+    assert by_text["let bygones be bygones"].similarity_ind is True
+    assert by_text["kill two birds with one stone"].frequent_target_ind is True
+    for probe in by_text.values():
+        assert probe.hard_to_guess == (not probe.prompt_comp_ind and not probe.similarity_ind)
