@@ -4,8 +4,11 @@ Per probe, from the `resid_post` trajectory of the model's final predicted token
 - `promotion_layer`: the first layer from which the token stays top-1 to the end;
 - `top10_layer`: the first layer at which the token enters the top-10;
 - `confidence_gain`: its probability at the last layer minus at the promotion layer.
-Per set: mean rank and probability per layer with seeded bootstrap 95% intervals. The model's
-phase boundary is the first layer from which the memorized set's mean rank stays <= `rank_tol`.
+Per set: mean rank, probability, entropy and top-1 share per layer with seeded bootstrap 95%
+intervals. The model's phase boundary is the first layer from which at least `top1_share` (half)
+of the memorized idioms have their final prediction at top-1 through the last layer, i.e. their
+median rank reaches and holds 0 (a mean rank is dominated by a few probes ranked in the
+thousands, so it would put the boundary at the last layer on most models).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from idiom_lens.memorization import GROUPS
 from idiom_lens.stats import bootstrap_mean_ci
 from idiom_lens.trajectory import TrajectoryResult
 
-CURVE_METRICS = ("pred_rank", "pred_prob", "target_rank", "target_prob", "entropy")
+CURVE_METRICS = ("pred_rank", "pred_prob", "pred_top1", "target_rank", "target_prob", "entropy")
 
 
 def first_holding(ok: np.ndarray) -> np.ndarray:
@@ -48,7 +51,7 @@ class PhaseAnalysis:
     curves: pd.DataFrame  # group, layer, metric, mean, low, high, n
     boundary_layer: int | None
     n_layers: int
-    rank_tol: float
+    top1_share: float
     summary_text: str
     holds: bool
 
@@ -63,7 +66,7 @@ class PhaseAnalysis:
         return {
             "boundary_layer": self.boundary_layer,
             "n_layers": self.n_layers,
-            "rank_tol": self.rank_tol,
+            "boundary_rule": f"first layer from which >= {self.top1_share:g} of memorized idioms stay top-1",
             "two_phase_pattern_holds": self.holds,
             "summary": self.summary_text,
             "groups": self.group_table().to_dict("records"),
@@ -88,7 +91,7 @@ def _group_table(per_probe: pd.DataFrame) -> pd.DataFrame:
 def analyse_phases(
     result: TrajectoryResult,
     *,
-    rank_tol: float = 0.5,
+    top1_share: float = 0.5,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> PhaseAnalysis:
@@ -111,7 +114,10 @@ def analyse_phases(
     for group in [g for g in GROUPS if g in set(mem["group"])] + sorted(set(mem["group"]) - set(GROUPS)):
         rows = (mem["group"] == group).to_numpy()
         for metric in CURVE_METRICS:
-            values = getattr(result, metric)[rows, s, :]
+            if metric == "pred_top1":
+                values = (result.pred_rank[rows, s, :] == 0).astype(np.float64)
+            else:
+                values = getattr(result, metric)[rows, s, :]
             mean, low, high = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
             for layer in range(n_layers):
                 curve_rows.append(
@@ -120,29 +126,29 @@ def analyse_phases(
                 )
     curves = pd.DataFrame(curve_rows)
 
-    boundary = _boundary(curves, rank_tol=rank_tol, n_layers=n_layers)
+    boundary = _boundary(curves, top1_share=top1_share, n_layers=n_layers)
     holds, text = _summarize(
-        _group_table(per_probe), curves, boundary=boundary, n_layers=n_layers, rank_tol=rank_tol,
+        _group_table(per_probe), curves, boundary=boundary, n_layers=n_layers, top1_share=top1_share,
         model_name=result.settings.get("model_spec", "this model"),
     )
     return PhaseAnalysis(
         probes=per_probe, curves=curves, boundary_layer=boundary, n_layers=n_layers,
-        rank_tol=rank_tol, summary_text=text, holds=holds,
+        top1_share=top1_share, summary_text=text, holds=holds,
     )
 
 
-def _boundary(curves: pd.DataFrame, *, rank_tol: float, n_layers: int) -> int | None:
-    sel = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_rank")]
+def _boundary(curves: pd.DataFrame, *, top1_share: float, n_layers: int) -> int | None:
+    sel = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_top1")]
     if sel.empty:
         return None
-    mean_rank = sel.sort_values("layer")["mean"].to_numpy()
-    layer = int(first_holding(mean_rank <= rank_tol))
+    share = sel.sort_values("layer")["mean"].to_numpy()
+    layer = int(first_holding(share >= top1_share))
     return layer if layer < n_layers else None
 
 
 def _summarize(
     table: pd.DataFrame, curves: pd.DataFrame, *, boundary: int | None, n_layers: int,
-    rank_tol: float, model_name: str,
+    top1_share: float, model_name: str,
 ) -> tuple[bool, str]:
     table = table.set_index("group")
     n, b = n_layers, boundary
@@ -151,15 +157,15 @@ def _summarize(
     m, nm, tx = med("memorized idioms"), med("non-memorized idioms"), med("ordinary text")
     if b is None or m is None:
         return False, (
-            f"On {model_name}, the memorized idioms' mean rank never settles at top-1 "
-            f"(tolerance {rank_tol}); no phase boundary found."
+            f"On {model_name}, fewer than {top1_share:.0%} of the memorized idioms settle at top-1 "
+            "before the last layer; no phase boundary found."
         )
     prob = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_prob")]
     prob = prob.set_index("layer")["mean"]
     p_b, p_last = float(prob.loc[b]), float(prob.loc[n - 1])
     lines.append(
-        f"On {model_name} ({n} layers), the memorized idioms' predicted token reaches and keeps a "
-        f"mean rank <= {rank_tol:g} from layer {b} (0-based): candidate promotion ends "
+        f"On {model_name} ({n} layers), at least {top1_share:.0%} of the memorized idioms have "
+        f"their predicted token at top-1 from layer {b} (0-based) on: candidate promotion ends "
         f"there. Confidence boosting follows: its mean probability rises from {p_b:.2f} at layer "
         f"{b} to {p_last:.2f} at the last layer."
     )

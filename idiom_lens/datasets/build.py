@@ -17,8 +17,9 @@ Sources
 - text: example sentences of WordNet 3.0 glosses (the copy shipped inside `englishidioms`), from
   synsets whose lemmas are all single words (multi-word lemmas are often idioms), without any
   bundled idiom inside, last word a content word (not a stop word, letters only; trailing
-  punctuation stripped). Sampled with `random.Random(TEXT_SEED)` so that the word-count
-  histogram equals the idioms' one (same number of sequences per length).
+  punctuation stripped). Sampled with `random.Random(TEXT_SEED)`, stratified by word count:
+  `TEXT_PER_IDIOM` (0.4) sequences per idiom of the same length, so the word-count distribution
+  matches the idioms' one at 40% of its size.
 - facts: `countryinfo` tables through three templates (capital of a country, country of a
   capital, demonym of a country). Only single-word answers; a value shared by two countries (two
   countries with one capital name, etc.) is dropped so every prompt has exactly one answer; a
@@ -304,11 +305,16 @@ def build_idioms(ref: CompositionalityRef | None = None) -> list[dict]:
     return sorted(records, key=lambda r: (r["prompt"].lower(), r["target"].lower(), r["id"]))
 
 
+TEXT_PER_IDIOM = 0.4
 _TEXT_CHARS = re.compile(r"[A-Za-z][A-Za-z' ,-]*")
 
 
 def build_text(idioms: list[dict], ref: CompositionalityRef | None = None) -> list[dict]:
-    """WordNet example sentences, sampled to the idioms' word-count histogram."""
+    """WordNet example sentences, sampled to the idioms' word-count histogram.
+
+    Each word-count bucket gets `TEXT_PER_IDIOM` text probes per idiom of that length (at least
+    one): the distribution matches the idioms', and the set stays small enough for the main job.
+    """
     ref = ref or compositionality_ref()
     idiom_texts = [f" {r['prompt']} {r['target']} ".lower() for r in idioms]
     pool: dict[int, list[tuple[str, str]]] = {}
@@ -334,7 +340,8 @@ def build_text(idioms: list[dict], ref: CompositionalityRef | None = None) -> li
     records = []
     for n_words in sorted(histogram):
         candidates = pool.get(n_words, [])
-        for source, text in rng.sample(candidates, min(histogram[n_words], len(candidates))):
+        wanted = max(1, round(histogram[n_words] * TEXT_PER_IDIOM))
+        for source, text in rng.sample(candidates, min(wanted, len(candidates))):
             prompt, target = text.rsplit(" ", 1)
             pos, offset = source.split()[1].split(":")
             id_ = f"text-{pos}{offset}-{source.rsplit(' ', 1)[1]}"

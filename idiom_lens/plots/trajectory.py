@@ -71,7 +71,9 @@ def trajectory_figure(
         title_text="mean rank + 1 (log)" if log_rank else "mean rank",
         type="log" if log_rank else "linear", row=2, col=1,
     )
-    fig.update_xaxes(title_text="layer (0-based, residual after the block)", dtick=1, row=2, col=1)
+    n_layers = analysis.n_layers
+    fig.update_xaxes(range=[-0.5, n_layers - 0.5], dtick=1)
+    fig.update_xaxes(title_text="layer (0-based, residual after the block)", row=2, col=1)
     fig.update_layout(
         title=title or "Memorized predictions are promoted early, then boosted",
         template="plotly_white", height=750, width=1000,
