@@ -1,0 +1,61 @@
+"""CLI: models, predict, trajectory, run; user mistakes are one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import idiom_lens.cli as cli
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    monkeypatch.setattr(cli, "_COMMANDS", ("models", "predict", "trajectory", "run"))
+    return cli.main
+
+
+def test_models_lists_specs(run_cli, capsys):
+    assert run_cli(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma-3-270m" in out and "smollm2-135m" in out
+
+
+def test_predict_on_a_local_model(run_cli, capsys, tiny_model_dir):
+    assert run_cli(["predict", "once in a blue", "--model", str(tiny_model_dir), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+
+
+def test_user_errors_are_one_line_no_traceback(run_cli, capsys, tiny_model_dir):
+    assert run_cli(["predict", "", "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("idiom-lens predict: error:") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert run_cli(["predict", "x", "--model", "./missing-dir"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_trajectory_command_writes_results(run_cli, tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "probes.jsonl"
+    data.write_text("\n".join(json.dumps({"id": f"i{i}", "text": t, "kind": "idiom"})
+                              for i, t in enumerate(["once in a blue moon", "turn a blind eye", "break the ice"])))
+    out = tmp_path / "out"
+    assert run_cli(["trajectory", "--dataset", str(data), "--model", str(tiny_model_dir), "--out", str(out),
+                    "--no-png"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_probes"] == 3 and summary["settings"]["numerics_mode"] == "raw"
+    assert (out / "trajectory.html").is_file()
+    assert run_cli(["trajectory", "--dataset", "no-such-set", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+
+
+def test_run_limit_writes_study(run_cli, tmp_path, tiny_model_dir, capsys):
+    assert run_cli(["run", "--model", str(tiny_model_dir), "--limit", "3", "--out", str(tmp_path), "--no-png"]) == 0
+    (model_dir,) = list(tmp_path.iterdir())
+    summary = json.loads((model_dir / "trajectory" / "summary.json").read_text())
+    assert summary["n_probes"] == 9  # 3 idioms + 3 text + 3 facts
+
+
+@pytest.mark.embedded
+def test_predict_once_in_a_blue_prints_moon(run_cli, capsys):
+    assert run_cli(["predict", "once in a blue", "--top", "1"]) == 0
+    assert capsys.readouterr().out == " moon\n"
