@@ -16,14 +16,8 @@ from plotly.subplots import make_subplots
 
 from idiom_lens.attribution import MEASURES, AttributionResult, Measure, NeuronAttribution, ProbeAttribution
 from idiom_lens.attribution_stats import INTERVAL, cumulative_share, groups_of, layer_stats
+from idiom_lens.plots.style import add_band, group_color
 
-_COLORS = {
-    "memorized idioms": "#d62728",
-    "non-memorized idioms": "#1f77b4",
-    "ordinary text": "#7f7f7f",
-    "memorized facts": "#ff7f0e",
-    "non-memorized facts": "#2ca02c",
-}
 _LABEL = {"logit": "contribution to the predicted token's logit",
           "logit_diff": "contribution to logit(pred) - logit(contrast)"}
 
@@ -31,19 +25,6 @@ _LABEL = {"logit": "contribution to the predicted token's logit",
 def _html_escape(text: str) -> str:
     """Plotly renders table cells as HTML: show tokens such as '<b>' literally."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"
-
-
-def _band(fig: go.Figure, x, mean, lo, hi, *, color: str, name: str, row: int, col: int, show: bool) -> None:
-    x = list(x)
-    fig.add_trace(go.Scatter(x=x + x[::-1], y=list(hi) + list(lo)[::-1], fill="toself", fillcolor=_rgba(color, 0.18),
-                             line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=name), row=row, col=col)
-    fig.add_trace(go.Scatter(x=x, y=list(mean), mode="lines+markers", line=dict(color=color, width=2),
-                             marker=dict(size=4), name=name, legendgroup=name, showlegend=show), row=row, col=col)
 
 
 def layer_contribution_figure(
@@ -62,15 +43,16 @@ def layer_contribution_figure(
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
                         subplot_titles=("Attention layers", "MLP layers", "Cumulative share of the final value"))
     for group in shown:
-        color = _COLORS.get(group, "#9467bd")
+        color = group_color(group)
         n = int(stats.loc[stats["group"] == group, "n"].iloc[0])
         name = f"{group} (n={n})"
         for col, comp in ((1, "attn"), (2, "mlp")):
             s = stats[(stats["group"] == group) & (stats["component"] == comp)]
-            _band(fig, s["layer"], s["mean"], s["lo"], s["hi"], color=color, name=name, row=1, col=col, show=col == 1)
+            add_band(fig, s["layer"], s["mean"], s["lo"], s["hi"], color=color, name=name, row=1, col=col,
+                     show_legend=col == 1)
         c = cum[cum["group"] == group]
         x = [-0.5 if sub == "embed" else layer + (0.0 if sub == "attn" else 0.5) for layer, sub in zip(c["layer"], c["sublayer"])]
-        _band(fig, x, c["share"], c["lo"], c["hi"], color=color, name=name, row=1, col=3, show=False)
+        add_band(fig, x, c["share"], c["lo"], c["hi"], color=color, name=name, row=1, col=3, show_legend=False)
     for col in (1, 2, 3):
         fig.add_hline(y=0, line=dict(color="black", width=1, dash="dot"), row=1, col=col)
         fig.update_xaxes(title_text="layer" if col < 3 else "depth (layer; x.5 = after its MLP)", row=1, col=col)

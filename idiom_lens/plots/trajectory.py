@@ -6,20 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from idiom_lens.phases import PhaseAnalysis
-
-COLORS = {
-    "memorized idioms": "#d62728",
-    "non-memorized idioms": "#1f77b4",
-    "ordinary text": "#7f7f7f",
-    "memorized facts": "#ff7f0e",
-    "non-memorized facts": "#17becf",
-}
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"
-
+from idiom_lens.plots.style import add_band, group_color
 
 def trajectory_figure(
     analysis: PhaseAnalysis, *, title: str = "", log_rank: bool = True, token: str = "pred"
@@ -34,28 +21,14 @@ def trajectory_figure(
     )
     curves = analysis.curves
     for group in dict.fromkeys(curves["group"]):
-        color = COLORS.get(group, "#2ca02c")
+        color = group_color(group)
         for row, metric in ((1, f"{token}_prob"), (2, f"{token}_rank")):
             sel = curves[(curves["group"] == group) & (curves["metric"] == metric)].sort_values("layer")
-            x = sel["layer"].tolist()
             shift = 1 if (metric.endswith("rank") and log_rank) else 0  # log axis: plot rank + 1
-            fig.add_trace(
-                go.Scatter(
-                    x=x + x[::-1],
-                    y=(sel["high"] + shift).tolist() + (sel["low"] + shift).tolist()[::-1],
-                    fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0},
-                    hoverinfo="skip", showlegend=False, legendgroup=group,
-                ),
-                row=row, col=1,
-            )
-            fig.add_trace(
-                go.Scatter(
-                    x=x, y=(sel["mean"] + shift).tolist(), mode="lines+markers",
-                    line={"color": color, "width": 2}, marker={"size": 5},
-                    name=f"{group} (n={int(sel['n'].iloc[0])})", legendgroup=group,
-                    showlegend=row == 1,
-                ),
-                row=row, col=1,
+            add_band(
+                fig, sel["layer"], sel["mean"] + shift, sel["low"] + shift, sel["high"] + shift,
+                color=color, name=f"{group} (n={int(sel['n'].iloc[0])})", row=row, col=1,
+                show_legend=row == 1,
             )
     if analysis.boundary_layer is not None:
         for row in (1, 2):
@@ -90,7 +63,7 @@ def promotion_histogram(analysis: PhaseAnalysis, *, title: str = "") -> go.Figur
         fig.add_trace(
             go.Histogram(
                 x=sub["promotion_layer"], name=f"{group} (n={len(sub)})", histnorm="probability",
-                marker_color=COLORS.get(group, "#2ca02c"), opacity=0.6,
+                marker_color=group_color(group), opacity=0.6,
                 xbins={"start": -0.5, "end": n + 0.5, "size": 1},
             )
         )

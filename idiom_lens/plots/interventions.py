@@ -1,0 +1,173 @@
+"""Figures of the interventions, drawn from result objects only (nothing is recomputed).
+
+- `knockout_heatmaps`: start layer x end layer, share of predictions changed, one row per set,
+  targeted beside the random control (same color scale).
+- `skip_curves`: share changed and mean probability drop per skipped layer (or window), per set.
+- `patching_heatmaps`: restored share of the target logit, layer x position (from the end),
+  one panel per site; one probe (token labels) or the mean over a set.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from idiom_lens.errors import InputError
+from idiom_lens.interventions.knockouts import KnockoutResult
+from idiom_lens.interventions.patching import PatchingResult
+from idiom_lens.interventions.skipping import SkipResult
+from idiom_lens.memorization import GROUPS
+
+_METRIC_LABEL = {
+    "changed": "share of predictions changed",
+    "prob_drop": "mean drop in p(original prediction)",
+    "new_is_target": "share predicting the target",
+}
+_COLORS = {
+    "memorized idioms": "#d62728", "non-memorized idioms": "#1f77b4", "ordinary text": "#7f7f7f",
+    "memorized facts": "#ff7f0e", "non-memorized facts": "#2ca02c",
+}
+
+
+def _groups_in(frame, groups: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(frame["group"]))
+    ordered = [g for g in GROUPS if g in present] + [g for g in present if g not in GROUPS]
+    return [g for g in ordered if groups is None or g in groups]
+
+
+def knockout_heatmaps(
+    result: KnockoutResult, *, k: int, mode: str = "zero_top", metric: str = "changed",
+    groups: Sequence[str] | None = None,
+) -> go.Figure:
+    """Start-layer x end-layer heatmaps of one k and mode: rows = sets, columns = targeted | random."""
+    summary = result.summary()
+    sub = summary[(summary["k"] == k) & (summary["mode"] == mode)]
+    if sub.empty:
+        raise InputError(f"no knockout results for k={k}, mode={mode!r}")
+    if metric not in _METRIC_LABEL:
+        raise InputError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}")
+    group_list = _groups_in(sub, groups)
+    controls = [c for c in ("targeted", "random") if c in set(sub["control"])]
+    n_layers = int(result.settings.get("n_layers", sub["end"].max() + 1))
+    titles = []
+    for g in group_list:
+        n = result.probes[result.probes["group"] == g].shape[0]
+        titles += [f"{g} (n={n}): {c}" for c in controls]
+    fig = make_subplots(
+        rows=len(group_list), cols=len(controls), subplot_titles=titles, shared_xaxes=True,
+        shared_yaxes=True, horizontal_spacing=0.06, vertical_spacing=0.12 / max(1, len(group_list) - 1) + 0.04,
+    )
+    zmax = 1.0 if metric != "prob_drop" else max(1e-6, float(sub[metric].abs().max()))
+    for r, g in enumerate(group_list, start=1):
+        for c, control in enumerate(controls, start=1):
+            cell = sub[(sub["group"] == g) & (sub["control"] == control)]
+            z = np.full((n_layers, n_layers), np.nan)
+            for row in cell.itertuples():
+                z[row.start, row.end] = getattr(row, metric)
+            fig.add_trace(
+                go.Heatmap(
+                    z=z, x=list(range(n_layers)), y=list(range(n_layers)), zmin=0 if metric != "prob_drop" else -zmax,
+                    zmax=zmax, colorscale="Viridis" if metric != "prob_drop" else "RdBu_r",
+                    colorbar={"title": {"text": metric}, "len": 0.9}, showscale=(r == 1 and c == 1),
+                    hovertemplate="start %{y}, end %{x}: %{z:.2f}<extra></extra>",
+                ),
+                row=r, col=c,
+            )
+            fig.update_yaxes(title_text="start layer" if c == 1 else None, autorange="reversed", row=r, col=c)
+            fig.update_xaxes(title_text="end layer" if r == len(group_list) else None, row=r, col=c)
+    label = "zero the top" if mode == "zero_top" else "keep only the top"
+    fig.update_layout(
+        title=f"MLP knockouts: {label} {k} neurons per layer in layers start..end "
+        f"({_METRIC_LABEL[metric]}; {result.settings.get('positions', 'last')} position)",
+        title_font_size=15, template="plotly_white",
+    )
+    return fig
+
+
+def skip_curves(result: SkipResult, *, windows: Sequence[int] | None = None) -> go.Figure:
+    """Share changed and mean probability drop when skipping layers, per set (x = start layer)."""
+    summary = result.summary()
+    summary = summary[summary["window"] > 0]
+    available = sorted(set(summary["window"]))
+    windows = list(windows) if windows is not None else available[:1] + ([available[-1]] if len(available) > 1 else [])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[_METRIC_LABEL["changed"], _METRIC_LABEL["prob_drop"]],
+                        horizontal_spacing=0.1)
+    dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
+    for g in _groups_in(summary, None):
+        n = result.probes[result.probes["group"] == g].shape[0]
+        for i, w in enumerate(windows):
+            part = summary[(summary["group"] == g) & (summary["window"] == w)].sort_values("start")
+            if part.empty:
+                continue
+            for col, metric in enumerate(("changed", "prob_drop"), start=1):
+                fig.add_trace(
+                    go.Scatter(
+                        x=part["start"], y=part[metric], mode="lines+markers",
+                        name=f"{g} (n={n}), {w} layer{'s' if w > 1 else ''}", legendgroup=f"{g}{w}",
+                        showlegend=col == 1, line={"color": _COLORS.get(g), "dash": dashes[i % len(dashes)]},
+                    ),
+                    row=1, col=col,
+                )
+    fig.update_xaxes(title_text="first skipped layer", dtick=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_layout(
+        title=f"Layer skipping: block output replaced by its input ({result.settings.get('positions')} positions)",
+        template="plotly_white", legend={"orientation": "h", "y": -0.2}, title_font_size=15,
+    )
+    return fig
+
+
+def patching_heatmaps(
+    result: PatchingResult, *, variant: str = "word_swap", probe_id: str | None = None, group: str | None = None,
+) -> go.Figure:
+    """Restored share of the target logit, layer x position, one panel per site.
+
+    With `probe_id`, one pair with its tokens on the x axis; otherwise the mean over the valid
+    pairs of `group` (or all), positions aligned from the end of the prompt.
+    """
+    frame = result.to_dataframe()
+    frame = frame[frame["variant"] == variant]
+    if probe_id is not None:
+        frame = frame[frame["probe_id"] == probe_id]
+        pair = result.pairs[(result.pairs["probe_id"] == probe_id) & (result.pairs["variant"] == variant)]
+        if pair.empty:
+            raise InputError(f"no patching result for probe {probe_id!r}, variant {variant!r}")
+        p = pair.iloc[0]
+        title = (f"'{p.clean_prompt}' → '{p.target}' patched into '{p.corrupted_prompt}' "
+                 f"(target logit clean {p.clean_logit:.1f}, corrupted {p.corrupted_logit:.1f})")
+    else:
+        frame = frame[frame["valid"]]
+        if group is not None:
+            frame = frame[frame["group"] == group]
+        n = frame["probe_id"].nunique()
+        title = f"{group or 'all probes'}: mean over {n} pairs ({variant}), positions from the end"
+    if frame.empty:
+        raise InputError(f"no valid patching rows for variant {variant!r}, probe {probe_id}, group {group}")
+    sites = [s for s in result.settings.get("sites", sorted(set(frame["site"]))) if s in set(frame["site"])]
+    fig = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, shared_yaxes=True, horizontal_spacing=0.04)
+    for c, site in enumerate(sites, start=1):
+        part = frame[frame["site"] == site]
+        grid = part.pivot_table(index="layer", columns="pos_from_end", values="restored", aggfunc="mean")
+        if probe_id is not None:
+            tokens = part.drop_duplicates("pos_from_end").set_index("pos_from_end")
+            x = [f"{tokens.loc[q, 'clean_token']!r}/{tokens.loc[q, 'corrupted_token']!r}"
+                 if tokens.loc[q, "clean_token"] != tokens.loc[q, "corrupted_token"] else repr(tokens.loc[q, "clean_token"])
+                 for q in grid.columns]
+        else:
+            x = [str(q) for q in grid.columns]
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.values, x=x, y=list(grid.index), zmin=-1, zmax=1, zmid=0, colorscale="RdBu",
+                reversescale=True, showscale=c == len(sites), colorbar={"title": {"text": "restored"}},
+                hovertemplate="layer %{y}, pos %{x}: %{z:.2f}<extra></extra>",
+            ),
+            row=1, col=c,
+        )
+        fig.update_xaxes(title_text="token (clean/corrupted)" if probe_id else "position from end",
+                         type="category", row=1, col=c)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title={"text": title, "font": {"size": 13}}, template="plotly_white")
+    return fig
