@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from idiom_lens.datasets.probes import Probe, ProbeSet
 from idiom_lens.io import write_json, write_text
+from idiom_lens.memorization import MemorizationResult
 from idiom_lens.models import LoadedModel
 from idiom_lens.phases import PhaseAnalysis, analyse_phases
 from idiom_lens.trajectory import (
@@ -181,6 +182,33 @@ def run_attribution(
     digest["files"] = sorted(files)
     write_json(out / "summary.json", digest)
     return digest
+
+
+def sample_by_group(
+    memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0
+) -> list[Probe]:
+    """Up to `per_group` probes of each comparison set (memorized idioms, ...), seeded, in input order."""
+    import random
+
+    by_id = {p.id: p for p in probes}
+    chosen: set[str] = set()
+    groups: dict[str, list[str]] = {}
+    for record in memorization.records:
+        groups.setdefault(record.group, []).append(record.probe_id)
+    for group in sorted(groups):
+        ids = groups[group]
+        chosen.update(random.Random(f"{seed}-{group}").sample(ids, min(per_group, len(ids))))
+    return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
+
+
+def stage_is_done(stage_dir: Path, key: dict[str, Any]) -> bool:
+    """True when `stage_dir` holds a finished stage computed with exactly `key`."""
+    marker = Path(stage_dir) / ".stage.json"
+    return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == _fingerprint(key)
+
+
+def mark_stage_done(stage_dir: Path, key: dict[str, Any]) -> None:
+    write_json(Path(stage_dir) / ".stage.json", {"key": _fingerprint(key)})
 
 
 def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:
