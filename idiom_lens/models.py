@@ -204,6 +204,7 @@ def load_model(
         hf_dir = ensure_converted_gguf(gguf, name=SMOLLM2_SPEC, progress=progress)
     else:
         path = Path(spec).expanduser()
+        name = path.stem if path.suffix.lower() == ".gguf" else path.name
         if path.is_dir():
             hf_dir = path
             _check_causal_lm_dir(hf_dir)

@@ -13,7 +13,7 @@ from typing import Sequence
 from idiom_lens.errors import InputError
 
 # Subcommand modules, in the order `idiom-lens --help` lists them.
-_COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "run")
+_COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "run", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ def handle(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     probes = study_probes(limit=args.limit)
     model = load_from_args(args)
-    out = args.out / model.spec.replace("/", "_").strip("._")
+    out = args.out / model.name.replace("/", "_")
     png = not args.no_png
     print(f"[run] {len(probes)} probes (idioms, ordinary text, facts) on {model.spec} -> {out}")
 
