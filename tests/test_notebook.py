@@ -1,0 +1,60 @@
+"""Run notebooks/explore.ipynb end to end (embedded model) and check its key outputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
+
+
+def _text_outputs(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif "data" in out:
+            parts.append(out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_notebook_is_saved_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    assert all(not c.outputs and c.execution_count is None for c in code), "clear the notebook's outputs before saving"
+
+
+@pytest.mark.embedded
+def test_explore_notebook_runs(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # A first cell that reports the kernel's interpreter: it must be this test's (the venv's) Python.
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    # jupyter_client maps the "python3" kernel's `python` to sys.executable; the PATH makes sure anyway.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    started = time.perf_counter()
+    NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    seconds = time.perf_counter() - started
+
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    assert _text_outputs(nb.cells[0]).strip() == sys.executable
+    texts = [_text_outputs(c) for c in nb.cells if c.cell_type == "code"]
+    everything = "\n".join(texts)
+    assert "'once in a blue' -> ' moon'" in everything  # the prediction cell
+    assert "top neurons (layer, neuron)" in everything  # the attribution cell
+    assert "configurations change the prediction" in everything  # the knockout cell
+    assert "after zeroing the top-10 neurons" in everything  # the hand-made hook
+    assert "memorized" in everything and "idiom" in everything  # the 30-idiom summary
+    figures = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) >= 5, f"expected the notebook's figures, got {len(figures)}"
+    assert seconds < 300, f"the notebook took {seconds:.0f} s; keep it under 3 minutes on 2 cores"
