@@ -184,6 +184,90 @@ def run_attribution(
     return digest
 
 
+def run_knockouts(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    ks: Sequence[int] = (1, 10, 100, 1000),
+    windows: Sequence[int] = (1, 2, 3, 4, 5),
+    modes: Sequence[str] = ("zero_top", "keep_top"),
+    keep_top_ks: Sequence[int] | None = (100,),
+    control: str | None = "random",
+    rank_by: str = "magnitude",
+    positions: str = "last",
+    seed: int = 0,
+    batch_size: int = 128,
+    skip: bool = True,
+    png: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Neuron knockouts (+ random control) and layer skipping of `probes`; parquet, figures and
+    summary.json under `out`, each written as soon as its step completes."""
+    from idiom_lens.interventions import knockout_grid, skip_layers
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.interventions import knockout_heatmaps, skip_curves
+
+    out = Path(out)
+    summary: dict[str, Any] = {"n_probes": len(probes)}
+    started = time.perf_counter()
+    knock = knockout_grid(
+        model, probes, ks=ks, windows=windows, modes=modes, keep_top_ks=keep_top_ks, control=control,
+        rank_by=rank_by, positions=positions, seed=seed, batch_size=batch_size, progress=True,
+    )
+    knock.write(out)
+    summary["knockouts"] = knock.settings
+    write_json(out / "summary.json", summary)
+    log(f"  knockouts: {len(probes)} probes x {knock.settings['n_configs']} configurations in "
+        f"{knock.settings['seconds']:.1f} s ({1000 * knock.settings['seconds'] / max(1, len(knock.rows)):.1f} ms "
+        "per configuration)")
+    for mode in modes:
+        for k in sorted(set(knock.rows.loc[knock.rows["mode"] == mode, "k"])):
+            save_figure(knockout_heatmaps(knock, k=k, mode=mode), out / f"knockout_{mode}_k{k}", png=png, height=900)
+    if skip:
+        skipped = skip_layers(model, probes, windows=windows, batch_size=min(batch_size, 64), progress=True)
+        skipped.write(out)
+        summary["skipping"] = skipped.settings
+        save_figure(skip_curves(skipped), out / "skip_curves", png=png, height=550)
+        log(f"  layer skipping: {skipped.settings['n_spans']} spans in {skipped.settings['seconds']:.1f} s")
+    summary["total_seconds"] = round(time.perf_counter() - started, 2)
+    table = knock.summary()
+    best = table[(table["mode"] == "zero_top")].groupby(["group", "control"])["changed"].max().reset_index()
+    summary["max_share_changed_zero_top"] = best.to_dict(orient="records")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_patching(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    variants: Sequence[str] = ("word_swap", "prefix_swap"),
+    seed: int = 0,
+    keep_last: int = 2,
+    batch_size: int = 64,
+    png: bool = True,
+) -> Any:
+    """Activation patching of `probes` (clean idiom -> corrupted prompt); parquet, mean heatmaps
+    per set and summary.json under `out`. Returns the `PatchingResult`."""
+    from idiom_lens.interventions import patch_probes
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.interventions import patching_heatmaps
+
+    out = Path(out)
+    result = patch_probes(model, probes, variants=variants, seed=seed, keep_last=keep_last,
+                          batch_size=batch_size, progress=True)
+    result.write(out)
+    write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
+    for variant in variants:
+        valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
+        for group in sorted(set(valid["group"])):
+            save_figure(patching_heatmaps(result, variant=variant, group=group),
+                        out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
+    return result
+
+
 def sample_by_group(
     memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0
 ) -> list[Probe]:

@@ -13,7 +13,7 @@ from typing import Sequence
 from idiom_lens.errors import InputError
 
 # Subcommand modules, in the order `idiom-lens --help` lists them.
-_COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "run", "compare", "report")
+_COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "knockout", "patch", "run", "compare", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,55 @@
+"""Intervention figures are built from result objects alone and export to HTML (and PNG)."""
+
+from __future__ import annotations
+
+import pytest
+
+from idiom_lens.errors import InputError
+from idiom_lens.interventions import knockout_grid, patch_probes, skip_layers
+from idiom_lens.plots.export import save_figure
+from idiom_lens.plots.interventions import knockout_heatmaps, patching_heatmaps, skip_curves
+
+BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model, probes):
+    knock = knockout_grid(tiny_model, probes, ks=(1, 5), windows=(1, 2))
+    skip = skip_layers(tiny_model, probes)
+    patch = patch_probes(tiny_model, probes[:4], bank=BANK)
+    return knock, skip, patch
+
+
+def test_knockout_heatmaps(results, tmp_path):
+    knock = results[0]
+    fig = knockout_heatmaps(knock, k=5)
+    n_groups = knock.probes["group"].nunique()
+    assert len(fig.data) == 2 * n_groups  # targeted and random per set
+    z = fig.data[0].z
+    assert z.shape == (3, 3) and z[2, 0] != z[2, 0]  # end < start is empty (NaN)
+    paths = save_figure(fig, tmp_path / "knock", png=True, width=600, height=500)
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    with pytest.raises(InputError, match="k=7"):
+        knockout_heatmaps(knock, k=7)
+
+
+def test_skip_curves(results, tmp_path):
+    skip = results[1]
+    fig = skip_curves(skip)
+    assert len(fig.data) == 2 * 2 * skip.probes["group"].nunique()  # 2 panels x 2 window lengths x sets
+    save_figure(fig, tmp_path / "skip", png=False)
+    assert (tmp_path / "skip.html").exists()
+
+
+def test_patching_heatmaps(results, tmp_path):
+    patch = results[2]
+    valid = patch.pairs[patch.pairs["valid"] & (patch.pairs["variant"] == "word_swap")]
+    assert len(valid) > 0
+    fig = patching_heatmaps(patch, variant="word_swap", probe_id=valid["probe_id"].iloc[0])
+    assert len(fig.data) == 3  # resid_pre, attn_out, mlp_out
+    assert fig.data[0].z.shape[0] == 3
+    mean = patching_heatmaps(patch, variant="word_swap")
+    assert len(mean.data) == 3
+    save_figure(mean, tmp_path / "patch", png=False)
+    with pytest.raises(InputError):
+        patching_heatmaps(patch, variant="word_swap", probe_id="nope")
