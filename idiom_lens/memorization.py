@@ -106,7 +106,6 @@ def records_from_batch(
     final = batch.logits[rows, batch.last].float()
     log_probs = final.log_softmax(dim=-1)
     pred = final.argmax(dim=-1)
-    greedy = batch.logits.argmax(dim=-1)  # [batch, pos]: teacher-forced greedy choices
     decode = model.tokenizer.decode
     out = []
     for row, index in enumerate(batch.indices):
@@ -115,7 +114,9 @@ def records_from_batch(
         target_logit = final[row, target_id]
         last = int(batch.last[row])
         n_target = len(toks.target_ids)
-        full = greedy[row, last : last + n_target].tolist() == list(toks.target_ids)
+        # teacher-forced: every sub-word of the target is the greedy choice after the previous ones
+        greedy = batch.logits[row, last : last + n_target].argmax(dim=-1)
+        full = greedy.tolist() == list(toks.target_ids)
         pred_id = int(pred[row])
         out.append(
             MemorizationRecord(

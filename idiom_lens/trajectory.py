@@ -26,7 +26,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.forward import iterate_forward, tokenize_probes
 from idiom_lens.memorization import MemorizationRecord, MemorizationResult, records_from_batch
 from idiom_lens.models import LoadedModel
-from idiom_lens.readout import read_out
+from idiom_lens.readout import read_out, release_workspace
 
 SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
@@ -165,6 +165,7 @@ def layer_trajectory(
             out[metric][batch.indices] = value.reshape(per_probe).numpy()
         for index, record in zip(batch.indices, batch_records):
             records[index] = record
+    release_workspace()
     memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
     return TrajectoryResult(memorization=memorization, sites=sites, **out)
 

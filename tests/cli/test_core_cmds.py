@@ -48,11 +48,20 @@ def test_trajectory_command_writes_results(run_cli, tmp_path, tiny_model_dir, ca
     assert run_cli(["trajectory", "--dataset", "no-such-set", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
 
 
-def test_run_limit_writes_study(run_cli, tmp_path, tiny_model_dir, capsys):
-    assert run_cli(["run", "--model", str(tiny_model_dir), "--limit", "3", "--out", str(tmp_path), "--no-png"]) == 0
-    (model_dir,) = list(tmp_path.iterdir())
+def test_run_limit_writes_study_and_resumes(run_cli, tmp_path, tiny_model_dir, capsys):
+    args = ["run", "--model", str(tiny_model_dir), "--limit", "3", "--out", str(tmp_path), "--no-png",
+            "--knockout-sample", "1", "--patching-sample", "1", "--attribution-sample", "1"]
+    assert run_cli(args) == 0
+    model_dir = tmp_path / tiny_model_dir.name
     summary = json.loads((model_dir / "trajectory" / "summary.json").read_text())
     assert summary["n_probes"] == 9  # 3 idioms + 3 text + 3 facts
+    for stage in ("attribution", "interventions"):
+        assert (model_dir / stage / "summary.json").is_file(), stage
+    assert (tmp_path / "report.html").is_file()
+    capsys.readouterr()
+    assert run_cli(args) == 0  # a rerun reuses every finished stage
+    out = capsys.readouterr().out
+    assert "reusing" in out and "part 1/1: reusing" in out
 
 
 @pytest.mark.embedded
