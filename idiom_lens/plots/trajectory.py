@@ -15,9 +15,10 @@ def trajectory_figure(
 
     `token="target"` plots the target token instead. The phase boundary is a dashed line.
     """
+    which = {"pred": "predicted", "target": "target"}[token]
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.07,
-        subplot_titles=(f"probability of the {token} token", f"rank of the {token} token (0 = top-1)"),
+        subplot_titles=(f"probability of the {which} token", f"rank of the {which} token (0 = top-1)"),
     )
     curves = analysis.curves
     for group in dict.fromkeys(curves["group"]):
