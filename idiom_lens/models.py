@@ -177,16 +177,25 @@ def load_model(
     *,
     mode: NumericsMode = "raw",
     device: str = "cpu",
+    n_devices: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> LoadedModel:
     """Load `spec` as an eval-mode `TransformerBridge` in the given numerics mode.
+
+    `n_devices` > 1 splits the model across that many CUDA devices (TransformerLens's
+    `n_devices`, an accelerate device map); inputs then go to the first device.
 
     Raises `InputError` for an unknown spec, a missing file, a file that is not a GGUF model,
     a directory that is not a causal LM, or a hub id that cannot be reached.
     """
     if mode not in ("raw", "compat"):
         raise InputError(f"mode must be 'raw' or 'compat', got {mode!r}")
+    if n_devices is not None and n_devices < 1:
+        raise InputError(f"n_devices must be >= 1, got {n_devices}")
+    placement = {"device": device} if not n_devices or n_devices == 1 else {"n_devices": n_devices}
+    if "n_devices" in placement:
+        device = "cuda:0"
     if not isinstance(spec, str) or not spec.strip():
         raise InputError("model spec is empty: expected a name, a directory, a .gguf file or a hub id")
     spec = spec.strip()
@@ -218,8 +227,8 @@ def load_model(
         elif _looks_like_path(spec):
             raise InputError(f"model path {spec!r} does not exist; {_offline_help()}")
         else:
-            return _finish(_boot_hub(spec, device=device, dtype=dtype), spec, spec, mode, device, "")
-    bridge, tokenizer = _boot_dir(hf_dir, device=device, dtype=dtype)
+            return _finish(_boot_hub(spec, placement=placement, dtype=dtype), spec, spec, mode, device, "")
+    bridge, tokenizer = _boot_dir(hf_dir, placement=placement, dtype=dtype)
     return _finish((bridge, tokenizer), spec, name, mode, device, str(hf_dir))
 
 
@@ -298,19 +307,19 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _boot_dir(hf_dir: Path, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _boot_dir(hf_dir: Path, *, placement: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
     with _quiet(), _no_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         bridge = TransformerBridge.boot_transformers(
-            str(hf_dir), device=device, dtype=dtype, tokenizer=tokenizer
+            str(hf_dir), dtype=dtype, tokenizer=tokenizer, **placement
         )
     return bridge, tokenizer
 
 
-def _boot_hub(model_id: str, *, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _boot_hub(model_id: str, *, placement: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
     """Boot a hub model id; fail fast with the offline alternatives when the hub is unreachable."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
@@ -325,7 +334,7 @@ def _boot_hub(model_id: str, *, device: str, dtype: torch.dtype) -> tuple[Any, A
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(model_id)
             bridge = TransformerBridge.boot_transformers(
-                model_id, device=device, dtype=dtype, tokenizer=tokenizer
+                model_id, dtype=dtype, tokenizer=tokenizer, **placement
             )
     except (OSError, ValueError) as err:  # HF raises OSError subclasses for unreachable/unknown repos
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

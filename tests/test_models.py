@@ -186,3 +186,23 @@ def test_embedded_compat_mode_keeps_log_probs(embedded_model, embedded_model_com
     top = raw.topk(100).indices
     assert (raw[top] - compat[top]).abs().max().item() < 1e-3
     assert raw.argmax() == compat.argmax()
+
+
+def test_n_devices_is_handed_to_transformer_lens(monkeypatch, tiny_model_dir):
+    """Multi-GPU placement goes through TransformerLens's n_devices (checked without GPUs)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    seen = {}
+    real_boot = TransformerBridge.boot_transformers
+
+    def fake_boot(name, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("n_devices")
+        return real_boot(name, device="cpu", **kwargs)
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", staticmethod(fake_boot))
+    model = load_model(str(tiny_model_dir), n_devices=2, progress=False)
+    assert seen["n_devices"] == 2 and "device" not in seen
+    assert model.device == "cuda:0"
+    with pytest.raises(InputError, match="n_devices"):
+        load_model(str(tiny_model_dir), n_devices=0, progress=False)

@@ -15,6 +15,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) ->
         f"or a hub id (default: {EMBEDDED_SPEC})",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--n-devices", type=int, default=None,
+                        help="split the model across this many GPUs (TransformerLens n_devices)")
     if mode:
         parser.add_argument(
             "--mode", choices=("raw", "compat"), default="raw",
@@ -25,7 +27,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) ->
 def load_from_args(args: argparse.Namespace, *, mode: str | None = None) -> Any:
     from idiom_lens.models import load_model
 
-    return load_model(args.model, mode=mode or getattr(args, "mode", "raw"), device=args.device)
+    return load_model(args.model, mode=mode or getattr(args, "mode", "raw"), device=args.device,
+                      n_devices=args.n_devices)
 
 
 def print_frame(frame: Any, *, floatfmt: str = "{:.4f}") -> None:
