@@ -140,7 +140,11 @@ def summary_markdown(result: TrajectoryResult, phases: PhaseAnalysis) -> str:
 
 def markdown_table(frame: Any, *, digits: int = 3) -> str:
     """A pipe table (pandas' `to_markdown` would need tabulate for these few lines)."""
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() else f"{v:.{digits}f}"
+        return str(v)
+
     rows = [list(map(str, frame.columns))] + [[fmt(v) for v in row] for row in frame.itertuples(index=False)]
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(frame.columns))

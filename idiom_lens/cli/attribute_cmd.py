@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from idiom_lens.cli.common import add_model_options, load_from_args
 from idiom_lens.errors import InputError
 
 
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="direct logit attribution of the next token after TEXT (components, heads, top neurons)",
     )
     p.add_argument("text", metavar="TEXT", help="the prompt; the model's next token is attributed")
-    p.add_argument("--model", default="gemma-3-270m", metavar="SPEC", help="model spec (default: gemma-3-270m)")
+    add_model_options(p)
     p.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
     p.add_argument("--target", default=None, metavar="WORD",
                    help="expected next word: the contrast token when the prediction misses it")
@@ -27,11 +28,10 @@ def _tok(text: str) -> str:
 
 def _attribute(args: argparse.Namespace) -> int:
     from idiom_lens.attribution import attribute_probe
-    from idiom_lens.models import load_model
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
-    model = load_model(args.model, mode="compat")
+    model = load_from_args(args, mode="compat")
     res = attribute_probe(model, args.text, args.target, top_neurons=args.top, promoted_tokens=args.promoted)
     print(f"prompt: {res.prompt!r}   model: {model.name} (compat mode)")
     print(f"predicted {_tok(res.pred_token)} (logit {res.logit:.3f}, centered); contrast {_tok(res.other_token)} "

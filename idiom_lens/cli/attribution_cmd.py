@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from idiom_lens.cli.common import add_model_options, load_from_args
 from idiom_lens.errors import InputError
 
 
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attribution", help="direct logit attribution of a probe set: parquet, figures and a summary JSON"
     )
     p.add_argument("--dataset", required=True, metavar="NAME|PATH", help="bundled set name or probe file")
-    p.add_argument("--model", default="gemma-3-270m", metavar="SPEC", help="model spec (default: gemma-3-270m)")
+    add_model_options(p)
     p.add_argument("--limit", type=int, default=0, metavar="N", help="first N probes only (0 = all)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--top", type=int, default=20, metavar="N", help="top neurons per probe and per set (default 20)")
@@ -24,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _attribution(args: argparse.Namespace) -> int:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.models import load_model
     from idiom_lens.pipeline import run_attribution
 
     if args.limit < 0:
@@ -34,7 +34,7 @@ def _attribution(args: argparse.Namespace) -> int:
         probes = probes[: args.limit]
     if not probes:
         raise InputError(f"dataset {args.dataset!r} has no probes")
-    model = load_model(args.model, mode="compat")
+    model = load_from_args(args, mode="compat")
     digest = run_attribution(model, probes, args.out, top=args.top, batch_size=args.batch_size, png=not args.no_png)
     print(f"attributed {digest['n_probes']} probes: {digest['group_counts']}")
     for row in digest["component_shares"]["logit"]:

@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from idiom_lens.cli.common import add_model_options, load_from_args
 from idiom_lens.errors import InputError
 
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", required=True, nargs="+", metavar="NAME|PATH",
                    help="bundled set (idioms, text, facts) or probe file; several are concatenated")
-    p.add_argument("--model", default="gemma-3-270m", help="model spec (default: the embedded Gemma 3 270M)")
+    add_model_options(p)
     p.add_argument("--limit", type=int, default=None, help="first N probes of each dataset")
     p.add_argument("--sample", type=int, default=None, help="seeded random sample of N probes of each dataset")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample and the random control (default 0)")
@@ -66,7 +67,6 @@ def load_probe_list(specs: list[str], *, limit: int | None, sample: int | None, 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.models import load_model
     from idiom_lens.pipeline import run_knockouts
 
     if args.max_window < 1:
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     if any(k < 0 for k in args.k):
         raise InputError(f"--k values must be >= 0, got {args.k}")
     probes = load_probe_list(args.dataset, limit=args.limit, sample=args.sample, seed=args.seed)
-    model = load_model(args.model)
+    model = load_from_args(args)
     if args.max_window > model.n_layers:
         raise InputError(f"--max-window {args.max_window} exceeds the model's {model.n_layers} layers")
     summary = run_knockouts(

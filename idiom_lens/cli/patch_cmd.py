@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from idiom_lens.cli.common import add_model_options, load_from_args
 from idiom_lens.errors import InputError
 
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", nargs="?", default=None, help="one sequence to patch; its last word is the target")
     p.add_argument("--dataset", nargs="+", default=None, metavar="NAME|PATH")
-    p.add_argument("--model", default="gemma-3-270m")
+    add_model_options(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--sample", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +40,6 @@ def _run(args: argparse.Namespace) -> int:
     from idiom_lens.datasets.probes import Probe
     from idiom_lens.interventions import patch_probes
     from idiom_lens.io import write_json
-    from idiom_lens.models import load_model
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
 
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         from idiom_lens.cli.knockout_cmd import load_probe_list
 
         probes = load_probe_list(args.dataset, limit=args.limit, sample=args.sample, seed=args.seed)
-    model = load_model(args.model)
+    model = load_from_args(args)
     if args.text is None:
         from idiom_lens.pipeline import run_patching
 
