@@ -73,6 +73,22 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"after_load_gib": after_load, "peak_gib": peak, "gpu_peak_gib": gpu}))
 
 
+def measure_peak_memory(args: argparse.Namespace) -> str:
+    """(c) alone in a fresh process, started before this process loads anything: Linux carries
+    a parent's peak RSS (ru_maxrss) into its children, so a child started later would report
+    the parent's peak."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--memory-child", "--model", args.model, "--device", args.device,
+         "--probes", str(args.probes), "--batch-size", str(args.batch_size)],
+        capture_output=True, text=True, check=True,
+    )
+    mem = json.loads(child.stdout.strip().splitlines()[-1])
+    added = mem["peak_gib"] - mem["after_load_gib"]
+    gpu = f"; GPU peak {mem['gpu_peak_gib']:.2f} GiB" if mem["gpu_peak_gib"] is not None else ""
+    return (f"peak memory of (c): process peak {mem['peak_gib']:.2f} GiB (model loaded: "
+            f"{mem['after_load_gib']:.2f} GiB; (c) adds {added:.2f} GiB){gpu}  (goal < 4 GiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma-3-270m")
@@ -86,6 +102,7 @@ def main() -> None:
         peak_memory_child(args)
         return
 
+    memory_line = measure_peak_memory(args)
     from idiom_lens.datasets import load_probes
     from idiom_lens.forward import tokenize_probes
     from idiom_lens.models import load_model
@@ -126,17 +143,7 @@ def main() -> None:
     print(f"(d) floor: batched forward + matmul   : {t_d:8.1f} s  {1000 * t_d / n:7.1f} ms/probe")
     print(f"ratios: a/c = {t_a / t_c:.1f}x (goal >= 8)   b/c = {t_b / t_c:.1f}x (goal >= 3)   "
           f"c/d = {t_c / t_d:.2f} (goal <= 1.5)")
-
-    child = subprocess.run(
-        [sys.executable, __file__, "--memory-child", "--model", args.model, "--device", args.device,
-         "--probes", str(args.probes), "--batch-size", str(args.batch_size)],
-        capture_output=True, text=True, check=True,
-    )
-    mem = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"peak memory of (c): process peak {mem['peak_gib']:.2f} GiB "
-          f"(model loaded: {mem['after_load_gib']:.2f} GiB; (c) adds {mem['peak_gib'] - mem['after_load_gib']:.2f} GiB)"
-          + (f"; GPU peak {mem['gpu_peak_gib']:.2f} GiB" if mem["gpu_peak_gib"] is not None else "")
-          + "  (goal < 4 GiB)")
+    print(memory_line)
 
 
 if __name__ == "__main__":
