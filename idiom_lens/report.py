@@ -39,7 +39,8 @@ FIGURE_ORDER: dict[str, tuple[str, ...]] = {
 STAGE_TITLES = {
     "trajectory": "Layer trajectory and the two phases",
     "attribution": "Attribution per layer and top neurons",
-    "interventions": "Interventions: knockouts, layer skipping, patching",
+    "interventions": "Interventions: neuron knockouts and layer skipping",
+    "patching": "Activation patching: where the idiom is read in",
     "comparison": "Models compared",
 }
 _SKIP_DIRS = {"parts"}

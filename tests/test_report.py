@@ -61,7 +61,7 @@ def test_report_has_every_section_and_figure(results_dir, tmp_path):
     models, root_stages = find_results(results_dir)
     assert len(models) == 1 and [s.name for s in root_stages] == ["comparison"]
     model = models[0]
-    assert [s.name for s in model.stages] == ["trajectory", "attribution", "interventions", "zz_extra"]
+    assert [s.name for s in model.stages] == ["trajectory", "attribution", "interventions", "patching", "zz_extra"]
     for anchor in ("overview", "datasets", "build", "root-comparison"):
         assert f'id="{anchor}"' in html
     for stage in ("memorization", "trajectory", "attribution", "interventions", "zz-extra", "settings"):

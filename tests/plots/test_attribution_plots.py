@@ -49,4 +49,4 @@ def test_probe_figures(result):
 
 def test_save(result, tmp_path):
     written = save_figure(probe_heatmap_figure(result.probes[0]), tmp_path / "heat", png=True)
-    assert all(p.stat().st_size > 0 for p in written) and {p.suffix for p in written} == {".html", ".png"}
+    assert all(p.stat().st_size > 0 for p in written) and {p.suffix for p in written} == {".html", ".png", ".json"}
