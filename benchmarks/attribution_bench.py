@@ -1,10 +1,11 @@
-"""Time per probe of direct logit attribution vs `score_memorization` (a plain batched forward).
+"""Time per probe of direct logit attribution vs the trajectory and `score_memorization`.
 
     python benchmarks/attribution_bench.py [--model gemma-3-270m] [--n 64] [--batch-size 16]
 
 Both run on the same probes (the first N bundled idioms) with the same batch size, after one
 warm-up call each; prints seconds per probe and the ratio attribution / memorization, for the
 default attribution (top 20 neurons, 5 promoted tokens each) and without the value-vector reading.
+The issue's budget: attribution at most about twice the trajectory's time per probe.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from idiom_lens.datasets import load_probes
     from idiom_lens.memorization import score_memorization
     from idiom_lens.models import load_model
+    from idiom_lens.trajectory import layer_trajectory
 
     probes = list(load_probes(args.dataset))[: args.n]
     raw = load_model(args.model, mode="raw", progress=False)
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}, {len(probes)} probes, batch size {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
     runs = {
+        "layer_trajectory (raw, resid_post)": lambda: layer_trajectory(
+            raw, probes, sites=["resid_post"], batch_size=args.batch_size),
         "score_memorization (raw)": lambda: score_memorization(raw, probes, batch_size=args.batch_size),
         "score_memorization (compat)": lambda: score_memorization(compat, probes, batch_size=args.batch_size),
         "attribute_probes (top 20, 5 promoted)": lambda: attribute_probes(compat, probes, batch_size=args.batch_size),
@@ -56,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         per_probe[name] = _time(fn, args.repeats) / len(probes)
         print(f"{name:<42} {1000 * per_probe[name]:8.1f} ms/probe")
     base = per_probe["score_memorization (compat)"]
-    for name in list(runs)[2:]:
+    trajectory = per_probe["layer_trajectory (raw, resid_post)"]
+    for name in [n for n in runs if n.startswith("attribute_probes")]:
         print(f"ratio {name} / score_memorization (compat): {per_probe[name] / base:.2f}")
+        print(f"ratio {name} / layer_trajectory: {per_probe[name] / trajectory:.2f} (budget: about 2)")
     print(f"ratio attribute_probes (top 20, 5 promoted) / score_memorization (raw): "
           f"{per_probe['attribute_probes (top 20, 5 promoted)'] / per_probe['score_memorization (raw)']:.2f}")
     return 0
