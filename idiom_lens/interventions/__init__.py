@@ -16,7 +16,6 @@ from idiom_lens.interventions.knockouts import (
     knockout_grid,
     neuron_scores,
     rank_neurons,
-    sample_probes,
     value_vector_norms,
 )
 from idiom_lens.interventions.patching import (
@@ -30,6 +29,7 @@ from idiom_lens.interventions.patching import (
     patch_pair,
     patch_probes,
 )
+from idiom_lens.interventions.runner import sample_probes
 from idiom_lens.interventions.skipping import SkipResult, skip_layers, skip_spans
 
 __all__ = [

@@ -19,9 +19,7 @@ batch. ``positions="all"`` zeroes the same neurons at every prompt position (ful
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -38,6 +36,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.forward import tokenize_probes
 from idiom_lens.io import write_parquet
 from idiom_lens.memorization import probe_group
+from idiom_lens.interventions.runner import PromptRunner, check_probes, last_metrics
 from idiom_lens.models import LoadedModel
 
 KnockoutMode = Literal["zero_top", "keep_top"]
@@ -53,89 +52,6 @@ DEFAULT_MODES: tuple[KnockoutMode, ...] = ("zero_top", "keep_top")
 # zero_top for every k and keep_top for k = 100 (keep_top with small k in a 5-layer window
 # ablates whole MLPs and says little about specific neurons). `FULL_GRID` lifts that restriction.
 DEFAULT_KEEP_TOP_KS: tuple[int, ...] = (100,)
-
-
-# --------------------------------------------------------------------------------------
-# Shared helpers (also used by skipping and patching)
-# --------------------------------------------------------------------------------------
-
-
-def sample_probes(probes: Sequence[Probe], n: int | None, *, seed: int = 0) -> list[Probe]:
-    """A seeded sample of `n` probes in their original order (all of them when n is None)."""
-    probes = list(probes)
-    if n is None or n >= len(probes):
-        return probes
-    if n < 1:
-        raise InputError(f"sample size must be >= 1, got {n}")
-    keep = sorted(random.Random(seed).sample(range(len(probes)), n))
-    return [probes[i] for i in keep]
-
-
-def _check_probes(probes: Sequence[Probe]) -> list[Probe]:
-    probes = list(probes)
-    if not probes:
-        raise InputError("no probes given: expected at least one probe")
-    ids = [p.id for p in probes]
-    if len(set(ids)) != len(ids):
-        raise InputError("probe ids must be unique")
-    return probes
-
-
-class _PromptRunner:
-    """Runs one prompt many times (one row per configuration) and returns last-position logits.
-
-    With ``use_kv`` the prompt's prefix (all but the last token) runs once and its key/value
-    cache is copied into every batch, so only the last token is recomputed: valid exactly when
-    the hooks touch the last position only. The unembedding runs on the last position only.
-    """
-
-    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool):
-        self.model = model
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-        self.use_kv = bool(use_kv and ids.shape[1] >= 2)
-        self.cache = None
-        if self.use_kv:
-            with torch.no_grad():
-                _, self.cache = model.bridge(ids[:, :-1], return_type="logits_and_cache")
-            self.tokens = ids[:, -1:]
-        else:
-            self.tokens = ids
-        self.n_pos = int(self.tokens.shape[1])  # positions in each run
-        self.last = self.n_pos - 1  # index of the last prompt position within a run
-
-    def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]]) -> Float[Tensor, "row d_vocab"]:
-        tokens = self.tokens.expand(n_rows, -1).contiguous()
-        last = self.last
-
-        def only_last(x: Tensor, hook: Any) -> Tensor:  # unembed the last position only
-            return x[:, last : last + 1]
-
-        kwargs: dict[str, Any] = {}
-        if self.use_kv:
-            cache = copy.deepcopy(self.cache)
-            cache.batch_repeat_interleave(n_rows)
-            kwargs["past_key_values"] = cache
-        with torch.no_grad():
-            logits = self.model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[*hooks, ("ln_final.hook_out", only_last)], **kwargs
-            )
-        return logits[:, -1].float()
-
-
-def _last_metrics(
-    logits: Float[Tensor, "row d_vocab"], clean_pred: int, clean_prob: float, target_id: int
-) -> dict[str, np.ndarray]:
-    log_probs = logits.log_softmax(dim=-1)
-    pred = logits.argmax(dim=-1)
-    prob_clean_pred = log_probs[:, clean_pred].exp()
-    return {
-        "new_pred_id": pred.cpu().numpy().astype(np.int64),
-        "changed": (pred != clean_pred).cpu().numpy(),
-        "prob_of_clean_pred": prob_clean_pred.cpu().numpy().astype(np.float64),
-        "prob_drop": (clean_prob - prob_clean_pred).cpu().numpy().astype(np.float64),
-        "new_is_target": (pred == target_id).cpu().numpy(),
-        "target_prob": log_probs[:, target_id].exp().cpu().numpy().astype(np.float64),
-    }
 
 
 def _stable_seed(*parts: object) -> int:
@@ -182,7 +98,7 @@ def neuron_scores(
 
 @dataclass(frozen=True)
 class _CleanState:
-    runner: _PromptRunner
+    runner: PromptRunner
     activations: Float[Tensor, "layer d_mlp"]
     pred_id: int
     pred_prob: float
@@ -190,7 +106,7 @@ class _CleanState:
 
 def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool) -> _CleanState:
     """One clean run: the neuron activations at the last prompt position and the prediction."""
-    runner = _PromptRunner(model, prompt_ids, use_kv=use_kv)
+    runner = PromptRunner(model, prompt_ids, use_kv=use_kv)
     acts: dict[int, Tensor] = {}
 
     def capture(layer: int) -> HookFn:
@@ -240,7 +156,7 @@ def rank_neurons(
     model: LoadedModel, probes: Sequence[Probe], *, rank_by: RankBy = "magnitude", progress: bool = False
 ) -> NeuronRanking:
     """Rank every MLP neuron of every layer per probe at the last prompt position."""
-    probes = _check_probes(probes)
+    probes = check_probes(probes)
     norms = value_vector_norms(model)
     acts, scores, preds = [], [], []
     for toks in tqdm(tokenize_probes(model, probes), desc="rank neurons", disable=not progress):
@@ -424,7 +340,7 @@ def knockout_rows(
         hooks = knockout_hooks(chunk, order=order, probe_id=probe_id, seed=seed, last=runner.last,
                                n_pos=runner.n_pos, positions=positions)
         logits = runner.run(len(chunk), hooks)
-        parts.append(_last_metrics(logits, state.pred_id, state.pred_prob, target_id))
+        parts.append(last_metrics(logits, state.pred_id, state.pred_prob, target_id))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -450,7 +366,7 @@ def knockout_grid(
     Ranking is at the last prompt position; the knockout acts there (``positions="last"``)
     or at every prompt position (``"all"``).
     """
-    probes = _check_probes(probes)
+    probes = check_probes(probes)
     if positions not in ("last", "all"):
         raise InputError(f"positions must be 'last' or 'all', got {positions!r}")
     if rank_by not in ("magnitude", "dla"):

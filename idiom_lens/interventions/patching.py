@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.interventions.knockouts import _check_probes, _PromptRunner
+from idiom_lens.interventions.runner import PromptRunner, check_probes
 from idiom_lens.io import write_parquet
 from idiom_lens.memorization import probe_group
 from idiom_lens.models import LoadedModel
@@ -117,7 +117,7 @@ def make_corruptions(
     `word_index` fixes which word ``word_swap`` replaces (negative counts from the end); by default
     the words are tried in a seeded order. Probes where nothing fits are skipped and reported.
     """
-    probes = _check_probes(probes)
+    probes = check_probes(probes)
     bad = [v for v in variants if v not in ("word_swap", "prefix_swap")]
     if not variants or bad:
         raise InputError(f"variants must be among 'word_swap', 'prefix_swap', got {list(variants)}")
@@ -203,7 +203,7 @@ def make_corruptions(
 
 def _site_acts(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> tuple[dict, Tensor]:
     """Every site's activation at every layer and position, and the last-position logits."""
-    runner = _PromptRunner(model, ids, use_kv=False)
+    runner = PromptRunner(model, ids, use_kv=False)
     acts: dict[tuple[str, int], Tensor] = {}
 
     def capture(key: tuple[str, int]):
@@ -259,7 +259,7 @@ def patch_pair(
     clean_acts, clean_logits = _site_acts(model, clean_ids, sites)
     corr_acts, corr_logits = _site_acts(model, corrupted_ids, sites)
     source = clean_acts if sender == "clean" else corr_acts
-    runner = _PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False)
+    runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False)
     n_layers, n_pos = model.n_layers, len(clean_ids)
     cells = [(s, l, p) for s in sites for l in range(n_layers) for p in range(n_pos)]
     values = []

@@ -25,12 +25,8 @@ from tqdm.auto import tqdm
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.forward import tokenize_probes
-from idiom_lens.interventions.knockouts import (
-    Positions,
-    _check_probes,
-    _last_metrics,
-    _PromptRunner,
-)
+from idiom_lens.interventions.knockouts import Positions
+from idiom_lens.interventions.runner import PromptRunner, check_probes, last_metrics
 from idiom_lens.io import write_parquet
 from idiom_lens.memorization import probe_group
 from idiom_lens.models import LoadedModel
@@ -72,7 +68,7 @@ class SkipResult:
         ]
 
 
-def _skip_hooks(spans: Sequence[tuple[int, ...]], n_layers: int, runner: _PromptRunner, positions: str):
+def _skip_hooks(spans: Sequence[tuple[int, ...]], n_layers: int, runner: PromptRunner, positions: str):
     """Hooks that make each row skip its own span of layers."""
     pos = slice(runner.last, runner.last + 1) if positions == "last" else slice(0, runner.n_pos)
     stored: dict[int, Tensor] = {}
@@ -105,7 +101,7 @@ def skip_layers(
     progress: bool = False,
 ) -> SkipResult:
     """Skip every window of consecutive layers (or the given `spans`; () skips nothing) per probe."""
-    probes = _check_probes(probes)
+    probes = check_probes(probes)
     if positions not in ("last", "all"):
         raise InputError(f"positions must be 'last' or 'all', got {positions!r}")
     if batch_size < 1:
@@ -124,7 +120,7 @@ def skip_layers(
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(span_list), desc="layer skipping", unit="span", disable=not progress)
     for probe, toks in zip(probes, tokenize_probes(model, probes)):
-        runner = _PromptRunner(model, toks.prompt_ids, use_kv=positions == "last")
+        runner = PromptRunner(model, toks.prompt_ids, use_kv=positions == "last")
         clean = runner.run(1, [])
         pred = int(clean[0].argmax())
         prob = float(clean[0].softmax(-1)[pred])
@@ -132,7 +128,7 @@ def skip_layers(
         for start in range(0, len(span_list), batch_size):
             chunk = span_list[start : start + batch_size]
             logits = runner.run(len(chunk), _skip_hooks(chunk, n_layers, runner, positions))
-            parts.append(_last_metrics(logits, pred, prob, toks.target_id))
+            parts.append(last_metrics(logits, pred, prob, toks.target_id))
         metrics = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         frame = pd.DataFrame({
             "probe_id": probe.id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from idiom_lens.attribution import attribute_probes
-from idiom_lens.models import load_model
 from idiom_lens.plots.attribution import (
     head_heatmap_figure,
     layer_contribution_figure,
