@@ -16,6 +16,7 @@ import pandas as pd
 from idiom_lens.attribution import MEASURES, AttributionResult, Measure
 from idiom_lens.errors import InputError
 from idiom_lens.memorization import GROUPS
+from idiom_lens.stats import bootstrap_mean_ci
 
 INTERVAL = "95% percentile bootstrap over probes (seeded)"
 
@@ -70,11 +71,9 @@ def layer_stats(
     for group in groups_of(result):
         arr = _arrays(result, group, measure)
         n = len(arr["total"])
-        idx = _boot_indices(n, n_boot, seed)
         for comp in ("embed", "attn", "mlp"):
             values = arr[comp] if comp != "embed" else arr["embed"][:, None]
-            mean = values.mean(0)
-            lo, hi = _interval(values[idx].mean(1), level)
+            mean, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, level=level, seed=seed)
             layers = [-1] if comp == "embed" else range(values.shape[1])
             for j, layer in enumerate(layers):
                 rows.append({"group": group, "component": comp, "layer": layer, "n": n, "mean": mean[j],
