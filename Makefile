@@ -2,6 +2,13 @@
 #   make run    creates .venv, installs idiom_lens, runs the main job on the embedded model
 #   make test   creates .venv if needed, runs the test suite
 #
+# Versions: .venv gets the exact, tested versions of requirements.lock (pip constraints), so a
+# fresh machine runs what CI tested. pyproject.toml keeps compatible ranges for library users.
+#   make lock   re-resolves the newest versions the ranges allow (except LOCK_HOLD), runs the
+#               fast tests on them, and rewrites requirements.lock; then `make test` and commit
+#   make drift  installs the newest versions the ranges allow into .venv-drift and runs the fast
+#               tests and the self-check there: a drift shows up as a failing check
+#
 # torch is installed first and pinned, so that pip never picks a multi-GB CUDA build by itself.
 # TORCH_SPEC picks another build, e.g. on a GPU machine:
 #   make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -14,17 +21,48 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.idiom-lens-installed
 RUN_ARGS ?=
+LOCK := requirements.lock
+# Held back in `make lock`, with the reason: transformers 5.24 renamed the cache argument and the
+# bridge (TransformerLens 4.3.0) then ignores a prefix key/value cache; idiom_lens falls back to
+# whole prompts there (correct, slower), 5.23.0 keeps the fast path.
+LOCK_HOLD ?= transformers==5.23.0
+DRIFT := .venv-drift
 
-.PHONY: install browser smollm2 run test test-fast study clean-results
+.PHONY: install browser smollm2 run test test-fast study clean-results lock drift
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev,build-data]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev,build-data]"
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows (plus EXTRA, e.g. LOCK_HOLD), in a throw-away venv.
+define fresh_env
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(1)/bin/python -m pip install --quiet --upgrade -e ".[dev,build-data]" $(2)
+	$(1)/bin/python -m pip check
+	$(1)/bin/python -m pip freeze --exclude-editable | grep -E '^(torch|transformers|transformer-lens)=='
+endef
+
+drift:
+	$(call fresh_env,$(DRIFT),)
+	$(DRIFT)/bin/python -m idiom_lens.selfcheck
+	$(DRIFT)/bin/python -m pytest -q -m "not embedded" -p no:cacheprovider
+
+lock:
+	$(call fresh_env,.venv-lock,$(LOCK_HOLD))
+	.venv-lock/bin/python -m pytest -q -m "not embedded" -p no:cacheprovider
+	{ echo "# Exact versions tested with idiom_lens, as pip constraints (make install: pip install -c $(LOCK) ...)."; \
+	  echo "# Written by 'make lock' on $$(date -u +%Y-%m-%d): the newest versions pyproject.toml allows, holding $(LOCK_HOLD)."; \
+	  echo "# Do not edit by hand: change pyproject.toml or LOCK_HOLD (Makefile) and run 'make lock'."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)[+].*/\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
 
 # The report test opens the HTML report in a real headless browser (Debian's chromium).
 browser:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
+from idiom_lens.selfcheck import check_against_full_forward
 from idiom_lens.tokenization import ProbeTokens, pad_id, right_pad, split_probe
 from idiom_lens.types import Logits, Tokens
 
@@ -66,11 +67,15 @@ def iterate_forward(
 
     `extra_hooks(indices)` may add hooks (interventions) for the probes of each batch; they run
     before the capture hooks of the same name are read.
+
+    Self-check: without `extra_hooks`, the first batch's shortest and longest rows (the most and
+    the least padded) are compared with a plain full forward of each prompt alone; a difference
+    above `selfcheck.TOLERANCE` raises `FastPathError` before the batch is yielded.
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].prompt_ids))
-    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="probe")
+    bar = None  # opened after the first batch's self-check, so that a failure prints one clean line
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         seqs = [
@@ -94,6 +99,15 @@ def iterate_forward(
             hooks += list(extra_hooks(indices))
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
+        if start == 0 and extra_hooks is None:
+            for row in sorted({0, len(indices) - 1}):
+                check_against_full_forward(
+                    model, probe_tokens[indices[row]].prompt_ids, logits[row, last[row]],
+                    what=f"{desc} (batched, padded)", probe=f"#{indices[row]}",
+                )
+        if bar is None:
+            bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="probe")
         yield ForwardBatch(indices=indices, tokens=tokens, last=last, logits=logits, captured=captured)
         bar.update(len(indices))
-    bar.close()
+    if bar is not None:
+        bar.close()

@@ -57,6 +57,8 @@ class MemorizationRecord:
     target_rank: int
     target_prob: float
     full_target_match: bool
+    # Last, with a default: results saved before this field existed still load.
+    single_target: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,12 @@ class MemorizationResult:
         )
 
     def summary(self) -> pd.DataFrame:
-        """Counts and fractions memorized per kind, for all probes and the hard_to_guess subset."""
+        """Counts and fractions memorized per kind, for all probes and the hard_to_guess subset.
+
+        `n_not_single_target` counts the probes of the row whose prompt has another target in
+        the set (`Probe.single_target` False; None is not counted). They stay in "all" and are
+        never in "hard_to_guess" (the loader sets their hard_to_guess False).
+        """
         frame = self.to_dataframe()
         rows = []
         for kind, sub in frame.groupby("kind", sort=True):
@@ -90,6 +97,7 @@ class MemorizationResult:
                         "memorized": k,
                         "fraction": k / n if n else float("nan"),
                         "full_target_match": int(part["full_target_match"].sum()),
+                        "n_not_single_target": int((part["single_target"] == False).sum()),  # noqa: E712
                     }
                 )
         return pd.DataFrame(rows)
@@ -136,6 +144,7 @@ def records_from_batch(
                 target_rank=int((final[row] > target_logit).sum()),
                 target_prob=float(log_probs[row, target_id].exp()),
                 full_target_match=bool(full),
+                single_target=probe.single_target,
             )
         )
     return out

@@ -155,20 +155,23 @@ def _summarize(
     lines = []
     med = lambda g: table.loc[g, "median_promotion_layer"] if g in table.index else None  # noqa: E731
     m, nm, tx = med("memorized idioms"), med("non-memorized idioms"), med("ordinary text")
-    if b is None or m is None:
-        return False, (
-            f"On {model_name}, fewer than {top1_share:.0%} of the memorized idioms settle at top-1 "
-            "before the last layer; no phase boundary found."
-        )
+    if b is None or m is None:  # every model's last layer is top-1: b is None only without memorized idioms
+        return False, f"On {model_name}, no idiom is memorized; no phase boundary found."
     prob = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_prob")]
     prob = prob.set_index("layer")["mean"]
     p_b, p_last = float(prob.loc[b]), float(prob.loc[n - 1])
-    lines.append(
-        f"On {model_name} ({n} layers), at least {top1_share:.0%} of the memorized idioms have "
-        f"their predicted token at top-1 from layer {b} (0-based) on: candidate promotion ends "
-        f"there. Confidence boosting follows: its mean probability rises from {p_b:.2f} at layer "
-        f"{b} to {p_last:.2f} at the last layer."
-    )
+    if b == n - 1:
+        lines.append(
+            f"On {model_name} ({n} layers), fewer than {top1_share:.0%} of the memorized idioms settle "
+            "at top-1 before the last layer; no phase boundary before the output."
+        )
+    else:
+        lines.append(
+            f"On {model_name} ({n} layers), at least {top1_share:.0%} of the memorized idioms have "
+            f"their predicted token at top-1 from layer {b} (0-based) on: candidate promotion ends "
+            f"there. Confidence boosting follows: its mean probability rises from {p_b:.2f} at layer "
+            f"{b} to {p_last:.2f} at the last layer."
+        )
     earlier = []
     for name, other in (("non-memorized idioms", nm), ("ordinary text", tx)):
         if other is not None:

@@ -26,7 +26,8 @@ from idiom_lens.errors import InputError
 from idiom_lens.forward import iterate_forward, tokenize_probes
 from idiom_lens.memorization import MemorizationRecord, MemorizationResult, records_from_batch
 from idiom_lens.models import LoadedModel
-from idiom_lens.readout import read_out, release_workspace
+from idiom_lens.readout import Readout, read_out, release_workspace
+from idiom_lens.selfcheck import check_close, plain_last_logits
 
 SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
@@ -140,6 +141,7 @@ def layer_trajectory(
     shape = (len(probes), len(sites), n_layers)
     out = {m: np.zeros(shape, dtype=np.int64 if m.endswith(("rank", "id")) else np.float32) for m in METRICS}
     records: list[MemorizationRecord | None] = [None] * len(probes)
+    first_batch = True
     for batch in iterate_forward(
         model, probe_tokens, hook_names=hook_names, batch_size=batch_size, progress=progress,
         desc="trajectory",
@@ -161,6 +163,10 @@ def layer_trajectory(
             "entropy": ro.entropy,
             "top_id": ro.top_id,
         }
+        if first_batch and "resid_post" in sites:
+            _check_last_layer(model, probe_tokens[batch.indices[0]].prompt_ids, batch_records[0], ro,
+                              row=sites.index("resid_post") * n_layers + n_layers - 1, probe=probes[batch.indices[0]].id)
+        first_batch = False
         for metric, value in values.items():
             out[metric][batch.indices] = value.reshape(per_probe).numpy()
         for index, record in zip(batch.indices, batch_records):
@@ -168,6 +174,17 @@ def layer_trajectory(
     release_workspace()
     memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
     return TrajectoryResult(memorization=memorization, sites=sites, **out)
+
+
+def _check_last_layer(
+    model: LoadedModel, prompt_ids: Sequence[int], record: MemorizationRecord, ro: Readout, *, row: int, probe: str
+) -> None:
+    """Self-check of the read-out kernel (buffers, chunking, fused bias): the last layer's read of
+    the first probe must give a plain full forward's log-probabilities of the predicted and the
+    target token (`selfcheck.FastPathError` otherwise)."""
+    plain = plain_last_logits(model, prompt_ids).log_softmax(-1)
+    expected = plain[[record.pred_id, record.target_id]]
+    check_close(ro.logprob[row], expected, what="trajectory read-out (last layer)", probe=probe)
 
 
 def save_trajectory(result: TrajectoryResult, out_dir: str | Path, *, stem: str = "trajectory") -> list[Path]:

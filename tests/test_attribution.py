@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from idiom_lens.attribution import (
     FRAME_COLUMNS,
@@ -145,9 +149,6 @@ def test_value_vector_projection_by_hand(gemma_post):
     got = promoted_tokens_of(gemma_post, [(layer, neuron), (layer, neuron)], signs=[1.0, -0.5], k=4)
     assert list(got[(layer, neuron, 1)]) == expected
     assert list(got[(layer, neuron, -1)]) == expected_neg
-    # without the final norm weight: the tiny model's weight is the identity, so the reading is unchanged
-    bare = promoted_tokens_of(gemma_post, [(layer, neuron)], k=4, final_norm=False)
-    assert list(bare[(layer, neuron, 1)]) == expected
 
 
 def test_probe_neurons_carry_promoted_tokens(gemma_post):
@@ -213,3 +214,39 @@ def _probe(prompt: str, target: str):
     from idiom_lens.datasets.probes import Probe
 
     return Probe(id="blue", prompt=prompt, target=target, kind="idiom")
+
+
+# final_norm=False on a model whose final norm is not the identity (the tiny model's is)
+
+@pytest.fixture(scope="module")
+def shaped_norm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-gemma3-shaped-norm")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=gen)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_value_vector_projection_with_and_without_final_norm_by_hand(shaped_norm_dir):
+    """final_norm=True ranks tokens by v * (1 + w_final) @ E^T, final_norm=False by v @ E^T (E: the
+    tied unembedding, from the HF weights). Fails if final_norm is ignored or the weight is mis-divided."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(shaped_norm_dir), mode="compat", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(shaped_norm_dir)).eval()
+    scale = 1.0 + hf.model.norm.weight.detach()  # Gemma RMSNorm multiplies by (1 + w)
+    unembed = hf.lm_head.weight.detach()  # [vocab, d_model]
+    decode = model.tokenizer.decode
+    differ = 0
+    for layer, neuron in [(0, 3), (1, 7), (2, 11)]:
+        v = hf.model.layers[layer].mlp.down_proj.weight.detach()[:, neuron]
+        v = v * (1.0 + hf.model.layers[layer].post_feedforward_layernorm.weight.detach())
+        with_norm = [decode([i]) for i in ((v * scale) @ unembed.T).topk(4).indices.tolist()]
+        bare = [decode([i]) for i in (v @ unembed.T).topk(4).indices.tolist()]
+        assert list(promoted_tokens_of(model, [(layer, neuron)], k=4)[(layer, neuron, 1)]) == with_norm
+        assert list(promoted_tokens_of(model, [(layer, neuron)], k=4, final_norm=False)[(layer, neuron, 1)]) == bare
+        differ += with_norm != bare
+    assert differ > 0  # the shaped norm changes the reading, so the two paths are told apart

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
-from idiom_lens.memorization import probe_group, score_memorization
+from idiom_lens.memorization import MemorizationRecord, probe_group, score_memorization
+
+# The authors' published IdioMem format (compact JSON, JSON booleans); the file repeats the id of
+# "dead as a doornail" for "dead as a dodo", which shares its prompt.
+PUBLISHED_IDIOMEM = """\
+{"idiom":"turn a blind eye","id":"b05e010ca3576fbf6e81","source":"LIdiom","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"dead as a doornail","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+"""
 from idiom_lens.tokenization import split_probe
 
 
@@ -44,6 +56,29 @@ def test_summary_counts_all_and_hard_to_guess(tiny_model, probes):
         assert row.n == len(sub) and row.memorized == sub.memorized.sum()
         hard = summary[(summary.kind == kind) & (summary.subset == "hard_to_guess")].iloc[0]
         assert hard.n == (sub.hard_to_guess == True).sum()  # noqa: E712
+
+
+def test_summary_counts_probes_that_are_not_single_target(tiny_model, tmp_path: Path):
+    path = tmp_path / "idiomem.jsonl"
+    path.write_text(PUBLISHED_IDIOMEM, encoding="utf-8")
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        probes = load_probes(path)
+    result = score_memorization(tiny_model, probes)
+    assert [r.single_target for r in result.records] == [True, False, True, False]
+    summary = result.summary()
+    assert list(summary.columns) == [  # existing columns first and unchanged; the new one last
+        "kind", "subset", "n", "memorized", "fraction", "full_target_match", "n_not_single_target"]
+    everything = summary[summary.subset == "all"].iloc[0]
+    hard = summary[summary.subset == "hard_to_guess"].iloc[0]
+    assert (everything.kind, everything.n, everything.n_not_single_target) == ("idiom", 4, 2)
+    assert (hard.n, hard.n_not_single_target) == (2, 0)  # the pair is never hard_to_guess
+
+
+def test_records_saved_before_single_target_still_load():
+    """`load_trajectory` rebuilds records from saved columns: an older file has no single_target."""
+    fields = [f for f in MemorizationRecord.__dataclass_fields__ if f != "single_target"]
+    record = MemorizationRecord(**{f: 0 for f in fields})
+    assert record.single_target is None
 
 
 def test_full_target_match_uses_every_sub_word(tiny_model):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.forward import tokenize_probes
+from idiom_lens.memorization import score_memorization
+from idiom_lens.models import LoadedModel, load_model
 from idiom_lens.readout import read_out
+from idiom_lens.tokenization import split_probe
 from idiom_lens.trajectory import SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
 
 
@@ -86,6 +94,108 @@ def test_concat_of_parts_equals_whole(tiny_model, probes, tiny_result):
     parts = [layer_trajectory(tiny_model, probes[:4]), layer_trajectory(tiny_model, probes[4:])]
     joined = TrajectoryResult.concat(parts)
     np.testing.assert_array_equal(joined.pred_rank, tiny_result.pred_rank)
+
+
+# Teacher-forced full_target_match on the tiny Gemma 3. The targets are the model's own greedy
+# continuations of "blind room" (" room" "v" "v" "v"), and the same word with a wrong sub-word;
+# the tests check these premises by hand before relying on them.
+FULL_MATCH_CASES: list[tuple[str, str, int, bool, bool]] = [
+    # (prompt, target, n_target_tokens, memorized, full_target_match)
+    ("blind room", "roomvvv", 4, True, True),  # each sub-word is the greedy choice after the previous ones
+    ("blind room", "roomvv", 3, True, True),
+    ("blind room", "room", 1, True, True),  # one sub-word: full match = memorized
+    ("blind room", "roomvvZ", 4, True, False),  # the first 3 sub-words are greedy, the last is not
+    ("blind room", "roomZvv", 4, True, False),  # the second sub-word is not greedy
+    ("blind room", "moon", 1, False, False),  # not memorized
+]
+
+
+def _greedy_by_hand(model: LoadedModel, prompt: str, target: str) -> tuple[int, ...]:
+    """Greedy next token at the last prompt position and after each target sub-word but the last."""
+    toks = split_probe(model.tokenizer, prompt, target)
+    with torch.no_grad():
+        logits = model.bridge(torch.tensor([toks.prompt_ids + toks.target_ids]))[0]
+    n = len(toks.prompt_ids)
+    return tuple(logits[n - 1 : n - 1 + len(toks.target_ids)].argmax(-1).tolist())
+
+
+def test_full_target_match_true_and_false_on_multi_token_targets(tiny_model, probes) -> None:
+    """full_target_match is True exactly when every target sub-word is the teacher-forced greedy choice.
+
+    It fails if the flag is constant, only looks at the first sub-word (= memorized), or reads the
+    greedy tokens one position off.
+    """
+    extra = [Probe(id=f"ftm{i}", prompt=p, target=t, kind="idiom") for i, (p, t, *_) in enumerate(FULL_MATCH_CASES)]
+    for prompt, target, n_tokens, memorized, full in FULL_MATCH_CASES:  # premises, by hand
+        target_ids = split_probe(tiny_model.tokenizer, prompt, target).target_ids
+        assert len(target_ids) == n_tokens
+        greedy = _greedy_by_hand(tiny_model, prompt, target)
+        assert (greedy[0] == target_ids[0], greedy == target_ids) == (memorized, full), (prompt, target)
+    # mixed with the fixture probes so batches are padded to different lengths
+    trajectory = layer_trajectory(tiny_model, [*probes, *extra], sites=["resid_post"], batch_size=4)
+    scored = score_memorization(tiny_model, [*extra, *probes], batch_size=3)
+    for records in (trajectory.memorization.records[len(probes):], scored.records[: len(extra)]):
+        got = [(r.target, r.n_target_tokens, r.memorized, r.full_target_match) for r in records]
+        expected = [(t, n, m, f) for _, t, n, m, f in FULL_MATCH_CASES]
+        assert got == expected
+
+
+@pytest.fixture(scope="module")
+def shaped_norm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Gemma 3 with a non-trivial final norm weight (the fixture's is the identity: zeros + 1)."""
+    out = tmp_path_factory.mktemp("tiny-gemma3-shaped-norm")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    weights = load_file(str(out / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=generator)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_readout_with_and_without_final_norm_by_hand(shaped_norm_model_dir) -> None:
+    """apply_norm=True reads through the model's own final norm, apply_norm=False through W_U alone.
+
+    Computed by hand from the Hugging Face weights (Gemma 3 RMSNorm: x / rms(x) * (1 + w), tied
+    unembedding, no bias or softcap). It fails if apply_norm is ignored, or if the norm's weight
+    or its rescaling is dropped on either path.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(shaped_norm_model_dir), mode="raw", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(shaped_norm_model_dir)).eval()
+    assert hf.config.final_logit_softcapping is None and hf.lm_head.bias is None
+    torch.manual_seed(0)
+    vectors = 3.0 * torch.randn(8, model.d_model)
+    with torch.no_grad():
+        by_hand = {
+            True: hf.lm_head(hf.model.norm(vectors)).float(),
+            False: (vectors @ hf.lm_head.weight.T).float(),
+        }
+    # the shaped norm changes which token wins on some rows, so a wrong path cannot pass by accident
+    assert (by_hand[True].argmax(-1) != by_hand[False].argmax(-1)).any()
+    tracked = torch.stack([by_hand[True].argmax(-1), by_hand[False].argmax(-1)], dim=1)
+    for apply_norm, logits in by_hand.items():
+        ro = read_out(model, vectors, tracked, apply_norm=apply_norm, chunk_rows=3)
+        logprobs = logits.log_softmax(-1)
+        assert torch.equal(ro.top_id, logits.argmax(-1))
+        torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=1e-4, rtol=0)
+        assert torch.equal(ro.rank, (logits[:, None, :] > logits.gather(1, tracked)[:, :, None]).sum(-1))
+        torch.testing.assert_close(ro.entropy, -(logprobs.exp() * logprobs).sum(-1), atol=1e-4, rtol=0)
+
+
+def test_trajectory_last_layer_is_the_output_with_a_shaped_final_norm(shaped_norm_model_dir, probes) -> None:
+    """With a final norm that is not the identity, the last layer's read-out is still the model's output.
+
+    It fails if the trajectory reads through a norm without its weight, or through no norm.
+    """
+    model = load_model(str(shaped_norm_model_dir), mode="raw", progress=False)
+    result = layer_trajectory(model, probes, sites=["resid_post"], batch_size=4)
+    mem = result.memorization.to_dataframe()
+    assert (result.top_id[:, 0, -1] == mem["pred_id"]).all()
+    np.testing.assert_allclose(result.pred_prob[:, 0, -1], mem["pred_prob"], atol=1e-5)
+    np.testing.assert_allclose(result.target_prob[:, 0, -1], mem["target_prob"], atol=1e-5)
+    assert (result.target_rank[:, 0, -1] == mem["target_rank"]).all()
 
 
 def test_bad_options(tiny_model, probes):

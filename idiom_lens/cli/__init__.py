@@ -1,7 +1,8 @@
 """The `idiom-lens` command line: a thin layer over the library.
 
 Each subcommand lives in its own module with a `register(subparsers)` function that adds
-its parser and sets `handler`. User mistakes (`InputError`) print one line and exit 2.
+its parser and sets `handler`. User mistakes (`InputError`) print one line and exit 2; a failed run-time self-check
+(`FastPathError`: a fast path disagrees with a full forward) prints one line and exits 3.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from idiom_lens.errors import InputError
+from idiom_lens.errors import FastPathError, InputError
 
 # Subcommand modules, in the order `idiom-lens --help` lists them.
 _COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "knockout", "patch", "run", "compare", "report")
@@ -38,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"idiom-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FastPathError as err:  # a shortcut disagrees with a full forward: stop, write nothing
+        print(f"idiom-lens {args.command}: self-check failed: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,14 +11,17 @@ from idiom_lens.datasets.loaders import bundled_dir, bundled_names, bundled_path
 from idiom_lens.datasets.probes import FLAG_NAMES, ProbeSet
 from idiom_lens.errors import InputError
 
-_SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare", "hard_to_guess": "hard"}
+_SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare", "hard_to_guess": "hard",
+                "single_target": "single"}
+_SHOWN_FLAGS = (*FLAG_NAMES, "single_target")  # per-probe columns of `data show`
+_COUNTED = (*FLAG_NAMES, "not_single_target")  # keys of `ProbeSet.flag_counts`, columns of `data list`
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="list, show, export and rebuild probe sets")
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    p = sub.add_parser("list", help="bundled probe sets with sizes and flag counts")
+    p = sub.add_parser("list", help="bundled probe sets: sizes, flag counts, probes not single-target")
     p.set_defaults(handler=_list)
 
     p = sub.add_parser("show", help="print probes of a bundled set or a file as a table")
@@ -55,8 +58,8 @@ def _list(args: argparse.Namespace) -> int:
     for name in bundled_names():
         probes = load_probes(name)
         counts = probes.flag_counts()
-        rows.append([name, str(len(probes)), *(str(counts[f]) for f in FLAG_NAMES), str(bundled_path(name))])
-    _print_table(["name", "probes", *FLAG_NAMES, "file"], rows)
+        rows.append([name, str(len(probes)), *(str(counts[f]) for f in _COUNTED), str(bundled_path(name))])
+    _print_table(["name", "probes", *_COUNTED, "file"], rows)
     return 0
 
 
@@ -66,11 +69,13 @@ def _show(args: argparse.Namespace) -> int:
         raise InputError(f"--limit must be >= 0, got {args.limit}")
     shown = probes.probes if args.limit == 0 else probes.probes[: args.limit]
     rows = [
-        [p.id, p.kind, _clip(p.prompt, 60), p.target, *(_flag_cell(getattr(p, f)) for f in FLAG_NAMES)] for p in shown
+        [p.id, p.kind, _clip(p.prompt, 60), p.target, *(_flag_cell(getattr(p, f)) for f in _SHOWN_FLAGS)] for p in shown
     ]
-    _print_table(["id", "kind", "prompt", "target", *(_SHORT_FLAGS[f] for f in FLAG_NAMES)], rows)
-    print(f"({len(shown)} of {len(probes)} probes from {probes.name}; flags: 1 true, 0 false, - unknown; "
-          "sim=similarity_ind comp=prompt_comp_ind rare=frequent_target_ind hard=hard_to_guess)")
+    _print_table(["id", "kind", "prompt", "target", *(_SHORT_FLAGS[f] for f in _SHOWN_FLAGS)], rows)
+    not_single = probes.flag_counts()["not_single_target"]
+    print(f"({len(shown)} of {len(probes)} probes from {probes.name}; {not_single} not single-target "
+          "(prompt shared with another target; never hard_to_guess); flags: 1 true, 0 false, - unknown; "
+          "sim=similarity_ind comp=prompt_comp_ind rare=frequent_target_ind hard=hard_to_guess single=single_target)")
     return 0
 
 

@@ -11,6 +11,7 @@ from idiom_lens.datasets.loaders import (
     bundled_path,
     export_probes,
     load_probes,
+    mark_single_target,
     parse_flag,
 )
 from idiom_lens.datasets.probes import FLAG_NAMES, PROBE_KINDS, Probe, ProbeKind, ProbeSet
@@ -27,5 +28,6 @@ __all__ = [
     "bundled_path",
     "export_probes",
     "load_probes",
+    "mark_single_target",
     "parse_flag",
 ]

@@ -49,6 +49,8 @@ with surrounding punctuation removed:
       "long -> time", "take -> place": general language completes the last word with the target.
   Both rules only read the end of the prompt, which is where a guessable continuation shows.
 - `hard_to_guess` = not prompt_comp_ind and not similarity_ind.
+- `single_target` (criterion 1, not one of the authors' four flags) is True for every record:
+  each set drops prompts with more than one target (see Sources), and the loader checks it again.
 """
 
 from __future__ import annotations
@@ -249,10 +251,12 @@ def compositionality_ref() -> CompositionalityRef:
 
 
 def _record(id_: str, kind: str, prompt: str, target: str, source: str, ref: CompositionalityRef) -> dict:
-    """One JSONL record, keys in `Probe` field order (what `export_probes` writes)."""
-    return {"id": id_, "prompt": prompt, "target": target, "kind": kind, "source": source} | flags(
-        prompt, target, ref
-    )
+    """One JSONL record, keys in `Probe` field order (what `export_probes` writes).
+
+    `single_target` is True: every builder drops prompts that have more than one target.
+    """
+    record = {"id": id_, "prompt": prompt, "target": target, "kind": kind, "source": source}
+    return record | flags(prompt, target, ref) | {"single_target": True}
 
 
 def _jsonl(records: Iterable[dict]) -> str:

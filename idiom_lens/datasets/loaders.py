@@ -12,6 +12,16 @@ Every row is validated and a bad row raises `InputError` naming the file and lin
 `on_error="skip"` bad rows are left out instead, listed in `ProbeSet.skipped` and summarised in a
 warning. Flags may be JSON booleans, 0/1, or "true"/"false"/"0"/"1" strings (any case); empty or
 null means unknown (None).
+
+Ids must be unique, except in the IdioMem format: the published file repeats an id when two
+idioms share a prompt ("dead as a doornail" / "dead as a dodo"), so a repeated id there is
+renamed `{id}-2`, `{id}-3`, ... in file order (skipping ids the file already uses) and the
+renames are reported in one warning. In our formats a repeated id is an error (a mistake).
+
+`single_target` is computed for every loaded set: False for probes whose prompt (casefolded,
+spaces collapsed) is shared with a probe of a different target, else True; a file's own
+`single_target: false` is kept (it may know about probes it no longer holds). Probes that are
+not single-target get `hard_to_guess = False`, even where the file says True (method.md 1).
 """
 
 from __future__ import annotations
@@ -149,6 +159,7 @@ def _row_to_probe(row: dict[str, Any], *, default_id: str, kind: ProbeKind | Non
         kind=row_kind,  # type: ignore[arg-type]
         source=_text_field(row, "source", required=False) or "",
         **{name: parse_flag(row.get(name)) for name in FLAG_NAMES},
+        single_target=parse_flag(row.get("single_target")),
     )
 
 
@@ -212,7 +223,7 @@ def _read(path: Path, *, name: str, kind: ProbeKind | None, on_error: OnError) -
         )
     text = _decode(path)
     rows = _csv_rows(path, text) if suffix in CSV_SUFFIXES else _jsonl_rows(path, text)
-    probes: list[Probe] = []
+    loaded: list[tuple[int, Probe]] = []
     skipped: list[str] = []
     first_line: dict[str, int] = {}
     idiomem: bool | None = None
@@ -223,7 +234,7 @@ def _read(path: Path, *, name: str, kind: ProbeKind | None, on_error: OnError) -
             if idiomem is None:
                 idiomem = suffix in JSONL_SUFFIXES and "idiom" in row
             probe = _row_to_probe(row, default_id=f"{path.stem}-{line}", kind=kind, idiomem=idiomem)
-            if probe.id in first_line:
+            if probe.id in first_line and not idiomem:
                 raise _RowError(f"duplicate id {probe.id!r} (first seen on line {first_line[probe.id]})")
         except _RowError as err:
             message = f"{path}:{line}: {err}"
@@ -231,14 +242,70 @@ def _read(path: Path, *, name: str, kind: ProbeKind | None, on_error: OnError) -
                 raise InputError(message) from None
             skipped.append(message)
             continue
-        first_line[probe.id] = line
-        probes.append(probe)
+        first_line.setdefault(probe.id, line)
+        loaded.append((line, probe))
+    probes, renamed = _rename_repeated_ids(loaded)
+    if renamed:
+        shown = ", ".join(renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+        warnings.warn(
+            f"{path}: renamed {len(renamed)} repeated id(s) to keep ids unique "
+            f"(IdioMem repeats an id when idioms share a prompt): {shown}",
+            stacklevel=3,
+        )
     if skipped:
         shown = "\n  ".join(skipped[:10]) + ("\n  ..." if len(skipped) > 10 else "")
         warnings.warn(f"{path}: skipped {len(skipped)} bad row(s), kept {len(probes)}:\n  {shown}", stacklevel=3)
     if not probes and not skipped:
         raise InputError(f"{path}: no probes in the file")
-    return ProbeSet(name, tuple(probes), tuple(skipped))
+    return ProbeSet(name, tuple(mark_single_target(probes)), tuple(skipped))
+
+
+def _rename_repeated_ids(loaded: list[tuple[int, Probe]]) -> tuple[list[Probe], list[str]]:
+    """Probes with unique ids: a repeated id becomes `{id}-2`, `{id}-3`, ... in file order.
+
+    A new id never takes an id used anywhere in the file, so the result does not depend on where
+    a colliding id appears. Returns the probes and one "line N 'old' -> 'new'" per rename. Only
+    IdioMem rows can repeat here: our formats reject a repeated id while reading.
+    """
+    taken = {probe.id for _, probe in loaded}
+    seen: set[str] = set()
+    probes: list[Probe] = []
+    renamed: list[str] = []
+    for line, probe in loaded:
+        if probe.id in seen:
+            suffix = 2
+            while f"{probe.id}-{suffix}" in taken:
+                suffix += 1
+            new_id = f"{probe.id}-{suffix}"
+            taken.add(new_id)
+            renamed.append(f"line {line} {probe.id!r} -> {new_id!r}")
+            probe = replace(probe, id=new_id)
+        seen.add(probe.id)
+        probes.append(probe)
+    return probes, renamed
+
+
+def _same_text_key(text: str) -> str:
+    """What two prompts (or targets) are compared on: casefolded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def mark_single_target(probes: list[Probe] | tuple[Probe, ...]) -> list[Probe]:
+    """`probes` with `single_target` set from the set itself (method.md criterion 1).
+
+    A probe is single-target when every probe with its prompt (compared casefolded, spaces
+    collapsed) has the same target (compared the same way). A `single_target` already False (from
+    the file) stays False. Probes that are not single-target get `hard_to_guess = False`.
+    """
+    targets: dict[str, set[str]] = {}
+    for probe in probes:
+        targets.setdefault(_same_text_key(probe.prompt), set()).add(_same_text_key(probe.target))
+    marked = []
+    for probe in probes:
+        single = len(targets[_same_text_key(probe.prompt)]) == 1 and probe.single_target is not False
+        hard = probe.hard_to_guess if single else False
+        marked.append(replace(probe, single_target=single, hard_to_guess=hard))
+    return marked
 
 
 def load_probes(spec: str | Path, *, kind: ProbeKind | None = None, on_error: OnError = "raise") -> ProbeSet:
@@ -271,7 +338,8 @@ def attach_flags(probes: ProbeSet, flags_frame: pd.DataFrame, *, source: str = "
 
     Flag columns absent from the table keep their values. Every probe needs a row and every row
     a probe: unknown or missing ids, duplicate ids and non-boolean values raise `InputError`
-    (rows are named by their 1-based position in the table, header excluded).
+    (rows are named by their 1-based position in the table, header excluded). A probe whose
+    `single_target` is False keeps `hard_to_guess = False`, whatever the table says.
     """
     if "id" not in flags_frame.columns:
         raise InputError(f"{source}: missing column 'id' (columns: {', '.join(map(str, flags_frame.columns))})")
@@ -294,7 +362,13 @@ def attach_flags(probes: ProbeSet, flags_frame: pd.DataFrame, *, source: str = "
         raise InputError(f"{source}: {len(unknown)} id(s) not in probe set {probes.name!r}: {', '.join(unknown[:5])}")
     if missing:
         raise InputError(f"{source}: no flags for {len(missing)} probe(s) of {probes.name!r}: {', '.join(missing[:5])}")
-    return replace(probes, probes=tuple(replace(p, **by_id[p.id]) for p in probes))  # type: ignore[arg-type]
+    joined = []
+    for probe in probes:
+        probe = replace(probe, **by_id[probe.id])  # type: ignore[arg-type]
+        if probe.single_target is False:
+            probe = replace(probe, hard_to_guess=False)
+        joined.append(probe)
+    return replace(probes, probes=tuple(joined))
 
 
 # ----------------------------------------------------------------------------- export

@@ -159,7 +159,9 @@ def rank_neurons(
     probes = check_probes(probes)
     norms = value_vector_norms(model)
     acts, scores, preds = [], [], []
-    for toks in tqdm(tokenize_probes(model, probes), desc="rank neurons", disable=not progress):
+    probe_tokens = tokenize_probes(model, probes)
+    PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=True).self_check(what="neuron ranking", probe=probes[0].id)
+    for toks in tqdm(probe_tokens, desc="rank neurons", disable=not progress):
         state = _clean_state(model, toks.prompt_ids, use_kv=True)
         acts.append(state.activations)
         scores.append(neuron_scores(state.activations, model, by=rank_by, pred_id=state.pred_id, norms=norms))
@@ -271,9 +273,15 @@ def _neuron_sets(
         return order[layer, :k]
     key = (layer, k)
     if key not in cache:
-        gen = torch.Generator().manual_seed(_stable_seed(seed, probe_id, layer, k))
-        cache[key] = torch.randperm(d_mlp, generator=gen)[:k]
+        cache[key] = random_neurons(probe_id=probe_id, layer=layer, k=k, d_mlp=d_mlp, seed=seed)
     return cache[key]
+
+
+def random_neurons(*, probe_id: str, layer: int, k: int, d_mlp: int, seed: int) -> Int[Tensor, " k"]:
+    """The random control's k neurons of one layer for one probe: a seeded draw that depends only
+    on (seed, probe id, layer, k), so that it is the same in every run, batch and window."""
+    gen = torch.Generator().manual_seed(_stable_seed(seed, probe_id, layer, k))
+    return torch.randperm(d_mlp, generator=gen)[:k]
 
 
 def knockout_hooks(
@@ -387,6 +395,9 @@ def knockout_grid(
         }
     )
     cfg_frame["window"] = cfg_frame["end"] - cfg_frame["start"] + 1
+    # the shortcuts under the installed versions, against a plain full forward (before any output)
+    PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=positions == "last").self_check(
+        what="knockouts", probe=probes[0].id)
     started = time.perf_counter()
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(configs), desc="knockouts", unit="config", disable=not progress)

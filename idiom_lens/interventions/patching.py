@@ -201,7 +201,7 @@ def make_corruptions(
 # --------------------------------------------------------------------------------------
 
 
-def _site_acts(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> tuple[dict, Tensor]:
+def site_activations(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> tuple[dict, Tensor]:
     """Every site's activation at every layer and position, and the last-position logits."""
     runner = PromptRunner(model, ids, use_kv=False)
     acts: dict[tuple[str, int], Tensor] = {}
@@ -215,6 +215,30 @@ def _site_acts(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> 
     hooks = [(f"blocks.{l}.{_SITE_HOOK[s]}", capture((s, l))) for s in sites for l in range(model.n_layers)]
     logits = runner.run(1, hooks)[0]
     return acts, logits
+
+
+Cell = tuple[str, int, int]  # (site, layer, position)
+
+
+def patch_cells(
+    runner: PromptRunner, source: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[Cell]]
+) -> Float[Tensor, "row d_vocab"]:
+    """One batch: row r is the runner's prompt with `source`'s activation written at each of the
+    cells `rows[r]` (an empty row runs unpatched). Returns last-position logits per row."""
+    hooks = []
+    for s, l in sorted({(s, l) for row in rows for s, l, _ in row}):
+        pairs = [(r, p) for r, row in enumerate(rows) for s2, l2, p in row if (s2, l2) == (s, l)]
+        rows_t = torch.tensor([r for r, _ in pairs])
+        pos_t = torch.tensor([p for _, p in pairs])
+        value = source[(s, l)][pos_t]
+
+        def hook(x: Tensor, hook: Any, rows_t: Tensor = rows_t, pos_t: Tensor = pos_t, value: Tensor = value) -> Tensor:
+            x = x.clone()
+            x[rows_t, pos_t] = value.to(x.dtype)
+            return x
+
+        hooks.append((f"blocks.{l}.{_SITE_HOOK[s]}", hook))
+    return runner.run(len(rows), hooks)
 
 
 @dataclass(frozen=True)
@@ -256,33 +280,14 @@ def patch_pair(
     bad = [s for s in sites if s not in SITES]
     if not sites or bad:
         raise InputError(f"sites must be among {', '.join(SITES)}, got {list(sites)}")
-    clean_acts, clean_logits = _site_acts(model, clean_ids, sites)
-    corr_acts, corr_logits = _site_acts(model, corrupted_ids, sites)
+    clean_acts, clean_logits = site_activations(model, clean_ids, sites)
+    corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
     source = clean_acts if sender == "clean" else corr_acts
     runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False)
     n_layers, n_pos = model.n_layers, len(clean_ids)
-    cells = [(s, l, p) for s in sites for l in range(n_layers) for p in range(n_pos)]
-    values = []
-    for start in range(0, len(cells), batch_size):
-        chunk = cells[start : start + batch_size]
-        hooks = []
-        for s in sites:
-            for l in range(n_layers):
-                rows = [r for r, (s2, l2, _) in enumerate(chunk) if s2 == s and l2 == l]
-                if not rows:
-                    continue
-                rows_t = torch.tensor(rows)
-                pos_t = torch.tensor([chunk[r][2] for r in rows])
-                value = source[(s, l)][pos_t]
-
-                def hook(x: Tensor, hook: Any, rows_t: Tensor = rows_t, pos_t: Tensor = pos_t, value: Tensor = value) -> Tensor:
-                    x = x.clone()
-                    x[rows_t, pos_t] = value.to(x.dtype)
-                    return x
-
-                hooks.append((f"blocks.{l}.{_SITE_HOOK[s]}", hook))
-        logits = runner.run(len(chunk), hooks)
-        values.append(logits[:, target_id])
+    cells = [((s, l, p),) for s in sites for l in range(n_layers) for p in range(n_pos)]
+    values = [patch_cells(runner, source, cells[i : i + batch_size])[:, target_id]
+              for i in range(0, len(cells), batch_size)]
     patched = torch.cat(values).reshape(len(sites), n_layers, n_pos)
     return PairPatching(
         tuple(sites), patched, float(clean_logits[target_id]), float(corr_logits[target_id]),
@@ -342,6 +347,9 @@ def patch_probes(
     started = time.perf_counter()
     frames, pair_rows = [], []
     decode = model.tokenizer.decode
+    if corruptions.pairs:  # the shortcuts under the installed versions, against a plain full forward
+        first = corruptions.pairs[0]
+        PromptRunner(model, first.corrupted_ids, use_kv=False).self_check(what="patching", probe=first.probe_id)
     for pair in tqdm(corruptions.pairs, desc="patching", unit="pair", disable=not progress):
         result = patch_pair(
             model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,

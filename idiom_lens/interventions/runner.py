@@ -16,6 +16,7 @@ from torch import Tensor
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
+from idiom_lens.selfcheck import check_against_full_forward, prefix_cache_works
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -46,13 +47,16 @@ class PromptRunner:
 
     With ``use_kv`` the prompt's prefix (all but the last token) runs once and its key/value
     cache is copied into every batch, so only the last token is recomputed: valid exactly when
-    the hooks touch the last position only. The unembedding runs on the last position only.
+    the hooks touch the last position only. Where the installed versions make the bridge ignore
+    the cache (`selfcheck.prefix_cache_works`), whole prompts run instead: same numbers, slower.
+    The unembedding runs on the last position only.
     """
 
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool):
         self.model = model
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-        self.use_kv = bool(use_kv and ids.shape[1] >= 2)
+        self.prompt_ids = tuple(int(i) for i in prompt_ids)
+        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
+        self.use_kv = bool(use_kv and ids.shape[1] >= 2 and prefix_cache_works(model))
         self.cache = None
         if self.use_kv:
             with torch.no_grad():
@@ -80,6 +84,12 @@ class PromptRunner:
                 tokens, fwd_hooks=[*hooks, ("ln_final.hook_out", only_last)], **kwargs
             )
         return logits[:, -1].float()
+
+    def self_check(self, *, what: str, probe: str) -> None:
+        """Stop (`FastPathError`) unless two unhooked rows of this runner equal a plain full
+        forward of the prompt: the prefix cache, its copy per row and the last-position
+        unembedding, checked under the installed versions."""
+        check_against_full_forward(self.model, self.prompt_ids, self.run(2, []), what=what, probe=probe)
 
 
 def last_metrics(

@@ -116,10 +116,14 @@ def skip_layers(
         for s in span_list:
             if any(i < 0 or i >= n_layers for i in s):
                 raise InputError(f"span {s} has layers outside 0..{n_layers - 1}")
+    probe_tokens = tokenize_probes(model, probes)
+    # the shortcuts under the installed versions, against a plain full forward (before any output)
+    PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=positions == "last").self_check(
+        what="layer skipping", probe=probes[0].id)
     started = time.perf_counter()
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(span_list), desc="layer skipping", unit="span", disable=not progress)
-    for probe, toks in zip(probes, tokenize_probes(model, probes)):
+    for probe, toks in zip(probes, probe_tokens):
         runner = PromptRunner(model, toks.prompt_ids, use_kv=positions == "last")
         clean = runner.run(1, [])
         pred = int(clean[0].argmax())

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import idiom_lens.cli as cli
-from idiom_lens.datasets import load_probes
+import idiom_lens.datasets
+from idiom_lens.datasets import ProbeSet, load_probes
+
+# Two idioms in the authors' published IdioMem format that share a prompt and, as published, an id.
+PUBLISHED_PAIR = (
+    '{"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}\n'
+    '{"idiom":"sick as a dog","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}\n'
+    '{"idiom":"turn a blind eye","id":"b05e010ca3576fbf6e81","source":"LIdiom","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}\n'
+)
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +30,13 @@ def only_data_command(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["data", "list"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:3] == ["name", "probes", "similarity_ind"]
+    header = out.splitlines()[0].split()
+    assert header[:3] == ["name", "probes", "similarity_ind"]
+    column = header.index("not_single_target")
     for name in ("idioms", "text", "facts"):
         row = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert int(row.split()[1]) == len(load_probes(name))
+        assert int(row.split()[column]) == 0
 
 
 def test_show_bundled_with_limit(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,6 +52,51 @@ def test_show_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["data", "show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "mine-2" in out and "moon" in out
+
+
+def test_show_published_idiomem_counts_not_single_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "idiomem.jsonl"
+    path.write_text(PUBLISHED_PAIR, encoding="utf-8")
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        assert cli.main(["data", "show", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[-2:] == ["hard", "single"]
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert set(rows) == {"b0117bc748d35fe2dc73", "b0117bc748d35fe2dc73-2", "b05e010ca3576fbf6e81"}
+    assert [rows["b0117bc748d35fe2dc73-2"][-2:], rows["b05e010ca3576fbf6e81"][-2:]] == [["0", "0"], ["1", "1"]]
+    assert "; 2 not single-target" in lines[-1]
+
+
+def test_trajectory_gets_past_loading_a_published_idiomem_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`idiom-lens trajectory --dataset FILE` up to loading the model (stubbed: no model runs)."""
+    import idiom_lens.cli.trajectory_cmd as trajectory_cmd
+
+    class ReachedModel(Exception):
+        pass
+
+    loaded: list[ProbeSet] = []
+    real_load = idiom_lens.datasets.load_probes
+
+    def recording_load(*args, **kwargs) -> ProbeSet:
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    def stop(args: SimpleNamespace) -> None:
+        raise ReachedModel
+
+    monkeypatch.setattr(cli, "_COMMANDS", ("trajectory",))
+    monkeypatch.setattr(idiom_lens.datasets, "load_probes", recording_load)
+    monkeypatch.setattr(trajectory_cmd, "load_from_args", stop)
+    path = tmp_path / "idiomem.jsonl"
+    path.write_text(PUBLISHED_PAIR, encoding="utf-8")
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"), pytest.raises(ReachedModel):
+        cli.main(["trajectory", "--dataset", str(path), "--out", str(tmp_path / "out")])
+    (probes,) = loaded
+    assert [p.id for p in probes] == ["b0117bc748d35fe2dc73", "b0117bc748d35fe2dc73-2", "b05e010ca3576fbf6e81"]
+    assert [(p.single_target, p.hard_to_guess) for p in probes] == [(False, False), (False, False), (True, True)]
 
 
 def test_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,13 +45,56 @@ def test_knockout_cmd_rejects_bad_input(commands, tiny_model_dir, probe_file, tm
 
 
 def test_patch_cmd_dataset_and_text(commands, tiny_model_dir, probe_file, tmp_path, capsys):
+    """A dataset run writes its tables; one idiom with a word_swap that fits is patched (exit 0).
+
+    The default word bank holds single-token words ("the") that the tiny tokenizer keeps at the
+    prompt's token length, so the text run must succeed and print the pair and each site's most
+    restoring cells; an exit 2 or a missing line means the command lost the one-sequence path.
+    """
     out = tmp_path / "patch"
     code = main(["patch", "--dataset", str(probe_file), "--limit", "4", "--model", str(tiny_model_dir),
                  "--no-png", "--out", str(out)])
     assert code == 0
     assert (out / "patching.parquet").exists() and (out / "summary.json").exists()
+    capsys.readouterr()
+
     code = main(["patch", "kill two birds with one stone", "--model", str(tiny_model_dir), "--variants", "word_swap"])
     captured = capsys.readouterr()
-    assert code in (0, 2)  # the tiny tokenizer may not fit a same-length swap; then it says so
-    assert ("word_swap" in captured.out) or ("same token length" in captured.err)
+    assert code == 0, captured.err
+    assert "error" not in captured.err
+    lines = captured.out.splitlines()
+    pair_head = "[word_swap] clean 'kill two birds with one' -> target 'stone'"
+    pair_lines = [line for line in lines if line.startswith(pair_head)]
+    assert len(pair_lines) == 1, captured.out
+    assert not any(line.startswith("skipped") for line in lines)
+    site_lines = {line.split()[0]: line for line in lines if "most restoring:" in line}
+    assert set(site_lines) == {"resid_pre", "attn_out", "mlp_out"}
+    # Seeded swap: "kill" (position 1, after BOS) -> "the", a one-token change, so patching the clean
+    # residual stream into layer 0 at that position makes the corrupted run the clean one (1.00).
+    assert "corrupted 'the two birds with one'" in pair_lines[0]
+    assert site_lines["resid_pre"].split("most restoring: ")[1].startswith("layer 0 pos 1 'kill': 1.00")
+
+
+def test_patch_cmd_text_that_cannot_be_corrupted(commands, tiny_model_dir, capsys):
+    """A 2-word prompt cannot keep its last 2 words and change one: say why, then exit 2.
+
+    Exit 0 here would mean an empty patching result is reported as success; a missing "skipped"
+    line would hide the reason.
+    """
+    code = main(["patch", "break the ice", "--model", str(tiny_model_dir), "--variants", "prefix_swap"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "skipped text (prefix_swap): prompt has 2 words, needs more than 2" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "idiom-lens patch: error: no probe could be corrupted at the same token length; nothing to patch"
+    )
+
+
+def test_patch_cmd_needs_text_or_dataset(commands, tiny_model_dir, probe_file, capsys):
+    """Neither TEXT nor --dataset, or both, is a usage error (exit 2, one line), not a crash or a no-op."""
     assert main(["patch", "--model", str(tiny_model_dir)]) == 2
+    assert "give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither" in capsys.readouterr().err
+    assert main(["patch", "once in a blue moon", "--dataset", str(probe_file), "--model", str(tiny_model_dir)]) == 2
+    assert "not both or neither" in capsys.readouterr().err
+    assert main(["patch", "--dataset", str(probe_file), "--model", str(tiny_model_dir)]) == 2
+    assert "--out DIR is required with --dataset" in capsys.readouterr().err

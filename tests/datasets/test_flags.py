@@ -36,15 +36,40 @@ def test_similarity(prompt: str, target: str, expected: bool) -> None:
 
 @pytest.mark.parametrize(
     "target, expected",
-    [("up", False), ("time", False), ("out", False), ("the", False), ("moon", True), ("stone", True), ("eye", True)],
+    [("up", False), ("time", False), ("out", False), ("the", False),
+     ("moon", True), ("stone", True), ("eye", True), ("doornail", True)],
 )
 def test_frequent_target(target: str, expected: bool) -> None:
+    """Generic words ("up", "time", "the") are flagged frequent (False), idiom targets are not (True)."""
     assert frequent_target_ind(target) is expected
 
 
-def test_frequent_threshold_is_documented() -> None:
-    assert build.FREQUENT_ZIPF == 6.0
-    assert "FREQUENT_ZIPF" in (build.__doc__ or "")
+# Content words (not stop words) just either side of the documented threshold, wordfreq English
+# Zipf 6.0: "way" and "said" 6.01, "good" 6.12 are frequent; "day" 5.95, "year" 5.96, "need" 5.97
+# are not. A threshold moved by more than ~0.05 either way, or a flipped comparison, fails here.
+NEAR_THRESHOLD = [("way", False), ("said", False), ("good", False), ("day", True), ("year", True), ("need", True)]
+
+
+@pytest.mark.parametrize("word, expected", NEAR_THRESHOLD)
+def test_frequent_target_threshold_is_zipf_6(word: str, expected: bool) -> None:
+    """frequent_target_ind is True exactly below Zipf 6.0 for content words (else docs/datasets.md's rule is broken)."""
+    from wordfreq import zipf_frequency
+
+    zipf = zipf_frequency(word, "en")
+    # premises (wordfreq's data): the word sits close to 6.0, on the side `expected` says, and is no stop word
+    assert abs(zipf - 6.0) <= 0.15 and (zipf < 6.0) is expected, f"{word!r} has Zipf {zipf}"
+    assert not build.is_stop_word(word)
+    assert frequent_target_ind(word) is expected
+    assert frequent_target_ind(word.capitalize() + ",") is expected  # compared lower-cased, punctuation removed
+
+
+def test_stop_words_are_frequent_whatever_their_zipf() -> None:
+    """A stop word is never a rare target, even below Zipf 6.0 ("whom" 4.85); else stop words are ignored."""
+    from wordfreq import zipf_frequency
+
+    assert build.is_stop_word("whom") and zipf_frequency("whom", "en") < 6.0  # premises
+    assert frequent_target_ind("whom") is False
+    assert frequent_target_ind("Whom") is False
 
 
 @pytest.mark.parametrize(

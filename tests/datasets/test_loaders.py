@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from idiom_lens.datasets import (
     bundled_path,
     export_probes,
     load_probes,
+    mark_single_target,
     parse_flag,
 )
 from idiom_lens.errors import InputError
@@ -30,6 +32,36 @@ IDIOMEM_LINES = [
 ]
 
 
+# Lines exactly as the authors publish idiomem.jsonl (compact JSON, hex ids, JSON booleans), taken
+# from the published file: it repeats the id of "dead as a doornail" for "dead as a dodo" (same
+# prompt, another target) and marks both hard_to_guess.
+PUBLISHED_IDIOMEM = [
+    '{"idiom":"turn a blind eye","id":"b05e010ca3576fbf6e81","source":"LIdiom","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}',
+    '{"idiom":"dead as a doornail","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}',
+    '{"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}',
+    '{"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,'
+    '"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}',
+]
+SHARED_ID = "b9bf3faa366ea862e771"
+
+
+def _load_recording_warnings(path: Path) -> tuple[ProbeSet, list[str]]:
+    """Load `path`; return the set and the message of every UserWarning raised while loading."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probes = load_probes(path)
+    return probes, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def _load_published(tmp_path: Path) -> ProbeSet:
+    """PUBLISHED_IDIOMEM loaded (its rename warning expected)."""
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        return load_probes(_write(tmp_path / "idiomem.jsonl", PUBLISHED_IDIOMEM))
+
+
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
@@ -41,9 +73,9 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _sample() -> ProbeSet:
     return ProbeSet("s", (
-        Probe("a", "once in a blue", "moon", "idiom", "test, with comma", True, False, True, True),
-        Probe("b", 'say "hello" to the', "world", "text"),
-        Probe("c", "The capital of France is", "Paris", "fact", "", None, None, False, None),
+        Probe("a", "once in a blue", "moon", "idiom", "test, with comma", True, False, True, True, True),
+        Probe("b", 'say "hello" to the', "world", "text", single_target=True),
+        Probe("c", "The capital of France is", "Paris", "fact", "", None, None, False, None, True),
     ))
 
 
@@ -75,6 +107,84 @@ def test_idiomem_format_detected(tmp_path: Path) -> None:
         False, False, True, True)
     assert (second.similarity_ind, second.hard_to_guess) == (True, False)
     assert (third.prompt_comp_ind, third.frequent_target_ind, third.hard_to_guess) == (True, False, False)
+
+
+def test_published_idiomem_with_a_repeated_id_loads(tmp_path: Path) -> None:
+    path = _write(tmp_path / "idiomem.jsonl", PUBLISHED_IDIOMEM)
+    probes, messages = _load_recording_warnings(path)
+    ids = [p.id for p in probes]
+    assert ids == ["b05e010ca3576fbf6e81", SHARED_ID, "b0117bc748d35fe2dc73", f"{SHARED_ID}-2"]
+    assert len(set(ids)) == len(ids)
+    assert [p.target for p in probes] == ["eye", "doornail", "parrot", "dodo"]
+    # one warning, on one line, with the count and the rename
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "renamed 1 repeated id" in messages[0]
+    assert f"line 4 '{SHARED_ID}' -> '{SHARED_ID}-2'" in messages[0]
+    # the pair shares "dead as a": not single-target, so never hard_to_guess (the file says true)
+    assert [p.single_target for p in probes] == [True, False, True, False]
+    assert [p.hard_to_guess for p in probes] == [True, False, True, False]
+    assert probes.flag_counts()["not_single_target"] == 2
+    # deterministic: loading again gives the same ids
+    assert [p.id for p in _load_published(tmp_path)] == ids
+
+
+def test_repeated_idiomem_ids_never_take_an_id_of_the_file(tmp_path: Path) -> None:
+    rows = [{"idiom": f"break the ice {n}", "id": id_} for n, id_ in enumerate(["a", "a", "a-2", "a", "a-3"])]
+    probes, messages = _load_recording_warnings(_jsonl(tmp_path / "idiomem.jsonl", rows))
+    assert [p.id for p in probes] == ["a", "a-4", "a-2", "a-5", "a-3"]
+    assert len(messages) == 1 and "renamed 2 repeated id(s)" in messages[0]
+
+
+@pytest.mark.parametrize(("name", "lines"), [
+    ("dup.jsonl", ['{"id": "a", "text": "dead as a doornail"}', '{"id": "a", "text": "dead as a dodo"}']),
+    ("dup.csv", ["id,text", "a,dead as a doornail", "a,dead as a dodo"]),
+])
+def test_repeated_id_in_our_formats_is_an_error(tmp_path: Path, name: str, lines: list[str]) -> None:
+    with pytest.raises(InputError, match=r"dup\.(jsonl|csv):\d: duplicate id 'a'"):
+        load_probes(_write(tmp_path / name, lines))
+
+
+def test_single_target_in_our_formats(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.csv", [
+        "id,text,hard_to_guess,single_target",
+        "a,break the ice,1,",
+        "b,Break the ICE.,1,",  # same prompt and target, case and punctuation aside
+        "c,turn a blind eye,1,",
+        "d,Turn a blind spot,1,true",  # same prompt (case aside), another target: the file's true loses
+        "e,once in a blue moon,1,false",  # the file's false is kept (a probe it lost shared the prompt)
+    ])
+    probes = load_probes(path, kind="idiom")
+    assert [p.single_target for p in probes] == [True, True, False, False, False]
+    assert [p.hard_to_guess for p in probes] == [True, True, False, False, False]
+
+
+def test_mark_single_target_on_probes_built_by_hand() -> None:
+    probes = [Probe("x", "dead as a", "doornail", "idiom", hard_to_guess=True),
+              Probe("y", "dead as a", "dodo", "idiom"), Probe("z", "sick as a", "parrot", "idiom")]
+    assert [p.single_target for p in probes] == [None, None, None]
+    marked = mark_single_target(probes)
+    assert [(p.single_target, p.hard_to_guess) for p in marked] == [(False, False), (False, False), (True, None)]
+
+
+def test_bundled_sets_are_all_single_target() -> None:
+    for name in bundled_names():
+        probes = load_probes(name)
+        assert len(probes) > 0
+        assert all(p.single_target is True for p in probes), name
+        targets: dict[str, set[str]] = {}
+        for p in probes:  # independent of the loader: one target per prompt
+            targets.setdefault(" ".join(p.prompt.casefold().split()), set()).add(p.target.casefold())
+        assert all(len(t) == 1 for t in targets.values()), name
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_export_keeps_single_target(tmp_path: Path, suffix: str) -> None:
+    probes = _load_published(tmp_path)
+    assert load_probes(export_probes(probes, tmp_path / f"all{suffix}")).probes == probes.probes
+    # the doornail alone no longer shows the shared prompt: its exported single_target false is kept
+    alone = ProbeSet("alone", (probes[1],))
+    (again,) = load_probes(export_probes(alone, tmp_path / f"alone{suffix}"))
+    assert (again.id, again.single_target, again.hard_to_guess) == (SHARED_ID, False, False)
 
 
 def test_idiomem_rejects_other_kind(tmp_path: Path) -> None:
@@ -198,6 +308,12 @@ def test_attach_flags_joins_on_id_not_position() -> None:
     joined = attach_flags(probes, frame)
     assert [p.hard_to_guess for p in joined] == [False, True, True]
     assert joined[0].similarity_ind is True  # columns not in the table keep their values
+
+
+def test_attach_flags_keeps_not_single_target_out_of_hard_to_guess(tmp_path: Path) -> None:
+    probes = _load_published(tmp_path)
+    joined = attach_flags(probes, pd.DataFrame({"id": [p.id for p in probes], "hard_to_guess": [1, 1, 1, 1]}))
+    assert [p.hard_to_guess for p in joined] == [True, False, True, False]
 
 
 def test_attach_flags_errors() -> None:

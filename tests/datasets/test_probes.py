@@ -26,7 +26,7 @@ def test_to_dataframe_columns_and_values() -> None:
     probes = ProbeSet("s", (_probe("a", "break the ice", hard_to_guess=True), _probe("b", "turn a blind eye")))
     frame = probes.to_dataframe()
     assert list(frame.columns) == [
-        "id", "prompt", "target", "kind", "source", *FLAG_NAMES, "text",
+        "id", "prompt", "target", "kind", "source", *FLAG_NAMES, "single_target", "text",
     ]
     assert frame["text"].tolist() == ["break the ice", "turn a blind eye"]
     assert frame["hard_to_guess"].tolist() == [True, None]
@@ -34,7 +34,15 @@ def test_to_dataframe_columns_and_values() -> None:
 
 def test_flag_counts_count_only_true() -> None:
     probes = ProbeSet("s", (_probe("a", "a b c", similarity_ind=True), _probe("b", "a b d", similarity_ind=False)))
-    assert probes.flag_counts() == {"similarity_ind": 1, "prompt_comp_ind": 0, "frequent_target_ind": 0, "hard_to_guess": 0}
+    assert probes.flag_counts() == {"similarity_ind": 1, "prompt_comp_ind": 0, "frequent_target_ind": 0, "hard_to_guess": 0,
+                                    "not_single_target": 0}
+
+
+def test_flag_counts_count_probes_that_are_not_single_target() -> None:
+    probes = ProbeSet("s", (_probe("a", "dead as a doornail", single_target=False),
+                            _probe("b", "dead as a dodo", single_target=False),
+                            _probe("c", "sick as a parrot", single_target=True), _probe("d", "a b c")))
+    assert probes.flag_counts()["not_single_target"] == 2
 
 
 def test_concat_keeps_order_and_skipped() -> None:

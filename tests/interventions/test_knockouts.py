@@ -18,6 +18,9 @@ from idiom_lens.interventions import (
     value_vector_norms,
 )
 from idiom_lens.interventions.knockouts import _clean_state, knockout_hooks, knockout_rows
+from idiom_lens.selfcheck import relative_error
+
+from .test_against_full_forward import assert_row_matches, full_forward, reference_knockout_logits, zero_neurons
 
 
 def _grid(model, probes, **kw):
@@ -52,13 +55,14 @@ def test_keep_top_k_larger_than_layer_is_clean(tiny_model, probes):
 
 @pytest.mark.parametrize("positions", ["last", "all"])
 def test_noop_configurations_give_identical_logits(tiny_model, probes, positions):
-    """Zero nothing / keep everything: logits bit-identical to the same batch without hooks."""
+    """Zero nothing / keep everything: no hook at all, rows bit-identical to the unhooked batch and
+    equal to a plain full forward; the one real knockout in the batch equals its full forward."""
     configs = [KnockoutConfig("zero_top", c, 0, s, s + 1) for c in ("targeted", "random") for s in (0, 1)]
     configs += [KnockoutConfig("keep_top", c, 64, 0, 2) for c in ("targeted", "random")]
     configs += [KnockoutConfig("keep_top", "targeted", 5000, 1, 1)]
     for t in tokenize_probes(tiny_model, probes[:3]):
         state = _clean_state(tiny_model, t.prompt_ids, use_kv=positions == "last")
-        order = torch.randperm(64).expand(3, 64)
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).expand(3, 64)
         runner = state.runner
         hooks = knockout_hooks(configs, order=order, probe_id="x", seed=0, last=runner.last, n_pos=runner.n_pos,
                                positions=positions)
@@ -67,9 +71,13 @@ def test_noop_configurations_give_identical_logits(tiny_model, probes, positions
         hooks = knockout_hooks(mixed, order=order, probe_id="x", seed=0, last=runner.last, n_pos=runner.n_pos,
                                positions=positions)
         hooked = runner.run(len(mixed), hooks)
-        plain = runner.run(len(mixed), [])
-        assert torch.equal(hooked[:-1], plain[:-1])  # untouched rows: identical
-        assert not torch.equal(hooked[-1], plain[-1])  # the one real knockout changes its row
+        assert torch.equal(hooked[:-1], runner.run(len(mixed), [])[:-1])  # untouched rows: identical
+        plain = full_forward(tiny_model, t.prompt_ids)
+        assert max(relative_error(row, plain) for row in hooked[:-1]) < 1e-5
+        last = len(t.prompt_ids) - 1
+        by_hand = full_forward(tiny_model, t.prompt_ids, [("blocks.0.mlp.hook_post", zero_neurons(order[0, :5], positions, last))])
+        assert relative_error(hooked[-1], by_hand) < 1e-5
+        assert relative_error(by_hand, plain) > 1e-4  # the real knockout changes its row
 
 
 def test_last_position_knockout_matches_a_plain_hook(tiny_model, probes):
@@ -106,23 +114,35 @@ def test_all_positions_mode(tiny_model, probes):
 
 
 def test_random_control_is_seeded(tiny_model, probes):
+    """Same seed, same rows; another seed, other random neurons; and every random row is the full
+    forward with the neurons its seed draws zeroed by hand."""
     kw = dict(ks=(5,), windows=(1,), modes=("zero_top",))
-    a = _grid(tiny_model, probes[:4], seed=1, **kw).rows
+    a = _grid(tiny_model, probes[:4], seed=1, **kw)
     b = _grid(tiny_model, probes[:4], seed=1, **kw).rows
     c = _grid(tiny_model, probes[:4], seed=2, **kw).rows
-    rand = a["control"] == "random"
-    assert np.array_equal(a.loc[rand, "prob_of_clean_pred"], b.loc[rand, "prob_of_clean_pred"])
-    assert not np.array_equal(a.loc[rand, "prob_of_clean_pred"], c.loc[rand, "prob_of_clean_pred"])
-    targ = a["control"] == "targeted"  # the targeted rows do not depend on the seed
-    assert np.array_equal(a.loc[targ, "prob_of_clean_pred"], c.loc[targ, "prob_of_clean_pred"])
+    rows = a.rows
+    rand = rows["control"] == "random"
+    assert np.array_equal(rows.loc[rand, "prob_of_clean_pred"], b.loc[rand, "prob_of_clean_pred"])
+    assert not np.array_equal(rows.loc[rand, "prob_of_clean_pred"], c.loc[rand, "prob_of_clean_pred"])
+    targ = rows["control"] == "targeted"  # the targeted rows do not depend on the seed
+    assert np.array_equal(rows.loc[targ, "prob_of_clean_pred"], c.loc[targ, "prob_of_clean_pred"])
+    frame = a.to_dataframe().merge(a.probes[["probe_id", "target_id"]], on="probe_id")
+    for probe, t in zip(probes[:4], tokenize_probes(tiny_model, probes[:4])):
+        clean_pred = int(full_forward(tiny_model, t.prompt_ids).argmax())
+        for row in frame[(frame["probe_id"] == probe.id) & (frame["control"] == "random")].itertuples():
+            assert_row_matches(row, reference_knockout_logits(tiny_model, t.prompt_ids, row, positions="last", seed=1),
+                               clean_pred)
 
 
-def test_batched_equals_unbatched(tiny_model, probes):
-    kw = dict(ks=(1, 5), windows=(1, 3))
-    one = _grid(tiny_model, probes[:4], batch_size=1, **kw).rows
-    many = _grid(tiny_model, probes[:4], batch_size=256, **kw).rows
-    assert np.array_equal(one["new_pred_id"], many["new_pred_id"])
-    np.testing.assert_allclose(one["prob_of_clean_pred"], many["prob_of_clean_pred"], atol=1e-5)
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_batched_equals_unbatched_equals_full_forward(tiny_model, probes, batch_size):
+    """Configurations as rows of batches of any size: every row is its own full forward."""
+    result = _grid(tiny_model, probes[:3], ks=(1, 5), windows=(1, 3), batch_size=batch_size)
+    frame = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+    for probe, t in zip(probes[:3], tokenize_probes(tiny_model, probes[:3])):
+        clean_pred = int(full_forward(tiny_model, t.prompt_ids).argmax())
+        for row in frame[frame["probe_id"] == probe.id].itertuples():
+            assert_row_matches(row, reference_knockout_logits(tiny_model, t.prompt_ids, row, positions="last"), clean_pred)
 
 
 def test_ranking_is_activation_times_value_norm(tiny_model, probes):

@@ -50,15 +50,27 @@ def test_patching_clean_into_clean_restores_all_and_corrupted_into_corrupted_not
     torch.testing.assert_close(same_corr.restored, torch.zeros_like(same_corr.restored), atol=1e-4, rtol=0)
 
 
-def test_patching_the_swapped_token_at_layer_0_restores_everything(tiny_model, probes):
-    pair = _pair(tiny_model, probes)
+@pytest.mark.parametrize("word_index", [1, 2, 3, 4])
+def test_patching_the_swapped_token_at_layer_0_restores_everything(tiny_model, word_index: int) -> None:
+    """Layer-0 resid_pre patched at the one swapped token turns the corrupted run into the clean one.
+
+    The pair is built so that exactly one token differs (a one-token word of the tiny vocabulary
+    swapped for another, at a fixed word); if the restored share there is not 1, or another
+    position restores anything, patching writes to the wrong cell or not at all.
+    """
+    probe = Probe("k", "kill two birds with one", "stone", "idiom")
+    pairs = make_corruptions(tiny_model, [probe], bank=BANK, variants=("word_swap",), word_index=word_index).pairs
+    assert len(pairs) == 1
+    pair = pairs[0]
     differ = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b]
+    assert len(differ) == 1  # the construction above guarantees a one-token swap
+    assert differ[0] == word_index + 1  # after BOS, word i is token i + 1 in this vocabulary
     result = patch_pair(tiny_model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids,
                         target_id=pair.target_id, sites=("resid_pre",))
+    assert abs(result.clean_logit - result.corrupted_logit) > 0.05  # a gap worth restoring
     restored = result.restored[0, 0]  # resid_pre of layer 0, every position
-    if len(differ) == 1:
-        assert restored[differ[0]] == pytest.approx(1.0, abs=1e-4)
-    same = [i for i in range(len(pair.clean_ids)) if i not in differ]
+    assert float(restored[differ[0]]) == pytest.approx(1.0, abs=1e-4)
+    same = [i for i in range(len(pair.clean_ids)) if i != differ[0]]
     torch.testing.assert_close(restored[same], torch.zeros(len(same)), atol=1e-4, rtol=0)
 
 

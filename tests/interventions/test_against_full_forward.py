@@ -1,0 +1,282 @@
+"""Every intervention fast path against the slow, obvious computation.
+
+The fast paths (a prefix key/value cache reused across configurations, configurations as rows of
+one batch, hooks on a slice of positions, the unembedding of the last position only) are
+compared here with one plain `run_with_hooks` per probe and configuration on the whole prompt,
+hooks written out by hand. Run on the tiny random Gemma 3 and Llama and on the embedded model,
+under whatever package versions are installed: a version that breaks a shortcut fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import FastPathError
+from idiom_lens.forward import tokenize_probes
+from idiom_lens.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers, value_vector_norms
+from idiom_lens.interventions.knockouts import random_neurons
+from idiom_lens.interventions.patching import patch_cells, site_activations
+from idiom_lens.interventions.runner import PromptRunner
+from idiom_lens.selfcheck import plain_last_logits, relative_error
+
+PROB_ATOL = 1e-5  # probabilities: fp32 noise between batch shapes is ~1e-7
+
+EMBEDDED_PROBES = [
+    Probe(id="blue", prompt="once in a blue", target="moon", kind="idiom"),
+    Probe(id="eye", prompt="turn a blind", target="eye", kind="idiom"),
+    Probe(id="stone", prompt="kill two birds with one", target="stone", kind="idiom"),
+    Probe(id="mat", prompt="the cat sat on the", target="mat", kind="text"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from idiom_lens.models import load_model
+
+    return load_model(str(tiny_llama_dir), mode="raw", progress=False)
+
+
+@pytest.fixture(params=["tiny_model", "tiny_llama", pytest.param("embedded_model", marks=pytest.mark.embedded)])
+def case(request, probes):
+    """(model, probes): the tiny models on the tiny probes, the embedded model on real idioms."""
+    model = request.getfixturevalue(request.param)
+    return model, (EMBEDDED_PROBES if request.param == "embedded_model" else list(probes[:4]))
+
+
+def full_forward(model, ids, hooks=()) -> torch.Tensor:
+    """The obvious computation: one probe, one configuration, the whole prompt, all positions unembedded."""
+    with torch.no_grad():
+        return model.bridge.run_with_hooks(torch.tensor([list(ids)]), fwd_hooks=list(hooks))[0, -1].float()
+
+
+def zero_neurons(neurons: torch.Tensor | None, positions: str, last: int):
+    """A hook zeroing `neurons` (all when None) of `mlp.hook_post` at the last or every position."""
+
+    def hook(x, hook):
+        x = x.clone()
+        pos = slice(last, last + 1) if positions == "last" else slice(None)
+        if neurons is None:
+            x[:, pos] = 0
+        else:
+            x[:, pos, neurons] = 0
+        return x
+
+    return hook
+
+
+def reference_knockout_logits(model, prompt_ids, row, *, positions: str, seed: int = 0) -> torch.Tensor:
+    """The logits a knockout row (mode, control, k, start, end) must have, computed the slow way:
+    neurons ranked from a plain `run_with_cache` (targeted) or drawn by `random_neurons`
+    (random), zeroed by hand in one full forward of the prompt."""
+    norms = value_vector_norms(model)
+    d_mlp = int(model.bridge.cfg.d_mlp)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.tensor([list(prompt_ids)]))
+    last = len(prompt_ids) - 1
+    hooks = []
+    for layer in range(row.start, row.end + 1):
+        k = min(row.k, d_mlp)
+        if row.control == "targeted":
+            act = cache[f"blocks.{layer}.mlp.hook_post"][0, -1].float()
+            chosen = (act.abs() * norms[layer]).argsort(descending=True, stable=True)[:k]
+        else:
+            chosen = random_neurons(probe_id=row.probe_id, layer=layer, k=k, d_mlp=d_mlp, seed=seed)
+        if row.mode == "keep_top":
+            keep = torch.zeros(d_mlp, dtype=torch.bool)
+            keep[chosen] = True
+            chosen = (~keep).nonzero().flatten()
+        hooks.append((f"blocks.{layer}.mlp.hook_post", zero_neurons(chosen, positions, last)))
+    return full_forward(model, prompt_ids, hooks)
+
+
+def assert_row_matches(row, logits: torch.Tensor, clean_pred: int) -> None:
+    probs = logits.softmax(-1)
+    assert row.new_pred_id == int(logits.argmax())
+    assert row.prob_of_clean_pred == pytest.approx(float(probs[clean_pred]), abs=PROB_ATOL)
+    assert row.target_prob == pytest.approx(float(probs[row.target_id]), abs=PROB_ATOL)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_knockout_of_nothing_is_the_full_forward(case, positions):
+    model, probes = case
+    d_mlp = int(model.bridge.cfg.d_mlp)
+    result = knockout_grid(model, probes, ks=(0, d_mlp), windows=(1,), modes=("zero_top", "keep_top"),
+                           keep_top_ks=None, control=None, positions=positions)
+    rows = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+    noop = rows[((rows["mode"] == "zero_top") & (rows["k"] == 0)) | ((rows["mode"] == "keep_top") & (rows["k"] == d_mlp))]
+    assert len(noop) == 2 * model.n_layers * len(probes)
+    for probe, toks in zip(probes, tokenize_probes(model, probes)):
+        plain = full_forward(model, toks.prompt_ids)
+        clean = result.probes.set_index("probe_id").loc[probe.id]
+        assert clean.clean_pred_id == int(plain.argmax())
+        assert clean.clean_pred_prob == pytest.approx(float(plain.softmax(-1).max()), abs=PROB_ATOL)
+        for row in noop[noop["probe_id"] == probe.id].itertuples():
+            assert_row_matches(row, plain, int(plain.argmax()))
+            assert not row.changed
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("window", [1, 2])
+def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, positions, window):
+    """k = d_mlp zeroes whole MLP layers: the same as zeroing `mlp.hook_post` by hand."""
+    model, probes = case
+    d_mlp = int(model.bridge.cfg.d_mlp)
+    result = knockout_grid(model, probes[:2], ks=(d_mlp,), windows=(window,), modes=("zero_top",), control=None,
+                           positions=positions)
+    rows = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+    for probe, toks in zip(probes[:2], tokenize_probes(model, probes[:2])):
+        clean_pred = int(full_forward(model, toks.prompt_ids).argmax())
+        last = len(toks.prompt_ids) - 1
+        for row in rows[rows["probe_id"] == probe.id].itertuples():
+            hooks = [(f"blocks.{l}.mlp.hook_post", zero_neurons(None, positions, last)) for l in range(row.start, row.end + 1)]
+            assert_row_matches(row, full_forward(model, toks.prompt_ids, hooks), clean_pred)
+    assert rows["changed"].any() or rows["prob_drop"].abs().max() > 1e-3  # the knockouts do something
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_top_k_and_random_knockouts_are_full_forwards(case, positions):
+    """Targeted top-k (ranked from a plain cache) and the random control, zero_top and keep_top, in
+    windows of 1 and 2 layers: each row equals one full forward with those neurons zeroed by hand."""
+    model, probes = case
+    result = knockout_grid(model, probes[:2], ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                           control="random", positions=positions, seed=3)
+    rows = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+    assert set(rows["control"]) == {"targeted", "random"}
+    for probe, toks in zip(probes[:2], tokenize_probes(model, probes[:2])):
+        clean_pred = int(full_forward(model, toks.prompt_ids).argmax())
+        for row in rows[rows["probe_id"] == probe.id].itertuples():
+            expected = reference_knockout_logits(model, toks.prompt_ids, row, positions=positions, seed=3)
+            assert_row_matches(row, expected, clean_pred)
+
+
+def test_neuron_ranking_is_a_plain_cache(case):
+    model, probes = case
+    ranking = rank_neurons(model, probes[:2])
+    norms = value_vector_norms(model)
+    for p, toks in enumerate(tokenize_probes(model, probes[:2])):
+        with torch.no_grad():
+            logits, cache = model.bridge.run_with_cache(torch.tensor([toks.prompt_ids]))
+        assert ranking.pred_ids[p] == int(logits[0, -1].argmax())
+        for layer in range(model.n_layers):
+            act = cache[f"blocks.{layer}.mlp.hook_post"][0, -1].float()
+            torch.testing.assert_close(ranking.activations[p, layer], act, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(ranking.scores[p, layer], act.abs() * norms[layer], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_layer_skip_is_the_full_forward_with_the_block_bypassed(case, positions):
+    model, probes = case
+    spans = [(), (0,), (1,), (0, 1), (model.n_layers - 1,)]
+    result = skip_layers(model, probes[:3], spans=spans, positions=positions)
+    rows = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+    for probe, toks in zip(probes[:3], tokenize_probes(model, probes[:3])):
+        clean_pred = int(full_forward(model, toks.prompt_ids).argmax())
+        last = len(toks.prompt_ids) - 1
+        for row, span in zip(rows[rows["probe_id"] == probe.id].itertuples(), spans):
+            store = {}
+
+            def keep(x, hook):
+                store["x"] = x.clone()
+
+            def put(x, hook):
+                x = x.clone()
+                pos = slice(last, last + 1) if positions == "last" else slice(None)
+                x[:, pos] = store["x"][:, pos]
+                return x
+
+            hooks = [(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)] if span else []
+            assert_row_matches(row, full_forward(model, toks.prompt_ids, hooks), clean_pred)
+    assert rows.loc[rows["window"] > 0, "prob_drop"].abs().max() > 1e-3  # skipping does something
+
+
+def test_patching_everything_gives_the_clean_logits_and_nothing_the_corrupted(case):
+    """Rows of one patched batch: all positions of the residual entering layer 0 from clean
+    (= the clean run), every position of every site and layer (= clean), and no cell (= corrupted)."""
+    model, probes = case
+    for toks in tokenize_probes(model, probes[:2]):
+        clean = list(toks.prompt_ids)
+        corrupted = clean[:1] + [clean[-1]] + clean[2:]  # same length, second token replaced
+        assert corrupted != clean
+        sites = ("resid_pre", "attn_out", "mlp_out")
+        source, _ = site_activations(model, clean, sites)
+        runner = PromptRunner(model, corrupted, use_kv=False)
+        n_pos = len(clean)
+        rows = [
+            [("resid_pre", 0, p) for p in range(n_pos)],
+            [(s, l, p) for s in sites[1:] for l in range(model.n_layers) for p in range(n_pos)],
+            [],
+        ]
+        logits = patch_cells(runner, source, rows)
+        plain_clean, plain_corrupted = full_forward(model, clean), full_forward(model, corrupted)
+        assert relative_error(plain_clean, plain_corrupted) > 1e-3  # the corruption matters
+        assert relative_error(logits[0], plain_clean) < 1e-5
+        assert relative_error(logits[1], plain_clean) < 1e-5
+        assert relative_error(logits[2], plain_corrupted) < 1e-5
+
+
+def test_patch_pair_cells_are_single_full_forwards(case):
+    """Each (site, layer, position) of `patch_pair` equals one hand-written patched forward."""
+    model, probes = case
+    toks = tokenize_probes(model, probes[:1])[0]
+    clean = list(toks.prompt_ids)
+    corrupted = clean[:1] + [clean[-1]] + clean[2:]
+    result = patch_pair(model, clean_ids=clean, corrupted_ids=corrupted, target_id=toks.target_id, batch_size=7)
+    source, _ = site_activations(model, clean, result.sites)
+    hook_of = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+    for s, site in enumerate(result.sites):
+        for layer in range(model.n_layers):
+            for pos in range(len(clean)):
+                def put(x, hook, value=source[(site, layer)][pos], pos=pos):
+                    x = x.clone()
+                    x[:, pos] = value
+                    return x
+
+                expected = full_forward(model, corrupted, [(f"blocks.{layer}.{hook_of[site]}", put)])[toks.target_id]
+                assert float(result.patched[s, layer, pos]) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_runner_rows_are_full_forwards_with_and_without_the_prefix_cache(case):
+    model, probes = case
+    for toks in tokenize_probes(model, probes):
+        plain = plain_last_logits(model, toks.prompt_ids)
+        for use_kv in (True, False):
+            rows = PromptRunner(model, toks.prompt_ids, use_kv=use_kv).run(3, [])
+            for row in rows:
+                assert relative_error(row, plain) < 1e-5
+
+
+def test_self_check_stops_a_wrong_fast_path_and_nothing_is_written(tiny_model, tiny_model_dir, probes, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A runner whose logits are off (as under transformers 5.24, where the prefix cache was
+    ignored) must stop every sweep with FastPathError and the CLI must write no file."""
+    from idiom_lens import cli
+
+    real_run = PromptRunner.run
+    monkeypatch.setattr(PromptRunner, "run", lambda self, n, hooks: real_run(self, n, hooks) + 0.5)
+    for sweep in (
+        lambda: knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,)),
+        lambda: skip_layers(tiny_model, probes[:2], windows=(1,)),
+        lambda: rank_neurons(tiny_model, probes[:2]),
+    ):
+        with pytest.raises(FastPathError, match="transformers"):
+            sweep()
+    out = tmp_path / "knock"
+    code = cli.main(["knockout", "--model", str(tiny_model_dir), "--dataset", "idioms", "--sample", "2", "--k", "1",
+                     "--max-window", "1", "--no-png", "--out", str(out)])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "self-check failed" in err[0] and "transformers" in err[0], err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_self_check_stops_a_wrong_batched_forward(tiny_model, probes, monkeypatch):
+    """The batched, padded forward of the trajectory and attribution is checked the same way."""
+    from idiom_lens.trajectory import layer_trajectory
+
+    real = tiny_model.bridge.run_with_hooks
+    monkeypatch.setattr(tiny_model.bridge, "run_with_hooks", lambda *a, **kw: real(*a, **kw) * 1.01)
+    with pytest.raises(FastPathError, match="batched"):
+        layer_trajectory(tiny_model, probes, sites=["resid_post"])
