@@ -4,19 +4,27 @@ Probes are processed in parts; each finished part is written atomically under
 `DIR/parts/` with a fingerprint of everything that determines it (model settings, sites,
 the part's probes). A rerun loads the parts whose fingerprint matches and computes the rest,
 so an interrupted run loses at most one part.
+
+The study's later stages run through `run_stage`: a stage is reused only when its folder holds
+a completion marker (`idiom_lens.io.write_marker`) with the same key, built by `stage_key` from
+every argument the stage function receives, and every file the marker lists is intact.
+A part, likewise, is reused only when its marker verifies. Anything else is recomputed from an
+empty folder, with one log line saying why.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import inspect
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from idiom_lens.datasets.probes import Probe, ProbeSet
-from idiom_lens.io import write_json, write_text
+from idiom_lens.faults import maybe_fail
+from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
 from idiom_lens.memorization import MemorizationResult
 from idiom_lens.models import LoadedModel
 from idiom_lens.phases import PhaseAnalysis, analyse_phases
@@ -30,13 +38,39 @@ from idiom_lens.trajectory import (
 
 
 def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key_digest(obj)[:16]
 
 
 def _model_key(model: LoadedModel) -> dict[str, Any]:
     settings = dict(model.settings())
     settings.pop("versions", None)
     return settings
+
+
+PART_MARKER = ".part.json"
+
+
+def _probe_key(probes: Sequence[Probe]) -> list[dict[str, Any]]:
+    """Every field of every probe, in order (a changed flag or prompt changes the key)."""
+    return [dataclasses.asdict(p) for p in probes]
+
+
+def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> dict[str, Any]:
+    """What determines a trajectory part: model settings, sites, the part's probes."""
+    return {"model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
+
+
+def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> str:
+    """The folder name (under `parts/`) of the trajectory part of `probes`."""
+    return f"trajectory-{_fingerprint(_part_key(model, probes, sites))}"
+
+
+def _clear(folder: Path, marker: Path) -> None:
+    """Empty a job's folder before (re)computing it: the marker goes first, then everything else,
+    so no stale or half-written output of an earlier run survives into the new one."""
+    marker.unlink(missing_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
 
 
 def resumable_trajectory(
@@ -50,26 +84,29 @@ def resumable_trajectory(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrajectoryResult:
-    """`layer_trajectory` in parts saved under `out_dir/parts/`; finished parts are reused."""
+    """`layer_trajectory` in parts saved under `out_dir/parts/`; finished, intact parts are reused."""
     out_dir = Path(out_dir)
     probes = list(probes)
     parts: list[TrajectoryResult] = []
     n_parts = (len(probes) + part_size - 1) // part_size
     for i in range(n_parts):
         chunk = probes[i * part_size : (i + 1) * part_size]
-        key = _fingerprint(
-            {"model": _model_key(model), "sites": list(sites),
-             "probes": [(p.id, p.prompt, p.target, p.kind) for p in chunk]}
-        )
-        part_dir = out_dir / "parts" / f"trajectory-{key}"
-        if (part_dir / "trajectory_memorization.parquet").is_file() and (part_dir / "trajectory.parquet").is_file():
+        key = _part_key(model, chunk, sites)
+        part_dir = out_dir / "parts" / part_name(model, chunk, sites)
+        marker = part_dir / PART_MARKER
+        reason = check_marker(marker, key)
+        if reason is None:
             log(f"  part {i + 1}/{n_parts}: reusing {part_dir.name}")
             parts.append(load_trajectory(part_dir, settings=model.settings()))
             continue
+        if part_dir.exists():
+            log(f"  part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
+        _clear(part_dir, marker)
         started = time.perf_counter()
         result = layer_trajectory(model, chunk, sites=sites, batch_size=batch_size, progress=progress)
-        # The memorization file is written last: its presence marks a complete part.
         save_trajectory(result, part_dir)
+        write_marker(marker, key)  # last: the part is finished only once its marker exists
+        maybe_fail("trajectory.part")
         log(f"  part {i + 1}/{n_parts}: {len(chunk)} probes in {time.perf_counter() - started:.1f} s")
         parts.append(result)
     return TrajectoryResult.concat(parts)
@@ -171,6 +208,7 @@ def run_attribution(
     result = attribute_probes(model, probes, batch_size=batch_size, top_neurons=top, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(p) for p in result.to_parquet(out)]
+    maybe_fail("attribution.written")
     for measure in ("logit", "logit_diff"):
         files.append(str(write_parquet(out / f"layer_stats_{measure}.parquet", stats.layer_stats(result, measure=measure))))
         files.append(str(write_parquet(out / f"cumulative_share_{measure}.parquet",
@@ -222,6 +260,7 @@ def run_knockouts(
     knock.write(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
+    maybe_fail("knockouts.written")
     log(f"  knockouts: {len(probes)} probes x {knock.settings['n_configs']} configurations in "
         f"{knock.settings['seconds']:.1f} s ({1000 * knock.settings['seconds'] / max(1, len(knock.rows)):.1f} ms "
         "per configuration)")
@@ -231,6 +270,7 @@ def run_knockouts(
     if skip:
         skipped = skip_layers(model, probes, windows=windows, batch_size=min(batch_size, 64), progress=True)
         skipped.write(out)
+        maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
         save_figure(skip_curves(skipped), out / "skip_curves", png=png, height=550)
         log(f"  layer skipping: {skipped.settings['n_spans']} spans in {skipped.settings['seconds']:.1f} s")
@@ -263,6 +303,7 @@ def run_patching(
     result = patch_probes(model, probes, variants=variants, seed=seed, keep_last=keep_last,
                           batch_size=batch_size, progress=True)
     result.write(out)
+    maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
     for variant in variants:
         valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
@@ -289,14 +330,65 @@ def sample_by_group(
     return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
 
 
-def stage_is_done(stage_dir: Path, key: dict[str, Any]) -> bool:
-    """True when `stage_dir` holds a finished stage computed with exactly `key`."""
-    marker = Path(stage_dir) / ".stage.json"
-    return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == _fingerprint(key)
+STAGE_MARKER = ".stage.json"
+
+# Stage-function arguments that change neither the numbers (beyond float rounding) nor the files
+# a stage writes: left out of its key, so a rerun with another batch size reuses finished stages.
+NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log"})
 
 
-def mark_stage_done(stage_dir: Path, key: dict[str, Any]) -> None:
-    write_json(Path(stage_dir) / ".stage.json", {"key": _fingerprint(key)})
+def stage_key(
+    fn: Callable[..., Any], model: LoadedModel, probes: Sequence[Probe], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything that determines what `fn(model, probes, out, **options)` writes: the stage
+    function, the model's settings, every field of every probe, and every other argument of `fn`
+    as it will be called, defaults included (so an option added later is keyed without anyone
+    remembering to), except those in `NOT_IN_KEY`."""
+    signature = inspect.signature(fn)
+    bound = signature.bind(model, probes, Path("."), **options)  # TypeError on an unknown option
+    bound.apply_defaults()
+    positional = list(signature.parameters)[:3]
+    return {
+        "stage": f"{fn.__module__}.{fn.__qualname__}",
+        "model": _model_key(model),
+        "probes": _probe_key(probes),
+        "options": {name: value for name, value in bound.arguments.items()
+                    if name not in positional and name not in NOT_IN_KEY},
+    }
+
+
+def run_stage(
+    name: str,
+    fn: Callable[..., Any],
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    stage_dir: str | Path,
+    options: dict[str, Any],
+    *,
+    log: Callable[[str], None] = print,
+) -> Any | None:
+    """`fn(model, probes, stage_dir, **options)` unless `stage_dir` holds a finished run with the
+    same `stage_key` and intact files. Returns `fn`'s result, or None when the stage was reused.
+
+    A stage that fails verification (unfinished, settings changed, a file missing, truncated or
+    altered, the marker unreadable) is recomputed from an empty `stage_dir`: the folder belongs
+    to its stage. The marker is written only after `fn` returns, so a crash or an error inside
+    the stage leaves it unfinished."""
+    stage_dir = Path(stage_dir)
+    key = stage_key(fn, model, probes, options)
+    marker = stage_dir / STAGE_MARKER
+    reason = check_marker(marker, key)
+    if reason is None:
+        log(f"[run] {name}: already done, reusing {stage_dir}")
+        return None
+    if stage_dir.exists():
+        log(f"[run] {name}: recomputing, {reason}")
+    _clear(stage_dir, marker)
+    log(f"[run] {name}: {len(probes)} probes")
+    result = fn(model, probes, stage_dir, **options)
+    maybe_fail("stage.outputs")
+    write_marker(marker, key)
+    return result
 
 
 def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:

@@ -8,6 +8,12 @@ with the same settings:
    and layer skipping on a smaller seeded sample per set;
 4. patching: activation patching of a sample of memorized and non-memorized idioms;
 5. report: one HTML page over everything under OUT.
+
+A stage is reused only when its completion marker verifies: same key (the model's settings, the
+sampled probes and every argument of the stage function, see `pipeline.stage_key`) and intact
+files. Changing any setting that changes a stage's numbers or files (seed, sample sizes,
+`KNOCKOUT_OPTIONS`, `--no-png`, the model...) redoes that stage and only the stages that depend
+on it; `--batch-size` changes speed, not results, and redoes nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +21,17 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from idiom_lens.cli.common import add_model_options, load_from_args
+
+# Options of the stage functions fixed by the study design; the command adds seed, png and batch
+# sizes. Every entry is part of its stage's key, so editing one here redoes that stage.
+KNOCKOUT_OPTIONS: dict[str, Any] = {
+    "ks": (10, 100), "windows": (1, 2, 3), "modes": ("zero_top",), "keep_top_ks": None,
+}
+PATCHING_OPTIONS: dict[str, Any] = {}
+ATTRIBUTION_OPTIONS: dict[str, Any] = {}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="idioms per set (memorized, non-memorized) for activation patching (default 4; 0 skips)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-set samples and random controls")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--part-size", type=int, default=256, metavar="N",
+                   help="probes per resumable trajectory part (default 256); a crash loses at most one part")
     p.add_argument("--no-png", action="store_true", help="skip static PNG figures")
     add_model_options(p)
     p.set_defaults(handler=handle)
@@ -43,19 +60,20 @@ def handle(args: argparse.Namespace) -> int:
     from idiom_lens.errors import InputError
     from idiom_lens.report import build_report
     from idiom_lens.pipeline import (
-        mark_stage_done,
         resumable_trajectory,
         run_attribution,
         run_knockouts,
         run_patching,
+        run_stage,
         sample_by_group,
-        stage_is_done,
         study_probes,
         write_trajectory_outputs,
     )
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.part_size < 1:
+        raise InputError(f"--part-size must be >= 1, got {args.part_size}")
     for option in ("attribution_sample", "knockout_sample", "patching_sample"):
         if getattr(args, option) < 0:
             raise InputError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
@@ -68,42 +86,36 @@ def handle(args: argparse.Namespace) -> int:
 
     print("[run] trajectory")
     result = resumable_trajectory(model, probes.probes, out / "trajectory", sites=args.sites,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, part_size=args.part_size)
     outputs = write_trajectory_outputs(result, out / "trajectory", title=model.spec, png=png)
     print(outputs.phases.summary_text)
     print(result.memorization.summary().to_string(index=False))
 
-    def stage(name: str, per_group: int, groups: tuple[str, ...] | None, work) -> None:
-        """Run `work(sample, stage_dir)` unless already done with the same sample and settings."""
+    def stage(name: str, fn: Callable[..., Any], stage_model: Any, per_group: int, options: dict[str, Any],
+              groups: tuple[str, ...] | None = None) -> Any:
+        """`run_stage` on a seeded sample of `per_group` probes per set (of `groups` only, if given)."""
         sample = sample_by_group(result.memorization, probes.probes, per_group=per_group, seed=args.seed)
         if groups is not None:
             group_of = {r.probe_id: r.group for r in result.memorization.records}
             sample = [p for p in sample if group_of[p.id] in groups]
-        key = {"model": model.spec, "probes": [p.id for p in sample], "png": png, "seed": args.seed}
-        stage_dir = out / name
         if not sample:
             print(f"[run] {name}: no probes in the sample, skipped")
-        elif stage_is_done(stage_dir, key):
-            print(f"[run] {name}: already done, reusing {stage_dir}")
-        else:
-            print(f"[run] {name}: {len(sample)} probes")
-            work(sample, stage_dir)
-            mark_stage_done(stage_dir, key)
+            return None
+        return run_stage(name, fn, stage_model, sample, out / name, options)
 
     if args.knockout_sample:
-        stage("interventions", args.knockout_sample, None, lambda sample, d: run_knockouts(
-            model, sample, d, ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None,
-            seed=args.seed, png=png))
+        stage("interventions", run_knockouts, model, args.knockout_sample,
+              KNOCKOUT_OPTIONS | {"seed": args.seed, "png": png})
     if args.patching_sample:
-        stage("patching", args.patching_sample, ("memorized idioms", "non-memorized idioms"),
-              lambda sample, d: run_patching(model, sample, d, seed=args.seed, png=png))
+        stage("patching", run_patching, model, args.patching_sample,
+              PATCHING_OPTIONS | {"seed": args.seed, "png": png},
+              groups=("memorized idioms", "non-memorized idioms"))
     if args.attribution_sample:
-        def attribute(sample, stage_dir):
-            compat = load_from_args(args, mode="compat")
-            digest = run_attribution(compat, sample, stage_dir, batch_size=args.batch_size, png=png)
+        compat = load_from_args(args, mode="compat")  # its settings are part of the stage's key
+        digest = stage("attribution", run_attribution, compat, args.attribution_sample,
+                       ATTRIBUTION_OPTIONS | {"batch_size": args.batch_size, "png": png})
+        if digest is not None:
             print(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
-
-        stage("attribution", args.attribution_sample, None, attribute)
     print("[run] report")
     report = build_report(args.out)
     print(f"  {report}")

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from idiom_lens.io import atomic_write
+from idiom_lens.io import atomic_write, write_text
+
+
+def _ensure_plotlyjs(folder: Path) -> None:
+    """Write `plotly.min.js` beside the figures atomically (plotly itself writes it in place and
+    never rewrites it, so a crash could leave a truncated copy for good)."""
+    from plotly.offline import get_plotlyjs
+
+    path = folder / "plotly.min.js"
+    js = get_plotlyjs()
+    if not path.is_file() or path.stat().st_size != len(js.encode("utf-8")):
+        write_text(path, js)
 
 
 def _with(stem: Path, suffix: str) -> Path:
@@ -23,6 +34,7 @@ def save_figure(
 ) -> list[Path]:
     """Write `stem`.html, `stem`.fig.json (and `stem`.png); returns the paths written."""
     stem = Path(stem)
+    _ensure_plotlyjs(stem.parent)
     written = [
         atomic_write(
             _with(stem, ".html"),
