@@ -20,7 +20,13 @@ from idiom_lens.interventions import (
 from idiom_lens.interventions.knockouts import _clean_state, knockout_hooks, knockout_rows
 from idiom_lens.selfcheck import relative_error
 
-from .test_against_full_forward import assert_row_matches, full_forward, reference_knockout_logits, zero_neurons
+from .test_against_full_forward import (
+    assert_row_matches,
+    full_forward,
+    plain_activations,
+    reference_knockout_logits,
+    zero_neurons,
+)
 
 
 def _grid(model, probes, **kw):
@@ -141,8 +147,10 @@ def test_batched_equals_unbatched_equals_full_forward(tiny_model, probes, batch_
     frame = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
     for probe, t in zip(probes[:3], tokenize_probes(tiny_model, probes[:3])):
         clean_pred = int(full_forward(tiny_model, t.prompt_ids).argmax())
+        acts = plain_activations(tiny_model, t.prompt_ids)
         for row in frame[frame["probe_id"] == probe.id].itertuples():
-            assert_row_matches(row, reference_knockout_logits(tiny_model, t.prompt_ids, row, positions="last"), clean_pred)
+            assert_row_matches(row, reference_knockout_logits(tiny_model, t.prompt_ids, row, positions="last", acts=acts),
+                               clean_pred)
 
 
 def test_ranking_is_activation_times_value_norm(tiny_model, probes):
