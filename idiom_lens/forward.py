@@ -24,6 +24,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
 from idiom_lens.selfcheck import check_against_full_forward
+from idiom_lens.vocab import mask_logits, valid_mask
 from idiom_lens.tokenization import ProbeTokens, pad_id, right_pad, split_probe
 from idiom_lens.types import Logits, Tokens
 
@@ -50,6 +51,7 @@ class ForwardBatch:
     last: Int[Tensor, " batch"]  # index of the last prompt token of each row
     logits: Logits
     captured: dict[str, Float[Tensor, "batch d_model"]]  # hook name -> value at `last`
+    # `logits` has special and unused tokens at the lowest float (`idiom_lens.vocab`)
 
 
 def iterate_forward(
@@ -74,6 +76,7 @@ def iterate_forward(
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    valid = valid_mask(model)
     order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].prompt_ids))
     bar = None  # opened after the first batch's self-check, so that a failure prints one clean line
     for start in range(0, len(order), batch_size):
@@ -105,6 +108,7 @@ def iterate_forward(
                     model, probe_tokens[indices[row]].prompt_ids, logits[row, last[row]],
                     what=f"{desc} (batched, padded)", probe=f"#{indices[row]}",
                 )
+        logits = mask_logits(logits, valid)  # predictions range over real vocabulary tokens only
         if bar is None:
             bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="probe")
         yield ForwardBatch(indices=indices, tokens=tokens, last=last, logits=logits, captured=captured)

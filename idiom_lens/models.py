@@ -89,6 +89,8 @@ class LoadedModel:
         """What a result must record to be reproducible."""
         import transformers
 
+        from idiom_lens.vocab import mask_summary
+
         return {
             "model_spec": self.spec,
             "model_name": self.name,
@@ -99,6 +101,7 @@ class LoadedModel:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "d_vocab": self.d_vocab,
+            **mask_summary(self),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -10,6 +10,7 @@ import torch
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
 from idiom_lens.tokenization import encode_prompt
+from idiom_lens.vocab import mask_logits, valid_mask
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,16 @@ class NextTokenPrediction:
 
 
 def predict_next(model: LoadedModel, text: str, *, top: int = 5) -> NextTokenPrediction:
-    """Run the model on `text` and return its `top` most probable next tokens."""
+    """Run the model on `text` and return its `top` most probable next tokens (real vocabulary
+    tokens only: special and unused tokens are masked, see `idiom_lens.vocab`)."""
     if top < 1:
         raise InputError(f"top must be >= 1, got {top}")
     ids = encode_prompt(model.tokenizer, text)
     tokens = torch.tensor([ids], device=model.device)
     with torch.no_grad():
-        probs = model.bridge(tokens)[0, -1].float().softmax(dim=-1)
-    values, indices = probs.topk(min(top, probs.shape[-1]))
+        logits = mask_logits(model.bridge(tokens)[0, -1].float(), valid_mask(model))
+    probs = logits.softmax(dim=-1)
+    values, indices = probs.topk(min(top, int(valid_mask(model).sum())))
     return NextTokenPrediction(
         text=text,
         token_ids=tuple(indices.tolist()),

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
+from idiom_lens.vocab import valid_mask
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,16 @@ def read_out(
     tracked: Int[Tensor, "n k"],
     *,
     apply_norm: bool = True,
+    mask_special: bool = True,
     chunk_rows: int = 512,
 ) -> Readout:
-    """Read each row of `vectors` through ln_final -> unembed -> output transform."""
+    """Read each row of `vectors` through ln_final -> unembed -> output transform.
+
+    With `mask_special` (the default) special and unused tokens are out of the distribution
+    (`idiom_lens.vocab`): never the top token, never ahead in a rank, probability 0.
+    """
     bridge = model.bridge
+    valid = valid_mask(model) if mask_special else None
     if vectors.ndim != 2 or vectors.shape[1] != model.d_model:
         raise InputError(f"vectors must be [n, {model.d_model}], got {tuple(vectors.shape)}")
     if tracked.ndim != 2 or tracked.shape[0] != vectors.shape[0]:
@@ -66,6 +73,8 @@ def read_out(
             if callable(transform):
                 logits = transform(logits)
             logits = logits.float()
+            if valid is not None:
+                logits.masked_fill_(~valid, torch.finfo(logits.dtype).min)
             work = work_buf[:n]
             top_val, top_id = logits.max(dim=-1)
             torch.sub(logits, top_val[:, None], out=work).exp_()  # softmax numerators

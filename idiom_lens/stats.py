@@ -1,9 +1,23 @@
-"""Small statistics shared by the analyses: seeded bootstrap intervals of means."""
+"""Small statistics shared by the analyses, all seeded and vectorised with numpy.
+
+- `bootstrap_mean_ci`: percentile-bootstrap intervals of means (per layer).
+- `compare_samples`: a two-sample comparison of `b` against `a`: permutation test on the
+  difference of means, differences of medians and means, Cliff's delta, bootstrap intervals.
+- `match_nearest`: greedy nearest-neighbour matching without replacement within a caliper.
+
+scipy is not a dependency of idiom_lens, so the permutation test is written here in numpy
+(Monte Carlo: random relabellings of the pooled values).
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Literal
+
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, Int
+
+Alternative = Literal["two-sided", "greater", "less"]
 
 
 def bootstrap_mean_ci(
@@ -30,3 +44,159 @@ def bootstrap_mean_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha], axis=0)
     return mean, low, high
+
+
+def _two_samples(a: Float[np.ndarray, " n_a"], b: Float[np.ndarray, " n_b"]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError(f"two non-empty samples needed (got {len(a)} and {len(b)} values)")
+    return a, b
+
+
+def permutation_pvalue(
+    a: Float[np.ndarray, " n_a"],
+    b: Float[np.ndarray, " n_b"],
+    *,
+    n_permutations: int = 10_000,
+    alternative: Alternative = "two-sided",
+    seed: int = 0,
+) -> float:
+    """Monte Carlo permutation p-value of mean(b) - mean(a) under exchangeable labels.
+
+    `alternative`: "two-sided" (|difference| at least as large), "greater" (b larger) or "less".
+    The p-value counts the observed labelling, (1 + #extreme) / (1 + n_permutations), so it is
+    never 0 and the test keeps its level. Relabellings are drawn in chunks of about 2M values.
+    """
+    a, b = _two_samples(a, b)
+    pooled = np.concatenate([a, b])
+    n_a, n_b, total = len(a), len(b), pooled.sum()
+    observed = b.mean() - a.mean()
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // len(pooled))
+    diffs = []
+    for start in range(0, n_permutations, chunk):
+        rows = min(chunk, n_permutations - start)
+        shuffled = rng.permuted(np.broadcast_to(pooled, (rows, len(pooled))), axis=1)
+        sum_a = shuffled[:, :n_a].sum(axis=1)
+        diffs.append((total - sum_a) / n_b - sum_a / n_a)
+    null = np.concatenate(diffs) if diffs else np.zeros(0)
+    tol = 1e-9 * max(1.0, abs(observed))  # the same split summed in another order must count as a tie
+    if alternative == "two-sided":
+        extreme = np.abs(null) >= abs(observed) - tol
+    elif alternative == "greater":
+        extreme = null >= observed - tol
+    elif alternative == "less":
+        extreme = null <= observed + tol
+    else:
+        raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', not {alternative!r}")
+    return float((1 + extreme.sum()) / (1 + n_permutations))
+
+
+def cliffs_delta(a: Float[np.ndarray, " n_a"], b: Float[np.ndarray, " n_b"]) -> float:
+    """P(b > a) - P(b < a) over all pairs, in [-1, 1]; equal to the rank-biserial correlation."""
+    a, b = _two_samples(a, b)
+    a_sorted = np.sort(a)
+    below = np.searchsorted(a_sorted, b, side="left")  # a values < each b
+    above = len(a) - np.searchsorted(a_sorted, b, side="right")  # a values > each b
+    return float((below.sum() - above.sum()) / (len(a) * len(b)))
+
+
+def bootstrap_diff_ci(
+    a: Float[np.ndarray, " n_a"],
+    b: Float[np.ndarray, " n_b"],
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Percentile-bootstrap intervals of mean(b) - mean(a) and of median(b) - median(a).
+
+    Each sample is resampled on its own (the samples are independent). Returns
+    ((mean_low, mean_high), (median_low, median_high)).
+    """
+    a, b = _two_samples(a, b)
+    rng = np.random.default_rng(seed)
+    boot_a = a[rng.integers(0, len(a), size=(n_boot, len(a)))]
+    boot_b = b[rng.integers(0, len(b), size=(n_boot, len(b)))]
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    mean_low, mean_high = np.quantile(boot_b.mean(axis=1) - boot_a.mean(axis=1), q)
+    med_low, med_high = np.quantile(np.median(boot_b, axis=1) - np.median(boot_a, axis=1), q)
+    return (float(mean_low), float(mean_high)), (float(med_low), float(med_high))
+
+
+@dataclass(frozen=True)
+class SampleComparison:
+    """`b` against `a`: every difference is b - a (positive when `b` is larger)."""
+
+    n_a: int
+    n_b: int
+    median_a: float
+    median_b: float
+    median_diff: float
+    median_diff_low: float
+    median_diff_high: float
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    mean_diff_low: float
+    mean_diff_high: float
+    cliffs_delta: float
+    p_value: float
+    alternative: str
+    n_permutations: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_samples(
+    a: Float[np.ndarray, " n_a"],
+    b: Float[np.ndarray, " n_b"],
+    *,
+    n_permutations: int = 10_000,
+    alternative: Alternative = "two-sided",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> SampleComparison:
+    """Effect sizes, bootstrap intervals and the permutation p-value of b against a (seeded)."""
+    a, b = _two_samples(a, b)
+    (mean_low, mean_high), (med_low, med_high) = bootstrap_diff_ci(a, b, n_boot=n_boot, level=level, seed=seed)
+    return SampleComparison(
+        n_a=len(a), n_b=len(b),
+        median_a=float(np.median(a)), median_b=float(np.median(b)),
+        median_diff=float(np.median(b) - np.median(a)), median_diff_low=med_low, median_diff_high=med_high,
+        mean_a=float(a.mean()), mean_b=float(b.mean()),
+        mean_diff=float(b.mean() - a.mean()), mean_diff_low=mean_low, mean_diff_high=mean_high,
+        cliffs_delta=cliffs_delta(a, b),
+        p_value=permutation_pvalue(a, b, n_permutations=n_permutations, alternative=alternative, seed=seed),
+        alternative=alternative, n_permutations=n_permutations,
+    )
+
+
+def match_nearest(
+    treated: Float[np.ndarray, " n_treated"],
+    candidates: Float[np.ndarray, " n_candidates"],
+    *,
+    caliper: float,
+    seed: int = 0,
+) -> Int[np.ndarray, " n_treated"]:
+    """Greedy 1:1 nearest-neighbour matching without replacement within `caliper`.
+
+    The treated units are visited in a seeded random order (so no unit is favoured by its
+    position); each takes the closest unused candidate if it lies within `caliper` (ties: the
+    lowest candidate index). Returns, per treated unit, its candidate's index or -1 if unmatched.
+    """
+    treated = np.asarray(treated, dtype=np.float64).ravel()
+    candidates = np.asarray(candidates, dtype=np.float64).ravel()
+    match = np.full(len(treated), -1, dtype=np.int64)
+    free = np.ones(len(candidates), dtype=bool)
+    for i in np.random.default_rng(seed).permutation(len(treated)):
+        if not free.any():
+            break
+        dist = np.where(free, np.abs(candidates - treated[i]), np.inf)
+        j = int(dist.argmin())
+        if dist[j] <= caliper:
+            match[i] = j
+            free[j] = False
+    return match

@@ -28,6 +28,7 @@ from idiom_lens.memorization import MemorizationRecord, MemorizationResult, reco
 from idiom_lens.models import LoadedModel
 from idiom_lens.readout import Readout, read_out, release_workspace
 from idiom_lens.selfcheck import check_close, plain_last_logits
+from idiom_lens.vocab import mask_logits, valid_mask
 
 SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
@@ -182,7 +183,7 @@ def _check_last_layer(
     """Self-check of the read-out kernel (buffers, chunking, fused bias): the last layer's read of
     the first probe must give a plain full forward's log-probabilities of the predicted and the
     target token (`selfcheck.FastPathError` otherwise)."""
-    plain = plain_last_logits(model, prompt_ids).log_softmax(-1)
+    plain = mask_logits(plain_last_logits(model, prompt_ids), valid_mask(model)).log_softmax(-1)
     expected = plain[[record.pred_id, record.target_id]]
     check_close(ro.logprob[row], expected, what="trajectory read-out (last layer)", probe=probe)
 

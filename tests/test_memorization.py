@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from idiom_lens.vocab import valid_mask
+
 from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.memorization import MemorizationRecord, probe_group, score_memorization
@@ -29,6 +31,7 @@ def test_records_match_a_direct_forward_pass(tiny_model, probes):
         toks = split_probe(tiny_model.tokenizer, probe.prompt, probe.target)
         with torch.no_grad():
             logits = tiny_model.bridge(torch.tensor([toks.prompt_ids]))[0, -1]
+        logits = torch.where(valid_mask(tiny_model), logits, -torch.inf)  # real vocabulary tokens only
         probs = logits.softmax(-1)
         assert record.pred_id == int(logits.argmax())
         assert record.target_id == toks.target_id

@@ -18,6 +18,7 @@ from idiom_lens.models import LoadedModel, load_model
 from idiom_lens.readout import read_out
 from idiom_lens.tokenization import split_probe
 from idiom_lens.trajectory import SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
+from idiom_lens.vocab import valid_mask
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def test_last_layer_equals_model_output(tiny_model, probes, tiny_result):
     # entropy of the model's own output distribution
     toks = tokenize_probes(tiny_model, probes[:1])[0]
     with torch.no_grad():
-        lp = tiny_model.bridge(torch.tensor([toks.prompt_ids]))[0, -1].log_softmax(-1)
+        logits = tiny_model.bridge(torch.tensor([toks.prompt_ids]))[0, -1]
+    lp = logits[valid_mask(tiny_model)].log_softmax(-1)  # over real vocabulary tokens
     assert tiny_result.entropy[0, s, -1] == pytest.approx(float(-(lp.exp() * lp).sum()), abs=1e-4)
 
 
@@ -56,7 +58,7 @@ def test_readout_agrees_with_transformer_lens_logit_readout(tiny_model, probes):
     torch.manual_seed(0)
     vectors = torch.randn(7, tiny_model.d_model)
     tracked = torch.randint(0, tiny_model.d_vocab, (7, 2))
-    ours = read_out(tiny_model, vectors, tracked, chunk_rows=3)
+    ours = read_out(tiny_model, vectors, tracked, mask_special=False, chunk_rows=3)  # TL does not mask
     for j in range(2):
         theirs = logit_readout(tiny_model.bridge, vectors, targets=tracked[:, j], return_type="log_probs")
         torch.testing.assert_close(ours.logprob[:, j], theirs.values[:, 0], atol=1e-5, rtol=0)
@@ -176,7 +178,7 @@ def test_readout_with_and_without_final_norm_by_hand(shaped_norm_model_dir) -> N
     assert (by_hand[True].argmax(-1) != by_hand[False].argmax(-1)).any()
     tracked = torch.stack([by_hand[True].argmax(-1), by_hand[False].argmax(-1)], dim=1)
     for apply_norm, logits in by_hand.items():
-        ro = read_out(model, vectors, tracked, apply_norm=apply_norm, chunk_rows=3)
+        ro = read_out(model, vectors, tracked, apply_norm=apply_norm, mask_special=False, chunk_rows=3)
         logprobs = logits.log_softmax(-1)
         assert torch.equal(ro.top_id, logits.argmax(-1))
         torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=1e-4, rtol=0)
@@ -231,3 +233,27 @@ def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_mo
             np.testing.assert_array_equal(a[head], b[head])
             assert np.abs(a - b).max() <= 5
             np.testing.assert_allclose(ours.__getattribute__(f"{name}_prob")[:12, 0], get(f"{name}_prob"), atol=tol)
+
+
+def test_special_tokens_are_masked_in_every_read_out(tiny_model):
+    """A vector pointing at a special token's unembedding: unmasked it is the top token; masked it
+    never is, it never counts in a rank, and the probabilities are a softmax over real tokens."""
+    valid = valid_mask(tiny_model)
+    special = [int(i) for i in (~valid).nonzero().flatten()]
+    assert special == sorted({0, 1, 2})  # <pad>, <bos>, <eos> of the tiny tokenizer
+    W_U = tiny_model.bridge.W_U.detach()
+    vectors = torch.stack([W_U[:, i] * 50 for i in special])
+    real = int(valid.nonzero()[0])
+    tracked = torch.tensor([[i, real] for i in special])
+    bare = read_out(tiny_model, vectors, tracked, apply_norm=False, mask_special=False)
+    assert bare.top_id.tolist() == special and (bare.rank[:, 0] == 0).all()
+    ro = read_out(tiny_model, vectors, tracked, apply_norm=False)
+    assert not any(int(t) in special for t in ro.top_id)
+    logits = vectors @ W_U + (tiny_model.bridge.b_U if tiny_model.bridge.b_U is not None else 0)
+    for row in range(len(special)):
+        by_hand = logits[row, valid].log_softmax(-1)
+        real_logit = logits[row, real]
+        assert float(ro.logprob[row, 1]) == pytest.approx(float(by_hand[int(valid[:real].sum())]), abs=1e-4)
+        assert int(ro.rank[row, 1]) == int((logits[row, valid] > real_logit).sum())
+        assert float(ro.logprob[row, 0].exp()) == 0.0
+    assert torch.equal(ro.top_id, torch.where(valid, logits, -torch.inf).argmax(-1))
