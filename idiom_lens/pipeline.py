@@ -132,6 +132,10 @@ def write_trajectory_outputs(
     files = list(save_trajectory(result, out_dir))
     files.append(write_parquet(out_dir / "phases_per_probe.parquet", phases.probes))
     files.append(write_parquet(out_dir / "phases_curves.parquet", phases.curves))
+    for name in ("promotion_tests", "boundary_sensitivity", "matching", "matched_pairs"):
+        frame = getattr(phases, name)
+        if frame is not None:
+            files.append(write_parquet(out_dir / f"phases_{name}.parquet", frame))
     memo = result.memorization.summary()
     files.append(write_parquet(out_dir / "memorization_summary.parquet", memo))
     summary = {
@@ -172,6 +176,13 @@ def summary_markdown(result: TrajectoryResult, phases: PhaseAnalysis) -> str:
         markdown_table(phases.group_table()),
         "",
     ]
+    if phases.promotion_tests is not None and len(phases.promotion_tests):
+        lines += ["## Are memorized probes promoted earlier? (permutation tests)", "",
+                  markdown_table(phases.promotion_tests), ""]
+    if phases.matching is not None and len(phases.matching):
+        lines += ["## Confidence-matched control", "", markdown_table(phases.matching), ""]
+    if phases.boundary_sensitivity is not None:
+        lines += ["## Boundary vs its top-1 share threshold", "", markdown_table(phases.boundary_sensitivity), ""]
     return "\n".join(lines)
 
 
