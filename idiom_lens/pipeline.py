@@ -403,11 +403,21 @@ def run_stage(
 
 
 def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:
-    """The bundled sets the study compares, joined (optionally the first `limit` of each)."""
+    """The probe sets the study compares (bundled names or files, e.g. the authors' IdioMem file),
+    joined, optionally the first `limit` of each. Ids must be unique across the sets."""
     from idiom_lens.datasets import load_probes
+    from idiom_lens.errors import InputError
 
     sets = []
     for name in names:
         ps = load_probes(name)
         sets.append(ProbeSet(ps.name, ps.probes[:limit] if limit else ps.probes))
-    return ProbeSet.concat("study", sets)
+    joined = ProbeSet.concat("study", sets)
+    seen: dict[str, str] = {}
+    for ps in sets:
+        for probe in ps.probes:
+            if probe.id in seen:
+                raise InputError(f"probe id {probe.id!r} is in both {seen[probe.id]!r} and {ps.name!r}: "
+                                 "give each set unique ids")
+            seen[probe.id] = ps.name
+    return joined

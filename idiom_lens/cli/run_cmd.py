@@ -37,6 +37,9 @@ ATTRIBUTION_OPTIONS: dict[str, Any] = {}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the main job: the whole study on one model (resumable)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
+    p.add_argument("--dataset", nargs="+", default=["idioms", "text", "facts"], metavar="NAME|PATH",
+                   help="probe sets of the study: bundled names or files, e.g. the authors' idiomem.jsonl "
+                        "with its own flags (default: idioms text facts)")
     p.add_argument("--limit", type=int, default=None, help="only the first N probes of each set (quick look)")
     p.add_argument("--sites", nargs="+", default=["resid_post"],
                    help="trajectory reads per layer (default: resid_post, the paper's figure; "
@@ -78,11 +81,11 @@ def handle(args: argparse.Namespace) -> int:
         if getattr(args, option) < 0:
             raise InputError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     started = time.perf_counter()
-    probes = study_probes(limit=args.limit)
+    probes = study_probes(args.dataset, limit=args.limit)
     model = load_from_args(args)
     out = args.out / model.name.replace("/", "_")
     png = not args.no_png
-    print(f"[run] {len(probes)} probes (idioms, ordinary text, facts) on {model.spec} -> {out}")
+    print(f"[run] {len(probes)} probes ({', '.join(args.dataset)}) on {model.spec} -> {out}")
 
     print("[run] trajectory")
     result = resumable_trajectory(model, probes.probes, out / "trajectory", sites=args.sites,

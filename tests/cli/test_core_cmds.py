@@ -68,3 +68,30 @@ def test_run_limit_writes_study_and_resumes(run_cli, tmp_path, tiny_model_dir, c
 def test_predict_once_in_a_blue_prints_moon(run_cli, capsys):
     assert run_cli(["predict", "once in a blue", "--top", "1"]) == 0
     assert capsys.readouterr().out == " moon\n"
+
+
+def test_run_on_the_published_idiomem_file_keeps_its_flags(run_cli, tmp_path, tiny_model_dir, capsys):
+    """`run --dataset idiomem.jsonl text`: the study runs on the authors' idioms, with their flags
+    (their repeated id renamed, the shared-prompt pair out of hard_to_guess), beside our text."""
+    from tests.datasets.test_loaders import PUBLISHED_IDIOMEM, SHARED_ID
+
+    path = tmp_path / "idiomem.jsonl"
+    path.write_text("\n".join(PUBLISHED_IDIOMEM) + "\n")
+    args = ["run", "--model", str(tiny_model_dir), "--dataset", str(path), "text", "--limit", "4",
+            "--out", str(tmp_path / "out"), "--no-png", "--knockout-sample", "0", "--patching-sample", "0",
+            "--attribution-sample", "0"]
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        assert run_cli(args) == 0
+    model_dir = tmp_path / "out" / tiny_model_dir.name
+    summary = json.loads((model_dir / "trajectory" / "summary.json").read_text())
+    assert summary["n_probes"] == 8  # 4 idioms of the file + 4 text
+    memo = {(r["kind"], r["subset"]): r for r in summary["memorization"]}
+    assert memo[("idiom", "all")]["n"] == 4 and memo[("idiom", "all")]["n_not_single_target"] == 2
+    assert memo[("idiom", "hard_to_guess")]["n"] == 2  # the authors mark all 4; the dead-as-a pair drops out
+    import pandas as pd
+
+    ids = set(pd.read_parquet(model_dir / "trajectory" / "trajectory_memorization.parquet")["probe_id"])
+    assert {SHARED_ID, f"{SHARED_ID}-2"} <= ids
+    assert run_cli(["run", "--model", str(tiny_model_dir), "--dataset", str(path), str(path),
+                    "--out", str(tmp_path / "out2")]) == 2  # the same ids twice
+    assert "unique ids" in capsys.readouterr().err
