@@ -1,7 +1,8 @@
 """Probe records, bundled probe sets and their loaders (see docs/datasets.md).
 
-The builder (`idiom_lens.datasets.build`) is not imported here: it needs build-time packages
-that the runtime library does not.
+The builder (`idiom_lens.datasets.build`, with `wikipedia` and `fact_sources`) is not imported
+here: it needs build-time packages that the runtime library does not. Nor is the optional
+model-based flag (`idiom_lens.datasets.model_flags`), which needs a model.
 """
 
 from idiom_lens.datasets.loaders import (
@@ -15,8 +16,10 @@ from idiom_lens.datasets.loaders import (
     parse_flag,
 )
 from idiom_lens.datasets.probes import FLAG_NAMES, PROBE_KINDS, Probe, ProbeKind, ProbeSet
+from idiom_lens.datasets.relations import FACT_RELATIONS, fact_relation, memorization_by_relation
 
 __all__ = [
+    "FACT_RELATIONS",
     "FLAG_NAMES",
     "PROBE_KINDS",
     "Probe",
@@ -27,7 +30,9 @@ __all__ = [
     "bundled_names",
     "bundled_path",
     "export_probes",
+    "fact_relation",
     "load_probes",
     "mark_single_target",
+    "memorization_by_relation",
     "parse_flag",
 ]

