@@ -1,8 +1,19 @@
-"""Knockout and layer-skip figures (method.md section 4) from the library.
+"""Knockout figures and tables (method.md section 4) from the library: the paper's figure with the
+authors' positions (every prompt position), ours (last position only) beside it, the controls
+(random, magnitude-matched, whole-MLP ceiling) and the specificity table per set.
 
-    python experiments/knockouts.py --out results/knockouts [--dataset idioms --sample 100] [--demo]
+    python experiments/knockouts.py --out results/knockouts [--per-group 50] [--full-grid] [--demo]
 
-`--demo` uses 24 common idioms and 6 ordinary sentences written below instead of a dataset.
+Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a
+seeded sample of `--per-group` probes of each set (memorized idioms, non-memorized idioms, ordinary
+text). `--demo` uses 24 common idioms and 6 ordinary sentences written below instead.
+
+Writes under --out: knockouts_all*.parquet and knockouts_last*.parquet (rows, probes, summaries),
+knockout_layers.parquet/.md (share changed per set x control x layer for --table-k, windows of one
+layer, n and 95% Wilson intervals, both positions), value_vectors*.parquet, skipping*.parquet,
+figures: paper_<mode>_k<k> (authors' positions, memorized idioms, every control and the ceiling),
+knockout_<mode>_k<k> (every set), positions_k<k> (every vs last position, side by side),
+layers_<positions>_k<k> (specificity curves), skip_curves; and settings.json.
 """
 
 from __future__ import annotations
@@ -40,42 +51,97 @@ def demo_probes() -> list[Probe]:
 
 def main() -> None:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import knockout_grid, sample_probes, skip_layers
-    from idiom_lens.io import write_json
+    from idiom_lens.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.io import write_json, write_parquet, write_text
+    from idiom_lens.memorization import score_memorization
     from idiom_lens.models import load_model
+    from idiom_lens.pipeline import markdown_table, sample_by_group
     from idiom_lens.plots.export import save_figure
-    from idiom_lens.plots.interventions import knockout_heatmaps, skip_curves
+    from idiom_lens.plots.interventions import (
+        knockout_heatmaps,
+        knockout_layer_curves,
+        knockout_positions_heatmaps,
+        skip_curves,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text"])
-    parser.add_argument("--sample", type=int, default=None, help="seeded sample per dataset")
+    parser.add_argument("--per-group", type=int, default=50, help="seeded sample per set after memorization (default 50)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 10, 100, 1000])
-    parser.add_argument("--max-window", type=int, default=5)
+    parser.add_argument("--full-grid", action="store_true", help="the paper's grid (else --k and --max-window)")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--max-window", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["zero_top"], choices=("zero_top", "keep_top"))
+    parser.add_argument("--controls", nargs="*", default=["random", "matched", "whole_mlp"],
+                        choices=("random", "matched", "whole_mlp"))
+    parser.add_argument("--rank-by", default="effective", choices=("effective", "magnitude", "dla"))
+    parser.add_argument("--norm", default="live", choices=("live", "frozen"))
+    parser.add_argument("--table-k", type=int, default=100, help="k of the specificity table (default 100)")
+    parser.add_argument("--value-vector-k", type=int, nargs="*", default=[1, 10],
+                        help="the authors' value-vector statistic for these k (default 1 10; none to skip)")
+    parser.add_argument("--no-skip", action="store_true", help="do not run layer skipping")
     parser.add_argument("--demo", action="store_true", help="use the inline demo idioms and sentences")
     args = parser.parse_args()
 
+    started = time.perf_counter()
     model = load_model(args.model)
     if args.demo:
         probes = demo_probes()
     else:
-        probes = [p for name in args.dataset for p in sample_probes(load_probes(name), args.sample, seed=args.seed)]
-    windows = tuple(range(1, args.max_window + 1))
-    started = time.perf_counter()
-    knock = knockout_grid(model, probes, ks=args.k, windows=windows, seed=args.seed, progress=True)
-    knock.write(args.out)
-    skip = skip_layers(model, probes, windows=windows, progress=True)
-    skip.write(args.out)
-    for k in args.k:
-        save_figure(knockout_heatmaps(knock, k=k), args.out / f"knockout_zero_top_k{k}", height=900)
-    for k in sorted(set(knock.rows.loc[knock.rows["mode"] == "keep_top", "k"])):
-        save_figure(knockout_heatmaps(knock, k=k, mode="keep_top"), args.out / f"knockout_keep_top_k{k}", height=900)
-    save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
-    write_json(args.out / "knockouts_settings.json", {"knockouts": knock.settings, "skipping": skip.settings})
-    print(f"{len(probes)} probes, {knock.settings['n_configs']} configurations each: "
-          f"knockouts {knock.settings['seconds']:.0f} s, skipping {skip.settings['seconds']:.0f} s, "
+        pool = [p for name in args.dataset for p in load_probes(name)]
+        memo = score_memorization(model, pool, batch_size=32)
+        probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed)
+    grid = {"full_grid": True} if args.full_grid else {
+        "ks": args.k, "windows": tuple(range(1, args.max_window + 1)), "modes": args.modes, "keep_top_ks": None,
+        "keep_top_windows": None}
+    common = dict(controls=tuple(args.controls), rank_by=args.rank_by, norm=args.norm, seed=args.seed, progress=True)
+    every = knockout_grid(model, probes, positions="all", **grid, **common)  # the authors' positions
+    every.write(args.out, stem="knockouts_all")
+    last = knockout_grid(model, probes, positions="last", **grid, **common)  # ours
+    last.write(args.out, stem="knockouts_last")
+    both = KnockoutResult.concat([every, last])
+
+    groups = list(dict.fromkeys(every.probes["group"]))
+    table = every.summary()
+    for mode in sorted(set(table["mode"])):
+        for k in sorted(set(table.loc[(table["mode"] == mode) & (table["control"] != "whole_mlp"), "k"])):
+            if "memorized idioms" in groups:
+                save_figure(knockout_heatmaps(every, k=k, mode=mode, groups=["memorized idioms"]),
+                            args.out / f"paper_{mode}_k{k}", height=450)
+            save_figure(knockout_heatmaps(every, k=k, mode=mode), args.out / f"knockout_{mode}_k{k}", height=900)
+            if mode == "zero_top" and "memorized idioms" in groups:
+                save_figure(knockout_positions_heatmaps(both, k=k, group="memorized idioms"),
+                            args.out / f"positions_k{k}", height=480)
+    targeted_ks = set(table.loc[(table["mode"] == "zero_top") & (table["control"] == "targeted"), "k"])
+    if args.table_k in targeted_ks and 1 in set(table["window"]):
+        layers = both.layer_table(k=args.table_k, window=1)
+        write_parquet(args.out / "knockout_layers.parquet", layers)
+        shown = layers.assign(interval=[f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(layers["changed_low"],
+                                                                                layers["changed_high"])])
+        shown = shown[["positions", "group", "control", "layer", "n", "changed", "interval", "zeroed_share",
+                       "score_ratio"]]
+        write_text(args.out / "knockout_layers.md", markdown_table(shown, digits=2) + "\n")
+        for positions, result in (("all", every), ("last", last)):
+            save_figure(knockout_layer_curves(result, k=args.table_k, window=1),
+                        args.out / f"layers_{positions}_k{args.table_k}", height=500)
+    settings = {"knockouts_all": every.settings, "knockouts_last": last.settings}
+    if args.value_vector_k:
+        vv = value_vector_ranks(model, probes, ks=args.value_vector_k, rank_by=args.rank_by)
+        write_parquet(args.out / "value_vectors.parquet", vv.to_dataframe())
+        write_parquet(args.out / "value_vectors_summary.parquet", vv.summary())
+        settings["value_vectors"] = vv.settings
+    if not args.no_skip:
+        skip = skip_layers(model, probes, windows=tuple(range(1, min(args.max_window, model.n_layers) + 1)),
+                           progress=True)
+        skip.write(args.out)
+        save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
+        settings["skipping"] = skip.settings
+    write_json(args.out / "settings.json", settings)
+    n_group = every.probes["group"].value_counts().to_dict()
+    print(f"{len(probes)} probes {n_group}, {every.settings['n_configs']} configurations each: knockouts every "
+          f"position {every.settings['seconds']:.0f} s, last position {last.settings['seconds']:.0f} s; "
           f"total {time.perf_counter() - started:.0f} s -> {args.out}")
 
 

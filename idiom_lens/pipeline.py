@@ -246,47 +246,90 @@ def run_knockouts(
     windows: Sequence[int] = (1, 2, 3, 4, 5),
     modes: Sequence[str] = ("zero_top", "keep_top"),
     keep_top_ks: Sequence[int] | None = (100,),
-    control: str | None = "random",
-    rank_by: str = "magnitude",
-    positions: str = "last",
+    keep_top_windows: Sequence[int] | None = (1, 2, 3),
+    full_grid: bool = False,
+    controls: Sequence[str] = ("random", "matched", "whole_mlp"),
+    rank_by: str = "effective",
+    positions: str = "all",
+    norm: str = "live",
+    compare_positions: bool = False,
+    value_vector_ks: Sequence[int] = (1, 10),
     seed: int = 0,
     batch_size: int = 128,
     skip: bool = True,
     png: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Neuron knockouts (+ random control) and layer skipping of `probes`; parquet, figures and
-    summary.json under `out`, each written as soon as its step completes."""
-    from idiom_lens.interventions import knockout_grid, skip_layers
+    """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
+    value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
+    `out`, each written as soon as its step completes.
+
+    `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
+    `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
+    as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`)."""
+    from idiom_lens.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.io import write_parquet
     from idiom_lens.plots import save_figure
-    from idiom_lens.plots.interventions import knockout_heatmaps, skip_curves
+    from idiom_lens.plots.interventions import (
+        knockout_heatmaps,
+        knockout_layer_curves,
+        knockout_positions_heatmaps,
+        skip_curves,
+    )
 
     out = Path(out)
     summary: dict[str, Any] = {"n_probes": len(probes)}
     started = time.perf_counter()
-    knock = knockout_grid(
-        model, probes, ks=ks, windows=windows, modes=modes, keep_top_ks=keep_top_ks, control=control,
-        rank_by=rank_by, positions=positions, seed=seed, batch_size=batch_size, progress=True,
-    )
+    grid: dict[str, Any] = {"full_grid": True} if full_grid else {
+        "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
+    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size, progress=True)
+    knock = knockout_grid(model, probes, positions=positions, **grid, **common)
     knock.write(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
     maybe_fail("knockouts.written")
-    log(f"  knockouts: {len(probes)} probes x {knock.settings['n_configs']} configurations in "
+    log(f"  knockouts ({positions} positions): {len(probes)} probes x {knock.settings['n_configs']} configurations in "
         f"{knock.settings['seconds']:.1f} s ({1000 * knock.settings['seconds'] / max(1, len(knock.rows)):.1f} ms "
         "per configuration)")
-    for mode in modes:
-        for k in sorted(set(knock.rows.loc[knock.rows["mode"] == mode, "k"])):
+    table = knock.summary()
+    for mode in sorted(set(table["mode"])):
+        for k in sorted(set(table.loc[(table["mode"] == mode) & (table["control"] != "whole_mlp"), "k"])):
             save_figure(knockout_heatmaps(knock, k=k, mode=mode), out / f"knockout_{mode}_k{k}", png=png, height=900)
+    zero_ks = sorted(set(table.loc[(table["mode"] == "zero_top") & (table["control"] == "targeted"), "k"]))
+    if zero_ks and 1 in set(table["window"]):
+        k_curve = 100 if 100 in zero_ks else zero_ks[-1]
+        layers = knock.layer_table(k=k_curve, window=1)
+        write_parquet(out / "knockout_layers.parquet", layers)
+        summary["share_changed_by_layer"] = {"k": k_curve, "window": 1, "rows": layers.to_dict(orient="records")}
+        save_figure(knockout_layer_curves(knock, k=k_curve, window=1), out / f"knockout_layers_k{k_curve}", png=png,
+                    height=500)
+    if compare_positions:
+        other = "last" if positions == "all" else "all"
+        second = knockout_grid(model, probes, positions=other, **grid, **common)
+        second.write(out, stem=f"knockouts_{other}")
+        summary[f"knockouts_{other}"] = second.settings
+        both = KnockoutResult.concat([knock, second])
+        present = list(dict.fromkeys(knock.probes["group"]))
+        memorized = [g for g in ("memorized idioms", "memorized facts") if g in present] or present[:1]
+        for group in memorized:
+            for k in zero_ks:
+                save_figure(knockout_positions_heatmaps(both, k=k, group=group),
+                            out / f"knockout_positions_{group.replace(' ', '_')}_k{k}", png=png, height=500)
+        log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
+    if value_vector_ks:
+        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=rank_by)  # type: ignore[arg-type]
+        write_parquet(out / "value_vectors.parquet", vv.to_dataframe())
+        write_parquet(out / "value_vectors_summary.parquet", vv.summary())
+        summary["value_vectors"] = vv.settings
     if skip:
-        skipped = skip_layers(model, probes, windows=windows, batch_size=min(batch_size, 64), progress=True)
+        skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
+        skipped = skip_layers(model, probes, windows=skip_windows, batch_size=min(batch_size, 64), progress=True)
         skipped.write(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
         save_figure(skip_curves(skipped), out / "skip_curves", png=png, height=550)
         log(f"  layer skipping: {skipped.settings['n_spans']} spans in {skipped.settings['seconds']:.1f} s")
     summary["total_seconds"] = round(time.perf_counter() - started, 2)
-    table = knock.summary()
     best = table[(table["mode"] == "zero_top")].groupby(["group", "control"])["changed"].max().reset_index()
     summary["max_share_changed_zero_top"] = best.to_dict(orient="records")
     write_json(out / "summary.json", summary)

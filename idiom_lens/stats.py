@@ -200,3 +200,30 @@ def match_nearest(
             match[i] = j
             free[j] = False
     return match
+
+
+def wilson_interval(
+    successes: Int[np.ndarray, "..."] | int,
+    n: Int[np.ndarray, "..."] | int,
+    *,
+    level: float = 0.95,
+) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:
+    """Wilson score interval of a share successes / n (elementwise); NaN where n is 0.
+
+    Used for shares of probes (e.g. the share of predictions a knockout changes): unlike the
+    normal approximation it stays inside [0, 1] and is sensible at 0 or n successes and small n.
+    """
+    from statistics import NormalDist
+
+    k = np.asarray(successes, dtype=np.float64)
+    n_arr = np.asarray(n, dtype=np.float64)
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n_arr
+        denom = 1 + z**2 / n_arr
+        centre = (p + z**2 / (2 * n_arr)) / denom
+        half = z * np.sqrt(p * (1 - p) / n_arr + z**2 / (4 * n_arr**2)) / denom
+        low, high = centre - half, centre + half
+    low = np.where(k <= 0, 0.0, np.clip(low, 0.0, 1.0))  # exact bounds at 0 and n successes
+    high = np.where(k >= n_arr, 1.0, np.clip(high, 0.0, 1.0))
+    return np.where(n_arr > 0, low, np.nan), np.where(n_arr > 0, high, np.nan)

@@ -5,16 +5,25 @@ Each analysis is a pure function from (model, probes, options) to a frozen resul
 """
 
 from idiom_lens.interventions.knockouts import (
+    CONTROLS,
+    DEFAULT_CONTROLS,
     DEFAULT_KEEP_TOP_KS,
+    DEFAULT_KEEP_TOP_WINDOWS,
     DEFAULT_KS,
     DEFAULT_MODES,
     DEFAULT_WINDOWS,
+    PAPER_GRID,
+    GridSpec,
     KnockoutConfig,
     KnockoutResult,
     NeuronRanking,
+    effective_value_norms,
     knockout_configs,
     knockout_grid,
+    matched_neurons,
     neuron_scores,
+    post_norm_gains,
+    random_neurons,
     rank_neurons,
     value_vector_norms,
 )
@@ -31,11 +40,14 @@ from idiom_lens.interventions.patching import (
 )
 from idiom_lens.interventions.runner import sample_probes
 from idiom_lens.interventions.skipping import SkipResult, skip_layers, skip_spans
+from idiom_lens.interventions.value_vectors import ValueVectorRanks, value_vector_ranks
 
 __all__ = [
-    "DEFAULT_KEEP_TOP_KS", "DEFAULT_KS", "DEFAULT_MODES", "DEFAULT_WINDOWS", "SITES", "WORD_BANK",
-    "Corruption", "CorruptionSet", "KnockoutConfig", "KnockoutResult", "NeuronRanking", "PairPatching",
-    "PatchingResult", "SkipResult", "knockout_configs", "knockout_grid", "make_corruptions",
-    "neuron_scores", "patch_pair", "patch_probes", "rank_neurons", "sample_probes", "skip_layers",
-    "skip_spans", "value_vector_norms",
+    "CONTROLS", "DEFAULT_CONTROLS", "DEFAULT_KEEP_TOP_KS", "DEFAULT_KEEP_TOP_WINDOWS", "DEFAULT_KS",
+    "DEFAULT_MODES", "DEFAULT_WINDOWS", "PAPER_GRID", "SITES", "WORD_BANK",
+    "Corruption", "CorruptionSet", "GridSpec", "KnockoutConfig", "KnockoutResult", "NeuronRanking", "PairPatching",
+    "PatchingResult", "SkipResult", "ValueVectorRanks", "effective_value_norms", "knockout_configs",
+    "knockout_grid", "make_corruptions", "matched_neurons", "neuron_scores", "patch_pair", "patch_probes",
+    "post_norm_gains", "random_neurons", "rank_neurons", "sample_probes", "skip_layers", "skip_spans",
+    "value_vector_norms", "value_vector_ranks",
 ]

@@ -37,11 +37,12 @@ from tqdm.auto import tqdm
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.interventions.runner import PromptRunner, check_probes
+from idiom_lens.interventions.runner import PromptRunner, check_probes, masked_prediction
 from idiom_lens.io import write_parquet
 from idiom_lens.memorization import probe_group
 from idiom_lens.models import LoadedModel
 from idiom_lens.tokenization import split_probe
+from idiom_lens.vocab import mask_summary, valid_mask
 
 Variant = Literal["word_swap", "prefix_swap"]
 SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
@@ -291,7 +292,7 @@ def patch_pair(
     patched = torch.cat(values).reshape(len(sites), n_layers, n_pos)
     return PairPatching(
         tuple(sites), patched, float(clean_logits[target_id]), float(corr_logits[target_id]),
-        int(clean_logits.argmax()), int(corr_logits.argmax()),
+        masked_prediction(clean_logits, valid_mask(model))[0], masked_prediction(corr_logits, valid_mask(model))[0],
     )
 
 
@@ -383,7 +384,7 @@ def patch_probes(
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["probe_id", "variant", "site", "layer", "pos", "pos_from_end", "patched_logit", "restored",
                  "clean_token", "corrupted_token"])
-    settings = model.settings() | {
+    settings = model.settings() | mask_summary(model) | {
         "analysis": "activation_patching", "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
         "variants": list(variants), "sites": list(sites), "seed": seed, "keep_last": keep_last,
         "min_gap": min_gap, "n_pairs": len(corruptions.pairs), "n_skipped": len(corruptions.skipped),

@@ -1,6 +1,14 @@
-"""What every intervention shares: probe checks and sampling, a runner that replays one prompt
-as many batch rows (one per configuration) with the prefix's key/value cache reused, and the
-outcome metrics of a perturbed run (knockouts, layer skipping and patching use them alike)."""
+"""What every intervention shares: probe checks and sampling, two runners that replay one prompt
+as many batch rows (one per configuration), and the outcome metrics of a perturbed run
+(knockouts, layer skipping and patching use them alike).
+
+- `PromptRunner`: the prefix's key/value cache reused, only the last token recomputed (for hooks
+  that touch the last position only), or the whole prompt.
+- `SuffixRunner`: the whole prompt, resumed at a layer from the clean residual stream (for hooks
+  at every position that touch no layer below the resume layer: the layers below run once).
+
+Predictions range over real vocabulary tokens (`idiom_lens.vocab`): every argmax and probability
+here is taken on masked logits."""
 
 from __future__ import annotations
 
@@ -10,13 +18,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models import LoadedModel
 from idiom_lens.selfcheck import check_against_full_forward, prefix_cache_works
+from idiom_lens.vocab import mask_logits
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -92,9 +101,89 @@ class PromptRunner:
         check_against_full_forward(self.model, self.prompt_ids, self.run(2, []), what=what, probe=probe)
 
 
+class SuffixRunner:
+    """Runs one whole prompt many times (one row per configuration), resuming at a layer.
+
+    The clean pass runs once through the bridge (`run_with_hooks`, with the caller's capture
+    hooks); a pre-hook on every block records the residual stream entering it (all positions)
+    and the keyword arguments the model passes it (attention mask, rotary embeddings). A run
+    from layer `start` feeds the clean residual entering `start` to blocks start..n-1, called
+    one after the other with those arguments, under `bridge.hooks(...)`; then the final norm and
+    the unembedding of the last position. Valid exactly when no hook touches a layer below
+    `start` (those layers would compute the clean values again). TransformerBridge's own
+    `start_at_layer` still executes the lower blocks (its docs say so), so it saves nothing.
+    """
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, capture: Sequence[tuple[str, HookFn]] = ()):
+        self.model = model
+        self.prompt_ids = tuple(int(i) for i in prompt_ids)
+        bridge = model.bridge
+        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
+        self.resid: list[Tensor] = [torch.empty(0)] * model.n_layers  # [1, pos, d_model] entering each block
+        self.block_kwargs: list[dict[str, Any]] = [{}] * model.n_layers
+
+        def record(layer: int) -> Callable:
+            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.resid[layer] = hidden.detach().clone()
+                kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kept["past_key_values"] = None  # the clean pass's cache object must not be written to
+                if "use_cache" in kept:
+                    kept["use_cache"] = False
+                self.block_kwargs[layer] = kept
+
+            return pre_hook
+
+        handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(bridge.blocks)]
+        try:
+            with torch.no_grad():
+                logits = bridge.run_with_hooks(ids, fwd_hooks=list(capture))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.clean_logits: Float[Tensor, " d_vocab"] = logits[0, -1].float()
+        self.n_pos = len(self.prompt_ids)
+        self.last = self.n_pos - 1
+        config = getattr(getattr(bridge, "original_model", None), "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0) -> Float[Tensor, "row d_vocab"]:
+        """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active."""
+        bridge = self.model.bridge
+        if not 0 <= start < self.model.n_layers:
+            raise InputError(f"start layer must be in 0..{self.model.n_layers - 1}, got {start}")
+        x = self.resid[start].expand(n_rows, -1, -1).contiguous()
+        with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):
+            for layer in range(start, self.model.n_layers):
+                out = bridge.blocks[layer](x, **self.block_kwargs[layer])
+                x = out[0] if isinstance(out, tuple) else out
+            logits = bridge.unembed(bridge.ln_final(x[:, -1:]))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, -1].float()
+
+    def self_check(self, *, what: str, probe: str) -> None:
+        """Stop (`FastPathError`) unless rows resumed at the first, a middle and the last layer
+        equal a plain full forward of the prompt (the recorded block arguments, the direct
+        block calls, the last-position unembedding), under the installed versions."""
+        for start in sorted({0, self.model.n_layers // 2, self.model.n_layers - 1}):
+            check_against_full_forward(self.model, self.prompt_ids, self.run(2, [], start=start),
+                                       what=f"{what} (resumed at layer {start})", probe=probe)
+
+
+def masked_prediction(logits: Float[Tensor, " d_vocab"], valid: Bool[Tensor, " d_vocab"]) -> tuple[int, float]:
+    """The prediction over real vocabulary tokens and its probability (masked softmax)."""
+    masked = mask_logits(logits.float(), valid)
+    pred = int(masked.argmax())
+    return pred, float(masked.softmax(-1)[pred])
+
+
 def last_metrics(
-    logits: Float[Tensor, "row d_vocab"], clean_pred: int, clean_prob: float, target_id: int
+    logits: Float[Tensor, "row d_vocab"], clean_pred: int, clean_prob: float, target_id: int, *,
+    valid: Bool[Tensor, " d_vocab"],
 ) -> dict[str, np.ndarray]:
+    """Outcome of perturbed rows against the clean prediction, on masked logits (`valid`)."""
+    logits = mask_logits(logits.float(), valid)
     log_probs = logits.log_softmax(dim=-1)
     pred = logits.argmax(dim=-1)
     prob_clean_pred = log_probs[:, clean_pred].exp()

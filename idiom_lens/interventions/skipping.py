@@ -6,7 +6,8 @@ its input through, so the residual after the window equals the residual before i
 the whole block is removed (every position); ``positions="last"`` replaces the block's output at
 the last prompt position only (then the prefix's key/value cache is reused, as for knockouts).
 Metrics are those of the knockouts: share of predictions changed, mean drop of the original
-prediction's probability, share whose new prediction is the target.
+prediction's probability, share whose new prediction is the target; predictions range over real
+vocabulary tokens (`idiom_lens.vocab`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.forward import tokenize_probes
 from idiom_lens.interventions.knockouts import Positions
-from idiom_lens.interventions.runner import PromptRunner, check_probes, last_metrics
+from idiom_lens.interventions.runner import PromptRunner, check_probes, last_metrics, masked_prediction
 from idiom_lens.io import write_parquet
 from idiom_lens.memorization import probe_group
 from idiom_lens.models import LoadedModel
+from idiom_lens.vocab import mask_summary, valid_mask
 
 
 def skip_spans(n_layers: int, windows: Sequence[int] = (1, 2, 3, 4, 5)) -> list[tuple[int, ...]]:
@@ -121,18 +123,17 @@ def skip_layers(
     PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=positions == "last").self_check(
         what="layer skipping", probe=probes[0].id)
     started = time.perf_counter()
+    valid = valid_mask(model)
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(span_list), desc="layer skipping", unit="span", disable=not progress)
     for probe, toks in zip(probes, probe_tokens):
         runner = PromptRunner(model, toks.prompt_ids, use_kv=positions == "last")
-        clean = runner.run(1, [])
-        pred = int(clean[0].argmax())
-        prob = float(clean[0].softmax(-1)[pred])
+        pred, prob = masked_prediction(runner.run(1, [])[0], valid)
         parts = []
         for start in range(0, len(span_list), batch_size):
             chunk = span_list[start : start + batch_size]
             logits = runner.run(len(chunk), _skip_hooks(chunk, n_layers, runner, positions))
-            parts.append(last_metrics(logits, pred, prob, toks.target_id))
+            parts.append(last_metrics(logits, pred, prob, toks.target_id, valid=valid))
         metrics = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         frame = pd.DataFrame({
             "probe_id": probe.id,
@@ -152,7 +153,7 @@ def skip_layers(
         })
         bar.update(len(span_list))
     bar.close()
-    settings = model.settings() | {
+    settings = model.settings() | mask_summary(model) | {
         "analysis": "layer_skipping", "windows": [int(w) for w in windows] if spans is None else None,
         "positions": positions, "n_probes": len(probes), "n_spans": len(span_list),
         "seconds": round(time.perf_counter() - started, 2),

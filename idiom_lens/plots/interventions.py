@@ -1,7 +1,12 @@
 """Figures of the interventions, drawn from result objects only (nothing is recomputed).
 
 - `knockout_heatmaps`: start layer x end layer, share of predictions changed, one row per set,
-  targeted beside the random control (same color scale).
+  one column per control (targeted, random, matched) and the whole-MLP ceiling (same color scale);
+  the title says which positions, ranking and norm handling the result used.
+- `knockout_positions_heatmaps`: the same configurations with the knockout at every position (the
+  authors') and at the last position (ours), side by side with their difference.
+- `knockout_layer_curves`: share changed per layer (windows of one layer) with 95% intervals, one
+  panel per set, one line per control and the ceiling: the specificity figure.
 - `skip_curves`: share changed and mean probability drop per skipped layer (or window), per set.
 - `patching_heatmaps`: restored share of the target logit, layer x position (from the end),
   one panel per site; one probe (token labels) or the mean over a set.
@@ -12,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -30,6 +36,10 @@ _COLORS = {
     "memorized idioms": "#d62728", "non-memorized idioms": "#1f77b4", "ordinary text": "#7f7f7f",
     "memorized facts": "#ff7f0e", "non-memorized facts": "#2ca02c",
 }
+_CONTROL_LABEL = {"targeted": "targeted top-k", "random": "random k", "matched": "magnitude-matched",
+                  "whole_mlp": "whole MLP (ceiling)"}
+_CONTROL_COLORS = {"targeted": "#d62728", "random": "#7f7f7f", "matched": "#1f77b4", "whole_mlp": "#000000"}
+_POSITIONS_LABEL = {"all": "every position (authors')", "last": "last position only (ours)"}
 
 
 def _groups_in(frame, groups: Sequence[str] | None) -> list[str]:
@@ -38,39 +48,60 @@ def _groups_in(frame, groups: Sequence[str] | None) -> list[str]:
     return [g for g in ordered if groups is None or g in groups]
 
 
+def _one_variant(summary: pd.DataFrame, positions: str | None) -> tuple[pd.DataFrame, str]:
+    """The rows of one (positions, rank_by, norm) variant and a caption naming it."""
+    if positions is not None:
+        summary = summary[summary["positions"] == positions]
+        if summary.empty:
+            raise InputError(f"no knockout results with positions={positions!r}")
+    variants = summary[["positions", "rank_by", "norm"]].drop_duplicates()
+    if len(variants) != 1:
+        raise InputError("the result holds several variants (positions, ranking, norm): pick one with positions=")
+    v = variants.iloc[0]
+    return summary, (f"knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}; ranked by {v.rank_by}; "
+                     f"post-MLP norm {v.norm}")
+
+
+def _triangle(cell: pd.DataFrame, n_layers: int, metric: str) -> np.ndarray:
+    z = np.full((n_layers, n_layers), np.nan)
+    for row in cell.itertuples():
+        z[row.start, row.end] = getattr(row, metric)
+    return z
+
+
 def knockout_heatmaps(
     result: KnockoutResult, *, k: int, mode: str = "zero_top", metric: str = "changed",
-    groups: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None, positions: str | None = None, ceiling: bool = True,
 ) -> go.Figure:
-    """Start-layer x end-layer heatmaps of one k and mode: rows = sets, columns = targeted | random."""
-    summary = result.summary()
-    sub = summary[(summary["k"] == k) & (summary["mode"] == mode)]
+    """Start-layer x end-layer heatmaps of one k and mode: rows = sets, columns = targeted and each
+    control of this mode, then the whole-MLP ceiling of the same windows (`ceiling`)."""
+    summary, variant = _one_variant(result.summary(), positions)
+    sub = summary[(summary["k"] == k) & (summary["mode"] == mode) & (summary["control"] != "whole_mlp")]
     if sub.empty:
         raise InputError(f"no knockout results for k={k}, mode={mode!r}")
     if metric not in _METRIC_LABEL:
         raise InputError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}")
+    windows = set(sub["window"])
+    ceil = summary[(summary["control"] == "whole_mlp") & summary["window"].isin(windows)] if ceiling else sub[:0]
+    cells = pd.concat([sub, ceil], ignore_index=True)
     group_list = _groups_in(sub, groups)
-    controls = [c for c in ("targeted", "random") if c in set(sub["control"])]
-    n_layers = int(result.settings.get("n_layers", sub["end"].max() + 1))
-    titles = []
-    for g in group_list:
-        n = result.probes[result.probes["group"] == g].shape[0]
-        titles += [f"{g} (n={n}): {c}" for c in controls]
+    controls = [c for c in ("targeted", "random", "matched", "whole_mlp") if c in set(cells["control"])]
+    n_layers = int(result.settings.get("n_layers") or cells["end"].max() + 1)
+    n_of = cells.groupby("group")["n"].max()
+    titles = [f"{g} (n={int(n_of.get(g, 0))}): {_CONTROL_LABEL[c]}" for g in group_list for c in controls]
     fig = make_subplots(
         rows=len(group_list), cols=len(controls), subplot_titles=titles, shared_xaxes=True,
-        shared_yaxes=True, horizontal_spacing=0.06, vertical_spacing=0.12 / max(1, len(group_list) - 1) + 0.04,
+        shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.12 / max(1, len(group_list) - 1) + 0.04,
     )
-    zmax = 1.0 if metric != "prob_drop" else max(1e-6, float(sub[metric].abs().max()))
+    zmax = 1.0 if metric != "prob_drop" else max(1e-6, float(cells[metric].abs().max()))
     for r, g in enumerate(group_list, start=1):
         for c, control in enumerate(controls, start=1):
-            cell = sub[(sub["group"] == g) & (sub["control"] == control)]
-            z = np.full((n_layers, n_layers), np.nan)
-            for row in cell.itertuples():
-                z[row.start, row.end] = getattr(row, metric)
+            cell = cells[(cells["group"] == g) & (cells["control"] == control)]
             fig.add_trace(
                 go.Heatmap(
-                    z=z, x=list(range(n_layers)), y=list(range(n_layers)), zmin=0 if metric != "prob_drop" else -zmax,
-                    zmax=zmax, colorscale="Viridis" if metric != "prob_drop" else "RdBu_r",
+                    z=_triangle(cell, n_layers, metric), x=list(range(n_layers)), y=list(range(n_layers)),
+                    zmin=0 if metric != "prob_drop" else -zmax, zmax=zmax,
+                    colorscale="Viridis" if metric != "prob_drop" else "RdBu_r",
                     colorbar={"title": {"text": metric}, "len": 0.9}, showscale=(r == 1 and c == 1),
                     hovertemplate="start %{y}, end %{x}: %{z:.2f}<extra></extra>",
                 ),
@@ -80,9 +111,90 @@ def knockout_heatmaps(
             fig.update_xaxes(title_text="end layer" if r == len(group_list) else None, row=r, col=c)
     label = "zero the top" if mode == "zero_top" else "keep only the top"
     fig.update_layout(
-        title=f"MLP knockouts: {label} {k} neurons per layer in layers start..end "
-        f"({_METRIC_LABEL[metric]}; {result.settings.get('positions', 'last')} position)",
+        title=f"MLP knockouts: {label} {k} neurons per layer in layers start..end ({_METRIC_LABEL[metric]})"
+        f"<br><sup>{variant}</sup>",
         title_font_size=15, template="plotly_white",
+    )
+    return fig
+
+
+def knockout_positions_heatmaps(
+    result: KnockoutResult, *, k: int, mode: str = "zero_top", group: str = "memorized idioms",
+    control: str = "targeted", metric: str = "changed",
+) -> go.Figure:
+    """One set, one k, mode and control: the knockout at every position (the authors'), at the last
+    position only (ours), and the difference (every - last). `result` holds both (`KnockoutResult.concat`)."""
+    summary = result.summary()
+    sub = summary[(summary["k"] == k) & (summary["mode"] == mode) & (summary["control"] == control)
+                  & (summary["group"] == group)]
+    if set(sub["positions"]) != {"all", "last"}:
+        raise InputError(f"need results at positions 'all' and 'last' for {group}, k={k}, {mode}, {control}; "
+                         f"got {sorted(set(sub['positions']))}")
+    if metric not in _METRIC_LABEL:
+        raise InputError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}")
+    n_layers = int(sub["end"].max() + 1)
+    z_all = _triangle(sub[sub["positions"] == "all"], n_layers, metric)
+    z_last = _triangle(sub[sub["positions"] == "last"], n_layers, metric)
+    n = int(sub["n"].max())
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.05, subplot_titles=[
+        _POSITIONS_LABEL["all"], _POSITIONS_LABEL["last"], "difference (every - last)"])
+    hover = "start %{y}, end %{x}: %{z:.2f}<extra></extra>"
+    for c, z in enumerate((z_all, z_last), start=1):
+        fig.add_trace(go.Heatmap(z=z, x=list(range(n_layers)), y=list(range(n_layers)), zmin=0, zmax=1,
+                                 colorscale="Viridis", showscale=c == 1, colorbar={"x": 0.62, "len": 0.9},
+                                 hovertemplate=hover), row=1, col=c)
+    fig.add_trace(go.Heatmap(z=z_all - z_last, x=list(range(n_layers)), y=list(range(n_layers)), zmin=-1, zmax=1,
+                             zmid=0, colorscale="RdBu_r", colorbar={"title": {"text": "diff"}, "len": 0.9},
+                             hovertemplate=hover), row=1, col=3)
+    for c in (1, 2, 3):
+        fig.update_yaxes(autorange="reversed", title_text="start layer" if c == 1 else None, row=1, col=c)
+        fig.update_xaxes(title_text="end layer", row=1, col=c)
+    variant = sub[["rank_by", "norm"]].drop_duplicates().iloc[0]
+    fig.update_layout(
+        title=f"{group} (n={n}): {_CONTROL_LABEL[control]}, {'zero the top' if mode == 'zero_top' else 'keep the top'} "
+        f"{k} ({_METRIC_LABEL[metric]})<br><sup>ranked by {variant.rank_by}; post-MLP norm {variant.norm}</sup>",
+        title_font_size=15, template="plotly_white",
+    )
+    return fig
+
+
+def knockout_layer_curves(
+    result: KnockoutResult, *, k: int = 100, window: int = 1, mode: str = "zero_top", positions: str | None = None,
+    groups: Sequence[str] | None = None,
+) -> go.Figure:
+    """Share changed per start layer for one k and window length, one panel per set, one line per
+    control (and the whole-MLP ceiling) with 95% Wilson intervals: is the effect specific to
+    memorized idioms, and to the targeted neurons?"""
+    table = result.layer_table(k=k, window=window, mode=mode)
+    if positions is not None:
+        table = table[table["positions"] == positions]
+    variants = table[["positions", "rank_by", "norm"]].drop_duplicates()
+    if len(variants) != 1:
+        raise InputError("the result holds several variants (positions, ranking, norm): pick one with positions=")
+    v = variants.iloc[0]
+    group_list = _groups_in(table, groups)
+    n_of = table.groupby("group")["n"].max()
+    fig = make_subplots(rows=1, cols=len(group_list), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"{g} (n={int(n_of[g])})" for g in group_list])
+    for c, g in enumerate(group_list, start=1):
+        for control in ("targeted", "matched", "random", "whole_mlp"):
+            part = table[(table["group"] == g) & (table["control"] == control)].sort_values("layer")
+            if part.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=part["layer"], y=part["changed"], mode="lines+markers", name=_CONTROL_LABEL[control],
+                legendgroup=control, showlegend=c == 1,
+                line={"color": _CONTROL_COLORS[control], "dash": "dot" if control == "whole_mlp" else "solid"},
+                error_y={"type": "data", "symmetric": False, "array": part["changed_high"] - part["changed"],
+                         "arrayminus": part["changed"] - part["changed_low"], "thickness": 1},
+            ), row=1, col=c)
+        fig.update_xaxes(title_text="layer" if window == 1 else "first layer of the window", dtick=2, row=1, col=c)
+    fig.update_yaxes(range=[0, 1.02], title_text="share of predictions changed", row=1, col=1)
+    fig.update_layout(
+        title=f"Knockouts of {k} neurons ({mode}), windows of {window} layer{'s' if window > 1 else ''}: "
+        f"targeted vs controls, 95% intervals<br><sup>knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}; "
+        f"ranked by {v.rank_by}; post-MLP norm {v.norm}</sup>",
+        template="plotly_white", legend={"orientation": "h", "y": -0.2}, title_font_size=15,
     )
     return fig
 

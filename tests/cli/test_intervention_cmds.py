@@ -25,23 +25,64 @@ def probe_file(tmp_path, probes):
 
 
 def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_path, capsys):
+    """Defaults: the authors' positions (every position), effective ranking, live norm, the random,
+    matched and whole-MLP controls; tables with n and intervals per set, figures, value vectors."""
     out = tmp_path / "ko"
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "1", "5",
                  "--max-window", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
     assert code == 0
     frame = pd.read_parquet(out / "knockouts.parquet")
-    assert frame["probe_id"].nunique() == 6 and set(frame["k"]) == {1, 5}
+    assert frame["probe_id"].nunique() == 6 and set(frame.loc[frame["control"] != "whole_mlp", "k"]) == {1, 5, 100}
+    assert set(frame["control"]) == {"targeted", "random", "matched", "whole_mlp"}
+    assert set(frame["positions"]) == {"all"} and set(frame["rank_by"]) == {"effective"} and set(frame["norm"]) == {"live"}
+    summary_table = pd.read_parquet(out / "knockouts_summary.parquet")
+    assert {"n", "changed", "changed_low", "changed_high", "score_ratio", "zeroed_share"} <= set(summary_table.columns)
+    layers = pd.read_parquet(out / "knockout_layers.parquet")
+    assert set(layers["control"]) == {"targeted", "random", "matched", "whole_mlp"} and (layers["n"] > 0).all()
     assert (out / "skipping.parquet").exists() and (out / "skip_curves.html").exists()
-    assert (out / "knockout_zero_top_k5.html").exists()
+    assert (out / "knockout_zero_top_k5.html").exists() and (out / "knockout_layers_k5.html").exists()
+    assert set(pd.read_parquet(out / "value_vectors.parquet")["k"]) == {1, 10}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_probes"] == 6 and "total_seconds" in summary
+    settings = summary["knockouts"]
+    assert settings["positions"] == "all" and settings["controls"] == ["random", "matched", "whole_mlp"]
+    assert settings["n_masked_tokens"] == 3 and settings["post_norm"] == "ln2_post"
     assert "ms per configuration" in capsys.readouterr().out
+
+
+def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
+    """--full-grid (the paper's), --positions last with --compare-positions, --norm frozen,
+    --rank-by magnitude, --controls, recorded in the rows and the settings."""
+    out = tmp_path / "paper"
+    assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--full-grid",
+                 "--limit", "2", "--controls", "none", "--value-vector-k", "--no-skip", "--no-png",
+                 "--out", str(out)]) == 0
+    frame = pd.read_parquet(out / "knockouts.parquet")
+    assert set(frame.loc[frame["mode"] == "zero_top", "k"]) == {1, 10, 100, 1000}
+    assert set(frame.loc[frame["mode"] == "keep_top", "k"]) == {10, 100, 1000}
+    assert set(frame["control"]) == {"targeted"} and not (out / "value_vectors.parquet").exists()
+    assert json.loads((out / "summary.json").read_text())["knockouts"]["grid"] == "paper"
+
+    out = tmp_path / "ours"
+    assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "5",
+                 "--max-window", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
+                 "--compare-positions", "--norm", "frozen", "--rank-by", "magnitude", "--controls", "matched",
+                 "--no-skip", "--no-png", "--out", str(out)]) == 0
+    last, every = pd.read_parquet(out / "knockouts.parquet"), pd.read_parquet(out / "knockouts_all.parquet")
+    assert set(last["positions"]) == {"last"} and set(every["positions"]) == {"all"}
+    assert set(last["norm"]) == {"frozen"} and set(last["rank_by"]) == {"magnitude"}
+    assert set(last["control"]) == {"targeted", "matched"}
+    assert any(p.name.startswith("knockout_positions_") and p.suffix == ".html" for p in out.iterdir())
 
 
 def test_knockout_cmd_rejects_bad_input(commands, tiny_model_dir, probe_file, tmp_path, capsys):
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--max-window", "9",
                  "--out", str(tmp_path / "x")])
     assert code == 2 and "--max-window" in capsys.readouterr().err
+    code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--full-grid", "--k", "5",
+                 "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--full-grid" in err and "--k" in err
 
 
 def test_patch_cmd_dataset_and_text(commands, tiny_model_dir, probe_file, tmp_path, capsys):

@@ -10,6 +10,8 @@ from idiom_lens.errors import InputError
 from idiom_lens.forward import tokenize_probes
 from idiom_lens.interventions import skip_layers, skip_spans
 
+from .test_against_full_forward import masked
+
 
 def test_skipping_no_layer_changes_nothing(tiny_model, probes):
     result = skip_layers(tiny_model, probes, spans=[(), (1,)])
@@ -37,6 +39,7 @@ def test_skip_matches_manual_bypass(tiny_model, probes, span):
             logits = tiny_model.bridge.run_with_hooks(
                 tokens, fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)]
             )[0, -1]
+        logits = masked(tiny_model, logits)  # predictions range over real vocabulary tokens
         assert row.new_pred_id == int(logits.argmax())
         assert row.prob_of_clean_pred == pytest.approx(float(logits.softmax(-1)[row.clean_pred_id]), abs=1e-5)
 

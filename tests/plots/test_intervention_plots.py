@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 
 from idiom_lens.errors import InputError
-from idiom_lens.interventions import knockout_grid, patch_probes, skip_layers
+from idiom_lens.interventions import KnockoutResult, knockout_grid, patch_probes, skip_layers
 from idiom_lens.plots.export import save_figure
-from idiom_lens.plots.interventions import knockout_heatmaps, patching_heatmaps, skip_curves
+from idiom_lens.plots.interventions import (
+    knockout_heatmaps,
+    knockout_layer_curves,
+    knockout_positions_heatmaps,
+    patching_heatmaps,
+    skip_curves,
+)
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 
@@ -24,13 +30,41 @@ def test_knockout_heatmaps(results, tmp_path):
     knock = results[0]
     fig = knockout_heatmaps(knock, k=5)
     n_groups = knock.probes["group"].nunique()
-    assert len(fig.data) == 2 * n_groups  # targeted and random per set
+    assert len(fig.data) == 4 * n_groups  # targeted, random, matched and the whole-MLP ceiling per set
+    titles = [a.text for a in fig.layout.annotations]
+    assert any("whole MLP (ceiling)" in t for t in titles) and any("magnitude-matched" in t for t in titles)
+    assert all("(n=" in t for t in titles)
+    assert "every position (authors')" in fig.layout.title.text and "ranked by effective" in fig.layout.title.text
     z = fig.data[0].z
     assert z.shape == (3, 3) and z[2, 0] != z[2, 0]  # end < start is empty (NaN)
     paths = save_figure(fig, tmp_path / "knock", png=True, width=600, height=500)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    keep = knockout_heatmaps(knock, k=100, mode="keep_top", ceiling=False)  # keep_top's default k
+    assert len(keep.data) == 2 * n_groups  # keep_top: targeted and random
     with pytest.raises(InputError, match="k=7"):
         knockout_heatmaps(knock, k=7)
+
+
+def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_path):
+    every = results[0]
+    last = knockout_grid(tiny_model, probes, ks=(1, 5), windows=(1, 2), positions="last")
+    both = KnockoutResult.concat([every, last])
+    group = both.probes["group"].iloc[0]
+    fig = knockout_positions_heatmaps(both, k=5, group=group)
+    assert len(fig.data) == 3  # every position, last position, difference
+    assert fig.data[2].z[0, 0] == pytest.approx(fig.data[0].z[0, 0] - fig.data[1].z[0, 0])
+    save_figure(fig, tmp_path / "positions", png=False)
+    with pytest.raises(InputError, match="several variants"):
+        knockout_heatmaps(both, k=5)
+    assert "last position only" in knockout_heatmaps(both, k=5, positions="last").layout.title.text
+    with pytest.raises(InputError, match="positions 'all' and 'last'"):
+        knockout_positions_heatmaps(every, k=5, group=group)
+    curves = knockout_layer_curves(both, k=5, window=1, positions="all")
+    n_groups = both.probes["group"].nunique()
+    assert len(curves.data) == 4 * n_groups  # targeted, matched, random, ceiling per set
+    assert all(tr.error_y.array is not None for tr in curves.data)
+    save_figure(curves, tmp_path / "curves", png=False)
+    assert (tmp_path / "curves.html").exists()
 
 
 def test_skip_curves(results, tmp_path):
