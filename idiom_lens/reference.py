@@ -22,12 +22,16 @@ def load_hf_model(model_dir: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def reference_trajectory(hf_model: Any, probe_tokens: Sequence[ProbeTokens]) -> dict[str, np.ndarray]:
+def reference_trajectory(
+    hf_model: Any, probe_tokens: Sequence[ProbeTokens], *, masked_ids: Sequence[int] = ()
+) -> dict[str, np.ndarray]:
     """resid_post lens per layer for each probe: ranks/probs of the final prediction and target.
 
     Returns arrays [probe, layer] keyed pred_rank, pred_prob, target_rank, target_prob, and
     pred_id [probe]. Hugging Face's last hidden state already has the final norm applied.
+    `masked_ids` (e.g. `vocab.masked_token_ids`) are out of the distribution (logit -inf).
     """
+    masked = torch.tensor(list(masked_ids), dtype=torch.long)
     norm = hf_model.model.norm
     head = hf_model.lm_head
     out: dict[str, list] = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob", "pred_id")}
@@ -44,6 +48,8 @@ def reference_trajectory(hf_model: Any, probe_tokens: Sequence[ProbeTokens]) -> 
                 softcap = getattr(hf_model.config, "final_logit_softcapping", None)
                 if softcap:
                     logits = torch.tanh(logits / softcap) * softcap
+                if len(masked):
+                    logits = logits.index_fill(0, masked, -torch.inf)
                 layer_logits.append(logits)
             pred = int(layer_logits[-1].argmax())
             rows = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob")}

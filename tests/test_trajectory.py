@@ -218,7 +218,11 @@ def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_mo
     probes = list(load_probes("idioms").probes[:40])
     ours = layer_trajectory(embedded_model, probes, sites=["resid_post"], batch_size=32)
     single = layer_trajectory(embedded_model, probes[:12], sites=["resid_post"], batch_size=1)
-    ref = reference_trajectory(load_hf_model(embedded_model.source_path), tokenize_probes(embedded_model, probes[:12]))
+    from idiom_lens.vocab import masked_token_ids
+
+    masked = masked_token_ids(embedded_model.tokenizer, embedded_model.d_vocab)  # the same definition, masked by hand
+    ref = reference_trajectory(load_hf_model(embedded_model.source_path), tokenize_probes(embedded_model, probes[:12]),
+                               masked_ids=masked)
 
     mem = ours.memorization.to_dataframe()
     assert (mem["pred_id"].to_numpy()[:12] == ref["pred_id"]).all()
