@@ -139,3 +139,20 @@ def embedded_model_compat():
     from idiom_lens.models import load_model
 
     return load_model("gemma-3-270m", mode="compat", progress=False)
+
+
+@pytest.fixture(scope="session")
+def shaped_norm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Gemma 3 with a non-trivial final norm weight (the fixture's is the identity: zeros + 1)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-gemma3-shaped-norm")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    weights = load_file(str(out / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=generator)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from idiom_lens.attribution import (
     FRAME_COLUMNS,
@@ -218,25 +215,13 @@ def _probe(prompt: str, target: str):
 
 # final_norm=False on a model whose final norm is not the identity (the tiny model's is)
 
-@pytest.fixture(scope="module")
-def shaped_norm_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-gemma3-shaped-norm")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, out / file.name)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=gen)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-def test_value_vector_projection_with_and_without_final_norm_by_hand(shaped_norm_dir):
+def test_value_vector_projection_with_and_without_final_norm_by_hand(shaped_norm_model_dir):
     """final_norm=True ranks tokens by v * (1 + w_final) @ E^T, final_norm=False by v @ E^T (E: the
     tied unembedding, from the HF weights). Fails if final_norm is ignored or the weight is mis-divided."""
     from transformers import AutoModelForCausalLM
 
-    model = load_model(str(shaped_norm_dir), mode="compat", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(str(shaped_norm_dir)).eval()
+    model = load_model(str(shaped_norm_model_dir), mode="compat", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(shaped_norm_model_dir)).eval()
     scale = 1.0 + hf.model.norm.weight.detach()  # Gemma RMSNorm multiplies by (1 + w)
     unembed = hf.lm_head.weight.detach()  # [vocab, d_model]
     decode = model.tokenizer.decode

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
@@ -140,19 +137,6 @@ def test_full_target_match_true_and_false_on_multi_token_targets(tiny_model, pro
         got = [(r.target, r.n_target_tokens, r.memorized, r.full_target_match) for r in records]
         expected = [(t, n, m, f) for _, t, n, m, f in FULL_MATCH_CASES]
         assert got == expected
-
-
-@pytest.fixture(scope="module")
-def shaped_norm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny Gemma 3 with a non-trivial final norm weight (the fixture's is the identity: zeros + 1)."""
-    out = tmp_path_factory.mktemp("tiny-gemma3-shaped-norm")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, out / file.name)
-    weights = load_file(str(out / "model.safetensors"))
-    generator = torch.Generator().manual_seed(0)
-    weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=generator)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def test_readout_with_and_without_final_norm_by_hand(shaped_norm_model_dir) -> None:
