@@ -2,11 +2,12 @@
 authors' positions (every prompt position), ours (last position only) beside it, the controls
 (random, magnitude-matched, whole-MLP ceiling) and the specificity table per set.
 
-    python experiments/knockouts.py --out results/knockouts [--per-group 50] [--full-grid] [--demo]
+    python experiments/knockouts.py --out results/knockouts [--per-group 50] [--whole "memorized idioms"]
+        [--positions all] [--full-grid] [--demo]
 
 Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a
 seeded sample of `--per-group` probes of each set (memorized idioms, non-memorized idioms, ordinary
-text). `--demo` uses 24 common idioms and 6 ordinary sentences written below instead.
+text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary sentences written below instead.
 
 Writes under --out: knockouts_all*.parquet and knockouts_last*.parquet (rows, probes, summaries),
 knockout_layers.parquet/.md (share changed per set x control x layer for --table-k, windows of one
@@ -69,6 +70,10 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text"])
     parser.add_argument("--per-group", type=int, default=50, help="seeded sample per set after memorization (default 50)")
+    parser.add_argument("--whole", nargs="*", default=[], metavar="SET",
+                        help='sets kept entire instead of sampled, e.g. --whole "memorized idioms"')
+    parser.add_argument("--positions", nargs="+", default=["all", "last"], choices=("all", "last"),
+                        help="where neurons are zeroed: all (the authors'), last (ours); default both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-grid", action="store_true", help="the paper's grid (else --k and --max-window)")
     parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
@@ -92,41 +97,41 @@ def main() -> None:
     else:
         pool = [p for name in args.dataset for p in load_probes(name)]
         memo = score_memorization(model, pool, batch_size=32)
-        probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed)
+        probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed, whole=args.whole)
     grid = {"full_grid": True} if args.full_grid else {
         "ks": args.k, "windows": tuple(range(1, args.max_window + 1)), "modes": args.modes, "keep_top_ks": None,
         "keep_top_windows": None}
     common = dict(controls=tuple(args.controls), rank_by=args.rank_by, norm=args.norm, seed=args.seed, progress=True)
-    every = knockout_grid(model, probes, positions="all", **grid, **common)  # the authors' positions
-    every.write(args.out, stem="knockouts_all")
-    last = knockout_grid(model, probes, positions="last", **grid, **common)  # ours
-    last.write(args.out, stem="knockouts_last")
-    both = KnockoutResult.concat([every, last])
+    runs = {positions: knockout_grid(model, probes, positions=positions, **grid, **common)
+            for positions in dict.fromkeys(args.positions)}
+    for positions, result in runs.items():
+        result.write(args.out, stem=f"knockouts_{positions}")
+    shown = runs["all"] if "all" in runs else runs["last"]  # figures: the authors' variant where it was run
+    both = KnockoutResult.concat(list(runs.values()))
 
-    groups = list(dict.fromkeys(every.probes["group"]))
-    table = every.summary()
+    groups = list(dict.fromkeys(shown.probes["group"]))
+    table = shown.summary()
     for mode in sorted(set(table["mode"])):
         for k in sorted(set(table.loc[(table["mode"] == mode) & (table["control"] != "whole_mlp"), "k"])):
             if "memorized idioms" in groups:
-                save_figure(knockout_heatmaps(every, k=k, mode=mode, groups=["memorized idioms"]),
+                save_figure(knockout_heatmaps(shown, k=k, mode=mode, groups=["memorized idioms"]),
                             args.out / f"paper_{mode}_k{k}", height=450)
-            save_figure(knockout_heatmaps(every, k=k, mode=mode), args.out / f"knockout_{mode}_k{k}", height=900)
-            if mode == "zero_top" and "memorized idioms" in groups:
+            save_figure(knockout_heatmaps(shown, k=k, mode=mode), args.out / f"knockout_{mode}_k{k}", height=900)
+            if mode == "zero_top" and "memorized idioms" in groups and len(runs) == 2:
                 save_figure(knockout_positions_heatmaps(both, k=k, group="memorized idioms"),
                             args.out / f"positions_k{k}", height=480)
     targeted_ks = set(table.loc[(table["mode"] == "zero_top") & (table["control"] == "targeted"), "k"])
     if args.table_k in targeted_ks and 1 in set(table["window"]):
         layers = both.layer_table(k=args.table_k, window=1)
         write_parquet(args.out / "knockout_layers.parquet", layers)
-        shown = layers.assign(interval=[f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(layers["changed_low"],
-                                                                                layers["changed_high"])])
-        shown = shown[["positions", "group", "control", "layer", "n", "changed", "interval", "zeroed_share",
-                       "score_ratio"]]
-        write_text(args.out / "knockout_layers.md", markdown_table(shown, digits=2) + "\n")
-        for positions, result in (("all", every), ("last", last)):
+        md = layers.assign(interval=[f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(layers["changed_low"],
+                                                                             layers["changed_high"])])
+        md = md[["positions", "group", "control", "layer", "n", "changed", "interval", "zeroed_share", "score_ratio"]]
+        write_text(args.out / "knockout_layers.md", markdown_table(md, digits=2) + "\n")
+        for positions, result in runs.items():
             save_figure(knockout_layer_curves(result, k=args.table_k, window=1),
                         args.out / f"layers_{positions}_k{args.table_k}", height=500)
-    settings = {"knockouts_all": every.settings, "knockouts_last": last.settings}
+    settings = {f"knockouts_{positions}": result.settings for positions, result in runs.items()}
     if args.value_vector_k:
         vv = value_vector_ranks(model, probes, ks=args.value_vector_k, rank_by=args.rank_by)
         write_parquet(args.out / "value_vectors.parquet", vv.to_dataframe())
@@ -139,9 +144,9 @@ def main() -> None:
         save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
         settings["skipping"] = skip.settings
     write_json(args.out / "settings.json", settings)
-    n_group = every.probes["group"].value_counts().to_dict()
-    print(f"{len(probes)} probes {n_group}, {every.settings['n_configs']} configurations each: knockouts every "
-          f"position {every.settings['seconds']:.0f} s, last position {last.settings['seconds']:.0f} s; "
+    n_group = shown.probes["group"].value_counts().to_dict()
+    times = ", ".join(f"positions {p} {r.settings['seconds']:.0f} s" for p, r in runs.items())
+    print(f"{len(probes)} probes {n_group}, {shown.settings['n_configs']} configurations each: {times}; "
           f"total {time.perf_counter() - started:.0f} s -> {args.out}")
 
 

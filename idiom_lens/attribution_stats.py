@@ -120,28 +120,34 @@ def component_shares(
     *,
     measure: Measure = "logit",
     early_fraction: float = 1 / 3,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Per set: the share of the final value written by the embedding, all attention, all MLP,
-    and the early MLP layers (the first `early_fraction` of the layers), as ratios of means;
-    plus the depth (layer) at which half of it is built. Answers "do early MLPs dominate?"."""
+    and the early MLP layers (the first `early_fraction` of the layers), as ratios of means, each
+    with a percentile-bootstrap interval over probes (`<share>_lo`, `<share>_hi`); plus the depth
+    (layer) at which half of it is built. Answers "do early MLPs dominate?"."""
     rows = []
     for group in groups_of(result):
         arr = _arrays(result, group, measure)
         n, n_layers = arr["attn"].shape
         early = max(1, int(round(n_layers * early_fraction)))
-        total = arr["total"].mean()
+        parts = {  # per-probe contributions [n] of each component type
+            "embed_share": arr["embed"], "attn_share": arr["attn"].sum(1), "mlp_share": arr["mlp"].sum(1),
+            "early_mlp_share": arr["mlp"][:, :early].sum(1),
+        }
+        total = arr["total"]
+        idx = _boot_indices(n, n_boot, seed)
         cum = cumulative_share(result, measure=measure, n_boot=1)
         cum = cum[cum["group"] == group]
         half = cum[cum["share"] >= 0.5]
-        rows.append({
-            "group": group, "n": n, "measure": measure, "mean_total": total,
-            "embed_share": arr["embed"].mean() / total,
-            "attn_share": arr["attn"].sum(1).mean() / total,
-            "mlp_share": arr["mlp"].sum(1).mean() / total,
-            "early_mlp_share": arr["mlp"][:, :early].sum(1).mean() / total,
-            "early_layers": early,
-            "half_built_at_layer": int(half["layer"].iloc[0]) if len(half) else None,
-        })
+        row = {"group": group, "n": n, "measure": measure, "mean_total": total.mean()}
+        for name, values in parts.items():
+            lo, hi = _interval(values[idx].mean(1) / total[idx].mean(1), level)
+            row |= {name: values.mean() / total.mean(), f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
+        row |= {"early_layers": early, "half_built_at_layer": int(half["layer"].iloc[0]) if len(half) else None}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

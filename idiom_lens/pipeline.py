@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from idiom_lens.datasets.probes import Probe, ProbeSet
+from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
 from idiom_lens.memorization import MemorizationResult
@@ -368,9 +369,11 @@ def run_patching(
 
 
 def sample_by_group(
-    memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0
+    memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0,
+    whole: Sequence[str] = (),
 ) -> list[Probe]:
-    """Up to `per_group` probes of each comparison set (memorized idioms, ...), seeded, in input order."""
+    """Up to `per_group` probes of each comparison set (memorized idioms, ...), seeded, in input
+    order; the sets named in `whole` are kept entire (e.g. every memorized idiom for a figure)."""
     import random
 
     by_id = {p.id: p for p in probes}
@@ -378,9 +381,13 @@ def sample_by_group(
     groups: dict[str, list[str]] = {}
     for record in memorization.records:
         groups.setdefault(record.group, []).append(record.probe_id)
+    unknown = set(whole) - set(groups)
+    if unknown:
+        raise InputError(f"whole: no probes in set(s) {sorted(unknown)}; sets present: {sorted(groups)}")
     for group in sorted(groups):
         ids = groups[group]
-        chosen.update(random.Random(f"{seed}-{group}").sample(ids, min(per_group, len(ids))))
+        n = len(ids) if group in whole else min(per_group, len(ids))
+        chosen.update(random.Random(f"{seed}-{group}").sample(ids, n))
     return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
 
 
@@ -449,7 +456,6 @@ def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: i
     """The probe sets the study compares (bundled names or files, e.g. the authors' IdioMem file),
     joined, optionally the first `limit` of each. Ids must be unique across the sets."""
     from idiom_lens.datasets import load_probes
-    from idiom_lens.errors import InputError
 
     sets = []
     for name in names:

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from idiom_lens.datasets.probes import Probe
     from idiom_lens.forward import iterate_forward, tokenize_probes
-    from idiom_lens.interventions.runner import PromptRunner
+    from idiom_lens.interventions.runner import PromptRunner, SuffixRunner
     from idiom_lens.models import load_model
 
     parser = argparse.ArgumentParser(prog="python -m idiom_lens.selfcheck", description=main.__doc__)
@@ -163,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for probe, toks in zip(probes, tokens):
             for use_kv in (True, False):
                 PromptRunner(model, toks.prompt_ids, use_kv=use_kv).self_check(what="runner", probe=probe.id)
+            SuffixRunner(model, toks.prompt_ids).self_check(what="suffix runner", probe=probe.id)
     except FastPathError as err:
         print(f"self-check failed: {err}")
         return 3
-    print(f"self-check passed: {len(for_each)} batched forward, {2 * len(probes)} runners agree with a full forward")
+    print(f"self-check passed: {len(for_each)} batched forward, {2 * len(probes)} last-position runners and "
+          f"{len(probes)} suffix runners (resumed at 3 layers each) agree with a full forward")
     return 0
 
 

@@ -188,8 +188,11 @@ def test_statistics(gemma_post, probes):
         cum = cumulative_share(result, measure=measure, n_boot=200)
         last = cum[cum["step"] == 2 * L]
         assert np.allclose(last["share"], 1.0)
-    shares = component_shares(result)
+    shares = component_shares(result, n_boot=200)
     assert np.allclose(shares["embed_share"] + shares["attn_share"] + shares["mlp_share"], 1.0, atol=1e-4)
+    for name in ("embed_share", "attn_share", "mlp_share", "early_mlp_share"):
+        assert (shares[f"{name}_lo"] <= shares[name] + 1e-9).all() and (shares[name] <= shares[f"{name}_hi"] + 1e-9).all()
+    assert shares.equals(component_shares(result, n_boot=200))  # seeded
     digest = summary(result)
     assert digest["n_probes"] == len(probes) and set(digest["component_shares"]) == {"logit", "logit_diff"}
 

@@ -103,3 +103,30 @@ def test_completion_marker_verifies_settings_and_files(tmp_path):
     marker.write_text(json.dumps({"key": "0123abcd"}))  # a marker of the previous format
     assert "has format None" in check_marker(marker, key)
     assert check_marker(tmp_path / "missing" / ".stage.json", key) == "no completion marker .stage.json"
+
+
+def _record(probe_id: str, group: str):
+    from idiom_lens.memorization import MemorizationRecord
+
+    return MemorizationRecord(probe_id=probe_id, kind="idiom", group=group, hard_to_guess=None, prompt="a b",
+                              target="c", target_id=0, target_token="c", n_target_tokens=1, pred_id=0,
+                              pred_token="c", memorized=group == "memorized idioms", pred_prob=0.5,
+                              target_rank=0, target_prob=0.5, full_target_match=True)
+
+
+def test_sample_by_group_keeps_whole_sets_and_samples_the_others():
+    from idiom_lens.datasets.probes import Probe
+    from idiom_lens.errors import InputError
+    from idiom_lens.memorization import MemorizationResult
+
+    groups = ["memorized idioms"] * 7 + ["non-memorized idioms"] * 9
+    probes = [Probe(id=f"p{i}", prompt="a b", target="c", kind="idiom") for i in range(len(groups))]
+    memo = MemorizationResult(tuple(_record(p.id, g) for p, g in zip(probes, groups)), {})
+    chosen = pipeline.sample_by_group(memo, probes, per_group=3, seed=0, whole=["memorized idioms"])
+    ids = [p.id for p in chosen]
+    assert ids[:7] == [f"p{i}" for i in range(7)]  # every memorized idiom, in input order
+    assert len(ids) == 10 and all(int(i[1:]) >= 7 for i in ids[7:])
+    assert ids == [p.id for p in pipeline.sample_by_group(memo, probes, per_group=3, seed=0,
+                                                          whole=["memorized idioms"])]
+    with pytest.raises(InputError, match="ordinary text"):
+        pipeline.sample_by_group(memo, probes, per_group=3, whole=["ordinary text"])
