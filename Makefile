@@ -51,7 +51,7 @@ endef
 
 drift:
 	$(call fresh_env,$(DRIFT),)
-	$(DRIFT)/bin/python -m idiom_lens.selfcheck
+	$(DRIFT)/bin/python -m idiom_lens.models.selfcheck
 	$(DRIFT)/bin/python -m pytest -q -m "not embedded" -p no:cacheprovider
 
 lock:

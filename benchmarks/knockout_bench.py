@@ -30,8 +30,8 @@ def _worker(args: tuple[list, list[str], int, int, str]) -> tuple:
     import torch
 
     torch.set_num_threads(1)
-    from idiom_lens.interventions import knockout_grid
-    from idiom_lens.models import load_model
+    from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.models.loading import load_model
 
     model = load_model("gemma-3-270m", progress=False)
     result = knockout_grid(model, probes, full_grid=True, controls=tuple(controls), positions=positions,  # type: ignore[arg-type]
@@ -41,9 +41,9 @@ def _worker(args: tuple[list, list[str], int, int, str]) -> tuple:
 
 def main() -> None:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import KnockoutResult, sample_probes
-    from idiom_lens.memorization import score_memorization
-    from idiom_lens.models import load_model
+    from idiom_lens.analyses.interventions import KnockoutResult, sample_probes
+    from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=100, help="memorized idioms (default 100)")

@@ -22,7 +22,7 @@ import json, resource, time
 t0 = time.perf_counter()
 import torch, transformers, transformer_lens.model_bridge  # noqa: F401
 t1 = time.perf_counter()
-from idiom_lens.models import load_model
+from idiom_lens.models.loading import load_model
 model = load_model("gemma-3-270m", mode=MODE, progress=False)
 t2 = time.perf_counter()
 print(json.dumps({"imports_s": t1 - t0, "load_s": t2 - t1,

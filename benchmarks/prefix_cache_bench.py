@@ -18,10 +18,10 @@ from unittest import mock
 def main() -> None:
     import numpy as np
 
-    from idiom_lens import selfcheck
+    from idiom_lens.models import selfcheck
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import knockout_grid, sample_probes
-    from idiom_lens.models import load_model
+    from idiom_lens.analyses.interventions import knockout_grid, sample_probes
+    from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=20, help="number of idioms (default 20)")
@@ -37,7 +37,7 @@ def main() -> None:
 
     times, results = {}, {}
     for name, works in (("prefix cache", True), ("whole prompts", False)):
-        with mock.patch("idiom_lens.interventions.runner.prefix_cache_works", lambda m, works=works: works):
+        with mock.patch("idiom_lens.analyses.interventions.runner.prefix_cache_works", lambda m, works=works: works):
             started = time.perf_counter()
             results[name] = knockout_grid(model, probes, **options).rows
             times[name] = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """Trajectory speed and memory, side by side on the same model and the same probes.
 
 (a) reference: the paper's way, one probe at a time on the Hugging Face model with all hidden
-    states, final norm + unembedding per layer, softmax and a full argsort (`idiom_lens.reference`);
+    states, final norm + unembedding per layer, softmax and a full argsort (`tests/reference.py`);
 (b) TransformerLens `tools.analysis.logit_lens`, called per probe;
 (c) idiom_lens `layer_trajectory` (batched, one pass over the vocabulary for both tokens);
 (d) the floor: one batched forward pass plus one projection of all layers (matmul only).
@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ def _sync(device: str) -> None:
 
 def floor_pass(model, probe_tokens, *, batch_size: int) -> float:
     """(d): batched forward + ln_final + unembed of every layer; no softmax, no ranks."""
-    from idiom_lens.forward import iterate_forward
+    from idiom_lens.models.forward import iterate_forward
 
     hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.n_layers)]
     bridge = model.bridge
@@ -59,8 +60,8 @@ def tl_logit_lens(model, probe_tokens, pred_ids) -> float:
 def peak_memory_child(args: argparse.Namespace) -> None:
     """Run (c) alone and print peak RSS (after load, and after the run) as JSON."""
     from idiom_lens.datasets import load_probes
-    from idiom_lens.models import load_model
-    from idiom_lens.trajectory import layer_trajectory
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.analyses.trajectory import layer_trajectory
 
     model = load_model(args.model, device=args.device, progress=False)
     probes = list(load_probes("idioms").probes[: args.probes])
@@ -104,9 +105,9 @@ def main() -> None:
 
     memory_line = measure_peak_memory(args)
     from idiom_lens.datasets import load_probes
-    from idiom_lens.forward import tokenize_probes
-    from idiom_lens.models import load_model
-    from idiom_lens.trajectory import layer_trajectory
+    from idiom_lens.models.forward import tokenize_probes
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.analyses.trajectory import layer_trajectory
 
     model = load_model(args.model, device=args.device, progress=False)
     probes = list(load_probes("idioms").probes[: args.probes])
@@ -128,7 +129,8 @@ def main() -> None:
     t_b = tl_logit_lens(model, probe_tokens, pred_ids) if "b" not in args.skip else float("nan")
     t_a = float("nan")
     if "a" not in args.skip and model.source_path:
-        from idiom_lens.reference import load_hf_model, reference_trajectory
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the slow reference lives there
+        from reference import load_hf_model, reference_trajectory
 
         hf = load_hf_model(model.source_path).to(args.device)
         started = time.perf_counter()

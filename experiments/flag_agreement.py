@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model:
         from idiom_lens.datasets.model_flags import tail_prompt_comp
-        from idiom_lens.models import load_model
+        from idiom_lens.models.loading import load_model
 
         model = load_model(args.model, device=args.device)
         probes = [Probe(id=str(r["line"]), prompt=r["prompt"], target=r["target"], kind="idiom") for r in table]

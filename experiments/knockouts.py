@@ -52,11 +52,11 @@ def demo_probes() -> list[Probe]:
 
 def main() -> None:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
     from idiom_lens.io import write_json, write_parquet, write_text
-    from idiom_lens.memorization import score_memorization
-    from idiom_lens.models import load_model
-    from idiom_lens.pipeline import markdown_table, sample_by_group
+    from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.study.pipeline import markdown_table, sample_by_group
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import (
         knockout_heatmaps,

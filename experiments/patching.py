@@ -16,9 +16,9 @@ from knockouts import demo_probes  # noqa: E402
 
 def main() -> None:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import patch_probes, sample_probes
+    from idiom_lens.analyses.interventions import patch_probes, sample_probes
     from idiom_lens.io import write_json
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
 

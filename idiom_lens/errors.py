@@ -12,5 +12,5 @@ class InputError(ValueError):
 
 
 class FastPathError(RuntimeError):
-    """A fast path disagrees with a plain full forward (`idiom_lens.selfcheck`): a bug, or package
+    """A fast path disagrees with a plain full forward (`idiom_lens.models.selfcheck`): a bug, or package
     versions it was not tested with. Never caught to carry on: the run stops and writes nothing."""

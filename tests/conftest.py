@@ -2,7 +2,7 @@
 
 The tiny models are real Hugging Face architectures (Gemma 3 and Llama) with a few layers and a
 byte-level BPE tokenizer trained here on a handful of sentences, saved to a temp directory and
-loaded through `idiom_lens.models.load_model` like any local model directory.
+loaded through `idiom_lens.models.loading.load_model` like any local model directory.
 """
 
 from __future__ import annotations
@@ -109,14 +109,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
 
     return load_model(str(tiny_model_dir), mode="raw", progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_compat(tiny_model_dir):
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
 
     return load_model(str(tiny_model_dir), mode="compat", progress=False)
 
@@ -129,14 +129,14 @@ def probes() -> list[Probe]:
 @pytest.fixture(scope="session")
 def embedded_model():
     """The embedded Gemma 3 270M in raw mode (built into the cache on first use)."""
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
 
     return load_model("gemma-3-270m", mode="raw", progress=False)
 
 
 @pytest.fixture(scope="session")
 def embedded_model_compat():
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
 
     return load_model("gemma-3-270m", mode="compat", progress=False)
 

@@ -27,7 +27,7 @@ def _tok(text: str) -> str:
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from idiom_lens.attribution import attribute_probe
+    from idiom_lens.analyses.attribution import attribute_probe
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")

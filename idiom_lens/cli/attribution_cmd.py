@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _attribution(args: argparse.Namespace) -> int:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.pipeline import run_attribution
+    from idiom_lens.study.pipeline import run_attribution
 
     if args.limit < 0:
         raise InputError(f"--limit must be >= 0, got {args.limit}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from idiom_lens.models import EMBEDDED_SPEC
+from idiom_lens.models.loading import EMBEDDED_SPEC
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) -> None:
@@ -25,7 +25,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) ->
 
 
 def load_from_args(args: argparse.Namespace, *, mode: str | None = None) -> Any:
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
 
     return load_model(args.model, mode=mode or getattr(args, "mode", "raw"), device=args.device,
                       n_devices=args.n_devices)

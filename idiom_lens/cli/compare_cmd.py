@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from idiom_lens.compare import compare_models, write_comparison
+    from idiom_lens.study.compare import compare_models, write_comparison
 
     files = write_comparison(args.results, png=not args.no_png)
     table = compare_models(args.results).table

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_probe_list(specs: list[str], *, limit: int | None, sample: int | None, seed: int) -> list:
     """Probes of every dataset spec, limited or sampled per dataset."""
     from idiom_lens.datasets import load_probes
-    from idiom_lens.interventions import sample_probes
+    from idiom_lens.analyses.interventions import sample_probes
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
@@ -113,7 +113,7 @@ def _grid_options(args: argparse.Namespace, n_layers: int | None = None) -> dict
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.pipeline import run_knockouts
+    from idiom_lens.study.pipeline import run_knockouts
 
     _grid_options(args)
     if any(k < 1 for k in args.value_vector_k):

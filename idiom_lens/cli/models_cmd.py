@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from idiom_lens.models import cache_dir, known_specs
+    from idiom_lens.models.loading import cache_dir, known_specs
 
     print(f"cache: {cache_dir()}  (set IDIOM_LENS_CACHE to move it)")
     for info in known_specs():

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from idiom_lens.datasets.probes import Probe
-    from idiom_lens.interventions import patch_probes
+    from idiom_lens.analyses.interventions import patch_probes
     from idiom_lens.io import write_json
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         probes = load_probe_list(args.dataset, limit=args.limit, sample=args.sample, seed=args.seed)
     model = load_from_args(args)
     if args.text is None:
-        from idiom_lens.pipeline import run_patching
+        from idiom_lens.study.pipeline import run_patching
 
         result = run_patching(model, probes, args.out, variants=args.variants, seed=args.seed,
                               keep_last=args.keep_last, batch_size=args.batch_size, png=not args.no_png)

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from idiom_lens.predict import predict_next
+    from idiom_lens.analyses.predict import predict_next
 
     model = load_from_args(args)
     result = predict_next(model, args.text, top=args.top)

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from idiom_lens.report import build_report
+    from idiom_lens.study.report import build_report
 
     path = build_report(args.results, out_path=args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

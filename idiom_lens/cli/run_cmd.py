@@ -67,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from idiom_lens.errors import InputError
-    from idiom_lens.report import build_report
-    from idiom_lens.pipeline import (
+    from idiom_lens.study.report import build_report
+    from idiom_lens.study.pipeline import (
         resumable_trajectory,
         run_attribution,
         run_knockouts,

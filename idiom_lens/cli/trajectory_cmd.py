@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from idiom_lens.cli.common import add_model_options, load_from_args
-from idiom_lens.trajectory import SITES
+from idiom_lens.analyses.trajectory import SITES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from idiom_lens.datasets import load_probes
     from idiom_lens.errors import InputError
-    from idiom_lens.pipeline import resumable_trajectory, write_trajectory_outputs
+    from idiom_lens.study.pipeline import resumable_trajectory, write_trajectory_outputs
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")

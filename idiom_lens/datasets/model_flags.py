@@ -3,14 +3,14 @@
 Method.md criterion 2 asks that the target be unique only when the whole prompt is given. This
 tests it directly: the probe is shortened to each proper tail of its prompt (its last k words,
 k = 1 .. n-2 for an n-1 word prompt) and scored like a probe (greedy next token vs the target's
-first token, `idiom_lens.memorization`). When the model predicts the target from some tail, part
+first token, `idiom_lens.analyses.memorization`). When the model predicts the target from some tail, part
 of the prompt already gives the target and the flag is True.
 
 It needs a model, so the bundled files do not use it (they rebuild without one). On the authors'
 IdioMem file, the embedded Gemma 3 270M gives Cohen's kappa 0.49 with their `prompt_comp_ind`
 against 0.17 for the lexical rule (docs/datasets.md, `experiments/flag_agreement.py`).
 
-    from idiom_lens.models import load_model
+    from idiom_lens.models.loading import load_model
     from idiom_lens.datasets import load_probes
     from idiom_lens.datasets.model_flags import tail_prompt_comp, with_model_prompt_comp
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from idiom_lens.datasets.probes import Probe, ProbeSet
 
 if TYPE_CHECKING:
-    from idiom_lens.models import LoadedModel
+    from idiom_lens.models.loading import LoadedModel
 
 
 def prompt_tails(probe: Probe) -> list[Probe]:
@@ -51,7 +51,7 @@ def tail_prompt_comp(
 
     A one-word prompt has no proper tail: its flag is False.
     """
-    from idiom_lens.memorization import score_memorization
+    from idiom_lens.analyses.memorization import score_memorization
 
     probes = list(probes)
     tails = [tail for probe in probes for tail in prompt_tails(probe)]

@@ -16,7 +16,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 
 if TYPE_CHECKING:
-    from idiom_lens.memorization import MemorizationResult
+    from idiom_lens.analyses.memorization import MemorizationResult
 
 # The bundled relations, with an example (the builder's templates are in `fact_sources`).
 FACT_RELATIONS: dict[str, str] = {

@@ -14,8 +14,8 @@ from typing import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from idiom_lens.attribution import MEASURES, AttributionResult, Measure, NeuronAttribution, ProbeAttribution
-from idiom_lens.attribution_stats import INTERVAL, cumulative_share, groups_of, layer_stats
+from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure, NeuronAttribution, ProbeAttribution
+from idiom_lens.analyses.attribution_stats import INTERVAL, cumulative_share, groups_of, layer_stats
 from idiom_lens.plots.style import add_band, group_color
 
 _LABEL = {"logit": "contribution to the predicted token's logit",

@@ -22,10 +22,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from idiom_lens.errors import InputError
-from idiom_lens.interventions.knockouts import KnockoutResult
-from idiom_lens.interventions.patching import PatchingResult
-from idiom_lens.interventions.skipping import SkipResult
-from idiom_lens.memorization import GROUPS
+from idiom_lens.analyses.interventions.knockouts import KnockoutResult
+from idiom_lens.analyses.interventions.patching import PatchingResult
+from idiom_lens.analyses.interventions.skipping import SkipResult
+from idiom_lens.analyses.memorization import GROUPS
 
 _METRIC_LABEL = {
     "changed": "share of predictions changed",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from idiom_lens.phases import PhaseAnalysis
+from idiom_lens.analyses.phases import PhaseAnalysis
 from idiom_lens.plots.style import add_band, group_color
 
 def trajectory_figure(

@@ -10,7 +10,7 @@ from idiom_lens.datasets import FACT_RELATIONS, Probe, ProbeSet, fact_relation, 
 from idiom_lens.datasets.agreement import agreement
 from idiom_lens.datasets.model_flags import prompt_tails, tail_prompt_comp, with_model_prompt_comp
 from idiom_lens.errors import InputError
-from idiom_lens.memorization import MemorizationRecord, MemorizationResult
+from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult
 
 
 def _fact(id_: str, source: str = "", hard: bool | None = True) -> Probe:
@@ -82,7 +82,7 @@ def test_prompt_tails() -> None:
 
 def test_tail_prompt_comp_with_a_stand_in_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flag True when some proper tail is memorized; the full prompt is never scored."""
-    import idiom_lens.memorization as memorization
+    import idiom_lens.analyses.memorization as memorization
 
     seen: list[str] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from idiom_lens.attribution import attribute_probes
+from idiom_lens.analyses.attribution import attribute_probes
 from idiom_lens.plots.attribution import (
     head_heatmap_figure,
     layer_contribution_figure,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from idiom_lens.errors import InputError
-from idiom_lens.interventions import KnockoutResult, knockout_grid, patch_probes, skip_layers
+from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, patch_probes, skip_layers
 from idiom_lens.plots.export import save_figure
 from idiom_lens.plots.interventions import (
     knockout_heatmaps,

@@ -1,0 +1,168 @@
+"""Per-set statistics of direct logit attribution (no plotting here).
+
+Sets are the comparison groups of `idiom_lens.analyses.memorization.probe_group` (memorized idioms,
+non-memorized idioms, ordinary text, memorized / non-memorized facts). Intervals are seeded
+percentile-bootstrap 95% intervals over probes (resampling probes with replacement), so they hold
+for means and for ratios of means alike without a normality assumption.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure
+from idiom_lens.errors import InputError
+from idiom_lens.analyses.memorization import GROUPS
+from idiom_lens.analyses.stats import bootstrap_mean_ci
+
+INTERVAL = "95% percentile bootstrap over probes (seeded)"
+
+
+def groups_of(result: AttributionResult) -> list[str]:
+    """The groups present in `result`, in the paper's order (then any others, sorted)."""
+    present = {p.group for p in result.probes}
+    return [g for g in GROUPS if g in present] + sorted(present - set(GROUPS))
+
+
+def _col(measure: Measure) -> int:
+    if measure not in MEASURES:
+        raise InputError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    return MEASURES.index(measure)
+
+
+def _arrays(result: AttributionResult, group: str, measure: Measure) -> dict[str, np.ndarray]:
+    """Per-probe arrays of one group: embed [n], attn [n, L], mlp [n, L], total [n]."""
+    c = _col(measure)
+    probes = [p for p in result.probes if p.group == group]
+    embed = np.array([float(p.embed[c]) for p in probes])
+    attn = np.stack([p.attn[:, c].numpy() for p in probes]).astype(np.float64)
+    mlp = np.stack([p.mlp[:, c].numpy() for p in probes]).astype(np.float64)
+    # What the components build: the logit without the unembedding bias (a per-token constant).
+    total = np.array([(p.logit if c == 0 else p.logit_diff) - float(p.unembed_bias[c]) for p in probes])
+    return {"embed": embed, "attn": attn, "mlp": mlp, "total": total}
+
+
+def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1.0 - level) / 2.0
+    return np.quantile(samples, alpha, axis=0), np.quantile(samples, 1.0 - alpha, axis=0)
+
+
+def layer_stats(
+    result: AttributionResult,
+    *,
+    measure: Measure = "logit",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Mean contribution of the embedding and of each attention / MLP layer per set, with intervals.
+
+    Columns: group, component ("embed" | "attn" | "mlp"), layer (-1 for the embedding), n, mean,
+    lo, hi, measure. A set of one probe gets lo = hi = mean.
+    """
+    rows = []
+    for group in groups_of(result):
+        arr = _arrays(result, group, measure)
+        n = len(arr["total"])
+        for comp in ("embed", "attn", "mlp"):
+            values = arr[comp] if comp != "embed" else arr["embed"][:, None]
+            mean, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, level=level, seed=seed)
+            layers = [-1] if comp == "embed" else range(values.shape[1])
+            for j, layer in enumerate(layers):
+                rows.append({"group": group, "component": comp, "layer": layer, "n": n, "mean": mean[j],
+                             "lo": lo[j], "hi": hi[j], "measure": measure})
+    return pd.DataFrame(rows, columns=["group", "component", "layer", "n", "mean", "lo", "hi", "measure"])
+
+
+def cumulative_share(
+    result: AttributionResult,
+    *,
+    measure: Measure = "logit",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Share of the final logit (or logit difference) written by each depth, per set.
+
+    Steps run embed, L0 attn, L0 mlp, L1 attn, ... ; `share` is the ratio of means
+    ``mean(cumulative contribution) / mean(final value)`` (the final value without the
+    unembedding bias), so the last step is 1. Columns: group, step, layer, sublayer, n, share,
+    lo, hi, measure.
+    """
+    rows = []
+    for group in groups_of(result):
+        arr = _arrays(result, group, measure)
+        n, n_layers = arr["attn"].shape
+        parts = [arr["embed"][:, None]]
+        for layer in range(n_layers):
+            parts += [arr["attn"][:, layer : layer + 1], arr["mlp"][:, layer : layer + 1]]
+        cum = np.cumsum(np.concatenate(parts, axis=1), axis=1)  # [n, 1 + 2L]
+        total = arr["total"]
+        share = cum.mean(0) / total.mean()
+        idx = _boot_indices(n, n_boot, seed)
+        lo, hi = _interval(cum[idx].mean(1) / total[idx].mean(1)[:, None], level)
+        labels = [(-1, "embed")] + [(l, s) for l in range(n_layers) for s in ("attn", "mlp")]
+        for step, (layer, sub) in enumerate(labels):
+            rows.append({"group": group, "step": step, "layer": layer, "sublayer": sub, "n": n,
+                         "share": share[step], "lo": lo[step], "hi": hi[step], "measure": measure})
+    return pd.DataFrame(rows, columns=["group", "step", "layer", "sublayer", "n", "share", "lo", "hi", "measure"])
+
+
+def component_shares(
+    result: AttributionResult,
+    *,
+    measure: Measure = "logit",
+    early_fraction: float = 1 / 3,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per set: the share of the final value written by the embedding, all attention, all MLP,
+    and the early MLP layers (the first `early_fraction` of the layers), as ratios of means, each
+    with a percentile-bootstrap interval over probes (`<share>_lo`, `<share>_hi`); plus the depth
+    (layer) at which half of it is built. Answers "do early MLPs dominate?"."""
+    rows = []
+    for group in groups_of(result):
+        arr = _arrays(result, group, measure)
+        n, n_layers = arr["attn"].shape
+        early = max(1, int(round(n_layers * early_fraction)))
+        parts = {  # per-probe contributions [n] of each component type
+            "embed_share": arr["embed"], "attn_share": arr["attn"].sum(1), "mlp_share": arr["mlp"].sum(1),
+            "early_mlp_share": arr["mlp"][:, :early].sum(1),
+        }
+        total = arr["total"]
+        idx = _boot_indices(n, n_boot, seed)
+        cum = cumulative_share(result, measure=measure, n_boot=1)
+        cum = cum[cum["group"] == group]
+        half = cum[cum["share"] >= 0.5]
+        row = {"group": group, "n": n, "measure": measure, "mean_total": total.mean()}
+        for name, values in parts.items():
+            lo, hi = _interval(values[idx].mean(1) / total[idx].mean(1), level)
+            row |= {name: values.mean() / total.mean(), f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
+        row |= {"early_layers": early, "half_built_at_layer": int(half["layer"].iloc[0]) if len(half) else None}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(result: AttributionResult, *, measures: Sequence[Measure] = MEASURES) -> dict:
+    """A small JSON-ready digest: counts, invariant checks, component shares per set and measure."""
+    return {
+        "n_probes": len(result),
+        "group_counts": result.group_counts,
+        "invariant_max_abs_error": result.checks,
+        "interval": INTERVAL,
+        "component_shares": {m: component_shares(result, measure=m).to_dict(orient="records") for m in measures},
+        "top_set_neurons": {
+            g: [{"layer": n.layer, "neuron": n.neuron, "mean_contribution": n.contribution,
+                 "promoted": list(n.promoted)} for n in ns[:10]]
+            for g, ns in result.set_neurons.items()
+        },
+        "settings": result.settings,
+    }

@@ -1,0 +1,396 @@
+"""Activation patching between an idiom prompt and corrupted versions of it.
+
+Clean = the probe's prompt. Corrupted variants (same token length as the clean prompt, else the
+probe is skipped and reported):
+- ``word_swap``: one word replaced by a different word from a small bank of common words
+  (seeded choice of the word and of the replacement);
+- ``prefix_swap``: every word but the last `keep_last` replaced by bank words, a non-idiomatic
+  prompt ending with the same words.
+
+For every site (``resid_pre``: the residual stream entering block l; ``attn_out`` and
+``mlp_out``: what attention and the MLP add to the residual, after Gemma's post-norms), layer and
+position, the clean activation is written into the corrupted run. Metric: the share of the
+clean-minus-corrupted **logit** of the target token that is restored,
+(patched - corrupted) / (clean - corrupted), at the last prompt position. Probes whose clean
+and corrupted target logits differ by less than `min_gap` get NaN (no effect to restore).
+
+Implementation: `transformer_lens.patching` works with the bridge (it only needs
+`run_with_hooks` and the standard hook names) but runs one forward per (layer, position). Here
+the (layer, position) cells are the rows of batches of one forward each, with the unembedding
+on the last position only; the tests check the result equals `get_act_patch_resid_pre`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, masked_prediction
+from idiom_lens.io import write_parquet
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.tokenization import split_probe
+from idiom_lens.models.vocab import mask_summary, valid_mask
+
+Variant = Literal["word_swap", "prefix_swap"]
+SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+_SITE_HOOK = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+
+# Common English words, for corruptions (short and long, so that a same-length swap usually exists).
+WORD_BANK: tuple[str, ...] = (
+    "the", "house", "water", "people", "table", "window", "garden", "paper", "river", "music",
+    "morning", "city", "school", "money", "family", "friend", "market", "letter", "kitchen",
+    "doctor", "car", "road", "book", "chair", "door", "street", "village", "teacher", "night",
+    "summer", "winter", "number", "picture", "computer", "office", "company", "problem", "student",
+    "water", "green", "small", "large", "quickly", "happy", "young", "old", "simple", "yellow",
+    "dog", "cat", "tree", "phone", "bread", "coffee", "sister", "mother", "father", "train",
+    "ticket", "bottle", "forest", "island", "mountain", "engine", "pencil", "window", "evening",
+    "about", "under", "after", "before", "between", "through", "walk", "write", "open", "carry",
+    "listen", "travel", "answer", "remember", "follow", "build", "paint", "clean", "talk", "read",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Corruption:
+    """A clean prompt and one corrupted version of it with the same number of tokens."""
+
+    probe_id: str
+    variant: str
+    clean_prompt: str
+    corrupted_prompt: str
+    replaced: tuple[int, ...]  # word indices replaced
+    clean_ids: tuple[int, ...]
+    corrupted_ids: tuple[int, ...]
+    target: str
+    target_id: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class CorruptionSet:
+    """Corruptions that fit, and the probes skipped with the reason."""
+
+    pairs: tuple[Corruption, ...]
+    skipped: tuple[tuple[str, str, str], ...]  # (probe_id, variant, reason)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(p) for p in self.pairs], columns=list(Corruption.__dataclass_fields__))
+
+    def skipped_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.skipped, columns=["probe_id", "variant", "reason"])
+
+
+def _match_case(word: str, like: str) -> str:
+    return word.capitalize() if like[:1].isupper() else word
+
+
+def _swap(words: list[str], index: int, new: str) -> str:
+    out = list(words)
+    out[index] = _match_case(new, words[index])
+    return " ".join(out)
+
+
+def make_corruptions(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    variants: Sequence[Variant] = ("word_swap", "prefix_swap"),
+    bank: Sequence[str] = WORD_BANK,
+    seed: int = 0,
+    keep_last: int = 2,
+    word_index: int | None = None,
+    attempts: int = 200,
+) -> CorruptionSet:
+    """Corrupted prompts of the same token length, chosen deterministically from `bank` (seeded).
+
+    `word_index` fixes which word ``word_swap`` replaces (negative counts from the end); by default
+    the words are tried in a seeded order. Probes where nothing fits are skipped and reported.
+    """
+    probes = check_probes(probes)
+    bad = [v for v in variants if v not in ("word_swap", "prefix_swap")]
+    if not variants or bad:
+        raise InputError(f"variants must be among 'word_swap', 'prefix_swap', got {list(variants)}")
+    bank = list(dict.fromkeys(w.strip() for w in bank if w.strip()))
+    if not bank:
+        raise InputError("the word bank is empty")
+    pairs: list[Corruption] = []
+    skipped: list[tuple[str, str, str]] = []
+    tok = model.tokenizer
+    for probe in probes:
+        clean = split_probe(tok, probe.prompt, probe.target)
+        words = probe.prompt.split()
+        n = len(clean.prompt_ids)
+
+        def fits(prompt: str) -> tuple[int, ...] | None:
+            try:
+                ids = split_probe(tok, prompt, probe.target).prompt_ids
+            except InputError:
+                return None
+            return ids if len(ids) == n and ids != clean.prompt_ids else None
+
+        for variant in variants:
+            rng = random.Random(f"{seed}|{probe.id}|{variant}")
+            found: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None
+            if variant == "word_swap":
+                if word_index is not None:
+                    if not -len(words) <= word_index < len(words):
+                        skipped.append((probe.id, variant, f"no word {word_index} in a {len(words)}-word prompt"))
+                        continue
+                    positions = [word_index % len(words)]
+                else:
+                    positions = list(range(len(words)))
+                    rng.shuffle(positions)
+                for i in positions:
+                    candidates = [w for w in bank if w.lower() != words[i].lower()]
+                    rng.shuffle(candidates)
+                    for w in candidates:
+                        prompt = _swap(words, i, w)
+                        ids = fits(prompt)
+                        if ids is not None:
+                            found = (prompt, (i,), ids)
+                            break
+                    if found:
+                        break
+            else:
+                n_replace = len(words) - keep_last
+                if n_replace < 1:
+                    skipped.append((probe.id, variant, f"prompt has {len(words)} words, needs more than {keep_last}"))
+                    continue
+                # Prefer replacements with the same stand-alone token count as each original word.
+                def count(w: str, first: bool) -> int:
+                    return len(tok(w if first else " " + w, add_special_tokens=False)["input_ids"])
+
+                by_count: dict[int, list[str]] = {}
+                for w in bank:
+                    by_count.setdefault(count(w, False), []).append(w)
+                for _ in range(attempts):
+                    new = list(words)
+                    for i in range(n_replace):
+                        c = count(words[i], i == 0)
+                        pool = [w for w in by_count.get(c, bank) if w.lower() != words[i].lower()] or bank
+                        new[i] = _match_case(rng.choice(pool), words[i])
+                    prompt = " ".join(new)
+                    ids = fits(prompt)
+                    if ids is not None:
+                        found = (prompt, tuple(range(n_replace)), ids)
+                        break
+            if found is None:
+                skipped.append((probe.id, variant, f"no bank word keeps the prompt at {n} tokens"))
+                continue
+            prompt, replaced, ids = found
+            pairs.append(Corruption(
+                probe.id, variant, probe.prompt, prompt, replaced, tuple(clean.prompt_ids), tuple(ids),
+                probe.target, clean.target_id, probe.kind,
+            ))
+    return CorruptionSet(tuple(pairs), tuple(skipped))
+
+
+# --------------------------------------------------------------------------------------
+# Patching one pair
+# --------------------------------------------------------------------------------------
+
+
+def site_activations(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> tuple[dict, Tensor]:
+    """Every site's activation at every layer and position, and the last-position logits."""
+    runner = PromptRunner(model, ids, use_kv=False)
+    acts: dict[tuple[str, int], Tensor] = {}
+
+    def capture(key: tuple[str, int]):
+        def hook(x: Tensor, hook: Any) -> None:
+            acts[key] = x[0].detach().clone()
+
+        return hook
+
+    hooks = [(f"blocks.{l}.{_SITE_HOOK[s]}", capture((s, l))) for s in sites for l in range(model.n_layers)]
+    logits = runner.run(1, hooks)[0]
+    return acts, logits
+
+
+Cell = tuple[str, int, int]  # (site, layer, position)
+
+
+def patch_cells(
+    runner: PromptRunner, source: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[Cell]]
+) -> Float[Tensor, "row d_vocab"]:
+    """One batch: row r is the runner's prompt with `source`'s activation written at each of the
+    cells `rows[r]` (an empty row runs unpatched). Returns last-position logits per row."""
+    hooks = []
+    for s, l in sorted({(s, l) for row in rows for s, l, _ in row}):
+        pairs = [(r, p) for r, row in enumerate(rows) for s2, l2, p in row if (s2, l2) == (s, l)]
+        rows_t = torch.tensor([r for r, _ in pairs])
+        pos_t = torch.tensor([p for _, p in pairs])
+        value = source[(s, l)][pos_t]
+
+        def hook(x: Tensor, hook: Any, rows_t: Tensor = rows_t, pos_t: Tensor = pos_t, value: Tensor = value) -> Tensor:
+            x = x.clone()
+            x[rows_t, pos_t] = value.to(x.dtype)
+            return x
+
+        hooks.append((f"blocks.{l}.{_SITE_HOOK[s]}", hook))
+    return runner.run(len(rows), hooks)
+
+
+@dataclass(frozen=True)
+class PairPatching:
+    """Patched target logits of one clean/corrupted pair: [site, layer, pos]."""
+
+    sites: tuple[str, ...]
+    patched: Float[Tensor, "site layer pos"]
+    clean_logit: float
+    corrupted_logit: float
+    clean_pred_id: int
+    corrupted_pred_id: int
+
+    @property
+    def restored(self) -> Float[Tensor, "site layer pos"]:
+        return (self.patched - self.corrupted_logit) / (self.clean_logit - self.corrupted_logit)
+
+
+def patch_pair(
+    model: LoadedModel,
+    *,
+    clean_ids: Sequence[int],
+    corrupted_ids: Sequence[int],
+    target_id: int,
+    sites: Sequence[str] = SITES,
+    sender: Literal["clean", "corrupted"] = "clean",
+    receiver: Literal["clean", "corrupted"] = "corrupted",
+    batch_size: int = 64,
+) -> PairPatching:
+    """Patch `sender`'s activation into `receiver`'s run at every (site, layer, position).
+
+    The default (clean into corrupted) measures restoration; sender == receiver is a no-op
+    used as an invariant (restores 1.0 into clean, 0.0 into corrupted).
+    """
+    if len(clean_ids) != len(corrupted_ids):
+        raise InputError(
+            f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
+        )
+    bad = [s for s in sites if s not in SITES]
+    if not sites or bad:
+        raise InputError(f"sites must be among {', '.join(SITES)}, got {list(sites)}")
+    clean_acts, clean_logits = site_activations(model, clean_ids, sites)
+    corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
+    source = clean_acts if sender == "clean" else corr_acts
+    runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False)
+    n_layers, n_pos = model.n_layers, len(clean_ids)
+    cells = [((s, l, p),) for s in sites for l in range(n_layers) for p in range(n_pos)]
+    values = [patch_cells(runner, source, cells[i : i + batch_size])[:, target_id]
+              for i in range(0, len(cells), batch_size)]
+    patched = torch.cat(values).reshape(len(sites), n_layers, n_pos)
+    return PairPatching(
+        tuple(sites), patched, float(clean_logits[target_id]), float(corr_logits[target_id]),
+        masked_prediction(clean_logits, valid_mask(model))[0], masked_prediction(corr_logits, valid_mask(model))[0],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Patching a probe set
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """Restored share of the target logit per pair, site, layer and position (tidy)."""
+
+    rows: pd.DataFrame  # probe_id, variant, site, layer, pos, pos_from_end, token, patched_logit, restored
+    pairs: pd.DataFrame  # one row per pair: prompts, clean/corrupted logits, group, valid
+    skipped: pd.DataFrame  # probe_id, variant, reason
+    settings: dict[str, Any]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.rows.merge(self.pairs[["probe_id", "variant", "group", "valid"]], on=["probe_id", "variant"])
+
+    def mean_heatmap(self, *, site: str, variant: str, group: str | None = None) -> pd.DataFrame:
+        """Mean restored share, layer x position counted from the end (-1 = last), valid pairs only."""
+        frame = self.to_dataframe()
+        frame = frame[(frame["site"] == site) & (frame["variant"] == variant) & frame["valid"]]
+        if group is not None:
+            frame = frame[frame["group"] == group]
+        return frame.pivot_table(index="layer", columns="pos_from_end", values="restored", aggfunc="mean")
+
+    def write(self, out_dir: str | Path, *, stem: str = "patching") -> list[str]:
+        out = Path(out_dir)
+        return [
+            str(write_parquet(out / f"{stem}.parquet", self.to_dataframe())),
+            str(write_parquet(out / f"{stem}_pairs.parquet", self.pairs)),
+            str(write_parquet(out / f"{stem}_skipped.parquet", self.skipped)),
+        ]
+
+
+def patch_probes(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    variants: Sequence[Variant] = ("word_swap", "prefix_swap"),
+    sites: Sequence[str] = SITES,
+    seed: int = 0,
+    bank: Sequence[str] = WORD_BANK,
+    keep_last: int = 2,
+    min_gap: float = 0.5,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> PatchingResult:
+    """Patch clean into corrupted for every probe and variant; restored share of the target logit."""
+    corruptions = make_corruptions(model, probes, variants=variants, bank=bank, seed=seed, keep_last=keep_last)
+    started = time.perf_counter()
+    frames, pair_rows = [], []
+    decode = model.tokenizer.decode
+    if corruptions.pairs:  # the shortcuts under the installed versions, against a plain full forward
+        first = corruptions.pairs[0]
+        PromptRunner(model, first.corrupted_ids, use_kv=False).self_check(what="patching", probe=first.probe_id)
+    for pair in tqdm(corruptions.pairs, desc="patching", unit="pair", disable=not progress):
+        result = patch_pair(
+            model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,
+            sites=sites, batch_size=batch_size,
+        )
+        gap = result.clean_logit - result.corrupted_logit
+        valid = abs(gap) >= min_gap
+        restored = result.restored if valid else torch.full_like(result.patched, float("nan"))
+        n_layers, n_pos = result.patched.shape[1:]
+        s_idx, l_idx, p_idx = np.meshgrid(np.arange(len(sites)), np.arange(n_layers), np.arange(n_pos), indexing="ij")
+        frame = pd.DataFrame({
+            "probe_id": pair.probe_id, "variant": pair.variant,
+            "site": np.asarray(sites)[s_idx.ravel()], "layer": l_idx.ravel(), "pos": p_idx.ravel(),
+            "pos_from_end": p_idx.ravel() - n_pos,
+            "patched_logit": result.patched.flatten().numpy().astype(np.float64),
+            "restored": restored.flatten().numpy().astype(np.float64),
+        })
+        frame["clean_token"] = [decode([pair.clean_ids[p]]) for p in frame["pos"]]
+        frame["corrupted_token"] = [decode([pair.corrupted_ids[p]]) for p in frame["pos"]]
+        frames.append(frame)
+        memorized = result.clean_pred_id == pair.target_id
+        pair_rows.append({
+            "probe_id": pair.probe_id, "variant": pair.variant, "kind": pair.kind,
+            "group": probe_group(pair.kind, memorized), "memorized": memorized,
+            "clean_prompt": pair.clean_prompt, "corrupted_prompt": pair.corrupted_prompt,
+            "target": pair.target, "target_id": pair.target_id,
+            "clean_logit": result.clean_logit, "corrupted_logit": result.corrupted_logit, "gap": gap,
+            "valid": valid, "clean_pred_token": decode([result.clean_pred_id]),
+            "corrupted_pred_token": decode([result.corrupted_pred_id]), "n_tokens": len(pair.clean_ids),
+        })
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["probe_id", "variant", "site", "layer", "pos", "pos_from_end", "patched_logit", "restored",
+                 "clean_token", "corrupted_token"])
+    settings = model.settings() | mask_summary(model) | {
+        "analysis": "activation_patching", "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
+        "variants": list(variants), "sites": list(sites), "seed": seed, "keep_last": keep_last,
+        "min_gap": min_gap, "n_pairs": len(corruptions.pairs), "n_skipped": len(corruptions.skipped),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    pair_columns = ["probe_id", "variant", "kind", "group", "memorized", "clean_prompt", "corrupted_prompt", "target",
+                    "target_id", "clean_logit", "corrupted_logit", "gap", "valid", "clean_pred_token",
+                    "corrupted_pred_token", "n_tokens"]
+    return PatchingResult(rows, pd.DataFrame(pair_rows, columns=pair_columns), corruptions.skipped_frame(), settings)

@@ -1,0 +1,197 @@
+"""What every intervention shares: probe checks and sampling, two runners that replay one prompt
+as many batch rows (one per configuration), and the outcome metrics of a perturbed run
+(knockouts, layer skipping and patching use them alike).
+
+- `PromptRunner`: the prefix's key/value cache reused, only the last token recomputed (for hooks
+  that touch the last position only), or the whole prompt.
+- `SuffixRunner`: the whole prompt, resumed at a layer from the clean residual stream (for hooks
+  at every position that touch no layer below the resume layer: the layers below run once).
+
+Predictions range over real vocabulary tokens (`idiom_lens.models.vocab`): every argmax and probability
+here is taken on masked logits."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.selfcheck import check_against_full_forward, prefix_cache_works
+from idiom_lens.models.vocab import mask_logits
+
+HookFn = Callable[[Tensor, Any], Tensor | None]
+
+
+def sample_probes(probes: Sequence[Probe], n: int | None, *, seed: int = 0) -> list[Probe]:
+    """A seeded sample of `n` probes in their original order (all of them when n is None)."""
+    probes = list(probes)
+    if n is None or n >= len(probes):
+        return probes
+    if n < 1:
+        raise InputError(f"sample size must be >= 1, got {n}")
+    keep = sorted(random.Random(seed).sample(range(len(probes)), n))
+    return [probes[i] for i in keep]
+
+
+def check_probes(probes: Sequence[Probe]) -> list[Probe]:
+    probes = list(probes)
+    if not probes:
+        raise InputError("no probes given: expected at least one probe")
+    ids = [p.id for p in probes]
+    if len(set(ids)) != len(ids):
+        raise InputError("probe ids must be unique")
+    return probes
+
+
+class PromptRunner:
+    """Runs one prompt many times (one row per configuration) and returns last-position logits.
+
+    With ``use_kv`` the prompt's prefix (all but the last token) runs once and its key/value
+    cache is copied into every batch, so only the last token is recomputed: valid exactly when
+    the hooks touch the last position only. Where the installed versions make the bridge ignore
+    the cache (`selfcheck.prefix_cache_works`), whole prompts run instead: same numbers, slower.
+    The unembedding runs on the last position only.
+    """
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool):
+        self.model = model
+        self.prompt_ids = tuple(int(i) for i in prompt_ids)
+        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
+        self.use_kv = bool(use_kv and ids.shape[1] >= 2 and prefix_cache_works(model))
+        self.cache = None
+        if self.use_kv:
+            with torch.no_grad():
+                _, self.cache = model.bridge(ids[:, :-1], return_type="logits_and_cache")
+            self.tokens = ids[:, -1:]
+        else:
+            self.tokens = ids
+        self.n_pos = int(self.tokens.shape[1])  # positions in each run
+        self.last = self.n_pos - 1  # index of the last prompt position within a run
+
+    def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]]) -> Float[Tensor, "row d_vocab"]:
+        tokens = self.tokens.expand(n_rows, -1).contiguous()
+        last = self.last
+
+        def only_last(x: Tensor, hook: Any) -> Tensor:  # unembed the last position only
+            return x[:, last : last + 1]
+
+        kwargs: dict[str, Any] = {}
+        if self.use_kv:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(n_rows)
+            kwargs["past_key_values"] = cache
+        with torch.no_grad():
+            logits = self.model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[*hooks, ("ln_final.hook_out", only_last)], **kwargs
+            )
+        return logits[:, -1].float()
+
+    def self_check(self, *, what: str, probe: str) -> None:
+        """Stop (`FastPathError`) unless two unhooked rows of this runner equal a plain full
+        forward of the prompt: the prefix cache, its copy per row and the last-position
+        unembedding, checked under the installed versions."""
+        check_against_full_forward(self.model, self.prompt_ids, self.run(2, []), what=what, probe=probe)
+
+
+class SuffixRunner:
+    """Runs one whole prompt many times (one row per configuration), resuming at a layer.
+
+    The clean pass runs once through the bridge (`run_with_hooks`, with the caller's capture
+    hooks); a pre-hook on every block records the residual stream entering it (all positions)
+    and the keyword arguments the model passes it (attention mask, rotary embeddings). A run
+    from layer `start` feeds the clean residual entering `start` to blocks start..n-1, called
+    one after the other with those arguments, under `bridge.hooks(...)`; then the final norm and
+    the unembedding of the last position. Valid exactly when no hook touches a layer below
+    `start` (those layers would compute the clean values again). TransformerBridge's own
+    `start_at_layer` still executes the lower blocks (its docs say so), so it saves nothing.
+    """
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, capture: Sequence[tuple[str, HookFn]] = ()):
+        self.model = model
+        self.prompt_ids = tuple(int(i) for i in prompt_ids)
+        bridge = model.bridge
+        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
+        self.resid: list[Tensor] = [torch.empty(0)] * model.n_layers  # [1, pos, d_model] entering each block
+        self.block_kwargs: list[dict[str, Any]] = [{}] * model.n_layers
+
+        def record(layer: int) -> Callable:
+            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.resid[layer] = hidden.detach().clone()
+                kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kept["past_key_values"] = None  # the clean pass's cache object must not be written to
+                if "use_cache" in kept:
+                    kept["use_cache"] = False
+                self.block_kwargs[layer] = kept
+
+            return pre_hook
+
+        handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(bridge.blocks)]
+        try:
+            with torch.no_grad():
+                logits = bridge.run_with_hooks(ids, fwd_hooks=list(capture))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.clean_logits: Float[Tensor, " d_vocab"] = logits[0, -1].float()
+        self.n_pos = len(self.prompt_ids)
+        self.last = self.n_pos - 1
+        config = getattr(getattr(bridge, "original_model", None), "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0) -> Float[Tensor, "row d_vocab"]:
+        """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active."""
+        bridge = self.model.bridge
+        if not 0 <= start < self.model.n_layers:
+            raise InputError(f"start layer must be in 0..{self.model.n_layers - 1}, got {start}")
+        x = self.resid[start].expand(n_rows, -1, -1).contiguous()
+        with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):
+            for layer in range(start, self.model.n_layers):
+                out = bridge.blocks[layer](x, **self.block_kwargs[layer])
+                x = out[0] if isinstance(out, tuple) else out
+            logits = bridge.unembed(bridge.ln_final(x[:, -1:]))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, -1].float()
+
+    def self_check(self, *, what: str, probe: str) -> None:
+        """Stop (`FastPathError`) unless rows resumed at the first, a middle and the last layer
+        equal a plain full forward of the prompt (the recorded block arguments, the direct
+        block calls, the last-position unembedding), under the installed versions."""
+        for start in sorted({0, self.model.n_layers // 2, self.model.n_layers - 1}):
+            check_against_full_forward(self.model, self.prompt_ids, self.run(2, [], start=start),
+                                       what=f"{what} (resumed at layer {start})", probe=probe)
+
+
+def masked_prediction(logits: Float[Tensor, " d_vocab"], valid: Bool[Tensor, " d_vocab"]) -> tuple[int, float]:
+    """The prediction over real vocabulary tokens and its probability (masked softmax)."""
+    masked = mask_logits(logits.float(), valid)
+    pred = int(masked.argmax())
+    return pred, float(masked.softmax(-1)[pred])
+
+
+def last_metrics(
+    logits: Float[Tensor, "row d_vocab"], clean_pred: int, clean_prob: float, target_id: int, *,
+    valid: Bool[Tensor, " d_vocab"],
+) -> dict[str, np.ndarray]:
+    """Outcome of perturbed rows against the clean prediction, on masked logits (`valid`)."""
+    logits = mask_logits(logits.float(), valid)
+    log_probs = logits.log_softmax(dim=-1)
+    pred = logits.argmax(dim=-1)
+    prob_clean_pred = log_probs[:, clean_pred].exp()
+    return {
+        "new_pred_id": pred.cpu().numpy().astype(np.int64),
+        "changed": (pred != clean_pred).cpu().numpy(),
+        "prob_of_clean_pred": prob_clean_pred.cpu().numpy().astype(np.float64),
+        "prob_drop": (clean_prob - prob_clean_pred).cpu().numpy().astype(np.float64),
+        "new_is_target": (pred == target_id).cpu().numpy(),
+        "target_prob": log_probs[:, target_id].exp().cpu().numpy().astype(np.float64),
+    }

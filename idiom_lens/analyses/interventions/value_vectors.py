@@ -1,0 +1,134 @@
+"""The authors' value-vector statistic: where the model's prediction ranks in the vocabulary
+projection of the dominant neurons' value vectors, per layer.
+
+Per probe and layer, the neurons are ranked as for the knockouts (clean pass, last prompt
+position, `knockouts.rank_neurons`). Each of the top-k value vectors (a row of W_out) is projected
+onto the vocabulary (value vector @ W_U, as the authors' `get_all_projected_value_vectors` does:
+no final norm) and the model's prediction's rank in it is read (0 = the token the vector promotes
+most). The authors report the rank in the top-1 neuron's projection and the min / mean / max
+rank over the top-k (lm_debugger_utils.py: `top_vv_stats`, `agg_rank_in_top_values_per_layer`).
+
+Ours differ in two recorded ways: predictions and ranks range over real vocabulary tokens only
+(`idiom_lens.models.vocab`), and ``weights="effective"`` optionally projects the value vector as the model
+reads it out (times the post-MLP norm's gain and the final norm's gain, RMS-type norms only;
+the per-position RMS scales do not change a rank). ``weights="raw"`` (default) is the authors'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.analyses.interventions.knockouts import RankBy, post_norm_gains, rank_neurons, rms_gain
+from idiom_lens.analyses.interventions.runner import check_probes
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.vocab import mask_summary, valid_mask
+
+Weights = Literal["raw", "effective"]
+
+
+@dataclass(frozen=True)
+class ValueVectorRanks:
+    """Per probe, layer and top-neuron rank r: the prediction's rank in that neuron's vocabulary
+    projection (`ranks[p, l, r]`, 0 = promoted most), and the neuron (`neurons[p, l, r]`)."""
+
+    probe_ids: tuple[str, ...]
+    groups: tuple[str, ...]
+    pred_ids: tuple[int, ...]
+    ks: tuple[int, ...]
+    ranks: Int[np.ndarray, "probe layer k_max"]
+    neurons: Int[np.ndarray, "probe layer k_max"]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per probe, layer and k: the rank in the top-1 neuron's projection, and the min,
+        mean and max rank over the top-k neurons' projections (the authors' columns)."""
+        rows = []
+        for p, pid in enumerate(self.probe_ids):
+            for layer in range(self.ranks.shape[1]):
+                r = self.ranks[p, layer]
+                for k in self.ks:
+                    rows.append({
+                        "probe_id": pid, "group": self.groups[p], "pred_id": self.pred_ids[p], "layer": layer,
+                        "k": k, "top1_rank": int(r[0]), "min_rank": int(r[:k].min()),
+                        "mean_rank": float(r[:k].mean()), "max_rank": int(r[:k].max()),
+                    })
+        return pd.DataFrame(rows)
+
+    def summary(self) -> pd.DataFrame:
+        """Per set, layer and k: n, median top-1 rank, mean of the min rank, share of probes whose
+        prediction is the top token of the top-1 neuron's projection."""
+        frame = self.to_dataframe()
+        frame["top1_is_pred"] = frame["top1_rank"] == 0
+        return (frame.groupby(["group", "layer", "k"], sort=True)
+                .agg(n=("probe_id", "size"), median_top1_rank=("top1_rank", "median"),
+                     mean_min_rank=("min_rank", "mean"), share_top1_is_pred=("top1_is_pred", "mean"))
+                .reset_index())
+
+
+def value_vector_ranks(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    ks: Sequence[int] = (1, 10),
+    rank_by: RankBy = "effective",
+    weights: Weights = "raw",
+    chunk: int = 32,
+    progress: bool = False,
+) -> ValueVectorRanks:
+    """Rank of each probe's (masked) prediction in the vocabulary projections of its top-k neurons'
+    value vectors, every layer. Each needed neuron is projected once (in chunks of `chunk`)."""
+    probes = check_probes(probes)
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    d_mlp = int(model.bridge.cfg.d_mlp)
+    if not ks or ks[0] < 1 or ks[-1] > d_mlp:
+        raise InputError(f"ks must be in 1..{d_mlp}, got {list(ks)}")
+    if weights not in ("raw", "effective"):
+        raise InputError(f"weights must be 'raw' or 'effective', got {weights!r}")
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk}")
+    ranking = rank_neurons(model, probes, rank_by=rank_by)
+    top = ranking.top(ks[-1]).numpy()  # [probe, layer, k_max]
+    valid = valid_mask(model)
+    with torch.no_grad():
+        w_u = model.bridge.W_U.float()  # [d_model, d_vocab]
+        w_out = model.bridge.W_out.float()  # [layer, d_mlp, d_model]
+        if weights == "effective":
+            gains = post_norm_gains(model)
+            if gains is not None:
+                w_out = w_out * gains[:, None, :]
+            w_u = w_u * rms_gain(model.bridge.ln_final, model, what="final norm")[:, None]
+    preds = np.array(ranking.pred_ids)
+    ranks = np.zeros(top.shape, dtype=np.int64)
+    for layer in tqdm(range(model.n_layers), desc="value vectors", disable=not progress):
+        needed = np.unique(top[:, layer])
+        for start in range(0, len(needed), chunk):
+            neurons = torch.as_tensor(needed[start : start + chunk])
+            with torch.no_grad():
+                proj = w_out[layer, neurons] @ w_u  # [c, d_vocab]
+                proj = proj.masked_fill(~valid, float("-inf"))
+            for j, neuron in enumerate(neurons.tolist()):
+                where = np.argwhere(top[:, layer] == neuron)  # (probe, r) pairs using this neuron
+                pred = torch.as_tensor(preds[where[:, 0]])
+                count = (proj[j][None, :] > proj[j, pred][:, None]).sum(-1).numpy()
+                ranks[where[:, 0], layer, where[:, 1]] = count
+    tokens = tokenize_probes(model, probes)
+    groups = tuple(probe_group(p.kind, int(pred) == t.target_id) for p, pred, t in zip(probes, preds, tokens))
+    settings = model.settings() | mask_summary(model) | {
+        "analysis": "value_vector_ranks", "ks": list(ks), "rank_by": rank_by, "weights": weights,
+        "n_probes": len(probes),
+        "weights_note": "value vector @ W_U (the authors')" if weights == "raw"
+        else "value vector x post-MLP norm gain x final norm gain @ W_U",
+    }
+    return ValueVectorRanks(tuple(p.id for p in probes), groups, tuple(int(p) for p in preds), ks, ranks, top,
+                            settings)

@@ -1,0 +1,169 @@
+"""Which probes a model has memorized (method.md section 2).
+
+A probe is memorized when the model's greedy next token after the prompt equals the target
+token (the first sub-word of the last word). No threshold. We also keep the target's rank and
+probability, and whether every sub-word of the target is the greedy choice given the previous
+ones (teacher-forced `full_target_match`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.models.forward import ForwardBatch, iterate_forward, tokenize_probes
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.tokenization import ProbeTokens
+
+# The sets the paper compares, in plotting order.
+GROUPS = (
+    "memorized idioms",
+    "non-memorized idioms",
+    "ordinary text",
+    "memorized facts",
+    "non-memorized facts",
+)
+
+
+def probe_group(kind: str, memorized: bool) -> str:
+    """The comparison set of a probe: ordinary text is one set whatever the model predicts."""
+    if kind == "text":
+        return "ordinary text"
+    plural = {"idiom": "idioms", "fact": "facts"}.get(kind, f"{kind}s")
+    return f"{'memorized' if memorized else 'non-memorized'} {plural}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemorizationRecord:
+    """One probe scored on one model."""
+
+    probe_id: str
+    kind: str
+    group: str
+    hard_to_guess: bool | None
+    prompt: str
+    target: str
+    target_id: int
+    target_token: str
+    n_target_tokens: int
+    pred_id: int
+    pred_token: str
+    memorized: bool
+    pred_prob: float
+    target_rank: int
+    target_prob: float
+    full_target_match: bool
+    # Last, with a default: results saved before this field existed still load.
+    single_target: bool | None = None
+
+
+@dataclass(frozen=True)
+class MemorizationResult:
+    """Memorization of a probe set on one model, with the settings used."""
+
+    records: tuple[MemorizationRecord, ...]
+    settings: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [asdict(r) for r in self.records], columns=list(MemorizationRecord.__dataclass_fields__)
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """Counts and fractions memorized per kind, for all probes and the hard_to_guess subset.
+
+        `n_not_single_target` counts the probes of the row whose prompt has another target in
+        the set (`Probe.single_target` False; None is not counted). They stay in "all" and are
+        never in "hard_to_guess" (the loader sets their hard_to_guess False).
+        """
+        frame = self.to_dataframe()
+        rows = []
+        for kind, sub in frame.groupby("kind", sort=True):
+            for subset, part in (("all", sub), ("hard_to_guess", sub[sub["hard_to_guess"] == True])):  # noqa: E712
+                n = len(part)
+                k = int(part["memorized"].sum())
+                rows.append(
+                    {
+                        "kind": kind,
+                        "subset": subset,
+                        "n": n,
+                        "memorized": k,
+                        "fraction": k / n if n else float("nan"),
+                        "full_target_match": int(part["full_target_match"].sum()),
+                        "n_not_single_target": int((part["single_target"] == False).sum()),  # noqa: E712
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+def records_from_batch(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    probe_tokens: Sequence[ProbeTokens],
+    batch: ForwardBatch,
+) -> list[MemorizationRecord]:
+    """Score the probes of one forward batch (shared with the trajectory, which runs the same pass)."""
+    rows = torch.arange(len(batch.indices), device=batch.logits.device)
+    final = batch.logits[rows, batch.last].float()
+    log_probs = final.log_softmax(dim=-1)
+    pred = final.argmax(dim=-1)
+    decode = model.tokenizer.decode
+    out = []
+    for row, index in enumerate(batch.indices):
+        probe, toks = probes[index], probe_tokens[index]
+        target_id = toks.target_id
+        target_logit = final[row, target_id]
+        last = int(batch.last[row])
+        n_target = len(toks.target_ids)
+        # teacher-forced: every sub-word of the target is the greedy choice after the previous ones
+        greedy = batch.logits[row, last : last + n_target].argmax(dim=-1)
+        full = greedy.tolist() == list(toks.target_ids)
+        pred_id = int(pred[row])
+        out.append(
+            MemorizationRecord(
+                probe_id=probe.id,
+                kind=probe.kind,
+                group=probe_group(probe.kind, pred_id == target_id),
+                hard_to_guess=probe.hard_to_guess,
+                prompt=probe.prompt,
+                target=probe.target,
+                target_id=target_id,
+                target_token=decode([target_id]),
+                n_target_tokens=n_target,
+                pred_id=pred_id,
+                pred_token=decode([pred_id]),
+                memorized=pred_id == target_id,
+                pred_prob=float(log_probs[row, pred_id].exp()),
+                target_rank=int((final[row] > target_logit).sum()),
+                target_prob=float(log_probs[row, target_id].exp()),
+                full_target_match=bool(full),
+                single_target=probe.single_target,
+            )
+        )
+    return out
+
+
+def score_memorization(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> MemorizationResult:
+    """Greedy prediction vs target for every probe, batched (one forward pass per batch)."""
+    probes = list(probes)
+    probe_tokens = tokenize_probes(model, probes)
+    records: list[MemorizationRecord | None] = [None] * len(probes)
+    for batch in iterate_forward(
+        model, probe_tokens, batch_size=batch_size, progress=progress, desc="memorization"
+    ):
+        for index, record in zip(batch.indices, records_from_batch(model, probes, probe_tokens, batch)):
+            records[index] = record
+    return MemorizationResult(records=tuple(r for r in records if r is not None), settings=model.settings())

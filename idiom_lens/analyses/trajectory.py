@@ -1,0 +1,217 @@
+"""The layer trajectory (method.md section 3): the logit lens at the last prompt position.
+
+For every probe and layer, four sites are read through the model's own final norm and
+unembedding: the residual after the block (`resid_post`), after the attention sublayer
+(`resid_mid`), and the attention and MLP outputs (`attn_out`, `mlp_out`, read alone). For the
+model's final predicted token and for the target token we keep the rank (0 = top-1) and the
+probability, plus the entropy and the argmax of the read-out distribution.
+
+One batched forward pass per batch gives both the trajectory and the memorization records
+(the last layer's read-out is the model's own output, which the tests check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import iterate_forward, tokenize_probes
+from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, records_from_batch
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.readout import Readout, read_out, release_workspace
+from idiom_lens.models.selfcheck import check_close, plain_last_logits
+from idiom_lens.models.vocab import mask_logits, valid_mask
+
+SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
+_HOOK = {
+    "resid_post": "blocks.{}.hook_resid_post",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+}
+METRICS = ("pred_rank", "pred_prob", "target_rank", "target_prob", "entropy", "top_id")
+
+
+@dataclass(frozen=True)
+class TrajectoryResult:
+    """Logit-lens statistics [probe, site, layer] plus the memorization of each probe."""
+
+    memorization: MemorizationResult
+    sites: tuple[str, ...]
+    pred_rank: Int[np.ndarray, "probe site layer"]
+    pred_prob: Float[np.ndarray, "probe site layer"]
+    target_rank: Int[np.ndarray, "probe site layer"]
+    target_prob: Float[np.ndarray, "probe site layer"]
+    entropy: Float[np.ndarray, "probe site layer"]
+    top_id: Int[np.ndarray, "probe site layer"]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.pred_rank.shape[2])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.memorization.settings
+
+    def site(self, name: str) -> int:
+        if name not in self.sites:
+            raise InputError(f"site {name!r} was not computed; this result has {list(self.sites)}")
+        return self.sites.index(name)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Tidy: one row per (probe, site, layer) with the probe's kind, group and memorized flag."""
+        mem = self.memorization.to_dataframe()
+        n_probe, n_site, n_layer = self.pred_rank.shape
+        idx = np.indices((n_probe, n_site, n_layer)).reshape(3, -1)
+        frame = pd.DataFrame(
+            {
+                "probe_id": mem["probe_id"].to_numpy()[idx[0]],
+                "kind": mem["kind"].to_numpy()[idx[0]],
+                "group": mem["group"].to_numpy()[idx[0]],
+                "memorized": mem["memorized"].to_numpy()[idx[0]],
+                "hard_to_guess": mem["hard_to_guess"].to_numpy()[idx[0]],
+                "site": np.asarray(self.sites, dtype=object)[idx[1]],
+                "layer": idx[2],
+            }
+        )
+        for metric in METRICS:
+            frame[metric] = getattr(self, metric).reshape(-1)
+        return frame
+
+    @staticmethod
+    def from_dataframe(
+        frame: pd.DataFrame, memorization: MemorizationResult
+    ) -> "TrajectoryResult":
+        """Rebuild a result from `to_dataframe()` output (e.g. a parquet file) and its memorization."""
+        ids = [r.probe_id for r in memorization.records]
+        sites = tuple(dict.fromkeys(frame["site"]))
+        n_layers = int(frame["layer"].max()) + 1
+        order = {pid: i for i, pid in enumerate(ids)}
+        frame = frame.assign(
+            _p=frame["probe_id"].map(order), _s=frame["site"].map({s: i for i, s in enumerate(sites)})
+        ).sort_values(["_p", "_s", "layer"])
+        if frame["_p"].isna().any() or len(frame) != len(ids) * len(sites) * n_layers:
+            raise InputError("trajectory table does not match its memorization records")
+        shape = (len(ids), len(sites), n_layers)
+        arrays = {m: frame[m].to_numpy().reshape(shape) for m in METRICS}
+        return TrajectoryResult(memorization=memorization, sites=sites, **arrays)
+
+    @staticmethod
+    def concat(parts: Sequence["TrajectoryResult"]) -> "TrajectoryResult":
+        """Join results over disjoint probe sets computed with the same model and sites."""
+        if not parts:
+            raise InputError("no trajectory results to join")
+        first = parts[0]
+        if any(p.sites != first.sites or p.settings != first.settings for p in parts):
+            raise InputError("trajectory results differ in sites or model settings")
+        mem = MemorizationResult(
+            records=tuple(r for p in parts for r in p.memorization.records), settings=first.settings
+        )
+        arrays = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METRICS}
+        return TrajectoryResult(memorization=mem, sites=first.sites, **arrays)
+
+
+def layer_trajectory(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    *,
+    sites: Sequence[str] = SITES,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> TrajectoryResult:
+    """Logit-lens trajectory of every probe (batched; independent of batch size and padding)."""
+    probes = list(probes)
+    if not probes:
+        raise InputError("no probes to analyse")
+    unknown = [s for s in sites if s not in _HOOK]
+    if unknown or not sites:
+        raise InputError(f"unknown sites {unknown or '(none given)'}: expected some of {list(SITES)}")
+    sites = tuple(sites)
+    n_layers = model.n_layers
+    hook_names = [_HOOK[s].format(layer) for s in sites for layer in range(n_layers)]
+    probe_tokens = tokenize_probes(model, probes)
+
+    shape = (len(probes), len(sites), n_layers)
+    out = {m: np.zeros(shape, dtype=np.int64 if m.endswith(("rank", "id")) else np.float32) for m in METRICS}
+    records: list[MemorizationRecord | None] = [None] * len(probes)
+    first_batch = True
+    for batch in iterate_forward(
+        model, probe_tokens, hook_names=hook_names, batch_size=batch_size, progress=progress,
+        desc="trajectory",
+    ):
+        batch_records = records_from_batch(model, probes, probe_tokens, batch)
+        n = len(batch.indices)
+        # [site*layer, batch, d_model] -> rows ordered (probe, site, layer)
+        stacked = torch.stack([batch.captured[h] for h in hook_names]).transpose(0, 1)
+        vectors = stacked.reshape(n * len(hook_names), model.d_model)
+        tracked = torch.tensor([[r.pred_id, r.target_id] for r in batch_records])
+        tracked = tracked.repeat_interleave(len(hook_names), dim=0)
+        ro = read_out(model, vectors, tracked)
+        per_probe = (n, len(sites), n_layers)
+        values = {
+            "pred_rank": ro.rank[:, 0],
+            "pred_prob": ro.logprob[:, 0].exp(),
+            "target_rank": ro.rank[:, 1],
+            "target_prob": ro.logprob[:, 1].exp(),
+            "entropy": ro.entropy,
+            "top_id": ro.top_id,
+        }
+        if first_batch and "resid_post" in sites:
+            _check_last_layer(model, probe_tokens[batch.indices[0]].prompt_ids, batch_records[0], ro,
+                              row=sites.index("resid_post") * n_layers + n_layers - 1, probe=probes[batch.indices[0]].id)
+        first_batch = False
+        for metric, value in values.items():
+            out[metric][batch.indices] = value.reshape(per_probe).numpy()
+        for index, record in zip(batch.indices, batch_records):
+            records[index] = record
+    release_workspace()
+    memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
+    return TrajectoryResult(memorization=memorization, sites=sites, **out)
+
+
+def _check_last_layer(
+    model: LoadedModel, prompt_ids: Sequence[int], record: MemorizationRecord, ro: Readout, *, row: int, probe: str
+) -> None:
+    """Self-check of the read-out kernel (buffers, chunking, fused bias): the last layer's read of
+    the first probe must give a plain full forward's log-probabilities of the predicted and the
+    target token (`selfcheck.FastPathError` otherwise)."""
+    plain = mask_logits(plain_last_logits(model, prompt_ids), valid_mask(model)).log_softmax(-1)
+    expected = plain[[record.pred_id, record.target_id]]
+    check_close(ro.logprob[row], expected, what="trajectory read-out (last layer)", probe=probe)
+
+
+def save_trajectory(result: TrajectoryResult, out_dir: str | Path, *, stem: str = "trajectory") -> list[Path]:
+    """Write `<stem>.parquet` (tidy trajectory) and `<stem>_memorization.parquet`, atomically."""
+    from idiom_lens.io import write_parquet
+
+    out_dir = Path(out_dir)
+    return [
+        write_parquet(out_dir / f"{stem}.parquet", result.to_dataframe()),
+        write_parquet(out_dir / f"{stem}_memorization.parquet", result.memorization.to_dataframe()),
+    ]
+
+
+def load_trajectory(out_dir: str | Path, *, stem: str = "trajectory", settings: dict | None = None) -> TrajectoryResult:
+    """Read back what `save_trajectory` wrote."""
+    out_dir = Path(out_dir)
+    mem_frame = pd.read_parquet(out_dir / f"{stem}_memorization.parquet")
+    records = tuple(
+        MemorizationRecord(**{k: _py(v) for k, v in row.items()}) for row in mem_frame.to_dict("records")
+    )
+    memorization = MemorizationResult(records=records, settings=settings or {})
+    return TrajectoryResult.from_dataframe(pd.read_parquet(out_dir / f"{stem}.parquet"), memorization)
+
+
+def _py(value: Any) -> Any:
+    """numpy scalars and NaN (missing flags) back to plain Python values."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value

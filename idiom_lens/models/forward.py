@@ -1,0 +1,117 @@
+"""Batched forward passes over probes, capturing only the activations an analysis reads.
+
+Every analysis runs through `iterate_forward`: probes are tokenized once, sorted by length
+(less padding), right-padded (causal attention makes padding invisible to real positions, so
+results do not depend on batch size or padding), and each hook keeps only the last prompt
+position, so memory is [batch, d_model] per hook rather than [batch, pos, d_model].
+
+Sequences are fed as prompt + target tokens: by causality the logits at the last prompt
+position are exactly those of the prompt alone, and the later positions give the teacher-forced
+check of the full (multi-token) target in the same pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.selfcheck import check_against_full_forward
+from idiom_lens.models.vocab import mask_logits, valid_mask
+from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_probe
+from idiom_lens.types import Logits, Tokens
+
+HookFn = Callable[[Tensor, object], Tensor | None]
+
+
+def tokenize_probes(model: LoadedModel, probes: Sequence[Probe]) -> list[ProbeTokens]:
+    """Split every probe into prompt and target tokens with the model's tokenizer."""
+    out = []
+    for probe in probes:
+        try:
+            out.append(split_probe(model.tokenizer, probe.prompt, probe.target))
+        except InputError as err:
+            raise InputError(f"probe {probe.id!r}: {err}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """One forward pass: which probes, their tokens, and what the hooks captured."""
+
+    indices: list[int]  # positions of these probes in the caller's list
+    tokens: Tokens
+    last: Int[Tensor, " batch"]  # index of the last prompt token of each row
+    logits: Logits
+    captured: dict[str, Float[Tensor, "batch d_model"]]  # hook name -> value at `last`
+    # `logits` has special and unused tokens at the lowest float (`idiom_lens.models.vocab`)
+
+
+def iterate_forward(
+    model: LoadedModel,
+    probe_tokens: Sequence[ProbeTokens],
+    *,
+    hook_names: Sequence[str] = (),
+    extra_hooks: Callable[[list[int]], Sequence[tuple[str, HookFn]]] | None = None,
+    batch_size: int = 16,
+    include_target: bool = True,
+    progress: bool = False,
+    desc: str = "forward",
+) -> Iterator[ForwardBatch]:
+    """Yield one `ForwardBatch` per batch of probes, in length-sorted order.
+
+    `extra_hooks(indices)` may add hooks (interventions) for the probes of each batch; they run
+    before the capture hooks of the same name are read.
+
+    Self-check: without `extra_hooks`, the first batch's shortest and longest rows (the most and
+    the least padded) are compared with a plain full forward of each prompt alone; a difference
+    above `selfcheck.TOLERANCE` raises `FastPathError` before the batch is yielded.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    valid = valid_mask(model)
+    order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].prompt_ids))
+    bar = None  # opened after the first batch's self-check, so that a failure prints one clean line
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        seqs = [
+            probe_tokens[i].prompt_ids + (probe_tokens[i].target_ids if include_target else ())
+            for i in indices
+        ]
+        tokens, _ = right_pad(seqs, pad_id=pad_id(model.tokenizer))
+        last = torch.tensor([len(probe_tokens[i].prompt_ids) - 1 for i in indices])
+        tokens, last = tokens.to(model.device), last.to(model.device)
+        captured: dict[str, Tensor] = {}
+        rows = torch.arange(len(indices), device=model.device)
+
+        def make_hook(name: str) -> HookFn:
+            def hook(act: Tensor, hook: object) -> None:
+                captured[name] = act[rows, last].detach()
+
+            return hook
+
+        hooks = [(n, make_hook(n)) for n in hook_names]
+        if extra_hooks is not None:  # e.g. interventions that depend on which probes are in the batch
+            hooks += list(extra_hooks(indices))
+        with torch.no_grad():
+            logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
+        if start == 0 and extra_hooks is None:
+            for row in sorted({0, len(indices) - 1}):
+                check_against_full_forward(
+                    model, probe_tokens[indices[row]].prompt_ids, logits[row, last[row]],
+                    what=f"{desc} (batched, padded)", probe=f"#{indices[row]}",
+                )
+        logits = mask_logits(logits, valid)  # predictions range over real vocabulary tokens only
+        if bar is None:
+            bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="probe")
+        yield ForwardBatch(indices=indices, tokens=tokens, last=last, logits=logits, captured=captured)
+        bar.update(len(indices))
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,472 @@
+"""Long jobs that write results as they go and resume: the trajectory job and the full study.
+
+Probes are processed in parts; each finished part is written atomically under
+`DIR/parts/` with a fingerprint of everything that determines it (model settings, sites,
+the part's probes). A rerun loads the parts whose fingerprint matches and computes the rest,
+so an interrupted run loses at most one part.
+
+The study's later stages run through `run_stage`: a stage is reused only when its folder holds
+a completion marker (`idiom_lens.io.write_marker`) with the same key, built by `stage_key` from
+every argument the stage function receives, and every file the marker lists is intact.
+A part, likewise, is reused only when its marker verifies. Anything else is recomputed from an
+empty folder, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from idiom_lens.datasets.probes import Probe, ProbeSet
+from idiom_lens.errors import InputError
+from idiom_lens.faults import maybe_fail
+from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
+from idiom_lens.analyses.memorization import MemorizationResult
+from idiom_lens.models.loading import LoadedModel
+from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
+from idiom_lens.analyses.trajectory import (
+    SITES,
+    TrajectoryResult,
+    layer_trajectory,
+    load_trajectory,
+    save_trajectory,
+)
+
+
+def _fingerprint(obj: Any) -> str:
+    return key_digest(obj)[:16]
+
+
+def _model_key(model: LoadedModel) -> dict[str, Any]:
+    settings = dict(model.settings())
+    settings.pop("versions", None)
+    return settings
+
+
+PART_MARKER = ".part.json"
+
+
+def _probe_key(probes: Sequence[Probe]) -> list[dict[str, Any]]:
+    """Every field of every probe, in order (a changed flag or prompt changes the key)."""
+    return [dataclasses.asdict(p) for p in probes]
+
+
+def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> dict[str, Any]:
+    """What determines a trajectory part: model settings, sites, the part's probes."""
+    return {"model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
+
+
+def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> str:
+    """The folder name (under `parts/`) of the trajectory part of `probes`."""
+    return f"trajectory-{_fingerprint(_part_key(model, probes, sites))}"
+
+
+def _clear(folder: Path, marker: Path) -> None:
+    """Empty a job's folder before (re)computing it: the marker goes first, then everything else,
+    so no stale or half-written output of an earlier run survives into the new one."""
+    marker.unlink(missing_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def resumable_trajectory(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out_dir: str | Path,
+    *,
+    sites: Sequence[str] = SITES,
+    batch_size: int = 16,
+    part_size: int = 256,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrajectoryResult:
+    """`layer_trajectory` in parts saved under `out_dir/parts/`; finished, intact parts are reused."""
+    out_dir = Path(out_dir)
+    probes = list(probes)
+    parts: list[TrajectoryResult] = []
+    n_parts = (len(probes) + part_size - 1) // part_size
+    for i in range(n_parts):
+        chunk = probes[i * part_size : (i + 1) * part_size]
+        key = _part_key(model, chunk, sites)
+        part_dir = out_dir / "parts" / part_name(model, chunk, sites)
+        marker = part_dir / PART_MARKER
+        reason = check_marker(marker, key)
+        if reason is None:
+            log(f"  part {i + 1}/{n_parts}: reusing {part_dir.name}")
+            parts.append(load_trajectory(part_dir, settings=model.settings()))
+            continue
+        if part_dir.exists():
+            log(f"  part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
+        _clear(part_dir, marker)
+        started = time.perf_counter()
+        result = layer_trajectory(model, chunk, sites=sites, batch_size=batch_size, progress=progress)
+        save_trajectory(result, part_dir)
+        write_marker(marker, key)  # last: the part is finished only once its marker exists
+        maybe_fail("trajectory.part")
+        log(f"  part {i + 1}/{n_parts}: {len(chunk)} probes in {time.perf_counter() - started:.1f} s")
+        parts.append(result)
+    return TrajectoryResult.concat(parts)
+
+
+@dataclass(frozen=True)
+class TrajectoryOutputs:
+    result: TrajectoryResult
+    phases: PhaseAnalysis
+    files: tuple[Path, ...]
+
+
+def write_trajectory_outputs(
+    result: TrajectoryResult, out_dir: str | Path, *, title: str = "", png: bool = True
+) -> TrajectoryOutputs:
+    """Parquet tables, phase summary (JSON + Markdown) and figures for a finished trajectory."""
+    from idiom_lens.io import write_parquet
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.trajectory import promotion_histogram, trajectory_figure
+
+    out_dir = Path(out_dir)
+    phases = analyse_phases(result)
+    files = list(save_trajectory(result, out_dir))
+    files.append(write_parquet(out_dir / "phases_per_probe.parquet", phases.probes))
+    files.append(write_parquet(out_dir / "phases_curves.parquet", phases.curves))
+    for name in ("promotion_tests", "boundary_sensitivity", "matching", "matched_pairs"):
+        frame = getattr(phases, name)
+        if frame is not None:
+            files.append(write_parquet(out_dir / f"phases_{name}.parquet", frame))
+    memo = result.memorization.summary()
+    files.append(write_parquet(out_dir / "memorization_summary.parquet", memo))
+    summary = {
+        "settings": result.settings,
+        "sites": list(result.sites),
+        "n_probes": len(result.memorization),
+        "memorization": memo.to_dict("records"),
+        "phases": phases.to_dict(),
+    }
+    files.append(write_json(out_dir / "summary.json", summary))
+    files.append(write_text(out_dir / "summary.md", summary_markdown(result, phases)))
+    files += save_figure(trajectory_figure(phases, title=title), out_dir / "trajectory", png=png)
+    files += save_figure(
+        trajectory_figure(phases, title=(title + " (target token)").strip(), token="target"),
+        out_dir / "trajectory_target", png=png,
+    )
+    files += save_figure(promotion_histogram(phases), out_dir / "promotion_layers", png=png, height=450)
+    return TrajectoryOutputs(result=result, phases=phases, files=tuple(files))
+
+
+def summary_markdown(result: TrajectoryResult, phases: PhaseAnalysis) -> str:
+    s = result.settings
+    memo = result.memorization.summary()
+    lines = [
+        f"# Recall trajectory: {s.get('model_spec')}",
+        "",
+        f"Model `{s.get('model_name')}`, {s.get('n_layers')} layers, numerics `{s.get('numerics_mode')}`, "
+        f"BOS prepended: {s.get('prepend_bos')}, sites: {', '.join(result.sites)}.",
+        "",
+        "## Memorization (greedy next token == first token of the target word)",
+        "",
+        markdown_table(memo),
+        "",
+        "## Two phases",
+        "",
+        phases.summary_text,
+        "",
+        markdown_table(phases.group_table()),
+        "",
+    ]
+    if phases.promotion_tests is not None and len(phases.promotion_tests):
+        lines += ["## Are memorized probes promoted earlier? (permutation tests)", "",
+                  markdown_table(phases.promotion_tests), ""]
+    if phases.matching is not None and len(phases.matching):
+        lines += ["## Confidence-matched control", "", markdown_table(phases.matching), ""]
+    if phases.boundary_sensitivity is not None:
+        lines += ["## Boundary vs its top-1 share threshold", "", markdown_table(phases.boundary_sensitivity), ""]
+    return "\n".join(lines)
+
+
+def markdown_table(frame: Any, *, digits: int = 3) -> str:
+    """A pipe table (pandas' `to_markdown` would need tabulate for these few lines)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() else f"{v:.{digits}f}"
+        return str(v)
+
+    rows = [list(map(str, frame.columns))] + [[fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "---|" * len(frame.columns))
+    return "\n".join(lines)
+
+
+def run_attribution(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    top: int = 20,
+    batch_size: int = 16,
+    png: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Attribute `probes`, write parquet + figures + summary.json under `out`; return the summary."""
+    from idiom_lens.analyses import attribution_stats as stats
+    from idiom_lens.analyses.attribution import attribute_probes
+    from idiom_lens.io import write_json, write_parquet
+    from idiom_lens.plots.attribution import layer_contribution_figure, top_neurons_table
+    from idiom_lens.plots.export import save_figure
+
+    result = attribute_probes(model, probes, batch_size=batch_size, top_neurons=top, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(p) for p in result.to_parquet(out)]
+    maybe_fail("attribution.written")
+    for measure in ("logit", "logit_diff"):
+        files.append(str(write_parquet(out / f"layer_stats_{measure}.parquet", stats.layer_stats(result, measure=measure))))
+        files.append(str(write_parquet(out / f"cumulative_share_{measure}.parquet",
+                                       stats.cumulative_share(result, measure=measure))))
+        files += [str(p) for p in save_figure(layer_contribution_figure(result, measure=measure),
+                                              out / f"layers_{measure}", png=png, width=1500, height=560)]
+    for group, neurons in result.set_neurons.items():
+        fig = top_neurons_table(neurons, title=f"Top neurons, {group} (mean over set)",
+                                value_vector_final_norm=result.settings["value_vector_final_norm"])
+        stem = out / f"neurons_{group.replace(' ', '_')}"
+        files += [str(p) for p in save_figure(fig, stem, png=png, width=1100, height=120 + 26 * max(1, len(neurons)))]
+    digest = stats.summary(result)
+    digest["files"] = sorted(files)
+    write_json(out / "summary.json", digest)
+    return digest
+
+
+def run_knockouts(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    ks: Sequence[int] = (1, 10, 100, 1000),
+    windows: Sequence[int] = (1, 2, 3, 4, 5),
+    modes: Sequence[str] = ("zero_top", "keep_top"),
+    keep_top_ks: Sequence[int] | None = (100,),
+    keep_top_windows: Sequence[int] | None = (1, 2, 3),
+    full_grid: bool = False,
+    controls: Sequence[str] = ("random", "matched", "whole_mlp"),
+    rank_by: str = "effective",
+    positions: str = "all",
+    norm: str = "live",
+    compare_positions: bool = False,
+    value_vector_ks: Sequence[int] = (1, 10),
+    seed: int = 0,
+    batch_size: int = 128,
+    skip: bool = True,
+    png: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
+    value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
+    `out`, each written as soon as its step completes.
+
+    `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
+    `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
+    as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`)."""
+    from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.io import write_parquet
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.interventions import (
+        knockout_heatmaps,
+        knockout_layer_curves,
+        knockout_positions_heatmaps,
+        skip_curves,
+    )
+
+    out = Path(out)
+    summary: dict[str, Any] = {"n_probes": len(probes)}
+    started = time.perf_counter()
+    grid: dict[str, Any] = {"full_grid": True} if full_grid else {
+        "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
+    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size, progress=True)
+    knock = knockout_grid(model, probes, positions=positions, **grid, **common)
+    knock.write(out)
+    summary["knockouts"] = knock.settings
+    write_json(out / "summary.json", summary)
+    maybe_fail("knockouts.written")
+    log(f"  knockouts ({positions} positions): {len(probes)} probes x {knock.settings['n_configs']} configurations in "
+        f"{knock.settings['seconds']:.1f} s ({1000 * knock.settings['seconds'] / max(1, len(knock.rows)):.1f} ms "
+        "per configuration)")
+    table = knock.summary()
+    for mode in sorted(set(table["mode"])):
+        for k in sorted(set(table.loc[(table["mode"] == mode) & (table["control"] != "whole_mlp"), "k"])):
+            save_figure(knockout_heatmaps(knock, k=k, mode=mode), out / f"knockout_{mode}_k{k}", png=png, height=900)
+    zero_ks = sorted(set(table.loc[(table["mode"] == "zero_top") & (table["control"] == "targeted"), "k"]))
+    if zero_ks and 1 in set(table["window"]):
+        k_curve = 100 if 100 in zero_ks else zero_ks[-1]
+        layers = knock.layer_table(k=k_curve, window=1)
+        write_parquet(out / "knockout_layers.parquet", layers)
+        summary["share_changed_by_layer"] = {"k": k_curve, "window": 1, "rows": layers.to_dict(orient="records")}
+        save_figure(knockout_layer_curves(knock, k=k_curve, window=1), out / f"knockout_layers_k{k_curve}", png=png,
+                    height=500)
+    if compare_positions:
+        other = "last" if positions == "all" else "all"
+        second = knockout_grid(model, probes, positions=other, **grid, **common)
+        second.write(out, stem=f"knockouts_{other}")
+        summary[f"knockouts_{other}"] = second.settings
+        both = KnockoutResult.concat([knock, second])
+        present = list(dict.fromkeys(knock.probes["group"]))
+        memorized = [g for g in ("memorized idioms", "memorized facts") if g in present] or present[:1]
+        for group in memorized:
+            for k in zero_ks:
+                save_figure(knockout_positions_heatmaps(both, k=k, group=group),
+                            out / f"knockout_positions_{group.replace(' ', '_')}_k{k}", png=png, height=500)
+        log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
+    if value_vector_ks:
+        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=rank_by)  # type: ignore[arg-type]
+        write_parquet(out / "value_vectors.parquet", vv.to_dataframe())
+        write_parquet(out / "value_vectors_summary.parquet", vv.summary())
+        summary["value_vectors"] = vv.settings
+    if skip:
+        skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
+        skipped = skip_layers(model, probes, windows=skip_windows, batch_size=min(batch_size, 64), progress=True)
+        skipped.write(out)
+        maybe_fail("skipping.written")
+        summary["skipping"] = skipped.settings
+        save_figure(skip_curves(skipped), out / "skip_curves", png=png, height=550)
+        log(f"  layer skipping: {skipped.settings['n_spans']} spans in {skipped.settings['seconds']:.1f} s")
+    summary["total_seconds"] = round(time.perf_counter() - started, 2)
+    best = table[(table["mode"] == "zero_top")].groupby(["group", "control"])["changed"].max().reset_index()
+    summary["max_share_changed_zero_top"] = best.to_dict(orient="records")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_patching(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    variants: Sequence[str] = ("word_swap", "prefix_swap"),
+    seed: int = 0,
+    keep_last: int = 2,
+    batch_size: int = 64,
+    png: bool = True,
+) -> Any:
+    """Activation patching of `probes` (clean idiom -> corrupted prompt); parquet, mean heatmaps
+    per set and summary.json under `out`. Returns the `PatchingResult`."""
+    from idiom_lens.analyses.interventions import patch_probes
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.interventions import patching_heatmaps
+
+    out = Path(out)
+    result = patch_probes(model, probes, variants=variants, seed=seed, keep_last=keep_last,
+                          batch_size=batch_size, progress=True)
+    result.write(out)
+    maybe_fail("patching.written")
+    write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
+    for variant in variants:
+        valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
+        for group in sorted(set(valid["group"])):
+            save_figure(patching_heatmaps(result, variant=variant, group=group),
+                        out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
+    return result
+
+
+def sample_by_group(
+    memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0,
+    whole: Sequence[str] = (),
+) -> list[Probe]:
+    """Up to `per_group` probes of each comparison set (memorized idioms, ...), seeded, in input
+    order; the sets named in `whole` are kept entire (e.g. every memorized idiom for a figure)."""
+    import random
+
+    by_id = {p.id: p for p in probes}
+    chosen: set[str] = set()
+    groups: dict[str, list[str]] = {}
+    for record in memorization.records:
+        groups.setdefault(record.group, []).append(record.probe_id)
+    unknown = set(whole) - set(groups)
+    if unknown:
+        raise InputError(f"whole: no probes in set(s) {sorted(unknown)}; sets present: {sorted(groups)}")
+    for group in sorted(groups):
+        ids = groups[group]
+        n = len(ids) if group in whole else min(per_group, len(ids))
+        chosen.update(random.Random(f"{seed}-{group}").sample(ids, n))
+    return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
+
+
+STAGE_MARKER = ".stage.json"
+
+# Stage-function arguments that change neither the numbers (beyond float rounding) nor the files
+# a stage writes: left out of its key, so a rerun with another batch size reuses finished stages.
+NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log"})
+
+
+def stage_key(
+    fn: Callable[..., Any], model: LoadedModel, probes: Sequence[Probe], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything that determines what `fn(model, probes, out, **options)` writes: the stage
+    function, the model's settings, every field of every probe, and every other argument of `fn`
+    as it will be called, defaults included (so an option added later is keyed without anyone
+    remembering to), except those in `NOT_IN_KEY`."""
+    signature = inspect.signature(fn)
+    bound = signature.bind(model, probes, Path("."), **options)  # TypeError on an unknown option
+    bound.apply_defaults()
+    positional = list(signature.parameters)[:3]
+    return {
+        "stage": f"{fn.__module__}.{fn.__qualname__}",
+        "model": _model_key(model),
+        "probes": _probe_key(probes),
+        "options": {name: value for name, value in bound.arguments.items()
+                    if name not in positional and name not in NOT_IN_KEY},
+    }
+
+
+def run_stage(
+    name: str,
+    fn: Callable[..., Any],
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    stage_dir: str | Path,
+    options: dict[str, Any],
+    *,
+    log: Callable[[str], None] = print,
+) -> Any | None:
+    """`fn(model, probes, stage_dir, **options)` unless `stage_dir` holds a finished run with the
+    same `stage_key` and intact files. Returns `fn`'s result, or None when the stage was reused.
+
+    A stage that fails verification (unfinished, settings changed, a file missing, truncated or
+    altered, the marker unreadable) is recomputed from an empty `stage_dir`: the folder belongs
+    to its stage. The marker is written only after `fn` returns, so a crash or an error inside
+    the stage leaves it unfinished."""
+    stage_dir = Path(stage_dir)
+    key = stage_key(fn, model, probes, options)
+    marker = stage_dir / STAGE_MARKER
+    reason = check_marker(marker, key)
+    if reason is None:
+        log(f"[run] {name}: already done, reusing {stage_dir}")
+        return None
+    if stage_dir.exists():
+        log(f"[run] {name}: recomputing, {reason}")
+    _clear(stage_dir, marker)
+    log(f"[run] {name}: {len(probes)} probes")
+    result = fn(model, probes, stage_dir, **options)
+    maybe_fail("stage.outputs")
+    write_marker(marker, key)
+    return result
+
+
+def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:
+    """The probe sets the study compares (bundled names or files, e.g. the authors' IdioMem file),
+    joined, optionally the first `limit` of each. Ids must be unique across the sets."""
+    from idiom_lens.datasets import load_probes
+
+    sets = []
+    for name in names:
+        ps = load_probes(name)
+        sets.append(ProbeSet(ps.name, ps.probes[:limit] if limit else ps.probes))
+    joined = ProbeSet.concat("study", sets)
+    seen: dict[str, str] = {}
+    for ps in sets:
+        for probe in ps.probes:
+            if probe.id in seen:
+                raise InputError(f"probe id {probe.id!r} is in both {seen[probe.id]!r} and {ps.name!r}: "
+                                 "give each set unique ids")
+            seen[probe.id] = ps.name
+    return joined

@@ -1,0 +1,407 @@
+"""Knockout invariants on the tiny random models (fast), and one integration test on Gemma 3 270M.
+
+Every row of the grid is checked against a hand-written full forward in
+test_against_full_forward.py; here: the grid's shape and options, the controls' definitions, the
+effective contribution by hand, the value-vector statistic by hand, summaries and intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.analyses.interventions import (
+    PAPER_GRID,
+    KnockoutConfig,
+    KnockoutResult,
+    knockout_configs,
+    knockout_grid,
+    matched_neurons,
+    rank_neurons,
+    sample_probes,
+    value_vector_ranks,
+)
+from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
+from idiom_lens.models.selfcheck import relative_error
+from idiom_lens.analyses.stats import wilson_interval
+from idiom_lens.models.vocab import valid_mask
+
+from .test_against_full_forward import (  # noqa: F401  (tiny_gemma_post is a fixture)
+    assert_row_matches,
+    clean_post_norm,
+    full_forward,
+    masked,
+    reference_state,
+    prediction,
+    reference_knockout_logits,
+    tiny_gemma_post,
+    zero_neurons,
+)
+
+
+def _grid(model, probes, **kw):
+    opts = dict(ks=(0, 1, 5, 64), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                keep_top_windows=None)
+    opts.update(kw)
+    return knockout_grid(model, probes, **opts)
+
+
+def with_targets(result):
+    return result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
+
+
+def test_defaults_are_the_authors_positions_and_the_matched_controls(tiny_model, probes):
+    result = knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,), modes=("zero_top",))
+    s = result.settings
+    assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "live"
+    assert s["controls"] == ["random", "matched", "whole_mlp"]
+    assert s["n_masked_tokens"] == 3 and s["masked_tokens"] == "special and unused tokens"  # <pad> <bos> <eos>
+    assert set(result.rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
+    assert {"positions", "rank_by", "norm", "zeroed_share", "score_ratio", "n_zeroed"} <= set(result.rows.columns)
+
+
+def test_empty_knockout_and_keep_all_change_nothing(tiny_model, probes):
+    result = _grid(tiny_model, probes, controls=())
+    rows = result.rows
+    noop = rows[((rows["mode"] == "zero_top") & (rows["k"] == 0)) | ((rows["mode"] == "keep_top") & (rows["k"] == 64))]
+    assert len(noop) > 0
+    assert not noop["changed"].any()
+    assert noop["prob_drop"].abs().max() < 1e-5
+    # the clean prediction is the model's own over real tokens (full forward, no cache, masked by hand)
+    toks = tokenize_probes(tiny_model, probes)
+    for t, pred in zip(toks, result.probes["clean_pred_id"]):
+        assert prediction(tiny_model, full_forward(tiny_model, t.prompt_ids)) == pred
+        assert valid_mask(tiny_model)[pred]
+    full = rows[(rows["mode"] == "zero_top") & (rows["k"] == 64)]
+    assert (full["prob_drop"].abs() > 0).any()
+
+
+def test_keep_top_k_larger_than_layer_is_clean(tiny_model, probes):
+    result = _grid(tiny_model, probes[:2], ks=(1000,), modes=("keep_top",), controls=())
+    assert result.rows["prob_drop"].abs().max() < 1e-5 and not result.rows["changed"].any()
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_noop_configurations_give_identical_logits(tiny_model, probes, positions):
+    """Zero nothing / keep everything: no hook at all, rows bit-identical to the unhooked batch and
+    equal to a plain full forward; the one real knockout in the batch equals its full forward."""
+    configs = [KnockoutConfig("zero_top", c, 0, s, s + 1) for c in ("targeted", "random", "matched") for s in (0, 1)]
+    configs += [KnockoutConfig("keep_top", c, 64, 0, 2) for c in ("targeted", "random")]
+    configs += [KnockoutConfig("keep_top", "targeted", 5000, 1, 1)]
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).expand(3, 64)
+    neurons = _ProbeNeurons(order, torch.rand(3, 64, generator=torch.Generator().manual_seed(1)), "x", 0)
+    for t in tokenize_probes(tiny_model, probes[:3]):
+        runner = _clean_state(tiny_model, t.prompt_ids, positions=positions).runner
+        kw = dict(positions=positions, last=runner.last, n_pos=runner.n_pos)
+        assert knockout_hooks(configs, neurons, **kw) == []  # nothing to touch
+        mixed = configs + [KnockoutConfig("zero_top", "targeted", 5, 0, 0)]
+        hooks = knockout_hooks(mixed, neurons, **kw)
+        hooked = runner.run(len(mixed), hooks)
+        assert torch.equal(hooked[:-1], runner.run(len(mixed), [])[:-1])  # untouched rows: identical
+        plain = full_forward(tiny_model, t.prompt_ids)
+        assert max(relative_error(row, plain) for row in hooked[:-1]) < 1e-5
+        last = len(t.prompt_ids) - 1
+        by_hand = full_forward(tiny_model, t.prompt_ids,
+                               [("blocks.0.mlp.hook_post", zero_neurons(order[0, :5], positions, last))])
+        assert relative_error(hooked[-1], by_hand) < 1e-5
+        assert relative_error(by_hand, plain) > 1e-4  # the real knockout changes its row
+
+
+def test_positions_all_and_last_differ_and_concatenate(tiny_model, probes):
+    kw = dict(ks=(0, 64), modes=("zero_top",), controls=())
+    every = _grid(tiny_model, probes[:3], positions="all", **kw)
+    last = _grid(tiny_model, probes[:3], positions="last", **kw)
+    rows = every.rows
+    assert rows.loc[rows["k"] == 0, "prob_drop"].abs().max() < 1e-5
+    # zeroing the MLP at every position differs from the last position only (earlier positions feed attention)
+    assert not np.allclose(rows.loc[rows["k"] == 64, "prob_of_clean_pred"],
+                           last.rows.loc[last.rows["k"] == 64, "prob_of_clean_pred"])
+    both = KnockoutResult.concat([every, last])
+    assert len(both.rows) == len(every.rows) + len(last.rows) and len(both.probes) == 3
+    assert set(both.summary()["positions"]) == {"all", "last"}
+    assert [r["positions"] for r in both.settings["runs"]] == ["all", "last"]
+
+
+def test_controls_are_seeded(tiny_model, probes):
+    """Same seed, same rows; another seed, other random and matched neurons; the targeted rows and
+    the whole-MLP ceiling do not depend on the seed; every row is its hand-written full forward."""
+    kw = dict(ks=(5,), windows=(1,), modes=("zero_top",), positions="last")
+    a = _grid(tiny_model, probes[:4], seed=1, **kw)
+    b = _grid(tiny_model, probes[:4], seed=1, **kw).rows
+    c = _grid(tiny_model, probes[:4], seed=2, **kw).rows
+    rows = a.rows
+    for control in ("random", "matched"):
+        sel = rows["control"] == control
+        assert np.array_equal(rows.loc[sel, "prob_of_clean_pred"], b.loc[sel, "prob_of_clean_pred"])
+        assert not np.array_equal(rows.loc[sel, "prob_of_clean_pred"], c.loc[sel, "prob_of_clean_pred"])
+    fixed = rows["control"].isin(["targeted", "whole_mlp"])
+    assert np.array_equal(rows.loc[fixed, "prob_of_clean_pred"], c.loc[fixed, "prob_of_clean_pred"])
+    frame = with_targets(a)
+    for probe, t in zip(probes[:4], tokenize_probes(tiny_model, probes[:4])):
+        clean_pred = prediction(tiny_model, full_forward(tiny_model, t.prompt_ids))
+        for row in frame[(frame["probe_id"] == probe.id) & (frame["control"] != "targeted")].itertuples():
+            expected = reference_knockout_logits(tiny_model, t.prompt_ids, row, positions="last", seed=1)
+            assert_row_matches(row, expected, clean_pred, tiny_model)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_batched_equals_unbatched_equals_full_forward(tiny_model, probes, batch_size, positions):
+    """Configurations as rows of batches of any size (grouped by start layer for whole prompts):
+    every row is its own full forward."""
+    result = _grid(tiny_model, probes[:2], ks=(1, 5), windows=(1, 3), batch_size=batch_size, positions=positions)
+    frame = with_targets(result)
+    for probe, t in zip(probes[:2], tokenize_probes(tiny_model, probes[:2])):
+        clean_pred = prediction(tiny_model, full_forward(tiny_model, t.prompt_ids))
+        ref = reference_state(tiny_model, t.prompt_ids)
+        for row in frame[frame["probe_id"] == probe.id].itertuples():
+            expected = reference_knockout_logits(tiny_model, t.prompt_ids, row, positions=positions, ref=ref)
+            assert_row_matches(row, expected, clean_pred, tiny_model)
+
+
+def test_matched_neurons_by_hand():
+    """The matched set lies outside the top-k, depends only on (seed, probe, layer, k), is the
+    shortest draw that reaches the top-k's summed score (or one neuron less, when closer), so it
+    lands within one neuron's score of it; when everything else sums to less, it is everything else."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(200, generator=gen) ** 4  # heavy-tailed, like activations
+    top = scores.argsort(descending=True)[:10]
+    chosen = matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0)
+    assert not set(chosen.tolist()) & set(top.tolist())
+    assert torch.equal(chosen, matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0))
+    assert not torch.equal(chosen, matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=1))
+    assert not torch.equal(chosen, matched_neurons(scores, top, probe_id="q", layer=3, k=10, seed=0))
+    goal, got = float(scores[top].sum()), float(scores[chosen].sum())
+    outside = torch.ones(200, dtype=torch.bool)
+    outside[top] = False
+    assert float(scores[chosen[:-1]].sum()) < goal  # no shorter draw reached it
+    assert abs(got - goal) <= float(scores[outside].max())
+    assert len(chosen) > 10  # the top-10 are the largest: it takes more neurons to match them
+    # unreachable: the top carries more than everything else
+    big = torch.cat([torch.full((5,), 100.0), torch.ones(20)])
+    everything_else = matched_neurons(big, torch.arange(5), probe_id="p", layer=0, k=5, seed=0)
+    assert sorted(everything_else.tolist()) == list(range(5, 25))
+
+
+def test_matched_rows_report_how_close_the_match_is(tiny_model, probes):
+    result = knockout_grid(tiny_model, probes[:4], ks=(1, 5, 32), windows=(1,), modes=("zero_top",))
+    rows = result.rows
+    targ = rows[rows["control"] == "targeted"]
+    assert np.allclose(targ["score_ratio"], 1.0)
+    matched = rows[rows["control"] == "matched"]
+    # reachable (the top carries less than the rest): the closest prefix lands within one neuron's score
+    small = matched[matched["k"] == 1]
+    assert (small["score_ratio"].between(0.5, 1.5)).all()
+    # the matched set zeroes as much of the window's score as the targeted set, where reachable
+    merged = matched.merge(targ, on=["probe_id", "k", "start"], suffixes=("_m", "_t"))
+    reachable = merged[merged["score_ratio_m"].between(0.9, 1.1)]
+    assert len(reachable) > 0
+    assert np.allclose(reachable["zeroed_share_m"], reachable["zeroed_share_t"] * reachable["score_ratio_m"], atol=1e-9)
+    # the random control carries less than the top-k (that is why it cannot show "targeted")
+    rand = rows[(rows["control"] == "random") & (rows["k"] == 5)]
+    assert rand["score_ratio"].mean() < 1.0
+    assert (rows.loc[rows["control"] == "whole_mlp", "zeroed_share"] == 1.0).all()
+
+
+def test_effective_contribution_by_hand(tiny_gemma_post, probes):
+    """On Gemma (post-MLP RMSNorm with gain 1 + w): neuron i's contribution to the residual is
+    a_i x W_out[i] x (1 + w) / s_clean, s_clean = sqrt(mean(m^2) + eps) of the clean MLP output m;
+    the contributions sum to the post-norm's output, and the effective score is their norm."""
+    model = tiny_gemma_post
+    ranking = rank_neurons(model, probes[:3], rank_by="effective")
+    for p, t in enumerate(tokenize_probes(model, probes[:3])):
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
+        post = clean_post_norm(model, t.prompt_ids)
+        for layer, block in enumerate(model.bridge.blocks):
+            a = cache[f"blocks.{layer}.mlp.hook_post"][0, -1].float()
+            w_out = block.mlp.out.original_component.weight.detach().float().T  # [d_mlp, d_model]
+            gain, s = post[layer]
+            contributions = a[:, None] * w_out * gain / s[-1]  # [d_mlp, d_model]
+            out = cache[f"blocks.{layer}.ln2_post.hook_out"][0, -1].float()
+            torch.testing.assert_close(contributions.sum(0), out, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(ranking.scores[p, layer], contributions.norm(dim=-1), atol=1e-4, rtol=1e-4)
+    magnitude = rank_neurons(model, probes[:3], rank_by="magnitude")
+    assert not torch.equal(magnitude.top(5), ranking.top(5))  # the post-norm's gain reorders neurons
+
+
+def test_frozen_norm_knockout_by_hand(tiny_gemma_post, probes):
+    """Frozen norm: the MLP block's output is (m - removed) x (1 + w) / s_clean, i.e. the clean
+    output minus exactly the zeroed neurons' contributions (window of one layer)."""
+    model = tiny_gemma_post
+    t = tokenize_probes(model, probes[:1])[0]
+    result = knockout_grid(model, probes[:1], ks=(5,), windows=(1,), modes=("zero_top",), controls=(),
+                           norm="frozen", positions="all")
+    ranking = rank_neurons(model, probes[:1])
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
+    post = clean_post_norm(model, t.prompt_ids)
+    clean_pred = prediction(model, full_forward(model, t.prompt_ids))
+    for row in with_targets(result).itertuples():
+        layer = row.start
+        top = ranking.top(5)[0, layer]
+        w_out = model.bridge.blocks[layer].mlp.out.original_component.weight.detach().float().T
+        gain, s = post[layer]
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][0].float()  # [pos, d_mlp]
+        removed = (acts[:, top] @ w_out[top]) * gain / s[:, None]  # every position
+        clean_out = cache[f"blocks.{layer}.ln2_post.hook_out"][0].float()
+
+        def put(y, hook, value=clean_out - removed):
+            return value[None].to(y.dtype)
+
+        expected = full_forward(model, t.prompt_ids, [(f"blocks.{layer}.ln2_post.hook_out", put)])
+        assert_row_matches(row, expected, clean_pred, model)
+
+
+def test_value_vector_ranks_by_hand(tiny_gemma_post, probes):
+    """The prediction's rank in W_out[neuron] @ W_U over real tokens (0 = top), for the top-k
+    neurons of every layer; top-1, min, mean and max as the authors report them."""
+    model = tiny_gemma_post
+    result = value_vector_ranks(model, probes[:3], ks=(1, 3))
+    ranking = rank_neurons(model, probes[:3])
+    frame = result.to_dataframe()
+    assert set(frame["k"]) == {1, 3} and len(frame) == 3 * model.n_layers * 2
+    valid = valid_mask(model)
+    w_u = model.bridge.W_U.detach().float()
+    for p, pid in enumerate(result.probe_ids):
+        pred = result.pred_ids[p]
+        assert pred == ranking.pred_ids[p]
+        for layer in range(model.n_layers):
+            by_hand = []
+            for n in ranking.top(3)[p, layer].tolist():
+                w_out = model.bridge.blocks[layer].mlp.out.original_component.weight.detach().float().T
+                proj = masked(model, w_out[n] @ w_u)
+                order = [i for i in proj.argsort(descending=True).tolist() if valid[i]]
+                by_hand.append(order.index(pred))
+            row1 = frame[(frame["probe_id"] == pid) & (frame["layer"] == layer) & (frame["k"] == 1)].iloc[0]
+            row3 = frame[(frame["probe_id"] == pid) & (frame["layer"] == layer) & (frame["k"] == 3)].iloc[0]
+            assert row1.top1_rank == by_hand[0] == row3.top1_rank
+            assert (row3.min_rank, row3.max_rank) == (min(by_hand), max(by_hand))
+            assert row3.mean_rank == pytest.approx(np.mean(by_hand))
+    summary = result.summary()
+    assert set(summary.columns) >= {"group", "layer", "k", "n", "median_top1_rank", "share_top1_is_pred"}
+    eff = value_vector_ranks(model, probes[:3], ks=(1,), weights="effective")
+    assert eff.settings["weights"] == "effective" and eff.ranks.shape == (3, model.n_layers, 1)
+    with pytest.raises(InputError, match="ks"):
+        value_vector_ranks(model, probes[:3], ks=(0,))
+
+
+def test_grid_shape_summary_intervals_and_groups(tiny_model, probes, tmp_path):
+    result = _grid(tiny_model, probes, ks=(1, 5), windows=(1, 2), modes=("zero_top",))
+    n_windows = 3 + 2
+    n_cfg = 2 * n_windows * 3 + n_windows  # targeted, random, matched per k; one whole-MLP ceiling per window
+    assert result.settings["n_configs"] == n_cfg and len(result.rows) == n_cfg * len(probes)
+    summary = result.summary()
+    assert set(summary["group"]) <= {"memorized idioms", "non-memorized idioms", "ordinary text", "memorized facts",
+                                     "non-memorized facts"}
+    assert summary["changed"].between(0, 1).all()
+    assert (summary["changed_low"] <= summary["changed"] + 1e-12).all()
+    assert (summary["changed"] <= summary["changed_high"] + 1e-12).all()
+    n_group = result.probes["group"].value_counts()
+    for row in summary.itertuples():
+        assert row.n == n_group[row.group]
+        low, high = wilson_interval(row.n_changed, row.n)
+        assert (row.changed_low, row.changed_high) == pytest.approx((float(low), float(high)))
+    table = result.layer_table(k=5, window=1)
+    assert set(table["control"]) == {"targeted", "random", "matched", "whole_mlp"}
+    assert {"group", "layer", "n", "changed", "changed_low", "changed_high"} <= set(table.columns)
+    paths = result.write(tmp_path)
+    assert all((tmp_path / p).exists() for p in paths)
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson_interval(np.array([0, 5, 10]), np.array([10, 10, 10]))
+    z = 1.959963984540054
+    p, n = 0.5, 10
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert low[1] == pytest.approx(centre - half) and high[1] == pytest.approx(centre + half)
+    assert low[0] == 0.0 and high[2] == 1.0 and 0 < high[0] < 0.35
+    nan_low, _ = wilson_interval(0, 0)
+    assert np.isnan(nan_low)
+
+
+def test_grid_sizes():
+    assert len(knockout_configs(18, controls=())) == 4 * 80 + 51  # zero_top every k (1-5); keep_top k=100 (1-3)
+    paper = knockout_configs(18, ks=PAPER_GRID.ks, windows=PAPER_GRID.windows, keep_top_ks=PAPER_GRID.keep_top_ks,
+                             keep_top_windows=PAPER_GRID.keep_top_windows, controls=())
+    assert len(paper) == 4 * 80 + 3 * 51 == 473
+    with_controls = knockout_configs(18, ks=PAPER_GRID.ks, windows=PAPER_GRID.windows,
+                                     keep_top_ks=PAPER_GRID.keep_top_ks, keep_top_windows=PAPER_GRID.keep_top_windows,
+                                     d_mlp=2048)
+    assert len(with_controls) == 3 * 320 + 2 * 153 + 80
+    assert {c.k for c in with_controls if c.control == "whole_mlp"} == {2048}
+
+
+def test_full_grid_is_the_papers(tiny_model, probes):
+    result = knockout_grid(tiny_model, probes[:1], full_grid=True, controls=(), positions="last")
+    rows = result.rows
+    assert result.settings["grid"] == "paper"
+    zero, keep = rows[rows["mode"] == "zero_top"], rows[rows["mode"] == "keep_top"]
+    assert set(zero["k"]) == {1, 10, 100, 1000} and set(zero["window"]) == {1, 2, 3}  # 3-layer model
+    assert set(keep["k"]) == {10, 100, 1000} and set(keep["window"]) == {1, 2, 3}
+    with pytest.raises(InputError, match="full_grid"):
+        knockout_grid(tiny_model, probes[:1], full_grid=True, ks=(1,))
+
+
+def test_validation(tiny_model, probes):
+    with pytest.raises(InputError, match="modes"):
+        knockout_grid(tiny_model, probes, modes=("zap",))
+    with pytest.raises(InputError, match="window"):
+        knockout_grid(tiny_model, probes, windows=(9,))
+    with pytest.raises(InputError, match="no probes"):
+        knockout_grid(tiny_model, [])
+    with pytest.raises(InputError, match="positions"):
+        knockout_grid(tiny_model, probes, positions="first")
+    with pytest.raises(InputError, match="controls"):
+        knockout_grid(tiny_model, probes, controls=("shuffled",))
+    with pytest.raises(InputError, match="norm"):
+        knockout_grid(tiny_model, probes, norm="fixed")
+    with pytest.raises(InputError, match="rank_by"):
+        knockout_grid(tiny_model, probes, rank_by="size")
+    with pytest.raises(InputError, match="not both"):
+        knockout_grid(tiny_model, probes, controls=("random",), control="random")
+
+
+def test_older_control_spelling(tiny_model, probes):
+    result = knockout_grid(tiny_model, probes[:1], ks=(1,), windows=(1,), modes=("zero_top",), control="random")
+    assert set(result.rows["control"]) == {"targeted", "random"}
+    result = knockout_grid(tiny_model, probes[:1], ks=(1,), windows=(1,), modes=("zero_top",), control=None)
+    assert set(result.rows["control"]) == {"targeted"}
+
+
+def test_sample_probes_is_seeded(probes):
+    assert sample_probes(probes, 4, seed=3) == sample_probes(probes, 4, seed=3)
+    assert sample_probes(probes, 4, seed=3) != sample_probes(probes, 4, seed=4)
+    assert sample_probes(probes, None) == list(probes)
+
+
+MEMORIZED = [
+    "once in a blue moon", "turn a blind eye", "kill two birds with one stone", "the elephant in the room",
+    "a piece of cake", "break the ice", "let the cat out of the bag", "hit the nail on the head",
+    "the tip of the iceberg", "actions speak louder than words", "barking up the wrong tree",
+    "every cloud has a silver lining", "the early bird catches the worm", "speak of the devil",
+]
+
+
+@pytest.mark.embedded
+def test_early_top_neurons_matter_more_than_random(embedded_model):
+    """Authors' positions (every position): zeroing the top-100 neurons of 3 early layers changes
+    memorized predictions much more than 100 random neurons; the matched control zeroes more of
+    the score than the random one (the rows say how much)."""
+    probes = [Probe(id=f"m{i}", prompt=t.rsplit(" ", 1)[0], target=t.rsplit(" ", 1)[1], kind="idiom")
+              for i, t in enumerate(MEMORIZED)]
+    result = knockout_grid(embedded_model, probes, ks=(100,), windows=(3,), modes=("zero_top",),
+                           controls=("random", "matched"), seed=0)
+    frame = result.to_dataframe()
+    frame = frame[(frame["group"] == "memorized idioms") & (frame["start"] <= 2)]  # layers 0..4
+    assert frame["probe_id"].nunique() >= 10
+    share = frame.groupby("control")["changed"].mean()
+    drop = frame.groupby("control")["prob_drop"].mean()
+    zeroed = frame.groupby("control")["zeroed_share"].mean()
+    assert share["targeted"] > share["random"] + 0.2, share
+    assert drop["targeted"] > drop["random"] + 0.2, drop
+    assert zeroed["random"] < zeroed["matched"] <= zeroed["targeted"] + 1e-9, zeroed

@@ -1,0 +1,114 @@
+"""Memorization: greedy next token vs target token, batched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from idiom_lens.models.vocab import valid_mask
+
+from idiom_lens.datasets import load_probes
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.analyses.memorization import MemorizationRecord, probe_group, score_memorization
+
+# The authors' published IdioMem format (compact JSON, JSON booleans); the file repeats the id of
+# "dead as a doornail" for "dead as a dodo", which shares its prompt.
+PUBLISHED_IDIOMEM = """\
+{"idiom":"turn a blind eye","id":"b05e010ca3576fbf6e81","source":"LIdiom","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"dead as a doornail","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+{"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
+"""
+from idiom_lens.models.tokenization import split_probe
+
+
+def test_records_match_a_direct_forward_pass(tiny_model, probes):
+    result = score_memorization(tiny_model, probes, batch_size=4)
+    assert [r.probe_id for r in result.records] == [p.id for p in probes]
+    for probe, record in zip(probes, result.records):
+        toks = split_probe(tiny_model.tokenizer, probe.prompt, probe.target)
+        with torch.no_grad():
+            logits = tiny_model.bridge(torch.tensor([toks.prompt_ids]))[0, -1]
+        logits = torch.where(valid_mask(tiny_model), logits, -torch.inf)  # real vocabulary tokens only
+        probs = logits.softmax(-1)
+        assert record.pred_id == int(logits.argmax())
+        assert record.target_id == toks.target_id
+        assert record.memorized == (record.pred_id == record.target_id)
+        assert record.target_rank == int((logits > logits[toks.target_id]).sum())
+        assert record.target_prob == pytest.approx(float(probs[toks.target_id]), abs=1e-6)
+        assert record.group == probe_group(probe.kind, record.memorized)
+
+
+def test_batch_size_does_not_change_results(tiny_model, probes):
+    one = score_memorization(tiny_model, probes, batch_size=1).to_dataframe()
+    many = score_memorization(tiny_model, probes, batch_size=32).to_dataframe()
+    assert (one["pred_id"] == many["pred_id"]).all()
+    assert (one["target_rank"] == many["target_rank"]).all()
+    assert (one["target_prob"] - many["target_prob"]).abs().max() < 1e-5
+
+
+def test_summary_counts_all_and_hard_to_guess(tiny_model, probes):
+    result = score_memorization(tiny_model, probes)
+    summary = result.summary()
+    frame = result.to_dataframe()
+    for kind in {p.kind for p in probes}:
+        row = summary[(summary.kind == kind) & (summary.subset == "all")].iloc[0]
+        sub = frame[frame.kind == kind]
+        assert row.n == len(sub) and row.memorized == sub.memorized.sum()
+        hard = summary[(summary.kind == kind) & (summary.subset == "hard_to_guess")].iloc[0]
+        assert hard.n == (sub.hard_to_guess == True).sum()  # noqa: E712
+
+
+def test_summary_counts_probes_that_are_not_single_target(tiny_model, tmp_path: Path):
+    path = tmp_path / "idiomem.jsonl"
+    path.write_text(PUBLISHED_IDIOMEM, encoding="utf-8")
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        probes = load_probes(path)
+    result = score_memorization(tiny_model, probes)
+    assert [r.single_target for r in result.records] == [True, False, True, False]
+    summary = result.summary()
+    assert list(summary.columns) == [  # existing columns first and unchanged; the new one last
+        "kind", "subset", "n", "memorized", "fraction", "full_target_match", "n_not_single_target"]
+    everything = summary[summary.subset == "all"].iloc[0]
+    hard = summary[summary.subset == "hard_to_guess"].iloc[0]
+    assert (everything.kind, everything.n, everything.n_not_single_target) == ("idiom", 4, 2)
+    assert (hard.n, hard.n_not_single_target) == (2, 0)  # the pair is never hard_to_guess
+
+
+def test_records_saved_before_single_target_still_load():
+    """`load_trajectory` rebuilds records from saved columns: an older file has no single_target."""
+    fields = [f for f in MemorizationRecord.__dataclass_fields__ if f != "single_target"]
+    record = MemorizationRecord(**{f: 0 for f in fields})
+    assert record.single_target is None
+
+
+def test_full_target_match_uses_every_sub_word(tiny_model):
+    """A target the model continues token by token greedily is a full match; check by hand."""
+    probe = Probe(id="x", prompt="the cat sat on the", target="xylophonequ", kind="text")
+    record = score_memorization(tiny_model, [probe]).records[0]
+    toks = split_probe(tiny_model.tokenizer, probe.prompt, probe.target)
+    seq = torch.tensor([toks.prompt_ids + toks.target_ids])
+    with torch.no_grad():
+        greedy = tiny_model.bridge(seq)[0].argmax(-1).tolist()
+    n = len(toks.prompt_ids)
+    expected = greedy[n - 1 : n - 1 + len(toks.target_ids)] == list(toks.target_ids)
+    assert record.full_target_match == expected
+    assert record.n_target_tokens == len(toks.target_ids) > 1
+
+
+def test_probe_groups():
+    assert probe_group("idiom", True) == "memorized idioms"
+    assert probe_group("fact", False) == "non-memorized facts"
+    assert probe_group("text", True) == "ordinary text"
+
+
+@pytest.mark.embedded
+def test_embedded_memorizes_classic_idioms(embedded_model):
+    probes = [
+        Probe(id=str(i), prompt=p, target=t, kind="idiom")
+        for i, (p, t) in enumerate([("once in a blue", "moon"), ("turn a blind", "eye"), ("kill two birds with one", "stone")])
+    ]
+    result = score_memorization(embedded_model, probes)
+    assert all(r.memorized for r in result.records)

@@ -1,0 +1,32 @@
+"""Cross-model comparison reads two models' run outputs and puts them on normalized depth."""
+
+from __future__ import annotations
+
+import pytest
+
+import idiom_lens.cli as cli
+from idiom_lens.study.compare import compare_models, depth_figure
+from idiom_lens.errors import InputError
+
+
+def test_two_architectures_compared(tmp_path, monkeypatch, tiny_model_dir, tiny_llama_dir):
+    monkeypatch.setattr(cli, "_COMMANDS", ("run", "compare"))
+    for model_dir in (tiny_model_dir, tiny_llama_dir):
+        assert cli.main(["run", "--model", str(model_dir), "--limit", "3", "--attribution-sample", "1",
+                         "--out", str(tmp_path), "--no-png"]) == 0
+    comparison = compare_models(tmp_path)
+    assert len(comparison.table) == 2
+    assert set(comparison.table["n_layers"]) == {3}
+    assert comparison.curves["depth"].max() == pytest.approx(1.0)
+    assert comparison.curves["depth"].min() == pytest.approx(1 / 3)
+    assert 0 <= comparison.table["memorized_idiom_all"].min() <= 1
+    assert len(depth_figure(comparison).data) > 0
+    assert cli.main(["compare", "--results", str(tmp_path), "--no-png"]) == 0
+    assert (tmp_path / "comparison" / "comparison.md").is_file()
+
+
+def test_empty_results_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no model results"):
+        compare_models(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        compare_models(tmp_path / "missing")
