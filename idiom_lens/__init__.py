@@ -1,7 +1,74 @@
 """idiom_lens: how transformer language models recall memorized sequences (idioms, facts).
 
-Data flows one way: datasets -> models -> analyses (memorization, trajectory, attribution,
-interventions) -> plots/report -> cli. See README.md for a tour.
+Data flows one way: datasets -> models -> analyses (memorization, trajectory, phases,
+attribution, interventions) -> study (run, layout, report, compare) and plots -> cli.
+
+The names below are the public API a notebook needs; everything else is internal. They are
+imported on first use, so `import idiom_lens` (and the CLI's start) stays cheap.
+
+    from idiom_lens import load_model, load_probes, layer_trajectory, analyse_phases, trajectory_figure
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_API: dict[str, str] = {
+    # data and models
+    "Probe": "idiom_lens.datasets.probes",
+    "ProbeSet": "idiom_lens.datasets.probes",
+    "load_probes": "idiom_lens.datasets",
+    "LoadedModel": "idiom_lens.models.loading",
+    "load_model": "idiom_lens.models.loading",
+    # analyses
+    "predict_next": "idiom_lens.analyses.predict",
+    "score_memorization": "idiom_lens.analyses.memorization",
+    "MemorizationResult": "idiom_lens.analyses.memorization",
+    "layer_trajectory": "idiom_lens.analyses.trajectory",
+    "TrajectoryResult": "idiom_lens.analyses.trajectory",
+    "analyse_phases": "idiom_lens.analyses.phases",
+    "PhaseAnalysis": "idiom_lens.analyses.phases",
+    "attribute_probe": "idiom_lens.analyses.attribution",
+    "attribute_probes": "idiom_lens.analyses.attribution",
+    "AttributionResult": "idiom_lens.analyses.attribution",
+    "knockout_grid": "idiom_lens.analyses.interventions.knockouts",
+    "KnockoutResult": "idiom_lens.analyses.interventions.knockouts",
+    "skip_layers": "idiom_lens.analyses.interventions.skipping",
+    "SkipResult": "idiom_lens.analyses.interventions.skipping",
+    "patch_probes": "idiom_lens.analyses.interventions.patching",
+    "PatchingResult": "idiom_lens.analyses.interventions.patching",
+    "value_vector_ranks": "idiom_lens.analyses.interventions.value_vectors",
+    # the study
+    "run_study": "idiom_lens.study.run",
+    "StudyOptions": "idiom_lens.study.run",
+    "StudyFolder": "idiom_lens.study.layout",
+    # figures
+    "trajectory_figure": "idiom_lens.plots.trajectory",
+    "promotion_histogram": "idiom_lens.plots.trajectory",
+    "layer_contribution_figure": "idiom_lens.plots.attribution",
+    "head_heatmap_figure": "idiom_lens.plots.attribution",
+    "top_neurons_table": "idiom_lens.plots.attribution",
+    "knockout_heatmaps": "idiom_lens.plots.interventions",
+    "knockout_layer_curves": "idiom_lens.plots.interventions",
+    "skip_curves": "idiom_lens.plots.interventions",
+    "patching_heatmaps": "idiom_lens.plots.interventions",
+    "save_figure": "idiom_lens.plots.export",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'idiom_lens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -8,7 +8,6 @@ the last layer is 1.0 for every model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,26 +33,23 @@ class ModelComparison:
         return self.table
 
 
-def model_dirs(results_dir: str | Path) -> list[Path]:
-    """Model subdirectories of a results directory (those with a finished trajectory)."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise InputError(f"results directory {str(root)!r} does not exist")
-    found = sorted(p for p in root.iterdir() if (p / "trajectory" / "summary.json").is_file())
-    if not found:
-        raise InputError(f"{str(root)!r} holds no model results (expected MODEL/trajectory/summary.json)")
-    return found
-
-
 def compare_models(results_dir: str | Path) -> ModelComparison:
+    """Every model of a results folder with a finished trajectory, read through the study layout."""
+    from idiom_lens.study.layout import ATTRIBUTION, TRAJECTORY, StudyFolder
+
+    models = StudyFolder.open(results_dir).models()
+    if not models:
+        raise InputError(f"{str(results_dir)!r} holds no model with a finished trajectory (run `idiom-lens run`)")
     rows, curves = [], []
-    for model_dir in model_dirs(results_dir):
-        summary = json.loads((model_dir / "trajectory" / "summary.json").read_text(encoding="utf-8"))
+    for model in models:
+        trajectory = model.stage(TRAJECTORY)
+        assert trajectory is not None  # models() lists only models with a finished trajectory
+        summary = trajectory.summary
         n_layers = int(summary["settings"]["n_layers"])
         memo = pd.DataFrame(summary["memorization"])
-        per_probe = pd.read_parquet(model_dir / "trajectory" / "phases_per_probe.parquet")
+        per_probe = trajectory.table("phases_per_probe")
         boundary = summary["phases"]["boundary_layer"]
-        row = {"model": model_dir.name, "n_layers": n_layers}
+        row = {"model": model.name, "n_layers": n_layers}
         for kind in ("idiom", "fact", "text"):
             for subset in ("all", "hard_to_guess"):
                 sel = memo[(memo["kind"] == kind) & (memo["subset"] == subset)]
@@ -64,16 +60,15 @@ def compare_models(results_dir: str | Path) -> ModelComparison:
             promo = per_probe.loc[per_probe["group"] == group, "promotion_layer"]
             key = group.replace(" ", "_").replace("-", "_")
             row[f"median_promotion_depth_{key}"] = (promo.median() + 1) / n_layers if len(promo) else np.nan
-        attribution = model_dir / "attribution" / "summary.json"
-        if attribution.is_file():
-            shares = json.loads(attribution.read_text(encoding="utf-8"))["component_shares"]["logit"]
-            for share in shares:
+        attribution = model.stage(ATTRIBUTION)
+        if attribution is not None:
+            for share in attribution.summary["component_shares"]["logit"]:
                 if share["group"] == "memorized idioms":
                     row["attr_mlp_share_memorized"] = share["mlp_share"]
                     row["attr_half_built_depth_memorized"] = (share["half_built_at_layer"] + 1) / n_layers
         rows.append(row)
-        c = pd.read_parquet(model_dir / "trajectory" / "phases_curves.parquet")
-        curves.append(c.assign(model=model_dir.name, depth=(c["layer"] + 1) / n_layers))
+        c = trajectory.table("phases_curves")
+        curves.append(c.assign(model=model.name, depth=(c["layer"] + 1) / n_layers))
     return ModelComparison(table=pd.DataFrame(rows), curves=pd.concat(curves, ignore_index=True))
 
 
@@ -108,13 +103,14 @@ def depth_figure(
 
 
 def write_comparison(results_dir: str | Path, *, png: bool = True) -> list[Path]:
-    """Write `results_dir/comparison/` (table as parquet + Markdown, figure, summary JSON)."""
+    """Write the comparison stage of a results folder (table as parquet + Markdown, figure, summary)."""
     from idiom_lens.io import write_json, write_parquet, write_text
-    from idiom_lens.study.pipeline import markdown_table
     from idiom_lens.plots import save_figure
+    from idiom_lens.study.layout import StudyFolder
+    from idiom_lens.study.pipeline import markdown_table
 
     comparison = compare_models(results_dir)
-    out = Path(results_dir) / "comparison"
+    out = StudyFolder.open(results_dir).comparison_path
     files = [write_parquet(out / "comparison.parquet", comparison.table)]
     by_measure = comparison.table.set_index("model").T.reset_index().rename(columns={"index": "measure"})
     files.append(write_text(out / "comparison.md", "# Models compared\n\n" + markdown_table(by_measure) + "\n"))

@@ -29,6 +29,7 @@ from idiom_lens.io import check_marker, key_digest, write_json, write_marker, wr
 from idiom_lens.analyses.memorization import MemorizationResult
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
+from idiom_lens.study.layout import FORMAT
 from idiom_lens.analyses.trajectory import (
     SITES,
     TrajectoryResult,
@@ -58,7 +59,7 @@ def _probe_key(probes: Sequence[Probe]) -> list[dict[str, Any]]:
 
 def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> dict[str, Any]:
     """What determines a trajectory part: model settings, sites, the part's probes."""
-    return {"model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
+    return {"format": FORMAT, "model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
 
 
 def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> str:
@@ -410,6 +411,7 @@ def stage_key(
     bound.apply_defaults()
     positional = list(signature.parameters)[:3]
     return {
+        "format": FORMAT,
         "stage": f"{fn.__module__}.{fn.__qualname__}",
         "model": _model_key(model),
         "probes": _probe_key(probes),

@@ -1,18 +1,18 @@
-"""One self-contained HTML page from a results directory.
+"""One self-contained HTML page from a results folder.
 
-The report never recomputes an analysis: it reads what the stages wrote (`summary.json`, a few
-parquet tables and the `*.fig.json` figures) and lays them out, one section per model and per
-stage dir (known stages first, unknown ones appended). Plotly's JavaScript is embedded once,
-inline, so the page opens offline. A small inline script records, on `<body>`, how many plots
+The report never recomputes an analysis: it reads the folder through `study.layout` (stage
+summaries, tables, typed results and the `*.fig.json` figures) and lays them out, one section
+per model and per stage. The page itself is `templates/report.html`. Plotly's JavaScript is
+embedded once, inline, so the page opens offline. A small inline script records, on `<body>`, how many plots
 rendered (`data-plots-rendered`) and any JavaScript error (`data-errors`), so a headless
 browser can check the page.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import html
-import json
 import platform
 import re
 from dataclasses import dataclass, field
@@ -22,10 +22,11 @@ from typing import Any, Iterable
 import pandas as pd
 
 from idiom_lens.errors import InputError
+from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder
+from idiom_lens.study.layout import figure_stem as _stem
+from idiom_lens.study.layout import natural_key as _natural_key
 from idiom_lens.io import write_text
 
-# Stage dirs in the order the report shows them; any other stage dir follows, by name.
-STAGE_ORDER = ("trajectory", "attribution", "interventions", "knockouts", "skipping", "patching")
 # Figures of a stage in the order the report shows them (by stem prefix); others follow, by name.
 FIGURE_ORDER: dict[str, tuple[str, ...]] = {
     "trajectory": ("trajectory", "trajectory_target", "promotion_layers"),
@@ -43,7 +44,6 @@ STAGE_TITLES = {
     "patching": "Activation patching: where the idiom is read in",
     "comparison": "Models compared",
 }
-_SKIP_DIRS = {"parts"}
 _KIND_ORDER = {"idiom": 0, "fact": 1, "text": 2}
 
 
@@ -53,57 +53,22 @@ _KIND_ORDER = {"idiom": 0, "fact": 1, "text": 2}
 
 
 @dataclass(frozen=True)
-class Stage:
-    """A stage dir: its summary (empty if none) and its figures, in display order."""
-
-    name: str
-    path: Path
-    summary: dict[str, Any]
-    figures: tuple[Path, ...]
-
-
-@dataclass(frozen=True)
 class ModelResults:
-    name: str
-    path: Path
+    """One model's finished stages, in display order, and its folder (for the typed loaders)."""
+
+    folder: ModelFolder
     stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
-
-
-def _figure_files(stage_dir: Path) -> list[Path]:
-    return [
-        p for p in stage_dir.rglob("*.fig.json")
-        if not any(part in _SKIP_DIRS or part.startswith(".") for part in p.relative_to(stage_dir).parts[:-1])
-    ]
-
-
-def _holds_results(path: Path) -> bool:
-    """A `summary.json` or a figure directly in `path`."""
-    return (path / "summary.json").is_file() or any(path.glob("*.fig.json"))
-
-
-def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _SKIP_DIRS)
-
-
-def _is_stage_dir(path: Path) -> bool:
-    """Results directly in `path`, or in its subdirs (a stage may split into parts)."""
-    return _holds_results(path) or any(_holds_results(c) for c in _subdirs(path))
-
-
-def _is_model_dir(path: Path) -> bool:
-    """Stage dirs under `path`, which is itself no stage (and not named like one)."""
-    return path.name not in STAGE_ORDER and not _holds_results(path) and any(_is_stage_dir(c) for c in _subdirs(path))
-
-
-def _natural_key(text: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(".fig.json")]
 
 
 def _figure_sort_key(stage: str, stage_dir: Path, path: Path) -> tuple[int, int, list[Any]]:
@@ -115,51 +80,20 @@ def _figure_sort_key(stage: str, stage_dir: Path, path: Path) -> tuple[int, int,
     return (rank, rel.count("/"), _natural_key(rel))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read {str(path)!r}: {err}") from err
-    return data if isinstance(data, dict) else {"value": data}
-
-
-def load_stage(path: Path) -> Stage:
-    summary_path = path / "summary.json"
-    summary = _read_json(summary_path) if summary_path.is_file() else {}
-    figures = sorted(_figure_files(path), key=lambda p: _figure_sort_key(path.name, path, p))
-    return Stage(name=path.name, path=path, summary=summary, figures=tuple(figures))
-
-
-def _stage_sort_key(name: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
-
-
-def _stages_of(path: Path) -> list[Stage]:
-    dirs = sorted((p for p in _subdirs(path) if _is_stage_dir(p)), key=lambda p: _stage_sort_key(p.name))
-    return [load_stage(p) for p in dirs]
+def _in_display_order(stage: Stage) -> Stage:
+    figures = sorted(stage.figures, key=lambda p: _figure_sort_key(stage.name, stage.path, p))
+    return dataclasses.replace(stage, figures=tuple(figures))
 
 
 def find_results(results_dir: str | Path) -> tuple[list[ModelResults], list[Stage]]:
-    """Models under `results_dir` (or `results_dir` itself as one model) and root-level stages.
-
-    A model dir holds stage dirs (a stage dir holds `summary.json` or `*.fig.json` figures).
-    Root-level stage dirs such as `comparison/` are returned separately.
-    """
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise InputError(f"results directory {str(root)!r} does not exist")
-    children = _subdirs(root)
-    models = [ModelResults(c.name, c, tuple(_stages_of(c))) for c in children if _is_model_dir(c)]
-    if models:
-        model_paths = {m.path for m in models}
-        return models, [load_stage(c) for c in children if c not in model_paths and _is_stage_dir(c)]
-    own = _stages_of(root)
-    if own:
-        return [ModelResults(root.resolve().name, root, tuple(own))], []
-    raise InputError(
-        f"{str(root)!r} holds no results (expected MODEL/STAGE/summary.json or figures, "
-        "as written by `idiom-lens run --out DIR`)"
-    )
+    """The models of a results folder (through `study.layout`) and its root-level stages (the
+    comparison). Raises `InputError` when it is no results folder or holds no finished model."""
+    study = StudyFolder.open(results_dir)
+    models = [ModelResults(m, tuple(_in_display_order(s) for s in m.stages())) for m in study.models()]
+    if not models:
+        raise InputError(f"{str(results_dir)!r} holds no model with a finished trajectory (run `idiom-lens run`)")
+    comparison = study.comparison()
+    return models, [_in_display_order(comparison)] if comparison is not None else []
 
 
 # --------------------------------------------------------------------------------------
@@ -384,7 +318,7 @@ def _trajectory_text(stage: Stage) -> str:
     return "".join(parts)
 
 
-_GROUP_ORDER = ("memorized idioms", "memorized facts", "non-memorized idioms", "non-memorized facts", "ordinary text")
+from idiom_lens.groups import GROUPS as _GROUP_ORDER  # noqa: E402  (the one set order, idiom_lens.groups)
 
 
 def _group_key(group: str) -> tuple[int, str]:
@@ -541,90 +475,19 @@ def _model_section(model: ModelResults, renderer: FigureRenderer) -> _Section:
 # Page
 # --------------------------------------------------------------------------------------
 
-_CSS = """
-:root { --fg: #1f2328; --muted: #636c76; --line: #d0d7de; --bg-alt: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff;
-  font: 15px/1.55 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 80px; }
-h1 { font-size: 28px; margin: 8px 0 4px; }
-h2 { font-size: 22px; margin: 40px 0 12px; padding-bottom: 6px; border-bottom: 2px solid var(--line); }
-h3 { font-size: 18px; margin: 28px 0 10px; }
-h4 { font-size: 16px; margin: 20px 0 8px; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-code { background: var(--bg-alt); padding: 1px 4px; border-radius: 4px; font-size: 90%; }
-.muted { color: var(--muted); font-size: 90%; }
-.warn { color: #9a6700; }
-nav.toc { background: var(--bg-alt); border: 1px solid var(--line); border-radius: 8px; padding: 10px 20px;
-  margin: 16px 0 24px; }
-nav.toc ul { margin: 4px 0; padding-left: 20px; } nav.toc > ul { padding-left: 4px; list-style: none; }
-.callout { border-left: 4px solid var(--accent); background: #f0f6ff; padding: 8px 16px; margin: 12px 0;
-  border-radius: 0 6px 6px 0; }
-.table-wrap { overflow-x: auto; margin: 10px 0 18px; }
-.caption { margin: 0 0 4px; color: var(--muted); font-size: 90%; }
-table.data { border-collapse: collapse; font-size: 13.5px; font-variant-numeric: tabular-nums; }
-table.data th, table.data td { border: 1px solid var(--line); padding: 4px 10px; text-align: left;
-  white-space: nowrap; }
-table.data td.num { text-align: right; }
-table.data th { background: var(--bg-alt); text-align: center; }
-table.kv th { text-align: left; }
-table.data tbody tr:nth-child(even) { background: #fbfcfd; }
-table.kv td { text-align: left; white-space: normal; }
-figure.plot { margin: 18px 0 28px; border: 1px solid var(--line); border-radius: 8px; padding: 8px; }
-figure.plot figcaption { font-weight: 600; margin: 0 4px 6px; }
-.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); column-gap: 20px; }
-.grid2 .table-wrap { margin: 6px 0 10px; }
-details { margin: 8px 0 16px; } details summary { cursor: pointer; color: var(--accent); }
-footer { margin-top: 48px; color: var(--muted); font-size: 85%; }
-"""
-
-# Installed before any plot script: collect JavaScript errors (and console.error calls).
-_ERRORS_JS = """
-window.__reportErrors = [];
-window.addEventListener('error', function (e) {
-  window.__reportErrors.push(String(e.message || e.type) + ' @ ' + (e.filename || '') + ':' + (e.lineno || ''));
-});
-window.addEventListener('unhandledrejection', function (e) { window.__reportErrors.push('rejection: ' + e.reason); });
-(function () { var orig = console.error; console.error = function () {
-  window.__reportErrors.push('console.error: ' + Array.prototype.join.call(arguments, ' '));
-  return orig.apply(console, arguments); }; })();
-"""
-
-# After every plot script: record how many plots drew an SVG and the errors, on <body>.
-_STATUS_JS = """
-(function () {
-  function record() {
-    var plots = document.querySelectorAll('.js-plotly-plot');
-    var drawn = 0;
-    plots.forEach(function (p) { if (p.querySelector('.main-svg')) { drawn += 1; } });
-    document.body.dataset.plotsExpected = String(%d);
-    document.body.dataset.plotsRendered = String(drawn);
-    document.body.dataset.errors = JSON.stringify(window.__reportErrors);
-  }
-  record();
-  window.addEventListener('load', function () { record(); setTimeout(record, 500); });
-})();
-"""
-
-
 def _page(title: str, sections: list[_Section], *, n_figures: int, note: str) -> str:
+    """The page: `templates/report.html` (style, error and status scripts) filled in."""
+    from importlib.resources import files
+    from string import Template
+
     import plotly
     import plotly.offline
 
-    toc = "".join(s.toc() for s in sections)
-    content = "".join(s.html() for s in sections)
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n"
-        f"<script>{_ERRORS_JS}</script>\n"
-        f"<script type=\"text/javascript\">{plotly.offline.get_plotlyjs()}</script>\n"
-        "</head>\n<body>\n<main>\n"
-        f"<h1>{_esc(title)}</h1>\n<p class=\"muted\">{_esc(note)}</p>\n"
-        f"<nav class=\"toc\"><strong>Contents</strong><ul>{toc}</ul></nav>\n{content}\n"
-        f"<footer>Built by idiom_lens.study.report with plotly {_esc(plotly.__version__)} "
-        "(plotly.js embedded; the page needs no network).</footer>\n"
-        f"</main>\n<script>{_STATUS_JS % n_figures}</script>\n</body>\n</html>\n"
+    template = Template(files("idiom_lens.study").joinpath("templates/report.html").read_text(encoding="utf-8"))
+    return template.substitute(
+        title=_esc(title), note=_esc(note), toc="".join(s.toc() for s in sections),
+        content="".join(s.html() for s in sections), plotlyjs=plotly.offline.get_plotlyjs(),
+        plotly_version=_esc(plotly.__version__), n_figures=n_figures,
     )
 
 

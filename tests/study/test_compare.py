@@ -26,7 +26,13 @@ def test_two_architectures_compared(tmp_path, monkeypatch, tiny_model_dir, tiny_
 
 
 def test_empty_results_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match="no model results"):
+    with pytest.raises(InputError, match="no study.json"):
+        compare_models(tmp_path)
+    (tmp_path / "study.json").write_text('{"format": 2}')
+    with pytest.raises(InputError, match="no model with a finished trajectory"):
+        compare_models(tmp_path)
+    (tmp_path / "study.json").write_text('{"format": 1}')
+    with pytest.raises(InputError, match="format 1"):
         compare_models(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
         compare_models(tmp_path / "missing")

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 
 import idiom_lens.cli as cli
-import idiom_lens.cli.run_cmd as run_cmd
+import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
 from idiom_lens.study.pipeline import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
 
@@ -275,24 +275,24 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     assert computed_parts(log) == [1, 2, 3] and computed_stages(log) == set()
     assert json.loads((model_out / "trajectory" / "summary.json").read_text())["sites"] == ["resid_post", "resid_mid"]
 
-    # options fixed in run_cmd (k, windows, variants, top): their stage only
-    monkeypatch.setattr(run_cmd, "KNOCKOUT_OPTIONS", run_cmd.KNOCKOUT_OPTIONS | {"ks": (10,)})
+    # options fixed in study.run (k, windows, variants, top): their stage only
+    monkeypatch.setattr(study_run, "KNOCKOUT_OPTIONS", study_run.KNOCKOUT_OPTIONS | {"ks": (10,)})
     log = rerun()
     assert computed_stages(log) == {"interventions"} and "options.ks" in log
     ko = _knockouts(model_out)
     assert set(ko.loc[ko["control"] != "whole_mlp", "k"]) == {10}  # the whole-MLP ceiling has k = d_mlp
 
-    monkeypatch.setattr(run_cmd, "KNOCKOUT_OPTIONS", run_cmd.KNOCKOUT_OPTIONS | {"windows": (1, 2)})
+    monkeypatch.setattr(study_run, "KNOCKOUT_OPTIONS", study_run.KNOCKOUT_OPTIONS | {"windows": (1, 2)})
     log = rerun()
     assert computed_stages(log) == {"interventions"}
     assert set(_knockouts(model_out)["window"]) == {1, 2}
 
-    monkeypatch.setattr(run_cmd, "PATCHING_OPTIONS", {"variants": ("word_swap",)})
+    monkeypatch.setattr(study_run, "PATCHING_OPTIONS", {"variants": ("word_swap",)})
     log = rerun()
     assert computed_stages(log) == {"patching"}
     assert set(pd.read_parquet(model_out / "patching" / "patching_pairs.parquet")["variant"]) == {"word_swap"}
 
-    monkeypatch.setattr(run_cmd, "ATTRIBUTION_OPTIONS", {"top": 3})
+    monkeypatch.setattr(study_run, "ATTRIBUTION_OPTIONS", {"top": 3})
     log = rerun()
     assert computed_stages(log) == {"attribution"}
     assert json.loads((model_out / "attribution" / "summary.json").read_text())["settings"]["top_neurons"] == 3

@@ -99,24 +99,23 @@ def test_report_is_self_contained(results_dir, tmp_path):
     assert html.count(plotly.offline.get_plotlyjs()[:500]) == 1  # plotly.js inline, once
 
 
-def test_default_path_and_single_model_dir(results_dir):
+def test_default_path(results_dir):
     out = build_report(results_dir)
     assert out == results_dir / "report.html" and out.is_file()
     assert not list(results_dir.glob(".report.html.*"))  # atomic write left no temporary file
-    (model_dir,) = [p for p in results_dir.iterdir() if p.is_dir() and p.name != "comparison"]
-    html = build_report(model_dir).read_text(encoding="utf-8")  # a model dir alone is one model
-    assert 'id="model-' in html and 'id="root-comparison"' not in html
-    (model_dir / "report.html").unlink()
 
 
-def test_no_results_is_a_clear_input_error(tmp_path):
+def test_no_results_is_a_clear_input_error(results_dir, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         build_report(tmp_path / "missing")
-    with pytest.raises(InputError, match="holds no results"):
+    with pytest.raises(InputError, match="no study.json"):
         build_report(tmp_path)
+    (model_dir,) = [p for p in results_dir.iterdir() if p.is_dir() and p.name != "comparison"]
+    with pytest.raises(InputError, match="no study.json"):  # a model folder alone is no study
+        build_report(model_dir)
+    (tmp_path / "study.json").write_text('{"format": 2}')
     (tmp_path / "model" / "empty").mkdir(parents=True)
-    (tmp_path / "notes.txt").write_text("nothing here")
-    with pytest.raises(InputError, match="holds no results"):
+    with pytest.raises(InputError, match="holds no model with a finished trajectory"):
         build_report(tmp_path)
 
 

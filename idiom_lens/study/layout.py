@@ -1,0 +1,234 @@
+"""The layout of a results folder, owned here and nowhere else.
+
+    OUT/study.json                  format version and the idiom_lens that wrote it
+    OUT/<model>/trajectory/         memorization, logit-lens trajectory, phases (resumable parts)
+    OUT/<model>/attribution/        direct logit attribution of a sample per set
+    OUT/<model>/interventions/      knockouts, value vectors, layer skipping
+    OUT/<model>/patching/           activation patching
+    OUT/comparison/                 models compared on normalized depth
+    OUT/report.html                 the report
+
+Every stage folder holds a `summary.json`, its tables and figures (`*.fig.json`, `.html`, `.png`)
+and a completion marker. The study's stages write through `ModelFolder` paths, and the report,
+the comparison and the notebook read through `StudyFolder.open` and the loaders below, never by
+file name. A folder written before this layout existed (no `study.json`) is refused with the
+command that regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from idiom_lens.errors import InputError
+
+FORMAT = 2  # bump when a stage's files change meaning; stage keys include it, so stages are redone
+STUDY_FILE = "study.json"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+FIGURE_SUFFIX = ".fig.json"
+
+TRAJECTORY = "trajectory"
+ATTRIBUTION = "attribution"
+INTERVENTIONS = "interventions"
+PATCHING = "patching"
+COMPARISON = "comparison"
+STAGES = (TRAJECTORY, ATTRIBUTION, INTERVENTIONS, PATCHING)  # in the order they run and are shown
+_HIDDEN = {"parts"}  # resumable trajectory parts: internal to the trajectory stage
+
+# The tables each stage writes beside its summary, by name (file = <name>.parquet).
+TABLES: dict[str, tuple[str, ...]] = {
+    TRAJECTORY: ("memorization_summary", "phases_per_probe", "phases_curves", "phases_promotion_tests",
+                 "phases_boundary_sensitivity", "phases_matching", "phases_matched_pairs"),
+    ATTRIBUTION: ("layer_stats_logit", "layer_stats_logit_diff", "cumulative_share_logit",
+                  "cumulative_share_logit_diff"),
+    INTERVENTIONS: ("knockout_layers", "value_vectors", "value_vectors_summary"),
+    PATCHING: (),
+    COMPARISON: ("comparison",),
+}
+
+
+def _regenerate(root: Path) -> str:
+    return (f"regenerate it: remove it or choose another folder, then `idiom-lens run --out {root}` "
+            "(or `run_study` from Python)")
+
+
+def folder_name(model_name: str) -> str:
+    """The folder of a model's results: its name with path separators replaced."""
+    return model_name.replace("/", "_")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage folder as written: its summary (empty if none) and its figures, in name order."""
+
+    name: str
+    path: Path
+    summary: dict[str, Any]
+    figures: tuple[Path, ...]
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A table the stage wrote (`TABLES`), e.g. `stage.table("phases_per_probe")`."""
+        path = self.path / f"{name}.parquet"
+        if not path.is_file():
+            raise InputError(f"{self.name} stage in {str(self.path)!r} has no table {name!r}")
+        return pd.read_parquet(path)
+
+    def has_table(self, name: str) -> bool:
+        return (self.path / f"{name}.parquet").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {str(path)!r}: {err}") from err
+    return data if isinstance(data, dict) else {"value": data}
+
+
+def natural_key(text: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def figure_stem(path: Path) -> str:
+    """`layers_logit.fig.json` -> `layers_logit`."""
+    return path.name[: -len(FIGURE_SUFFIX)]
+
+
+def read_stage(path: Path) -> Stage:
+    """The summary and figures of a stage folder (figures in subfolders included, parts excluded)."""
+    summary = _read_json(path / SUMMARY_FILE) if (path / SUMMARY_FILE).is_file() else {}
+    figures = [p for p in path.rglob(f"*{FIGURE_SUFFIX}")
+               if not any(part in _HIDDEN or part.startswith(".") for part in p.relative_to(path).parts[:-1])]
+    figures.sort(key=lambda p: natural_key(str(p.relative_to(path))))
+    return Stage(name=path.name, path=path, summary=summary, figures=tuple(figures))
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """The results of one model: a folder per stage."""
+
+    name: str
+    path: Path
+
+    def stage_path(self, stage: str) -> Path:
+        return self.path / stage
+
+    def has(self, stage: str) -> bool:
+        """True when the stage wrote its summary (it finished at least once)."""
+        return (self.stage_path(stage) / SUMMARY_FILE).is_file()
+
+    def stage(self, stage: str) -> Stage | None:
+        return read_stage(self.stage_path(stage)) if self.has(stage) else None
+
+    def stages(self) -> list[Stage]:
+        """The finished stages, known ones in run order, then any other stage folder by name."""
+        others = sorted(p.name for p in self.path.iterdir()
+                        if p.is_dir() and p.name not in STAGES and not p.name.startswith(".")
+                        and (p / SUMMARY_FILE).is_file())
+        return [s for s in (self.stage(n) for n in (*STAGES, *others)) if s is not None]
+
+    def _need(self, stage: str) -> Path:
+        if not self.has(stage):
+            raise InputError(f"model {self.name!r} in {str(self.path.parent)!r} has no finished {stage} stage; "
+                             f"{_regenerate(self.path.parent)}")
+        return self.stage_path(stage)
+
+    def trajectory(self) -> Any:
+        """The `TrajectoryResult` (memorization included) with its settings."""
+        from idiom_lens.analyses.trajectory import load_trajectory
+
+        path = self._need(TRAJECTORY)
+        return load_trajectory(path, settings=_read_json(path / SUMMARY_FILE).get("settings"))
+
+    def memorization(self) -> Any:
+        """The `MemorizationResult` of every probe of the study."""
+        return self.trajectory().memorization
+
+    def n_layers(self) -> int:
+        return int(_read_json(self._need(TRAJECTORY) / SUMMARY_FILE)["settings"]["n_layers"])
+
+    def knockouts(self, *, positions: str | None = None) -> Any:
+        """The `KnockoutResult` of the interventions stage (`positions`: the extra variant, if run)."""
+        from idiom_lens.analyses.interventions import KnockoutResult
+
+        path = self._need(INTERVENTIONS)
+        stem = "knockouts" if positions is None else f"knockouts_{positions}"
+        return KnockoutResult.load(path, name=stem)
+
+    def skipping(self) -> Any:
+        """The `SkipResult` of the interventions stage."""
+        from idiom_lens.analyses.interventions import SkipResult
+
+        return SkipResult.load(self._need(INTERVENTIONS))
+
+    def patching(self) -> Any:
+        """The `PatchingResult` of the patching stage."""
+        from idiom_lens.analyses.interventions import PatchingResult
+
+        return PatchingResult.load(self._need(PATCHING))
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """A results folder: one `ModelFolder` per model, the comparison and the report."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | Path) -> "StudyFolder":
+        """Open `root` for writing: a new folder gets `study.json`; an existing one must hold this
+        format (an older one is refused rather than mixed with new results)."""
+        from idiom_lens import __version__
+        from idiom_lens.io import write_json
+
+        root = Path(root)
+        if (root / STUDY_FILE).is_file():
+            return cls.open(root)
+        if root.is_dir() and any(p.is_dir() and (p / TRAJECTORY).is_dir() for p in root.iterdir()):
+            raise InputError(f"{str(root)!r} holds results of an earlier idiom_lens (no {STUDY_FILE}): "
+                             f"{_regenerate(root)}")
+        write_json(root / STUDY_FILE, {"format": FORMAT, "written_by": f"idiom_lens {__version__}"})
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "StudyFolder":
+        """Open an existing results folder for reading. Raises `InputError` when it does not exist,
+        was written by an older idiom_lens, or by a newer one."""
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"results folder {str(root)!r} does not exist")
+        meta = root / STUDY_FILE
+        if not meta.is_file():
+            raise InputError(f"{str(root)!r} is not a results folder of this idiom_lens (no {STUDY_FILE}): if an "
+                             f"earlier version wrote it, {_regenerate(root)}")
+        found = _read_json(meta).get("format")
+        if found != FORMAT:
+            raise InputError(f"{str(root)!r} holds results in format {found}, this idiom_lens reads format {FORMAT}: "
+                             f"{_regenerate(root)}")
+        return cls(root)
+
+    def model(self, name: str) -> ModelFolder:
+        """The folder of one model (named as the model, e.g. `gemma-3-270m`), existing or not."""
+        return ModelFolder(name=name, path=self.root / folder_name(name))
+
+    def models(self) -> list[ModelFolder]:
+        """The models with a finished trajectory, by name."""
+        return [ModelFolder(p.name, p) for p in sorted(self.root.iterdir())
+                if p.is_dir() and (p / TRAJECTORY / SUMMARY_FILE).is_file()]
+
+    @property
+    def comparison_path(self) -> Path:
+        return self.root / COMPARISON
+
+    def comparison(self) -> Stage | None:
+        return read_stage(self.comparison_path) if (self.comparison_path / SUMMARY_FILE).is_file() else None
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT_FILE

@@ -1,0 +1,156 @@
+"""The whole study on one model, resumable: what `idiom-lens run` does, callable from Python.
+
+    from idiom_lens.study import StudyOptions, run_study
+    study = run_study("gemma-3-270m", "results", StudyOptions(knockout_sample=6))
+
+Stages, each written under OUT/<model>/<stage>/ (see `layout`) as it completes and skipped on a
+rerun when finished with the same settings:
+1. trajectory: memorization and the logit-lens trajectory of every probe, its phases;
+2. interventions: neuron knockouts at every position (the authors'), top-100 neurons of each layer
+   (windows of one layer) beside a random, a magnitude-matched and a whole-MLP control, the
+   value-vector statistic (top-1), and layer skipping, on a seeded sample per set;
+3. patching: activation patching of a sample of memorized and non-memorized idioms;
+4. attribution: direct logit attribution (compatibility mode) of a seeded sample per set;
+5. report: one HTML page over everything under OUT.
+
+A stage is reused only when its completion marker verifies: same key (the model's settings, the
+sampled probes and every argument of the stage function, see `pipeline.stage_key`) and intact
+files. Changing a setting that changes a stage's numbers or files redoes that stage and only the
+stages that depend on it; `batch_size` changes speed, not results, and redoes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from idiom_lens.errors import InputError
+from idiom_lens.models.loading import LoadedModel, load_model
+from idiom_lens.study.layout import ATTRIBUTION, INTERVENTIONS, PATCHING, TRAJECTORY, StudyFolder
+
+# Options of the stage functions fixed by the study design; `run_study` adds seed, png and batch
+# sizes. Every entry is part of its stage's key, so editing one here redoes that stage.
+# Knockouts: the authors' positions (every position), k = 100 in windows of one layer, with the random,
+# magnitude-matched and whole-MLP controls (4 x 18 configurations per probe on Gemma 3 270M, ~1 min for
+# 30 probes on one core); `idiom-lens knockout --full-grid` runs the paper's whole grid.
+KNOCKOUT_OPTIONS: dict[str, Any] = {
+    "ks": (100,), "windows": (1,), "modes": ("zero_top",), "keep_top_ks": None, "keep_top_windows": None,
+    "positions": "all", "controls": ("random", "matched", "whole_mlp"), "rank_by": "effective", "norm": "live",
+    "value_vector_ks": (1,),
+}
+PATCHING_OPTIONS: dict[str, Any] = {}
+ATTRIBUTION_OPTIONS: dict[str, Any] = {}
+PATCHING_GROUPS = ("memorized idioms", "non-memorized idioms")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyOptions:
+    """What a study runs on and how much of it; validated on creation (`InputError`)."""
+
+    datasets: tuple[str, ...] = ("idioms", "text", "facts")  # bundled names or files (e.g. idiomem.jsonl)
+    limit: int | None = None  # only the first N probes of each set (a quick look); None = all
+    sites: tuple[str, ...] = ("resid_post",)  # trajectory reads per layer
+    attribution_sample: int = 30  # probes per set (0 skips the stage)
+    knockout_sample: int = 6  # probes per set for knockouts and skipping (0 skips)
+    patching_sample: int = 4  # idioms per set, memorized and not (0 skips)
+    seed: int = 0  # of every per-set sample and random control
+    batch_size: int = 16  # speed only: not part of any stage's key
+    part_size: int = 256  # probes per resumable trajectory part
+    png: bool = True  # static PNG figures beside the HTML ones
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str) or not self.datasets:
+            raise InputError(f"datasets must be a non-empty sequence of set names or files, got {self.datasets!r}")
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"limit must be >= 1 (or None for all), got {self.limit}")
+        for name in ("attribution_sample", "knockout_sample", "patching_sample"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "part_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_study(
+    model: str | LoadedModel,
+    out: str | Path,
+    options: StudyOptions | None = None,
+    *,
+    compat_model: LoadedModel | None = None,
+    device: str = "cpu",
+    n_devices: int | None = None,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+) -> StudyFolder:
+    """Run (or resume) the study of `model` (a spec or a loaded model) into the results folder
+    `out` and return it, opened. The attribution stage needs the compatibility-mode model: pass
+    `compat_model`, or it is loaded from the spec. Raises `InputError` for bad options or a folder
+    written by an earlier idiom_lens."""
+    from idiom_lens.study.pipeline import (
+        resumable_trajectory,
+        run_attribution,
+        run_knockouts,
+        run_patching,
+        run_stage,
+        sample_by_group,
+        study_probes,
+        write_trajectory_outputs,
+    )
+    from idiom_lens.study.report import build_report
+
+    options = options or StudyOptions()
+    started = time.perf_counter()
+    study = StudyFolder.create(out)
+    probes = study_probes(options.datasets, limit=options.limit)
+    if isinstance(model, str):
+        model = load_model(model, device=device, n_devices=n_devices)
+    else:
+        device = model.device
+    folder = study.model(model.name)
+    log(f"[run] {len(probes)} probes ({', '.join(options.datasets)}) on {model.spec} -> {folder.path}")
+
+    log("[run] trajectory")
+    result = resumable_trajectory(model, probes.probes, folder.stage_path(TRAJECTORY), sites=options.sites,
+                                  batch_size=options.batch_size, part_size=options.part_size, log=log)
+    outputs = write_trajectory_outputs(result, folder.stage_path(TRAJECTORY), title=model.spec, png=options.png)
+    log(outputs.phases.summary_text)
+    log(result.memorization.summary().to_string(index=False))
+
+    def stage(name: str, fn: Callable[..., Any], stage_model: LoadedModel, per_group: int,
+              stage_options: dict[str, Any], groups: Sequence[str] | None = None) -> Any:
+        """`run_stage` on a seeded sample of `per_group` probes per set (of `groups` only, if given)."""
+        sample = sample_by_group(result.memorization, probes.probes, per_group=per_group, seed=options.seed)
+        if groups is not None:
+            group_of = {r.probe_id: r.group for r in result.memorization.records}
+            sample = [p for p in sample if group_of[p.id] in groups]
+        if not sample:
+            log(f"[run] {name}: no probes in the sample, skipped")
+            return None
+        return run_stage(name, fn, stage_model, sample, folder.stage_path(name), stage_options, log=log)
+
+    png = options.png
+    if options.knockout_sample:
+        stage(INTERVENTIONS, run_knockouts, model, options.knockout_sample,
+              KNOCKOUT_OPTIONS | {"seed": options.seed, "png": png})
+    if options.patching_sample:
+        stage(PATCHING, run_patching, model, options.patching_sample,
+              PATCHING_OPTIONS | {"seed": options.seed, "png": png}, groups=PATCHING_GROUPS)
+    if options.attribution_sample:
+        if compat_model is None:  # its settings are part of the stage's key
+            compat_model = load_model(model.spec, mode="compat", device=device, n_devices=n_devices)
+        digest = stage(ATTRIBUTION, run_attribution, compat_model, options.attribution_sample,
+                       ATTRIBUTION_OPTIONS | {"batch_size": options.batch_size, "png": png})
+        if digest is not None:
+            log(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
+    if report:
+        log("[run] report")
+        log(f"  {build_report(study.root)}")
+    log(f"[run] done in {time.perf_counter() - started:.0f} s; results in {folder.path}")
+    return study
