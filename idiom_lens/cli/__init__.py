@@ -1,8 +1,14 @@
 """The `idiom-lens` command line: a thin layer over the library.
 
 Each subcommand lives in its own module with a `register(subparsers)` function that adds
-its parser and sets `handler`. User mistakes (`InputError`) print one line and exit 2; a failed run-time self-check
-(`FastPathError`: a fast path disagrees with a full forward) prints one line and exits 3.
+its parser and sets `handler`. The options several commands share (`--dataset`, `--limit`, `--sample`,
+`--seed`, `--out`, `--no-png`, `--batch-size`, `--results`) come from `idiom_lens.cli.common` and mean
+the same everywhere; they are checked before the handler runs. User mistakes (`InputError`) print one
+line and exit 2; a failed run-time self-check (`FastPathError`: a fast path disagrees with a full
+forward) prints one line and exits 3.
+
+Renamed commands (the old name works for one release, with a note on stderr):
+`attribute` -> `attribute-prompt` (one prompt), `attribution` -> `attribute-set` (a probe set).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Sequence
 
 from idiom_lens.errors import FastPathError, InputError
 
-# Subcommand modules, in the order `idiom-lens --help` lists them.
+# Subcommand modules (idiom_lens.cli.<name>_cmd), in the order `idiom-lens --help` lists them. Module names
+# are not command names: attribute_cmd registers `attribute-prompt`, attribution_cmd `attribute-set`.
 _COMMANDS = ("models", "predict", "data", "trajectory", "attribute", "attribution", "knockout", "patch", "run", "compare", "report")
 
 
@@ -32,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from idiom_lens.cli.common import check_shared_options, warn_if_old_name
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    warn_if_old_name(args)
     try:
+        check_shared_options(args)
         return int(args.handler(args) or 0)
     except InputError as err:
         print(f"idiom-lens {args.command}: error: {err}", file=sys.stderr)

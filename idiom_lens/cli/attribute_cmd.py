@@ -1,17 +1,20 @@
-"""`idiom-lens attribute TEXT`: rank the components and neurons that write the next-token logit."""
+"""`idiom-lens attribute-prompt TEXT`: rank the components and neurons that write the next-token logit of one prompt.
+
+Old name `attribute` (deprecated, kept one release). For a probe set see `attribute-set`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import add_command, add_model_options, load_from_args
 from idiom_lens.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "attribute",
-        help="direct logit attribution of the next token after TEXT (components, heads, top neurons)",
+    p = add_command(
+        subparsers, "attribute-prompt", old_name="attribute",
+        help="direct logit attribution of the next token after one prompt TEXT (components, heads, top neurons)",
     )
     p.add_argument("text", metavar="TEXT", help="the prompt; the model's next token is attributed")
     add_model_options(p)

@@ -1,39 +1,43 @@
-"""`idiom-lens attribution --dataset NAME|PATH --out DIR`: attribution of a probe set, with figures."""
+"""`idiom-lens attribute-set --dataset NAME|PATH ... --out DIR`: direct logit attribution of a probe set, with figures.
+
+Old name `attribution` (deprecated, kept one release). For one prompt see `attribute-prompt`.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import (
+    add_batch_size_option,
+    add_command,
+    add_model_options,
+    add_output_options,
+    add_probe_options,
+    load_from_args,
+    select_probes,
+)
 from idiom_lens.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "attribution", help="direct logit attribution of a probe set: parquet, figures and a summary JSON"
+    p = add_command(
+        subparsers, "attribute-set", old_name="attribution",
+        help="direct logit attribution of a probe set: parquet, figures and a summary JSON",
     )
-    p.add_argument("--dataset", required=True, metavar="NAME|PATH", help="bundled set name or probe file")
+    add_probe_options(p)
     add_model_options(p)
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="first N probes only (0 = all)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    add_output_options(p)
     p.add_argument("--top", type=int, default=20, metavar="N", help="top neurons per probe and per set (default 20)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N")
-    p.add_argument("--no-png", action="store_true", help="write HTML figures only")
+    add_batch_size_option(p, default=16)
     p.set_defaults(handler=_attribution)
 
 
 def _attribution(args: argparse.Namespace) -> int:
-    from idiom_lens.datasets import load_probes
     from idiom_lens.study.pipeline import run_attribution
 
-    if args.limit < 0:
-        raise InputError(f"--limit must be >= 0, got {args.limit}")
-    probes = list(load_probes(str(args.dataset)))
-    if args.limit:
-        probes = probes[: args.limit]
-    if not probes:
-        raise InputError(f"dataset {args.dataset!r} has no probes")
+    if args.top < 1:
+        raise InputError(f"--top must be >= 1, got {args.top}")
+    probes = select_probes(args)
     model = load_from_args(args, mode="compat")
     digest = run_attribution(model, probes, args.out, top=args.top, batch_size=args.batch_size, png=not args.no_png)
     print(f"attributed {digest['n_probes']} probes: {digest['group_counts']}")

@@ -1,14 +1,57 @@
-"""Options and helpers shared by subcommands."""
+"""Options and helpers shared by subcommands.
+
+Every option below has one meaning in every command that takes it; a command gets it only through
+these functions, never with its own `add_argument`:
+
+- `--dataset NAME|PATH ...` (`add_probe_options`): bundled set names or probe files, joined;
+- `--limit N` (`add_probe_options`, `add_limit_option`): only the first N probes of each set
+  (N >= 1; absent: all);
+- `--sample N` (`add_probe_options`): a seeded sample of N probes of each set, after `--limit`
+  (N >= 1; absent: all);
+- `--seed S` (`add_probe_options`, `add_seed_option`): the seed of every sample and random control
+  (default 0);
+- `--out DIR` (`add_output_options`): always a folder, created when missing;
+- `--no-png` (`add_output_options`, `add_png_option`): skip static PNG figures (HTML and .fig.json
+  are still written);
+- `--batch-size N` (`add_batch_size_option`): sequences per forward pass (N >= 1); speed and
+  memory only, never results;
+- `--results DIR` (`add_results_option`): a results folder written by `idiom-lens run`.
+
+`check_shared_options` (run by `idiom_lens.cli.main` before every handler) validates them and
+raises `InputError` with the same message in every command.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Sequence
 
+from idiom_lens.errors import InputError
 from idiom_lens.models.loading import EMBEDDED_SPEC
 
+DATASET_HELP = ("probe sets: bundled names (idioms, text, facts) or probe files (our JSONL/CSV, or the authors' "
+                "IdioMem JSONL as published); several are joined, ids must be unique across them")
+LIMIT_HELP = "only the first N probes of each set (N >= 1; default: all)"
+SAMPLE_HELP = ("a seeded sample of N probes of each set (each --dataset entry), taken after --limit, kept in "
+               "file order (N >= 1; default: all)")
+SEED_HELP = "seed of every sample and random control or corruption (default 0)"
+OUT_HELP = "output folder, created when missing"
+PNG_HELP = "skip static PNG figures (the HTML figures and their .fig.json are still written)"
+BATCH_HELP = ("sequences per forward pass (a probe, or a probe under one knockout or patch; N >= 1); changes "
+              "speed and memory, not results")
+RESULTS_HELP = "results folder written by `idiom-lens run --out` (default: results/)"
 
-def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) -> None:
+# Options whose value must be a whole number >= 1 when given: dest -> (option, what N means).
+_POSITIVE = {
+    "limit": ("--limit", "the first N probes of each set; leave it out for all"),
+    "sample": ("--sample", "a seeded sample of N probes of each set; leave it out for all"),
+    "batch_size": ("--batch-size", "sequences per forward pass"),
+}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=EMBEDDED_SPEC,
         help=f"model spec: a name from `idiom-lens models`, a local HF directory, a .gguf file, "
@@ -17,18 +60,113 @@ def add_model_options(parser: argparse.ArgumentParser, *, mode: bool = False) ->
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--n-devices", type=int, default=None,
                         help="split the model across this many GPUs (TransformerLens n_devices)")
-    if mode:
-        parser.add_argument(
-            "--mode", choices=("raw", "compat"), default="raw",
-            help="numerics: raw (= Hugging Face) or compat (folded norms, HookedTransformer numerics)",
-        )
 
 
-def load_from_args(args: argparse.Namespace, *, mode: str | None = None) -> Any:
+def add_probe_options(parser: argparse.ArgumentParser, *, required: bool = True,
+                      default: Sequence[str] | None = None, sample: bool = True) -> None:
+    """`--dataset`, `--limit`, `--seed` and (unless `sample=False`) `--sample`."""
+    help_ = DATASET_HELP + (f" (default: {' '.join(default)})" if default else "")
+    parser.add_argument("--dataset", nargs="+", required=required, default=list(default) if default else None,
+                        metavar="NAME|PATH", help=help_)
+    add_limit_option(parser)
+    if sample:
+        parser.add_argument("--sample", type=int, default=None, metavar="N", help=SAMPLE_HELP)
+    add_seed_option(parser)
+
+
+def add_limit_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help=LIMIT_HELP)
+
+
+def add_seed_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help=SEED_HELP)
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True, default: Path | None = None,
+                       note: str | None = None, png: bool = True) -> None:
+    """`--out DIR` (always a folder) and, unless `png=False`, `--no-png`. `note` ends the help
+    (e.g. when --out is needed); a default is shown."""
+    extra = [note] if note else []
+    if default is not None:
+        extra.append(f"default: {default}/")
+    parser.add_argument("--out", type=Path, required=required, default=default, metavar="DIR",
+                        help=OUT_HELP + (f" ({'; '.join(extra)})" if extra else ""))
+    if png:
+        add_png_option(parser)
+
+
+def add_png_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-png", action="store_true", help=PNG_HELP)
+
+
+def add_batch_size_option(parser: argparse.ArgumentParser, *, default: int) -> None:
+    parser.add_argument("--batch-size", type=int, default=default, metavar="N", help=f"{BATCH_HELP} (default {default})")
+
+
+def add_results_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=Path("results"), metavar="DIR", help=RESULTS_HELP)
+
+
+def check_shared_options(args: argparse.Namespace) -> None:
+    """The shared options' rules, the same in every command: raise `InputError` on a bad value."""
+    for dest, (option, meaning) in _POSITIVE.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be a whole number >= 1 ({meaning}), got {value}")
+    out = getattr(args, "out", None)
+    if isinstance(out, Path) and out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a folder, but {out} is a file")
+
+
+def select_probes(args: argparse.Namespace) -> list:
+    """The probes of `args.dataset`: the first `--limit` of each set, then a seeded `--sample` of
+    each set (with `--seed`), joined in the given order."""
+    from idiom_lens.analyses.interventions import sample_probes
+    from idiom_lens.datasets import load_probes
+
+    check_shared_options(args)
+    limit, sample = getattr(args, "limit", None), getattr(args, "sample", None)
+    out: list = []
+    seen: dict[str, str] = {}
+    for spec in args.dataset:
+        probes = list(load_probes(str(spec)))[:limit]
+        for probe in probes:
+            if probe.id in seen:
+                raise InputError(f"probe id {probe.id!r} is in both {seen[probe.id]!r} and {str(spec)!r}: "
+                                 "give each set unique ids")
+            seen[probe.id] = str(spec)
+        out += sample_probes(probes, sample, seed=getattr(args, "seed", 0))
+    if not out:
+        raise InputError(f"--dataset {' '.join(map(str, args.dataset))}: no probes")
+    return out
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, *, old_name: str | None = None, help: str,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser; `old_name` stays as a deprecated alias (one release) that warns on stderr."""
+    if old_name is not None:
+        kwargs["description"] = (kwargs.get("description") or help[:1].upper() + help[1:] + ".") + (
+            f" `idiom-lens {old_name}` is the old name of this command: it still works for one release, "
+            f"with a note on stderr; use `idiom-lens {name}`.")
+        help = f"{help} [old name: {old_name}, deprecated]"
+    parser = sub.add_parser(name, aliases=[old_name] if old_name else [], help=help, **kwargs)
+    parser.set_defaults(command_name=name)
+    return parser
+
+
+def warn_if_old_name(args: argparse.Namespace) -> None:
+    """One line on stderr when a command was called by its deprecated old name."""
+    name = getattr(args, "command_name", None)
+    if name is not None and args.command != name:
+        print(f"idiom-lens: `{args.command}` is deprecated and will be removed in the next release; "
+              f"use `idiom-lens {name}`", file=sys.stderr)
+
+
+def load_from_args(args: argparse.Namespace, *, mode: str = "raw") -> Any:
+    """The model of `--model/--device/--n-devices`, in numerics `mode` (fixed by the command)."""
     from idiom_lens.models.loading import load_model
 
-    return load_model(args.model, mode=mode or getattr(args, "mode", "raw"), device=args.device,
-                      n_devices=args.n_devices)
+    return load_model(args.model, mode=mode, device=args.device, n_devices=args.n_devices)
 
 
 def print_frame(frame: Any, *, floatfmt: str = "{:.4f}") -> None:

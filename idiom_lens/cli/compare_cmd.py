@@ -1,15 +1,16 @@
-"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth."""
+"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth (written to DIR/comparison/)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from idiom_lens.cli.common import add_png_option, add_results_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="compare the models of a results directory on normalized depth")
-    p.add_argument("--results", type=Path, default=Path("results"), help="results directory (default: results/)")
-    p.add_argument("--no-png", action="store_true", help="skip static PNG figures")
+    p = sub.add_parser("compare", help="compare the models of a results directory on normalized depth "
+                                       "(writes RESULTS/comparison/)")
+    add_results_option(p)
+    add_png_option(p)
     p.set_defaults(handler=handle)
 
 

@@ -7,6 +7,7 @@ import filecmp
 import tempfile
 from pathlib import Path
 
+from idiom_lens.cli.common import add_limit_option, add_output_options
 from idiom_lens.datasets.loaders import bundled_dir, bundled_names, bundled_path, export_probes, load_probes
 from idiom_lens.datasets.probes import FLAG_NAMES, ProbeSet
 from idiom_lens.errors import InputError
@@ -26,18 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("show", help="print probes of a bundled set or a file as a table")
     p.add_argument("spec", metavar="NAME|PATH")
-    p.add_argument("--limit", type=int, default=20, help="rows to print (0 = all; default 20)")
+    add_limit_option(p)
     p.add_argument("--kind", choices=("idiom", "fact", "text"), default=None, help="kind for rows without one")
     p.set_defaults(handler=_show)
 
     p = sub.add_parser("export", help="write a set or file to .jsonl or .csv")
     p.add_argument("spec", metavar="NAME|PATH")
-    p.add_argument("out", metavar="OUT_PATH", type=Path)
+    p.add_argument("out_path", metavar="OUT_PATH", type=Path, help="the file to write (.jsonl or .csv)")
     p.add_argument("--kind", choices=("idiom", "fact", "text"), default=None, help="kind for rows without one")
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("build", help="re-run the builders that write the bundled sets (needs the build-data extra)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the package's data folder)")
+    add_output_options(p, required=False, png=False,
+                       note="default: the package's data folder; with --check, the folder compared with")
     p.add_argument("--check", action="store_true", help="build into a temporary folder and compare with the bundled files")
     p.set_defaults(handler=_build)
 
@@ -65,9 +67,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     probes: ProbeSet = load_probes(args.spec, kind=args.kind)
-    if args.limit < 0:
-        raise InputError(f"--limit must be >= 0, got {args.limit}")
-    shown = probes.probes if args.limit == 0 else probes.probes[: args.limit]
+    shown = probes.probes[: args.limit]
     rows = [
         [p.id, p.kind, _clip(p.prompt, 60), p.target, *(_flag_cell(getattr(p, f)) for f in _SHOWN_FLAGS)] for p in shown
     ]
@@ -85,7 +85,7 @@ def _clip(text: str, width: int) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     probes = load_probes(args.spec, kind=args.kind)
-    path = export_probes(probes, args.out)
+    path = export_probes(probes, args.out_path)
     print(f"wrote {len(probes)} probes to {path}")
     return 0
 

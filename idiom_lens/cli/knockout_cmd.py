@@ -10,9 +10,15 @@ masked tokens) and timings.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import (
+    add_batch_size_option,
+    add_model_options,
+    add_output_options,
+    add_probe_options,
+    load_from_args,
+    select_probes,
+)
 from idiom_lens.errors import InputError
 
 _GRID_DEFAULTS = {"k": [1, 10, 100, 1000], "max_window": 5, "modes": ["zero_top", "keep_top"], "keep_top_k": [100],
@@ -30,12 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with n and a 95% interval, mean probability drop, share still on target. Predictions range over real "
         "vocabulary tokens (special and unused tokens masked).",
     )
-    p.add_argument("--dataset", required=True, nargs="+", metavar="NAME|PATH",
-                   help="bundled set (idioms, text, facts) or probe file; several are concatenated")
+    add_probe_options(p)
     add_model_options(p)
-    p.add_argument("--limit", type=int, default=None, help="first N probes of each dataset")
-    p.add_argument("--sample", type=int, default=None, help="seeded random sample of N probes of each dataset")
-    p.add_argument("--seed", type=int, default=0, help="seed for --sample and the controls (default 0)")
     p.add_argument("--full-grid", action="store_true",
                    help="the paper's grid: top-k for k in 1 10 100 1000 in windows of 1-5 layers, all-but-top-k for "
                         "k in 10 100 1000 in windows of 1-3 (replaces --k, --max-window, --modes, --keep-top-k, "
@@ -65,30 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--value-vector-k", type=int, nargs="*", default=[1, 10],
                    help="the authors' value-vector statistic for these k (default 1 10; none to skip)")
     p.add_argument("--no-skip", action="store_true", help="do not run layer skipping")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--no-png", action="store_true", help="HTML figures only")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_batch_size_option(p, default=128)
+    add_output_options(p)
     p.set_defaults(handler=_run)
-
-
-def load_probe_list(specs: list[str], *, limit: int | None, sample: int | None, seed: int) -> list:
-    """Probes of every dataset spec, limited or sampled per dataset."""
-    from idiom_lens.datasets import load_probes
-    from idiom_lens.analyses.interventions import sample_probes
-
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}")
-    if sample is not None and sample < 1:
-        raise InputError(f"--sample must be >= 1, got {sample}")
-    out = []
-    for spec in specs:
-        probes = list(load_probes(spec))
-        if limit is not None:
-            probes = probes[:limit]
-        out += sample_probes(probes, sample, seed=seed)
-    if not out:
-        raise InputError(f"dataset {' '.join(specs)} has no probes")
-    return out
 
 
 def _grid_options(args: argparse.Namespace, n_layers: int | None = None) -> dict:
@@ -119,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     if any(k < 1 for k in args.value_vector_k):
         raise InputError(f"--value-vector-k values must be >= 1, got {args.value_vector_k}")
     controls = () if args.no_control or "none" in args.controls else tuple(args.controls)
-    probes = load_probe_list(args.dataset, limit=args.limit, sample=args.sample, seed=args.seed)
+    probes = select_probes(args)
     model = load_from_args(args)
     grid = _grid_options(args, model.n_layers)
     summary = run_knockouts(

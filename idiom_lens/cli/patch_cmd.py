@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import (
+    add_batch_size_option,
+    add_model_options,
+    add_output_options,
+    add_probe_options,
+    load_from_args,
+    select_probes,
+)
 from idiom_lens.errors import InputError
 
 
@@ -23,16 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "corrupted run, and report the restored share of the target logit.",
     )
     p.add_argument("text", nargs="?", default=None, help="one sequence to patch; its last word is the target")
-    p.add_argument("--dataset", nargs="+", default=None, metavar="NAME|PATH")
+    add_probe_options(p, required=False)
     add_model_options(p)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--sample", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", choices=("word_swap", "prefix_swap"), default=["word_swap", "prefix_swap"])
     p.add_argument("--keep-last", type=int, default=2, help="words kept by prefix_swap (default 2)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-png", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="output directory (required with --dataset)")
+    add_batch_size_option(p, default=64)
+    add_output_options(p, required=False, note="required with --dataset; with TEXT, heatmaps are written only if given")
     p.set_defaults(handler=_run)
 
 
@@ -53,9 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise InputError("--out DIR is required with --dataset")
-        from idiom_lens.cli.knockout_cmd import load_probe_list
-
-        probes = load_probe_list(args.dataset, limit=args.limit, sample=args.sample, seed=args.seed)
+        probes = select_probes(args)
     model = load_from_args(args)
     if args.text is None:
         from idiom_lens.study.pipeline import run_patching

@@ -38,7 +38,7 @@ ATTRIBUTION = "attribution"
 INTERVENTIONS = "interventions"
 PATCHING = "patching"
 COMPARISON = "comparison"
-STAGES = (TRAJECTORY, ATTRIBUTION, INTERVENTIONS, PATCHING)  # in the order they run and are shown
+STAGES = (TRAJECTORY, ATTRIBUTION, INTERVENTIONS, PATCHING)  # in the order the report shows them
 _HIDDEN = {"parts"}  # resumable trajectory parts: internal to the trajectory stage
 
 # The tables each stage writes beside its summary, by name (file = <name>.parquet).

@@ -124,8 +124,11 @@ def test_cli_report(results_dir, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_COMMANDS", ("report",))
     out = tmp_path / "cli.html"
-    assert cli.main(["report", "--results", str(results_dir), "--out", str(out)]) == 0
+    assert cli.main(["report", "--results", str(results_dir), "--html", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
+    assert cli.main(["report", "--results", str(results_dir), "--out", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "report.html").is_file()
+    capsys.readouterr()
     assert cli.main(["report", "--results", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("idiom-lens report: error:") and "\n" not in err

@@ -1,0 +1,63 @@
+"""`run_study` from Python and `idiom-lens run` write the same folder; options and folders are checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from idiom_lens.errors import InputError
+from idiom_lens.study import StudyFolder, StudyOptions, run_study
+from idiom_lens.study.layout import FORMAT, STUDY_FILE
+from test_faults import assert_same_results, run_args, run_here  # the fault tests' comparison of two runs
+
+OPTIONS = StudyOptions(limit=3, part_size=4, png=False, knockout_sample=1, patching_sample=1, attribution_sample=1)
+
+
+def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    run_here(run_args(tiny_model_dir, cli_out))
+    study = run_study(str(tiny_model_dir), py_out, OPTIONS, log=lambda line: None)
+    (model,) = study.models()
+    assert [s.name for s in model.stages()] == ["trajectory", "attribution", "interventions", "patching"]
+    assert_same_results(py_out, cli_out, model.name)
+    for out in (cli_out, py_out):
+        assert json.loads((out / STUDY_FILE).read_text())["format"] == FORMAT
+        assert (out / "report.html").is_file()
+    # read back through the layout: typed results with their settings
+    assert len(model.trajectory().memorization) == 9
+    assert model.trajectory().settings["model_spec"] == str(tiny_model_dir)
+    assert set(model.knockouts().probes["probe_id"]) <= {r.probe_id for r in model.memorization().records}
+
+
+def test_options_are_validated():
+    with pytest.raises(InputError, match="limit must be >= 1"):
+        StudyOptions(limit=0)
+    with pytest.raises(InputError, match="knockout_sample must be >= 0"):
+        StudyOptions(knockout_sample=-1)
+    with pytest.raises(InputError, match="datasets must be a non-empty sequence"):
+        StudyOptions(datasets="idioms")
+    with pytest.raises(InputError, match="batch_size must be >= 1"):
+        StudyOptions(batch_size=0)
+
+
+def test_a_folder_of_an_earlier_version_is_refused_with_the_fix(tiny_model_dir, tmp_path):
+    old = tmp_path / "old"
+    (old / "gemma-3-270m" / "trajectory").mkdir(parents=True)  # the layout before study.json existed
+    with pytest.raises(InputError, match="earlier idiom_lens.*idiom-lens run --out"):
+        run_study(str(tiny_model_dir), old, OPTIONS, log=lambda line: None)
+    with pytest.raises(InputError, match="no study.json"):
+        StudyFolder.open(old)
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / STUDY_FILE).write_text(json.dumps({"format": FORMAT + 1}))
+    with pytest.raises(InputError, match=f"format {FORMAT + 1}"):
+        run_study(str(tiny_model_dir), newer, OPTIONS, log=lambda line: None)
+
+
+def test_a_missing_stage_names_the_fix(tmp_path):
+    study = StudyFolder.create(tmp_path / "s")
+    with pytest.raises(InputError, match="no finished trajectory stage"):
+        study.model("m").trajectory()
+    assert isinstance(study.root, Path) and study.models() == []
