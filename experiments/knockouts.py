@@ -105,7 +105,7 @@ def main() -> None:
     runs = {positions: knockout_grid(model, probes, positions=positions, **grid, **common)
             for positions in dict.fromkeys(args.positions)}
     for positions, result in runs.items():
-        result.write(args.out, stem=f"knockouts_{positions}")
+        result.save(args.out, name=f"knockouts_{positions}")
     shown = runs["all"] if "all" in runs else runs["last"]  # figures: the authors' variant where it was run
     both = KnockoutResult.concat(list(runs.values()))
 
@@ -134,13 +134,12 @@ def main() -> None:
     settings = {f"knockouts_{positions}": result.settings for positions, result in runs.items()}
     if args.value_vector_k:
         vv = value_vector_ranks(model, probes, ks=args.value_vector_k, rank_by=args.rank_by)
-        write_parquet(args.out / "value_vectors.parquet", vv.to_dataframe())
-        write_parquet(args.out / "value_vectors_summary.parquet", vv.summary())
+        vv.save(args.out)
         settings["value_vectors"] = vv.settings
     if not args.no_skip:
         skip = skip_layers(model, probes, windows=tuple(range(1, min(args.max_window, model.n_layers) + 1)),
                            progress=True)
-        skip.write(args.out)
+        skip.save(args.out)
         save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
         settings["skipping"] = skip.settings
     write_json(args.out / "settings.json", settings)

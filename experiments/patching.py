@@ -37,7 +37,7 @@ def main() -> None:
     probes = sample_probes(probes, args.sample, seed=args.seed)
     started = time.perf_counter()
     result = patch_probes(model, probes, seed=args.seed, progress=True)
-    result.write(args.out)
+    result.save(args.out)
     write_json(args.out / "patching_settings.json", result.settings)
     for variant in result.settings["variants"]:
         pairs = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]

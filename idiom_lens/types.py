@@ -1,19 +1,18 @@
-"""Tensor aliases used across idiom_lens, defined once (jaxtyping).
+"""Types used across idiom_lens, defined once (jaxtyping tensor aliases, the hook function type).
 
-Dimension names: batch (probes), pos (token positions), layer, d_model, d_vocab, d_mlp, head.
+Dimension names: batch (probes), pos (token positions), d_vocab.
 """
 
 from __future__ import annotations
 
-from jaxtyping import Bool, Float, Int
+from typing import Any, Callable
+
+from jaxtyping import Float, Int
 from torch import Tensor
 
 Tokens = Int[Tensor, "batch pos"]
-AttentionMask = Int[Tensor, "batch pos"]
 Logits = Float[Tensor, "batch pos d_vocab"]
-LastLogits = Float[Tensor, "batch d_vocab"]
-Residual = Float[Tensor, "batch d_model"]
-TokenIds = Int[Tensor, " batch"]
-Mask = Bool[Tensor, " batch"]
+# A TransformerLens forward hook: (activation, hook point) -> a replacement activation, or None.
+HookFn = Callable[[Tensor, Any], Tensor | None]
 
-__all__ = ["Tokens", "AttentionMask", "Logits", "LastLogits", "Residual", "TokenIds", "Mask"]
+__all__ = ["HookFn", "Logits", "Tokens"]

@@ -45,10 +45,10 @@ from idiom_lens.models.forward import iterate_forward, tokenize_probes
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens, encode_prompt
+from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 
 Measure = Literal["logit", "logit_diff"]
 MEASURES: tuple[Measure, ...] = ("logit", "logit_diff")
-COMPONENTS = ("embed", "attn", "mlp", "head", "neuron", "bias")
 NeuronRank = Literal["logit", "logit_diff", "abs_logit"]
 EMBED_LAYER = -1  # the embedding is written before layer 0
 FRAME_COLUMNS = [
@@ -144,13 +144,26 @@ class ProbeAttribution:
         return _neurons_frame(self.top_neurons, {"probe_id": self.probe_id, "group": self.group})
 
 
+# The per-probe tensors `AttributionResult.save` stores exactly (dtype, shape, bytes).
+_SAVED_TENSORS = ("embed", "attn", "mlp", "heads", "attn_bias", "mlp_bias", "unembed_bias")
+_TENSOR_COLUMNS = ["scope", "probe_index", "group", "field", "dtype", "shape", "data"]
+_TOP_NEURON_COLUMNS = ["scope", "probe_index", "group", "rank", "layer", "neuron", "activation", "contribution",
+                       "contribution_diff", "promoted"]
+
+
 @dataclass(frozen=True)
-class AttributionResult:
+class AttributionResult(Saved):
     """Direct logit attribution of a probe set on one model, with the settings used.
 
     `set_neurons[group]` holds the top neurons of each comparison set ranked by their mean
     contribution over the set's probes; `neuron_means[group]` the full ``[layer, d_mlp, 2]`` means.
     `checks` holds the largest absolute error of each sum invariant seen during the run.
+
+    Saved (`save`/`load`) as `attribution_probes.parquet` (one row per probe),
+    `attribution_tensors.parquet` (every per-probe tensor and set mean, exact: dtype, shape, bytes;
+    scope "probe" with the probe's position, or "set" with its group), `attribution_top_neurons.parquet`
+    (top neurons per probe and per set, promoted tokens as lists), the descriptor, and for readers
+    `attribution.parquet` and `attribution_neurons.parquet` (as `to_parquet` writes them).
     """
 
     probes: tuple[ProbeAttribution, ...]
@@ -188,16 +201,64 @@ class AttributionResult:
         parts = [p for p in parts if len(p)]
         return pd.concat(parts, ignore_index=True) if parts else _neurons_frame((), {}).assign(scope=[])
 
-    def to_parquet(self, out_dir: str | Path, *, stem: str = "attribution") -> list[Path]:
-        """Write `stem`.parquet (components), `stem`_probes.parquet and `stem`_neurons.parquet."""
-        from idiom_lens.io import write_parquet
+    default_name = "attribution"
 
-        out = Path(out_dir)
-        return [
-            write_parquet(out / f"{stem}.parquet", self.to_dataframe()),
-            write_parquet(out / f"{stem}_probes.parquet", self.probes_dataframe()),
-            write_parquet(out / f"{stem}_neurons.parquet", self.neurons_dataframe()),
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        tensors = [
+            {"scope": "probe", "probe_index": i, "group": None, "field": name,
+             **encode_array(getattr(p, name).detach().cpu().numpy())}
+            for i, p in enumerate(self.probes) for name in _SAVED_TENSORS
+        ] + [
+            {"scope": "set", "probe_index": -1, "group": g, "field": "neuron_means", **encode_array(m.detach().cpu().numpy())}
+            for g, m in self.neuron_means.items()
         ]
+        owners = [("probe", i, None, p.top_neurons) for i, p in enumerate(self.probes)]
+        owners += [("set", -1, g, ns) for g, ns in self.set_neurons.items()]
+        neurons = [
+            {"scope": scope, "probe_index": i, "group": g, "rank": rank, "layer": n.layer, "neuron": n.neuron,
+             "activation": n.activation, "contribution": n.contribution, "contribution_diff": n.contribution_diff,
+             "promoted": list(n.promoted)}
+            for scope, i, g, ns in owners for rank, n in enumerate(ns)
+        ]
+        return {
+            "probes": self.probes_dataframe(),
+            "tensors": pd.DataFrame(tensors, columns=_TENSOR_COLUMNS),
+            "top_neurons": pd.DataFrame(neurons, columns=_TOP_NEURON_COLUMNS),
+        }
+
+    def derived_tables(self) -> dict[str, pd.DataFrame]:
+        return {"": self.to_dataframe(), "neurons": self.neurons_dataframe()}
+
+    def saved_meta(self) -> dict[str, Any]:
+        return {"set_groups": list(self.set_neurons), "group_counts": [[g, n] for g, n in self.group_counts.items()],
+                "checks": [[k, v] for k, v in self.checks.items()]}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> "AttributionResult":
+        tensors, top = saved.tables["tensors"], saved.tables["top_neurons"]
+        per_probe: dict[int, dict[str, Any]] = {}
+        neuron_means: dict[str, Tensor] = {}
+        for row in tensors.itertuples(index=False):
+            value = torch.from_numpy(decode_array(row.dtype, row.shape, row.data))
+            if row.scope == "probe":
+                per_probe.setdefault(int(row.probe_index), {})[str(row.field)] = value
+            else:
+                neuron_means[str(row.group)] = value
+        lists: dict[tuple[str, Any], list[NeuronAttribution]] = {}
+        for row in top.itertuples(index=False):  # written per owner in rank order
+            key = ("probe", int(row.probe_index)) if row.scope == "probe" else ("set", str(row.group))
+            lists.setdefault(key, []).append(NeuronAttribution(
+                int(row.layer), int(row.neuron), float(row.activation), float(row.contribution),
+                float(row.contribution_diff), tuple(str(t) for t in row.promoted)))
+        frame = saved.tables["probes"]
+        extra = [per_probe.get(i, {}) | {"top_neurons": tuple(lists.get(("probe", i), ()))} for i in range(len(frame))]
+        meta = saved.meta
+        return cls(
+            probes=records_from_frame(ProbeAttribution, frame, extra=extra),
+            set_neurons={g: tuple(lists.get(("set", g), ())) for g in meta["set_groups"]},
+            neuron_means=neuron_means, group_counts=dict(meta["group_counts"]), checks=dict(meta["checks"]),
+            settings=saved.settings,
+        )
 
 
 def _neurons_frame(neurons: Sequence[NeuronAttribution], base: dict[str, Any]) -> pd.DataFrame:
@@ -305,6 +366,7 @@ class _Weights:
     has_pos_embed: bool
 
 
+# Kept rather than TL's stack_head_results / stack_neuron_results: they stop before Gemma's post-sublayer norms.
 def _weights(model: LoadedModel) -> _Weights:
     bridge = model.bridge
     offset = bool(getattr(bridge.cfg, "rmsnorm_uses_offset", False))

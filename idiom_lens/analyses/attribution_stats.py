@@ -15,16 +15,15 @@ import pandas as pd
 
 from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.memorization import GROUPS
-from idiom_lens.analyses.stats import bootstrap_mean_ci
+from idiom_lens.analyses.stats import boot_indices, bootstrap_mean_ci, percentile_interval
+from idiom_lens.groups import ordered
 
 INTERVAL = "95% percentile bootstrap over probes (seeded)"
 
 
 def groups_of(result: AttributionResult) -> list[str]:
     """The groups present in `result`, in the paper's order (then any others, sorted)."""
-    present = {p.group for p in result.probes}
-    return [g for g in GROUPS if g in present] + sorted(present - set(GROUPS))
+    return ordered(p.group for p in result.probes)
 
 
 def _col(measure: Measure) -> int:
@@ -43,15 +42,6 @@ def _arrays(result: AttributionResult, group: str, measure: Measure) -> dict[str
     # What the components build: the logit without the unembedding bias (a per-token constant).
     total = np.array([(p.logit if c == 0 else p.logit_diff) - float(p.unembed_bias[c]) for p in probes])
     return {"embed": embed, "attn": attn, "mlp": mlp, "total": total}
-
-
-def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def _interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    alpha = (1.0 - level) / 2.0
-    return np.quantile(samples, alpha, axis=0), np.quantile(samples, 1.0 - alpha, axis=0)
 
 
 def layer_stats(
@@ -106,8 +96,8 @@ def cumulative_share(
         cum = np.cumsum(np.concatenate(parts, axis=1), axis=1)  # [n, 1 + 2L]
         total = arr["total"]
         share = cum.mean(0) / total.mean()
-        idx = _boot_indices(n, n_boot, seed)
-        lo, hi = _interval(cum[idx].mean(1) / total[idx].mean(1)[:, None], level)
+        idx = boot_indices(n, n_boot, np.random.default_rng(seed))
+        lo, hi = percentile_interval(cum[idx].mean(1) / total[idx].mean(1)[:, None], level)
         labels = [(-1, "embed")] + [(l, s) for l in range(n_layers) for s in ("attn", "mlp")]
         for step, (layer, sub) in enumerate(labels):
             rows.append({"group": group, "step": step, "layer": layer, "sublayer": sub, "n": n,
@@ -138,13 +128,13 @@ def component_shares(
             "early_mlp_share": arr["mlp"][:, :early].sum(1),
         }
         total = arr["total"]
-        idx = _boot_indices(n, n_boot, seed)
+        idx = boot_indices(n, n_boot, np.random.default_rng(seed))
         cum = cumulative_share(result, measure=measure, n_boot=1)
         cum = cum[cum["group"] == group]
         half = cum[cum["share"] >= 0.5]
         row = {"group": group, "n": n, "measure": measure, "mean_total": total.mean()}
         for name, values in parts.items():
-            lo, hi = _interval(values[idx].mean(1) / total[idx].mean(1), level)
+            lo, hi = percentile_interval(values[idx].mean(1) / total[idx].mean(1), level)
             row |= {name: values.mean() / total.mean(), f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
         row |= {"early_layers": early, "half_built_at_layer": int(half["layer"].iloc[0]) if len(half) else None}
         rows.append(row)

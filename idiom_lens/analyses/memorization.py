@@ -15,18 +15,11 @@ import pandas as pd
 import torch
 
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.groups import GROUPS  # noqa: F401  (re-exported: the sets, defined in idiom_lens.groups)
 from idiom_lens.models.forward import ForwardBatch, iterate_forward, tokenize_probes
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens
-
-# The sets the paper compares, in plotting order.
-GROUPS = (
-    "memorized idioms",
-    "non-memorized idioms",
-    "ordinary text",
-    "memorized facts",
-    "non-memorized facts",
-)
+from idiom_lens.analyses.saved import Saved, SavedTables, records_from_frame
 
 
 def probe_group(kind: str, memorized: bool) -> str:
@@ -62,11 +55,16 @@ class MemorizationRecord:
 
 
 @dataclass(frozen=True)
-class MemorizationResult:
-    """Memorization of a probe set on one model, with the settings used."""
+class MemorizationResult(Saved):
+    """Memorization of a probe set on one model, with the settings used.
+
+    Saved (`save`/`load`) as `memorization.parquet` (one row per record) and its descriptor.
+    """
 
     records: tuple[MemorizationRecord, ...]
     settings: dict[str, Any]
+
+    default_name = "memorization"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -75,6 +73,18 @@ class MemorizationResult:
         return pd.DataFrame(
             [asdict(r) for r in self.records], columns=list(MemorizationRecord.__dataclass_fields__)
         )
+
+    @classmethod
+    def from_dataframe(cls, frame: pd.DataFrame, settings: dict[str, Any]) -> "MemorizationResult":
+        """Rebuild from `to_dataframe()` output (a table without `single_target` gives None)."""
+        return cls(records=records_from_frame(MemorizationRecord, frame), settings=settings)
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        return {"": self.to_dataframe()}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> "MemorizationResult":
+        return cls.from_dataframe(saved.tables[""], saved.settings)
 
     def summary(self) -> pd.DataFrame:
         """Counts and fractions memorized per kind, for all probes and the hard_to_guess subset.

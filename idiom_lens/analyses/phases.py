@@ -30,11 +30,12 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Int
 
-from idiom_lens.analyses.memorization import GROUPS
+from idiom_lens.groups import GROUPS, ordered
+from idiom_lens.metrics import TRAJECTORY_METRICS
 from idiom_lens.analyses.stats import bootstrap_mean_ci, compare_samples, match_nearest
 from idiom_lens.analyses.trajectory import TrajectoryResult
 
-CURVE_METRICS = ("pred_rank", "pred_prob", "pred_top1", "target_rank", "target_prob", "entropy")
+CURVE_METRICS = tuple(TRAJECTORY_METRICS)  # pred_rank, pred_prob, pred_top1, target_rank, target_prob, entropy
 # (memorized set, comparison set): promotion layers are compared for each pair present.
 COMPARISONS = (
     ("memorized idioms", "non-memorized idioms"),
@@ -186,7 +187,7 @@ def analyse_phases(
     )
 
     curve_rows = []
-    for group in [g for g in GROUPS if g in set(mem["group"])] + sorted(set(mem["group"]) - set(GROUPS)):
+    for group in ordered(mem["group"]):
         rows = (mem["group"] == group).to_numpy()
         for metric in CURVE_METRICS:
             if metric == "pred_top1":
@@ -214,7 +215,7 @@ def analyse_phases(
     )
     holds, holds_matched, text = _summarize(
         _group_table(per_probe), curves, tests, matching, sensitivity, boundary=boundary,
-        n_layers=n_layers, top1_share=top1_share, alpha=alpha, caliper=caliper, min_matched=min_matched,
+        n_layers=n_layers, top1_share=top1_share, caliper=caliper, min_matched=min_matched,
         model_name=result.settings.get("model_spec", "this model"),
     )
     return PhaseAnalysis(
@@ -306,8 +307,8 @@ def _test_sentence(t: pd.Series) -> str:
 
 def _summarize(
     table: pd.DataFrame, curves: pd.DataFrame, tests: pd.DataFrame, matching: pd.DataFrame,
-    sensitivity: pd.DataFrame, *, boundary: int | None, n_layers: int, top1_share: float, alpha: float,
-    caliper: float, min_matched: int, model_name: str,
+    sensitivity: pd.DataFrame, *, boundary: int | None, n_layers: int, top1_share: float, caliper: float,
+    min_matched: int, model_name: str,
 ) -> tuple[bool, bool | None, str]:
     """(holds, holds_confidence_matched, summary text)."""
     table = table.set_index("group")

@@ -20,6 +20,19 @@ from jaxtyping import Float, Int
 Alternative = Literal["two-sided", "greater", "less"]
 
 
+def boot_indices(n: int, n_boot: int, rng: np.random.Generator) -> Int[np.ndarray, "n_boot n"]:
+    """Row indices of `n_boot` resamples with replacement of `n` items (every bootstrap here draws these)."""
+    return rng.integers(0, n, size=(n_boot, n))
+
+
+def percentile_interval(samples: Float[np.ndarray, "n_boot ..."], level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper percentile bounds over axis 0 of bootstrap statistics, at confidence `level`."""
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(samples, [alpha, 1.0 - alpha], axis=0)
+    return low, high
+
+
+# Not TL's `bootstrap_ci` (torch, bounds only, fails on n < 1): `boot_indices` also serve two-sample and ratio bootstraps.
 def bootstrap_mean_ci(
     values: Float[np.ndarray, "n ..."],
     *,
@@ -38,11 +51,8 @@ def bootstrap_mean_ci(
     mean = values.mean(axis=0)
     if values.shape[0] < 2:
         return mean, mean.copy(), mean.copy()
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
-    boots = values[picks].mean(axis=1)  # [n_boot, ...]
-    alpha = (1 - level) / 2
-    low, high = np.quantile(boots, [alpha, 1 - alpha], axis=0)
+    boots = values[boot_indices(values.shape[0], n_boot, np.random.default_rng(seed))].mean(axis=1)  # [n_boot, ...]
+    low, high = percentile_interval(boots, level)
     return mean, low, high
 
 
@@ -116,11 +126,10 @@ def bootstrap_diff_ci(
     """
     a, b = _two_samples(a, b)
     rng = np.random.default_rng(seed)
-    boot_a = a[rng.integers(0, len(a), size=(n_boot, len(a)))]
-    boot_b = b[rng.integers(0, len(b), size=(n_boot, len(b)))]
-    q = [(1 - level) / 2, 1 - (1 - level) / 2]
-    mean_low, mean_high = np.quantile(boot_b.mean(axis=1) - boot_a.mean(axis=1), q)
-    med_low, med_high = np.quantile(np.median(boot_b, axis=1) - np.median(boot_a, axis=1), q)
+    boot_a = a[boot_indices(len(a), n_boot, rng)]
+    boot_b = b[boot_indices(len(b), n_boot, rng)]
+    mean_low, mean_high = percentile_interval(boot_b.mean(axis=1) - boot_a.mean(axis=1), level)
+    med_low, med_high = percentile_interval(np.median(boot_b, axis=1) - np.median(boot_a, axis=1), level)
     return (float(mean_low), float(mean_high)), (float(med_low), float(med_high))
 
 
@@ -202,6 +211,7 @@ def match_nearest(
     return match
 
 
+# Not TL's `success_rate_ci`: that is Clopper-Pearson, one share at a time by Python bisection; this is vectorised.
 def wilson_interval(
     successes: Int[np.ndarray, "..."] | int,
     n: Int[np.ndarray, "..."] | int,

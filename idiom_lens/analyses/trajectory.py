@@ -12,7 +12,7 @@ One batched forward pass per batch gives both the trajectory and the memorizatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +29,7 @@ from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.readout import Readout, read_out, release_workspace
 from idiom_lens.models.selfcheck import check_close, plain_last_logits
 from idiom_lens.models.vocab import mask_logits, valid_mask
+from idiom_lens.analyses.saved import Saved, SavedTables, descriptor_path
 
 SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
@@ -41,8 +42,12 @@ METRICS = ("pred_rank", "pred_prob", "target_rank", "target_prob", "entropy", "t
 
 
 @dataclass(frozen=True)
-class TrajectoryResult:
-    """Logit-lens statistics [probe, site, layer] plus the memorization of each probe."""
+class TrajectoryResult(Saved):
+    """Logit-lens statistics [probe, site, layer] plus the memorization of each probe.
+
+    Saved (`save`/`load`) as `trajectory.parquet` (`to_dataframe()`), `trajectory_memorization.parquet`
+    and a descriptor holding the memorization's settings, so a loaded result carries them.
+    """
 
     memorization: MemorizationResult
     sites: tuple[str, ...]
@@ -118,6 +123,16 @@ class TrajectoryResult:
         arrays = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METRICS}
         return TrajectoryResult(memorization=mem, sites=first.sites, **arrays)
 
+    default_name = "trajectory"
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        return {"": self.to_dataframe(), "memorization": self.memorization.to_dataframe()}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> "TrajectoryResult":
+        memorization = MemorizationResult.from_dataframe(saved.tables["memorization"], saved.settings)
+        return cls.from_dataframe(saved.tables[""], memorization)
+
 
 def layer_trajectory(
     model: LoadedModel,
@@ -189,29 +204,25 @@ def _check_last_layer(
 
 
 def save_trajectory(result: TrajectoryResult, out_dir: str | Path, *, stem: str = "trajectory") -> list[Path]:
-    """Write `<stem>.parquet` (tidy trajectory) and `<stem>_memorization.parquet`, atomically."""
-    from idiom_lens.io import write_parquet
-
-    out_dir = Path(out_dir)
-    return [
-        write_parquet(out_dir / f"{stem}.parquet", result.to_dataframe()),
-        write_parquet(out_dir / f"{stem}_memorization.parquet", result.memorization.to_dataframe()),
-    ]
+    """`result.save(out_dir, name=stem)`: `<stem>.parquet` (tidy trajectory), `<stem>_memorization.parquet`
+    and the descriptor `<stem>.result.json`, atomically (kept for existing callers)."""
+    return result.save(out_dir, name=stem)
 
 
 def load_trajectory(out_dir: str | Path, *, stem: str = "trajectory", settings: dict | None = None) -> TrajectoryResult:
-    """Read back what `save_trajectory` wrote."""
+    """`TrajectoryResult.load(out_dir, name=stem)`, for existing callers.
+
+    `settings`, when given, replaces the saved settings (the study joins reused parts with parts
+    computed now, under the current model's settings, as it always did). A folder written before
+    results had descriptors (both tables, no `<stem>.result.json`) is read from its tables, with
+    `settings` or {} as its settings, so that earlier runs still resume.
+    """
     out_dir = Path(out_dir)
-    mem_frame = pd.read_parquet(out_dir / f"{stem}_memorization.parquet")
-    records = tuple(
-        MemorizationRecord(**{k: _py(v) for k, v in row.items()}) for row in mem_frame.to_dict("records")
-    )
-    memorization = MemorizationResult(records=records, settings=settings or {})
-    return TrajectoryResult.from_dataframe(pd.read_parquet(out_dir / f"{stem}.parquet"), memorization)
-
-
-def _py(value: Any) -> Any:
-    """numpy scalars and NaN (missing flags) back to plain Python values."""
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
+    legacy = (out_dir / f"{stem}.parquet", out_dir / f"{stem}_memorization.parquet")
+    if not descriptor_path(out_dir, stem).is_file() and all(p.is_file() for p in legacy):
+        memorization = MemorizationResult.from_dataframe(pd.read_parquet(legacy[1]), settings or {})
+        return TrajectoryResult.from_dataframe(pd.read_parquet(legacy[0]), memorization)
+    result = TrajectoryResult.load(out_dir, name=stem)
+    if settings is None:
+        return result
+    return replace(result, memorization=replace(result.memorization, settings=settings))

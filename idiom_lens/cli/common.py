@@ -167,11 +167,3 @@ def load_from_args(args: argparse.Namespace, *, mode: str = "raw") -> Any:
     from idiom_lens.models.loading import load_model
 
     return load_model(args.model, mode=mode, device=args.device, n_devices=args.n_devices)
-
-
-def print_frame(frame: Any, *, floatfmt: str = "{:.4f}") -> None:
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", 200, "display.max_columns", 30, "display.width", 160,
-                           "display.float_format", floatfmt.format):
-        print(frame.to_string(index=False))

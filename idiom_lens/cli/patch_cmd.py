@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {site:9s} most restoring: {cells}")
     if args.out is not None:  # one sequence: its heatmaps
         out: Path = args.out
-        result.write(out)
+        result.save(out)
         write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
         for variant in args.variants:
             valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]

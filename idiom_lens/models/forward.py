@@ -13,7 +13,7 @@ check of the full (multi-token) target in the same pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -26,9 +26,7 @@ from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward
 from idiom_lens.models.vocab import mask_logits, valid_mask
 from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_probe
-from idiom_lens.types import Logits, Tokens
-
-HookFn = Callable[[Tensor, object], Tensor | None]
+from idiom_lens.types import HookFn, Logits, Tokens
 
 
 def tokenize_probes(model: LoadedModel, probes: Sequence[Probe]) -> list[ProbeTokens]:
@@ -59,7 +57,6 @@ def iterate_forward(
     probe_tokens: Sequence[ProbeTokens],
     *,
     hook_names: Sequence[str] = (),
-    extra_hooks: Callable[[list[int]], Sequence[tuple[str, HookFn]]] | None = None,
     batch_size: int = 16,
     include_target: bool = True,
     progress: bool = False,
@@ -67,10 +64,7 @@ def iterate_forward(
 ) -> Iterator[ForwardBatch]:
     """Yield one `ForwardBatch` per batch of probes, in length-sorted order.
 
-    `extra_hooks(indices)` may add hooks (interventions) for the probes of each batch; they run
-    before the capture hooks of the same name are read.
-
-    Self-check: without `extra_hooks`, the first batch's shortest and longest rows (the most and
+    Self-check: the first batch's shortest and longest rows (the most and
     the least padded) are compared with a plain full forward of each prompt alone; a difference
     above `selfcheck.TOLERANCE` raises `FastPathError` before the batch is yielded.
     """
@@ -98,11 +92,9 @@ def iterate_forward(
             return hook
 
         hooks = [(n, make_hook(n)) for n in hook_names]
-        if extra_hooks is not None:  # e.g. interventions that depend on which probes are in the batch
-            hooks += list(extra_hooks(indices))
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
-        if start == 0 and extra_hooks is None:
+        if start == 0:
             for row in sorted({0, len(indices) - 1}):
                 check_against_full_forward(
                     model, probe_tokens[indices[row]].prompt_ids, logits[row, last[row]],

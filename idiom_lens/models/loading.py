@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -71,7 +71,6 @@ class LoadedModel:
     prepend_bos: bool
     device: str
     source_path: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:

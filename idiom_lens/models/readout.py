@@ -32,12 +32,12 @@ class Readout:
     rank: Int[Tensor, "n k"]  # 0 = top-1: number of tokens with a strictly larger logit
 
 
+# Kept rather than TL's `logit_readout`: tracks tokens and entropy in one chunked pass, ~2x faster on Gemma's vocabulary.
 def read_out(
     model: LoadedModel,
     vectors: Float[Tensor, "n d_model"],
     tracked: Int[Tensor, "n k"],
     *,
-    apply_norm: bool = True,
     mask_special: bool = True,
     chunk_rows: int = 512,
 ) -> Readout:
@@ -63,8 +63,7 @@ def read_out(
             x = vectors[start : start + step].to(W_U.device, W_U.dtype)
             ids = tracked[start : start + step].to(W_U.device)
             n = x.shape[0]
-            if apply_norm:
-                x = bridge.ln_final(x.unsqueeze(0)).squeeze(0)
+            x = bridge.ln_final(x.unsqueeze(0)).squeeze(0)
             logits = logits_buf[:n]
             if b_U is not None:
                 torch.addmm(b_U, x, W_U, out=logits)

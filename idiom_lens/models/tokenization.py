@@ -71,12 +71,6 @@ def split_probe(
     return ProbeTokens(prompt_ids=prompt_ids, target_ids=target_ids, has_bos=has_bos)
 
 
-def split_probes(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], *, prepend_bos: bool | None = None
-) -> list[ProbeTokens]:
-    return [split_probe(tokenizer, p, t, prepend_bos=prepend_bos) for p, t in pairs]
-
-
 def encode_prompt(tokenizer: Any, text: str, *, prepend_bos: bool | None = None) -> tuple[int, ...]:
     """Token ids of a free prompt (for `predict`): BOS handled as in `split_probe`."""
     if not text or not text.strip():

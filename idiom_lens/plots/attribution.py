@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import plotly.graph_objects as go
@@ -16,15 +17,11 @@ from plotly.subplots import make_subplots
 
 from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure, NeuronAttribution, ProbeAttribution
 from idiom_lens.analyses.attribution_stats import INTERVAL, cumulative_share, groups_of, layer_stats
-from idiom_lens.plots.style import add_band, group_color
+from idiom_lens.groups import group_color
+from idiom_lens.plots.style import add_band
 
 _LABEL = {"logit": "contribution to the predicted token's logit",
           "logit_diff": "contribution to logit(pred) - logit(contrast)"}
-
-
-def _html_escape(text: str) -> str:
-    """Plotly renders table cells as HTML: show tokens such as '<b>' literally."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def layer_contribution_figure(
@@ -125,7 +122,8 @@ def top_neurons_table(
     cells = [
         [n.layer for n in neurons], [n.neuron for n in neurons], [f"{n.activation:.3f}" for n in neurons],
         [f"{n.contribution:+.3f}" for n in neurons], [f"{n.contribution_diff:+.3f}" for n in neurons],
-        [" | ".join(_html_escape(repr(t)[1:-1]) for t in n.promoted) for n in neurons],
+        # plotly renders table cells as HTML: escaped, tokens such as '<b>' show literally
+        [" | ".join(html.escape(repr(t)[1:-1], quote=False) for t in n.promoted) for n in neurons],
     ]
     fig = go.Figure(go.Table(
         columnwidth=[40, 50, 70, 80, 80, 320],

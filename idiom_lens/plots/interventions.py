@@ -25,17 +25,9 @@ from idiom_lens.errors import InputError
 from idiom_lens.analyses.interventions.knockouts import KnockoutResult
 from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.analyses.interventions.skipping import SkipResult
-from idiom_lens.analyses.memorization import GROUPS
+from idiom_lens.groups import MEMORIZED_IDIOMS, group_color, ordered
+from idiom_lens.metrics import INTERVENTION_METRICS, Metric
 
-_METRIC_LABEL = {
-    "changed": "share of predictions changed",
-    "prob_drop": "mean drop in p(original prediction)",
-    "new_is_target": "share predicting the target",
-}
-_COLORS = {
-    "memorized idioms": "#d62728", "non-memorized idioms": "#1f77b4", "ordinary text": "#7f7f7f",
-    "memorized facts": "#ff7f0e", "non-memorized facts": "#2ca02c",
-}
 _CONTROL_LABEL = {"targeted": "targeted top-k", "random": "random k", "matched": "magnitude-matched",
                   "whole_mlp": "whole MLP (ceiling)"}
 _CONTROL_COLORS = {"targeted": "#d62728", "random": "#7f7f7f", "matched": "#1f77b4", "whole_mlp": "#000000"}
@@ -43,9 +35,13 @@ _POSITIONS_LABEL = {"all": "every position (authors')", "last": "last position o
 
 
 def _groups_in(frame, groups: Sequence[str] | None) -> list[str]:
-    present = list(dict.fromkeys(frame["group"]))
-    ordered = [g for g in GROUPS if g in present] + [g for g in present if g not in GROUPS]
-    return [g for g in ordered if groups is None or g in groups]
+    return [g for g in ordered(frame["group"]) if groups is None or g in groups]
+
+
+def _metric(name: str) -> Metric:
+    if name not in INTERVENTION_METRICS:
+        raise InputError(f"metric must be one of {', '.join(INTERVENTION_METRICS)}, got {name!r}")
+    return INTERVENTION_METRICS[name]
 
 
 def _one_variant(summary: pd.DataFrame, positions: str | None) -> tuple[pd.DataFrame, str]:
@@ -79,8 +75,7 @@ def knockout_heatmaps(
     sub = summary[(summary["k"] == k) & (summary["mode"] == mode) & (summary["control"] != "whole_mlp")]
     if sub.empty:
         raise InputError(f"no knockout results for k={k}, mode={mode!r}")
-    if metric not in _METRIC_LABEL:
-        raise InputError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}")
+    described = _metric(metric)
     windows = set(sub["window"])
     ceil = summary[(summary["control"] == "whole_mlp") & summary["window"].isin(windows)] if ceiling else sub[:0]
     cells = pd.concat([sub, ceil], ignore_index=True)
@@ -111,7 +106,7 @@ def knockout_heatmaps(
             fig.update_xaxes(title_text="end layer" if r == len(group_list) else None, row=r, col=c)
     label = "zero the top" if mode == "zero_top" else "keep only the top"
     fig.update_layout(
-        title=f"MLP knockouts: {label} {k} neurons per layer in layers start..end ({_METRIC_LABEL[metric]})"
+        title=f"MLP knockouts: {label} {k} neurons per layer in layers start..end ({described.label})"
         f"<br><sup>{variant}</sup>",
         title_font_size=15, template="plotly_white",
     )
@@ -119,7 +114,7 @@ def knockout_heatmaps(
 
 
 def knockout_positions_heatmaps(
-    result: KnockoutResult, *, k: int, mode: str = "zero_top", group: str = "memorized idioms",
+    result: KnockoutResult, *, k: int, mode: str = "zero_top", group: str = MEMORIZED_IDIOMS,
     control: str = "targeted", metric: str = "changed",
 ) -> go.Figure:
     """One set, one k, mode and control: the knockout at every position (the authors'), at the last
@@ -130,8 +125,7 @@ def knockout_positions_heatmaps(
     if set(sub["positions"]) != {"all", "last"}:
         raise InputError(f"need results at positions 'all' and 'last' for {group}, k={k}, {mode}, {control}; "
                          f"got {sorted(set(sub['positions']))}")
-    if metric not in _METRIC_LABEL:
-        raise InputError(f"metric must be one of {', '.join(_METRIC_LABEL)}, got {metric!r}")
+    described = _metric(metric)
     n_layers = int(sub["end"].max() + 1)
     z_all = _triangle(sub[sub["positions"] == "all"], n_layers, metric)
     z_last = _triangle(sub[sub["positions"] == "last"], n_layers, metric)
@@ -152,7 +146,7 @@ def knockout_positions_heatmaps(
     variant = sub[["rank_by", "norm"]].drop_duplicates().iloc[0]
     fig.update_layout(
         title=f"{group} (n={n}): {_CONTROL_LABEL[control]}, {'zero the top' if mode == 'zero_top' else 'keep the top'} "
-        f"{k} ({_METRIC_LABEL[metric]})<br><sup>ranked by {variant.rank_by}; post-MLP norm {variant.norm}</sup>",
+        f"{k} ({described.label})<br><sup>ranked by {variant.rank_by}; post-MLP norm {variant.norm}</sup>",
         title_font_size=15, template="plotly_white",
     )
     return fig
@@ -189,7 +183,7 @@ def knockout_layer_curves(
                          "arrayminus": part["changed"] - part["changed_low"], "thickness": 1},
             ), row=1, col=c)
         fig.update_xaxes(title_text="layer" if window == 1 else "first layer of the window", dtick=2, row=1, col=c)
-    fig.update_yaxes(range=[0, 1.02], title_text="share of predictions changed", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title_text=INTERVENTION_METRICS["changed"].axis_title(), row=1, col=1)
     fig.update_layout(
         title=f"Knockouts of {k} neurons ({mode}), windows of {window} layer{'s' if window > 1 else ''}: "
         f"targeted vs controls, 95% intervals<br><sup>knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}; "
@@ -205,7 +199,8 @@ def skip_curves(result: SkipResult, *, windows: Sequence[int] | None = None) -> 
     summary = summary[summary["window"] > 0]
     available = sorted(set(summary["window"]))
     windows = list(windows) if windows is not None else available[:1] + ([available[-1]] if len(available) > 1 else [])
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[_METRIC_LABEL["changed"], _METRIC_LABEL["prob_drop"]],
+    shown = [INTERVENTION_METRICS["changed"], INTERVENTION_METRICS["prob_drop"]]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[m.axis_title() for m in shown],
                         horizontal_spacing=0.1)
     dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
     for g in _groups_in(summary, None):
@@ -214,12 +209,12 @@ def skip_curves(result: SkipResult, *, windows: Sequence[int] | None = None) -> 
             part = summary[(summary["group"] == g) & (summary["window"] == w)].sort_values("start")
             if part.empty:
                 continue
-            for col, metric in enumerate(("changed", "prob_drop"), start=1):
+            for col, metric in enumerate(shown, start=1):
                 fig.add_trace(
                     go.Scatter(
-                        x=part["start"], y=part[metric], mode="lines+markers",
+                        x=part["start"], y=part[metric.name], mode="lines+markers",
                         name=f"{g} (n={n}), {w} layer{'s' if w > 1 else ''}", legendgroup=f"{g}{w}",
-                        showlegend=col == 1, line={"color": _COLORS.get(g), "dash": dashes[i % len(dashes)]},
+                        showlegend=col == 1, line={"color": group_color(g), "dash": dashes[i % len(dashes)]},
                     ),
                     row=1, col=col,
                 )

@@ -1,25 +1,16 @@
-"""Colours and small drawing helpers shared by every figure, so a set looks the same everywhere."""
+"""Small drawing helpers shared by every figure. The sets' colours live in `idiom_lens.groups`
+(`group_color` is re-exported here for older imports)."""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
+from plotly.colors import hex_to_rgb
 
-GROUP_COLORS = {
-    "memorized idioms": "#d62728",
-    "non-memorized idioms": "#1f77b4",
-    "ordinary text": "#7f7f7f",
-    "memorized facts": "#ff7f0e",
-    "non-memorized facts": "#17becf",
-}
-OTHER_COLOR = "#2ca02c"
-
-
-def group_color(group: str) -> str:
-    return GROUP_COLORS.get(group, OTHER_COLOR)
+from idiom_lens.groups import group_color  # noqa: F401  (re-exported)
 
 
 def rgba(hex_color: str, alpha: float) -> str:
-    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    r, g, b = hex_to_rgb(hex_color)
     return f"rgba({r},{g},{b},{alpha})"
 
 

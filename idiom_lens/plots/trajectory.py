@@ -6,7 +6,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from idiom_lens.analyses.phases import PhaseAnalysis
-from idiom_lens.plots.style import add_band, group_color
+from idiom_lens.groups import group_color
+from idiom_lens.metrics import TRAJECTORY_METRICS
+from idiom_lens.plots.style import add_band
+
 
 def trajectory_figure(
     analysis: PhaseAnalysis, *, title: str = "", log_rank: bool = True, token: str = "pred"
@@ -15,15 +18,15 @@ def trajectory_figure(
 
     `token="target"` plots the target token instead. The phase boundary is a dashed line.
     """
-    which = {"pred": "predicted", "target": "target"}[token]
+    prob, rank = TRAJECTORY_METRICS[f"{token}_prob"], TRAJECTORY_METRICS[f"{token}_rank"]
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.07,
-        subplot_titles=(f"probability of the {which} token", f"rank of the {which} token (0 = top-1)"),
+        subplot_titles=(prob.axis_title(), rank.axis_title()),
     )
     curves = analysis.curves
     for group in dict.fromkeys(curves["group"]):
         color = group_color(group)
-        for row, metric in ((1, f"{token}_prob"), (2, f"{token}_rank")):
+        for row, metric in ((1, prob.name), (2, rank.name)):
             sel = curves[(curves["group"] == group) & (curves["metric"] == metric)].sort_values("layer")
             shift = 1 if (metric.endswith("rank") and log_rank) else 0  # log axis: plot rank + 1
             add_band(
@@ -40,9 +43,9 @@ def trajectory_figure(
             x=analysis.boundary_layer, y=1.0, yref="y domain", text="phase boundary",
             showarrow=False, xanchor="left", row=1, col=1,
         )
-    fig.update_yaxes(title_text="mean probability", range=[0, 1], row=1, col=1)
+    fig.update_yaxes(title_text=prob.axis_title("mean"), range=prob.axis_range, row=1, col=1)
     fig.update_yaxes(
-        title_text="mean rank + 1 (log)" if log_rank else "mean rank",
+        title_text=f"mean {rank.label} + 1 (log)" if log_rank else rank.axis_title("mean"),
         type="log" if log_rank else "linear", row=2, col=1,
     )
     n_layers = analysis.n_layers

@@ -220,7 +220,7 @@ def run_attribution(
 
     result = attribute_probes(model, probes, batch_size=batch_size, top_neurons=top, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    files = [str(p) for p in result.to_parquet(out)]
+    files = [str(p) for p in result.save(out)]
     maybe_fail("attribution.written")
     for measure in ("logit", "logit_diff"):
         files.append(str(write_parquet(out / f"layer_stats_{measure}.parquet", stats.layer_stats(result, measure=measure))))
@@ -286,7 +286,7 @@ def run_knockouts(
         "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
     common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size, progress=True)
     knock = knockout_grid(model, probes, positions=positions, **grid, **common)
-    knock.write(out)
+    knock.save(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
     maybe_fail("knockouts.written")
@@ -308,7 +308,7 @@ def run_knockouts(
     if compare_positions:
         other = "last" if positions == "all" else "all"
         second = knockout_grid(model, probes, positions=other, **grid, **common)
-        second.write(out, stem=f"knockouts_{other}")
+        second.save(out, name=f"knockouts_{other}")
         summary[f"knockouts_{other}"] = second.settings
         both = KnockoutResult.concat([knock, second])
         present = list(dict.fromkeys(knock.probes["group"]))
@@ -320,13 +320,12 @@ def run_knockouts(
         log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
     if value_vector_ks:
         vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=rank_by)  # type: ignore[arg-type]
-        write_parquet(out / "value_vectors.parquet", vv.to_dataframe())
-        write_parquet(out / "value_vectors_summary.parquet", vv.summary())
+        vv.save(out)
         summary["value_vectors"] = vv.settings
     if skip:
         skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
         skipped = skip_layers(model, probes, windows=skip_windows, batch_size=min(batch_size, 64), progress=True)
-        skipped.write(out)
+        skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
         save_figure(skip_curves(skipped), out / "skip_curves", png=png, height=550)
@@ -358,7 +357,7 @@ def run_patching(
     out = Path(out)
     result = patch_probes(model, probes, variants=variants, seed=seed, keep_last=keep_last,
                           batch_size=batch_size, progress=True)
-    result.write(out)
+    result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
     for variant in variants:

@@ -169,10 +169,10 @@ def test_dataframes_and_parquet(gemma_post, probes, tmp_path):
     per_probe = frame.groupby("probe_id").size()
     L, H = gemma_post.n_layers, int(gemma_post.bridge.cfg.n_heads)
     assert (per_probe == 1 + L * (4 + H) + 1 + 4).all()
-    paths = result.to_parquet(tmp_path)
-    back = pd.read_parquet(paths[0])
+    assert all(p.exists() for p in result.save(tmp_path))
+    back = pd.read_parquet(tmp_path / "attribution.parquet")
     assert len(back) == len(frame)
-    neurons = pd.read_parquet(paths[2])
+    neurons = pd.read_parquet(tmp_path / "attribution_neurons.parquet")
     assert set(neurons["scope"]) == {"probe", "set"}
     assert len(result.probes_dataframe()) == len(probes)
 

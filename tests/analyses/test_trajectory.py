@@ -138,12 +138,12 @@ def test_full_target_match_true_and_false_on_multi_token_targets(tiny_model, pro
         assert got == expected
 
 
-def test_readout_with_and_without_final_norm_by_hand(shaped_norm_model_dir) -> None:
-    """apply_norm=True reads through the model's own final norm, apply_norm=False through W_U alone.
+def test_readout_through_the_final_norm_by_hand(shaped_norm_model_dir) -> None:
+    """The read-out goes through the model's own final norm, then W_U.
 
     Computed by hand from the Hugging Face weights (Gemma 3 RMSNorm: x / rms(x) * (1 + w), tied
-    unembedding, no bias or softcap). It fails if apply_norm is ignored, or if the norm's weight
-    or its rescaling is dropped on either path.
+    unembedding, no bias or softcap). It fails if the norm is skipped, or if the norm's weight
+    or its rescaling is dropped.
     """
     from transformers import AutoModelForCausalLM
 
@@ -160,13 +160,13 @@ def test_readout_with_and_without_final_norm_by_hand(shaped_norm_model_dir) -> N
     # the shaped norm changes which token wins on some rows, so a wrong path cannot pass by accident
     assert (by_hand[True].argmax(-1) != by_hand[False].argmax(-1)).any()
     tracked = torch.stack([by_hand[True].argmax(-1), by_hand[False].argmax(-1)], dim=1)
-    for apply_norm, logits in by_hand.items():
-        ro = read_out(model, vectors, tracked, apply_norm=apply_norm, mask_special=False, chunk_rows=3)
-        logprobs = logits.log_softmax(-1)
-        assert torch.equal(ro.top_id, logits.argmax(-1))
-        torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=1e-4, rtol=0)
-        assert torch.equal(ro.rank, (logits[:, None, :] > logits.gather(1, tracked)[:, :, None]).sum(-1))
-        torch.testing.assert_close(ro.entropy, -(logprobs.exp() * logprobs).sum(-1), atol=1e-4, rtol=0)
+    logits = by_hand[True]
+    ro = read_out(model, vectors, tracked, mask_special=False, chunk_rows=3)
+    logprobs = logits.log_softmax(-1)
+    assert torch.equal(ro.top_id, logits.argmax(-1))
+    torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=1e-4, rtol=0)
+    assert torch.equal(ro.rank, (logits[:, None, :] > logits.gather(1, tracked)[:, :, None]).sum(-1))
+    torch.testing.assert_close(ro.entropy, -(logprobs.exp() * logprobs).sum(-1), atol=1e-4, rtol=0)
 
 
 def test_trajectory_last_layer_is_the_output_with_a_shaped_final_norm(shaped_norm_model_dir, probes) -> None:
@@ -232,11 +232,13 @@ def test_special_tokens_are_masked_in_every_read_out(tiny_model):
     vectors = torch.stack([W_U[:, i] * 50 for i in special])
     real = int(valid.nonzero()[0])
     tracked = torch.tensor([[i, real] for i in special])
-    bare = read_out(tiny_model, vectors, tracked, apply_norm=False, mask_special=False)
+    bare = read_out(tiny_model, vectors, tracked, mask_special=False)
     assert bare.top_id.tolist() == special and (bare.rank[:, 0] == 0).all()
-    ro = read_out(tiny_model, vectors, tracked, apply_norm=False)
+    ro = read_out(tiny_model, vectors, tracked)
     assert not any(int(t) in special for t in ro.top_id)
-    logits = vectors @ W_U + (tiny_model.bridge.b_U if tiny_model.bridge.b_U is not None else 0)
+    with torch.no_grad():
+        normed = tiny_model.bridge.ln_final(vectors.unsqueeze(0)).squeeze(0)
+    logits = normed @ W_U + (tiny_model.bridge.b_U if tiny_model.bridge.b_U is not None else 0)
     for row in range(len(special)):
         by_hand = logits[row, valid].log_softmax(-1)
         real_logit = logits[row, real]

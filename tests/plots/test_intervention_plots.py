@@ -87,3 +87,29 @@ def test_patching_heatmaps(results, tmp_path):
     save_figure(mean, tmp_path / "patch", png=False)
     with pytest.raises(InputError):
         patching_heatmaps(patch, variant="word_swap", probe_id="nope")
+
+
+def test_intervention_figures_use_the_shared_colours_and_metric_labels(results):
+    """Skip curves colour each set with `groups.COLOR` (sets renamed onto all five: the tiny model
+    memorizes nothing); titles and axes name the metrics by their descriptors."""
+    import dataclasses
+
+    from idiom_lens import groups
+    from idiom_lens.metrics import INTERVENTION_METRICS
+
+    knock, skip = results[0], results[1]
+    rename = dict(zip(dict.fromkeys(skip.probes["group"]), groups.GROUPS))
+    assert "memorized idioms" in rename.values()
+    renamed = dataclasses.replace(skip, probes=skip.probes.assign(group=skip.probes["group"].map(rename)))
+    fig = skip_curves(renamed)
+    for t in fig.data:
+        assert t.line.color == groups.COLOR[t.name.split(" (n=")[0]]
+    assert any(t.name.startswith("memorized idioms") and t.line.color == groups.COLOR["memorized idioms"]
+               for t in fig.data)
+    assert [a.text for a in fig.layout.annotations][:2] == [
+        INTERVENTION_METRICS["changed"].label, INTERVENTION_METRICS["prob_drop"].label]
+    curves = knockout_layer_curves(knock, k=5, window=1)
+    assert curves.layout.yaxis.title.text == INTERVENTION_METRICS["changed"].axis_title()
+    assert INTERVENTION_METRICS["prob_drop"].label in knockout_heatmaps(knock, k=5, metric="prob_drop").layout.title.text
+    with pytest.raises(InputError, match="metric must be one of changed, prob_drop, new_is_target"):
+        knockout_heatmaps(knock, k=5, metric="entropy")

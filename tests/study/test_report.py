@@ -37,7 +37,7 @@ def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     probes = list(load_probes("idioms").probes[:3])
     knock = knockout_grid(tiny_model, probes, ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None,
                           control="random")
-    knock.write(str(stage))
+    knock.save(stage)
     write_json(stage / "summary.json", {"knockouts": knock.settings, "n_probes": len(probes)})
     save_figure(knockout_heatmaps(knock, k=1, mode="zero_top"), stage / "knockout_zero_top_k1", png=False)
     extra = model_dir / "zz_extra"

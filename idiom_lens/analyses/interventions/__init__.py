@@ -1,7 +1,7 @@
 """Causal interventions: MLP neuron knockouts, layer skipping, activation patching.
 
 Each analysis is a pure function from (model, probes, options) to a frozen result with
-`.to_dataframe()`, `.summary()` or heatmap helpers, and `.write(dir)` (parquet, atomic).
+`.to_dataframe()`, `.summary()` or heatmap helpers, and `.save(dir)` / `.load(dir)` (analyses.saved).
 """
 
 from idiom_lens.analyses.interventions.knockouts import (

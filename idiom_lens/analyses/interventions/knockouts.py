@@ -55,8 +55,7 @@ import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,17 +74,16 @@ from idiom_lens.analyses.interventions.runner import (
     last_metrics,
     masked_prediction,
 )
-from idiom_lens.io import write_parquet
+from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.analyses.stats import wilson_interval
 from idiom_lens.models.vocab import mask_summary, valid_mask
+from idiom_lens.types import HookFn
 
-KnockoutMode = Literal["zero_top", "keep_top"]
 RankBy = Literal["effective", "magnitude", "dla"]
 Positions = Literal["all", "last"]
 NormHandling = Literal["live", "frozen"]
-HookFn = Callable[[Tensor, Any], Tensor | None]
 
 MODES: tuple[str, ...] = ("zero_top", "keep_top")
 CONTROLS: tuple[str, ...] = ("random", "matched", "whole_mlp")  # besides "targeted"
@@ -420,15 +418,15 @@ SUMMARY_KEYS = ["group", "positions", "rank_by", "norm", "mode", "control", "k",
 
 
 @dataclass(frozen=True)
-class KnockoutResult:
-    """Per probe x configuration outcome of the knockout grid, with per-probe clean facts."""
+class KnockoutResult(ProbeRowsResult):
+    """Per probe x configuration outcome of the knockout grid, with per-probe clean facts.
 
-    rows: pd.DataFrame  # one row per (probe, configuration)
-    probes: pd.DataFrame  # one row per probe: id, kind, group, clean prediction, target
-    settings: dict[str, Any]
+    `rows`: one row per (probe, configuration); `probes`: one row per probe (id, kind, group,
+    clean prediction, target). `to_dataframe`, `save` and `load` come from `ProbeRowsResult`:
+    `knockouts.parquet`, `knockouts_probes.parquet`, `knockouts_summary.parquet` and the descriptor.
+    """
 
-    def to_dataframe(self) -> pd.DataFrame:
-        return self.rows.merge(self.probes[["probe_id", "kind", "group"]], on="probe_id", how="left")
+    default_name = "knockouts"
 
     def summary(self, *, level: float = 0.95) -> pd.DataFrame:
         """Per set and configuration: n, share changed with its Wilson interval (`level`), mean
@@ -464,15 +462,6 @@ class KnockoutResult:
         probes = pd.concat([r.probes for r in results], ignore_index=True).drop_duplicates("probe_id")
         return KnockoutResult(rows=pd.concat([r.rows for r in results], ignore_index=True), probes=probes,
                               settings={"runs": [r.settings for r in results]})
-
-    def write(self, out_dir: str | Path, *, stem: str = "knockouts") -> list[str]:
-        """Write rows, probes and summary as parquet files (atomic)."""
-        out = Path(out_dir)
-        return [
-            str(write_parquet(out / f"{stem}.parquet", self.to_dataframe())),
-            str(write_parquet(out / f"{stem}_probes.parquet", self.probes)),
-            str(write_parquet(out / f"{stem}_summary.parquet", self.summary())),
-        ]
 
 
 def random_neurons(*, probe_id: str, layer: int, k: int, d_mlp: int, seed: int) -> Int[Tensor, " k"]:

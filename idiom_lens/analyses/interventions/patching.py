@@ -25,7 +25,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, masked_prediction
-from idiom_lens.io import write_parquet
+from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import split_probe
@@ -302,8 +301,13 @@ def patch_pair(
 
 
 @dataclass(frozen=True)
-class PatchingResult:
-    """Restored share of the target logit per pair, site, layer and position (tidy)."""
+class PatchingResult(Saved):
+    """Restored share of the target logit per pair, site, layer and position (tidy).
+
+    Saved (`save`/`load`) as `patching.parquet` (`to_dataframe()`: the rows with each pair's group
+    and validity; `load` takes the rows' own columns back out), `patching_pairs.parquet`,
+    `patching_skipped.parquet` and the descriptor: the files `write` writes, plus the descriptor.
+    """
 
     rows: pd.DataFrame  # probe_id, variant, site, layer, pos, pos_from_end, token, patched_logit, restored
     pairs: pd.DataFrame  # one row per pair: prompts, clean/corrupted logits, group, valid
@@ -321,13 +325,21 @@ class PatchingResult:
             frame = frame[frame["group"] == group]
         return frame.pivot_table(index="layer", columns="pos_from_end", values="restored", aggfunc="mean")
 
-    def write(self, out_dir: str | Path, *, stem: str = "patching") -> list[str]:
-        out = Path(out_dir)
-        return [
-            str(write_parquet(out / f"{stem}.parquet", self.to_dataframe())),
-            str(write_parquet(out / f"{stem}_pairs.parquet", self.pairs)),
-            str(write_parquet(out / f"{stem}_skipped.parquet", self.skipped)),
-        ]
+    default_name = "patching"
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        merged = self.to_dataframe()
+        if len(merged) != len(self.rows) or {"group", "valid"} & set(self.rows.columns):
+            raise ValueError("patching rows must have exactly one pair each and no group/valid columns of their own")
+        return {"": merged, "pairs": self.pairs, "skipped": self.skipped}
+
+    def saved_meta(self) -> dict[str, Any]:
+        return {"row_columns": [str(c) for c in self.rows.columns]}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> "PatchingResult":
+        rows = rows_from_merged(saved.tables[""], saved.meta["row_columns"])
+        return cls(rows=rows, pairs=saved.tables["pairs"], skipped=saved.tables["skipped"], settings=saved.settings)
 
 
 def patch_probes(

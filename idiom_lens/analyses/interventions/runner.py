@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward, prefix_cache_works
 from idiom_lens.models.vocab import mask_logits
-
-HookFn = Callable[[Tensor, Any], Tensor | None]
+from idiom_lens.types import HookFn
 
 
 def sample_probes(probes: Sequence[Probe], n: int | None, *, seed: int = 0) -> list[Probe]:

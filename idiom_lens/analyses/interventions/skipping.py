@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions.knockouts import Positions
 from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, last_metrics, masked_prediction
-from idiom_lens.io import write_parquet
+from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.vocab import mask_summary, valid_mask
@@ -42,15 +41,14 @@ def skip_spans(n_layers: int, windows: Sequence[int] = (1, 2, 3, 4, 5)) -> list[
 
 
 @dataclass(frozen=True)
-class SkipResult:
-    """Per probe x skipped span outcome, with per-probe clean facts."""
+class SkipResult(ProbeRowsResult):
+    """Per probe x skipped span outcome, with per-probe clean facts.
 
-    rows: pd.DataFrame
-    probes: pd.DataFrame
-    settings: dict[str, Any]
+    `to_dataframe`, `save` and `load` come from `ProbeRowsResult`: `skipping.parquet`,
+    `skipping_probes.parquet`, `skipping_summary.parquet` and the descriptor.
+    """
 
-    def to_dataframe(self) -> pd.DataFrame:
-        return self.rows.merge(self.probes[["probe_id", "kind", "group"]], on="probe_id", how="left")
+    default_name = "skipping"
 
     def summary(self) -> pd.DataFrame:
         """Metrics per set and span."""
@@ -61,13 +59,6 @@ class SkipResult:
                  new_is_target=("new_is_target", "mean"))
             .reset_index()
         )
-
-    def write(self, out_dir: str | Path, *, stem: str = "skipping") -> list[str]:
-        out = Path(out_dir)
-        return [
-            str(write_parquet(out / f"{stem}.parquet", self.to_dataframe())),
-            str(write_parquet(out / f"{stem}_summary.parquet", self.summary())),
-        ]
 
 
 def _skip_hooks(spans: Sequence[tuple[int, ...]], n_layers: int, runner: PromptRunner, positions: str):

@@ -33,14 +33,20 @@ from idiom_lens.analyses.interventions.runner import check_probes
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.vocab import mask_summary, valid_mask
+from idiom_lens.analyses.saved import Saved, SavedTables, plain
 
 Weights = Literal["raw", "effective"]
 
 
 @dataclass(frozen=True)
-class ValueVectorRanks:
+class ValueVectorRanks(Saved):
     """Per probe, layer and top-neuron rank r: the prediction's rank in that neuron's vocabulary
-    projection (`ranks[p, l, r]`, 0 = promoted most), and the neuron (`neurons[p, l, r]`)."""
+    projection (`ranks[p, l, r]`, 0 = promoted most), and the neuron (`neurons[p, l, r]`).
+
+    Saved (`save`/`load`) as `value_vectors_probes.parquet` (probe_id, group, pred_id),
+    `value_vectors_ranks.parquet` (one row per probe, layer and r: rank and neuron), the
+    descriptor, and for readers `value_vectors.parquet` and `value_vectors_summary.parquet`.
+    """
 
     probe_ids: tuple[str, ...]
     groups: tuple[str, ...]
@@ -74,6 +80,36 @@ class ValueVectorRanks:
                 .agg(n=("probe_id", "size"), median_top1_rank=("top1_rank", "median"),
                      mean_min_rank=("min_rank", "mean"), share_top1_is_pred=("top1_is_pred", "mean"))
                 .reset_index())
+
+    default_name = "value_vectors"
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        p, l, r = np.indices(self.ranks.shape).reshape(3, -1)
+        probes = pd.DataFrame({"probe_id": list(self.probe_ids), "group": list(self.groups),
+                               "pred_id": list(self.pred_ids)}, columns=["probe_id", "group", "pred_id"])
+        ranks = pd.DataFrame({"probe_id": np.asarray(self.probe_ids, dtype=object)[p], "layer": l, "r": r,
+                              "rank": self.ranks.reshape(-1), "neuron": self.neurons.reshape(-1)})
+        return {"probes": probes, "ranks": ranks}
+
+    def derived_tables(self) -> dict[str, pd.DataFrame]:
+        return {"": self.to_dataframe(), "summary": self.summary()}
+
+    def saved_meta(self) -> dict[str, Any]:
+        return {"ks": self.ks, "shape": [int(n) for n in self.ranks.shape],
+                "ranks_dtype": self.ranks.dtype.str, "neurons_dtype": self.neurons.dtype.str}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> "ValueVectorRanks":
+        probes, long = saved.tables["probes"], saved.tables["ranks"]  # long: C order of [probe, layer, r]
+        meta = saved.meta
+        shape = tuple(meta["shape"])
+        return cls(
+            probe_ids=tuple(str(v) for v in probes["probe_id"]), groups=tuple(str(v) for v in probes["group"]),
+            pred_ids=tuple(plain(v) for v in probes["pred_id"]), ks=meta["ks"],
+            ranks=long["rank"].to_numpy().astype(meta["ranks_dtype"]).reshape(shape),
+            neurons=long["neuron"].to_numpy().astype(meta["neurons_dtype"]).reshape(shape),
+            settings=saved.settings,
+        )
 
 
 def value_vector_ranks(

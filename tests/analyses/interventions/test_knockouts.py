@@ -308,7 +308,7 @@ def test_grid_shape_summary_intervals_and_groups(tiny_model, probes, tmp_path):
     table = result.layer_table(k=5, window=1)
     assert set(table["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert {"group", "layer", "n", "changed", "changed_low", "changed_high"} <= set(table.columns)
-    paths = result.write(tmp_path)
+    paths = result.save(tmp_path)
     assert all((tmp_path / p).exists() for p in paths)
 
 

@@ -106,7 +106,7 @@ def test_patch_probes_frame_and_validation(tiny_model, probes, tmp_path):
     assert heat.shape[0] == tiny_model.n_layers and heat.columns.max() == -1
     invalid = result.pairs[~result.pairs["valid"]]
     assert frame[frame["probe_id"].isin(invalid["probe_id"]) & ~frame["valid"]]["restored"].isna().all()
-    assert all((tmp_path / p).exists() for p in result.write(tmp_path))
+    assert all((tmp_path / p).exists() for p in result.save(tmp_path))
     with pytest.raises(InputError, match="same token length"):
         patch_pair(tiny_model, clean_ids=(1, 2, 3), corrupted_ids=(1, 2), target_id=3)
     with pytest.raises(InputError, match="sites"):

@@ -67,7 +67,7 @@ def test_spans_summary_and_validation(tiny_model, probes, tmp_path):
     result = skip_layers(tiny_model, probes)
     assert len(result.rows) == len(probes) * len(skip_spans(3, (1, 2, 3)))
     assert result.summary()["changed"].between(0, 1).all()
-    assert all((tmp_path / p).exists() for p in result.write(tmp_path))
+    assert all((tmp_path / p).exists() for p in result.save(tmp_path))
     with pytest.raises(InputError, match="outside"):
         skip_layers(tiny_model, probes, spans=[(7,)])
     with pytest.raises(InputError, match="window"):
