@@ -1,7 +1,7 @@
 """Per-layer direct logit attribution per set (memorized / non-memorized idioms, ordinary text, facts).
 
 Reproduces the attribution figure and tables from the library:
-    python experiments/attribution.py --model gemma-3-270m --dataset idioms --limit 200 --out results/attribution
+    python experiments/attribution.py --model gemma-3-270m --dataset idioms --limit 200 --out out/attribution
 Several datasets can be given (e.g. --dataset idioms text facts); they are attributed together.
 Writes attribution*.parquet, layer_stats_*.parquet, cumulative_share_*.parquet, layers_*.html/png,
 neurons_*.html/png and summary.json (see `idiom_lens.study.pipeline.run_attribution`).
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text"], help="bundled names or files")
     parser.add_argument("--limit", type=int, default=200, help="probes per dataset (0 = all)")
-    parser.add_argument("--out", type=Path, default=Path("results/attribution"))
+    parser.add_argument("--out", type=Path, default=Path("out/attribution"))
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
 

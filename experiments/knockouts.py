@@ -2,7 +2,7 @@
 authors' positions (every prompt position), ours (last position only) beside it, the controls
 (random, magnitude-matched, whole-MLP ceiling) and the specificity table per set.
 
-    python experiments/knockouts.py --out results/knockouts [--per-group 50] [--whole "memorized idioms"]
+    python experiments/knockouts.py --out out/knockouts [--per-group 50] [--whole "memorized idioms"]
         [--positions all] [--full-grid] [--demo]
 
 Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a

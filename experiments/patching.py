@@ -1,6 +1,6 @@
 """Activation patching figures (idiom prompt vs corrupted prompt) from the library.
 
-    python experiments/patching.py --out results/patching [--dataset idioms --sample 30] [--demo]
+    python experiments/patching.py --out out/patching [--dataset idioms --sample 30] [--demo]
 """
 
 from __future__ import annotations

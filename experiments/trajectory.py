@@ -1,7 +1,7 @@
 """The paper's main figure and table: the recall trajectory of memorized vs non-memorized idioms
 vs ordinary text (and facts), with the two phases.
 
-    python experiments/trajectory.py --model gemma-3-270m --out results/experiments/trajectory
+    python experiments/trajectory.py --model gemma-3-270m --out out/trajectory
     python experiments/trajectory.py --limit 300          # a quicker look
 
 Writes trajectory.{html,png} (figure: probability and rank of the predicted token per layer, mean
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text", "facts"], help="bundled names")
     parser.add_argument("--limit", type=int, default=None, help="first N probes of each set")
-    parser.add_argument("--out", type=Path, default=Path("results/experiments/trajectory"))
+    parser.add_argument("--out", type=Path, default=Path("out/trajectory"))
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 

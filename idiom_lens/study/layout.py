@@ -82,6 +82,18 @@ class Stage:
     def has_table(self, name: str) -> bool:
         return (self.path / f"{name}.parquet").is_file()
 
+    def results(self, result_type: type) -> dict[str, Any]:
+        """Every result of `result_type` (e.g. `KnockoutResult`) the stage saved, by saved name,
+        loaded with its settings (`analyses.saved`)."""
+        from idiom_lens.analyses.saved import DESCRIPTOR_SUFFIX
+
+        found = {}
+        for path in sorted(self.path.glob(f"*{DESCRIPTOR_SUFFIX}")):
+            if _read_json(path).get("type") == result_type.__name__:
+                name = path.name[: -len(DESCRIPTOR_SUFFIX)]
+                found[name] = result_type.load(self.path, name=name)
+        return found
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:

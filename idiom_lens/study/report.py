@@ -370,28 +370,25 @@ def _trajectory_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set
 
 
 def _knockout_controls(stage: Stage) -> str:
+    from idiom_lens.analyses.interventions.knockouts import KnockoutResult
+    from idiom_lens.analyses.interventions.patching import PatchingResult
+
     parts = []
-    for path in sorted(stage.path.rglob("knockouts_summary.parquet")):
-        frame = pd.read_parquet(path)
-        need = {"group", "mode", "k", "control", "changed"}
-        if not need <= set(frame.columns):
-            continue
-        table = (frame.groupby(["mode", "k", "group", "control"], sort=True)["changed"]
+    for name, knock in stage.results(KnockoutResult).items():
+        table = (knock.summary().groupby(["mode", "k", "group", "control"], sort=True)["changed"]
                  .agg(["max", "mean"]).reset_index()
                  .rename(columns={"max": "max share changed", "mean": "mean share changed"}))
-        parts.append(table_html(table, caption=f"Knockouts and their control ({path.relative_to(stage.path)}): "
-                                               "share of predictions changed, over all layer windows"))
-    for path in sorted(stage.path.rglob("patching_pairs.parquet")):
-        pairs = pd.read_parquet(path)
-        if not {"variant", "group", "valid"} <= set(pairs.columns):
-            continue
+        parts.append(table_html(table, caption=f"Knockouts and their control ({name}): share of predictions "
+                                               "changed, over all layer windows"))
+    for name, patching in stage.results(PatchingResult).items():
+        pairs = patching.pairs
         agg = {"pairs": ("valid", "size"), "valid pairs": ("valid", "sum")}
         for col in ("clean_logit", "corrupted_logit"):
             if col in pairs.columns:
                 agg[f"mean {col.replace('_', ' ')}"] = (col, "mean")
         table = pairs.groupby(["variant", "group"]).agg(**agg).reset_index()
-        parts.append(table_html(table, caption=f"Patching pairs ({path.relative_to(stage.path)}): the corrupted "
-                                               "prompt is the control whose target logit patching restores"))
+        parts.append(table_html(table, caption=f"Patching pairs ({name}): the corrupted prompt is the control "
+                                               "whose target logit patching restores"))
     return "".join(parts)
 
 
