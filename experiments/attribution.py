@@ -4,7 +4,7 @@ Reproduces the attribution figure and tables from the library:
     python experiments/attribution.py --model gemma-3-270m --dataset idioms --limit 200 --out out/attribution
 Several datasets can be given (e.g. --dataset idioms text facts); they are attributed together.
 Writes attribution*.parquet, layer_stats_*.parquet, cumulative_share_*.parquet, layers_*.html/png,
-neurons_*.html/png and summary.json (see `idiom_lens.study.pipeline.run_attribution`).
+neurons_*.html/png and summary.json (see `idiom_lens.study.stages.run_attribution`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
 
-    from idiom_lens.study.pipeline import run_attribution
+    from idiom_lens.study.stages import run_attribution
     from idiom_lens.datasets import load_probes
     from idiom_lens.models.loading import load_model
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.pipeline import markdown_table, resumable_trajectory, study_probes, write_trajectory_outputs
+    from idiom_lens.study.stages import markdown_table, resumable_trajectory, study_probes, write_trajectory_outputs
 
     probes = study_probes(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)

@@ -8,17 +8,17 @@ results of an uninterrupted run. Unset (the normal case), `maybe_fail` returns a
 Points, each where the files on disk differ from every other point's:
 
 - ``trajectory.part``: a trajectory part's parquet files and marker are written, the next part
-  is not started (`pipeline.resumable_trajectory`);
+  is not started (`stages.resumable_trajectory`);
 - ``knockouts.written``: knockout tables and a first `summary.json` are written; figures, layer
-  skipping and the final summary are not (`pipeline.run_knockouts`);
+  skipping and the final summary are not (`stages.run_knockouts`);
 - ``skipping.written``: the layer-skipping tables are written too; its figure and the final
-  summary are not (`pipeline.run_knockouts`);
+  summary are not (`stages.run_knockouts`);
 - ``patching.written``: the patching tables are written; summary and figures are not
-  (`pipeline.run_patching`);
+  (`stages.run_patching`);
 - ``attribution.written``: the attribution tables are written; statistics, figures and summary
-  are not (`pipeline.run_attribution`);
+  are not (`stages.run_attribution`);
 - ``stage.outputs``: a stage function returned (every output written), its completion marker
-  is not written yet (`pipeline.run_stage`).
+  is not written yet (`stages.run_stage`).
 
 The analyses themselves (`knockout_grid`, `skip_layers`, ...) write nothing until they return,
 so a kill anywhere inside them leaves the files of a kill just before their results are written.

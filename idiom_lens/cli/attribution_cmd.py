@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _attribution(args: argparse.Namespace) -> int:
-    from idiom_lens.study.pipeline import run_attribution
+    from idiom_lens.study.stages import run_attribution
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")

@@ -94,7 +94,7 @@ def _grid_options(args: argparse.Namespace, n_layers: int | None = None) -> dict
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.study.pipeline import run_knockouts
+    from idiom_lens.study.stages import run_knockouts
 
     _grid_options(args)
     if any(k < 1 for k in args.value_vector_k):

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         probes = select_probes(args)
     model = load_from_args(args)
     if args.text is None:
-        from idiom_lens.study.pipeline import run_patching
+        from idiom_lens.study.stages import run_patching
 
         result = run_patching(model, probes, args.out, variants=args.variants, seed=args.seed,
                               keep_last=args.keep_last, batch_size=args.batch_size, png=not args.no_png)

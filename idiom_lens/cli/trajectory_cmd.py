@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from idiom_lens.study.pipeline import resumable_trajectory, write_trajectory_outputs
+    from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))

@@ -14,7 +14,7 @@ rerun when finished with the same settings:
 5. report: one HTML page over everything under OUT.
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
-sampled probes and every argument of the stage function, see `pipeline.stage_key`) and intact
+sampled probes and every argument of the stage function, see `stages.stage_key`) and intact
 files. Changing a setting that changes a stage's numbers or files redoes that stage and only the
 stages that depend on it; `batch_size` changes speed, not results, and redoes nothing.
 """
@@ -93,7 +93,7 @@ def run_study(
     `out` and return it, opened. The attribution stage needs the compatibility-mode model: pass
     `compat_model`, or it is loaded from the spec. Raises `InputError` for bad options or a folder
     written by an earlier idiom_lens."""
-    from idiom_lens.study.pipeline import (
+    from idiom_lens.study.stages import (
         resumable_trajectory,
         run_attribution,
         run_knockouts,

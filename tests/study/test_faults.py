@@ -26,7 +26,7 @@ import pytest
 import idiom_lens.cli as cli
 import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
-from idiom_lens.study.pipeline import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
+from idiom_lens.study.stages import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
 
 # 9 probes (3 per set) in 3 trajectory parts of 4, 4 and 1; one probe per set in each stage.
 OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1",
@@ -234,7 +234,7 @@ def _knockouts(model_out: Path) -> pd.DataFrame:
 def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, monkeypatch, tmp_path):
     """One setting changed at a time (cumulatively): exactly the dependent stages are redone and
     their results follow the new setting."""
-    from idiom_lens.study.pipeline import sample_by_group, study_probes
+    from idiom_lens.study.stages import sample_by_group, study_probes
     from idiom_lens.analyses.trajectory import load_trajectory
 
     model_out = finished / tiny_model_dir.name

@@ -1,4 +1,4 @@
-"""Long jobs that write results as they go and resume: the trajectory job and the full study.
+"""The study's stages, resumable: the trajectory in parts, then each later stage behind a marker.
 
 Probes are processed in parts; each finished part is written atomically under
 `DIR/parts/` with a fingerprint of everything that determines it (model settings, sites,

@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import idiom_lens.study.pipeline as pipeline
-from idiom_lens.study.pipeline import resumable_trajectory, write_trajectory_outputs
+import idiom_lens.study.stages as stages
+from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 from idiom_lens.analyses.trajectory import layer_trajectory
 
 
 def test_rerun_reuses_finished_parts(tiny_model, probes, tmp_path, monkeypatch):
     calls = []
-    real = pipeline.layer_trajectory
+    real = stages.layer_trajectory
 
     def counting(model, chunk, **kw):
         calls.append(len(chunk))
         return real(model, chunk, **kw)
 
-    monkeypatch.setattr(pipeline, "layer_trajectory", counting)
+    monkeypatch.setattr(stages, "layer_trajectory", counting)
     first = resumable_trajectory(tiny_model, probes, tmp_path, sites=["resid_post"], part_size=4,
                                  progress=False, log=lambda m: None)
     assert calls == [4, 4, 2]
@@ -56,16 +56,16 @@ def _flip_byte(path: Path) -> None:
 def test_damaged_part_is_recomputed(name, damage, why, tiny_model, probes, tmp_path, monkeypatch):
     """A part whose marker does not verify is recomputed, with one log line saying why."""
     calls = []
-    real = pipeline.layer_trajectory
+    real = stages.layer_trajectory
 
     def counting(model, chunk, **kw):
         calls.append([p.id for p in chunk])
         return real(model, chunk, **kw)
 
-    monkeypatch.setattr(pipeline, "layer_trajectory", counting)
+    monkeypatch.setattr(stages, "layer_trajectory", counting)
     kw = dict(sites=["resid_post"], part_size=4, progress=False)
     first = resumable_trajectory(tiny_model, probes, tmp_path, log=lambda m: None, **kw)
-    damage(tmp_path / "parts" / pipeline.part_name(tiny_model, probes[4:8], kw["sites"]) / name)
+    damage(tmp_path / "parts" / stages.part_name(tiny_model, probes[4:8], kw["sites"]) / name)
     logs: list[str] = []
     second = resumable_trajectory(tiny_model, probes, tmp_path, log=logs.append, **kw)
     assert calls[3:] == [[p.id for p in probes[4:8]]]  # only the damaged part
@@ -122,11 +122,11 @@ def test_sample_by_group_keeps_whole_sets_and_samples_the_others():
     groups = ["memorized idioms"] * 7 + ["non-memorized idioms"] * 9
     probes = [Probe(id=f"p{i}", prompt="a b", target="c", kind="idiom") for i in range(len(groups))]
     memo = MemorizationResult(tuple(_record(p.id, g) for p, g in zip(probes, groups)), {})
-    chosen = pipeline.sample_by_group(memo, probes, per_group=3, seed=0, whole=["memorized idioms"])
+    chosen = stages.sample_by_group(memo, probes, per_group=3, seed=0, whole=["memorized idioms"])
     ids = [p.id for p in chosen]
     assert ids[:7] == [f"p{i}" for i in range(7)]  # every memorized idiom, in input order
     assert len(ids) == 10 and all(int(i[1:]) >= 7 for i in ids[7:])
-    assert ids == [p.id for p in pipeline.sample_by_group(memo, probes, per_group=3, seed=0,
+    assert ids == [p.id for p in stages.sample_by_group(memo, probes, per_group=3, seed=0,
                                                           whole=["memorized idioms"])]
     with pytest.raises(InputError, match="ordinary text"):
-        pipeline.sample_by_group(memo, probes, per_group=3, whole=["ordinary text"])
+        stages.sample_by_group(memo, probes, per_group=3, whole=["ordinary text"])
