@@ -16,8 +16,8 @@ import torch
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers, value_vector_norms
-from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons
+from idiom_lens.analyses.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers
+from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons, value_vector_norms
 from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.analyses.interventions.runner import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error

@@ -15,15 +15,13 @@ from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions import (
     PAPER_GRID,
-    KnockoutConfig,
     KnockoutResult,
-    knockout_configs,
     knockout_grid,
-    matched_neurons,
     rank_neurons,
     sample_probes,
     value_vector_ranks,
 )
+from idiom_lens.analyses.interventions.knockouts import KnockoutConfig, knockout_configs, matched_neurons
 from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
 from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.analyses.stats import wilson_interval

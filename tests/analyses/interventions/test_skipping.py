@@ -8,7 +8,8 @@ import torch
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import skip_layers, skip_spans
+from idiom_lens.analyses.interventions import skip_layers
+from idiom_lens.analyses.interventions.skipping import skip_spans
 
 from .test_against_full_forward import masked
 
