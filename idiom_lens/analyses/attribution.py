@@ -318,6 +318,8 @@ def attribute_probes(
     projection reads the value vector through the final norm's weight (True: the compat ``W_U``,
     into which the weight is folded) or through the bare unembedding; `rank_neurons_by`: the
     contribution that orders neurons ("abs_logit" = by magnitude).
+
+    Raises `InputError` when `probes` is empty.
     """
     _check_model(model)
     probes = list(probes)

@@ -142,7 +142,11 @@ def layer_trajectory(
     batch_size: int = 16,
     progress: bool = False,
 ) -> TrajectoryResult:
-    """Logit-lens trajectory of every probe (batched; independent of batch size and padding)."""
+    """Logit-lens trajectory of every probe (batched; independent of batch size and padding).
+
+    Raises `InputError` for no probes or an unknown site; `FastPathError` when the batched forward
+    or read-out disagrees with a full forward.
+    """
     probes = list(probes)
     if not probes:
         raise InputError("no probes to analyse")

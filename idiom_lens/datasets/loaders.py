@@ -314,6 +314,9 @@ def load_probes(spec: str | Path, *, kind: ProbeKind | None = None, on_error: On
     `kind` is the default for rows without a `kind` column (else "text"); a row whose kind differs
     is an error. IdioMem rows are always idioms. `on_error="skip"` leaves bad rows out (listed in
     `ProbeSet.skipped`, with a warning) instead of raising `InputError` on the first one.
+
+    Raises `InputError` for an unknown name, an unreadable file or a bad row (unless
+    `on_error='skip'`), or a bad `kind`/`on_error`.
     """
     if on_error not in ("raise", "skip"):
         raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

@@ -70,7 +70,10 @@ def knockout_heatmaps(
     groups: Sequence[str] | None = None, positions: str | None = None, ceiling: bool = True,
 ) -> go.Figure:
     """Start-layer x end-layer heatmaps of one k and mode: rows = sets, columns = targeted and each
-    control of this mode, then the whole-MLP ceiling of the same windows (`ceiling`)."""
+    control of this mode, then the whole-MLP ceiling of the same windows (`ceiling`).
+
+    Raises `InputError` when the result has no rows for this k and mode, or several variants.
+    """
     summary, variant = _one_variant(result.summary(), positions)
     sub = summary[(summary["k"] == k) & (summary["mode"] == mode) & (summary["control"] != "whole_mlp")]
     if sub.empty:
@@ -158,7 +161,10 @@ def knockout_layer_curves(
 ) -> go.Figure:
     """Share changed per start layer for one k and window length, one panel per set, one line per
     control (and the whole-MLP ceiling) with 95% Wilson intervals: is the effect specific to
-    memorized idioms, and to the targeted neurons?"""
+    memorized idioms, and to the targeted neurons?
+
+    Raises `InputError` when the result holds several variants (pick one with `positions=`).
+    """
     table = result.layer_table(k=k, window=window, mode=mode)
     if positions is not None:
         table = table[table["positions"] == positions]
@@ -234,6 +240,9 @@ def patching_heatmaps(
 
     With `probe_id`, one pair with its tokens on the x axis; otherwise the mean over the valid
     pairs of `group` (or all), positions aligned from the end of the prompt.
+
+    Raises `InputError` when the result has no (valid) rows for the probe, variant or group asked
+    for.
     """
     frame = result.to_dataframe()
     frame = frame[frame["variant"] == variant]

@@ -709,6 +709,10 @@ def knockout_grid(
     whole_mlp; () for none; `control="random"`/None is the older spelling). See the module
     docstring for `rank_by`, `positions` and `norm`. The clean run of each probe is computed once
     and reused by all its configurations, which run as rows of batches of `batch_size`.
+
+    Raises `InputError` for an unknown positions, rank_by, norm or control, or a batch size below 1;
+    `FastPathError` when its fast path disagrees with a full forward (checked before any row is
+    kept).
     """
     probes = check_probes(probes)
     if positions not in ("last", "all"):

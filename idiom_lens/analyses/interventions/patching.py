@@ -355,7 +355,10 @@ def patch_probes(
     batch_size: int = 64,
     progress: bool = False,
 ) -> PatchingResult:
-    """Patch clean into corrupted for every probe and variant; restored share of the target logit."""
+    """Patch clean into corrupted for every probe and variant; restored share of the target logit.
+
+    Raises `FastPathError` when its fast path disagrees with a full forward.
+    """
     corruptions = make_corruptions(model, probes, variants=variants, bank=bank, seed=seed, keep_last=keep_last)
     started = time.perf_counter()
     frames, pair_rows = [], []

@@ -93,7 +93,11 @@ def skip_layers(
     batch_size: int = 64,
     progress: bool = False,
 ) -> SkipResult:
-    """Skip every window of consecutive layers (or the given `spans`; () skips nothing) per probe."""
+    """Skip every window of consecutive layers (or the given `spans`; () skips nothing) per probe.
+
+    Raises `InputError` for unknown positions, a batch size below 1 or a span outside the model's
+    layers; `FastPathError` when its fast path disagrees with a full forward.
+    """
     probes = check_probes(probes)
     if positions not in ("last", "all"):
         raise InputError(f"positions must be 'last' or 'all', got {positions!r}")

@@ -123,7 +123,10 @@ def value_vector_ranks(
     progress: bool = False,
 ) -> ValueVectorRanks:
     """Rank of each probe's (masked) prediction in the vocabulary projections of its top-k neurons'
-    value vectors, every layer. Each needed neuron is projected once (in chunks of `chunk`)."""
+    value vectors, every layer. Each needed neuron is projected once (in chunks of `chunk`).
+
+    Raises `InputError` for a k outside 1..d_mlp, unknown weights or a chunk below 1.
+    """
     probes = check_probes(probes)
     ks = tuple(sorted(set(int(k) for k in ks)))
     d_mlp = int(model.bridge.cfg.d_mlp)
