@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from idiom_lens.errors import InputError
+from idiom_lens.groups import GROUPS as _GROUP_ORDER
 from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder
 from idiom_lens.study.layout import figure_stem as _stem
 from idiom_lens.study.layout import natural_key as _natural_key
@@ -315,10 +316,20 @@ def _trajectory_text(stage: Stage) -> str:
         if not groups.empty:
             parts.append(table_html(groups, caption="Promotion layer and confidence gain per set "
                                                    "(facts beside idioms and ordinary text)"))
+    for table, caption in _PHASE_TABLES:
+        if stage.has_table(table):
+            parts.append(table_html(stage.table(table), caption=caption))
     return "".join(parts)
 
 
-from idiom_lens.groups import GROUPS as _GROUP_ORDER  # noqa: E402  (the one set order, idiom_lens.groups)
+# The phase statistics the trajectory stage writes, shown under its summary (name, caption).
+_PHASE_TABLES = (
+    ("phases_promotion_tests", "Are memorized probes promoted earlier? Permutation tests, bootstrap intervals "
+                               "and Cliff's delta on promotion layers"),
+    ("phases_matching", "Confidence-matched control: memorized vs non-memorized probes of the same final "
+                        "probability (greedy 1:1 matching within a caliper)"),
+    ("phases_boundary_sensitivity", "The boundary layer as its top-1 share threshold moves from 0.3 to 0.8"),
+)
 
 
 def _group_key(group: str) -> tuple[int, str]:
@@ -374,6 +385,9 @@ def _knockout_controls(stage: Stage) -> str:
     from idiom_lens.analyses.interventions.patching import PatchingResult
 
     parts = []
+    if stage.has_table("knockout_layers"):
+        parts.append(table_html(stage.table("knockout_layers"), caption="Share of predictions changed per layer "
+                                "(windows of one layer) per set and control, n and 95% Wilson intervals"))
     for name, knock in stage.results(KnockoutResult).items():
         table = (knock.summary().groupby(["mode", "k", "group", "control"], sort=True)["changed"]
                  .agg(["max", "mean"]).reset_index()

@@ -83,6 +83,7 @@ def test_report_has_every_section_and_figure(results_dir, tmp_path):
     assert html_lib.escape(traj["phases"]["summary"]) in html
     assert "fraction (hard_to_guess)" in html and "<td>fact</td>" in html and "<td>idiom</td>" in html
     assert "Top neurons per set" in html
+    assert "top-1 share threshold moves from 0.3 to 0.8" in html  # the phase statistics' tables
     assert "Knockouts and their control" in html and "<td>random</td>" in html and "<td>targeted</td>" in html
     for key in ("numerics_mode", "prepend_bos", "transformer_lens", "compat", "raw"):
         assert key in html
