@@ -175,7 +175,7 @@ def knockout_layer_curves(
     group_list = _groups_in(table, groups)
     n_of = table.groupby("group")["n"].max()
     fig = make_subplots(rows=1, cols=len(group_list), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[f"{g} (n={int(n_of[g])})" for g in group_list])
+                        subplot_titles=[f"{g}<br>(n={int(n_of[g])})" for g in group_list])
     for c, g in enumerate(group_list, start=1):
         for control in ("targeted", "matched", "random", "whole_mlp"):
             part = table[(table["group"] == g) & (table["control"] == control)].sort_values("layer")
