@@ -131,9 +131,6 @@ def value_vector_norms(model: LoadedModel) -> Float[Tensor, "layer d_mlp"]:
         return model.bridge.W_out.float().norm(dim=-1)
 
 
-_GAINS: "weakref.WeakKeyDictionary[object, Tensor | None]" = weakref.WeakKeyDictionary()
-
-
 def rms_gain(norm: Any, model: LoadedModel, *, what: str) -> Float[Tensor, " d_model"]:
     """The per-feature gain g of an RMS-type norm module (y = x / s(x) * g), read off the module
     itself: a large constant input (s = its value) gives g; a random input checks that the module
