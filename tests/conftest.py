@@ -156,3 +156,31 @@ def shaped_norm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     weights["model.norm.weight"] = 2.0 * torch.randn(weights["model.norm.weight"].shape, generator=generator)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def _with_post_norm_weights(model):
+    """`model` (tiny Gemma 3) with non-trivial post-norm weights: random init leaves them 0, an
+    effective gain of 1, which would test neither the post-norm scaling nor the effective ranking
+    or the frozen norm of knockouts."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.bridge.blocks:
+            for norm in (block.ln1_post, block.ln2_post):
+                norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_post(tiny_model_dir):
+    """Tiny Gemma 3, raw numerics, with non-trivial post-norm weights."""
+    from idiom_lens.models.loading import load_model
+
+    return _with_post_norm_weights(load_model(str(tiny_model_dir), mode="raw", progress=False))
+
+
+@pytest.fixture(scope="module")
+def gemma_post(tiny_model_dir):
+    """Tiny Gemma 3, compat numerics (attribution), with non-trivial post-norm weights."""
+    from idiom_lens.models.loading import load_model
+
+    return _with_post_norm_weights(load_model(str(tiny_model_dir), mode="compat", progress=False))

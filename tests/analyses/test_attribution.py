@@ -22,19 +22,6 @@ TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def gemma_post(tiny_model_dir):
-    """Tiny Gemma 3 in compat mode with non-trivial post-norm weights (random init leaves them 0,
-    i.e. an effective weight of 1, which would not test the post-norm scaling)."""
-    model = load_model(str(tiny_model_dir), mode="compat", progress=False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for block in model.bridge.blocks:
-            for norm in (block.ln1_post, block.ln2_post):
-                norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen) * 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
     return load_model(str(tiny_llama_dir), mode="compat", progress=False)
 

@@ -40,21 +40,6 @@ def tiny_llama(tiny_llama_dir):
     return load_model(str(tiny_llama_dir), mode="raw", progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma_post(tiny_model_dir):
-    """Tiny Gemma 3 (raw numerics) with non-trivial post-norm weights: random init leaves them 0, an
-    effective gain of 1, which would test neither the effective ranking nor the frozen norm."""
-    from idiom_lens.models.loading import load_model
-
-    model = load_model(str(tiny_model_dir), mode="raw", progress=False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for block in model.bridge.blocks:
-            for norm in (block.ln1_post, block.ln2_post):
-                norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen) * 0.5)
-    return model
-
-
 @pytest.fixture(params=["tiny_model", "tiny_gemma_post", "tiny_llama",
                         pytest.param("embedded_model", marks=pytest.mark.embedded)])
 def case(request, probes):

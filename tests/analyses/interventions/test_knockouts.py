@@ -27,7 +27,7 @@ from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.analyses.stats import wilson_interval
 from idiom_lens.models.vocab import valid_mask
 
-from .test_against_full_forward import (  # noqa: F401  (tiny_gemma_post is a fixture)
+from .test_against_full_forward import (
     assert_row_matches,
     clean_post_norm,
     full_forward,
@@ -35,7 +35,6 @@ from .test_against_full_forward import (  # noqa: F401  (tiny_gemma_post is a fi
     reference_state,
     prediction,
     reference_knockout_logits,
-    tiny_gemma_post,
     zero_neurons,
 )
 
