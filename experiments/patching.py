@@ -1,6 +1,6 @@
 """Activation patching figures (idiom prompt vs corrupted prompt) from the library.
 
-    python experiments/patching.py --out out/patching [--dataset idioms --sample 30] [--demo]
+    python experiments/patching.py --out out/patching [--dataset idioms --sample 30] [--demo] [--method attribution]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from knockouts import demo_probes  # noqa: E402
 def main() -> None:
     from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import patch_probes, sample_probes
+    from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
     from idiom_lens.plots.export import save_figure
@@ -30,13 +31,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo", action="store_true", help="use the inline demo idioms")
     parser.add_argument("--per-probe", type=int, default=3, help="per-probe figures to draw")
+    parser.add_argument("--method", choices=("exact", "attribution"), default="exact",
+                        help="exact patching, or its gradient estimate (attribution patching); same files")
     args = parser.parse_args()
 
     model = load_model(args.model)
     probes = [p for p in demo_probes() if p.kind == "idiom"] if args.demo else load_probes(args.dataset)
     probes = sample_probes(probes, args.sample, seed=args.seed)
     started = time.perf_counter()
-    result = patch_probes(model, probes, seed=args.seed, progress=True)
+    run = attribution_patch_probes if args.method == "attribution" else patch_probes
+    result = run(model, probes, seed=args.seed, progress=True)
     result.save(args.out)
     write_json(args.out / "patching_settings.json", result.settings)
     for variant in result.settings["variants"]:

@@ -17,6 +17,8 @@ Points, each where the files on disk differ from every other point's:
   (`stages.run_patching`);
 - ``attribution.written``: the attribution tables are written; statistics, figures and summary
   are not (`stages.run_attribution`);
+- ``tracing.part``: a causal-tracing part's parquet files and marker are written, the next part
+  is not started (`stages.run_tracing`);
 - ``stage.outputs``: a stage function returned (every output written), its completion marker
   is not written yet (`stages.run_stage`).
 
@@ -36,7 +38,7 @@ ENV = "IDIOM_LENS_FAULT"
 
 POINTS: frozenset[str] = frozenset({
     "trajectory.part", "knockouts.written", "skipping.written", "patching.written",
-    "attribution.written", "stage.outputs",
+    "attribution.written", "tracing.part", "stage.outputs",
 })
 
 

@@ -65,3 +65,82 @@ def reference_trajectory(
                 out[k].append(v)
             out["pred_id"].append(pred)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _site_modules(hf_model: Any, site: str) -> list[Any]:
+    """Per layer, the Hugging Face module whose output is the site (`resid`: the decoder layer;
+    `attn` / `mlp`: what is added to the residual, after Gemma's post-norms when it has them)."""
+    layers = hf_model.model.layers
+    if site == "resid":
+        return list(layers)
+    post = "post_attention_layernorm" if site == "attn" else "post_feedforward_layernorm"
+    inner = "self_attn" if site == "attn" else "mlp"
+    if hasattr(layers[0], "post_feedforward_layernorm"):  # Gemma: sandwich norms
+        return [getattr(layer, post) for layer in layers]
+    return [getattr(layer, inner) for layer in layers]
+
+
+def reference_causal_trace(
+    hf_model: Any, prompt_ids: Sequence[int], *, noised: Sequence[int], noise: torch.Tensor,
+    specs: Sequence[tuple[str, int]], masked_ids: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Causal tracing the naive way, on the Hugging Face model: one full forward per (noise
+    sample, site/window, layer, position), the noise added to `inputs_embeds` (Gemma's embedding
+    module applies its scale) and the clean activation written by forward hooks on the modules.
+
+    Returns restored [spec, layer, pos, sample], corrupted [sample], clean_prob and pred."""
+    masked = torch.tensor(list(masked_ids), dtype=torch.long)
+    n_layers = hf_model.config.num_hidden_layers
+    ids = torch.tensor([list(prompt_ids)])
+    noised_t = torch.tensor(list(noised))
+
+    def prob(logits: torch.Tensor, token: int | None = None) -> tuple[int, float]:
+        logits = logits[0, -1].float()
+        if len(masked):
+            logits = logits.index_fill(0, masked, -torch.inf)
+        token = int(logits.argmax()) if token is None else token
+        return token, float(logits.softmax(-1)[token])
+
+    def unpack(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
+
+    clean: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for site in {s for s, _ in specs}:
+        for layer, module in enumerate(_site_modules(hf_model, site)):
+            def keep(module, args, out, key=(site, layer)):
+                clean[key] = unpack(out)[0].detach().clone()
+            handles.append(module.register_forward_hook(keep))
+    with torch.no_grad():
+        embeds = hf_model.get_input_embeddings()(ids)
+        pred, clean_prob = prob(hf_model(inputs_embeds=embeds).logits)
+    for h in handles:
+        h.remove()
+
+    def noisy(sample: int) -> torch.Tensor:
+        x = embeds.clone()
+        x[0, noised_t] += noise[sample].to(x.dtype)
+        return x
+
+    n_samples = noise.shape[0]
+    with torch.no_grad():
+        corrupted = torch.tensor([prob(hf_model(inputs_embeds=noisy(s)).logits, pred)[1] for s in range(n_samples)])
+    restored = torch.zeros(len(specs), n_layers, len(prompt_ids), n_samples)
+    for si, (site, window) in enumerate(specs):
+        modules = _site_modules(hf_model, site)
+        for layer in range(n_layers):
+            layers = range(max(0, layer - window // 2), min(n_layers, layer - window // 2 + window))
+            for pos in range(len(prompt_ids)):
+                handles = []
+                for l in layers:
+                    def put(module, args, out, l=l, pos=pos):
+                        value = unpack(out).clone()
+                        value[0, pos] = clean[(site, l)][pos]
+                        return (value, *out[1:]) if isinstance(out, tuple) else value
+                    handles.append(modules[l].register_forward_hook(put))
+                with torch.no_grad():
+                    for s in range(n_samples):
+                        restored[si, layer, pos, s] = prob(hf_model(inputs_embeds=noisy(s)).logits, pred)[1]
+                for h in handles:
+                    h.remove()
+    return {"restored": restored, "corrupted": corrupted, "clean_prob": clean_prob, "pred": pred}

@@ -105,6 +105,33 @@ def cumulative_share(
     return pd.DataFrame(rows, columns=["group", "step", "layer", "sublayer", "n", "share", "lo", "hi", "measure"])
 
 
+def layer_shares(
+    result: AttributionResult,
+    *,
+    measure: Measure = "logit",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Share of the final logit written by each attention and MLP layer, per set: the ratio of
+    means ``mean(layer's contribution) / mean(final value)`` (as `cumulative_share`), with a
+    percentile-bootstrap interval over probes. Columns: group, component, layer, n, share, lo, hi,
+    measure."""
+    rows = []
+    for group in groups_of(result):
+        arr = _arrays(result, group, measure)
+        n = len(arr["total"])
+        idx = boot_indices(n, n_boot, np.random.default_rng(seed))
+        for comp in ("attn", "mlp"):
+            values = arr[comp]  # [n, layer]
+            share = values.mean(0) / arr["total"].mean()
+            lo, hi = percentile_interval(values[idx].mean(1) / arr["total"][idx].mean(1)[:, None], level)
+            for layer in range(values.shape[1]):
+                rows.append({"group": group, "component": comp, "layer": layer, "n": n, "share": share[layer],
+                             "lo": lo[layer], "hi": hi[layer], "measure": measure})
+    return pd.DataFrame(rows, columns=["group", "component", "layer", "n", "share", "lo", "hi", "measure"])
+
+
 def component_shares(
     result: AttributionResult,
     *,

@@ -3,12 +3,18 @@
 `idiom-lens patch --dataset idioms --sample 20 --out DIR` patches a set (parquet + mean heatmaps per
 set + summary.json); `idiom-lens patch "once in a blue moon"` patches one sequence (its last word
 is the target) and prints where the target's logit is restored.
+
+`--method attribution` estimates the same numbers by attribution patching (one forward and one
+backward per pair instead of one forward per cell) and writes the same files; `--method both`
+runs both on the same pairs (the attribution files under DIR/attribution/) and writes how well
+they agree (`agreement.parquet`, `agreement_summary.csv`).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from idiom_lens.cli.common import (
     add_batch_size_option,
@@ -34,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--variants", nargs="+", choices=("word_swap", "prefix_swap"), default=["word_swap", "prefix_swap"])
     p.add_argument("--keep-last", type=int, default=2, help="words kept by prefix_swap (default 2)")
+    p.add_argument("--method", choices=("exact", "attribution", "both"), default="exact",
+                   help="exact: one patched run per site, layer and position; attribution: the gradient estimate, "
+                   "one forward and one backward per pair; both: each on the same pairs, plus their agreement "
+                   "(default exact)")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, heatmaps are written only if given")
     p.set_defaults(handler=_run)
@@ -41,10 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from idiom_lens.datasets.probes import Probe
-    from idiom_lens.analyses.interventions import patch_probes
-    from idiom_lens.io import write_json
-    from idiom_lens.plots.export import save_figure
-    from idiom_lens.plots.interventions import patching_heatmaps
 
     if (args.text is None) == (args.dataset is None):
         raise InputError("give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither")
@@ -58,36 +64,112 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("--out DIR is required with --dataset")
         probes = select_probes(args)
     model = load_from_args(args)
-    if args.text is None:
-        from idiom_lens.study.stages import run_patching
+    return _run_set(args, model, probes) if args.text is None else _run_text(args, model, probes)
 
-        result = run_patching(model, probes, args.out, variants=args.variants, seed=args.seed,
-                              keep_last=args.keep_last, batch_size=args.batch_size, png=not args.no_png)
-        for row in result.skipped.itertuples():
-            print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")
-        print(f"{len(result.pairs)} pairs patched in {result.settings['seconds']:.1f} s; results in {args.out}")
-        return 0
-    result = patch_probes(model, probes, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
-                          batch_size=args.batch_size, progress=True)
-    for row in result.skipped.itertuples():
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    return ["exact", "attribution"] if args.method == "both" else [args.method]
+
+
+def _folder(args: argparse.Namespace, method: str) -> Path:
+    """Where `method`'s files go: --out, or --out/attribution for the estimate beside exact patching."""
+    return args.out / "attribution" if args.method == "both" and method == "attribution" else args.out
+
+
+def _patch(args: argparse.Namespace, model: Any, probes: list, method: str) -> Any:
+    from idiom_lens.analyses.interventions import patch_probes
+    from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes
+
+    run = attribution_patch_probes if method == "attribution" else patch_probes
+    return run(model, probes, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
+               batch_size=args.batch_size, progress=True)
+
+
+def _write_set(result: Any, out: Path, variants: list[str], *, png: bool) -> None:
+    """The files `study.stages.run_patching` writes, for a result computed here (attribution)."""
+    from idiom_lens.io import write_json
+    from idiom_lens.plots.export import save_figure
+    from idiom_lens.plots.interventions import patching_heatmaps
+
+    result.save(out)
+    write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
+    for variant in variants:
+        valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
+        for group in sorted(set(valid["group"])):
+            save_figure(patching_heatmaps(result, variant=variant, group=group),
+                        out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
+
+
+def _agreement(results: dict[str, Any], out: Path | None) -> None:
+    """Print (and with `out`, write) how attribution patching agrees with exact patching."""
+    from idiom_lens.analyses.interventions.attribution_patching import patching_agreement
+    from idiom_lens.io import write_text
+
+    agreement = patching_agreement(results["exact"], results["attribution"])
+    table = agreement.summary()
+    exact_s, approx_s = results["exact"].settings["seconds"], results["attribution"].settings["seconds"]
+    print(f"attribution vs exact patching ({agreement.settings['n_valid_pairs']} valid pairs; per pair: Pearson "
+          f"correlation over layer x position cells, top-{agreement.settings['top']} overlap by |restored|, means "
+          f"with 95% bootstrap intervals; exact {exact_s:.1f} s, attribution {approx_s:.1f} s):")
+    print(table.round(3).to_string(index=False))
+    if out is not None:
+        agreement.save(out)
+        write_text(out / "agreement_summary.csv", table.to_csv(index=False))
+
+
+def _run_set(args: argparse.Namespace, model: Any, probes: list) -> int:
+    results: dict[str, Any] = {}
+    for method in _methods(args):
+        folder = _folder(args, method)
+        if method == "exact":
+            from idiom_lens.study.stages import run_patching
+
+            result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed,
+                                  keep_last=args.keep_last, batch_size=args.batch_size, png=not args.no_png)
+        else:
+            result = _patch(args, model, probes, method)
+            _write_set(result, folder, args.variants, png=not args.no_png)
+        if not results:
+            for row in result.skipped.itertuples():
+                print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")
+        results[method] = result
+        print(f"{len(result.pairs)} pairs patched ({method}) in {result.settings['seconds']:.1f} s; results in {folder}")
+    if args.method == "both":
+        _agreement(results, args.out)
+    return 0
+
+
+def _run_text(args: argparse.Namespace, model: Any, probes: list) -> int:
+    from idiom_lens.io import write_json
+    from idiom_lens.plots.export import save_figure
+    from idiom_lens.plots.interventions import patching_heatmaps
+
+    results = {method: _patch(args, model, probes, method) for method in _methods(args)}
+    first = next(iter(results.values()))
+    for row in first.skipped.itertuples():
         print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")
-    if result.pairs.empty:
+    if first.pairs.empty:
         raise InputError("no probe could be corrupted at the same token length; nothing to patch")
-    frame = result.to_dataframe()
-    for pair in result.pairs.itertuples():
-        print(f"[{pair.variant}] clean {pair.clean_prompt!r} -> target {pair.target!r} "
-              f"(logit {pair.clean_logit:.2f}, predicts {pair.clean_pred_token!r}); corrupted "
-              f"{pair.corrupted_prompt!r} (logit {pair.corrupted_logit:.2f}, predicts {pair.corrupted_pred_token!r})")
-        if not pair.valid:
-            print("  clean and corrupted target logits barely differ: nothing to restore")
+    for method, result in results.items():
+        if args.method == "both":
+            print(f"== {method} patching")
+        frame = result.to_dataframe()
+        for pair in result.pairs.itertuples():
+            print(f"[{pair.variant}] clean {pair.clean_prompt!r} -> target {pair.target!r} "
+                  f"(logit {pair.clean_logit:.2f}, predicts {pair.clean_pred_token!r}); corrupted "
+                  f"{pair.corrupted_prompt!r} (logit {pair.corrupted_logit:.2f}, predicts {pair.corrupted_pred_token!r})")
+            if not pair.valid:
+                print("  clean and corrupted target logits barely differ: nothing to restore")
+                continue
+            part = frame[(frame["variant"] == pair.variant)]
+            for site in result.settings["sites"]:
+                s = part[part["site"] == site].nlargest(3, "restored")
+                cells = ", ".join(f"layer {r.layer} pos {r.pos} {r.clean_token!r}: {r.restored:.2f}" for r in s.itertuples())
+                print(f"  {site:9s} most restoring: {cells}")
+    for method, result in results.items():
+        if args.out is None:  # one sequence: heatmaps only with --out
             continue
-        part = frame[(frame["variant"] == pair.variant)]
-        for site in result.settings["sites"]:
-            s = part[part["site"] == site].nlargest(3, "restored")
-            cells = ", ".join(f"layer {r.layer} pos {r.pos} {r.clean_token!r}: {r.restored:.2f}" for r in s.itertuples())
-            print(f"  {site:9s} most restoring: {cells}")
-    if args.out is not None:  # one sequence: its heatmaps
-        out: Path = args.out
+        out = _folder(args, method)
         result.save(out)
         write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
         for variant in args.variants:
@@ -95,5 +177,7 @@ def _run(args: argparse.Namespace) -> int:
             for pid in valid["probe_id"]:
                 save_figure(patching_heatmaps(result, variant=variant, probe_id=pid),
                             out / f"patching_{variant}", png=not args.no_png, width=1300, height=600)
-        print(f"{len(result.pairs)} pairs patched in {result.settings['seconds']:.1f} s; results in {out}")
+        print(f"{len(result.pairs)} pairs patched ({method}) in {result.settings['seconds']:.1f} s; results in {out}")
+    if args.method == "both":
+        _agreement(results, args.out)
     return 0

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patching-sample", type=int, default=4, metavar="N",
                    help="idioms per comparison set (memorized, non-memorized) for activation patching, seeded by "
                         "--seed (default 4; 0 skips)")
+    p.add_argument("--tracing-sample", type=int, default=2, metavar="N",
+                   help="idioms per comparison set (memorized, non-memorized) for causal tracing, seeded by --seed "
+                        "(default 2, about 35 s each on 2 cores; 0 skips)")
+    p.add_argument("--attn-knockout-sample", type=int, default=10, metavar="N",
+                   help="probes per comparison set for the attention knockout, seeded by --seed (default 10; 0 skips)")
     add_batch_size_option(p, default=16)
     p.add_argument("--part-size", type=int, default=256, metavar="N",
                    help="probes per resumable trajectory part (default 256); a crash loses at most one part")
@@ -45,7 +50,8 @@ def handle(args: argparse.Namespace) -> int:
     options = StudyOptions(
         datasets=tuple(args.dataset), limit=args.limit, sites=tuple(args.sites),
         attribution_sample=args.attribution_sample, knockout_sample=args.knockout_sample,
-        patching_sample=args.patching_sample, seed=args.seed, batch_size=args.batch_size,
+        patching_sample=args.patching_sample, tracing_sample=args.tracing_sample,
+        attn_knockout_sample=args.attn_knockout_sample, seed=args.seed, batch_size=args.batch_size,
         part_size=args.part_size, png=not args.no_png,
     )
     run_study(load_from_args(args), args.out, options, device=args.device, n_devices=args.n_devices)

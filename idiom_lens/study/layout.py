@@ -4,7 +4,10 @@
     OUT/<model>/trajectory/         memorization, logit-lens trajectory, phases (resumable parts)
     OUT/<model>/attribution/        direct logit attribution of a sample per set
     OUT/<model>/interventions/      knockouts, value vectors, layer skipping
-    OUT/<model>/patching/           activation patching
+    OUT/<model>/patching/           activation patching (exact)
+    OUT/<model>/tracing/            causal tracing (ROME) of memorized and non-memorized idioms
+    OUT/<model>/attention_knockout/ attention knockout (Geva et al. 2023) of a sample per set
+    OUT/<model>/recall/             where recall lives: every method per layer in one figure
     OUT/comparison/                 models compared on normalized depth
     OUT/report.html                 the report
 
@@ -37,8 +40,11 @@ TRAJECTORY = "trajectory"
 ATTRIBUTION = "attribution"
 INTERVENTIONS = "interventions"
 PATCHING = "patching"
+TRACING = "tracing"
+ATTENTION_KNOCKOUT = "attention_knockout"
+RECALL = "recall"
 COMPARISON = "comparison"
-STAGES = (TRAJECTORY, ATTRIBUTION, INTERVENTIONS, PATCHING)  # in the order the report shows them
+STAGES = (TRAJECTORY, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
 _HIDDEN = {"parts"}  # resumable trajectory parts: internal to the trajectory stage
 
 # The tables each stage writes beside its summary, by name (file = <name>.parquet).
@@ -49,6 +55,9 @@ TABLES: dict[str, tuple[str, ...]] = {
                   "cumulative_share_logit_diff"),
     INTERVENTIONS: ("knockout_layers", "value_vectors", "value_vectors_summary"),
     PATCHING: (),
+    TRACING: (),
+    ATTENTION_KNOCKOUT: (),
+    RECALL: ("recall_profile", "recall_peaks"),
     COMPARISON: ("comparison",),
 }
 
@@ -184,6 +193,35 @@ class ModelFolder:
         from idiom_lens.analyses.interventions import PatchingResult
 
         return PatchingResult.load(self._need(PATCHING))
+
+    def tracing(self) -> Any:
+        """The `TracingResult` of the causal-tracing stage."""
+        from idiom_lens.analyses.interventions.tracing import TracingResult
+
+        return TracingResult.load(self._need(TRACING))
+
+    def attention_knockout(self) -> Any:
+        """The `AttentionKnockoutResult` of the attention-knockout stage."""
+        from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+
+        return AttentionKnockoutResult.load(self._need(ATTENTION_KNOCKOUT))
+
+    def attribution(self) -> Any:
+        """The `AttributionResult` of the attribution stage (compatibility mode)."""
+        from idiom_lens.analyses.attribution import AttributionResult
+
+        return AttributionResult.load(self._need(ATTRIBUTION))
+
+    def recall_profile(self) -> Any:
+        """`analyses.recall.recall_profile` over the finished stages among interventions,
+        tracing, attention knockout and attribution (`InputError` when none is finished)."""
+        from idiom_lens.analyses.recall import recall_profile
+
+        loaders = {"knockouts": (INTERVENTIONS, self.knockouts), "tracing": (TRACING, self.tracing),
+                   "attention": (ATTENTION_KNOCKOUT, self.attention_knockout),
+                   "attribution": (ATTRIBUTION, self.attribution)}
+        given = {name: load() for name, (stage, load) in loaders.items() if self.has(stage)}
+        return recall_profile(**given)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ STAGE_TITLES = {
     "attribution": "Attribution per layer and top neurons",
     "interventions": "Interventions: neuron knockouts and layer skipping",
     "patching": "Activation patching: where the idiom is read in",
+    "tracing": "Causal tracing: where restoring one clean activation brings the prediction back",
+    "attention_knockout": "Attention knockout: does the last token read the idiom's earlier words?",
+    "recall": "Where recall lives: every method per layer, memorized vs non-memorized idioms",
     "comparison": "Models compared",
 }
 _KIND_ORDER = {"idiom": 0, "fact": 1, "text": 2}

@@ -11,7 +11,10 @@ rerun when finished with the same settings:
    value-vector statistic (top-1), and layer skipping, on a seeded sample per set;
 3. patching: activation patching of a sample of memorized and non-memorized idioms;
 4. attribution: direct logit attribution (compatibility mode) of a seeded sample per set;
-5. report: one HTML page over everything under OUT.
+5. tracing: causal tracing (ROME) of a sample of memorized and non-memorized idioms;
+6. attention_knockout: the last position cut from the idiom's earlier words, a sample per set;
+7. recall: every method above per layer in one figure (rewritten from the stages each run);
+8. report: one HTML page over everything under OUT.
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
 sampled probes and every argument of the stage function, see `stages.stage_key`) and intact
@@ -28,7 +31,15 @@ from typing import Any, Callable, Sequence
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel, load_model
-from idiom_lens.study.layout import ATTRIBUTION, INTERVENTIONS, PATCHING, TRAJECTORY, StudyFolder
+from idiom_lens.study.layout import (
+    ATTENTION_KNOCKOUT,
+    ATTRIBUTION,
+    INTERVENTIONS,
+    PATCHING,
+    TRACING,
+    TRAJECTORY,
+    StudyFolder,
+)
 
 # Options of the stage functions fixed by the study design; `run_study` adds seed, png and batch
 # sizes. Every entry is part of its stage's key, so editing one here redoes that stage.
@@ -41,8 +52,14 @@ KNOCKOUT_OPTIONS: dict[str, Any] = {
     "value_vector_ks": (1,),
 }
 PATCHING_OPTIONS: dict[str, Any] = {}
+# Causal tracing: the residual stream at one layer, MLP and attention outputs in windows of 5 layers
+# (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; ~35 s per idiom on 2 cores.
+TRACING_OPTIONS: dict[str, Any] = {"sites": ("resid", "mlp", "attn"), "windows": (5,), "samples": 10,
+                                   "multiplier": 3.0}
+ATTENTION_KNOCKOUT_OPTIONS: dict[str, Any] = {"sources": ("context",), "window": 5}
 ATTRIBUTION_OPTIONS: dict[str, Any] = {}
 PATCHING_GROUPS = ("memorized idioms", "non-memorized idioms")
+TRACING_GROUPS = PATCHING_GROUPS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +72,8 @@ class StudyOptions:
     attribution_sample: int = 30  # probes per set (0 skips the stage)
     knockout_sample: int = 6  # probes per set for knockouts and skipping (0 skips)
     patching_sample: int = 4  # idioms per set, memorized and not (0 skips)
+    tracing_sample: int = 2  # idioms per set, memorized and not, for causal tracing (0 skips)
+    attn_knockout_sample: int = 10  # probes per set for the attention knockout (0 skips)
     seed: int = 0  # of every per-set sample and random control
     batch_size: int = 16  # speed only: not part of any stage's key
     part_size: int = 256  # probes per resumable trajectory part
@@ -67,7 +86,8 @@ class StudyOptions:
         object.__setattr__(self, "sites", tuple(self.sites))
         if self.limit is not None and self.limit < 1:
             raise InputError(f"limit must be >= 1 (or None for all), got {self.limit}")
-        for name in ("attribution_sample", "knockout_sample", "patching_sample"):
+        for name in ("attribution_sample", "knockout_sample", "patching_sample", "tracing_sample",
+                     "attn_knockout_sample"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "part_size"):
@@ -95,12 +115,15 @@ def run_study(
     written by an earlier idiom_lens."""
     from idiom_lens.study.stages import (
         resumable_trajectory,
+        run_attention_knockout,
         run_attribution,
         run_knockouts,
         run_patching,
         run_stage,
+        run_tracing,
         sample_by_group,
         study_probes,
+        write_recall,
         write_trajectory_outputs,
     )
     from idiom_lens.study.report import build_report
@@ -149,6 +172,15 @@ def run_study(
                        ATTRIBUTION_OPTIONS | {"batch_size": options.batch_size, "png": png})
         if digest is not None:
             log(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
+    if options.tracing_sample:
+        stage(TRACING, run_tracing, model, options.tracing_sample,
+              TRACING_OPTIONS | {"seed": options.seed, "png": png}, groups=TRACING_GROUPS)
+    if options.attn_knockout_sample:
+        stage(ATTENTION_KNOCKOUT, run_attention_knockout, model, options.attn_knockout_sample,
+              ATTENTION_KNOCKOUT_OPTIONS | {"png": png})
+    if any(folder.has(s) for s in (INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, ATTRIBUTION)):
+        log("[run] recall: every method per layer")
+        write_recall(folder, png=png)
     if report:
         log("[run] report")
         log(f"  {build_report(study.root)}")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from idiom_lens.datasets.probes import Probe, ProbeSet
 from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
+from idiom_lens.groups import ordered
 from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
 from idiom_lens.analyses.memorization import MemorizationResult
 from idiom_lens.models.loading import LoadedModel
@@ -366,6 +367,118 @@ def run_patching(
             save_figure(patching_heatmaps(result, variant=variant, group=group),
                         out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
     return result
+
+
+def run_tracing(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    sites: Sequence[str] = ("resid", "mlp", "attn"),
+    windows: Sequence[int] = (1, 10),
+    samples: int = 10,
+    multiplier: float = 3.0,
+    noise_words: tuple[int, int] | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    part_size: int = 10,
+    png: bool = True,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """Causal tracing of `probes` in parts of `part_size` probes under `out/parts/` (finished,
+    intact parts are reused: an interrupted run loses at most one part); then the joined result,
+    its summary, heatmaps per set, layer curves and summary.json under `out`. Returns the
+    `TracingResult`."""
+    from idiom_lens.analyses.interventions.tracing import TracingResult, causal_trace, noise_scale
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.tracing import tracing_curves, tracing_heatmaps
+
+    out = Path(out)
+    if part_size < 1:
+        raise InputError(f"part_size must be >= 1, got {part_size}")
+    scale = noise_scale(model, multiplier=multiplier)
+    options = {"sites": list(sites), "windows": [int(w) for w in windows], "samples": samples, "seed": seed,
+               "noise_words": list(noise_words) if noise_words else None, "scale": dataclasses.asdict(scale)}
+    parts = []
+    n_parts = (len(probes) + part_size - 1) // part_size
+    for i in range(n_parts):
+        chunk = list(probes[i * part_size : (i + 1) * part_size])
+        key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
+               "probes": _probe_key(chunk)}
+        part_dir = out / "parts" / f"tracing-{_fingerprint(key)}"
+        marker = part_dir / PART_MARKER
+        reason = check_marker(marker, key)
+        if reason is None:
+            log(f"  tracing part {i + 1}/{n_parts}: reusing {part_dir.name}")
+            parts.append(TracingResult.load(part_dir))
+            continue
+        if part_dir.exists():
+            log(f"  tracing part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
+        _clear(part_dir, marker)
+        part = causal_trace(model, chunk, sites=sites, windows=windows, samples=samples, scale=scale,
+                            noise_words=noise_words, seed=seed, batch_size=batch_size, progress=True)
+        part.save(part_dir)
+        write_marker(marker, key)
+        maybe_fail("tracing.part")
+        log(f"  tracing part {i + 1}/{n_parts}: {len(chunk)} probes in {part.settings['seconds']:.1f} s")
+        parts.append(part)
+    result = TracingResult.concat(parts)
+    result.save(out)
+    summary = result.summary()
+    for group in ordered(set(summary["group"])):
+        save_figure(tracing_heatmaps(result, group=group, summary=summary),
+                    out / f"tracing_{group.replace(' ', '_')}", png=png, height=420)
+    for position in ("last noised", "last"):
+        save_figure(tracing_curves(result, position=position, summary=summary),
+                    out / f"tracing_curves_{position.replace(' ', '_')}", png=png, height=420)
+    write_json(out / "summary.json", result.settings)
+    return result
+
+
+def run_attention_knockout(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    sources: Sequence[str] = ("context",),
+    window: int = 5,
+    batch_size: int = 64,
+    png: bool = True,
+) -> Any:
+    """Attention knockout of `probes` (the last position cut from each source in windows of
+    `window` layers); result, summary CSV, figure and summary.json under `out`."""
+    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.attention_knockout import attention_knockout_curves
+
+    out = Path(out)
+    result = attention_knockout(model, probes, sources=tuple(sources), window=window, batch_size=batch_size,
+                                progress=True)
+    result.save(out)
+    write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
+    save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
+    write_json(out / "summary.json", {"settings": result.settings})
+    return result
+
+
+def write_recall(folder: Any, *, png: bool = True) -> Any:
+    """The "where recall lives" table, peaks and figure of a model's finished stages (a
+    `layout.ModelFolder`), rewritten from them every time (cheap: no forward pass)."""
+    from idiom_lens.io import write_parquet
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.recall import where_recall_lives
+    from idiom_lens.study.layout import RECALL
+
+    profile = folder.recall_profile()
+    out = folder.stage_path(RECALL)
+    write_parquet(out / "recall_profile.parquet", profile.to_dataframe())
+    peaks = profile.peaks()
+    write_parquet(out / "recall_peaks.parquet", peaks)
+    save_figure(where_recall_lives(profile, title=f"Where recall lives, {folder.name}"), out / "where_recall_lives",
+                png=png, width=1100, height=1160)
+    write_json(out / "summary.json", {"peak_per_measure_and_set": peaks.to_dict(orient="records"),
+                                      "settings": profile.settings})
+    return profile
 
 
 def sample_by_group(

@@ -30,8 +30,8 @@ from idiom_lens.study.stages import NOT_IN_KEY, run_attribution, run_knockouts, 
 
 # 9 probes (3 per set) in 3 trajectory parts of 4, 4 and 1; one probe per set in each stage.
 OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1",
-           "--patching-sample", "1", "--attribution-sample", "1"]
-STAGES = ("interventions", "patching", "attribution")
+           "--patching-sample", "1", "--attribution-sample", "1", "--tracing-sample", "1", "--attn-knockout-sample", "1"]
+STAGES = ("interventions", "patching", "attribution", "tracing", "attention_knockout")
 
 # Compared: the list of result files; every parquet file, every column, exact values (no column
 # is dropped: none depends on the run); every JSON file (summary.json, *.fig.json) and summary.md.
@@ -139,6 +139,7 @@ def finished(reference, tmp_path) -> Path:
     ("skipping.written", "interventions"),    # skipping tables written, no final summary
     ("patching.written", "patching"),         # tables written, no summary
     ("attribution.written", "attribution"),   # tables written, no statistics or summary
+    ("tracing.part", "tracing"),              # the first tracing part written, nothing joined yet
     ("stage.outputs", "interventions"),       # every output written, the marker not yet
 ])
 def test_sigkill_then_rerun_equals_uninterrupted_run(point, stage, reference, tiny_model_dir, tmp_path):
@@ -259,13 +260,17 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     assert computed_stages(log) == {"attribution"}
     assert len(probe_ids("attribution", "attribution_probes.parquet")) == 6
 
-    # the seed: knockout controls and patching corruptions always, attribution through its sample
+    # the seed: knockout controls, patching corruptions and tracing noise always; attribution and
+    # attention knockout through their samples
     memo = load_trajectory(model_out / "trajectory").memorization
     study = study_probes(limit=3).probes
     old = {p.id for p in sample_by_group(memo, study, per_group=2, seed=0)}
     new = {p.id for p in sample_by_group(memo, study, per_group=2, seed=1)}
+    old1 = {p.id for p in sample_by_group(memo, study, per_group=1, seed=0)}
+    new1 = {p.id for p in sample_by_group(memo, study, per_group=1, seed=1)}
     log = rerun("--seed", "1")
-    assert computed_stages(log) == {"interventions", "patching"} | ({"attribution"} if old != new else set())
+    assert computed_stages(log) == ({"interventions", "patching", "tracing"} | ({"attribution"} if old != new else set())
+                                    | ({"attention_knockout"} if old1 != new1 else set()))
     assert json.loads((model_out / "interventions" / "summary.json").read_text())["knockouts"]["seed"] == 1
     assert json.loads((model_out / "patching" / "summary.json").read_text())["seed"] == 1
     assert probe_ids("attribution", "attribution_probes.parquet") == new

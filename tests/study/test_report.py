@@ -61,10 +61,12 @@ def test_report_has_every_section_and_figure(results_dir, tmp_path):
     models, root_stages = find_results(results_dir)
     assert len(models) == 1 and [s.name for s in root_stages] == ["comparison"]
     model = models[0]
-    assert [s.name for s in model.stages] == ["trajectory", "attribution", "interventions", "patching", "zz_extra"]
+    assert [s.name for s in model.stages] == ["trajectory", "recall", "attribution", "interventions", "tracing",
+                                              "attention_knockout", "patching", "zz_extra"]
     for anchor in ("overview", "datasets", "build", "root-comparison"):
         assert f'id="{anchor}"' in html
-    for stage in ("memorization", "trajectory", "attribution", "interventions", "zz-extra", "settings"):
+    for stage in ("memorization", "trajectory", "recall", "attribution", "interventions", "tracing",
+                  "attention-knockout", "zz-extra", "settings"):
         assert re.search(rf'id="model-[a-z0-9-]*-{stage}"', html), stage
     # Contents list at the top links every section.
     assert html.index('<nav class="toc">') < html.index('<section id="overview">')
@@ -72,7 +74,8 @@ def test_report_has_every_section_and_figure(results_dir, tmp_path):
     # Figures: those of every stage, known ones first in their stage.
     for name in ("trajectory.fig.json", "trajectory_target.fig.json", "promotion_layers.fig.json",
                  "layers_logit.fig.json", "layers_logit_diff.fig.json", "knockout_zero_top_k1.fig.json",
-                 "extra_bar.fig.json", "depth.fig.json"):
+                 "extra_bar.fig.json", "depth.fig.json", "where_recall_lives.fig.json",
+                 "tracing_curves_last_noised.fig.json", "attention_knockout.fig.json"):
         assert f"({name})" in html, name
     assert html.index("(trajectory.fig.json)") < html.index("(trajectory_target.fig.json)") \
         < html.index("(promotion_layers.fig.json)") < html.index("(layers_logit.fig.json)")

@@ -12,7 +12,8 @@ from idiom_lens.study import StudyFolder, StudyOptions, run_study
 from idiom_lens.study.layout import FORMAT, STUDY_FILE
 from test_faults import assert_same_results, run_args, run_here  # the fault tests' comparison of two runs
 
-OPTIONS = StudyOptions(limit=3, part_size=4, png=False, knockout_sample=1, patching_sample=1, attribution_sample=1)
+OPTIONS = StudyOptions(limit=3, part_size=4, png=False, knockout_sample=1, patching_sample=1, attribution_sample=1,
+                       tracing_sample=1, attn_knockout_sample=1)
 
 
 def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
@@ -20,7 +21,8 @@ def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
     run_here(run_args(tiny_model_dir, cli_out))
     study = run_study(str(tiny_model_dir), py_out, OPTIONS, log=lambda line: None)
     (model,) = study.models()
-    assert [s.name for s in model.stages()] == ["trajectory", "attribution", "interventions", "patching"]
+    assert [s.name for s in model.stages()] == ["trajectory", "recall", "attribution", "interventions", "tracing",
+                                                "attention_knockout", "patching"]
     assert_same_results(py_out, cli_out, model.name)
     for out in (cli_out, py_out):
         assert json.loads((out / STUDY_FILE).read_text())["format"] == FORMAT
@@ -29,6 +31,14 @@ def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
     assert len(model.trajectory().memorization) == 9
     assert model.trajectory().settings["model_spec"] == str(tiny_model_dir)
     assert set(model.knockouts().probes["probe_id"]) <= {r.probe_id for r in model.memorization().records}
+    assert set(model.tracing().probes["group"]) <= {"memorized idioms", "non-memorized idioms"}
+    assert len(model.attention_knockout().probes) >= 2
+    # the recall figure's table is what the stages hold, read back through the layout
+    profile = model.recall_profile().to_dataframe()
+    assert set(profile["measure"]) == {"knockout top-100", "knockout matched", "tracing MLP", "tracing attention",
+                                       "attention knockout", "DLA MLP share"}
+    import pandas as pd
+    pd.testing.assert_frame_equal(pd.read_parquet(model.stage_path("recall") / "recall_profile.parquet"), profile)
 
 
 def test_options_are_validated():

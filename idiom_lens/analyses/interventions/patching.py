@@ -45,7 +45,7 @@ from idiom_lens.models.vocab import mask_summary, valid_mask
 
 Variant = Literal["word_swap", "prefix_swap"]
 SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
-_SITE_HOOK = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+SITE_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 
 # Common English words, for corruptions (short and long, so that a same-length swap usually exists).
 WORD_BANK: tuple[str, ...] = (
@@ -212,7 +212,7 @@ def site_activations(model: LoadedModel, ids: Sequence[int], sites: Sequence[str
 
         return hook
 
-    hooks = [(f"blocks.{l}.{_SITE_HOOK[s]}", capture((s, l))) for s in sites for l in range(model.n_layers)]
+    hooks = [(f"blocks.{l}.{SITE_HOOKS[s]}", capture((s, l))) for s in sites for l in range(model.n_layers)]
     logits = runner.run(1, hooks)[0]
     return acts, logits
 
@@ -237,7 +237,7 @@ def patch_cells(
             x[rows_t, pos_t] = value.to(x.dtype)
             return x
 
-        hooks.append((f"blocks.{l}.{_SITE_HOOK[s]}", hook))
+        hooks.append((f"blocks.{l}.{SITE_HOOKS[s]}", hook))
     return runner.run(len(rows), hooks)
 
 
@@ -342,6 +342,46 @@ class PatchingResult(Saved):
         return cls(rows=rows, pairs=saved.tables["pairs"], skipped=saved.tables["skipped"], settings=saved.settings)
 
 
+ROW_COLUMNS = ["probe_id", "variant", "site", "layer", "pos", "pos_from_end", "patched_logit", "restored",
+               "clean_token", "corrupted_token"]
+PAIR_COLUMNS = ["probe_id", "variant", "kind", "group", "memorized", "clean_prompt", "corrupted_prompt", "target",
+                "target_id", "clean_logit", "corrupted_logit", "gap", "valid", "clean_pred_token",
+                "corrupted_pred_token", "n_tokens"]
+
+
+def pair_tables(
+    model: LoadedModel, pair: Corruption, result: PairPatching, *, min_gap: float
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One pair's rows (site x layer x position) and its pair row; exact and attribution patching
+    both tabulate through here. Pairs whose clean and corrupted target logits differ by less than
+    `min_gap` get NaN restored shares (`valid` False)."""
+    decode = model.tokenizer.decode
+    gap = result.clean_logit - result.corrupted_logit
+    valid = abs(gap) >= min_gap
+    restored = result.restored if valid else torch.full_like(result.patched, float("nan"))
+    n_sites, n_layers, n_pos = result.patched.shape
+    s_idx, l_idx, p_idx = (a.ravel() for a in np.indices((n_sites, n_layers, n_pos)))
+    frame = pd.DataFrame({
+        "probe_id": pair.probe_id, "variant": pair.variant, "site": np.asarray(result.sites)[s_idx],
+        "layer": l_idx, "pos": p_idx, "pos_from_end": p_idx - n_pos,
+        "patched_logit": result.patched.flatten().numpy().astype(np.float64),
+        "restored": restored.flatten().numpy().astype(np.float64),
+        "clean_token": [decode([pair.clean_ids[p]]) for p in p_idx],
+        "corrupted_token": [decode([pair.corrupted_ids[p]]) for p in p_idx],
+    }, columns=ROW_COLUMNS)
+    memorized = result.clean_pred_id == pair.target_id
+    row = {
+        "probe_id": pair.probe_id, "variant": pair.variant, "kind": pair.kind,
+        "group": probe_group(pair.kind, memorized), "memorized": memorized,
+        "clean_prompt": pair.clean_prompt, "corrupted_prompt": pair.corrupted_prompt,
+        "target": pair.target, "target_id": pair.target_id,
+        "clean_logit": result.clean_logit, "corrupted_logit": result.corrupted_logit, "gap": gap,
+        "valid": valid, "clean_pred_token": decode([result.clean_pred_id]),
+        "corrupted_pred_token": decode([result.corrupted_pred_id]), "n_tokens": len(pair.clean_ids),
+    }
+    return frame, row
+
+
 def patch_probes(
     model: LoadedModel,
     probes: Sequence[Probe],
@@ -362,7 +402,6 @@ def patch_probes(
     corruptions = make_corruptions(model, probes, variants=variants, bank=bank, seed=seed, keep_last=keep_last)
     started = time.perf_counter()
     frames, pair_rows = [], []
-    decode = model.tokenizer.decode
     if corruptions.pairs:  # the shortcuts under the installed versions, against a plain full forward
         first = corruptions.pairs[0]
         PromptRunner(model, first.corrupted_ids, use_kv=False).self_check(what="patching", probe=first.probe_id)
@@ -371,41 +410,15 @@ def patch_probes(
             model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,
             sites=sites, batch_size=batch_size,
         )
-        gap = result.clean_logit - result.corrupted_logit
-        valid = abs(gap) >= min_gap
-        restored = result.restored if valid else torch.full_like(result.patched, float("nan"))
-        n_layers, n_pos = result.patched.shape[1:]
-        s_idx, l_idx, p_idx = np.meshgrid(np.arange(len(sites)), np.arange(n_layers), np.arange(n_pos), indexing="ij")
-        frame = pd.DataFrame({
-            "probe_id": pair.probe_id, "variant": pair.variant,
-            "site": np.asarray(sites)[s_idx.ravel()], "layer": l_idx.ravel(), "pos": p_idx.ravel(),
-            "pos_from_end": p_idx.ravel() - n_pos,
-            "patched_logit": result.patched.flatten().numpy().astype(np.float64),
-            "restored": restored.flatten().numpy().astype(np.float64),
-        })
-        frame["clean_token"] = [decode([pair.clean_ids[p]]) for p in frame["pos"]]
-        frame["corrupted_token"] = [decode([pair.corrupted_ids[p]]) for p in frame["pos"]]
+        frame, row = pair_tables(model, pair, result, min_gap=min_gap)
         frames.append(frame)
-        memorized = result.clean_pred_id == pair.target_id
-        pair_rows.append({
-            "probe_id": pair.probe_id, "variant": pair.variant, "kind": pair.kind,
-            "group": probe_group(pair.kind, memorized), "memorized": memorized,
-            "clean_prompt": pair.clean_prompt, "corrupted_prompt": pair.corrupted_prompt,
-            "target": pair.target, "target_id": pair.target_id,
-            "clean_logit": result.clean_logit, "corrupted_logit": result.corrupted_logit, "gap": gap,
-            "valid": valid, "clean_pred_token": decode([result.clean_pred_id]),
-            "corrupted_pred_token": decode([result.corrupted_pred_id]), "n_tokens": len(pair.clean_ids),
-        })
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["probe_id", "variant", "site", "layer", "pos", "pos_from_end", "patched_logit", "restored",
-                 "clean_token", "corrupted_token"])
+        pair_rows.append(row)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS)
     settings = model.settings() | mask_summary(model) | {
-        "analysis": "activation_patching", "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
+        "analysis": "activation_patching", "method": "exact",
+        "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
         "variants": list(variants), "sites": list(sites), "seed": seed, "keep_last": keep_last,
         "min_gap": min_gap, "n_pairs": len(corruptions.pairs), "n_skipped": len(corruptions.skipped),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    pair_columns = ["probe_id", "variant", "kind", "group", "memorized", "clean_prompt", "corrupted_prompt", "target",
-                    "target_id", "clean_logit", "corrupted_logit", "gap", "valid", "clean_pred_token",
-                    "corrupted_pred_token", "n_tokens"]
-    return PatchingResult(rows, pd.DataFrame(pair_rows, columns=pair_columns), corruptions.skipped_frame(), settings)
+    return PatchingResult(rows, pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), corruptions.skipped_frame(), settings)

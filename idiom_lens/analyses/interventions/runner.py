@@ -146,12 +146,23 @@ class SuffixRunner:
         config = getattr(getattr(bridge, "original_model", None), "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
-    def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0) -> Float[Tensor, "row d_vocab"]:
-        """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active."""
+    def run(
+        self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0,
+        resid: Float[Tensor, "row pos d_model"] | None = None,
+    ) -> Float[Tensor, "row d_vocab"]:
+        """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active.
+
+        `resid` is the residual stream entering `start`, one per row (default: the clean one):
+        causal tracing resumes corrupted runs this way."""
         bridge = self.model.bridge
         if not 0 <= start < self.model.n_layers:
             raise InputError(f"start layer must be in 0..{self.model.n_layers - 1}, got {start}")
-        x = self.resid[start].expand(n_rows, -1, -1).contiguous()
+        if resid is None:
+            x = self.resid[start].expand(n_rows, -1, -1).contiguous()
+        elif resid.shape != (n_rows, *self.resid[start].shape[1:]):
+            raise InputError(f"resid must have shape {(n_rows, *self.resid[start].shape[1:])}, got {tuple(resid.shape)}")
+        else:
+            x = resid
         with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):
             for layer in range(start, self.model.n_layers):
                 out = bridge.blocks[layer](x, **self.block_kwargs[layer])

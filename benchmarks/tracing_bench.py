@@ -1,0 +1,96 @@
+"""Time causal tracing on idioms of the embedded model, against the naive loop.
+
+    python benchmarks/tracing_bench.py [--n 100] [--naive 2] [--windows 10] [--samples 10]
+
+1. The noise scale (std of the input embeddings over the bundled text set), untimed.
+2. `causal_trace` on a seeded sample of N bundled idioms (default 100) with the given settings,
+   timed per probe; printed: total, per probe, and the projection to 100 idioms.
+3. The naive loop on the first `--naive` of those probes: one full Hugging Face forward per
+   (noise sample, site/window, layer, position) (`tests/reference.py`), timed; the same probes'
+   fast time is compared, and the cells are checked to agree.
+
+Run it alone on the machine: two heavy jobs on 2 cores slow each other several times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from idiom_lens.analyses.interventions import sample_probes
+    from idiom_lens.analyses.interventions.tracing import (
+        causal_trace,
+        default_noised,
+        noise_scale,
+        trace_noise,
+        trace_specs,
+    )
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.models.tokenization import split_probe
+    from idiom_lens.models.vocab import masked_token_ids
+    from tests.reference import load_hf_model, reference_causal_trace
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100, help="idioms traced by the fast path (default 100)")
+    parser.add_argument("--naive", type=int, default=2, help="of those, probes also run by the naive loop (default 2)")
+    parser.add_argument("--sites", nargs="+", default=["resid", "mlp", "attn"])
+    parser.add_argument("--windows", type=int, nargs="+", default=[10])
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the reference machine)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"command: {' '.join(sys.argv)}; torch threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
+          f"load average before {os.getloadavg()[0]:.2f}")
+
+    model = load_model("gemma-3-270m", progress=False)
+    scale = noise_scale(model)
+    probes = sample_probes(load_probes("idioms").probes, args.n, seed=0)
+    kw = dict(sites=args.sites, windows=args.windows, samples=args.samples, scale=scale, batch_size=args.batch_size)
+    started = time.perf_counter()
+    per_probe = []
+    results = []
+    for probe in probes:
+        t = time.perf_counter()
+        results.append(causal_trace(model, [probe], **kw))
+        per_probe.append(time.perf_counter() - t)
+    total = time.perf_counter() - started
+    n_tokens = [len(split_probe(model.tokenizer, p.prompt, p.target).prompt_ids) for p in probes]
+    print(f"fast: {len(probes)} idioms in {total:.1f} s = {total / len(probes):.2f} s per idiom "
+          f"(mean {sum(n_tokens) / len(n_tokens):.1f} prompt tokens; specs {trace_specs(args.sites, args.windows)}, "
+          f"{args.samples} samples) -> 100 idioms in {100 * total / len(probes) / 60:.1f} min")
+
+    if args.naive > 0:
+        hf = load_hf_model(str(model.source_path))
+        masked = masked_token_ids(model.tokenizer, model.d_vocab)
+        specs = trace_specs(args.sites, args.windows)
+        naive_time = fast_time = 0.0
+        worst = 0.0
+        for probe, result, seconds in list(zip(probes, results, per_probe))[: args.naive]:
+            tokens = split_probe(model.tokenizer, probe.prompt, probe.target)
+            noised = default_noised(len(tokens.prompt_ids), tokens.has_bos)
+            noise = trace_noise(probe.id, seed=0, samples=args.samples, n_positions=len(noised),
+                                d_model=model.d_model, sigma=scale.sigma)
+            t = time.perf_counter()
+            slow = reference_causal_trace(hf, tokens.prompt_ids, noised=noised, noise=noise, specs=specs,
+                                          masked_ids=masked)
+            naive_time += time.perf_counter() - t
+            fast_time += seconds
+            fast_prob = torch.tensor(result.rows["prob"].to_numpy()).reshape(slow["restored"].shape[:3])
+            worst = max(worst, float((fast_prob - slow["restored"].mean(-1).double()).abs().max()))
+        print(f"naive loop (one HF forward per sample x cell): {naive_time:.1f} s on {args.naive} idioms; "
+              f"fast path {fast_time:.1f} s on the same idioms; speed-up {naive_time / fast_time:.1f}x; "
+              f"largest difference in a cell's mean probability {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Where recall lives (issue 14): every causal method and the direct logit attribution on the same
+memorized and non-memorized idioms, per layer, in one figure.
+
+    python experiments/where_recall_lives.py --out out/recall [--per-group 15] [--window 5]
+
+Probes: the bundled idioms scored for memorization, then a seeded sample of `--per-group` memorized
+and as many non-memorized idioms. On that one sample:
+1. MLP knockouts: top-100 neurons of one layer at every position (the authors'), beside the
+   magnitude-matched control;
+2. causal tracing: noise on every prompt token but the BOS and the last (3x the embeddings' std),
+   the residual stream restored at one layer, MLP and attention outputs in windows of `--window`
+   layers, `--samples` noise draws;
+3. attention knockout: the last position cut from the idiom's earlier words in windows of
+   `--window` layers;
+4. direct logit attribution (compatibility mode): the share of the logit each MLP layer writes.
+
+Writes under --out: each result in its own folder (knockouts/, tracing/, attention_knockout/,
+attribution/), recall_profile.parquet (measure x set x layer with n and 95% intervals),
+recall_peaks.md, the figure where_recall_lives (HTML + PNG), and settings.json with timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    from idiom_lens.analyses.attribution import attribute_probes
+    from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    from idiom_lens.analyses.interventions.tracing import causal_trace
+    from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.analyses.recall import recall_profile
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
+    from idiom_lens.io import write_json, write_parquet, write_text
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.plots.export import save_figure
+    from idiom_lens.plots.recall import where_recall_lives
+    from idiom_lens.study.stages import markdown_table, sample_by_group
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--dataset", default="idioms")
+    parser.add_argument("--per-group", type=int, default=15, help="memorized and non-memorized idioms each (default 15)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=5, help="tracing and attention-knockout window (default 5)")
+    parser.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
+    parser.add_argument("--no-png", action="store_true")
+    args = parser.parse_args()
+
+    started, seconds = time.perf_counter(), {}
+    model = load_model(args.model)
+    pool = list(load_probes(args.dataset))
+    memo = score_memorization(model, pool, batch_size=32)
+    group_of = {r.probe_id: r.group for r in memo.records}
+    probes = [p for p in sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed)
+              if group_of[p.id] in (MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS)]
+    png = not args.no_png
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - t, 1)
+        result.save(args.out / name)
+        print(f"{name}: {seconds[name]:.0f} s")
+        return result
+
+    knock = timed("knockouts", lambda: knockout_grid(
+        model, probes, ks=(100,), windows=(1,), modes=("zero_top",), controls=("matched",), positions="all",
+        seed=args.seed, progress=True))
+    attn = timed("attention_knockout", lambda: attention_knockout(model, probes, window=args.window, progress=True))
+    trace = timed("tracing", lambda: causal_trace(model, probes, windows=(args.window,), samples=args.samples,
+                                                   seed=args.seed, progress=True))
+    compat = load_model(args.model, mode="compat")
+    attrib = timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
+
+    profile = recall_profile(knockouts=knock, tracing=trace, attention=attn, attribution=attrib)
+    write_parquet(args.out / "recall_profile.parquet", profile.to_dataframe())
+    write_text(args.out / "recall_peaks.md", markdown_table(profile.peaks()) + "\n")
+    save_figure(where_recall_lives(profile, title=f"Where recall lives, {model.name}"),
+                args.out / "where_recall_lives", png=png, width=1100, height=1160)
+    write_json(args.out / "settings.json", {"model": model.settings(), "per_group": args.per_group, "seed": args.seed,
+                                            "window": args.window, "samples": args.samples, "seconds": seconds,
+                                            "profile": profile.settings,
+                                            "n": {g: int(n) for g, n in trace.probes["group"].value_counts().items()}})
+    print(markdown_table(profile.peaks()))
+    print(f"total {time.perf_counter() - started:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

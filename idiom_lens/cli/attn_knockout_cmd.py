@@ -1,0 +1,114 @@
+"""`idiom-lens attn-knockout`: attention knockout (after Geva et al. 2023) over a probe set or one sequence.
+
+`idiom-lens attn-knockout --dataset idioms --sample 20 --out DIR` writes the result
+(attention_knockout*.parquet and its descriptor), the summary per set, source and layer as
+attention_knockout_summary.csv (and .parquet) and the figure attention_knockout.html/.png;
+`idiom-lens attn-knockout "once in a blue moon"` knocks out one sequence (its last word is the
+target) and prints the effect per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from idiom_lens.cli.common import (
+    add_batch_size_option,
+    add_model_options,
+    add_output_options,
+    add_probe_options,
+    load_from_args,
+    select_probes,
+)
+from idiom_lens.errors import InputError
+
+_SOURCES = ("context", "last_word", "bos")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "attn-knockout",
+        help="attention knockout: cut the last position's attention to the context (or last word, BOS) layer by layer",
+        description="Block the attention from the last prompt position to chosen source positions (the pre-softmax "
+        "scores of those edges set to -inf, so the other weights renormalize) in a window of consecutive layers "
+        "centred on each layer, and report the relative change of the probability of the model's clean prediction, "
+        "per set (memorized idioms, non-memorized idioms, ...) with 95% bootstrap intervals over probes "
+        "(after Geva et al. 2023). Predictions range over real vocabulary tokens.",
+    )
+    p.add_argument("text", nargs="?", default=None, help="one sequence to knock out; its last word is the target")
+    add_probe_options(p, required=False)
+    add_model_options(p)
+    p.add_argument("--sources", nargs="+", choices=_SOURCES, default=["context"],
+                   help="positions the last position may no longer attend to: context (the tokens of every prompt "
+                        "word but the last; default), last_word (the last word's tokens before the last position), "
+                        "bos (the BOS token); each source is run separately")
+    p.add_argument("--window", type=int, default=5,
+                   help="consecutive layers blocked together, centred on each layer and clipped at the edges "
+                        "(default 5)")
+    add_batch_size_option(p, default=64)
+    add_output_options(p, required=False, note="required with --dataset; with TEXT, files are written only if given")
+    p.set_defaults(handler=_run)
+
+
+def _write(result, out: Path, *, png: bool) -> None:
+    from idiom_lens.io import write_text
+    from idiom_lens.plots.attention_knockout import attention_knockout_curves
+    from idiom_lens.plots.export import save_figure
+
+    result.save(out)
+    write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
+    save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    from idiom_lens.datasets.probes import Probe
+
+    if (args.text is None) == (args.dataset is None):
+        raise InputError("give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither")
+    if args.window < 1:
+        raise InputError(f"--window must be a whole number of layers >= 1, got {args.window}")
+    if args.text is not None:
+        words = args.text.split()
+        if len(words) < 2:
+            raise InputError(f"TEXT {args.text!r} needs at least two words: a prompt and a target word")
+        probes = [Probe(id="text", prompt=" ".join(words[:-1]), target=words[-1], kind="idiom")]
+    else:
+        if args.out is None:
+            raise InputError("--out DIR is required with --dataset")
+        probes = select_probes(args)
+    model = load_from_args(args)
+    result = attention_knockout(model, probes, sources=tuple(args.sources), window=args.window,
+                                batch_size=args.batch_size, progress=args.text is None)
+    if args.text is None:
+        _write(result, args.out, png=not args.no_png)
+        summary = result.summary()
+        for (group, source), part in summary.groupby(["group", "source"], sort=False):
+            if part["n"].max() == 0:
+                continue
+            worst = part.loc[part["rel_change"].idxmin()]
+            print(f"{group} (n={int(part['n'].max())}), {source}: strongest drop {worst['rel_change']:+.1%} "
+                  f"[{worst['rel_change_low']:+.1%}, {worst['rel_change_high']:+.1%}] at layers "
+                  f"{int(worst['window_first'])}-{int(worst['window_last'])}")
+        print(f"{len(probes)} probes in {result.settings['seconds']:.1f} s; results in {args.out}")
+        return 0
+    tok = model.tokenizer
+    probe_row = result.probes.iloc[0]
+    rows = result.rows
+    print(f"{probes[0].prompt!r} -> predicts {tok.decode([int(probe_row['clean_pred_id'])])!r} "
+          f"(p={probe_row['clean_prob']:.3f}; target {probes[0].target!r}, {probe_row['group']})")
+    for source in args.sources:
+        part = rows[rows["source"] == source]
+        if part["reason"].iloc[0]:
+            print(f"  {source}: nothing to block ({part['reason'].iloc[0]})")
+            continue
+        n_blocked = int(part["n_blocked"].iloc[0])
+        print(f"  {source} ({n_blocked} position{'s' if n_blocked != 1 else ''} blocked):")
+        for row in part.itertuples():
+            new = "" if not row.changed else f", now predicts {tok.decode([int(row.new_pred_id)])!r}"
+            print(f"    layer {row.layer:2d} (layers {row.window_first}-{row.window_last}): p={row.prob:.3f} "
+                  f"({row.rel_change:+.1%}){new}")
+    if args.out is not None:
+        _write(result, args.out, png=not args.no_png)
+        print(f"results in {args.out}")
+    return 0

@@ -1,0 +1,91 @@
+"""`idiom-lens attn-knockout` end to end on the tiny model (registered here: the command list is
+patched, so the test does not depend on `idiom_lens.cli._COMMANDS` listing it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+
+import idiom_lens.cli as cli
+from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+from idiom_lens.cli import attn_knockout_cmd, main
+
+
+@pytest.fixture
+def commands(monkeypatch):
+    monkeypatch.setattr(cli, "_COMMANDS", ("attn_knockout",))
+
+
+@pytest.fixture
+def probe_file(tmp_path, probes):
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
+                              for p in probes) + "\n")
+    return path
+
+
+def test_register_adds_the_subcommand():
+    parser = argparse.ArgumentParser()
+    attn_knockout_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["attn-knockout", "--dataset", "idioms", "--out", "x"])
+    assert args.sources == ["context"] and args.window == 5 and args.batch_size == 64 and args.sample is None
+    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--sources", "last_word", "bos", "--window", "3"])
+    assert args.text == "once in a blue moon" and args.sources == ["last_word", "bos"] and args.window == 3
+
+
+def test_dataset_mode_writes_result_summary_and_figure(commands, tiny_model_dir, probe_file, tmp_path, capsys):
+    out = tmp_path / "attn"
+    code = main(["attn-knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "6",
+                 "--sources", "context", "bos", "--window", "2", "--no-png", "--out", str(out)])
+    assert code == 0
+    result = AttentionKnockoutResult.load(out)
+    assert result.rows["probe_id"].nunique() == 6 and set(result.rows["source"]) == {"context", "bos"}
+    assert result.settings["window"] == 2 and result.settings["sources"] == ["context", "bos"]
+    frame = pd.read_parquet(out / "attention_knockout.parquet")
+    assert {"probe_id", "kind", "group", "source", "layer", "window_first", "window_last", "n_blocked",
+            "clean_pred_id", "clean_prob", "prob", "rel_change", "changed"} <= set(frame.columns)
+    summary = pd.read_csv(out / "attention_knockout_summary.csv")
+    assert {"group", "source", "layer", "n", "rel_change", "rel_change_low", "rel_change_high"} <= set(summary.columns)
+    assert (out / "attention_knockout_summary.parquet").exists()
+    assert (out / "attention_knockout.html").exists() and (out / "attention_knockout.fig.json").exists()
+    figure = json.loads((out / "attention_knockout.fig.json").read_text())
+    assert len(figure["data"]) >= 2  # a band and a line per set and source
+    assert "6 probes" in capsys.readouterr().out
+
+
+def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, capsys):
+    code = main(["attn-knockout", "once in a zyxblue moon", "--model", str(tiny_model_dir),
+                 "--sources", "context", "last_word", "--window", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "context (3 positions blocked)" in printed and "last_word (" in printed
+    assert printed.count("layer ") >= 6 and "p=" in printed
+    out = tmp_path / "one"
+    assert main(["attn-knockout", "break ice", "--model", str(tiny_model_dir), "--sources", "context", "last_word",
+                 "--no-png", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to block" in printed  # one-word prompt, one-token word: reasons, not errors
+    assert (out / "attention_knockout.result.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["attn-knockout"], "give either TEXT"),
+    (["attn-knockout", "once in a blue moon", "--dataset", "idioms"], "give either TEXT"),
+    (["attn-knockout", "--dataset", "idioms"], "--out DIR is required with --dataset"),
+    (["attn-knockout", "moon"], "needs at least two words"),
+    (["attn-knockout", "once in a blue moon", "--window", "0"],
+     "--window must be a whole number of layers >= 1, got 0"),
+    (["attn-knockout", "once in a blue moon", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+])
+def test_bad_input_exits_2(commands, argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_source_is_refused(commands, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["attn-knockout", "once in a blue moon", "--sources", "subject"])
+    assert exc.value.code == 2 and "invalid choice: 'subject'" in capsys.readouterr().err
