@@ -42,6 +42,13 @@ _API: dict[str, str] = {
     "patch_probes": "idiom_lens.analyses.interventions.patching",
     "PatchingResult": "idiom_lens.analyses.interventions.patching",
     "value_vector_ranks": "idiom_lens.analyses.interventions.value_vectors",
+    "causal_trace": "idiom_lens.analyses.interventions.tracing",
+    "TracingResult": "idiom_lens.analyses.interventions.tracing",
+    "attention_knockout": "idiom_lens.analyses.interventions.attention_knockout",
+    "AttentionKnockoutResult": "idiom_lens.analyses.interventions.attention_knockout",
+    "attribution_patch_probes": "idiom_lens.analyses.interventions.attribution_patching",
+    "patching_agreement": "idiom_lens.analyses.interventions.attribution_patching",
+    "recall_profile": "idiom_lens.analyses.recall",
     # the study
     "run_study": "idiom_lens.study.run",
     "StudyOptions": "idiom_lens.study.run",
@@ -56,6 +63,10 @@ _API: dict[str, str] = {
     "knockout_layer_curves": "idiom_lens.plots.interventions",
     "skip_curves": "idiom_lens.plots.interventions",
     "patching_heatmaps": "idiom_lens.plots.interventions",
+    "tracing_heatmaps": "idiom_lens.plots.tracing",
+    "tracing_curves": "idiom_lens.plots.tracing",
+    "attention_knockout_curves": "idiom_lens.plots.attention_knockout",
+    "where_recall_lives": "idiom_lens.plots.recall",
     "save_figure": "idiom_lens.plots.export",
 }
 

@@ -85,21 +85,6 @@ def _patch(args: argparse.Namespace, model: Any, probes: list, method: str) -> A
                batch_size=args.batch_size, progress=True)
 
 
-def _write_set(result: Any, out: Path, variants: list[str], *, png: bool) -> None:
-    """The files `study.stages.run_patching` writes, for a result computed here (attribution)."""
-    from idiom_lens.io import write_json
-    from idiom_lens.plots.export import save_figure
-    from idiom_lens.plots.interventions import patching_heatmaps
-
-    result.save(out)
-    write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
-    for variant in variants:
-        valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
-        for group in sorted(set(valid["group"])):
-            save_figure(patching_heatmaps(result, variant=variant, group=group),
-                        out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
-
-
 def _agreement(results: dict[str, Any], out: Path | None) -> None:
     """Print (and with `out`, write) how attribution patching agrees with exact patching."""
     from idiom_lens.analyses.interventions.attribution_patching import patching_agreement
@@ -120,15 +105,11 @@ def _agreement(results: dict[str, Any], out: Path | None) -> None:
 def _run_set(args: argparse.Namespace, model: Any, probes: list) -> int:
     results: dict[str, Any] = {}
     for method in _methods(args):
-        folder = _folder(args, method)
-        if method == "exact":
-            from idiom_lens.study.stages import run_patching
+        from idiom_lens.study.stages import run_patching
 
-            result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed,
-                                  keep_last=args.keep_last, batch_size=args.batch_size, png=not args.no_png)
-        else:
-            result = _patch(args, model, probes, method)
-            _write_set(result, folder, args.variants, png=not args.no_png)
+        folder = _folder(args, method)
+        result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
+                              method=method, batch_size=args.batch_size, png=not args.no_png)
         if not results:
             for row in result.skipped.itertuples():
                 print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")

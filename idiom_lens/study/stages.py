@@ -346,18 +346,23 @@ def run_patching(
     variants: Sequence[str] = ("word_swap", "prefix_swap"),
     seed: int = 0,
     keep_last: int = 2,
+    method: str = "exact",
     batch_size: int = 64,
     png: bool = True,
 ) -> Any:
-    """Activation patching of `probes` (clean idiom -> corrupted prompt); parquet, mean heatmaps
-    per set and summary.json under `out`. Returns the `PatchingResult`."""
-    from idiom_lens.analyses.interventions import patch_probes
+    """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
+    attribution patching (`method`); parquet, mean heatmaps per set and summary.json under `out`.
+    Returns the `PatchingResult`."""
+    from idiom_lens.analyses.interventions import attribution_patch_probes, patch_probes
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
 
+    methods = {"exact": patch_probes, "attribution": attribution_patch_probes}
+    if method not in methods:
+        raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     out = Path(out)
-    result = patch_probes(model, probes, variants=variants, seed=seed, keep_last=keep_last,
-                          batch_size=batch_size, progress=True)
+    result = methods[method](model, probes, variants=variants, seed=seed, keep_last=keep_last,
+                             batch_size=batch_size, progress=True)
     result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
