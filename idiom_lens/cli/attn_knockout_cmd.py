@@ -50,16 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
-def _write(result, out: Path, *, png: bool) -> None:
-    from idiom_lens.io import write_text
-    from idiom_lens.plots.attention_knockout import attention_knockout_curves
-    from idiom_lens.plots.export import save_figure
-
-    result.save(out)
-    write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
-    save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
-
-
 def _run(args: argparse.Namespace) -> int:
     from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
     from idiom_lens.datasets.probes import Probe
@@ -78,10 +68,14 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("--out DIR is required with --dataset")
         probes = select_probes(args)
     model = load_from_args(args)
-    result = attention_knockout(model, probes, sources=tuple(args.sources), window=args.window,
-                                batch_size=args.batch_size, progress=args.text is None)
+    options = dict(sources=tuple(args.sources), window=args.window, batch_size=args.batch_size)
+    if args.out is not None:  # the files the study's stage writes
+        from idiom_lens.study.stages import run_attention_knockout
+
+        result = run_attention_knockout(model, probes, args.out, png=not args.no_png, **options)
+    else:
+        result = attention_knockout(model, probes, progress=False, **options)
     if args.text is None:
-        _write(result, args.out, png=not args.no_png)
         summary = result.summary()
         for (group, source), part in summary.groupby(["group", "source"], sort=False):
             if part["n"].max() == 0:
@@ -109,6 +103,5 @@ def _run(args: argparse.Namespace) -> int:
             print(f"    layer {row.layer:2d} (layers {row.window_first}-{row.window_last}): p={row.prob:.3f} "
                   f"({row.rel_change:+.1%}){new}")
     if args.out is not None:
-        _write(result, args.out, png=not args.no_png)
         print(f"results in {args.out}")
     return 0
