@@ -32,14 +32,11 @@ def main() -> None:
     from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
     from idiom_lens.analyses.interventions.tracing import causal_trace
     from idiom_lens.analyses.memorization import score_memorization
-    from idiom_lens.analyses.recall import recall_profile
     from idiom_lens.datasets import load_probes
     from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
-    from idiom_lens.io import write_json, write_parquet, write_text
+    from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
-    from idiom_lens.plots.export import save_figure
-    from idiom_lens.plots.recall import where_recall_lives
-    from idiom_lens.study.stages import markdown_table, sample_by_group
+    from idiom_lens.study.stages import sample_by_group
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -50,7 +47,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="tracing and attention-knockout window (default 5)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
     parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--redraw", action="store_true",
+                        help="no model: read the four results saved under --out and redraw the table and figure")
     args = parser.parse_args()
+    if args.redraw:
+        return _draw(args.out, png=not args.no_png)
 
     started, seconds = time.perf_counter(), {}
     model = load_model(args.model)
@@ -78,17 +79,34 @@ def main() -> None:
     compat = load_model(args.model, mode="compat")
     attrib = timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
 
-    profile = recall_profile(knockouts=knock, tracing=trace, attention=attn, attribution=attrib)
-    write_parquet(args.out / "recall_profile.parquet", profile.to_dataframe())
-    write_text(args.out / "recall_peaks.md", markdown_table(profile.peaks()) + "\n")
-    save_figure(where_recall_lives(profile, title=f"Where recall lives, {model.name}"),
-                args.out / "where_recall_lives", png=png, width=1100, height=1160)
     write_json(args.out / "settings.json", {"model": model.settings(), "per_group": args.per_group, "seed": args.seed,
                                             "window": args.window, "samples": args.samples, "seconds": seconds,
-                                            "profile": profile.settings,
                                             "n": {g: int(n) for g, n in trace.probes["group"].value_counts().items()}})
-    print(markdown_table(profile.peaks()))
+    _draw(args.out, png=png)
     print(f"total {time.perf_counter() - started:.0f} s -> {args.out}")
+
+
+def _draw(out: Path, *, png: bool) -> None:
+    """The profile table, its peaks and the figure, from the results saved under `out`."""
+    from idiom_lens.analyses.attribution import AttributionResult
+    from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
+    from idiom_lens.analyses.recall import recall_profile
+    import json
+
+    from idiom_lens.io import write_parquet, write_text
+    from idiom_lens.plots.export import save_figure
+    from idiom_lens.plots.recall import where_recall_lives
+    from idiom_lens.study.stages import markdown_table
+
+    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"), tracing=TracingResult.load(out / "tracing"),
+                             attention=AttentionKnockoutResult.load(out / "attention_knockout"),
+                             attribution=AttributionResult.load(out / "attribution"))
+    write_parquet(out / "recall_profile.parquet", profile.to_dataframe())
+    write_text(out / "recall_peaks.md", markdown_table(profile.peaks()) + "\n")
+    model_name = json.loads((out / "settings.json").read_text())["model"]["model_name"]
+    save_figure(where_recall_lives(profile, title=f"Where recall lives, {model_name}"), out / "where_recall_lives",
+                png=png, width=1100, height=1160)
+    print(markdown_table(profile.peaks()))
 
 
 if __name__ == "__main__":

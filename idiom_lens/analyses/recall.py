@@ -6,9 +6,10 @@ Measures (`MEASURES`), each per set and layer with n and a 95% interval:
 - ``knockout top-100``, ``knockout matched``: share of predictions changed by zeroing the top-100
   MLP neurons of one layer at every position (the authors' variant), and by the magnitude-matched
   random control (`KnockoutResult.layer_table`; Wilson intervals);
-- ``tracing MLP``: causal tracing's average indirect effect of restoring the MLP output in the
-  window centered on the layer, at the last noised token (ROME's "last subject token");
-- ``tracing attention``: the same for the attention output, at the last token;
+- ``tracing MLP (last noised)``: causal tracing's average indirect effect of restoring the MLP
+  output in the window centered on the layer, at the last noised token (ROME's "last subject
+  token"); ``tracing MLP (last)``: the same at the last token;
+- ``tracing attention (last)``: the same for the attention output, at the last token;
 - ``attention knockout``: the drop of the clean prediction's probability, relative, when the last
   position's attention to the idiom's earlier words is cut in the window centered on the layer
   (-rel_change: higher means the edge matters more);
@@ -25,8 +26,8 @@ import pandas as pd
 from idiom_lens.errors import InputError
 from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
 
-MEASURES: tuple[str, ...] = ("knockout top-100", "knockout matched", "tracing MLP", "tracing attention",
-                             "attention knockout", "DLA MLP share")
+MEASURES: tuple[str, ...] = ("knockout top-100", "knockout matched", "tracing MLP (last noised)", "tracing MLP (last)",
+                             "tracing attention (last)", "attention knockout", "DLA MLP share")
 COLUMNS = ["measure", "group", "layer", "n", "value", "lo", "hi"]
 
 
@@ -81,11 +82,12 @@ def recall_profile(
         window = tracing_window if tracing_window is not None else windows[-1]
         if window not in windows:
             raise InputError(f"tracing_window {window} is not in the tracing result's windows {windows}")
-        for site, position, measure in (("mlp", "last noised", "tracing MLP"), ("attn", "last", "tracing attention")):
+        for site, position in (("mlp", "last noised"), ("mlp", "last"), ("attn", "last")):
+            measure = f"tracing {'MLP' if site == 'mlp' else 'attention'} ({position})"
             sub = summary[(summary["site"] == site) & (summary["window"] == window) & (summary["position"] == position)]
             parts.append(pd.DataFrame({"measure": measure, "group": sub["group"], "layer": sub["layer"], "n": sub["n"],
                                        "value": sub["aie"], "lo": sub["aie_lo"], "hi": sub["aie_hi"]}))
-        settings["tracing"] = {"window": int(window), "mlp_position": "last noised", "attn_position": "last",
+        settings["tracing"] = {"window": int(window), "mlp_positions": ["last noised", "last"], "attn_position": "last",
                                "noise_sigma": tracing.settings.get("noise_sigma"),
                                "samples": tracing.settings.get("samples")}
     if attention is not None:

@@ -16,13 +16,15 @@ _PANELS = (
     ("MLP neuron knockouts (top-100 of one layer, every position)",
      [("knockout top-100", "solid"), ("knockout matched", "dot")], "share changed"),
     ("Causal tracing (restore a window of layers)",
-     [("tracing MLP", "solid"), ("tracing attention", "dot")], "avg. indirect effect"),
+     [("tracing MLP (last noised)", "solid"), ("tracing MLP (last)", "dash"), ("tracing attention (last)", "dot")],
+     "avg. indirect effect"),
     ("Attention knockout (last token cut from the earlier words)",
      [("attention knockout", "solid")], "relative prob. drop"),
     ("Direct logit attribution", [("DLA MLP share", "solid")], "MLP share of logit"),
 )
 _LABEL = {"knockout top-100": "top-100", "knockout matched": "matched control",
-          "tracing MLP": "MLP, last noised token", "tracing attention": "attention, last token",
+          "tracing MLP (last noised)": "MLP, last noised token", "tracing MLP (last)": "MLP, last token",
+          "tracing attention (last)": "attention, last token",
           "attention knockout": "context -> last", "DLA MLP share": "MLP layer"}
 
 

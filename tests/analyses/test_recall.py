@@ -40,13 +40,16 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     assert set(frame["measure"]) == set(MEASURES)
     assert profile.settings["tracing"]["window"] == 2  # the largest window by default
     layer = tiny_model.n_layers - 1
-    group = frame.loc[frame["measure"] == "tracing MLP", "group"].iloc[0]
+    group = frame.loc[frame["measure"] == "tracing MLP (last noised)", "group"].iloc[0]
 
     s = results["tracing"].summary()
     want = s[(s["site"] == "mlp") & (s["window"] == 2) & (s["position"] == "last noised") & (s["group"] == group)
              & (s["layer"] == layer)].iloc[0]
-    got = _at(frame, "tracing MLP", group, layer)
+    got = _at(frame, "tracing MLP (last noised)", group, layer)
     assert (got["value"], got["lo"], got["hi"], got["n"]) == (want["aie"], want["aie_lo"], want["aie_hi"], want["n"])
+    want = s[(s["site"] == "attn") & (s["window"] == 2) & (s["position"] == "last") & (s["group"] == group)
+             & (s["layer"] == 0)].iloc[0]
+    assert _at(frame, "tracing attention (last)", group, 0)["value"] == want["aie"]
 
     a = results["attention"].summary()
     want = a[(a["source"] == "context") & (a["group"] == group) & (a["layer"] == 0)].iloc[0]

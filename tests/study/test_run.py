@@ -35,8 +35,9 @@ def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
     assert len(model.attention_knockout().probes) >= 2
     # the recall figure's table is what the stages hold, read back through the layout
     profile = model.recall_profile().to_dataframe()
-    assert set(profile["measure"]) == {"knockout top-100", "knockout matched", "tracing MLP", "tracing attention",
-                                       "attention knockout", "DLA MLP share"}
+    from idiom_lens.analyses.recall import MEASURES
+
+    assert set(profile["measure"]) == set(MEASURES)
     import pandas as pd
     pd.testing.assert_frame_equal(pd.read_parquet(model.stage_path("recall") / "recall_profile.parquet"), profile)
 
