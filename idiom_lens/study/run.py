@@ -53,7 +53,7 @@ KNOCKOUT_OPTIONS: dict[str, Any] = {
 }
 PATCHING_OPTIONS: dict[str, Any] = {}
 # Causal tracing: the residual stream at one layer, MLP and attention outputs in windows of 5 layers
-# (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; ~35 s per idiom on 2 cores.
+# (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; 20-45 s per idiom on 2 cores.
 TRACING_OPTIONS: dict[str, Any] = {"sites": ("resid", "mlp", "attn"), "windows": (5,), "samples": 10,
                                    "multiplier": 3.0}
 ATTENTION_KNOCKOUT_OPTIONS: dict[str, Any] = {"sources": ("context",), "window": 5}
