@@ -13,7 +13,8 @@ from idiom_lens.analyses.interventions.knockouts import (
     knockout_grid,
     rank_neurons,
 )
-from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult, attention_knockout
+# `attention_knockout` (the function) is not re-exported: it would hide the submodule of the same name.
+from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
 from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patching_agreement
 from idiom_lens.analyses.interventions.patching import PatchingResult, make_corruptions, patch_pair, patch_probes
 from idiom_lens.analyses.interventions.runner import sample_probes
@@ -23,7 +24,7 @@ from idiom_lens.analyses.interventions.value_vectors import ValueVectorRanks, va
 
 __all__ = [
     "PAPER_GRID", "AttentionKnockoutResult", "KnockoutResult", "NeuronRanking", "PatchingResult", "SkipResult",
-    "TracingResult", "ValueVectorRanks", "attention_knockout", "attribution_patch_probes", "causal_trace",
+    "TracingResult", "ValueVectorRanks", "attribution_patch_probes", "causal_trace",
     "knockout_grid", "make_corruptions", "patch_pair", "patch_probes", "patching_agreement", "rank_neurons",
     "sample_probes", "skip_layers", "value_vector_ranks",
 ]

@@ -183,8 +183,8 @@ def test_nothing_to_block_equals_clean(which, request, probes):
     blocks = [Block((), ()), Block(tuple(range(n)), ()), Block((n, n + 1), (1, 2)), Block((-2, -1), (1,)),
               Block((), (1, 2)), Block(tuple(range(n)), (1, 2, 3))]
     logits = knockout_logits(runner, blocks)
-    for row in range(1, 5):
-        assert torch.equal(logits[row], logits[0])
+    for row in range(1, 5):  # equal up to fp32 noise: a multithreaded GEMM may sum rows in other orders
+        torch.testing.assert_close(logits[row], logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[0], clean, atol=1e-5, rtol=0)  # batch shape: fp32 noise only
     assert float((logits[5] - clean).abs().max()) > 0.1
 
