@@ -118,6 +118,24 @@ def check_shared_options(args: argparse.Namespace) -> None:
         raise InputError(f"--out must be a folder, but {out} is a file")
 
 
+def text_or_dataset_probes(args: argparse.Namespace, *, min_words: int = 2) -> list:
+    """The probes of a command that takes either TEXT (one sequence of at least `min_words` words,
+    the last one the target) or `--dataset` (which then needs `--out`): `InputError` otherwise."""
+    from idiom_lens.datasets.probes import Probe
+
+    if (args.text is None) == (args.dataset is None):
+        raise InputError("give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither")
+    if args.text is None:
+        if args.out is None:
+            raise InputError("--out DIR is required with --dataset")
+        return select_probes(args)
+    words = args.text.split()
+    if len(words) < min_words:
+        raise InputError(f"TEXT {args.text!r} needs at least {min_words} words: a prompt of {min_words - 1} or more "
+                         "and a target word")
+    return [Probe(id="text", prompt=" ".join(words[:-1]), target=words[-1], kind="idiom")]
+
+
 def select_probes(args: argparse.Namespace) -> list:
     """The probes of `args.dataset`: the first `--limit` of each set, then a seeded `--sample` of
     each set (with `--seed`), joined in the given order."""

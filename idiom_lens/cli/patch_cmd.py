@@ -22,7 +22,7 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     load_from_args,
-    select_probes,
+    text_or_dataset_probes,
 )
 from idiom_lens.errors import InputError
 
@@ -50,19 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.datasets.probes import Probe
-
-    if (args.text is None) == (args.dataset is None):
-        raise InputError("give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither")
-    if args.text is not None:
-        words = args.text.split()
-        if len(words) < 2:
-            raise InputError(f"TEXT {args.text!r} needs at least two words: a prompt and a target word")
-        probes = [Probe(id="text", prompt=" ".join(words[:-1]), target=words[-1], kind="idiom")]
-    else:
-        if args.out is None:
-            raise InputError("--out DIR is required with --dataset")
-        probes = select_probes(args)
+    probes = text_or_dataset_probes(args)
     model = load_from_args(args)
     return _run_set(args, model, probes) if args.text is None else _run_text(args, model, probes)
 

@@ -16,7 +16,7 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     load_from_args,
-    select_probes,
+    text_or_dataset_probes,
 )
 from idiom_lens.errors import InputError
 
@@ -51,8 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if (args.text is None) == (args.dataset is None):
-        raise InputError("give either TEXT (one sequence) or --dataset NAME|PATH, not both or neither")
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     if any(w < 1 for w in args.windows):
@@ -61,21 +59,11 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
     if args.part_size < 1:
         raise InputError(f"--part-size must be >= 1, got {args.part_size}")
-    if args.text is None and args.out is None:
-        raise InputError("--out DIR is required with --dataset")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.datasets.probes import Probe
-
     _check(args)
-    if args.text is not None:
-        words = args.text.split()
-        if len(words) < 3:
-            raise InputError(f"TEXT {args.text!r} needs at least three words: a prompt of two or more and a target")
-        probes = [Probe(id="text", prompt=" ".join(words[:-1]), target=words[-1], kind="idiom")]
-    else:
-        probes = select_probes(args)
+    probes = text_or_dataset_probes(args, min_words=3)  # noise needs a token between the BOS and the last
     model = load_from_args(args)
     options = dict(sites=args.sites, windows=args.windows, samples=args.samples, multiplier=args.noise_multiplier,
                    noise_words=tuple(args.noise_words) if args.noise_words else None, seed=args.seed,

@@ -75,7 +75,7 @@ def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, c
     (["attn-knockout"], "give either TEXT"),
     (["attn-knockout", "once in a blue moon", "--dataset", "idioms"], "give either TEXT"),
     (["attn-knockout", "--dataset", "idioms"], "--out DIR is required with --dataset"),
-    (["attn-knockout", "moon"], "needs at least two words"),
+    (["attn-knockout", "moon"], "needs at least 2 words"),
     (["attn-knockout", "once in a blue moon", "--window", "0"],
      "--window must be a whole number of layers >= 1, got 0"),
     (["attn-knockout", "once in a blue moon", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
