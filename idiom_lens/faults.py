@@ -19,6 +19,8 @@ Points, each where the files on disk differ from every other point's:
   are not (`stages.run_attribution`);
 - ``tracing.part``: a causal-tracing part's parquet files and marker are written, the next part
   is not started (`stages.run_tracing`);
+- ``lens.checkpoint``: a tuned-lens training checkpoint is written, the next step is not taken
+  (`lenses.train.train_tuned_lens`);
 - ``stage.outputs``: a stage function returned (every output written), its completion marker
   is not written yet (`stages.run_stage`).
 
@@ -38,7 +40,7 @@ ENV = "IDIOM_LENS_FAULT"
 
 POINTS: frozenset[str] = frozenset({
     "trajectory.part", "knockouts.written", "skipping.written", "patching.written",
-    "attribution.written", "tracing.part", "stage.outputs",
+    "attribution.written", "tracing.part", "lens.checkpoint", "stage.outputs",
 })
 
 

@@ -99,6 +99,7 @@ class PhaseAnalysis:
     holds_confidence_matched: bool | None = None
     alpha: float = 0.05
     caliper: float = 0.05
+    lens: str = "logit"  # the lens the trajectory was read through (`TrajectoryResult.lens`)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.group_table()
@@ -109,6 +110,7 @@ class PhaseAnalysis:
 
     def to_dict(self) -> dict:
         return {
+            "lens": self.lens,
             "boundary_layer": self.boundary_layer,
             "n_layers": self.n_layers,
             "boundary_rule": f"first layer from which >= {self.top1_share:g} of memorized idioms stay top-1",
@@ -223,7 +225,7 @@ def analyse_phases(
         top1_share=top1_share, summary_text=text, holds=holds,
         boundary_depth=relative_depth(boundary, n_layers), boundary_sensitivity=sensitivity,
         promotion_tests=tests, matching=matching, matched_pairs=pairs,
-        holds_confidence_matched=holds_matched, alpha=alpha, caliper=caliper,
+        holds_confidence_matched=holds_matched, alpha=alpha, caliper=caliper, lens=result.lens_kind,
     )
 
 

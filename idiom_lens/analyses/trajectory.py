@@ -8,11 +8,16 @@ probability, plus the entropy and the argmax of the read-out distribution.
 
 One batched forward pass per batch gives both the trajectory and the memorization records
 (the last layer's read-out is the model's own output, which the tests check).
+
+`lens` picks how a layer is read (`idiom_lens.lenses`): the logit lens (the default, the paper's)
+or a learned lens (tuned, Jacobian) that first maps each block's output into the last block's
+basis. A learned lens is trained on block outputs, so it reads `resid_post` only. The result
+records the lens (`TrajectoryResult.lens`, a `lens` column in the tidy table).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +28,7 @@ from jaxtyping import Float, Int
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
+from idiom_lens.lenses.lens import Lens
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
 from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, records_from_batch
 from idiom_lens.models.loading import LoadedModel
@@ -57,6 +63,11 @@ class TrajectoryResult(Saved):
     target_prob: Float[np.ndarray, "probe site layer"]
     entropy: Float[np.ndarray, "probe site layer"]
     top_id: Int[np.ndarray, "probe site layer"]
+    lens: dict[str, Any] = field(default_factory=lambda: {"kind": "logit"})  # `Lens.describe()` of the read-out
+
+    @property
+    def lens_kind(self) -> str:
+        return str(self.lens.get("kind", "logit"))
 
     @property
     def n_layers(self) -> int:
@@ -85,6 +96,7 @@ class TrajectoryResult(Saved):
                 "hard_to_guess": mem["hard_to_guess"].to_numpy()[idx[0]],
                 "site": np.asarray(self.sites, dtype=object)[idx[1]],
                 "layer": idx[2],
+                "lens": self.lens_kind,
             }
         )
         for metric in METRICS:
@@ -93,7 +105,7 @@ class TrajectoryResult(Saved):
 
     @staticmethod
     def from_dataframe(
-        frame: pd.DataFrame, memorization: MemorizationResult
+        frame: pd.DataFrame, memorization: MemorizationResult, *, lens: dict[str, Any] | None = None
     ) -> "TrajectoryResult":
         """Rebuild a result from `to_dataframe()` output (e.g. a parquet file) and its memorization."""
         ids = [r.probe_id for r in memorization.records]
@@ -107,7 +119,7 @@ class TrajectoryResult(Saved):
             raise InputError("trajectory table does not match its memorization records")
         shape = (len(ids), len(sites), n_layers)
         arrays = {m: frame[m].to_numpy().reshape(shape) for m in METRICS}
-        return TrajectoryResult(memorization=memorization, sites=sites, **arrays)
+        return TrajectoryResult(memorization=memorization, sites=sites, lens=lens or {"kind": "logit"}, **arrays)
 
     @staticmethod
     def concat(parts: Sequence["TrajectoryResult"]) -> "TrajectoryResult":
@@ -115,23 +127,26 @@ class TrajectoryResult(Saved):
         if not parts:
             raise InputError("no trajectory results to join")
         first = parts[0]
-        if any(p.sites != first.sites or p.settings != first.settings for p in parts):
-            raise InputError("trajectory results differ in sites or model settings")
+        if any(p.sites != first.sites or p.settings != first.settings or p.lens != first.lens for p in parts):
+            raise InputError("trajectory results differ in sites, model settings or lens")
         mem = MemorizationResult(
             records=tuple(r for p in parts for r in p.memorization.records), settings=first.settings
         )
         arrays = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METRICS}
-        return TrajectoryResult(memorization=mem, sites=first.sites, **arrays)
+        return TrajectoryResult(memorization=mem, sites=first.sites, lens=first.lens, **arrays)
 
     default_name = "trajectory"
 
     def saved_tables(self) -> dict[str, pd.DataFrame]:
         return {"": self.to_dataframe(), "memorization": self.memorization.to_dataframe()}
 
+    def saved_meta(self) -> dict[str, Any]:
+        return {"lens": self.lens}
+
     @classmethod
     def from_saved(cls, saved: SavedTables) -> "TrajectoryResult":
         memorization = MemorizationResult.from_dataframe(saved.tables["memorization"], saved.settings)
-        return cls.from_dataframe(saved.tables[""], memorization)
+        return cls.from_dataframe(saved.tables[""], memorization, lens=saved.meta.get("lens"))
 
 
 def layer_trajectory(
@@ -140,12 +155,15 @@ def layer_trajectory(
     *,
     sites: Sequence[str] = SITES,
     batch_size: int = 16,
+    lens: Lens | None = None,
     progress: bool = False,
 ) -> TrajectoryResult:
-    """Logit-lens trajectory of every probe (batched; independent of batch size and padding).
+    """Trajectory of every probe read through `lens` (default: the logit lens); batched, and
+    independent of batch size and padding.
 
-    Raises `InputError` for no probes or an unknown site; `FastPathError` when the batched forward
-    or read-out disagrees with a full forward.
+    Raises `InputError` for no probes, an unknown site, a lens of another model, or a learned lens
+    with a site other than `resid_post`; `FastPathError` when the batched forward or read-out
+    disagrees with a full forward.
     """
     probes = list(probes)
     if not probes:
@@ -154,6 +172,11 @@ def layer_trajectory(
     if unknown or not sites:
         raise InputError(f"unknown sites {unknown or '(none given)'}: expected some of {list(SITES)}")
     sites = tuple(sites)
+    if lens is not None:
+        lens.check_model(model)
+        if lens.kind != "logit" and sites != ("resid_post",):
+            raise InputError(f"the {lens.kind} lens reads block outputs (resid_post) only, not {list(sites)}: "
+                             "use --sites resid_post")
     n_layers = model.n_layers
     hook_names = [_HOOK[s].format(layer) for s in sites for layer in range(n_layers)]
     probe_tokens = tokenize_probes(model, probes)
@@ -169,7 +192,10 @@ def layer_trajectory(
         batch_records = records_from_batch(model, probes, probe_tokens, batch)
         n = len(batch.indices)
         # [site*layer, batch, d_model] -> rows ordered (probe, site, layer)
-        stacked = torch.stack([batch.captured[h] for h in hook_names]).transpose(0, 1)
+        captured = [batch.captured[h] for h in hook_names]
+        if lens is not None and lens.kind != "logit":  # sites == ("resid_post",): hook i is layer i
+            captured = [lens.translate(v, layer) for layer, v in enumerate(captured)]
+        stacked = torch.stack(captured).transpose(0, 1)
         vectors = stacked.reshape(n * len(hook_names), model.d_model)
         tracked = torch.tensor([[r.pred_id, r.target_id] for r in batch_records])
         tracked = tracked.repeat_interleave(len(hook_names), dim=0)
@@ -193,7 +219,8 @@ def layer_trajectory(
             records[index] = record
     release_workspace()
     memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
-    return TrajectoryResult(memorization=memorization, sites=sites, **out)
+    return TrajectoryResult(memorization=memorization, sites=sites, lens=(lens.describe() if lens else {"kind": "logit"}),
+                            **out)
 
 
 def _check_last_layer(

@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", nargs="+", default=["resid_post"],
                    help="trajectory reads per layer (default: resid_post, the paper's figure; "
                         "resid_mid attn_out mlp_out add as much time again each)")
+    p.add_argument("--lens", nargs="+", default=["logit"], choices=("logit", "tuned", "jacobian"),
+                   help="lenses to read the trajectory through: the logit lens always (the paper's); tuned and/or "
+                        "jacobian add the lenses stage (each trained once into the cache when missing, about 10 "
+                        "minutes on 2 cores) comparing the phases under each lens")
     p.add_argument("--attribution-sample", type=int, default=30, metavar="N",
                    help="probes per comparison set (memorized idioms, non-memorized idioms, text, facts) for the "
                         "attribution stage, seeded by --seed (default 30; 0 skips it)")
@@ -48,7 +52,7 @@ def handle(args: argparse.Namespace) -> int:
     from idiom_lens.study.run import StudyOptions, run_study
 
     options = StudyOptions(
-        datasets=tuple(args.dataset), limit=args.limit, sites=tuple(args.sites),
+        datasets=tuple(args.dataset), limit=args.limit, sites=tuple(args.sites), lenses=tuple(args.lens),
         attribution_sample=args.attribution_sample, knockout_sample=args.knockout_sample,
         patching_sample=args.patching_sample, tracing_sample=args.tracing_sample,
         attn_knockout_sample=args.attn_knockout_sample, seed=args.seed, batch_size=args.batch_size,

@@ -18,8 +18,11 @@ from idiom_lens.analyses.trajectory import SITES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trajectory", help="memorization + layer trajectory of a probe set")
     add_probe_options(p)
-    p.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES,
-                   help="which reads per layer (default: all four)")
+    p.add_argument("--sites", nargs="+", default=None, choices=SITES,
+                   help="which reads per layer (default: all four with the logit lens, resid_post with a learned one)")
+    p.add_argument("--lens", default="logit", metavar="KIND|FILE",
+                   help="read each layer through: logit (default, the paper's), tuned or jacobian (from the cache, "
+                        "trained first when missing: `idiom-lens lens train`), or a lens file (.pt)")
     add_batch_size_option(p, default=16)
     add_output_options(p)
     add_model_options(p)
@@ -31,9 +34,14 @@ def handle(args: argparse.Namespace) -> int:
 
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))
+    from idiom_lens.lenses import resolve_lens
+    from idiom_lens.lenses.cache import bundled_prompts
+
     model = load_from_args(args)
-    print(f"trajectory: {len(selected)} probes from {datasets} on {model.spec} -> {args.out}")
-    result = resumable_trajectory(model, selected, args.out, sites=args.sites, batch_size=args.batch_size)
+    lens = resolve_lens(model, args.lens, prompts=sorted(set(bundled_prompts()) | {p.prompt for p in selected}))
+    sites = args.sites or (list(SITES) if lens.kind == "logit" else ["resid_post"])
+    print(f"trajectory: {len(selected)} probes from {datasets} on {model.spec}, {lens.kind} lens -> {args.out}")
+    result = resumable_trajectory(model, selected, args.out, sites=sites, batch_size=args.batch_size, lens=lens)
     outputs = write_trajectory_outputs(result, args.out, title=f"{model.spec}: {datasets}", png=not args.no_png)
     print(outputs.phases.summary_text)
     print(f"wrote {len(outputs.files)} files to {args.out}")

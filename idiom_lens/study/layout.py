@@ -2,6 +2,7 @@
 
     OUT/study.json                  format version and the idiom_lens that wrote it
     OUT/<model>/trajectory/         memorization, logit-lens trajectory, phases (resumable parts)
+    OUT/<model>/lenses/             the trajectory under the logit, tuned and Jacobian lenses, compared
     OUT/<model>/attribution/        direct logit attribution of a sample per set
     OUT/<model>/interventions/      knockouts, value vectors, layer skipping
     OUT/<model>/patching/           activation patching (exact)
@@ -37,6 +38,7 @@ SUMMARY_FILE = "summary.json"
 FIGURE_SUFFIX = ".fig.json"
 
 TRAJECTORY = "trajectory"
+LENSES = "lenses"
 ATTRIBUTION = "attribution"
 INTERVENTIONS = "interventions"
 PATCHING = "patching"
@@ -44,13 +46,14 @@ TRACING = "tracing"
 ATTENTION_KNOCKOUT = "attention_knockout"
 RECALL = "recall"
 COMPARISON = "comparison"
-STAGES = (TRAJECTORY, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
+STAGES = (TRAJECTORY, LENSES, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
 _HIDDEN = {"parts"}  # resumable trajectory parts: internal to the trajectory stage
 
 # The tables each stage writes beside its summary, by name (file = <name>.parquet).
 TABLES: dict[str, tuple[str, ...]] = {
     TRAJECTORY: ("memorization_summary", "phases_per_probe", "phases_curves", "phases_promotion_tests",
                  "phases_boundary_sensitivity", "phases_matching", "phases_matched_pairs"),
+    LENSES: ("lens_promotion", "lens_tests", "lens_boundaries", "lens_heldout_kl"),
     ATTRIBUTION: ("layer_stats_logit", "layer_stats_logit_diff", "cumulative_share_logit",
                   "cumulative_share_logit_diff"),
     INTERVENTIONS: ("knockout_layers", "value_vectors", "value_vectors_summary"),
@@ -166,6 +169,16 @@ class ModelFolder:
 
         path = self._need(TRAJECTORY)
         return load_trajectory(path, settings=_read_json(path / SUMMARY_FILE).get("settings"))
+
+    def lens_trajectory(self, lens: str) -> Any:
+        """The `TrajectoryResult` read through `lens` (logit, tuned, jacobian) in the lenses stage."""
+        from idiom_lens.analyses.trajectory import TrajectoryResult
+
+        path = self._need(LENSES) / lens
+        if not (path / SUMMARY_FILE).is_file():
+            raise InputError(f"model {self.name!r} has no {lens} lens trajectory in {str(path.parent)!r}; run "
+                             f"`idiom-lens run --lens {lens}`")
+        return TrajectoryResult.load(path)
 
     def memorization(self) -> Any:
         """The `MemorizationResult` of every probe of the study."""

@@ -6,6 +6,7 @@
 Stages, each written under OUT/<model>/<stage>/ (see `layout`) as it completes and skipped on a
 rerun when finished with the same settings:
 1. trajectory: memorization and the logit-lens trajectory of every probe, its phases;
+   lenses (with `lenses`): the same under the tuned and/or Jacobian lens, compared;
 2. interventions: neuron knockouts at every position (the authors'), top-100 neurons of each layer
    (windows of one layer) beside a random, a magnitude-matched and a whole-MLP control, the
    value-vector statistic (top-1), and layer skipping, on a seeded sample per set;
@@ -35,6 +36,7 @@ from idiom_lens.study.layout import (
     ATTENTION_KNOCKOUT,
     ATTRIBUTION,
     INTERVENTIONS,
+    LENSES,
     PATCHING,
     TRACING,
     TRAJECTORY,
@@ -69,6 +71,7 @@ class StudyOptions:
     datasets: tuple[str, ...] = ("idioms", "text", "facts")  # bundled names or files (e.g. idiomem.jsonl)
     limit: int | None = None  # only the first N probes of each set (a quick look); None = all
     sites: tuple[str, ...] = ("resid_post",)  # trajectory reads per layer
+    lenses: tuple[str, ...] = ()  # learned lenses (tuned, jacobian) to read the trajectory through as well
     attribution_sample: int = 30  # probes per set (0 skips the stage)
     knockout_sample: int = 6  # probes per set for knockouts and skipping (0 skips)
     patching_sample: int = 4  # idioms per set, memorized and not (0 skips)
@@ -84,6 +87,10 @@ class StudyOptions:
             raise InputError(f"datasets must be a non-empty sequence of set names or files, got {self.datasets!r}")
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "lenses", tuple(k for k in dict.fromkeys(self.lenses) if k != "logit"))
+        unknown = [k for k in self.lenses if k not in ("tuned", "jacobian")]
+        if unknown:
+            raise InputError(f"lenses {unknown} are unknown: expected logit, tuned or jacobian")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"limit must be >= 1 (or None for all), got {self.limit}")
         for name in ("attribution_sample", "knockout_sample", "patching_sample", "tracing_sample",
@@ -118,6 +125,7 @@ def run_study(
         run_attention_knockout,
         run_attribution,
         run_knockouts,
+        run_lenses,
         run_patching,
         run_stage,
         run_tracing,
@@ -159,6 +167,10 @@ def run_study(
         return run_stage(name, fn, stage_model, sample, folder.stage_path(name), stage_options, log=log)
 
     png = options.png
+    if options.lenses:
+        run_stage(LENSES, run_lenses, model, probes.probes, folder.stage_path(LENSES),
+                  {"lenses": options.lenses, "png": png, "batch_size": options.batch_size,
+                   "part_size": options.part_size}, log=log)
     if options.knockout_sample:
         stage(INTERVENTIONS, run_knockouts, model, options.knockout_sample,
               KNOCKOUT_OPTIONS | {"seed": options.seed, "png": png})

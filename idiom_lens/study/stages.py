@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
+
 from idiom_lens.datasets.probes import Probe, ProbeSet
 from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.groups import ordered
 from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
 from idiom_lens.analyses.memorization import MemorizationResult
+from idiom_lens.lenses.lens import Lens
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
 from idiom_lens.study.layout import FORMAT
@@ -58,14 +61,19 @@ def _probe_key(probes: Sequence[Probe]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(p) for p in probes]
 
 
-def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> dict[str, Any]:
-    """What determines a trajectory part: model settings, sites, the part's probes."""
-    return {"format": FORMAT, "model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
+def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str],
+              lens: Lens | None = None) -> dict[str, Any]:
+    """What determines a trajectory part: model settings, sites, the part's probes (and the lens,
+    when it is not the logit lens: logit-lens parts keep the keys they always had)."""
+    key = {"format": FORMAT, "model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
+    if lens is not None and lens.kind != "logit":
+        key["lens"] = lens.describe()
+    return key
 
 
-def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str]) -> str:
+def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str], lens: Lens | None = None) -> str:
     """The folder name (under `parts/`) of the trajectory part of `probes`."""
-    return f"trajectory-{_fingerprint(_part_key(model, probes, sites))}"
+    return f"trajectory-{_fingerprint(_part_key(model, probes, sites, lens))}"
 
 
 def _clear(folder: Path, marker: Path) -> None:
@@ -84,18 +92,20 @@ def resumable_trajectory(
     sites: Sequence[str] = SITES,
     batch_size: int = 16,
     part_size: int = 256,
+    lens: Lens | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrajectoryResult:
-    """`layer_trajectory` in parts saved under `out_dir/parts/`; finished, intact parts are reused."""
+    """`layer_trajectory` (through `lens`, default the logit lens) in parts saved under
+    `out_dir/parts/`; finished, intact parts are reused."""
     out_dir = Path(out_dir)
     probes = list(probes)
     parts: list[TrajectoryResult] = []
     n_parts = (len(probes) + part_size - 1) // part_size
     for i in range(n_parts):
         chunk = probes[i * part_size : (i + 1) * part_size]
-        key = _part_key(model, chunk, sites)
-        part_dir = out_dir / "parts" / part_name(model, chunk, sites)
+        key = _part_key(model, chunk, sites, lens)
+        part_dir = out_dir / "parts" / part_name(model, chunk, sites, lens)
         marker = part_dir / PART_MARKER
         reason = check_marker(marker, key)
         if reason is None:
@@ -106,7 +116,7 @@ def resumable_trajectory(
             log(f"  part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
         _clear(part_dir, marker)
         started = time.perf_counter()
-        result = layer_trajectory(model, chunk, sites=sites, batch_size=batch_size, progress=progress)
+        result = layer_trajectory(model, chunk, sites=sites, batch_size=batch_size, lens=lens, progress=progress)
         save_trajectory(result, part_dir)
         write_marker(marker, key)  # last: the part is finished only once its marker exists
         maybe_fail("trajectory.part")
@@ -132,6 +142,8 @@ def write_trajectory_outputs(
 
     out_dir = Path(out_dir)
     phases = analyse_phases(result)
+    if result.lens_kind != "logit":
+        title = f"{title} ({result.lens_kind} lens)".strip()
     files = list(save_trajectory(result, out_dir))
     files.append(write_parquet(out_dir / "phases_per_probe.parquet", phases.probes))
     files.append(write_parquet(out_dir / "phases_curves.parquet", phases.curves))
@@ -143,6 +155,7 @@ def write_trajectory_outputs(
     files.append(write_parquet(out_dir / "memorization_summary.parquet", memo))
     summary = {
         "settings": result.settings,
+        "lens": result.lens,
         "sites": list(result.sites),
         "n_probes": len(result.memorization),
         "memorization": memo.to_dict("records"),
@@ -166,7 +179,8 @@ def summary_markdown(result: TrajectoryResult, phases: PhaseAnalysis) -> str:
         f"# Recall trajectory: {s.get('model_spec')}",
         "",
         f"Model `{s.get('model_name')}`, {s.get('n_layers')} layers, numerics `{s.get('numerics_mode')}`, "
-        f"BOS prepended: {s.get('prepend_bos')}, sites: {', '.join(result.sites)}.",
+        f"BOS prepended: {s.get('prepend_bos')}, sites: {', '.join(result.sites)}, read through the "
+        f"{result.lens_kind} lens.",
         "",
         "## Memorization (greedy next token == first token of the target word)",
         "",
@@ -464,6 +478,70 @@ def run_attention_knockout(
     save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
     write_json(out / "summary.json", {"settings": result.settings})
     return result
+
+
+def run_lenses(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    out: Path,
+    *,
+    lenses: Sequence[str] = ("tuned", "jacobian"),
+    lens_settings: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    part_size: int = 256,
+    png: bool = True,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """The trajectory of `probes` (`resid_post`) under the logit lens and each learned lens of
+    `lenses` (from the cache, trained first when missing, never on a probe), each under
+    `out/<lens>/` like the trajectory stage, and their comparison under `out/`: promotion layers,
+    boundaries and tests per lens, the held-out KL per layer, the side-by-side figure."""
+    from idiom_lens.analyses.lens_comparison import compare_lenses
+    from idiom_lens.io import write_parquet
+    from idiom_lens.lenses import LensSettings, heldout_table, obtain_lens
+    from idiom_lens.lenses.cache import bundled_prompts
+    from idiom_lens.plots import save_figure
+    from idiom_lens.plots.lenses import heldout_kl_figure, lens_trajectories_figure
+
+    out = Path(out)
+    unknown = [k for k in lenses if k not in ("logit", "tuned", "jacobian")]
+    if unknown:
+        raise InputError(f"lenses {unknown} are unknown: expected tuned and/or jacobian")
+    settings = LensSettings(**(lens_settings or {}))
+    prompts = sorted(set(bundled_prompts()) | {p.prompt for p in probes})
+    trajectories: dict[str, TrajectoryResult] = {}
+    kl_tables = []
+    for kind in ("logit", *[k for k in lenses if k != "logit"]):
+        lens = obtain_lens(model, kind, settings=settings, prompts=prompts, log=log)
+        result = resumable_trajectory(model, probes, out / kind, sites=("resid_post",), batch_size=batch_size,
+                                      part_size=part_size, lens=lens, log=log)
+        write_trajectory_outputs(result, out / kind, title=model.spec, png=png)
+        trajectories[kind] = result
+        if kind != "logit":
+            table = heldout_table(model, kind, settings=settings, prompts=prompts)
+            kl_tables.append(table if not kl_tables else table[table["lens"] != "logit"])
+    heldout = pd.concat(kl_tables, ignore_index=True) if kl_tables else None
+    comparison = compare_lenses(trajectories, heldout_kl=heldout)
+    write_parquet(out / "lens_promotion.parquet", comparison.promotion)
+    write_parquet(out / "lens_tests.parquet", comparison.tests)
+    write_parquet(out / "lens_boundaries.parquet", comparison.boundaries.astype(str))
+    if heldout is not None:
+        write_parquet(out / "lens_heldout_kl.parquet", heldout)
+        save_figure(heldout_kl_figure(comparison, title=f"{model.spec}: held-out KL to the model's output per layer"),
+                    out / "heldout_kl", png=png, width=900, height=450)
+    save_figure(lens_trajectories_figure(comparison, title=f"{model.spec}: the trajectory under each lens"),
+                out / "lens_trajectories", png=png, width=520 * len(trajectories) + 120, height=750)
+    text = comparison.summary_text()
+    write_text(out / "summary.md", f"# Lenses: {model.spec}\n\n" + text.replace("\n", "\n\n") + "\n")
+    write_json(out / "summary.json", {
+        "settings": model.settings(), "lens_settings": dataclasses.asdict(settings),
+        "lenses": {k: r.lens for k, r in trajectories.items()}, "summary": text,
+        "boundaries": comparison.boundaries.to_dict("records"),
+        "promotion": comparison.promotion.to_dict("records"),
+        "tests": comparison.tests.to_dict("records"),
+        "heldout_kl": [] if heldout is None else heldout.to_dict("records"),
+    })
+    return comparison
 
 
 def write_recall(folder: Any, *, png: bool = True) -> Any:

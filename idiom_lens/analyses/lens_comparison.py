@@ -1,0 +1,87 @@
+"""Is the two-phase finding a logit-lens artefact? The same phases read through several lenses.
+
+`compare_lenses` takes one trajectory per lens (the same probes and model; `resid_post`) and runs
+`analyse_phases` on each, then lines up per lens: the phase boundary, each set's promotion layers
+(mean with a bootstrap 95% interval, median), and the permutation test of "memorized idioms are
+promoted earlier" against each comparison set, with the difference's interval. Whatever the
+lenses say is the finding: the summary states, per lens, whether "promoted earlier" survives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
+from idiom_lens.analyses.stats import bootstrap_mean_ci
+from idiom_lens.analyses.trajectory import TrajectoryResult
+from idiom_lens.errors import InputError
+
+
+@dataclass(frozen=True)
+class LensComparison:
+    """Phases per lens (`phases[lens]`), their side-by-side table and the held-out KL per layer."""
+
+    phases: dict[str, PhaseAnalysis]
+    promotion: pd.DataFrame  # lens, group, n, mean_promotion_layer, low, high, median_promotion_layer
+    tests: pd.DataFrame  # lens, control, group, versus, mean_diff, mean_diff_low, mean_diff_high, p_value, significant
+    boundaries: pd.DataFrame  # lens, boundary_layer, boundary_depth, holds, holds_confidence_matched
+    heldout_kl: pd.DataFrame | None = None  # lens, layer, kl, low, high, n_tokens (from the lens cache)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.promotion.merge(self.boundaries, on="lens")
+
+    def summary_text(self) -> str:
+        lines = []
+        for row in self.boundaries.itertuples(index=False):
+            tests = self.tests[(self.tests["lens"] == row.lens) & (self.tests["control"] == "all probes")]
+            parts = [f"{t.versus}: {t.mean_diff:+.2f} layers [{t.mean_diff_low:+.2f}, {t.mean_diff_high:+.2f}], "
+                     f"p = {t.p_value:.3g}" for t in tests.itertuples(index=False)]
+            verdict = "survives" if row.holds else "does not survive"
+            lines.append(f"{row.lens} lens: boundary at layer {row.boundary_layer}; 'memorized idioms are promoted "
+                         f"earlier' {verdict} ({'; '.join(parts) or 'no comparison set'})")
+        return "\n".join(lines)
+
+
+def compare_lenses(
+    trajectories: Mapping[str, TrajectoryResult],
+    *,
+    heldout_kl: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> LensComparison:
+    """Phases under each lens of `trajectories` ({lens kind: result}), side by side.
+
+    Raises `InputError` when there is no trajectory, or they differ in probes or layers."""
+    if not trajectories:
+        raise InputError("no trajectories to compare: give one per lens")
+    first = next(iter(trajectories.values()))
+    ids = [r.probe_id for r in first.memorization.records]
+    for name, result in trajectories.items():
+        if [r.probe_id for r in result.memorization.records] != ids or result.n_layers != first.n_layers:
+            raise InputError(f"the {name} trajectory has other probes or layers than the {next(iter(trajectories))} one")
+    phases = {name: analyse_phases(result, n_boot=n_boot, seed=seed) for name, result in trajectories.items()}
+    promotion, tests, boundaries = [], [], []
+    for name, analysis in phases.items():
+        for group, sub in analysis.probes.groupby("group", sort=False):
+            layers = sub["promotion_layer"].to_numpy(dtype=np.float64)[:, None]
+            mean, low, high = bootstrap_mean_ci(layers, n_boot=n_boot, seed=seed)
+            promotion.append({"lens": name, "group": group, "n": len(sub), "mean_promotion_layer": float(mean[0]),
+                              "low": float(low[0]), "high": float(high[0]),
+                              "median_promotion_layer": float(np.median(layers))})
+        if analysis.promotion_tests is not None and len(analysis.promotion_tests):
+            keep = ["control", "group", "versus", "n_a", "n_b", "mean_diff", "mean_diff_low", "mean_diff_high",
+                    "p_value", "significant", "earlier"]
+            tests.append(analysis.promotion_tests[[c for c in keep if c in analysis.promotion_tests]]
+                         .assign(lens=name))
+        boundaries.append({"lens": name, "boundary_layer": analysis.boundary_layer,
+                           "boundary_depth": analysis.boundary_depth, "holds": analysis.holds,
+                           "holds_confidence_matched": analysis.holds_confidence_matched})
+    test_frame = pd.concat(tests, ignore_index=True) if tests else pd.DataFrame(
+        columns=["lens", "control", "group", "versus", "mean_diff", "mean_diff_low", "mean_diff_high", "p_value",
+                 "significant"])
+    return LensComparison(phases=phases, promotion=pd.DataFrame(promotion), tests=test_frame,
+                          boundaries=pd.DataFrame(boundaries, dtype=object), heldout_kl=heldout_kl)

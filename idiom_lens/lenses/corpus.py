@@ -1,0 +1,164 @@
+"""Training text for learned lenses, offline, never containing a probe.
+
+No hub and no web corpus are reachable, so the default corpus installs from a package:
+- `lee`: the Lee news corpus that the PyPI package `gensim` (4.4.0, already a `build-data`
+  dependency) ships as test data: `lee_background.cor` (300 Australian news articles, about 75k
+  tokens) for training and the separate `lee.cor` (50 articles) held out. It is running English
+  prose like the text baseline, but from other documents than the Wikipedia excerpt the text probes
+  come from, so no text probe is trained on.
+- `samples`: text the model itself writes from BOS (temperature 1, seeded), which covers the
+  model's own distribution (the tuned-lens paper trains on the pretraining distribution, which we
+  do not have); held-out samples use another seed.
+- a user's own text file (one document per blank-line-separated paragraph).
+Every document is split into sentences; one training sequence is BOS + one sentence (truncated),
+the regime of our probes (short prompts right after BOS). Any sentence that contains a probe's
+prompt (case and spacing ignored) is dropped, and `check_disjoint` proves none is left.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from idiom_lens.errors import InputError
+
+GENSIM_VERSION = "4.4.0"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+CORPORA = ("lee", "samples", "lee+samples")
+
+
+@dataclass(frozen=True)
+class LensCorpus:
+    """Sentences to train on and held-out sentences to evaluate on, with where they came from."""
+
+    name: str
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+    dropped: int  # sentences removed because they contain a probe prompt
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.name, "n_train_sentences": len(self.train),
+                "n_heldout_sentences": len(self.heldout), "n_dropped_probe_sentences": self.dropped}
+
+
+def split_sentences(text: str, *, min_words: int = 4) -> list[str]:
+    """Sentences of `text` (paragraph lines joined), each of at least `min_words` words."""
+    out = []
+    for paragraph in re.split(r"\n\s*\n|\n", text):
+        paragraph = " ".join(paragraph.split())
+        out += [s for s in _SENTENCE_END.split(paragraph) if len(s.split()) >= min_words]
+    return out
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def drop_probe_sentences(sentences: Sequence[str], prompts: Sequence[str]) -> tuple[list[str], int]:
+    """`sentences` without any that contains one of `prompts` (case and spacing ignored)."""
+    needles = sorted({_normal(p) for p in prompts if p.strip()})
+    if not needles:
+        return list(sentences), 0
+    pattern = re.compile("|".join(re.escape(n) for n in needles))
+    kept = [s for s in sentences if not pattern.search(_normal(s))]
+    return kept, len(sentences) - len(kept)
+
+
+def check_disjoint(corpus: LensCorpus, prompts: Sequence[str]) -> None:
+    """`InputError` if any probe prompt occurs in the corpus's training or held-out text."""
+    _, hits = drop_probe_sentences(corpus.train + corpus.heldout, prompts)
+    if hits:
+        raise InputError(f"{hits} sentences of lens corpus {corpus.name!r} contain a probe prompt")
+
+
+def _gensim_file(name: str) -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the lens corpus 'lee' needs `gensim` (pip install gensim=={GENSIM_VERSION}), whose "
+                         "wheel ships the Lee news corpus; or train on --text-file FILE or --corpus samples")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
+    if not path.is_file():
+        raise InputError(f"{path} is missing: install gensim=={GENSIM_VERSION}, whose wheel ships it")
+    return path
+
+
+def lee_sentences() -> tuple[list[str], list[str]]:
+    """(train, held-out) sentences of the Lee corpus: lee_background.cor and lee.cor."""
+    return (split_sentences(_gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace")),
+            split_sentences(_gensim_file("lee.cor").read_text(encoding="utf-8", errors="replace")))
+
+
+def model_samples(model: Any, *, n: int, max_new_tokens: int = 40, seed: int = 0, batch: int = 32) -> list[str]:
+    """`n` texts the model writes from BOS alone (temperature 1, all tokens, seeded), decoded."""
+    hf = model.bridge.original_model
+    bos = model.tokenizer.bos_token_id
+    if bos is None:
+        raise InputError(f"{model.spec} has no BOS token to sample from; train on --corpus lee or --text-file")
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
+            ids = torch.full((k, 1), bos, dtype=torch.long, device=model.device)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              pad_token_id=model.tokenizer.pad_token_id or bos)
+            texts += model.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts if len(t.split()) >= 4]
+
+
+def build_corpus(
+    model: Any,
+    *,
+    corpus: str = "lee+samples",
+    text_file: str | Path | None = None,
+    probe_prompts: Sequence[str] = (),
+    n_samples: int = 256,
+    seed: int = 0,
+) -> LensCorpus:
+    """The training and held-out sentences of `corpus` (or of `text_file`, 10% held out by position),
+    with every sentence containing one of `probe_prompts` dropped."""
+    train: list[str] = []
+    heldout: list[str] = []
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise InputError(f"--text-file {path}: no such file (expected plain text, paragraphs separated by blank lines)")
+        sentences = split_sentences(path.read_text(encoding="utf-8", errors="replace"))
+        if len(sentences) < 20:
+            raise InputError(f"--text-file {path} has {len(sentences)} sentences of 4+ words: expected at least 20")
+        heldout, train = sentences[::10], [s for i, s in enumerate(sentences) if i % 10]
+        name = f"file:{path.name}"
+    else:
+        if corpus not in CORPORA:
+            raise InputError(f"lens corpus {corpus!r} is unknown: expected one of {list(CORPORA)} or --text-file")
+        name = corpus
+        if "lee" in corpus:
+            lee_train, lee_heldout = lee_sentences()
+            train += lee_train
+            heldout += lee_heldout
+        if "samples" in corpus:
+            train += model_samples(model, n=n_samples, seed=seed)
+            heldout += model_samples(model, n=max(8, n_samples // 8), seed=seed + 1_000_003)
+    train, dropped_train = drop_probe_sentences(train, probe_prompts)
+    heldout, dropped_heldout = drop_probe_sentences(heldout, probe_prompts)
+    if not train or not heldout:
+        raise InputError(f"lens corpus {name!r} has no training or held-out sentences left")
+    return LensCorpus(name=name, train=tuple(train), heldout=tuple(heldout), dropped=dropped_train + dropped_heldout)
+
+
+def tokenize_sentences(model: Any, sentences: Sequence[str], *, max_tokens: int = 48) -> list[list[int]]:
+    """Each sentence as BOS (when the model uses one) + up to `max_tokens - 1` tokens."""
+    out = []
+    for sentence in sentences:
+        ids = list(model.tokenizer(sentence, add_special_tokens=False)["input_ids"])
+        if model.prepend_bos and model.tokenizer.bos_token_id is not None:
+            ids = [model.tokenizer.bos_token_id, *ids]
+        if len(ids) >= 3:
+            out.append(ids[:max_tokens])
+    return out

@@ -1,0 +1,282 @@
+"""Training and evaluating learned lenses on a `LensCorpus`, resumable, on CPU in minutes.
+
+- `collect_residuals`: block outputs (`resid_post`) at every layer and every non-BOS position of
+  the tokenized sentences, one batched forward each.
+- `train_tuned_lens`: the translators h + h A_l + b_l start at the identity (the logit lens) and
+  are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens read-out at layer l), over the real
+  vocabulary (the read-out's mask). The unembedding products run in bfloat16 (8x faster on this
+  CPU's AMX units; the evaluation is fp32). A checkpoint is written atomically every
+  `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
+  function of the seed and the step), so an interrupted and a straight run give the same lens.
+- `fit_jacobian_lens`: TransformerLens's `JacobianLens.fit` over slices of sentences; each finished
+  slice is saved, a rerun fits only the missing ones, and `JacobianLens.merge` averages them.
+- `heldout_kl`: per lens and layer, the mean KL(final || lens) over held-out tokens in fp32,
+  with a bootstrap 95% interval over held-out sentences.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from idiom_lens.errors import InputError
+from idiom_lens.faults import maybe_fail
+from idiom_lens.io import atomic_write
+from idiom_lens.lenses.lens import Lens, identity_tuned_lens
+from idiom_lens.models.tokenization import pad_id, right_pad
+from idiom_lens.models.vocab import valid_mask
+
+
+def collect_residuals(
+    model: Any, sequences: Sequence[Sequence[int]], *, batch_size: int = 32
+) -> tuple[Float[Tensor, "token layer d_model"], Int[Tensor, " token"]]:
+    """`resid_post` of every layer at every position but the first (BOS) of each sequence, and the
+    index of the sequence each row came from."""
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+    rows: list[Tensor] = []
+    owner: list[Tensor] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = [list(s) for s in sequences[start : start + batch_size]]
+        tokens, last = right_pad(batch, pad_id=pad_id(model.tokenizer))
+        captured: dict[str, Tensor] = {}
+
+        def keeper(name: str) -> Callable[[Tensor, Any], None]:
+            def keep(act: Tensor, hook: Any) -> None:
+                captured[name] = act.detach()
+            return keep
+
+        with torch.no_grad():
+            model.bridge.run_with_hooks(tokens.to(model.device), return_type=None,
+                                        fwd_hooks=[(n, keeper(n)) for n in names])
+        stacked = torch.stack([captured[n] for n in names], dim=2).float().cpu()  # [b, pos, layer, d]
+        for i, length in enumerate((last + 1).tolist()):
+            rows.append(stacked[i, 1:length])
+            owner.append(torch.full((length - 1,), start + i, dtype=torch.long))
+    return torch.cat(rows), torch.cat(owner)
+
+
+def lens_logits(model: Any, x: Float[Tensor, "n d_model"], *, dtype: torch.dtype = torch.float32,
+                W_U: Tensor | None = None) -> Float[Tensor, "n d_vocab"]:
+    """ln_final -> unembed -> output transform, masked to the real vocabulary (differentiable)."""
+    bridge = model.bridge
+    z = bridge.ln_final(x.unsqueeze(0)).squeeze(0)
+    W = bridge.W_U if W_U is None else W_U
+    logits = (z.to(dtype) @ W.to(dtype)).float()
+    if bridge.b_U is not None:
+        logits = logits + bridge.b_U.float()
+    transform = getattr(bridge.adapter, "apply_output_logits_transform", None)
+    if callable(transform):
+        logits = transform(logits)
+    return logits.masked_fill(~valid_mask(model), torch.finfo(logits.dtype).min)
+
+
+_EXP_FLOOR = -80.0
+
+
+@torch.no_grad()
+def _kl_and_grad(
+    model: Any, normed: Float[Tensor, "n d_model"], target: Float[Tensor, "n d_vocab"],
+    target_neg_entropy: Float[Tensor, " n"], W_U: Tensor, buffers: dict[str, Tensor],
+) -> tuple[float, Float[Tensor, "n d_model"]]:
+    """Mean KL(target || softmax(normed W_U + b_U)) over rows and its gradient with respect to
+    `normed`, by hand: d KL / d logits = (q - p) / n. Fewer passes over the [n, d_vocab] logits than
+    autograd (the training's cost), into reused buffers, and nothing of that size is kept for a
+    backward pass."""
+    bridge = model.bridge
+    cap = getattr(bridge.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        raise InputError("tuned-lens training does not handle a logit soft cap yet")  # no embedded model has one
+    n, d_vocab = normed.shape[0], W_U.shape[1]
+    if "logits" not in buffers or buffers["logits"].shape[0] < n:
+        buffers["logits"] = torch.empty(n, d_vocab, device=normed.device)
+        buffers["work"] = torch.empty(n, d_vocab, device=normed.device)
+    logits, work = buffers["logits"][:n], buffers["work"][:n]
+    logits.copy_(normed.to(W_U.dtype) @ W_U)
+    if bridge.b_U is not None:
+        logits += bridge.b_U.float()
+    valid = valid_mask(model)
+    logits.masked_fill_(~valid, torch.finfo(logits.dtype).min)
+    # exp of very negative numbers takes a slow path on this CPU (10x): clamp at -80 first, which
+    # changes each probability below 1.8e-35 by less than 1.8e-35
+    top = logits.max(dim=-1, keepdim=True).values
+    lse = top + torch.sub(logits, top, out=work).clamp_min_(_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+    # KL = sum p log p - sum p logit + lse
+    kl = (target_neg_entropy - torch.mul(target, logits, out=work).sum(-1) + lse.squeeze(-1)).mean()
+    grad = logits.sub_(lse).clamp_min_(_EXP_FLOOR).exp_().sub_(target)  # q - p, in place
+    grad.masked_fill_(~valid, 0.0)
+    return float(kl), (grad.to(W_U.dtype) @ W_U.T).float().div_(n)
+
+
+def _batch_rows(n_rows: int, batch: int, step: int, seed: int) -> Tensor:
+    """The rows of step `step`: a seeded permutation per epoch, so any step's batch is known alone."""
+    per_epoch = max(1, n_rows // batch)
+    epoch, k = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator)[k * batch : (k + 1) * batch]
+
+
+def train_tuned_lens(
+    model: Any,
+    residuals: Float[Tensor, "token layer d_model"],
+    *,
+    steps: int = 120,
+    batch_tokens: int = 128,
+    lr: float = 3e-4,
+    seed: int = 0,
+    matmul_dtype: torch.dtype = torch.bfloat16,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 10,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Lens:
+    """A tuned lens trained on `residuals` (from `collect_residuals`); resumes from `checkpoint`."""
+    if steps < 1 or batch_tokens < 1:
+        raise InputError(f"steps and batch_tokens must be >= 1, got {steps} and {batch_tokens}")
+    n_layers, d = model.n_layers, model.d_model
+    if residuals.ndim != 3 or residuals.shape[1:] != (n_layers, d):
+        raise InputError(f"residuals must be [token, {n_layers}, {d}], got {tuple(residuals.shape)}")
+    torch.manual_seed(seed)
+    weight = torch.zeros(n_layers - 1, d, d, requires_grad=True)
+    bias = torch.zeros(n_layers - 1, d, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    done = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            weight.copy_(state["weight"])
+            bias.copy_(state["bias"])
+        optimizer.load_state_dict(state["optimizer"])
+        done = int(state["step"])
+        log(f"  tuned lens: resuming at step {done}/{steps} from {checkpoint}")
+    W_U = model.bridge.W_U.detach().to(matmul_dtype)
+    for p in model.bridge.parameters():
+        p.requires_grad_(False)
+    buffers: dict[str, Tensor] = {}
+    bar = tqdm(total=steps, initial=done, desc="tuned lens", unit="step", disable=not progress)
+    for step in range(done, steps):
+        rows = _batch_rows(residuals.shape[0], batch_tokens, step, seed)
+        h = residuals[rows].to(model.device)
+        with torch.no_grad():
+            target = lens_logits(model, h[:, -1]).softmax(-1)  # fp32: the model's own output distribution
+            target_neg_entropy = torch.xlogy(target, target).sum(-1)
+        optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / steps)  # linear decay, a function of the step (resumable)
+        total = 0.0
+        for layer in range(n_layers - 1):
+            x = h[:, layer]
+            normed = model.bridge.ln_final((x + x @ weight[layer] + bias[layer]).unsqueeze(0)).squeeze(0)
+            kl, grad_normed = _kl_and_grad(model, normed.detach(), target, target_neg_entropy, W_U, buffers)
+            normed.backward(grad_normed)
+            total += kl
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(kl=f"{total / (n_layers - 1):.3f}")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            state = {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
+                     "optimizer": optimizer.state_dict(), "step": step + 1}
+            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
+            maybe_fail("lens.checkpoint")
+    bar.close()
+    lens = identity_tuned_lens(model, **(settings or {}))
+    assert lens.translators is not None
+    lens.translators["weight"][: n_layers - 1] = weight.detach()
+    lens.translators["bias"][: n_layers - 1] = bias.detach()
+    return lens
+
+
+def fit_jacobian_lens(
+    model: Any,
+    sentences: Sequence[str],
+    *,
+    corpus: str,
+    work_dir: Path,
+    slice_size: int = 4,
+    max_seq_len: int = 48,
+    skip_first_positions: int = 1,
+    dim_batch: int = 32,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Lens:
+    """TransformerLens's Jacobian lens fitted on `sentences`, slice by slice under `work_dir`."""
+    import warnings
+
+    from transformer_lens.tools.analysis import JacobianLens
+
+    if not sentences:
+        raise InputError("no sentences to fit the Jacobian lens on")
+    n_slices = math.ceil(len(sentences) / slice_size)
+    fitted = []
+    bar = tqdm(total=len(sentences), desc="jacobian lens", unit="sentence", disable=not progress)
+    for i in range(n_slices):
+        chunk = list(sentences[i * slice_size : (i + 1) * slice_size])
+        path = work_dir / f"slice-{i:04d}-of-{n_slices:04d}.pt"
+        if path.is_file():
+            fitted.append(JacobianLens.load(str(path)))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lens = JacobianLens.fit(model.bridge, chunk, corpus=corpus, dim_batch=dim_batch,
+                                        max_seq_len=max_seq_len, skip_first_positions=skip_first_positions,
+                                        show_progress=False)
+            atomic_write(path, lambda tmp: lens.save(str(tmp), dtype=torch.float32))
+            fitted.append(lens)
+        bar.update(len(chunk))
+    bar.close()
+    merged = JacobianLens.merge(fitted) if len(fitted) > 1 else fitted[0]
+    n, d = model.n_layers, model.d_model
+    J = torch.eye(d).repeat(n, 1, 1)
+    for layer in range(n - 1):
+        J[layer] = merged.jacobians[layer]
+    return Lens(kind="jacobian", model_name=model.name, n_layers=n, d_model=d, translators={"J": J},
+                settings={**(settings or {}), "n_prompts": int(merged.n_prompts)})
+
+
+def heldout_kl(
+    model: Any,
+    lenses: Sequence[Lens],
+    residuals: Float[Tensor, "token layer d_model"],
+    owner: Int[Tensor, " token"],
+    *,
+    chunk: int = 256,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """lens, layer, kl (mean nats per token), low, high (bootstrap over sentences), n_tokens."""
+    n_layers = model.n_layers
+    per_token: dict[tuple[str, int], list[Tensor]] = {}
+    with torch.no_grad():
+        for start in range(0, residuals.shape[0], chunk):
+            h = residuals[start : start + chunk].to(model.device)
+            target = lens_logits(model, h[:, -1]).log_softmax(-1)
+            for lens in lenses:
+                for layer in range(n_layers):
+                    logq = lens_logits(model, lens.translate(h[:, layer], layer)).log_softmax(-1)
+                    kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1)
+                    per_token.setdefault((lens.kind, layer), []).append(kl.cpu())
+    owners = owner.numpy()
+    groups = np.unique(owners)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    rows = []
+    for (kind, layer), parts in per_token.items():
+        values = torch.cat(parts).double().numpy()
+        sums = np.bincount(np.searchsorted(groups, owners), weights=values, minlength=len(groups))
+        counts = np.bincount(np.searchsorted(groups, owners), minlength=len(groups))
+        boot = sums[draws].sum(1) / counts[draws].sum(1)
+        rows.append({"lens": kind, "layer": layer, "kl": float(values.mean()),
+                     "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975)),
+                     "n_tokens": int(values.size), "n_sentences": int(len(groups))})
+    return pd.DataFrame(rows)

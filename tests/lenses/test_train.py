@@ -1,0 +1,133 @@
+"""Lens training: the hand-written gradient equals autograd's, training is seeded, resumes exactly,
+learns (held-out KL below the logit lens's), and the Jacobian lens resumes by slice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from idiom_lens.lenses import Lens, logit_lens
+from idiom_lens.lenses.train import (
+    _kl_and_grad,
+    collect_residuals,
+    fit_jacobian_lens,
+    heldout_kl,
+    lens_logits,
+    train_tuned_lens,
+)
+from idiom_lens.lenses.corpus import tokenize_sentences
+
+SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
+             "once in a blue moon", "the elephant in the room", "kill two birds with one stone",
+             "a piece of cake for the cat", "break the ice at the market"]
+
+
+@pytest.fixture(scope="module")
+def residuals(tiny_model):
+    return collect_residuals(tiny_model, tokenize_sentences(tiny_model, SENTENCES))
+
+
+def test_residuals_are_the_plain_forward_s(tiny_model):
+    seqs = tokenize_sentences(tiny_model, SENTENCES[:3])
+    rows, owner = collect_residuals(tiny_model, seqs, batch_size=2)
+    start = 0
+    for i, seq in enumerate(seqs):
+        _, cache = tiny_model.bridge.run_with_cache(torch.tensor([seq]))
+        for layer in range(tiny_model.n_layers):
+            torch.testing.assert_close(rows[start : start + len(seq) - 1, layer],
+                                       cache[f"blocks.{layer}.hook_resid_post"][0, 1:], rtol=1e-5, atol=1e-5)
+        assert (owner[start : start + len(seq) - 1] == i).all()
+        start += len(seq) - 1
+    assert rows.shape[0] == start
+
+
+def test_hand_written_kl_gradient_equals_autograd(tiny_model, residuals):
+    h = residuals[0][:6]
+    target = lens_logits(tiny_model, h[:, -1]).softmax(-1)
+    normed = tiny_model.bridge.ln_final(h[:, 0].unsqueeze(0)).squeeze(0).detach()
+    kl, grad = _kl_and_grad(tiny_model, normed, target, torch.xlogy(target, target).sum(-1),
+                            tiny_model.bridge.W_U.detach(), {})
+    x = normed.clone().requires_grad_(True)
+    logits = (x @ tiny_model.bridge.W_U + tiny_model.bridge.b_U)
+    from idiom_lens.models.vocab import mask_logits, valid_mask
+    logq = mask_logits(logits, valid_mask(tiny_model)).log_softmax(-1)
+    loss = (torch.xlogy(target, target) - target * logq).sum(-1).mean()  # KL(target || q), 0 log 0 = 0
+    loss.backward()
+    assert kl == pytest.approx(float(loss), rel=1e-4)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_is_seeded_and_learns(tiny_model, residuals):
+    rows, owner = residuals
+    kwargs = dict(steps=30, batch_tokens=16, lr=3e-3, progress=False, log=lambda s: None,
+                  matmul_dtype=torch.float32)
+    a = train_tuned_lens(tiny_model, rows, seed=1, **kwargs)
+    b = train_tuned_lens(tiny_model, rows, seed=1, **kwargs)
+    c = train_tuned_lens(tiny_model, rows, seed=2, **kwargs)
+    for name in ("weight", "bias"):
+        assert torch.equal(a.translators[name], b.translators[name])
+        assert not torch.equal(a.translators[name], c.translators[name])
+        assert torch.count_nonzero(a.translators[name][-1]) == 0  # the last layer stays the identity
+    table = heldout_kl(tiny_model, [logit_lens(tiny_model), a], rows, owner)
+    wide = table.pivot(index="layer", columns="lens", values="kl")
+    last = tiny_model.n_layers - 1
+    assert wide.loc[last, "logit"] == pytest.approx(0, abs=1e-6) and wide.loc[last, "tuned"] == pytest.approx(0, abs=1e-6)
+    assert (wide.loc[: last - 1, "tuned"] < wide.loc[: last - 1, "logit"]).all()
+
+
+def test_an_interrupted_training_resumes_to_the_same_lens(tiny_model_dir, tmp_path):
+    """Killed (SIGKILL) right after its first checkpoint, a rerun gives the straight run's lens."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from idiom_lens.models.loading import load_model
+        from idiom_lens.lenses.corpus import tokenize_sentences
+        from idiom_lens.lenses.train import collect_residuals, train_tuned_lens
+        model = load_model({str(tiny_model_dir)!r}, progress=False)
+        rows, _ = collect_residuals(model, tokenize_sentences(model, {SENTENCES!r}))
+        ckpt = sys.argv[1] if sys.argv[1] != "-" else None
+        lens = train_tuned_lens(model, rows, steps=12, batch_tokens=8, seed=0, checkpoint=ckpt and __import__("pathlib").Path(ckpt),
+                                checkpoint_every=4, progress=False, matmul_dtype=torch.float32)
+        lens.save(sys.argv[2])
+    """)
+    env = dict(os.environ)
+    run = lambda ckpt, out, **extra: subprocess.run([sys.executable, "-c", script, ckpt, str(out)],
+                                                    env={**env, **extra}, capture_output=True, text=True)
+    straight = run("-", tmp_path / "straight.pt")
+    assert straight.returncode == 0, straight.stderr
+    killed = run(str(tmp_path / "ckpt.pt"), tmp_path / "resumed.pt", IDIOM_LENS_FAULT="lens.checkpoint")
+    assert killed.returncode == -9 and (tmp_path / "ckpt.pt").is_file() and not (tmp_path / "resumed.pt").exists()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    resumed = run(str(tmp_path / "ckpt.pt"), tmp_path / "resumed.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = Lens.load(tmp_path / "straight.pt"), Lens.load(tmp_path / "resumed.pt")
+    for name in ("weight", "bias"):
+        assert torch.equal(a.translators[name], b.translators[name])
+
+
+def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model, tmp_path, monkeypatch):
+    from transformer_lens.tools.analysis import JacobianLens
+
+    sentences = SENTENCES[:4]
+    lens = fit_jacobian_lens(tiny_model, sentences, corpus="test", work_dir=tmp_path, slice_size=2,
+                             progress=False, log=lambda s: None)
+    direct = JacobianLens.fit(tiny_model.bridge, sentences, corpus="test", dim_batch=32, max_seq_len=48,
+                              skip_first_positions=1, show_progress=False)
+    for layer in range(tiny_model.n_layers - 1):
+        torch.testing.assert_close(lens.translators["J"][layer], direct.jacobians[layer], rtol=1e-5, atol=1e-6)
+    assert torch.equal(lens.translators["J"][-1], torch.eye(tiny_model.d_model))
+    # a rerun with one slice missing fits only that slice
+    slices = sorted(tmp_path.glob("slice-*.pt"))
+    assert len(slices) == 2
+    slices[1].unlink()
+    calls = []
+    real_fit = JacobianLens.fit.__func__
+    monkeypatch.setattr(JacobianLens, "fit", classmethod(lambda cls, *a, **k: calls.append(1) or real_fit(cls, *a, **k)))
+    again = fit_jacobian_lens(tiny_model, sentences, corpus="test", work_dir=tmp_path, slice_size=2,
+                              progress=False, log=lambda s: None)
+    assert len(calls) == 1
+    torch.testing.assert_close(again.translators["J"], lens.translators["J"], rtol=1e-6, atol=1e-7)
