@@ -1,6 +1,6 @@
 """idiom_lens: how transformer language models recall memorized sequences (idioms, facts).
 
-Data flows one way: datasets -> models -> analyses (memorization, trajectory, phases,
+Data flows one way: datasets -> models -> lenses -> analyses (memorization, trajectory, phases,
 attribution, interventions) -> study (run, layout, report, compare) and plots -> cli.
 
 The names below are the public API a notebook needs; everything else is internal. They are
@@ -24,6 +24,11 @@ _API: dict[str, str] = {
     "load_probes": "idiom_lens.datasets",
     "LoadedModel": "idiom_lens.models.loading",
     "load_model": "idiom_lens.models.loading",
+    # lenses
+    "Lens": "idiom_lens.lenses.lens",
+    "LensSettings": "idiom_lens.lenses.settings",
+    "obtain_lens": "idiom_lens.lenses.cache",
+    "resolve_lens": "idiom_lens.lenses.cache",
     # analyses
     "predict_next": "idiom_lens.analyses.predict",
     "score_memorization": "idiom_lens.analyses.memorization",
@@ -49,6 +54,8 @@ _API: dict[str, str] = {
     "attribution_patch_probes": "idiom_lens.analyses.interventions.attribution_patching",
     "patching_agreement": "idiom_lens.analyses.interventions.attribution_patching",
     "recall_profile": "idiom_lens.analyses.recall",
+    "compare_lenses": "idiom_lens.analyses.lens_comparison",
+    "LensComparison": "idiom_lens.analyses.lens_comparison",
     # the study
     "run_study": "idiom_lens.study.run",
     "StudyOptions": "idiom_lens.study.run",
@@ -67,6 +74,8 @@ _API: dict[str, str] = {
     "tracing_curves": "idiom_lens.plots.tracing",
     "attention_knockout_curves": "idiom_lens.plots.attention_knockout",
     "where_recall_lives": "idiom_lens.plots.recall",
+    "lens_trajectories_figure": "idiom_lens.plots.lenses",
+    "heldout_kl_figure": "idiom_lens.plots.lenses",
     "save_figure": "idiom_lens.plots.export",
 }
 

@@ -57,6 +57,7 @@ def test_explore_notebook_runs(tmp_path, monkeypatch):
     assert "memorized" in everything and "idiom" in everything  # the 30-idiom summary
     assert "stages: ['trajectory', 'recall', 'interventions']" in everything  # run_study, read back through StudyFolder
     assert "noised:" in everything and "when the last token cannot read the earlier words" in everything  # section 7
+    assert "lens read-outs agree at the last layer: True" in everything  # section 8
     figures = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) >= 5, f"expected the notebook's figures, got {len(figures)}"
     assert seconds < 300, f"the notebook took {seconds:.0f} s; keep it under 3 minutes on 2 cores"

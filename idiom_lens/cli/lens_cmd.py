@@ -9,7 +9,7 @@ from idiom_lens.cli.common import add_model_options, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from idiom_lens.lenses.cache import LensSettings
+    from idiom_lens.lenses.settings import LensSettings
 
     p = sub.add_parser("lens", help="train or show a learned lens (tuned, jacobian) of a model, kept in the cache")
     actions = p.add_subparsers(dest="lens_action", required=True, metavar="ACTION")

@@ -34,7 +34,7 @@ def handle(args: argparse.Namespace) -> int:
 
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))
-    from idiom_lens.lenses import resolve_lens
+    from idiom_lens.lenses.cache import resolve_lens
     from idiom_lens.lenses.cache import bundled_prompts
 
     model = load_from_args(args)

@@ -13,7 +13,6 @@ import dataclasses
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,38 +23,11 @@ from idiom_lens.errors import InputError
 from idiom_lens.io import key_digest, write_json, write_parquet
 from idiom_lens.lenses.corpus import LensCorpus, build_corpus, check_disjoint, tokenize_sentences
 from idiom_lens.lenses.lens import KINDS, Lens, logit_lens
+from idiom_lens.lenses.settings import LensSettings
 from idiom_lens.lenses.train import collect_residuals, fit_jacobian_lens, heldout_kl, train_tuned_lens
 from idiom_lens.models.loading import cache_dir
 
 FORMAT = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class LensSettings:
-    """How a lens is trained; every field is part of the cache key. The defaults train the tuned
-    lens in about 10 minutes and the Jacobian lens in about 10 minutes per model on 2 cores."""
-
-    corpus: str = "lee+samples"  # lens corpus (`lenses.corpus.CORPORA`), unless text_file is given
-    text_file: str | None = None  # a user's own plain-text file instead
-    n_samples: int = 128  # model-written texts added to the corpus ("samples")
-    seed: int = 0
-    max_tokens: int = 48  # per training sequence (BOS + one sentence)
-    train_tokens: int = 12_288  # residual rows the tuned lens trains on
-    heldout_tokens: int = 512  # rows the held-out KL is measured on
-    steps: int = 120  # tuned lens: Adam steps
-    batch_tokens: int = 128  # tuned lens: rows per step
-    lr: float = 3e-4  # tuned lens: Adam learning rate (1e-3 made the last layers worse than the logit lens)
-    jacobian_prompts: int = 16  # Jacobian lens: sentences averaged
-    jacobian_slice: int = 4  # Jacobian lens: sentences per resumable slice
-    jacobian_skip_first: int = 1  # Jacobian lens: leading positions not used as sources (the BOS)
-
-    def __post_init__(self) -> None:
-        for name in ("n_samples", "max_tokens", "train_tokens", "heldout_tokens", "steps", "batch_tokens",
-                     "jacobian_prompts", "jacobian_slice"):
-            if getattr(self, name) < 1:
-                raise InputError(f"lens setting {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise InputError(f"lens setting lr must be > 0, got {self.lr}")
 
 
 def _model_key(model: Any) -> dict[str, Any]:
@@ -191,7 +163,8 @@ def heldout_table(model: Any, kind: str, *, settings: LensSettings | None = None
     path = lens_path(model, kind, settings or LensSettings(), bundled_prompts() if prompts is None else prompts)
     table = path.with_suffix(".heldout.parquet")
     if not table.is_file():
-        raise InputError(f"no {kind} lens for {model.name} in the cache ({path})")
+        raise InputError(f"no {kind} lens for {model.name} with these settings in the cache ({path}): train it with "
+                         f"`idiom-lens lens train --model {model.spec} --kind {kind}` and the same options")
     return pd.read_parquet(table)
 
 

@@ -40,6 +40,7 @@ FIGURE_ORDER: dict[str, tuple[str, ...]] = {
 }
 STAGE_TITLES = {
     "trajectory": "Layer trajectory and the two phases",
+    "lenses": "Is the two-phase finding a logit-lens artefact? The phases under the logit, tuned and Jacobian lenses",
     "attribution": "Attribution per layer and top neurons",
     "interventions": "Interventions: neuron knockouts and layer skipping",
     "patching": "Activation patching: where the idiom is read in",
@@ -424,6 +425,32 @@ def _generic_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pa
     return "".join(parts), set()
 
 
+def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+    """The reading per lens, the side-by-side figure, held-out KL per layer, promotion per set and
+    the tests; each lens's own trajectory figures stay in its subfolder (`lenses/<lens>/`)."""
+    s = stage.summary
+    parts = [f'<div class="callout"><p>{_esc(line)}</p></div>' for line in [s.get("summary", "")] if line]
+    used = {p for p in stage.figures if p.parent != stage.path}
+    for path in stage.figures:
+        if path.parent == stage.path:
+            parts.append(renderer.render(path))
+            used.add(path)
+    kl = pd.DataFrame(s.get("heldout_kl", []))
+    if not kl.empty:
+        wide = kl.pivot(index="layer", columns="lens", values="kl").reset_index()
+        n = f"{int(kl['n_tokens'].iloc[0])} tokens, {int(kl['n_sentences'].iloc[0])} sentences"
+        parts.append(table_html(wide, caption=f"Held-out KL(model output || lens read-out) per layer, nats ({n}; "
+                                              "intervals in lens_heldout_kl.parquet)"))
+    for key, caption in (("boundaries", "Phase boundary and verdict per lens"),
+                         ("promotion", "Promotion layer per set and lens: mean with bootstrap 95% interval"),
+                         ("tests", "Are memorized probes promoted earlier? Permutation tests per lens "
+                                   "(difference = comparison set minus memorized, in layers)")):
+        frame = pd.DataFrame(s.get(key, []))
+        if not frame.empty:
+            parts.append(table_html(frame, caption=caption))
+    return "".join(parts), used
+
+
 def _comparison_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
     """The models side by side: one column per model, one row per measure."""
     models = pd.DataFrame(stage.summary.get("models", []))
@@ -433,7 +460,8 @@ def _comparison_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set
     return table_html(table, caption="Measures per model (depth = (layer + 1) / n_layers)"), set()
 
 
-_STAGE_BODIES = {"trajectory": _trajectory_body, "attribution": _attribution_body, "comparison": _comparison_body}
+_STAGE_BODIES = {"trajectory": _trajectory_body, "lenses": _lenses_body, "attribution": _attribution_body,
+                 "comparison": _comparison_body}
 _MODEL_KEYS = {"model_spec", "model_name", "numerics_mode", "prepend_bos", "dtype", "device", "n_layers",
                "d_model", "d_vocab"}
 

@@ -498,7 +498,7 @@ def run_lenses(
     boundaries and tests per lens, the held-out KL per layer, the side-by-side figure."""
     from idiom_lens.analyses.lens_comparison import compare_lenses
     from idiom_lens.io import write_parquet
-    from idiom_lens.lenses import LensSettings, heldout_table, obtain_lens
+    from idiom_lens.lenses.cache import LensSettings, heldout_table, obtain_lens
     from idiom_lens.lenses.cache import bundled_prompts
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.lenses import heldout_kl_figure, lens_trajectories_figure

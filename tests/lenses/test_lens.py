@@ -10,7 +10,7 @@ import torch
 
 from idiom_lens.analyses.trajectory import layer_trajectory
 from idiom_lens.errors import InputError
-from idiom_lens.lenses import Lens, identity_tuned_lens, logit_lens
+from idiom_lens.lenses.lens import Lens, identity_tuned_lens, logit_lens
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.vocab import mask_logits, valid_mask
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from idiom_lens.lenses import Lens, logit_lens
+from idiom_lens.lenses.lens import Lens, logit_lens
 from idiom_lens.lenses.train import (
     _kl_and_grad,
     collect_residuals,

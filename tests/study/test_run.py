@@ -72,3 +72,34 @@ def test_a_missing_stage_names_the_fix(tmp_path):
     with pytest.raises(InputError, match="no finished trajectory stage"):
         study.model("m").trajectory()
     assert isinstance(study.root, Path) and study.models() == []
+
+
+def test_the_lenses_stage_compares_the_phases_under_each_lens(tiny_model_dir, tmp_path, monkeypatch):
+    """`run --lens tuned jacobian`: lenses trained into the cache (never on a probe), the trajectory
+    under each, the identity lens equal to the trajectory stage, and the report showing it."""
+    import numpy as np
+
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(tmp_path / "cache"))
+    options = StudyOptions(limit=3, part_size=4, png=False, knockout_sample=0, patching_sample=0,
+                           attribution_sample=0, tracing_sample=0, attn_knockout_sample=0,
+                           lenses=("tuned", "jacobian"))
+    study = run_study(str(tiny_model_dir), tmp_path / "out", options, log=lambda line: None)
+    (model,) = study.models()
+    assert [s.name for s in model.stages()] == ["trajectory", "lenses"]
+    stage = model.stage("lenses")
+    assert set(stage.summary["lenses"]) == {"logit", "tuned", "jacobian"}
+    assert {r["lens"] for r in stage.summary["boundaries"]} == {"logit", "tuned", "jacobian"}
+    kl = stage.table("lens_heldout_kl")
+    assert set(kl["lens"]) == {"logit", "tuned", "jacobian"}
+    logit, plain = model.lens_trajectory("logit"), model.trajectory()
+    np.testing.assert_array_equal(logit.pred_rank[:, 0], plain.pred_rank[:, plain.site("resid_post")])
+    assert model.lens_trajectory("tuned").lens["kind"] == "tuned"
+    assert (model.stage_path("lenses") / "lens_trajectories.html").is_file()
+    assert "lens_trajectories" in (study.root / "report.html").read_text()
+    assert len(list((tmp_path / "cache" / "lenses").rglob("*.pt"))) == 2
+    # a rerun reuses everything
+    lines: list[str] = []
+    run_study(str(tiny_model_dir), tmp_path / "out", options, log=lines.append)
+    assert any("lenses: already done" in line for line in lines)
+    with pytest.raises(InputError, match="lenses \\['sharp'\\] are unknown"):
+        StudyOptions(lenses=("sharp",))
