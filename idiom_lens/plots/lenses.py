@@ -3,6 +3,8 @@ each lens side by side, and the held-out KL to the model's output per layer and 
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -20,8 +22,11 @@ def lens_trajectories_figure(comparison: LensComparison, *, title: str = "", gro
     predicted token per layer, mean with 95% bands, per set; the lens's phase boundary dashed."""
     lenses = list(comparison.phases)
     prob, rank = TRAJECTORY_METRICS["pred_prob"], TRAJECTORY_METRICS["pred_rank"]
-    fig = make_subplots(rows=2, cols=len(lenses), shared_xaxes=True, shared_yaxes="rows", vertical_spacing=0.08,
+    fig = make_subplots(rows=2, cols=len(lenses), shared_xaxes=True, vertical_spacing=0.08,
                         horizontal_spacing=0.04, subplot_titles=[f"{lens} lens" for lens in lenses])
+    # one rank range for every lens (log10 units), so that the columns compare at a glance
+    highest = max(float(a.curves.loc[a.curves["metric"] == rank.name, "high"].max()) for a in comparison.phases.values())
+    rank_range = [math.log10(0.8), math.log10((highest + 1) * 1.5)]
     for col, lens in enumerate(lenses, start=1):
         analysis = comparison.phases[lens]
         curves = analysis.curves
@@ -36,10 +41,11 @@ def lens_trajectories_figure(comparison: LensComparison, *, title: str = "", gro
             for row in (1, 2):
                 fig.add_vline(x=analysis.boundary_layer, line_dash="dash", line_color="black", row=row, col=col)
         fig.update_xaxes(range=[-0.5, analysis.n_layers - 0.5], row=2, col=col, title_text="layer (block output)")
-    fig.update_yaxes(title_text=prob.axis_title("mean"), range=prob.axis_range, row=1, col=1)
-    fig.update_yaxes(title_text=f"mean {rank.label} + 1 (log)", type="log", row=2, col=1)
-    for col in range(2, len(lenses) + 1):
-        fig.update_yaxes(type="log", row=2, col=col)
+    for col in range(1, len(lenses) + 1):
+        fig.update_yaxes(range=prob.axis_range, row=1, col=col)
+        fig.update_yaxes(type="log", range=rank_range, row=2, col=col)
+    fig.update_yaxes(title_text=prob.axis_title("mean"), row=1, col=1)
+    fig.update_yaxes(title_text=f"mean {rank.label} + 1 (log)", row=2, col=1)
     fig.update_layout(title=title or "The predicted token's trajectory under each lens (dashed: phase boundary)",
                       template="plotly_white", height=750, width=520 * len(lenses) + 120,
                       legend={"orientation": "h", "y": -0.12})

@@ -446,8 +446,9 @@ def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pat
                          ("tests", "Are memorized probes promoted earlier? Permutation tests per lens "
                                    "(difference = comparison set minus memorized, in layers)")):
         frame = pd.DataFrame(s.get(key, []))
-        if not frame.empty:
-            parts.append(table_html(frame, caption=caption))
+        if not frame.empty:  # summary.json keeps keys sorted: the identifying columns go first again
+            first = [c for c in ("lens", "control", "group", "versus", "n") if c in frame.columns]
+            parts.append(table_html(frame[first + [c for c in frame.columns if c not in first]], caption=caption))
     return "".join(parts), used
 
 
