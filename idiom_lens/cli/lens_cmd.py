@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import add_model_options, add_seed_option, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"tuned lens: Adam steps (default {defaults.steps})")
         a.add_argument("--jacobian-prompts", type=int, default=defaults.jacobian_prompts, metavar="N",
                        help=f"Jacobian lens: sentences averaged (default {defaults.jacobian_prompts})")
-        a.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help="seed (default 0)")
+        add_seed_option(a)
         add_model_options(a)
         a.set_defaults(handler=handle)
 
