@@ -35,7 +35,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev,build-data]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev,build-data,distributed]"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -44,7 +44,7 @@ define fresh_env
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(1)/bin/python -m pip install --quiet --upgrade -e ".[dev,build-data]" $(2)
+	$(1)/bin/python -m pip install --quiet --upgrade -e ".[dev,build-data,distributed]" $(2)
 	$(1)/bin/python -m pip check
 	$(1)/bin/python -m pip freeze --exclude-editable | grep -E '^(torch|transformers|transformer-lens)=='
 endef

@@ -17,8 +17,10 @@ from idiom_lens.cli.common import (
     add_model_options,
     add_output_options,
     add_probe_options,
+    add_worker_options,
     load_from_args,
     text_or_dataset_probes,
+    worker_pool,
 )
 from idiom_lens.errors import InputError
 
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 5)")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, files are written only if given")
+    add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
@@ -60,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is not None:  # the files the study's stage writes
         from idiom_lens.study.stages import run_attention_knockout
 
-        result = run_attention_knockout(model, probes, args.out, png=not args.no_png, **options)
+        with worker_pool(args, model) as pool:
+            result = run_attention_knockout(model, probes, args.out, png=not args.no_png, pool=pool, **options)
     else:
         result = attention_knockout(model, probes, progress=False, **options)
     if args.text is None:

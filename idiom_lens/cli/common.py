@@ -15,7 +15,9 @@ these functions, never with its own `add_argument`:
   are still written);
 - `--batch-size N` (`add_batch_size_option`): sequences per forward pass (N >= 1); speed and
   memory only, never results;
-- `--results DIR` (`add_results_option`): a results folder written by `idiom-lens run`.
+- `--results DIR` (`add_results_option`): a results folder written by `idiom-lens run`;
+- `--workers N`, `--ray-address ADDR|auto`, `--worker-threads N` (`add_worker_options`): run the
+  sweep on N Ray workers (the `distributed` extra); speed only, never results.
 
 `check_shared_options` (run by `idiom_lens.cli.main` before every handler) validates them and
 raises `InputError` with the same message in every command.
@@ -42,12 +44,19 @@ PNG_HELP = "skip static PNG figures (the HTML figures and their .fig.json are st
 BATCH_HELP = ("sequences per forward pass (a probe, or a probe under one knockout or patch; N >= 1); changes "
               "speed and memory, not results")
 RESULTS_HELP = "results folder written by `idiom-lens run --out` (default: results/)"
+WORKERS_HELP = ("run the sweep on N Ray workers, each holding the model (N >= 1; default: this process, no Ray); "
+                "a local Ray is started for the run unless --ray-address is given; changes speed, not results "
+                "(needs `pip install idiom-lens[distributed]`)")
+RAY_ADDRESS_HELP = "an existing Ray cluster: 'auto' (the one started on this machine by `ray start`) or HOST:PORT"
+WORKER_THREADS_HELP = "torch threads per worker (N >= 1; default: this machine's cores divided among the workers)"
 
 # Options whose value must be a whole number >= 1 when given: dest -> (option, what N means).
 _POSITIVE = {
     "limit": ("--limit", "the first N probes of each set; leave it out for all"),
     "sample": ("--sample", "a seeded sample of N probes of each set; leave it out for all"),
     "batch_size": ("--batch-size", "sequences per forward pass"),
+    "workers": ("--workers", "Ray workers, each holding the model"),
+    "worker_threads": ("--worker-threads", "torch threads per worker"),
 }
 
 
@@ -103,6 +112,36 @@ def add_batch_size_option(parser: argparse.ArgumentParser, *, default: int) -> N
     parser.add_argument("--batch-size", type=int, default=default, metavar="N", help=f"{BATCH_HELP} (default {default})")
 
 
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """`--workers N`, `--ray-address ADDR|auto` and `--worker-threads N`: where a sweep runs."""
+    parser.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
+    parser.add_argument("--ray-address", default=None, metavar="ADDR", help=RAY_ADDRESS_HELP)
+    parser.add_argument("--worker-threads", type=int, default=None, metavar="N", help=WORKER_THREADS_HELP)
+
+
+def worker_options(args: argparse.Namespace) -> Any:
+    """The `idiom_lens.distributed.WorkerOptions` of `--workers/--ray-address/--worker-threads`
+    (`InputError` when they ask for Ray and it is not installed)."""
+    from idiom_lens.distributed import WorkerOptions
+
+    return WorkerOptions(workers=getattr(args, "workers", None), address=getattr(args, "ray_address", None),
+                         threads=getattr(args, "worker_threads", None))
+
+
+def worker_pool(args: argparse.Namespace, model: Any) -> Any:
+    """A context manager: the started `WorkerPool` of the worker options for `model` (loaded
+    by each worker from the same spec and device), or None for this process."""
+    import contextlib
+
+    from idiom_lens.distributed import ModelRecipe, WorkerPool
+
+    options = worker_options(args)
+    if not options.distributed:
+        return contextlib.nullcontext(None)
+    recipe = ModelRecipe(spec=model.spec, device=args.device, n_devices=args.n_devices)
+    return WorkerPool(recipe, options)
+
+
 def add_results_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), metavar="DIR", help=RESULTS_HELP)
 
@@ -116,6 +155,12 @@ def check_shared_options(args: argparse.Namespace) -> None:
     out = getattr(args, "out", None)
     if isinstance(out, Path) and out.exists() and not out.is_dir():
         raise InputError(f"--out must be a folder, but {out} is a file")
+    if hasattr(args, "workers"):
+        options = worker_options(args)  # InputError without Ray when it is needed
+        device = getattr(args, "device", "cpu")
+        if options.distributed and device.startswith("cuda:"):
+            raise InputError(f"--device {device}: with --workers give --device cuda; Ray gives each worker its own "
+                             "GPU(s) (--n-devices per worker)")
 
 
 def text_or_dataset_probes(args: argparse.Namespace, *, min_words: int = 2) -> list:

@@ -16,8 +16,10 @@ from idiom_lens.cli.common import (
     add_model_options,
     add_output_options,
     add_probe_options,
+    add_worker_options,
     load_from_args,
     select_probes,
+    worker_pool,
 )
 from idiom_lens.errors import InputError
 
@@ -69,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-skip", action="store_true", help="do not run layer skipping")
     add_batch_size_option(p, default=128)
     add_output_options(p)
+    add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
@@ -103,11 +106,12 @@ def _run(args: argparse.Namespace) -> int:
     probes = select_probes(args)
     model = load_from_args(args)
     grid = _grid_options(args, model.n_layers)
-    summary = run_knockouts(
-        model, probes, args.out, **grid, controls=controls, rank_by=args.rank_by, positions=args.positions,
-        norm=args.norm, compare_positions=args.compare_positions, value_vector_ks=tuple(args.value_vector_k),
-        seed=args.seed, batch_size=args.batch_size, skip=not args.no_skip, png=not args.no_png,
-    )
+    with worker_pool(args, model) as pool:
+        summary = run_knockouts(
+            model, probes, args.out, **grid, controls=controls, rank_by=args.rank_by, positions=args.positions,
+            norm=args.norm, compare_positions=args.compare_positions, value_vector_ks=tuple(args.value_vector_k),
+            seed=args.seed, batch_size=args.batch_size, skip=not args.no_skip, png=not args.no_png, pool=pool,
+        )
     summary["datasets"] = args.dataset
     print(f"total {summary['total_seconds']:.1f} s; results in {args.out}")
     return 0

@@ -21,8 +21,10 @@ from idiom_lens.cli.common import (
     add_model_options,
     add_output_options,
     add_probe_options,
+    add_worker_options,
     load_from_args,
     text_or_dataset_probes,
+    worker_pool,
 )
 from idiom_lens.errors import InputError
 
@@ -46,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default exact)")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, heatmaps are written only if given")
+    add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
@@ -91,13 +94,18 @@ def _agreement(results: dict[str, Any], out: Path | None) -> None:
 
 
 def _run_set(args: argparse.Namespace, model: Any, probes: list) -> int:
+    with worker_pool(args, model) as pool:
+        return _run_methods(args, model, probes, pool)
+
+
+def _run_methods(args: argparse.Namespace, model: Any, probes: list, pool: Any) -> int:
     results: dict[str, Any] = {}
     for method in _methods(args):
         from idiom_lens.study.stages import run_patching
 
         folder = _folder(args, method)
         result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
-                              method=method, batch_size=args.batch_size, png=not args.no_png)
+                              method=method, batch_size=args.batch_size, png=not args.no_png, pool=pool)
         if not results:
             for row in result.skipped.itertuples():
                 print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import add_model_options, add_worker_options, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part-size", type=int, default=256, metavar="N",
                    help="probes per resumable trajectory part (default 256); a crash loses at most one part")
     add_model_options(p)
+    add_worker_options(p)
     p.set_defaults(handler=handle)
 
 
@@ -56,7 +57,8 @@ def handle(args: argparse.Namespace) -> int:
         attribution_sample=args.attribution_sample, knockout_sample=args.knockout_sample,
         patching_sample=args.patching_sample, tracing_sample=args.tracing_sample,
         attn_knockout_sample=args.attn_knockout_sample, seed=args.seed, batch_size=args.batch_size,
-        part_size=args.part_size, png=not args.no_png,
+        part_size=args.part_size, png=not args.no_png, workers=args.workers, ray_address=args.ray_address,
+        worker_threads=args.worker_threads,
     )
     run_study(load_from_args(args), args.out, options, device=args.device, n_devices=args.n_devices)
     return 0

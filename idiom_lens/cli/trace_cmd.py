@@ -15,8 +15,10 @@ from idiom_lens.cli.common import (
     add_model_options,
     add_output_options,
     add_probe_options,
+    add_worker_options,
     load_from_args,
     text_or_dataset_probes,
+    worker_pool,
 )
 from idiom_lens.errors import InputError
 
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--part-size", type=int, default=10, help="probes per resumable part (default 10)")
     add_batch_size_option(p, default=128)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, figures are written only if given")
+    add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
@@ -71,7 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.text is None:
         from idiom_lens.study.stages import run_tracing
 
-        result = run_tracing(model, probes, args.out, part_size=args.part_size, png=not args.no_png, **options)
+        with worker_pool(args, model) as pool:
+            result = run_tracing(model, probes, args.out, part_size=args.part_size, png=not args.no_png, pool=pool,
+                                 **options)
         _print_summary(result.summary())
         print(f"{len(probes)} probes in {result.settings['seconds']:.1f} s; results in {args.out}")
         return 0

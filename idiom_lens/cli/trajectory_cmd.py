@@ -9,9 +9,12 @@ from idiom_lens.cli.common import (
     add_model_options,
     add_output_options,
     add_probe_options,
+    add_worker_options,
     load_from_args,
     select_probes,
+    worker_pool,
 )
+from idiom_lens.errors import InputError
 from idiom_lens.analyses.trajectory import SITES
 
 
@@ -24,14 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="read each layer through: logit (default, the paper's), tuned or jacobian (from the cache, "
                         "trained first when missing: `idiom-lens lens train`), or a lens file (.pt)")
     add_batch_size_option(p, default=16)
+    p.add_argument("--part-size", type=int, default=256, metavar="N",
+                   help="probes per resumable part (default 256); a crash loses at most one part, and with --workers "
+                        "each part is one worker's task")
     add_output_options(p)
     add_model_options(p)
+    add_worker_options(p)
     p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
     from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 
+    if args.part_size < 1:
+        raise InputError(f"--part-size must be a whole number >= 1 (probes per resumable part), got {args.part_size}")
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))
     from idiom_lens.lenses.cache import resolve_lens
@@ -41,7 +50,9 @@ def handle(args: argparse.Namespace) -> int:
     lens = resolve_lens(model, args.lens, prompts=sorted(set(bundled_prompts()) | {p.prompt for p in selected}))
     sites = args.sites or (list(SITES) if lens.kind == "logit" else ["resid_post"])
     print(f"trajectory: {len(selected)} probes from {datasets} on {model.spec}, {lens.kind} lens -> {args.out}")
-    result = resumable_trajectory(model, selected, args.out, sites=sites, batch_size=args.batch_size, lens=lens)
+    with worker_pool(args, model) as pool:
+        result = resumable_trajectory(model, selected, args.out, sites=sites, batch_size=args.batch_size, lens=lens,
+                                      part_size=args.part_size, pool=pool)
     outputs = write_trajectory_outputs(result, args.out, title=f"{model.spec}: {datasets}", png=not args.no_png)
     print(outputs.phases.summary_text)
     print(f"wrote {len(outputs.files)} files to {args.out}")

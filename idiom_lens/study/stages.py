@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
 
@@ -34,6 +34,8 @@ from idiom_lens.lenses.lens import Lens
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
 from idiom_lens.study.layout import FORMAT
+if TYPE_CHECKING:
+    from idiom_lens.distributed import WorkerPool
 from idiom_lens.analyses.trajectory import (
     SITES,
     TrajectoryResult,
@@ -76,12 +78,19 @@ def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str],
     return f"trajectory-{_fingerprint(_part_key(model, probes, sites, lens))}"
 
 
-def _clear(folder: Path, marker: Path) -> None:
+def _clear(folder: Path, marker: Path, *, keep: str | None = None) -> None:
     """Empty a job's folder before (re)computing it: the marker goes first, then everything else,
-    so no stale or half-written output of an earlier run survives into the new one."""
+    so no stale or half-written output of an earlier run survives into the new one. `keep` names
+    a subfolder left in place (a stage's hidden parts, each verified by its own marker)."""
     marker.unlink(missing_ok=True)
-    if folder.exists():
+    if not folder.exists():
+        return
+    if keep is None or not (folder / keep).is_dir():
         shutil.rmtree(folder)
+        return
+    for path in folder.iterdir():
+        if path.name != keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def resumable_trajectory(
@@ -95,13 +104,21 @@ def resumable_trajectory(
     lens: Lens | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pool: "WorkerPool | None" = None,
 ) -> TrajectoryResult:
     """`layer_trajectory` (through `lens`, default the logit lens) in parts saved under
-    `out_dir/parts/`; finished, intact parts are reused."""
+    `out_dir/parts/`; finished, intact parts are reused.
+
+    With a `pool` (`idiom_lens.distributed`), the unfinished parts run on its workers, one part
+    per task (a part's forward batches are sorted by length within the part, so a part is the
+    smallest piece that gives the single-process numbers); the same part folders come out."""
     out_dir = Path(out_dir)
     probes = list(probes)
     parts: list[TrajectoryResult] = []
     n_parts = (len(probes) + part_size - 1) // part_size
+    if pool is not None:
+        return TrajectoryResult.concat(_trajectory_on_pool(pool, model, probes, out_dir, sites=sites, lens=lens,
+                                                           batch_size=batch_size, part_size=part_size, log=log))
     for i in range(n_parts):
         chunk = probes[i * part_size : (i + 1) * part_size]
         key = _part_key(model, chunk, sites, lens)
@@ -123,6 +140,57 @@ def resumable_trajectory(
         log(f"  part {i + 1}/{n_parts}: {len(chunk)} probes in {time.perf_counter() - started:.1f} s")
         parts.append(result)
     return TrajectoryResult.concat(parts)
+
+
+def _trajectory_on_pool(
+    pool: "WorkerPool", model: LoadedModel, probes: list[Probe], out_dir: Path, *, sites: Sequence[str],
+    lens: Lens | None, batch_size: int, part_size: int, log: Callable[[str], None],
+) -> list[TrajectoryResult]:
+    from idiom_lens.distributed import Part, PartsPlan, run_parts, whole_part
+
+    chunks = [probes[i : i + part_size] for i in range(0, len(probes), part_size)]
+    parts = [Part(tuple(c), out_dir / "parts" / part_name(model, c, sites, lens), _part_key(model, c, sites, lens))
+             for c in chunks]
+    if len(parts) < pool.options.n_workers:
+        log(f"  {len(parts)} part{'s' if len(parts) != 1 else ''} for {pool.options.n_workers} workers: smaller parts "
+            "(--part-size) would keep them all busy")
+    settings = model.settings()
+    plan = PartsPlan(label="part", fn=layer_trajectory,
+                     kwargs={"sites": tuple(sites), "batch_size": batch_size, "lens": lens},
+                     units=whole_part, merge=lambda results: results[0], save=save_trajectory,
+                     load=lambda folder: load_trajectory(folder, settings=settings), fault_point="trajectory.part")
+    return run_parts(pool, parts, plan, desc="trajectory", log=log)
+
+
+# Parts of the sweeps that have none in one process (knockouts, skipping, patching, attention
+# knockout) when they run on workers: hidden (`.parts/`, beside the stage's files), so that the
+# visible files equal a single-process run's; each is a resumable part like the trajectory's.
+SHARDS = ".parts"
+SHARD_PROBES = 8  # probes per hidden part: what a killed driver loses at most, per sweep
+
+
+def _swept(
+    pool: "WorkerPool | None", model: LoadedModel, probes: Sequence[Probe], out: Path, name: str,
+    fn: Callable[..., Any], options: dict[str, Any], *, merge: Callable[[list[Any]], Any], load: Callable[[Path], Any],
+) -> Any:
+    """`fn(model, probes, **options, progress=True)` in this process without a pool; with one, on
+    its workers one probe per task, in hidden resumable parts under `out/.parts/` (reused when
+    finished and intact), merged in probe order: the single-process result, row for row."""
+    if pool is None:
+        return fn(model, probes, **options, progress=True)
+    from idiom_lens.distributed import Part, PartsPlan, per_probe, run_parts
+
+    probes = list(probes)
+    keyed = {k: v for k, v in options.items() if k not in NOT_IN_KEY}
+    parts = []
+    for i in range(0, len(probes), SHARD_PROBES):
+        chunk = probes[i : i + SHARD_PROBES]
+        key = {"format": FORMAT, "analysis": f"{fn.__module__}.{fn.__qualname__}", "model": _model_key(model),
+               "options": keyed, "probes": _probe_key(chunk)}
+        parts.append(Part(tuple(chunk), Path(out) / SHARDS / f"{name}-{_fingerprint(key)}", key))
+    plan = PartsPlan(label=f"{name} part", fn=fn, kwargs=options, units=per_probe, merge=merge,
+                     save=lambda result, folder: result.save(folder), load=load)
+    return merge(run_parts(pool, parts, plan, desc=name, log=lambda line: None))
 
 
 @dataclass(frozen=True)
@@ -276,6 +344,7 @@ def run_knockouts(
     skip: bool = True,
     png: bool = True,
     log: Callable[[str], None] = print,
+    pool: "WorkerPool | None" = None,
 ) -> dict:
     """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
     value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
@@ -283,8 +352,10 @@ def run_knockouts(
 
     `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
-    as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`)."""
+    as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
+    With a `pool` the knockouts and layer skipping run on its workers (`_swept`): the same files."""
     from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.analyses.interventions.skipping import SkipResult
     from idiom_lens.io import write_parquet
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import (
@@ -299,8 +370,14 @@ def run_knockouts(
     started = time.perf_counter()
     grid: dict[str, Any] = {"full_grid": True} if full_grid else {
         "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
-    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size, progress=True)
-    knock = knockout_grid(model, probes, positions=positions, **grid, **common)
+    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size)
+    from idiom_lens.distributed import merge_probe_rows
+
+    def grid_run(where: str) -> KnockoutResult:
+        return _swept(pool, model, probes, out, f"knockouts_{where}", knockout_grid,
+                      {"positions": where, **grid, **common}, merge=merge_probe_rows, load=KnockoutResult.load)
+
+    knock = grid_run(positions)
     knock.save(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
@@ -322,7 +399,7 @@ def run_knockouts(
                     height=500)
     if compare_positions:
         other = "last" if positions == "all" else "all"
-        second = knockout_grid(model, probes, positions=other, **grid, **common)
+        second = grid_run(other)
         second.save(out, name=f"knockouts_{other}")
         summary[f"knockouts_{other}"] = second.settings
         both = KnockoutResult.concat([knock, second])
@@ -339,7 +416,9 @@ def run_knockouts(
         summary["value_vectors"] = vv.settings
     if skip:
         skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
-        skipped = skip_layers(model, probes, windows=skip_windows, batch_size=min(batch_size, 64), progress=True)
+        skipped = _swept(pool, model, probes, out, "skipping", skip_layers,
+                         {"windows": skip_windows, "batch_size": min(batch_size, 64)}, merge=merge_probe_rows,
+                         load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
@@ -363,10 +442,11 @@ def run_patching(
     method: str = "exact",
     batch_size: int = 64,
     png: bool = True,
+    pool: "WorkerPool | None" = None,
 ) -> Any:
     """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
     attribution patching (`method`); parquet, mean heatmaps per set and summary.json under `out`.
-    Returns the `PatchingResult`."""
+    Returns the `PatchingResult`. With a `pool`, the probes run on its workers: the same files."""
     from idiom_lens.analyses.interventions import attribution_patch_probes, patch_probes
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
@@ -375,8 +455,12 @@ def run_patching(
     if method not in methods:
         raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     out = Path(out)
-    result = methods[method](model, probes, variants=variants, seed=seed, keep_last=keep_last,
-                             batch_size=batch_size, progress=True)
+    from idiom_lens.analyses.interventions.patching import PatchingResult
+    from idiom_lens.distributed import merge_patching
+
+    result = _swept(pool, model, probes, out, f"patching_{method}", methods[method],
+                    {"variants": variants, "seed": seed, "keep_last": keep_last, "batch_size": batch_size},
+                    merge=merge_patching, load=PatchingResult.load)
     result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
@@ -403,11 +487,13 @@ def run_tracing(
     part_size: int = 10,
     png: bool = True,
     log: Callable[[str], None] = print,
+    pool: "WorkerPool | None" = None,
 ) -> Any:
     """Causal tracing of `probes` in parts of `part_size` probes under `out/parts/` (finished,
     intact parts are reused: an interrupted run loses at most one part); then the joined result,
     its summary, heatmaps per set, layer curves and summary.json under `out`. Returns the
-    `TracingResult`."""
+    `TracingResult`. With a `pool`, the unfinished parts' probes run on its workers, one probe per
+    task: the same parts and files."""
     from idiom_lens.analyses.interventions.tracing import TracingResult, causal_trace, noise_scale
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.tracing import tracing_curves, tracing_heatmaps
@@ -420,6 +506,22 @@ def run_tracing(
                "noise_words": list(noise_words) if noise_words else None, "scale": dataclasses.asdict(scale)}
     parts = []
     n_parts = (len(probes) + part_size - 1) // part_size
+    if pool is not None:
+        from idiom_lens.distributed import Part, PartsPlan, per_probe, run_parts
+
+        pool_parts = []
+        for i in range(n_parts):
+            chunk = list(probes[i * part_size : (i + 1) * part_size])
+            key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
+                   "probes": _probe_key(chunk)}
+            pool_parts.append(Part(tuple(chunk), out / "parts" / f"tracing-{_fingerprint(key)}", key))
+        plan = PartsPlan(label="tracing part", fn=causal_trace,
+                         kwargs=dict(sites=sites, windows=windows, samples=samples, scale=scale,
+                                     noise_words=noise_words, seed=seed, batch_size=batch_size),
+                         units=per_probe, merge=TracingResult.concat, save=lambda r, folder: r.save(folder),
+                         load=TracingResult.load, fault_point="tracing.part")
+        parts = run_parts(pool, pool_parts, plan, desc="causal tracing", log=log)
+        n_parts = 0  # every part is done: the loop below has nothing left to do
     for i in range(n_parts):
         chunk = list(probes[i * part_size : (i + 1) * part_size])
         key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
@@ -463,16 +565,20 @@ def run_attention_knockout(
     window: int = 5,
     batch_size: int = 64,
     png: bool = True,
+    pool: "WorkerPool | None" = None,
 ) -> Any:
     """Attention knockout of `probes` (the last position cut from each source in windows of
-    `window` layers); result, summary CSV, figure and summary.json under `out`."""
-    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    `window` layers); result, summary CSV, figure and summary.json under `out`. With a `pool`,
+    the probes run on its workers: the same files."""
+    from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult, attention_knockout
+    from idiom_lens.distributed import merge_probe_rows
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
 
     out = Path(out)
-    result = attention_knockout(model, probes, sources=tuple(sources), window=window, batch_size=batch_size,
-                                progress=True)
+    result = _swept(pool, model, probes, out, "attention_knockout", attention_knockout,
+                    {"sources": tuple(sources), "window": window, "batch_size": batch_size}, merge=merge_probe_rows,
+                    load=AttentionKnockoutResult.load)
     result.save(out)
     write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
     save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
@@ -491,6 +597,7 @@ def run_lenses(
     part_size: int = 256,
     png: bool = True,
     log: Callable[[str], None] = print,
+    pool: "WorkerPool | None" = None,
 ) -> Any:
     """The trajectory of `probes` (`resid_post`) under the logit lens and each learned lens of
     `lenses` (from the cache, trained first when missing, never on a probe), each under
@@ -514,7 +621,7 @@ def run_lenses(
     for kind in ("logit", *[k for k in lenses if k != "logit"]):
         lens = obtain_lens(model, kind, settings=settings, prompts=prompts, log=log)
         result = resumable_trajectory(model, probes, out / kind, sites=("resid_post",), batch_size=batch_size,
-                                      part_size=part_size, lens=lens, log=log)
+                                      part_size=part_size, lens=lens, log=log, pool=pool)
         write_trajectory_outputs(result, out / kind, title=model.spec, png=png)
         trajectories[kind] = result
         if kind != "logit":
@@ -591,7 +698,7 @@ STAGE_MARKER = ".stage.json"
 
 # Stage-function arguments that change neither the numbers (beyond float rounding) nor the files
 # a stage writes: left out of its key, so a rerun with another batch size reuses finished stages.
-NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log"})
+NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log", "pool"})
 
 
 def stage_key(
@@ -641,7 +748,7 @@ def run_stage(
         return None
     if stage_dir.exists():
         log(f"[run] {name}: recomputing, {reason}")
-    _clear(stage_dir, marker)
+    _clear(stage_dir, marker, keep=SHARDS)
     log(f"[run] {name}: {len(probes)} probes")
     result = fn(model, probes, stage_dir, **options)
     maybe_fail("stage.outputs")

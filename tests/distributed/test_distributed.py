@@ -1,0 +1,200 @@
+"""Sweeps on Ray workers (`idiom_lens.distributed`) give the files of one process, survive a
+killed worker and a killed driver. Every comparison is against the plain single-process path's
+files (exact parquet equality), never a path with itself.
+
+Two local CPU workers, one torch thread each, in one small Ray session per module (no dashboard,
+a 200 MiB object store). Skipped only where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import idiom_lens.cli as cli  # noqa: E402
+from idiom_lens.distributed import ModelRecipe, WorkerOptions, WorkerPool  # noqa: E402
+from idiom_lens.faults import ENV  # noqa: E402
+from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
+
+TIMING_KEYS = frozenset({"seconds", "total_seconds"})
+# A small knockout grid: 2 k x windows of 1-2 layers, both modes, every control, both positions.
+GRID = dict(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=(10,), keep_top_windows=(1,),
+            compare_positions=True, value_vector_ks=(1,), png=False)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module: 2 CPUs, no dashboard, a small object store, quiet."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def pool_for(spec: str, **kwargs: Any) -> WorkerPool:
+    """Two workers of one torch thread each on the module's Ray."""
+    return WorkerPool(ModelRecipe(spec=spec), WorkerOptions(workers=2, threads=1), log=lambda line: None, **kwargs)
+
+
+def result_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _comparable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: sorted(Path(f).name for f in v) if k == "files" else _comparable(v)
+                for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_comparable(v) for v in obj]
+    return obj
+
+
+def assert_same_folder(got: Path, want: Path) -> None:
+    """The same visible files; every parquet equal (rows, order, dtypes, exact values); every
+    JSON equal but for timings; Markdown equal."""
+    names = result_files(want)
+    assert result_files(got) == names, set(result_files(got)) ^ set(names)
+    assert any(n.endswith(".parquet") for n in names)
+    for name in names:
+        if name.endswith(".parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(got / name), pd.read_parquet(want / name),
+                                          check_exact=True, obj=name)
+        elif name.endswith(".json"):
+            assert _comparable(json.loads((got / name).read_text())) == \
+                _comparable(json.loads((want / name).read_text())), name
+        elif name.endswith(".md"):
+            assert (got / name).read_text() == (want / name).read_text(), name
+
+
+def trajectory_folder(model, probes, out: Path, pool=None) -> Path:
+    result = resumable_trajectory(model, probes, out, sites=("resid_post", "mlp_out"), batch_size=2, part_size=3,
+                                  progress=False, log=lambda line: None, pool=pool)
+    write_trajectory_outputs(result, out, png=False)
+    return out
+
+
+def knockout_folder(model, probes, out: Path, pool=None) -> Path:
+    run_knockouts(model, probes, out, **GRID, log=lambda line: None, pool=pool)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# 1. Two workers give the single-process files
+# --------------------------------------------------------------------------------------
+
+
+def test_trajectory_and_knockouts_on_two_workers_equal_one_process(ray_session, tiny_model, tiny_model_dir, probes,
+                                                                    tmp_path):
+    with pool_for(str(tiny_model_dir)) as pool:
+        trajectory_folder(tiny_model, probes, tmp_path / "traj2", pool=pool)
+        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", pool=pool)
+        assert len(set(pool.pids()) | {os.getpid()}) == 3  # two worker processes besides this one
+    assert_same_folder(tmp_path / "traj2", trajectory_folder(tiny_model, probes, tmp_path / "traj1"))
+    assert len(list((tmp_path / "traj2" / "parts").glob("*/.part.json"))) == 4  # 10 probes in parts of 3
+    assert_same_folder(tmp_path / "knock2", knockout_folder(tiny_model, probes[:5], tmp_path / "knock1"))
+    assert list((tmp_path / "knock2" / ".parts").iterdir())  # hidden parts: not among the visible files
+
+
+def run_here(args: list[str]) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(args)
+    assert code == 0, buffer.getvalue()
+    return buffer.getvalue()
+
+
+RUN_OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1", "--patching-sample", "1",
+               "--attribution-sample", "1", "--tracing-sample", "1", "--attn-knockout-sample", "1"]
+
+
+def test_run_with_two_workers_equals_run(ray_session, tiny_model_dir, tmp_path):
+    """`idiom-lens run --workers 2` writes the folder of `idiom-lens run`: every stage."""
+    base = ["run", "--model", str(tiny_model_dir), *RUN_OPTIONS]
+    run_here([*base, "--out", str(tmp_path / "one")])
+    log = run_here([*base, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
+    assert "2 workers, 1 torch thread each" in log
+    assert_same_folder(tmp_path / "two", tmp_path / "one")
+    rerun = run_here([*base, "--out", str(tmp_path / "two")])  # and the folders are interchangeable
+    assert "recomputing" not in rerun and rerun.count("already done, reusing") == 5
+
+
+# --------------------------------------------------------------------------------------
+# 2. Faults: a worker killed mid-run, a driver killed mid-run
+# --------------------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_run_loses_nothing(ray_session, tiny_model, tiny_model_dir, probes, tmp_path):
+    killed: list[int] = []
+
+    def kill_once(pool: WorkerPool, n_done: int) -> None:
+        if n_done == 2 and not killed:  # parts and probes are still queued and running
+            killed.append(pool.pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    with pool_for(str(tiny_model_dir), on_result=kill_once) as pool:
+        traj = tmp_path / "traj2"
+        result = resumable_trajectory(tiny_model, probes, traj, sites=("resid_post", "mlp_out"), batch_size=2,
+                                      part_size=1, progress=False, log=lambda line: None, pool=pool)
+        write_trajectory_outputs(result, traj, png=False)
+        assert killed and killed[0] not in pool.pids()  # the worker was restarted by Ray
+        killed.clear()
+        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", pool=pool)
+        assert killed and killed[0] not in pool.pids()
+
+    want = tmp_path / "traj1"
+    write_trajectory_outputs(resumable_trajectory(tiny_model, probes, want, sites=("resid_post", "mlp_out"),
+                                                  batch_size=2, part_size=1, progress=False, log=lambda line: None),
+                             want, png=False)
+    assert_same_folder(traj, want)
+    assert_same_folder(tmp_path / "knock2", knockout_folder(tiny_model, probes[:5], tmp_path / "knock1"))
+
+
+def test_driver_killed_mid_run_resumes(ray_session, tiny_model_dir, tmp_path):
+    """`idiom-lens trajectory --workers 2`, SIGKILLed after its first part: the next invocation
+    reuses that part, computes the rest and writes the files of an uninterrupted single-process run."""
+    args = ["trajectory", "--dataset", "idioms", "--limit", "9", "--part-size", "3", "--no-png",
+            "--model", str(tiny_model_dir)]
+    killed = subprocess.run([sys.executable, "-m", "idiom_lens", *args, "--out", str(tmp_path / "two"),
+                             "--workers", "2", "--worker-threads", "1"],
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {ENV: "trajectory.part"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert len(list((tmp_path / "two" / "parts").glob("*/.part.json"))) == 1
+    log = run_here([*args, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
+    assert "reusing" in log
+    run_here([*args, "--out", str(tmp_path / "one")])
+    assert_same_folder(tmp_path / "two", tmp_path / "one")
+
+
+# --------------------------------------------------------------------------------------
+# 3. The embedded model
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.embedded
+def test_embedded_model_on_two_workers_equals_one_process(ray_session, embedded_model, tmp_path):
+    from idiom_lens.datasets import load_probes
+
+    probes = list(load_probes("idioms"))[:12] + list(load_probes("text"))[:4]
+    with pool_for("gemma-3-270m") as pool:
+        trajectory_folder(embedded_model, probes, tmp_path / "traj2", pool=pool)
+        run_knockouts(embedded_model, probes[:2], tmp_path / "knock2", ks=(10,), windows=(1,), modes=("zero_top",),
+                      keep_top_ks=None, keep_top_windows=None, value_vector_ks=(), skip=False, png=False,
+                      log=lambda line: None, pool=pool)
+    assert_same_folder(tmp_path / "traj2", trajectory_folder(embedded_model, probes, tmp_path / "traj1"))
+    run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", ks=(10,), windows=(1,), modes=("zero_top",),
+                  keep_top_ks=None, keep_top_windows=None, value_vector_ks=(), skip=False, png=False,
+                  log=lambda line: None)
+    assert_same_folder(tmp_path / "knock2", tmp_path / "knock1")

@@ -1,0 +1,68 @@
+"""`--workers`, `--ray-address` and `--worker-threads`: checked before anything runs, with or
+without Ray installed (these tests need neither Ray nor a model)."""
+
+from __future__ import annotations
+
+import pytest
+
+import idiom_lens.cli as cli
+import idiom_lens.distributed as distributed
+from idiom_lens.errors import InputError
+from idiom_lens.study import StudyOptions
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    monkeypatch.setattr(distributed, "ray_available", lambda: False)
+
+
+@pytest.mark.parametrize("command", [
+    ["trajectory", "--dataset", "idioms", "--out", "OUT"],
+    ["knockout", "--dataset", "idioms", "--out", "OUT"],
+    ["patch", "--dataset", "idioms", "--out", "OUT"],
+    ["trace", "--dataset", "idioms", "--out", "OUT"],
+    ["attn-knockout", "--dataset", "idioms", "--out", "OUT"],
+    ["run", "--out", "OUT"],
+])
+def test_workers_without_ray_is_one_clear_line(command, no_ray, tmp_path, capsys):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert cli.main([*args, "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "--workers 2 needs Ray, which is not installed: pip install idiom-lens[distributed]" in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_ray_address_without_ray(no_ray):
+    with pytest.raises(InputError, match=r"--ray-address auto needs Ray.*pip install idiom-lens\[distributed\]"):
+        distributed.WorkerOptions(address="auto")
+
+
+def test_one_worker_needs_no_ray(no_ray):
+    options = distributed.WorkerOptions(workers=1)
+    assert not options.distributed
+    assert not StudyOptions(workers=1).worker_options().distributed
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--workers", "0", "--workers must be a whole number >= 1 (Ray workers, each holding the model), got 0"),
+    ("--worker-threads", "0", "--worker-threads must be a whole number >= 1 (torch threads per worker), got 0"),
+])
+def test_bad_worker_values(option, value, message, tmp_path, capsys):
+    assert cli.main(["trajectory", "--dataset", "idioms", "--out", str(tmp_path), option, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_indexed_cuda_device_with_workers(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(distributed, "ray_available", lambda: True)
+    assert cli.main(["knockout", "--dataset", "idioms", "--out", str(tmp_path), "--workers", "2",
+                     "--device", "cuda:1"]) == 2
+    assert "--device cuda:1: with --workers give --device cuda" in capsys.readouterr().err
+
+
+def test_workers_are_in_no_stage_key():
+    """Like batch_size, the pool changes speed, not results: a folder written with workers and
+    one written without are interchangeable."""
+    from idiom_lens.study.stages import NOT_IN_KEY
+
+    assert "pool" in NOT_IN_KEY
