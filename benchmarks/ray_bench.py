@@ -1,0 +1,125 @@
+"""Sweeps on Ray workers vs one process, on the embedded model (needs the `distributed` extra).
+
+    python benchmarks/ray_bench.py [--trajectory N] [--knockout N] [--repeats R]
+
+Three ways to run the same sweep, each timed R times on fresh output folders (nothing reused),
+the workers started and holding the model before the clock starts:
+- plain: this process, 2 torch threads, no Ray (`--workers` left out);
+- 1x2: one Ray worker with 2 threads;
+- 2x1: two Ray workers with 1 thread each.
+Sweeps: the trajectory (memorization + logit lens at resid_post, as `idiom-lens run`) of N
+seeded idioms in parts of 32 (the parts are the workers' tasks), and the knockout stage of
+`idiom-lens run` (top-100 per layer, windows of one layer, random, matched and whole-MLP
+controls: 72 configurations per probe, plus layer skipping) on N seeded idioms.
+
+Prints, per sweep, the median time and spread (min-max), probes per second, the ratio 2x1 over
+1x2 (throughput), Ray's overhead per probe (1x2 minus plain, per probe: tasks, transfers, the
+driver writing parts, each task's self-check), the round trip of an empty task, and each
+worker's resident memory. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _empty(model: Any, probes: list) -> int:
+    """A task that does nothing: the per-task round trip of the pool."""
+    return len(probes)
+
+
+def _timed(fn: Callable[[Path], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            fn(Path(tmp))
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def _line(name: str, times: list[float], n: int) -> str:
+    med = statistics.median(times)
+    return (f"  {name:<6} median {med:7.2f} s (min {min(times):.2f}, max {max(times):.2f}, n={len(times)}), "
+            f"{n / med:6.2f} probes/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trajectory", type=int, default=256, help="idioms in the trajectory sweep (default 256)")
+    parser.add_argument("--knockout", type=int, default=8, help="idioms in the knockout sweep (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per way (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from idiom_lens.analyses.interventions import sample_probes
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.distributed import ModelRecipe, Unit, WorkerOptions, WorkerPool
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.study.run import KNOCKOUT_OPTIONS
+    from idiom_lens.study.stages import resumable_trajectory, run_knockouts
+
+    torch.set_num_threads(2)
+    model = load_model("gemma-3-270m", progress=False)
+    idioms = list(load_probes("idioms"))
+    traj_probes = sample_probes(idioms, args.trajectory, seed=args.seed)
+    ko_probes = sample_probes(idioms, args.knockout, seed=args.seed + 1)
+    quiet = lambda line: None  # noqa: E731
+    knock_options = KNOCKOUT_OPTIONS | {"png": False, "seed": args.seed}
+
+    def trajectory(pool: Any) -> Callable[[Path], Any]:
+        return lambda out: resumable_trajectory(model, traj_probes, out, sites=("resid_post",), batch_size=16,
+                                                part_size=32, progress=False, log=quiet, pool=pool)
+
+    def knockouts(pool: Any) -> Callable[[Path], Any]:
+        return lambda out: run_knockouts(model, ko_probes, out, **knock_options, log=quiet, pool=pool)
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR",
+             log_to_driver=False)
+    timings: dict[tuple[str, str], list[float]] = {}
+    memory: list[int] = []
+    empty_ms = 0.0
+    for name, workers, threads in (("plain", None, 2), ("1x2", 1, 2), ("2x1", 2, 1)):
+        pool = None
+        if workers is not None:
+            options = WorkerOptions(workers=workers, threads=threads, address="auto")
+            pool = WorkerPool(ModelRecipe(spec="gemma-3-270m"), options, log=quiet)
+            pool.start()
+        timings[("trajectory", name)] = _timed(trajectory(pool), args.repeats)
+        timings[("knockouts", name)] = _timed(knockouts(pool), args.repeats)
+        if name == "1x2":
+            n = 64
+            started = time.perf_counter()
+            pool.map([Unit(_empty, (p,)) for p in traj_probes[:n]])
+            empty_ms = 1000 * (time.perf_counter() - started) / n
+        if name == "2x1":
+            memory = pool.memory()
+        if pool is not None:
+            pool.close()
+        print(f"{name} done", flush=True)
+    ray.shutdown()
+
+    print(f"\nEmbedded model, {torch.get_num_threads()} driver threads; repeats={args.repeats}")
+    for sweep, n in (("trajectory", len(traj_probes)), ("knockouts", len(ko_probes))):
+        print(f"{sweep} ({n} idioms):")
+        for name in ("plain", "1x2", "2x1"):
+            print(_line(name, timings[(sweep, name)], n))
+        med = {name: statistics.median(timings[(sweep, name)]) for name in ("plain", "1x2", "2x1")}
+        print(f"  throughput 2 workers x 1 thread / 1 worker x 2 threads: {med['1x2'] / med['2x1']:.2f}x")
+        print(f"  2 workers x 1 thread vs the plain loop (2 threads): {med['plain'] / med['2x1']:.2f}x")
+        print(f"  Ray overhead per probe (1x2 - plain): {1000 * (med['1x2'] - med['plain']) / n:+.1f} ms "
+              f"({100 * (med['1x2'] / med['plain'] - 1):+.1f}%)")
+    print(f"empty task round trip: {empty_ms:.2f} ms per task")
+    print("worker resident memory: " + ", ".join(f"{m / 2**30:.2f} GiB" for m in memory))
+
+
+if __name__ == "__main__":
+    main()
