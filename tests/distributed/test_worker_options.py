@@ -66,3 +66,16 @@ def test_workers_are_in_no_stage_key():
     from idiom_lens.study.stages import NOT_IN_KEY
 
     assert "pool" in NOT_IN_KEY
+
+
+def test_every_sweeping_command_has_the_worker_options():
+    """--workers, --ray-address and --worker-threads, built by `add_worker_options`, in every
+    command that sweeps a probe set (attribute-set runs one forward pass per batch: not a sweep)."""
+    from idiom_lens.cli import common
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    for command in ("trajectory", "knockout", "patch", "trace", "attn-knockout", "run"):
+        actions = {a.option_strings[0]: a for a in sub.choices[command]._actions if a.option_strings}
+        assert actions["--workers"].help == common.WORKERS_HELP and actions["--workers"].default is None, command
+        assert actions["--ray-address"].help == common.RAY_ADDRESS_HELP, command
+        assert actions["--worker-threads"].help == common.WORKER_THREADS_HELP, command
