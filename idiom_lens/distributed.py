@@ -373,8 +373,9 @@ def run_parts(pool: WorkerPool, parts: Sequence[Part], plan: PartsPlan, *, desc:
             units.append(Unit(plan.fn, tuple(probes), plan.kwargs, plan.mode))
     if not units:
         return results
+    pool.start()  # before the bar and the clock: its log line, the workers' model loading
     unit_results: dict[int, Any] = {}
-    started = {i: time.perf_counter() for i in todo}
+    started = time.perf_counter()
 
     def finished(u: int, result: Any) -> None:
         unit_results[u] = result
@@ -387,7 +388,7 @@ def run_parts(pool: WorkerPool, parts: Sequence[Part], plan: PartsPlan, *, desc:
             if plan.fault_point:
                 maybe_fail(plan.fault_point)
             bar.write(f"  {plan.label} {i + 1}/{n_parts}: {len(part.probes)} probes in "
-                      f"{time.perf_counter() - started[i]:.1f} s")
+                      f"{time.perf_counter() - started:.1f} s of the sweep")
             results[i] = merged
 
     n_total = sum(len(p.probes) for p in parts)
@@ -395,17 +396,6 @@ def run_parts(pool: WorkerPool, parts: Sequence[Part], plan: PartsPlan, *, desc:
               smoothing=0.1) as bar:
         pool.map(units, on_unit=finished, progress=bar)
     return results
-
-
-def run_units(pool: WorkerPool, probes: Sequence[Any], fn: Callable[..., Any], kwargs: dict[str, Any], *,
-              merge: Callable[[list[Any]], Any], desc: str, mode: str = "raw") -> Any:
-    """`fn(model, probes, **kwargs)` as one unit per probe on the pool, merged in probe order
-    (nothing written: for a step that the caller writes as a whole)."""
-    from tqdm.auto import tqdm
-
-    units = [Unit(fn, (p,), kwargs, mode) for p in probes]
-    with tqdm(total=len(units), desc=desc, unit="probe", smoothing=0.1) as bar:
-        return merge(pool.map(units, progress=bar))
 
 
 PART_MARKER = ".part.json"
