@@ -51,8 +51,8 @@ def _line(name: str, times: list[float], n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trajectory", type=int, default=256, help="idioms in the trajectory sweep (default 256)")
-    parser.add_argument("--knockout", type=int, default=8, help="idioms in the knockout sweep (default 8)")
+    parser.add_argument("--trajectory", type=int, default=128, help="idioms in the trajectory sweep (default 128)")
+    parser.add_argument("--knockout", type=int, default=6, help="idioms in the knockout sweep (default 6)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per way (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
