@@ -213,7 +213,7 @@ def test_driver_killed_mid_run_resumes(ray_session, tiny_model_dir, tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert len(list((tmp_path / "two" / "parts").glob("*/.part.json"))) == 1
     log = run_here([*args, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
-    assert "part 1/3: reusing" in log
+    assert log.count(": reusing trajectory-") == 1  # the part that finished first (any of the three)
     with threads(1):
         run_here([*args, "--out", str(tmp_path / "one")])
     assert_same_folder(tmp_path / "two", tmp_path / "one")
