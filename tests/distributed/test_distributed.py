@@ -35,8 +35,8 @@ import idiom_lens.cli as cli  # noqa: E402
 from idiom_lens.distributed import ModelRecipe, WorkerOptions, WorkerPool  # noqa: E402
 from idiom_lens.faults import ENV  # noqa: E402
 from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
+from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
 
-TIMING_KEYS = frozenset({"seconds", "total_seconds"})
 # A small knockout grid: 2 k x windows of 1-2 layers, both modes, every control, both positions.
 GRID = dict(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=(10,), keep_top_windows=(1,),
             compare_positions=True, value_vector_ks=(1,), png=False)
@@ -67,20 +67,6 @@ def pool_for(spec: str, **kwargs: Any) -> WorkerPool:
     return WorkerPool(ModelRecipe(spec=spec), WorkerOptions(workers=2, threads=1), log=lambda line: None, **kwargs)
 
 
-def result_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _comparable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: sorted(Path(f).name for f in v) if k == "files" else _comparable(v)
-                for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_comparable(v) for v in obj]
-    return obj
-
-
 def assert_same_folder(got: Path, want: Path) -> None:
     """The same visible files; every parquet equal (rows, order, dtypes, exact values); every
     JSON equal but for timings; Markdown equal."""
@@ -92,8 +78,8 @@ def assert_same_folder(got: Path, want: Path) -> None:
             pd.testing.assert_frame_equal(pd.read_parquet(got / name), pd.read_parquet(want / name),
                                           check_exact=True, obj=name)
         elif name.endswith(".json"):
-            assert _comparable(json.loads((got / name).read_text())) == \
-                _comparable(json.loads((want / name).read_text())), name
+            assert comparable(json.loads((got / name).read_text())) == \
+                comparable(json.loads((want / name).read_text())), name
         elif name.endswith(".md"):
             assert (got / name).read_text() == (want / name).read_text(), name
 

@@ -27,6 +27,7 @@ import idiom_lens.cli as cli
 import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
 from idiom_lens.study.stages import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
+from folders import comparable, result_files  # tests/folders.py
 
 # 9 probes (3 per set) in 3 trajectory parts of 4, 4 and 1; one probe per set in each stage.
 OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1",
@@ -42,7 +43,6 @@ STAGES = ("interventions", "patching", "attribution", "tracing", "attention_knoc
 # - *.html: plotly gives each figure div a random id (the same figure is in *.fig.json, compared);
 # - hidden files (.stage.json, .part.json): markers hold the sha256 of summary.json, which holds
 #   timings; they are checked by the reruns instead.
-TIMING_KEYS = frozenset({"seconds", "total_seconds"})
 
 
 def run_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -77,23 +77,8 @@ def computed_parts(log: str) -> list[int]:
     return [int(i) for i in re.findall(r"^  part (\d+)/\d+: \d+ probes in", log, flags=re.M)]
 
 
-def result_files(model_out: Path) -> list[str]:
-    return sorted(p.relative_to(model_out).as_posix() for p in model_out.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_out).parts))
-
-
-def _comparable(obj: Any) -> Any:
-    """`obj` less its timings, and with the paths of a `files` list reduced to file names."""
-    if isinstance(obj, dict):
-        return {k: sorted(Path(f).name for f in v) if k == "files" else _comparable(v)
-                for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_comparable(v) for v in obj]
-    return obj
-
-
 def _json(path: Path) -> Any:
-    return _comparable(json.loads(path.read_text(encoding="utf-8")))
+    return comparable(json.loads(path.read_text(encoding="utf-8")))
 
 
 def assert_same_results(out: Path, expected_out: Path, model_name: str) -> None:
