@@ -4,7 +4,8 @@ Each subcommand lives in its own module with a `register(subparsers)` function t
 its parser and sets `handler`. The options several commands share (`--dataset`, `--limit`, `--sample`,
 `--seed`, `--out`, `--no-png`, `--batch-size`, `--results`) come from `idiom_lens.cli.common` and mean
 the same everywhere; they are checked before the handler runs. User mistakes (`InputError`) print one
-line and exit 2; a failed run-time self-check (`FastPathError`: a fast path disagrees with a full
+line and exit 2, and so does a command whose output folder another process is writing (`idiom_lens.locks`);
+a failed run-time self-check (`FastPathError`: a fast path disagrees with a full
 forward) prints one line and exits 3.
 
 Renamed commands (the old name works for one release, with a note on stderr):
@@ -40,14 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from idiom_lens.cli.common import check_shared_options, warn_if_old_name
+    import contextlib
+
+    from idiom_lens.cli.common import check_shared_options, warn_if_old_name, written_folder
+    from idiom_lens.locks import folder_lock
 
     parser = build_parser()
     args = parser.parse_args(argv)
     warn_if_old_name(args)
     try:
         check_shared_options(args)
-        return int(args.handler(args) or 0)
+        folder = written_folder(args)
+        with folder_lock(folder) if folder is not None else contextlib.nullcontext():
+            return int(args.handler(args) or 0)
     except InputError as err:
         print(f"idiom-lens {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ these functions, never with its own `add_argument`:
   sweep on N Ray workers (the `distributed` extra); speed only, never results.
 
 `check_shared_options` (run by `idiom_lens.cli.main` before every handler) validates them and
-raises `InputError` with the same message in every command.
+raises `InputError` with the same message in every command. The folder a command writes
+(`written_folder`: `--out`, else `--results`) is locked for the handler's lifetime
+(`idiom_lens.locks`): a second command writing there exits 2 naming the holder's PID.
 """
 
 from __future__ import annotations
@@ -202,6 +204,16 @@ def select_probes(args: argparse.Namespace) -> list:
     if not out:
         raise InputError(f"--dataset {' '.join(map(str, args.dataset))}: no probes")
     return out
+
+
+def written_folder(args: argparse.Namespace) -> Path | None:
+    """The folder this command writes into, which `main` locks: `--out`, else `--results` (compare
+    and report write there, when it exists); None when it writes nothing (e.g. `trace TEXT` without
+    `--out`)."""
+    out, results = getattr(args, "out", None), getattr(args, "results", None)
+    if out is not None:
+        return out
+    return results if results is not None and results.is_dir() else None
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, *, old_name: str | None = None, help: str,

@@ -25,6 +25,7 @@ from idiom_lens.lenses.corpus import LensCorpus, build_corpus, check_disjoint, t
 from idiom_lens.lenses.lens import KINDS, Lens, logit_lens
 from idiom_lens.lenses.settings import LensSettings
 from idiom_lens.lenses.train import collect_residuals, fit_jacobian_lens, heldout_kl, train_tuned_lens
+from idiom_lens.locks import lock_file
 from idiom_lens.models.loading import cache_dir
 
 FORMAT = 1
@@ -114,8 +115,20 @@ def train_lens(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Lens:
-    """Train a `kind` lens for `model`, resumably, and store it with its held-out KL in the cache."""
+    """Train a `kind` lens for `model`, resumably, and store it with its held-out KL in the cache.
+    Holds the cache entry's lock meanwhile (`FolderInUse` when another process trains it); a lens
+    another process finished in the meantime is loaded, not trained again."""
     path = lens_path(model, kind, settings, prompts)
+    with lock_file(path.with_suffix(".lock"), what=f"the {kind} lens cache entry {path}", log=log):
+        if path.is_file():
+            lens = Lens.load(path)
+            lens.check_model(model)
+            return lens
+        return _train_lens(model, kind, path, settings=settings, prompts=prompts, progress=progress, log=log)
+
+
+def _train_lens(model: Any, kind: str, path: Path, *, settings: LensSettings, prompts: Sequence[str],
+                progress: bool, log: Callable[[str], None]) -> Lens:
     work = path.with_suffix(".work")
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

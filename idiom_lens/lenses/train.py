@@ -4,8 +4,10 @@
   the tokenized sentences, one batched forward each.
 - `train_tuned_lens`: the translators h + h A_l + b_l start at the identity (the logit lens) and
   are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens read-out at layer l), over the real
-  vocabulary (the read-out's mask). The unembedding products run in bfloat16 (8x faster on this
-  CPU's AMX units; the evaluation is fp32). A checkpoint is written atomically every
+  vocabulary (the read-out's mask). The unembedding products run in bfloat16 only where the
+  hardware makes that fast (`models.precision.matmul_precision`: about 8x faster with AMX, about
+  200x slower where bf16 is emulated), in fp32 elsewhere; the lens records which. The held-out
+  evaluation is always fp32. A checkpoint is written atomically every
   `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
   function of the seed and the step), so an interrupted and a straight run give the same lens.
 - `fit_jacobian_lens`: TransformerLens's `JacobianLens.fit` over slices of sentences; each finished
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import atomic_write
 from idiom_lens.lenses.lens import Lens, identity_tuned_lens
+from idiom_lens.models.precision import PrecisionChoice, matmul_precision
 from idiom_lens.models.tokenization import pad_id, right_pad
 from idiom_lens.models.vocab import valid_mask
 
@@ -133,19 +137,25 @@ def train_tuned_lens(
     batch_tokens: int = 128,
     lr: float = 3e-4,
     seed: int = 0,
-    matmul_dtype: torch.dtype = torch.bfloat16,
+    matmul_dtype: torch.dtype | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 10,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Lens:
-    """A tuned lens trained on `residuals` (from `collect_residuals`); resumes from `checkpoint`."""
+    """A tuned lens trained on `residuals` (from `collect_residuals`); resumes from `checkpoint`.
+    `matmul_dtype` None: the dtype `matmul_precision` chooses for the model's device. The lens's
+    settings record the dtype used and why (`matmul_dtype`, `matmul_dtype_reason`)."""
     if steps < 1 or batch_tokens < 1:
         raise InputError(f"steps and batch_tokens must be >= 1, got {steps} and {batch_tokens}")
     n_layers, d = model.n_layers, model.d_model
     if residuals.ndim != 3 or residuals.shape[1:] != (n_layers, d):
         raise InputError(f"residuals must be [token, {n_layers}, {d}], got {tuple(residuals.shape)}")
+    if matmul_dtype is None:
+        precision = matmul_precision(model.device, log=log)
+    else:
+        precision = PrecisionChoice(matmul_dtype, torch.device(model.device).type, "given by the caller")
     torch.manual_seed(seed)
     weight = torch.zeros(n_layers - 1, d, d, requires_grad=True)
     bias = torch.zeros(n_layers - 1, d, requires_grad=True)
@@ -159,7 +169,11 @@ def train_tuned_lens(
         optimizer.load_state_dict(state["optimizer"])
         done = int(state["step"])
         log(f"  tuned lens: resuming at step {done}/{steps} from {checkpoint}")
-    W_U = model.bridge.W_U.detach().to(matmul_dtype)
+        earlier = state.get("matmul_dtype", "bfloat16")  # checkpoints before the choice were bf16
+        if earlier != precision.name:
+            precision = dataclasses.replace(precision, reason=f"{precision.reason}; the first {done} steps ran in "
+                                                              f"{earlier} (resumed from a checkpoint written in that precision)")
+    W_U = model.bridge.W_U.detach().to(precision.dtype)
     for p in model.bridge.parameters():
         p.requires_grad_(False)
     buffers: dict[str, Tensor] = {}
@@ -185,11 +199,11 @@ def train_tuned_lens(
         bar.set_postfix(kl=f"{total / (n_layers - 1):.3f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             state = {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
-                     "optimizer": optimizer.state_dict(), "step": step + 1}
+                     "optimizer": optimizer.state_dict(), "step": step + 1, "matmul_dtype": precision.name}
             atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
             maybe_fail("lens.checkpoint")
     bar.close()
-    lens = identity_tuned_lens(model, **(settings or {}))
+    lens = identity_tuned_lens(model, **(settings or {}), **precision.describe())
     assert lens.translators is not None
     lens.translators["weight"][: n_layers - 1] = weight.detach()
     lens.translators["bias"][: n_layers - 1] = bias.detach()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from idiom_lens.errors import InputError
+from idiom_lens.locks import folder_lock
 from idiom_lens.models.loading import LoadedModel, load_model
 from idiom_lens.study.layout import (
     ATTENTION_KNOCKOUT,
@@ -128,13 +129,23 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> StudyFolder:
     """Run (or resume) the study of `model` (a spec or a loaded model) into the results folder
-    `out` and return it, opened. The attribution stage needs the compatibility-mode model: pass
+    `out` and return it, opened, holding the folder's lock meanwhile (`FolderInUse` when another
+    process writes there). The attribution stage needs the compatibility-mode model: pass
     `compat_model`, or it is loaded from the spec. Raises `InputError` for bad options or a folder
     written by an earlier idiom_lens. With `options.workers` > 1 (or a `ray_address`) the sweeps run
     on Ray workers (`idiom_lens.distributed`): the same folder, faster."""
     from idiom_lens.study.stages import study_probes
 
     options = options or StudyOptions()
+    with folder_lock(out, log=log):  # one run per results folder (`idiom_lens.locks`)
+        return _run_study(model, out, options, compat_model=compat_model, device=device, n_devices=n_devices,
+                          report=report, log=log)
+
+
+def _run_study(
+    model: str | LoadedModel, out: str | Path, options: StudyOptions, *, compat_model: LoadedModel | None,
+    device: str, n_devices: int | None, report: bool, log: Callable[[str], None],
+) -> StudyFolder:
     started = time.perf_counter()
     study = StudyFolder.create(out)
     probes = study_probes(options.datasets, limit=options.limit)

@@ -62,10 +62,12 @@ def test_hand_written_kl_gradient_equals_autograd(tiny_model, residuals):
     torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_training_is_seeded_and_learns(tiny_model, residuals):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_is_seeded_and_learns(tiny_model, residuals, dtype):
+    """The same test whichever precision `models.precision` picks on the machine at hand: a bf16
+    lens must learn as well as an fp32 one, and both record what they used."""
     rows, owner = residuals
-    kwargs = dict(steps=30, batch_tokens=16, lr=3e-3, progress=False, log=lambda s: None,
-                  matmul_dtype=torch.float32)
+    kwargs = dict(steps=30, batch_tokens=16, lr=3e-3, progress=False, log=lambda s: None, matmul_dtype=dtype)
     a = train_tuned_lens(tiny_model, rows, seed=1, **kwargs)
     b = train_tuned_lens(tiny_model, rows, seed=1, **kwargs)
     c = train_tuned_lens(tiny_model, rows, seed=2, **kwargs)
@@ -73,6 +75,7 @@ def test_training_is_seeded_and_learns(tiny_model, residuals):
         assert torch.equal(a.translators[name], b.translators[name])
         assert not torch.equal(a.translators[name], c.translators[name])
         assert torch.count_nonzero(a.translators[name][-1]) == 0  # the last layer stays the identity
+    assert a.settings["matmul_dtype"] == str(dtype).removeprefix("torch.")
     table = heldout_kl(tiny_model, [logit_lens(tiny_model), a], rows, owner)
     wide = table.pivot(index="layer", columns="lens", values="kl")
     last = tiny_model.n_layers - 1

@@ -1,0 +1,86 @@
+"""One writer per results folder or cache entry: an advisory lock held for a run's lifetime.
+
+Two `idiom-lens run --out results` at once would overwrite each other's stages and report, and
+both would exit 0. So every command that writes into a folder (and `run_study`, `train_lens`)
+holds `folder_lock(folder)` while it runs: an exclusive `flock` on `<folder>/.idiom-lens.lock`,
+which records the holder's PID and command. A second process gets `FolderInUse` (an `InputError`:
+the CLI prints one line naming the folder and the holder's PID, and exits 2).
+
+The kernel drops a `flock` when its process dies, however it dies, so a lock is never stuck: a
+lock file that still names a PID but can be locked was left by a process that died mid-run, and
+the next run takes it over with one log line. The file is emptied, never deleted, on release
+(deleting a lock file lets two processes lock two different files of the same name).
+
+Locks are per process and re-entrant: `run_study` inside a locked `idiom-lens run` does not lock
+itself out. Ray workers write parts for their own driver, which holds the lock; they take none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+from idiom_lens.errors import InputError
+
+LOCK_FILE = ".idiom-lens.lock"
+
+_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+
+
+class FolderInUse(InputError):
+    """Another live process holds the lock of the folder this one wants to write."""
+
+
+def _describe_holder(text: str) -> str:
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    pid = fields.get("pid", "?")
+    command = fields.get("command", "")
+    return f"PID {pid}" + (f" ({command})" if command else "")
+
+
+@contextlib.contextmanager
+def lock_file(path: str | Path, *, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file `path` (created if missing) for the block.
+    `what` names the locked thing in messages. Raises `FolderInUse` when another live process
+    holds it."""
+    path = Path(path).absolute()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            raise FolderInUse(f"{what} is in use by another idiom-lens process, {_describe_holder(holder)}: "
+                              "wait for it to finish or write somewhere else") from None
+        left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if left:
+            log(f"taking over the lock of {what} left by {_describe_holder(left)}, which is no longer running")
+        record = f"pid={os.getpid()}\ncommand={' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+            os.ftruncate(fd, 0)  # a clean release leaves an empty file: nothing to take over
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def folder_lock(folder: str | Path, *, log: Callable[[str], None] = print) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of the folder `folder` (created if missing) for the block; see the module."""
+    folder = Path(folder)
+    return lock_file(folder / LOCK_FILE, what=f"the folder {folder}", log=log)
