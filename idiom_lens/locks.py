@@ -7,9 +7,10 @@ which records the holder's PID and command. A second process gets `FolderInUse` 
 the CLI prints one line naming the folder and the holder's PID, and exits 2).
 
 The kernel drops a `flock` when its process dies, however it dies, so a lock is never stuck: a
-lock file that still names a PID but can be locked was left by a process that died mid-run, and
-the next run takes it over with one log line. The file is emptied, never deleted, on release
-(deleting a lock file lets two processes lock two different files of the same name).
+lock file that can be locked but still names a PID was left by a process that died mid-run, and
+the next run takes it over with one log line. A clean release deletes the file while still
+holding it; a process that opened the deleted file notices (its inode is no longer the path's)
+and opens the new one, so two processes never hold two files of one name.
 
 Locks are per process and re-entrant: `run_study` inside a locked `idiom-lens run` does not lock
 itself out. Ray workers write parts for their own driver, which holds the lock; they take none.
@@ -56,28 +57,43 @@ def lock_file(path: str | Path, *, what: str, log: Callable[[str], None] = print
             _held[path] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _acquire(path, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            raise FolderInUse(f"{what} is in use by another idiom-lens process, {_describe_holder(holder)}: "
-                              "wait for it to finish or write somewhere else") from None
         left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if left:
             log(f"taking over the lock of {what} left by {_describe_holder(left)}, which is no longer running")
-        record = f"pid={os.getpid()}\ncommand={' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}\n"
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+        os.pwrite(fd, f"pid={os.getpid()}\ncommand={command}\n".encode(), 0)
         _held[path] = 1
         try:
             yield
         finally:
             del _held[path]
-            os.ftruncate(fd, 0)  # a clean release leaves an empty file: nothing to take over
+            path.unlink(missing_ok=True)  # still locked: a clean release leaves no file behind
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An open descriptor of `path`, exclusively flocked, that is still the file at `path` (a
+    holder that released meanwhile unlinked the one this process opened: then open the new one)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            raise FolderInUse(f"{what} is in use by another idiom-lens process, {_describe_holder(holder)}: "
+                              "wait for it to finish or write somewhere else") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def folder_lock(folder: str | Path, *, log: Callable[[str], None] = print) -> contextlib.AbstractContextManager[None]:

@@ -66,7 +66,8 @@ def test_a_second_process_is_refused_naming_the_folder_and_the_holder(tmp_path, 
     message = str(refused.value)
     assert str(tmp_path / "out") in message and f"PID {first.pid}" in message and "\n" not in message
     first.release()
-    with folder_lock(tmp_path / "out", log=pytest.fail):  # released cleanly: nothing to take over
+    assert not (tmp_path / "out" / LOCK_FILE).exists()  # a clean release leaves no file behind
+    with folder_lock(tmp_path / "out", log=pytest.fail):  # and nothing to take over
         pass
 
 
@@ -77,7 +78,7 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_one_line(tmp_path, holder
     with folder_lock(tmp_path / "out", log=lines.append):
         assert (tmp_path / "out" / LOCK_FILE).read_text().startswith(f"pid={os.getpid()}\n")
     assert len(lines) == 1 and f"PID {dead.pid}" in lines[0] and "no longer running" in lines[0]
-    assert (tmp_path / "out" / LOCK_FILE).read_text() == ""
+    assert not (tmp_path / "out" / LOCK_FILE).exists()  # released cleanly: no file left
 
 
 def test_a_process_nests_its_own_locks(tmp_path, holder):
@@ -153,9 +154,10 @@ def test_lens_training_locks_its_cache_entry(tmp_path, holder, tiny_model, monke
     assert path.is_file() and lens.kind == "tuned"
 
 
-def test_the_lock_file_is_hidden_from_result_listings(tmp_path):
+def test_the_lock_file_is_hidden_from_result_listings_while_held(tmp_path):
     from folders import result_files
 
     with lock_file(tmp_path / LOCK_FILE, what="x"):
         (tmp_path / "summary.json").write_text("{}")
-    assert result_files(tmp_path) == ["summary.json"]
+        assert (tmp_path / LOCK_FILE).is_file() and result_files(tmp_path) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

@@ -32,9 +32,17 @@ def test_notebook_is_saved_without_outputs():
 
 
 @pytest.mark.embedded
-def test_explore_notebook_runs(tmp_path, monkeypatch):
+def test_explore_notebook_runs(tmp_path, monkeypatch, embedded_model):
+    """The whole notebook, timed with its quick tuned lens trained anew: a cache of its own, with
+    the embedded model's converted files (built by the `embedded_model` fixture) linked in."""
     import nbformat
     from nbclient import NotebookClient
+
+    from idiom_lens.models.loading import cache_dir
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(tmp_path / "cache"))  # the kernel inherits it
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # A first cell that reports the kernel's interpreter: it must be this test's (the venv's) Python.
@@ -58,6 +66,11 @@ def test_explore_notebook_runs(tmp_path, monkeypatch):
     assert "stages: ['trajectory', 'recall', 'interventions']" in everything  # run_study, read back through StudyFolder
     assert "noised:" in everything and "when the last token cannot read the earlier words" in everything  # section 7
     assert "lens read-outs agree at the last layer: True" in everything  # section 8
+    from idiom_lens.models.precision import matmul_precision
+
+    choice = matmul_precision("cpu", log=lambda line: None)  # the kernel decided the same way on this machine
+    assert f"tuned lens products in {choice.name} ({choice.reason.split(' measured')[0]}" in everything
+    assert not list((tmp_path / "cache" / "lenses").rglob("*.work"))  # trained to the end, here
     figures = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) >= 5, f"expected the notebook's figures, got {len(figures)}"
     assert seconds < 300, f"the notebook took {seconds:.0f} s; keep it under 3 minutes on 2 cores"

@@ -134,8 +134,6 @@ def run_study(
     `compat_model`, or it is loaded from the spec. Raises `InputError` for bad options or a folder
     written by an earlier idiom_lens. With `options.workers` > 1 (or a `ray_address`) the sweeps run
     on Ray workers (`idiom_lens.distributed`): the same folder, faster."""
-    from idiom_lens.study.stages import study_probes
-
     options = options or StudyOptions()
     with folder_lock(out, log=log):  # one run per results folder (`idiom_lens.locks`)
         return _run_study(model, out, options, compat_model=compat_model, device=device, n_devices=n_devices,
@@ -146,6 +144,8 @@ def _run_study(
     model: str | LoadedModel, out: str | Path, options: StudyOptions, *, compat_model: LoadedModel | None,
     device: str, n_devices: int | None, report: bool, log: Callable[[str], None],
 ) -> StudyFolder:
+    from idiom_lens.study.stages import study_probes
+
     started = time.perf_counter()
     study = StudyFolder.create(out)
     probes = study_probes(options.datasets, limit=options.limit)
