@@ -8,7 +8,7 @@ baseline to beat.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,18 +23,24 @@ def load_hf_model(model_dir: str) -> Any:
 
 
 def reference_trajectory(
-    hf_model: Any, probe_tokens: Sequence[ProbeTokens], *, masked_ids: Sequence[int] = ()
+    hf_model: Any, probe_tokens: Sequence[ProbeTokens], *, masked_ids: Sequence[int] = (),
+    tie_atol: Callable[[float], float] | None = None,
 ) -> dict[str, np.ndarray]:
     """resid_post lens per layer for each probe: ranks/probs of the final prediction and target.
 
     Returns arrays [probe, layer] keyed pred_rank, pred_prob, target_rank, target_prob, and
     pred_id [probe]. Hugging Face's last hidden state already has the final norm applied.
     `masked_ids` (e.g. `vocab.masked_token_ids`) are out of the distribution (logit -inf).
+    With `tie_atol` (the largest |logit| -> a width), also pred_ties and target_ties [probe, layer]:
+    how many other tokens' logits lie within that width of the token's (near ties), and
+    logit_scale, the largest |logit| seen.
     """
     masked = torch.tensor(list(masked_ids), dtype=torch.long)
     norm = hf_model.model.norm
     head = hf_model.lm_head
-    out: dict[str, list] = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob", "pred_id")}
+    out: dict[str, list] = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob", "pred_id",
+                                            "pred_ties", "target_ties")}
+    largest = 0.0
     with torch.no_grad():
         for toks in probe_tokens:
             ids = torch.tensor([toks.prompt_ids])
@@ -52,7 +58,9 @@ def reference_trajectory(
                     logits = logits.index_fill(0, masked, -torch.inf)
                 layer_logits.append(logits)
             pred = int(layer_logits[-1].argmax())
-            rows = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob")}
+            scale = max(float(l[l.isfinite()].abs().max()) for l in layer_logits)
+            largest = max(largest, scale)
+            rows = {k: [] for k in ("pred_rank", "pred_prob", "target_rank", "target_prob", "pred_ties", "target_ties")}
             for logits in layer_logits:
                 probs = logits.softmax(-1)
                 order = torch.argsort(logits, descending=True)
@@ -61,10 +69,13 @@ def reference_trajectory(
                 for name, token in (("pred", pred), ("target", toks.target_id)):
                     rows[f"{name}_rank"].append(int(position[token]))
                     rows[f"{name}_prob"].append(float(probs[token]))
+                    if tie_atol is not None:
+                        near = (logits - logits[token]).abs() <= tie_atol(scale)
+                        rows[f"{name}_ties"].append(int(near.sum()) - 1)
             for k, v in rows.items():
                 out[k].append(v)
             out["pred_id"].append(pred)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {k: np.asarray(v) for k, v in out.items() if v and v[0] != []} | {"logit_scale": largest}
 
 
 def _site_modules(hf_model: Any, site: str) -> list[Any]:

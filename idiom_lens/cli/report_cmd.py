@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from idiom_lens.cli.common import OUT_HELP, add_results_option
-from idiom_lens.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from idiom_lens.study.report import build_report
 
-    if args.out is not None and args.out.suffix.lower() in (".html", ".htm") and not args.out.is_dir():
-        raise InputError(f"--out is a folder (the page is DIR/report.html); to name the file, use --html {args.out}")
     out_path = args.html if args.html is not None else (args.out / "report.html" if args.out is not None else None)
     path = build_report(args.results, out_path=out_path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

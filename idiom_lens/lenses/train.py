@@ -174,8 +174,33 @@ def train_tuned_lens(
             precision = dataclasses.replace(precision, reason=f"{precision.reason}; the first {done} steps ran in "
                                                               f"{earlier} (resumed from a checkpoint written in that precision)")
     W_U = model.bridge.W_U.detach().to(precision.dtype)
-    for p in model.bridge.parameters():
+    # The model's weights are frozen for the training and given back as they were: TransformerLens
+    # picks its norms' code path by requires_grad, so a model left frozen would round other
+    # analyses differently (in the last bits) from a freshly loaded one, e.g. on a Ray worker.
+    frozen = [p for p in model.bridge.parameters() if p.requires_grad]
+    for p in frozen:
         p.requires_grad_(False)
+    try:
+        weight, bias = _train_steps(model, residuals, weight, bias, optimizer, precision=precision, W_U=W_U, done=done,
+                                    steps=steps, batch_tokens=batch_tokens, lr=lr, seed=seed, checkpoint=checkpoint,
+                                    checkpoint_every=checkpoint_every, progress=progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    lens = identity_tuned_lens(model, **(settings or {}), **precision.describe())
+    assert lens.translators is not None
+    lens.translators["weight"][: n_layers - 1] = weight.detach()
+    lens.translators["bias"][: n_layers - 1] = bias.detach()
+    return lens
+
+
+def _train_steps(
+    model: Any, residuals: Tensor, weight: Tensor, bias: Tensor, optimizer: torch.optim.Optimizer, *,
+    precision: PrecisionChoice, W_U: Tensor, done: int, steps: int, batch_tokens: int, lr: float, seed: int,
+    checkpoint: Path | None, checkpoint_every: int, progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """Steps `done`..`steps` of `train_tuned_lens` on the frozen model; the trained (weight, bias)."""
+    n_layers = model.n_layers
     buffers: dict[str, Tensor] = {}
     bar = tqdm(total=steps, initial=done, desc="tuned lens", unit="step", disable=not progress)
     for step in range(done, steps):
@@ -203,11 +228,7 @@ def train_tuned_lens(
             atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
             maybe_fail("lens.checkpoint")
     bar.close()
-    lens = identity_tuned_lens(model, **(settings or {}), **precision.describe())
-    assert lens.translators is not None
-    lens.translators["weight"][: n_layers - 1] = weight.detach()
-    lens.translators["bias"][: n_layers - 1] = bias.detach()
-    return lens
+    return weight, bias
 
 
 def fit_jacobian_lens(

@@ -22,6 +22,7 @@ PUBLISHED_IDIOMEM = """\
 {"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
 """
 from idiom_lens.models.tokenization import split_probe
+from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
 
 
 def test_records_match_a_direct_forward_pass(tiny_model, probes):
@@ -33,11 +34,14 @@ def test_records_match_a_direct_forward_pass(tiny_model, probes):
             logits = tiny_model.bridge(torch.tensor([toks.prompt_ids]))[0, -1]
         logits = torch.where(valid_mask(tiny_model), logits, -torch.inf)  # real vocabulary tokens only
         probs = logits.softmax(-1)
-        assert record.pred_id == int(logits.argmax())
+        # a batched forward vs this one: fp32 noise; an argmax or rank may move only across a near tie
+        tie = logit_atol(tiny_model, logits[logits.isfinite()])
+        assert record.pred_id == int(logits.argmax()) or float(logits.max() - logits[record.pred_id]) <= tie
         assert record.target_id == toks.target_id
         assert record.memorized == (record.pred_id == record.target_id)
-        assert record.target_rank == int((logits > logits[toks.target_id]).sum())
-        assert record.target_prob == pytest.approx(float(probs[toks.target_id]), abs=1e-6)
+        assert abs(record.target_rank - int((logits > logits[toks.target_id]).sum())) <= rank_slack(logits, toks.target_id, 2 * tie)
+        assert record.target_prob == pytest.approx(float(probs[toks.target_id]),
+                                                   abs=prob_atol(tiny_model, logits[logits.isfinite()]))
         assert record.group == probe_group(probe.kind, record.memorized)
 
 
@@ -46,7 +50,7 @@ def test_batch_size_does_not_change_results(tiny_model, probes):
     many = score_memorization(tiny_model, probes, batch_size=32).to_dataframe()
     assert (one["pred_id"] == many["pred_id"]).all()
     assert (one["target_rank"] == many["target_rank"]).all()
-    assert (one["target_prob"] - many["target_prob"]).abs().max() < 1e-5
+    assert (one["target_prob"] - many["target_prob"]).abs().max() < probes_prob_atol(tiny_model, probes)  # fp32 noise
 
 
 def test_summary_counts_all_and_hard_to_guess(tiny_model, probes):

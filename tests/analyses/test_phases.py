@@ -112,6 +112,7 @@ def test_analysis_tables_and_summary(tiny_model, probes):
     # the mean curve is the plain mean of the per-probe values
     sel = phases.curves[(phases.curves.metric == "pred_prob") & (phases.curves.group == "ordinary text")]
     text_rows = (result.memorization.to_dataframe()["group"] == "ordinary text").to_numpy()
+    # float32 probabilities averaged in float32 here and in float64 there: float32 rounding (6e-8) of a short mean
     np.testing.assert_allclose(sel.sort_values("layer")["mean"], result.pred_prob[text_rows, 0].mean(0), rtol=1e-6)
     table = phases.group_table()
     assert table["n"].sum() == len(probes)
@@ -134,11 +135,11 @@ def test_boundary_and_verdict_when_memorized_idioms_are_promoted_early() -> None
     assert phases.holds is True
     assert phases.probes["promotion_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
     assert phases.probes["top10_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
-    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:4], 0.6, atol=1e-6)  # 0.3 -> 0.9
+    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:4], 0.6, atol=1e-6)  # 0.3 -> 0.9 in float32 (6e-8)
     table = phases.group_table().set_index("group")
     assert table.loc["memorized idioms", "median_promotion_layer"] == 3
     assert table.loc["non-memorized idioms", "median_promotion_layer"] == 7
-    assert table.loc["non-memorized idioms", "mean_promotion_layer"] == pytest.approx(19 / 3)
+    assert table.loc["non-memorized idioms", "mean_promotion_layer"] == pytest.approx(19 / 3)  # float64: default approx
     assert table.loc["ordinary text", "median_promotion_layer"] == 7
     share = phases.curves[(phases.curves.metric == "pred_top1") & (phases.curves.group == "memorized idioms")]
     assert share.sort_values("layer")["mean"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -268,7 +269,7 @@ def test_promotion_tests_report_p_value_effect_sizes_and_interval() -> None:
     assert t.alternative == "two-sided" and t.n_permutations == 2000
     assert bool(t.significant) and bool(t.earlier)
     text_row = _test_row(phases, "ordinary text")
-    assert text_row.mean_diff == pytest.approx(35 / 6 - 2) and text_row.p_value < 0.01
+    assert text_row.mean_diff == pytest.approx(35 / 6 - 2) and text_row.p_value < 0.01  # float64: default approx
     assert phases.holds is True
     assert t.p_value == 1 / 2001  # 2 of the C(24, 12) = 2.7M splits are as extreme: none is drawn
     assert "Permutation test (two-sided, 2000 relabellings): mean +4.0 layers (95% CI +4.0 to +4.0), " \

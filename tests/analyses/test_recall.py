@@ -65,7 +65,7 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     probes = [p for p in attrib.probes if p.group == group]
     mlp = np.array([float(p.mlp[layer, 0]) for p in probes])
     total = np.array([p.logit - float(p.unembed_bias[0]) for p in probes])
-    assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())
+    assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())  # float64: default approx
 
 
 def test_peaks_and_figure(results):

@@ -67,7 +67,7 @@ def test_kappa_known_values() -> None:
     # Cohen's (1960) style check: 20 TT, 5 TF, 10 FT, 15 FF -> po 0.7, pe 0.5, kappa 0.4
     first = [True] * 25 + [False] * 25
     second = [True] * 20 + [False] * 5 + [True] * 10 + [False] * 15
-    assert agreement(first, second).kappa == pytest.approx(0.4)
+    assert agreement(first, second).kappa == pytest.approx(0.4)  # float64: default approx
     assert math.isnan(agreement([True, True], [True, True]).kappa)  # chance agreement 1: undefined
     with pytest.raises(ValueError):
         agreement([True], [True, False])

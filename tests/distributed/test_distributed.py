@@ -36,6 +36,7 @@ from idiom_lens.distributed import ModelRecipe, WorkerOptions, WorkerPool  # noq
 from idiom_lens.faults import ENV  # noqa: E402
 from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
 from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
+from tolerances import probes_prob_atol  # noqa: E402  (tests/tolerances.py: why each bound)
 
 # A small knockout grid: 2 k x windows of 1-2 layers, both modes, every control, both positions.
 GRID = dict(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=(10,), keep_top_windows=(1,),
@@ -84,9 +85,10 @@ def assert_same_folder(got: Path, want: Path) -> None:
             assert (got / name).read_text() == (want / name).read_text(), name
 
 
-def assert_close_folder(got: Path, want: Path) -> None:
+def assert_close_folder(got: Path, want: Path, noise: float) -> None:
     """The same files; every parquet with the same rows and columns, non-float columns equal,
-    float columns within fp32 noise (another thread count's)."""
+    float columns within fp32 noise (another thread count's): `noise` (a probability's, see
+    tests/tolerances.py) times the column's scale, for logits, effects and ratios alike."""
     names = result_files(want)
     assert result_files(got) == names
     for name in (n for n in names if n.endswith(".parquet")):
@@ -94,7 +96,8 @@ def assert_close_folder(got: Path, want: Path) -> None:
         assert list(a.columns) == list(b.columns) and len(a) == len(b), name
         for column in a.columns:
             if pd.api.types.is_float_dtype(a[column]):
-                np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {column}")
+                scale = max(1.0, float(np.nanmax(np.abs(b[column].to_numpy()), initial=0.0)))
+                np.testing.assert_allclose(a[column], b[column], rtol=0, atol=noise * scale, err_msg=f"{name}: {column}")
             else:
                 pd.testing.assert_series_equal(a[column], b[column], obj=f"{name}: {column}")
 
@@ -141,19 +144,23 @@ RUN_OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sampl
                "--attribution-sample", "1", "--tracing-sample", "1", "--attn-knockout-sample", "1"]
 
 
-def test_run_with_two_workers_equals_run(ray_session, tiny_model_dir, tmp_path):
+def test_run_with_two_workers_equals_run(ray_session, tiny_model, tiny_model_dir, probes, tmp_path):
     """`idiom-lens run --workers 2` writes the folder of `idiom-lens run`: every stage."""
     base = ["run", "--model", str(tiny_model_dir), *RUN_OPTIONS]
     with threads(1):
         run_here([*base, "--out", str(tmp_path / "one")])
     log = run_here([*base, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
     assert "2 workers, 1 torch thread each" in log
-    assert_same_folder(tmp_path / "two" / tiny_model_dir.name, tmp_path / "one" / tiny_model_dir.name)
+    # The sweeps ran on 1-thread workers, but the attribution stage runs in this driver at its own
+    # thread count, which changes the last bits under some kernels (seen with forced AVX2): the
+    # whole study within fp32 noise, ids and flags exactly (the sweeps bit for bit: tests above)
+    noise = probes_prob_atol(tiny_model, probes)
+    assert_close_folder(tmp_path / "two" / tiny_model_dir.name, tmp_path / "one" / tiny_model_dir.name, noise=noise)
     rerun = run_here([*base, "--out", str(tmp_path / "two")])  # and the folders are interchangeable
     assert "recomputing" not in rerun and rerun.count("already done, reusing") == 5
     # against a plain run at this process's default threads: equal within fp32 noise, ids and flags exact
     run_here([*base, "--out", str(tmp_path / "default")])
-    assert_close_folder(tmp_path / "two" / tiny_model_dir.name, tmp_path / "default" / tiny_model_dir.name)
+    assert_close_folder(tmp_path / "two" / tiny_model_dir.name, tmp_path / "default" / tiny_model_dir.name, noise=noise)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.vocab import mask_logits, valid_mask
 
 METRICS = ("pred_rank", "pred_prob", "target_rank", "target_prob", "entropy", "top_id")
+from tolerances import probes_prob_atol  # tests/tolerances.py: why each bound
 
 
 def _random_lens(model, kind: str, seed: int = 0) -> Lens:
@@ -65,15 +66,18 @@ def test_a_learned_lens_reads_as_the_naive_computation(tiny_model, probes, kind)
     result = layer_trajectory(tiny_model, probes, sites=("resid_post",), lens=lens)
     logit = layer_trajectory(tiny_model, probes, sites=("resid_post",))
     tokens = tokenize_probes(tiny_model, probes)
+    # batched vs one probe at a time, behind the same final norm (which bounds the logits' scale
+    # whatever the translator): fp32 noise
+    atol = probes_prob_atol(tiny_model, probes)
     for i in (0, 5, 9):
         pred = result.memorization.records[i].pred_id
         for layer in range(tiny_model.n_layers):
             rank, prob = _naive(tiny_model, tokens[i], lens, layer, pred)
             assert result.pred_rank[i, 0, layer] == rank
-            assert result.pred_prob[i, 0, layer] == pytest.approx(prob, abs=1e-5)
+            assert result.pred_prob[i, 0, layer] == pytest.approx(prob, abs=atol)
     # not a no-op: the translators change the early layers, and the last layer is the model's output
     assert not np.allclose(result.pred_prob[:, 0, :-1], logit.pred_prob[:, 0, :-1])
-    np.testing.assert_allclose(result.pred_prob[:, 0, -1], logit.pred_prob[:, 0, -1], atol=1e-6)
+    np.testing.assert_allclose(result.pred_prob[:, 0, -1], logit.pred_prob[:, 0, -1], atol=atol)
 
 
 @pytest.mark.parametrize("kind", ["tuned", "jacobian"])

@@ -25,6 +25,7 @@ from idiom_lens.lenses.corpus import tokenize_sentences
 SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
              "once in a blue moon", "the elephant in the room", "kill two birds with one stone",
              "a piece of cake for the cat", "break the ice at the market"]
+from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,10 @@ def test_residuals_are_the_plain_forward_s(tiny_model):
     start = 0
     for i, seq in enumerate(seqs):
         _, cache = tiny_model.bridge.run_with_cache(torch.tensor([seq]))
-        for layer in range(tiny_model.n_layers):
-            torch.testing.assert_close(rows[start : start + len(seq) - 1, layer],
-                                       cache[f"blocks.{layer}.hook_resid_post"][0, 1:], rtol=1e-5, atol=1e-5)
+        for layer in range(tiny_model.n_layers):  # batched and padded vs one forward: fp32 noise of layer + 1 blocks
+            plain = cache[f"blocks.{layer}.hook_resid_post"][0, 1:]
+            torch.testing.assert_close(rows[start : start + len(seq) - 1, layer], plain,
+                                       atol=logit_atol(tiny_model, plain, n_layers=layer + 1), rtol=0)
         assert (owner[start : start + len(seq) - 1] == i).all()
         start += len(seq) - 1
     assert rows.shape[0] == start
@@ -58,8 +60,12 @@ def test_hand_written_kl_gradient_equals_autograd(tiny_model, residuals):
     logq = mask_logits(logits, valid_mask(tiny_model)).log_softmax(-1)
     loss = (torch.xlogy(target, target) - target * logq).sum(-1).mean()  # KL(target || q), 0 log 0 = 0
     loss.backward()
-    assert kl == pytest.approx(float(loss), rel=1e-4)
-    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+    # the same formulas, in other orders: a KL moves by at most its log-probabilities' noise (one
+    # unembedding); the gradient (1/N) W_U (q - t) by that noise x the largest row sum of |W_U|
+    noise = prob_atol(tiny_model, logits, n_layers=1)
+    assert kl == pytest.approx(float(loss), abs=noise)
+    w_u = tiny_model.bridge.W_U.detach()
+    torch.testing.assert_close(grad, x.grad, atol=noise * float(w_u.abs().sum(-1).max()) / len(h), rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +85,10 @@ def test_training_is_seeded_and_learns(tiny_model, residuals, dtype):
     table = heldout_kl(tiny_model, [logit_lens(tiny_model), a], rows, owner)
     wide = table.pivot(index="layer", columns="lens", values="kl")
     last = tiny_model.n_layers - 1
-    assert wide.loc[last, "logit"] == pytest.approx(0, abs=1e-6) and wide.loc[last, "tuned"] == pytest.approx(0, abs=1e-6)
+    # the last layer's lens is the model's output, computed another way: a KL of at most the
+    # log-probabilities' fp32 noise
+    noise = prob_atol(tiny_model, lens_logits(tiny_model, rows[:, -1]), n_layers=1)
+    assert wide.loc[last, "logit"] == pytest.approx(0, abs=noise) and wide.loc[last, "tuned"] == pytest.approx(0, abs=noise)
     assert (wide.loc[: last - 1, "tuned"] < wide.loc[: last - 1, "logit"]).all()
 
 
@@ -120,8 +129,9 @@ def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model
                              progress=False, log=lambda s: None)
     direct = JacobianLens.fit(tiny_model.bridge, sentences, corpus="test", dim_batch=32, max_seq_len=48,
                               skip_first_positions=1, show_progress=False)
-    for layer in range(tiny_model.n_layers - 1):
-        torch.testing.assert_close(lens.translators["J"][layer], direct.jacobians[layer], rtol=1e-5, atol=1e-6)
+    for layer in range(tiny_model.n_layers - 1):  # averages over tokens in other slices: fp32 noise of J's scale
+        J = direct.jacobians[layer]
+        torch.testing.assert_close(lens.translators["J"][layer], J, atol=logit_atol(tiny_model, J), rtol=0)
     assert torch.equal(lens.translators["J"][-1], torch.eye(tiny_model.d_model))
     # a rerun with one slice missing fits only that slice
     slices = sorted(tmp_path.glob("slice-*.pt"))
@@ -133,4 +143,14 @@ def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model
     again = fit_jacobian_lens(tiny_model, sentences, corpus="test", work_dir=tmp_path, slice_size=2,
                               progress=False, log=lambda s: None)
     assert len(calls) == 1
-    torch.testing.assert_close(again.translators["J"], lens.translators["J"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(again.translators["J"], lens.translators["J"])  # the same computation again: the same bits
+
+
+def test_training_gives_the_model_back_as_it_was(tiny_model, residuals):
+    """The weights are frozen while a lens trains and unfrozen after: TransformerLens picks its
+    norms' code path by requires_grad, so a model left frozen would round later analyses
+    differently from a freshly loaded one (seen: Ray workers' skipping results off in the last bit)."""
+    before = [p.requires_grad for p in tiny_model.bridge.parameters()]
+    train_tuned_lens(tiny_model, residuals[0], steps=2, batch_tokens=8, progress=False, log=lambda s: None,
+                     matmul_dtype=torch.float32)
+    assert [p.requires_grad for p in tiny_model.bridge.parameters()] == before

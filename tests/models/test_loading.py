@@ -10,6 +10,7 @@ import torch
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import load_model
+from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 
 def test_local_directory_loads_in_eval_mode(tiny_model):
@@ -28,7 +29,8 @@ def test_compat_mode_is_recorded_and_keeps_log_probs(tiny_model, tiny_model_comp
     with torch.no_grad():
         raw = tiny_model.bridge(tokens).log_softmax(-1)
         compat = tiny_model_compat.bridge(tokens).log_softmax(-1)
-    torch.testing.assert_close(raw, compat, atol=1e-4, rtol=0)
+    # compat folds and centres weights: the same function, other sums; log-probabilities' fp32 noise
+    torch.testing.assert_close(raw, compat, atol=prob_atol(tiny_model, tiny_model.bridge(tokens)), rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -174,7 +176,7 @@ def test_embedded_raw_bridge_matches_hugging_face(embedded_model):
     with torch.no_grad():
         ours = embedded_model.bridge(tokens)
         theirs = hf(tokens).logits
-    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - theirs).abs().max().item() < logit_atol(embedded_model, theirs)  # another library's kernels
 
 
 @pytest.mark.embedded
@@ -184,7 +186,9 @@ def test_embedded_compat_mode_keeps_log_probs(embedded_model, embedded_model_com
         raw = embedded_model.bridge(tokens)[0, -1].log_softmax(-1)
         compat = embedded_model_compat.bridge(tokens)[0, -1].log_softmax(-1)
     top = raw.topk(100).indices
-    assert (raw[top] - compat[top]).abs().max().item() < 1e-3
+    with torch.no_grad():  # folded and centred weights: the same function, other sums
+        atol = prob_atol(embedded_model, embedded_model.bridge(tokens)[0, -1])
+    assert (raw[top] - compat[top]).abs().max().item() < atol
     assert raw.argmax() == compat.argmax()
 
 

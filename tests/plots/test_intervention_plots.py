@@ -52,7 +52,7 @@ def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_pa
     group = both.probes["group"].iloc[0]
     fig = knockout_positions_heatmaps(both, k=5, group=group)
     assert len(fig.data) == 3  # every position, last position, difference
-    assert fig.data[2].z[0, 0] == pytest.approx(fig.data[0].z[0, 0] - fig.data[1].z[0, 0])
+    assert fig.data[2].z[0, 0] == pytest.approx(fig.data[0].z[0, 0] - fig.data[1].z[0, 0])  # float64: default approx
     save_figure(fig, tmp_path / "positions", png=False)
     with pytest.raises(InputError, match="several variants"):
         knockout_heatmaps(both, k=5)

@@ -12,6 +12,7 @@ from idiom_lens.analyses.interventions import skip_layers
 from idiom_lens.analyses.interventions.skipping import skip_spans
 
 from .test_against_full_forward import masked
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
 
 def test_skipping_no_layer_changes_nothing(tiny_model, probes):
@@ -19,7 +20,7 @@ def test_skipping_no_layer_changes_nothing(tiny_model, probes):
     empty = result.rows[result.rows["window"] == 0]
     assert len(empty) == len(probes)
     assert not empty["changed"].any()
-    assert empty["prob_drop"].abs().max() < 1e-5
+    assert empty["prob_drop"].abs().max() < probes_prob_atol(tiny_model, probes)  # clean vs batched rows: fp32 noise
 
 
 @pytest.mark.parametrize("span", [(1,), (0, 1), (0, 1, 2)])
@@ -40,9 +41,12 @@ def test_skip_matches_manual_bypass(tiny_model, probes, span):
             logits = tiny_model.bridge.run_with_hooks(
                 tokens, fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)]
             )[0, -1]
+        scale = float(logits.abs().max())
         logits = masked(tiny_model, logits)  # predictions range over real vocabulary tokens
-        assert row.new_pred_id == int(logits.argmax())
-        assert row.prob_of_clean_pred == pytest.approx(float(logits.softmax(-1)[row.clean_pred_id]), abs=1e-5)
+        best = int(logits.argmax())
+        assert row.new_pred_id == best or float(logits[best] - logits[row.new_pred_id]) <= logit_atol(tiny_model, scale)
+        assert row.prob_of_clean_pred == pytest.approx(float(logits.softmax(-1)[row.clean_pred_id]),
+                                                       abs=prob_atol(tiny_model, scale))  # fp32: batch vs one forward
 
 
 def test_last_position_skip_differs_from_full_skip(tiny_model, probes):
@@ -52,7 +56,8 @@ def test_last_position_skip_differs_from_full_skip(tiny_model, probes):
     # skipping the last layer is the same at the last position (no later layer reads other positions)
     top = tiny_model.n_layers - 1
     np.testing.assert_allclose(full.loc[full["start"] == top, "prob_of_clean_pred"],
-                               last.loc[last["start"] == top, "prob_of_clean_pred"], atol=1e-5)
+                               last.loc[last["start"] == top, "prob_of_clean_pred"],
+                               atol=probes_prob_atol(tiny_model, probes[:4]))  # other batches: fp32 noise
     assert not np.allclose(full["prob_of_clean_pred"], last["prob_of_clean_pred"])
 
 
@@ -60,7 +65,8 @@ def test_batched_equals_unbatched(tiny_model, probes):
     a = skip_layers(tiny_model, probes[:4], batch_size=1).rows
     b = skip_layers(tiny_model, probes[:4], batch_size=64).rows
     assert np.array_equal(a["new_pred_id"], b["new_pred_id"])
-    np.testing.assert_allclose(a["prob_of_clean_pred"], b["prob_of_clean_pred"], atol=1e-5)
+    np.testing.assert_allclose(a["prob_of_clean_pred"], b["prob_of_clean_pred"],
+                               atol=probes_prob_atol(tiny_model, probes[:4]))  # batch shapes: fp32 noise
 
 
 def test_spans_summary_and_validation(tiny_model, probes, tmp_path):
