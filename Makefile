@@ -78,9 +78,13 @@ smollm2: $(STAMP)
 run: $(STAMP)
 	$(BIN)/idiom-lens run --out results $(RUN_ARGS)
 
-# --durations=20: the 20 slowest tests, so the next person sees where the suite's time goes.
+# TEST_PROCESSES pytest-xdist workers (tests/conftest.py splits the cores between them; the Ray
+# and the fault tests each stay on one worker: --dist loadgroup). --durations=20: the 20 slowest
+# tests, so the next person sees where the suite's time goes.
+TEST_PROCESSES ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup --durations=20
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=20
+	$(PYTEST)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not embedded"
@@ -90,7 +94,7 @@ test-fast: $(STAMP)
 # holds only on a wider CPU fails here first. Run it before resolving anything numeric.
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test-avx2: $(STAMP) browser
-	$(AVX2_ENV) $(BIN)/python -m pytest -q --durations=20
+	$(AVX2_ENV) $(PYTEST)
 
 # The whole study on both models, their comparison and the report (about 20 minutes on 2 cores).
 study: $(STAMP) smollm2

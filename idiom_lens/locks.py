@@ -14,6 +14,8 @@ and opens the new one, so two processes never hold two files of one name.
 
 Locks are per process and re-entrant: `run_study` inside a locked `idiom-lens run` does not lock
 itself out. Ray workers write parts for their own driver, which holds the lock; they take none.
+A cache entry that any process may need (the converted embedded model) is locked with `wait=True`:
+a second process waits for the first to finish building it, then uses it.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ def _describe_holder(text: str) -> str:
 
 
 @contextlib.contextmanager
-def lock_file(path: str | Path, *, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+def lock_file(path: str | Path, *, what: str, wait: bool = False,
+              log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold an exclusive advisory lock on the file `path` (created if missing) for the block.
-    `what` names the locked thing in messages. Raises `FolderInUse` when another live process
-    holds it."""
+    `what` names the locked thing in messages. When another live process holds it: raises
+    `FolderInUse`, or with `wait` logs one line and waits for it."""
     path = Path(path).absolute()
     if path in _held:
         _held[path] += 1
@@ -57,7 +60,7 @@ def lock_file(path: str | Path, *, what: str, log: Callable[[str], None] = print
             _held[path] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, what)
+    fd = _acquire(path, what, wait=wait, log=log)
     try:
         left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if left:
@@ -75,7 +78,7 @@ def lock_file(path: str | Path, *, what: str, log: Callable[[str], None] = print
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _acquire(path: Path, what: str) -> int:
+def _acquire(path: Path, what: str, *, wait: bool, log: Callable[[str], None]) -> int:
     """An open descriptor of `path`, exclusively flocked, that is still the file at `path` (a
     holder that released meanwhile unlinked the one this process opened: then open the new one)."""
     while True:
@@ -84,9 +87,12 @@ def _acquire(path: Path, what: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            raise FolderInUse(f"{what} is in use by another idiom-lens process, {_describe_holder(holder)}: "
-                              "wait for it to finish or write somewhere else") from None
+            if not wait:
+                os.close(fd)
+                raise FolderInUse(f"{what} is in use by another idiom-lens process, {_describe_holder(holder)}: "
+                                  "wait for it to finish or write somewhere else") from None
+            log(f"waiting for {what}: another idiom-lens process, {_describe_holder(holder)}, is writing it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -3,16 +3,32 @@
 The tiny models are real Hugging Face architectures (Gemma 3 and Llama) with a few layers and a
 byte-level BPE tokenizer trained here on a handful of sentences, saved to a temp directory and
 loaded through `idiom_lens.models.loading.load_model` like any local model directory.
+
+`make test` runs the suite on 2 processes (pytest-xdist); `pytest_configure` gives each its share
+of the cores.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from idiom_lens.datasets.probes import Probe
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's torch threads are its share of the cores (2 workers of 2
+    threads on 2 cores would spin against each other), and so are those of the processes its tests
+    start (OMP_NUM_THREADS, MKL_NUM_THREADS): a run killed in a child process and its rerun here
+    compute at one thread count, as the fault tests' bit-for-bit comparisons need."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
 
 CORPUS = [
     "once in a blue moon",

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,35 @@ def test_the_lock_file_is_hidden_from_result_listings_while_held(tmp_path):
         (tmp_path / "summary.json").write_text("{}")
         assert (tmp_path / LOCK_FILE).is_file() and result_files(tmp_path) == ["summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_waiting_lock_waits_for_the_holder_then_takes_it(tmp_path, holder):
+    first = holder(tmp_path / "cache")
+    lines: list[str] = []
+    released: list[bool] = []
+    threading.Timer(1.0, lambda: released.append(True) or first.release()).start()
+    with lock_file(tmp_path / "cache" / LOCK_FILE, what="the cache entry", wait=True, log=lines.append):
+        assert released  # the lock came only after the holder let it go
+    assert len(lines) == 1 and lines[0].startswith("waiting for the cache entry") and f"PID {first.pid}" in lines[0]
+
+
+def test_a_model_cache_entry_being_built_is_waited_for_not_built_twice(tmp_path, monkeypatch, capsys):
+    """Two processes that need the converted model at once (two test workers, a notebook beside a
+    run): the second waits for the first's build and uses it."""
+    from idiom_lens.models import loading
+
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(tmp_path / "cache"))
+    entry = loading.cache_dir() / "models" / "m"
+    first = Holder(entry.parent / ".m.lock")  # the first process, building the entry
+    monkeypatch.setattr(loading, "_is_complete", lambda target: (target / "built").is_file())
+    monkeypatch.setattr(loading, "_loads", lambda target: True)
+    monkeypatch.setattr(loading, "_convert_gguf", lambda *a, **k: pytest.fail("the model was built twice"))
+
+    def finish() -> None:
+        entry.mkdir(parents=True)
+        (entry / "built").touch()
+        first.release()
+
+    threading.Timer(1.0, finish).start()
+    assert loading.ensure_converted_gguf(tmp_path / "x.gguf", name="m", progress=False) == entry
+    assert f"waiting for the model cache entry {entry}" in capsys.readouterr().err

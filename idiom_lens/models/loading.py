@@ -38,6 +38,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from idiom_lens.errors import InputError
+from idiom_lens.locks import lock_file
 
 NumericsMode = Literal["raw", "compat"]
 EMBEDDED_SPEC = "gemma-3-270m"
@@ -401,7 +402,12 @@ def ensure_converted_gguf(gguf_path: Path, *, name: str | None, progress: bool =
     target = cache_dir() / "models" / key
     if _is_complete(target) and _loads(target):
         return target
-    return _convert_gguf(gguf_path, target, progress=progress)
+    # One builder per cache entry: another process converting it meanwhile is waited for.
+    with lock_file(target.parent / f".{key}.lock", what=f"the model cache entry {target}", wait=True,
+                   log=lambda line: _say(True, f"[idiom-lens] {line}")):
+        if _is_complete(target) and _loads(target):  # built by the process this one waited for
+            return target
+        return _convert_gguf(gguf_path, target, progress=progress)
 
 
 def _file_digest(path: Path) -> str:

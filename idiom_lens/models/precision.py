@@ -67,12 +67,12 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     return None
 
 
-def _best_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best of `repeats` timings of a [64, 640] x [640, 4096] product in `dtype` (the tuned-lens
-    trainer's shape, fewer columns), after one warm-up."""
+def _best_seconds(dtype: torch.dtype, repeats: int = 3, *, rows: int = 64, columns: int = 4096) -> float:
+    """Best of `repeats` timings of a [rows, 640] x [640, columns] product in `dtype` (the
+    tuned-lens trainer's shape, fewer columns), after one warm-up."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 640, generator=generator).to(dtype)
-    b = torch.randn(640, 4096, generator=generator).to(dtype)
+    a = torch.randn(rows, 640, generator=generator).to(dtype)
+    b = torch.randn(640, columns, generator=generator).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -83,7 +83,13 @@ def _best_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
 
 
 def measured_bf16_speedup() -> float:
-    """fp32 time / bf16 time of the same small product on this CPU, with this process's kernels."""
+    """fp32 time / bf16 time of the same small product on this CPU, with this process's kernels.
+    A product 16x smaller first: where bf16 is emulated (some 200x slower) that answers in
+    milliseconds instead of seconds; the full-size one decides otherwise."""
+    small = dict(rows=16, columns=1024)
+    speedup = _best_seconds(torch.float32, **small) / _best_seconds(torch.bfloat16, **small)
+    if speedup < 0.1:  # far too slow to reach MIN_SPEEDUP at any size: emulated
+        return speedup
     return _best_seconds(torch.float32) / _best_seconds(torch.bfloat16)
 
 

@@ -38,6 +38,9 @@ from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_t
 from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
 from tolerances import probes_prob_atol  # noqa: E402  (tests/tolerances.py: why each bound)
 
+# One local Ray at a time: under pytest-xdist (`make test`) these tests share one worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 # A small knockout grid: 2 k x windows of 1-2 layers, both modes, every control, both positions.
 GRID = dict(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=(10,), keep_top_windows=(1,),
             compare_positions=True, value_vector_ks=(1,), png=False)
@@ -98,6 +101,13 @@ def assert_close_folder(got: Path, want: Path, noise: float) -> None:
             if pd.api.types.is_float_dtype(a[column]):
                 scale = max(1.0, float(np.nanmax(np.abs(b[column].to_numpy()), initial=0.0)))
                 np.testing.assert_allclose(a[column], b[column], rtol=0, atol=noise * scale, err_msg=f"{name}: {column}")
+            elif column == "data" and "dtype" in a.columns:  # tensors saved as bytes (analyses/saved.py)
+                pd.testing.assert_series_equal(a["dtype"], b["dtype"], obj=f"{name}: dtype")
+                for row, (x, y) in enumerate(zip(a["data"], b["data"])):
+                    dtype = np.dtype(a["dtype"].iloc[row])
+                    left, right = np.frombuffer(x, dtype=dtype), np.frombuffer(y, dtype=dtype)
+                    scale = max(1.0, float(np.abs(right).max(initial=0.0)))
+                    np.testing.assert_allclose(left, right, rtol=0, atol=noise * scale, err_msg=f"{name}: data[{row}]")
             else:
                 pd.testing.assert_series_equal(a[column], b[column], obj=f"{name}: {column}")
 

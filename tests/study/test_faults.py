@@ -29,6 +29,9 @@ from idiom_lens.faults import ENV
 from idiom_lens.study.stages import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
 from folders import comparable, result_files  # tests/folders.py
 
+# Under pytest-xdist (`make test`) on one worker: the reference run below is made once.
+pytestmark = pytest.mark.xdist_group("faults")
+
 # 9 probes (3 per set) in 3 trajectory parts of 4, 4 and 1; one probe per set in each stage.
 OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1",
            "--patching-sample", "1", "--attribution-sample", "1", "--tracing-sample", "1", "--attn-knockout-sample", "1"]

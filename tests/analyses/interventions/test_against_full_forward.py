@@ -39,12 +39,24 @@ def tiny_llama(tiny_llama_dir):
     return load_model(str(tiny_llama_dir), mode="raw", progress=False)
 
 
-@pytest.fixture(params=["tiny_model", "tiny_gemma_post", "tiny_llama",
-                        pytest.param("embedded_model", marks=pytest.mark.embedded)])
+TINY_MODELS = ("tiny_model", "tiny_gemma_post", "tiny_llama")
+
+
+@pytest.fixture(params=[*TINY_MODELS, pytest.param("embedded_model", marks=pytest.mark.embedded)])
 def case(request, probes):
     """(model, probes): the tiny models on the tiny probes, the embedded model on real idioms."""
     model = request.getfixturevalue(request.param)
     return model, (EMBEDDED_PROBES if request.param == "embedded_model" else list(probes[:4]))
+
+
+def options(names: str, values: list[tuple], *, embedded: tuple):
+    """Parametrize `case` and the options `names`: every combination of `values` on each tiny
+    model, and the one combination `embedded` on the embedded model. The tiny models (Gemma 3 with
+    and without post norms, Llama) cover every code path in seconds; the embedded model adds real
+    shapes (18 layers, 262k vocabulary), which one combination shows as well as all of them."""
+    rows = [(model, *combo) for model in TINY_MODELS for combo in values]
+    rows.append(pytest.param("embedded_model", *embedded, marks=pytest.mark.embedded))
+    return pytest.mark.parametrize(f"case, {names}", rows, indirect=["case"])
 
 
 def checked_layers(model) -> set[int]:
@@ -209,7 +221,7 @@ def with_targets(result):
     return result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
 
 
-@pytest.mark.parametrize("positions", ["last", "all"])
+@options("positions", [("last",), ("all",)], embedded=("all",))
 def test_knockout_of_nothing_is_the_full_forward(case, positions):
     model, probes = case
     probes = probes if model.n_layers <= 4 else probes[:2]
@@ -230,8 +242,7 @@ def test_knockout_of_nothing_is_the_full_forward(case, positions):
             assert not row.changed
 
 
-@pytest.mark.parametrize("positions", ["last", "all"])
-@pytest.mark.parametrize("window", [1, 2])
+@options("positions, window", [(p, w) for p in ("last", "all") for w in (1, 2)], embedded=("all", 2))
 def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, positions, window):
     """The whole-MLP ceiling (and k = d_mlp) zeroes whole MLP layers: `mlp.hook_post` zeroed by hand."""
     model, probes = case
@@ -251,8 +262,7 @@ def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, posi
     assert rows["changed"].any() or rows["prob_drop"].abs().max() > 1e-3  # the knockouts do something
 
 
-@pytest.mark.parametrize("norm", ["live", "frozen"])
-@pytest.mark.parametrize("positions", ["last", "all"])
+@options("positions, norm", [(p, n) for p in ("last", "all") for n in ("live", "frozen")], embedded=("all", "frozen"))
 def test_top_k_and_every_control_are_full_forwards(case, positions, norm):
     """Targeted top-k (effective ranking, by hand from a plain cache), the random and the matched
     controls and the whole-MLP ceiling, zero_top and keep_top, windows of 1 and 2 layers, the post-MLP
@@ -287,7 +297,7 @@ def test_frozen_norm_differs_from_live_only_with_a_post_norm(case):
         assert gap == 0.0
 
 
-@pytest.mark.parametrize("rank_by", ["effective", "magnitude"])
+@options("rank_by", [("effective",), ("magnitude",)], embedded=("effective",))
 def test_neuron_ranking_is_a_plain_cache(case, rank_by):
     """Scores equal |a| x ||W_out row|| (magnitude) or |a| x ||W_out row x (1 + w)|| / s_clean
     (effective: Gemma's post-MLP RMSNorm written out), from a plain cache."""
@@ -309,7 +319,7 @@ def test_neuron_ranking_is_a_plain_cache(case, rank_by):
                                        atol=logit_atol(model, expected[layer], n_layers=depth), rtol=0)
 
 
-@pytest.mark.parametrize("positions", ["last", "all"])
+@options("positions", [("last",), ("all",)], embedded=("all",))
 def test_layer_skip_is_the_full_forward_with_the_block_bypassed(case, positions):
     model, probes = case
     spans = [(), (0,), (1,), (0, 1), (model.n_layers - 1,)]
