@@ -30,6 +30,19 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest tests first (the notebook, the Ray module, the embedded model's), so that
+    pytest-xdist's workers do not end on one of them while the other idles."""
+    def long_first(item) -> int:
+        if item.path.name == "test_notebook.py" and "embedded" in item.keywords:
+            return 0
+        if item.path.name == "test_distributed.py":
+            return 1
+        return 2 if "embedded" in item.keywords else 3
+
+    items.sort(key=long_first)  # stable: the order within each kind is kept
+
 CORPUS = [
     "once in a blue moon",
     "turn a blind eye",

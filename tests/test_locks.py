@@ -168,9 +168,11 @@ def test_a_waiting_lock_waits_for_the_holder_then_takes_it(tmp_path, holder):
     first = holder(tmp_path / "cache")
     lines: list[str] = []
     released: list[bool] = []
-    threading.Timer(1.0, lambda: released.append(True) or first.release()).start()
+    timer = threading.Timer(1.0, lambda: released.append(True) or first.release())
+    timer.start()
     with lock_file(tmp_path / "cache" / LOCK_FILE, what="the cache entry", wait=True, log=lines.append):
         assert released  # the lock came only after the holder let it go
+    timer.join()  # the holder has exited (0)
     assert len(lines) == 1 and lines[0].startswith("waiting for the cache entry") and f"PID {first.pid}" in lines[0]
 
 
@@ -191,6 +193,8 @@ def test_a_model_cache_entry_being_built_is_waited_for_not_built_twice(tmp_path,
         (entry / "built").touch()
         first.release()
 
-    threading.Timer(1.0, finish).start()
+    timer = threading.Timer(1.0, finish)
+    timer.start()
     assert loading.ensure_converted_gguf(tmp_path / "x.gguf", name="m", progress=False) == entry
+    timer.join()
     assert f"waiting for the model cache entry {entry}" in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_driver_killed_mid_run_resumes(ray_session, tiny_model_dir, tmp_path):
 def test_embedded_model_on_two_workers_equals_one_process(ray_session, embedded_model, tmp_path):
     from idiom_lens.datasets import load_probes
 
-    probes = list(load_probes("idioms"))[:12] + list(load_probes("text"))[:4]
+    probes = list(load_probes("idioms"))[:6] + list(load_probes("text"))[:2]  # parts of 3: three parts
     with pool_for("gemma-3-270m") as pool:
         trajectory_folder(embedded_model, probes, tmp_path / "traj2", pool=pool)
         run_knockouts(embedded_model, probes[:2], tmp_path / "knock2", ks=(10,), windows=(1,), modes=("zero_top",),

@@ -48,13 +48,22 @@ def _naive(model, probe_tokens, lens: Lens, layer: int, token: int) -> tuple[int
     return int((logits > logits[token]).sum()), float(probs[token])
 
 
-def test_identity_lenses_reproduce_the_logit_lens_exactly(tiny_model, probes):
+def test_identity_lenses_reproduce_the_logit_lens(tiny_model, probes):
+    """Ids and ranks exactly; probabilities and entropies within fp32 noise: the lens path reads
+    one site in other read-out batches, whose sums some kernels order differently (seen with
+    forced AVX2 at one thread)."""
     plain = layer_trajectory(tiny_model, probes)
+    atol = probes_prob_atol(tiny_model, probes)
     for lens in (logit_lens(tiny_model), identity_tuned_lens(tiny_model)):
         sites = ("resid_post",)
         through = layer_trajectory(tiny_model, probes, sites=sites, lens=lens)
         for metric in METRICS:
-            np.testing.assert_array_equal(getattr(through, metric)[:, 0], getattr(plain, metric)[:, plain.site("resid_post")])
+            got, want = getattr(through, metric)[:, 0], getattr(plain, metric)[:, plain.site("resid_post")]
+            if metric.endswith(("rank", "_id")):
+                np.testing.assert_array_equal(got, want)
+            else:
+                scale = np.log(tiny_model.d_vocab) + 1 if metric == "entropy" else 1.0  # tests/tolerances.py
+                np.testing.assert_allclose(got, want, rtol=0, atol=atol * scale)
         assert through.lens["kind"] == lens.kind
     assert plain.lens == {"kind": "logit"}
     assert set(plain.to_dataframe()["lens"]) == {"logit"}
