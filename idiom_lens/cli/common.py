@@ -159,8 +159,8 @@ def check_shared_options(args: argparse.Namespace) -> None:
         raise InputError(f"--out must be a folder, but {out} is a file")
     if isinstance(out, Path) and out.suffix.lower() in (".html", ".htm") and not out.is_dir():
         # checked here, before `main` locks (and so creates) the folder
-        hint = f"; to name the file, use --html {out}" if hasattr(args, "html") else ""
-        raise InputError(f"--out is a folder (a page goes to DIR/report.html), not a page: {out}{hint}")
+        hint = f" (the page is DIR/report.html; to name the file, use --html {out})" if hasattr(args, "html") else ""
+        raise InputError(f"--out is a folder, not a page: {out}{hint}")
     if hasattr(args, "workers"):
         options = worker_options(args)  # InputError without Ray when it is needed
         device = getattr(args, "device", "cpu")

@@ -5,8 +5,8 @@
 - `train_tuned_lens`: the translators h + h A_l + b_l start at the identity (the logit lens) and
   are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens read-out at layer l), over the real
   vocabulary (the read-out's mask). The unembedding products run in bfloat16 only where the
-  hardware makes that fast (`models.precision.matmul_precision`: about 8x faster with AMX, about
-  200x slower where bf16 is emulated), in fp32 elsewhere; the lens records which. The held-out
+  hardware makes that fast (`models.precision.matmul_precision`: a step 1.7x faster with AMX, the
+  products about 200x slower where bf16 is emulated), in fp32 elsewhere; the lens records which. The held-out
   evaluation is always fp32. A checkpoint is written atomically every
   `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
   function of the seed and the step), so an interrupted and a straight run give the same lens.
