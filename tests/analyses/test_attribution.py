@@ -199,6 +199,7 @@ def test_statistics(gemma_post, probes):
 
 
 @pytest.mark.embedded
+@pytest.mark.xdist_group("compat")  # one compat model load under pytest-xdist (tests/conftest.py)
 def test_embedded_once_in_a_blue_moon(embedded_model_compat):
     result = attribute_probes(embedded_model_compat, [_probe("once in a blue", "moon")], top_neurons=5)
     p = result.probes[0]

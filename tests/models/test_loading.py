@@ -180,6 +180,7 @@ def test_embedded_raw_bridge_matches_hugging_face(embedded_model):
 
 
 @pytest.mark.embedded
+@pytest.mark.xdist_group("compat")  # one compat model load under pytest-xdist (tests/conftest.py)
 def test_embedded_compat_mode_keeps_log_probs(embedded_model, embedded_model_compat):
     tokens = embedded_model.tokenizer(["turn a blind"], return_tensors="pt").input_ids
     with torch.no_grad():
