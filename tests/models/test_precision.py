@@ -107,7 +107,7 @@ def _seconds(dtype: torch.dtype) -> float:
 def test_the_choice_on_this_cpu_is_not_the_slow_one():
     """On the machine running the suite, with its kernel settings (`make test-avx2` caps them): the
     chosen dtype is no slower than the other on the trainer's product shape (an emulated bf16 is
-    about 200x slower; native bf16 about 8x faster). Fails wherever bf16 is used without the check."""
+    100x slower or more; native bf16 about 3x faster with AMX). Fails wherever bf16 is used without the check."""
     choice = matmul_precision("cpu", log=lambda s: None)
     other = torch.float32 if choice.dtype == torch.bfloat16 else torch.bfloat16
     chosen, alternative = _seconds(choice.dtype), _seconds(other)
