@@ -33,6 +33,7 @@ ray = pytest.importorskip("ray")
 
 import idiom_lens.cli as cli  # noqa: E402
 from idiom_lens.distributed import ModelRecipe, WorkerOptions, WorkerPool  # noqa: E402
+from idiom_lens.analyses.saved import decode_array  # noqa: E402
 from idiom_lens.faults import ENV  # noqa: E402
 from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
 from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
@@ -101,11 +102,10 @@ def assert_close_folder(got: Path, want: Path, noise: float) -> None:
             if pd.api.types.is_float_dtype(a[column]):
                 scale = max(1.0, float(np.nanmax(np.abs(b[column].to_numpy()), initial=0.0)))
                 np.testing.assert_allclose(a[column], b[column], rtol=0, atol=noise * scale, err_msg=f"{name}: {column}")
-            elif column == "data" and "dtype" in a.columns:  # tensors saved as bytes (analyses/saved.py)
-                pd.testing.assert_series_equal(a["dtype"], b["dtype"], obj=f"{name}: dtype")
-                for row, (x, y) in enumerate(zip(a["data"], b["data"])):
-                    dtype = np.dtype(a["dtype"].iloc[row])
-                    left, right = np.frombuffer(x, dtype=dtype), np.frombuffer(y, dtype=dtype)
+            elif column == "data" and {"dtype", "shape"} <= set(a.columns):  # arrays saved by `encode_array`
+                for row in range(len(a)):
+                    left, right = (decode_array(t["dtype"].iloc[row], t["shape"].iloc[row], t["data"].iloc[row])
+                                   for t in (a, b))
                     scale = max(1.0, float(np.abs(right).max(initial=0.0)))
                     np.testing.assert_allclose(left, right, rtol=0, atol=noise * scale, err_msg=f"{name}: data[{row}]")
             else:
