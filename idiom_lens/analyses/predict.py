@@ -30,7 +30,7 @@ class NextTokenPrediction:
 
 def predict_next(model: LoadedModel, text: str, *, top: int = 5) -> NextTokenPrediction:
     """Run the model on `text` and return its `top` most probable next tokens (real vocabulary
-    tokens only: special and unused tokens are masked, see `idiom_lens.models.vocab`).
+    tokens only: special, placeholder and control tokens are masked, see `idiom_lens.models.vocab`).
 
     Raises `InputError` when `top` is below 1.
     """

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "neurons, random neurons matching the top-k's summed score, and the whole MLP (ceiling); and skip layers. "
         "Metrics per set (memorized idioms, non-memorized idioms, ordinary text, ...): share of predictions changed "
         "with n and a 95% interval, mean probability drop, share still on target. Predictions range over real "
-        "vocabulary tokens (special and unused tokens masked).",
+        "vocabulary tokens (special, placeholder and control tokens masked).",
     )
     add_probe_options(p)
     add_model_options(p)

@@ -49,7 +49,7 @@ class ForwardBatch:
     last: Int[Tensor, " batch"]  # index of the last prompt token of each row
     logits: Logits
     captured: dict[str, Float[Tensor, "batch d_model"]]  # hook name -> value at `last`
-    # `logits` has special and unused tokens at the lowest float (`idiom_lens.models.vocab`)
+    # `logits` has non-text tokens at the lowest float (`idiom_lens.models.vocab`)
 
 
 def iterate_forward(

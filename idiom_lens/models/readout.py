@@ -43,7 +43,7 @@ def read_out(
 ) -> Readout:
     """Read each row of `vectors` through ln_final -> unembed -> output transform.
 
-    With `mask_special` (the default) special and unused tokens are out of the distribution
+    With `mask_special` (the default) non-text tokens (special, placeholder, control) are out of the distribution
     (`idiom_lens.models.vocab`): never the top token, never ahead in a rank, probability 0.
     """
     bridge = model.bridge

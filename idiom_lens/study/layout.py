@@ -31,7 +31,7 @@ import pandas as pd
 
 from idiom_lens.errors import InputError
 
-FORMAT = 2  # bump when a stage's files change meaning; stage keys include it, so stages are redone
+FORMAT = 3  # bump when a stage's files change meaning; stage keys include it, so stages are redone
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import idiom_lens.cli as cli
-from idiom_lens.study.compare import compare_models, depth_figure
 from idiom_lens.errors import InputError
+from idiom_lens.study.compare import compare_models, depth_figure
+from idiom_lens.study.layout import FORMAT
 
 
 def test_two_architectures_compared(tmp_path, monkeypatch, tiny_model_dir, tiny_llama_dir):
@@ -28,7 +31,7 @@ def test_two_architectures_compared(tmp_path, monkeypatch, tiny_model_dir, tiny_
 def test_empty_results_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="no study.json"):
         compare_models(tmp_path)
-    (tmp_path / "study.json").write_text('{"format": 2}')
+    (tmp_path / "study.json").write_text(json.dumps({"format": FORMAT}))
     with pytest.raises(InputError, match="no model with a finished trajectory"):
         compare_models(tmp_path)
     (tmp_path / "study.json").write_text('{"format": 1}')

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from idiom_lens.errors import InputError
+from idiom_lens.study.layout import FORMAT
 from idiom_lens.study.report import build_report, find_results
 
 
@@ -117,7 +118,7 @@ def test_no_results_is_a_clear_input_error(results_dir, tmp_path):
     (model_dir,) = [p for p in results_dir.iterdir() if p.is_dir() and p.name != "comparison"]
     with pytest.raises(InputError, match="no study.json"):  # a model folder alone is no study
         build_report(model_dir)
-    (tmp_path / "study.json").write_text('{"format": 2}')
+    (tmp_path / "study.json").write_text(json.dumps({"format": FORMAT}))
     (tmp_path / "model" / "empty").mkdir(parents=True)
     with pytest.raises(InputError, match="holds no model with a finished trajectory"):
         build_report(tmp_path)

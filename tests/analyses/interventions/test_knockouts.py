@@ -25,7 +25,7 @@ from idiom_lens.analyses.interventions.knockouts import KnockoutConfig, knockout
 from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
 from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.analyses.stats import wilson_interval
-from idiom_lens.models.vocab import valid_mask
+from idiom_lens.models.vocab import MASK_RULE, valid_mask
 
 from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
@@ -57,7 +57,7 @@ def test_defaults_are_the_authors_positions_and_the_matched_controls(tiny_model,
     s = result.settings
     assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "live"
     assert s["controls"] == ["random", "matched", "whole_mlp"]
-    assert s["n_masked_tokens"] == 3 and s["masked_tokens"] == "special and unused tokens"  # <pad> <bos> <eos>
+    assert s["n_masked_tokens"] == 3 and s["masked_tokens"] == MASK_RULE  # <pad> <bos> <eos>
     assert set(result.rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert {"positions", "rank_by", "norm", "zeroed_share", "score_ratio", "n_zeroed"} <= set(result.rows.columns)
 
