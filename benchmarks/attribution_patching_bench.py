@@ -1,7 +1,7 @@
 """Time exact activation patching against attribution patching on memorized idioms, and measure
 how well the estimate agrees with the exact numbers.
 
-    python benchmarks/attribution_patching_bench.py [--n 20] [--seed 0] [--batch-size 64]
+    python benchmarks/attribution_patching_bench.py [--n 20] [--seed 0] [--batch-size 64] [--out DIR]
 
 1. Memorization of every bundled idiom by the embedded Gemma 3 270M (greedy prediction == first
    target token), untimed; a seeded sample of N memorized idioms (default 20).
@@ -14,6 +14,8 @@ how well the estimate agrees with the exact numbers.
    percentile-bootstrap intervals, and the correlation pooled over every cell.
 
 Prints the command line, N and the machine's thread count: timings on a shared machine vary.
+With `--out DIR` it also writes `DIR/agreement.parquet` (the table) and `DIR/bench.json` (the
+command, n, pairs and timings), which `experiments/regenerate.py` publishes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="sample and corruption seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="exact patching's rows per forward (default 64)")
     parser.add_argument("--top", type=int, default=5, help="cells compared by the top-k overlap (default 5)")
+    parser.add_argument("--out", type=Path, default=None, help="write agreement.parquet and bench.json here")
     args = parser.parse_args()
 
     import pandas as pd
@@ -80,6 +84,17 @@ def main() -> None:
         print(f"  {row.site:9s} correlation {row.correlation:.2f} [{row.correlation_low:.2f}, "
               f"{row.correlation_high:.2f}], top-{args.top} overlap {row.overlap:.2f} [{row.overlap_low:.2f}, "
               f"{row.overlap_high:.2f}], pooled correlation {row.pooled_correlation:.2f}")
+    if args.out is not None:
+        from idiom_lens.io import write_json, write_parquet
+
+        write_parquet(args.out / "agreement.parquet", table)
+        write_json(args.out / "bench.json", {
+            "command": shlex.join(["python", "benchmarks/attribution_patching_bench.py", *sys.argv[1:]]),
+            "n_idioms": len(probes), "n_memorized": len(memorized), "n_pairs": n_pairs,
+            "n_valid_pairs": int(agreement.settings["n_valid_pairs"]), "top": args.top,
+            "exact_seconds": round(exact_s, 1), "attribution_seconds": round(approx_s, 1),
+            "threads": torch.get_num_threads(), "model": model.settings()})
+        print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
