@@ -43,8 +43,9 @@ def read_out(
 ) -> Readout:
     """Read each row of `vectors` through ln_final -> unembed -> output transform.
 
-    With `mask_special` (the default) non-text tokens (special, placeholder, control) are out of the distribution
-    (`idiom_lens.models.vocab`): never the top token, never ahead in a rank, probability 0.
+    With `mask_special` (the default) non-text tokens (special, placeholder and control tokens,
+    `idiom_lens.models.vocab`) are out of the distribution: never the top token, never ahead in a
+    rank, probability 0.
     """
     bridge = model.bridge
     valid = valid_mask(model) if mask_special else None

@@ -1,0 +1,360 @@
+"""Rewrite docs/ from the runs of `experiments/regenerate.py`: the claims file, the result pages,
+the figures and the regeneration record. Nothing here computes a statistic; it reads the tables
+the runs wrote and formats them.
+
+    docs/claims.json        every number a page may cite: name -> value, text, n, interval,
+                            command, source (tests/test_docs.py checks the prose against it)
+    docs/results/*.md       the runs' own tables and summaries, one page per run
+    docs/figures/*.png      the figures the pages show, copied from the runs
+    docs/regeneration.md    what ran, with which command, how long, at which commit
+
+A claim's `text` is how the prose writes it, e.g. `0.415 [0.393, 0.437]` (a share and its 95%
+interval) or `+1.16 [+0.98, +1.34]` (a difference in layers). Prose cites a claim as
+`<!--claim:NAME-->TEXT<!--/claim-->`; the comments do not render.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+MODELS = ("gemma-3-270m", "smollm2-135m")
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting: one function per kind of number, so prose and claims agree by construction
+# ----------------------------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    """`non-memorized idioms` -> `non_memorized_idioms`: claim names are dotted slugs."""
+    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+
+
+def share(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def share_ci(value: float, lo: float, hi: float) -> str:
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def short_ci(value: float, lo: float, hi: float) -> str:
+    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def signed_ci(value: float, lo: float, hi: float) -> str:
+    return f"{value:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def p_text(p: float, n_permutations: int | None = None) -> str:
+    """`p = 0.07`, or `p < 1e-3` where the permutations cannot resolve smaller."""
+    if p < 1e-3:
+        return "p < 1e-3"
+    return f"p = {p:.2g}" if p < 0.1 else f"p = {p:.2f}"
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    return value
+
+
+class Claims:
+    """The claims file being written: `add` one number with where it came from."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, *, value: Any, text: str, command: str, source: str, n: int | None = None,
+            interval: tuple[float, float] | None = None, what: str = "") -> None:
+        if name in self.items:
+            raise ValueError(f"claim {name!r} written twice")
+        self.items[name] = {
+            "value": _number(value), "text": text, "n": None if n is None else int(n),
+            "interval": None if interval is None else [_number(interval[0]), _number(interval[1])],
+            "interval_kind": what or None, "command": command, "source": source,
+        }
+
+    def write(self, path: Path) -> None:
+        from idiom_lens.io import write_text
+
+        write_text(path, json.dumps(dict(sorted(self.items.items())), indent=1, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the runs
+# ----------------------------------------------------------------------------------------------
+
+def _table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make results` (experiments/regenerate.py) first")
+    return pd.read_parquet(path)
+
+
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make results` (experiments/regenerate.py) first")
+    return json.loads(path.read_text())
+
+
+def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
+    """Memorization, the two phases, the lens comparison and attribution of one model's study."""
+    from idiom_lens.analyses.stats import wilson_interval
+
+    root = out / "study" / model
+    rel = lambda p: str(p.relative_to(out))  # noqa: E731
+    memo_path = root / "trajectory" / "memorization_summary.parquet"
+    for row in _table(memo_path).itertuples():
+        lo, hi = (float(x) for x in wilson_interval(int(row.memorized), int(row.n)))
+        base = f"{model}.memorized.{slug(row.kind)}.{slug(row.subset)}"
+        claims.add(base, value=row.fraction, text=share_ci(row.fraction, lo, hi), n=row.n, interval=(lo, hi),
+                   what="Wilson 95%", command=command, source=rel(memo_path))
+        claims.add(f"{base}.count", value=int(row.memorized), text=f"{int(row.memorized):,}", n=row.n,
+                   command=command, source=rel(memo_path))
+        claims.add(f"{base}.n", value=int(row.n), text=f"{int(row.n):,}", command=command, source=rel(memo_path))
+
+    summary_path = root / "trajectory" / "summary.json"
+    phases = _json(summary_path)["phases"]
+    claims.add(f"{model}.boundary_layer", value=phases["boundary_layer"], text=str(phases["boundary_layer"]),
+               command=command, source=rel(summary_path))
+    claims.add(f"{model}.n_layers", value=phases["n_layers"], text=str(phases["n_layers"]), command=command,
+               source=rel(summary_path))
+    for row in phases["boundary_sensitivity"]:
+        claims.add(f"{model}.boundary_layer.at_{round(100 * row['top1_share'])}pct", value=row["boundary_layer"],
+                   text=str(row["boundary_layer"]), command=command, source=rel(summary_path))
+    for row in phases["groups"]:
+        base = f"{model}.promotion.{slug(row['group'])}"
+        claims.add(f"{base}.median", value=row["median_promotion_layer"], text=f"{row['median_promotion_layer']:g}",
+                   n=row["n"], command=command, source=rel(summary_path))
+        claims.add(f"{base}.confidence_gain", value=row["mean_confidence_gain"],
+                   text=f"{row['mean_confidence_gain']:+.2f}", n=row["n"], command=command, source=rel(summary_path))
+
+    curves_path = root / "trajectory" / "phases_curves.parquet"
+    curves = _table(curves_path)
+    probs = curves[curves["metric"] == "pred_prob"]
+    last = int(probs["layer"].max())
+    layers = {"last": last}
+    if phases["boundary_layer"] is not None:
+        layers["boundary"] = int(phases["boundary_layer"])
+    for row in probs[probs["layer"].isin(set(layers.values()))].itertuples():
+        for label, layer in layers.items():
+            if row.layer == layer:
+                claims.add(f"{model}.pred_prob.{slug(row.group)}.{label}", value=row.mean, n=row.n,
+                           text=short_ci(row.mean, row.low, row.high), interval=(row.low, row.high),
+                           what="bootstrap 95%", command=command, source=rel(curves_path))
+
+    tests_path = root / "trajectory" / "phases_promotion_tests.parquet"
+    for row in _table(tests_path).itertuples():
+        base = f"{model}.promotion_test.{slug(row.control)}.{slug(row.group)}.vs.{slug(row.versus)}"
+        claims.add(base, value=row.mean_diff, text=signed_ci(row.mean_diff, row.mean_diff_low, row.mean_diff_high),
+                   n=row.n_a, interval=(row.mean_diff_low, row.mean_diff_high), what="bootstrap 95%",
+                   command=command, source=rel(tests_path))
+        claims.add(f"{base}.p", value=row.p_value, text=p_text(row.p_value), command=command, source=rel(tests_path))
+        claims.add(f"{base}.n_a", value=row.n_a, text=f"{int(row.n_a):,}", command=command, source=rel(tests_path))
+        claims.add(f"{base}.n_b", value=row.n_b, text=f"{int(row.n_b):,}", command=command, source=rel(tests_path))
+
+    lens_tests_path = root / "lenses" / "lens_tests.parquet"
+    for row in _table(lens_tests_path).itertuples():
+        base = f"{model}.lens.{row.lens}.{slug(row.control)}.{slug(row.group)}.vs.{slug(row.versus)}"
+        claims.add(base, value=row.mean_diff, text=signed_ci(row.mean_diff, row.mean_diff_low, row.mean_diff_high),
+                   interval=(row.mean_diff_low, row.mean_diff_high), what="bootstrap 95%", command=command,
+                   source=rel(lens_tests_path))
+        claims.add(f"{base}.p", value=row.p_value, text=p_text(row.p_value), command=command,
+                   source=rel(lens_tests_path))
+    bounds_path = root / "lenses" / "lens_boundaries.parquet"
+    for row in _table(bounds_path).itertuples():
+        value = None if pd.isna(row.boundary_layer) else int(row.boundary_layer)
+        claims.add(f"{model}.lens.{row.lens}.boundary_layer", value=value, text=str(value), command=command,
+                   source=rel(bounds_path))
+    kl_path = root / "lenses" / "lens_heldout_kl.parquet"
+    for row in _table(kl_path).itertuples():
+        claims.add(f"{model}.heldout_kl.{row.lens}.layer{row.layer}", value=row.kl,
+                   text=f"{row.kl:.3g}" if row.kl < 100 else f"{row.kl:.1f}", interval=(row.low, row.high),
+                   what="bootstrap 95% over sentences", n=row.n_tokens, command=command, source=rel(kl_path))
+
+    attribution_path = root / "attribution" / "summary.json"
+    for row in _json(attribution_path)["component_shares"]["logit"]:
+        base = f"{model}.attribution.{slug(row['group'])}"
+        for part in ("mlp", "attn", "early_mlp", "embed"):
+            value = row[f"{part}_share"]
+            claims.add(f"{base}.{part}_share", value=value, n=row["n"], interval=(row[f"{part}_share_lo"],
+                       row[f"{part}_share_hi"]), what="bootstrap 95%", command=command, source=rel(attribution_path),
+                       text=short_ci(value, row[f"{part}_share_lo"], row[f"{part}_share_hi"]))
+        claims.add(f"{base}.half_built_at_layer", value=row["half_built_at_layer"],
+                   text=str(row["half_built_at_layer"]), command=command, source=rel(attribution_path))
+
+
+def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
+    """Share of predictions changed per (group, positions, control, layer), Wilson 95%."""
+    path = out / name / "knockout_layers.parquet"
+    for row in _table(path).itertuples():
+        base = f"{name}.{slug(row.group)}.{row.positions}.{slug(row.control)}.layer{row.layer}"
+        claims.add(base, value=row.changed, text=short_ci(row.changed, row.changed_low, row.changed_high), n=row.n,
+                   interval=(row.changed_low, row.changed_high), what="Wilson 95%", command=command,
+                   source=str(path.relative_to(out)))
+
+
+def recall_claims(claims: Claims, out: Path, name: str, command: str) -> None:
+    """Every method's value per layer and group (`recall_profile`), and each peak."""
+    profile_path = out / name / "recall_profile.parquet"
+    for row in _table(profile_path).itertuples():
+        claims.add(f"{name}.{slug(row.measure)}.{slug(row.group)}.layer{row.layer}", value=row.value, n=row.n,
+                   text=short_ci(row.value, row.lo, row.hi), interval=(row.lo, row.hi), command=command,
+                   source=str(profile_path.relative_to(out)))
+    peaks = _table(out / name / "recall_profile.parquet")
+    for (measure, group), frame in peaks.groupby(["measure", "group"], sort=True):
+        top = frame.loc[frame["value"].idxmax()]
+        claims.add(f"{name}.{slug(measure)}.{slug(group)}.peak_layer", value=int(top["layer"]),
+                   text=str(int(top["layer"])), command=command, source=str(profile_path.relative_to(out)))
+    settings_path = out / name / "settings.json"
+    for group, n in _json(settings_path)["n"].items():
+        claims.add(f"{name}.n.{slug(group)}", value=n, text=str(n), command=command,
+                   source=str(settings_path.relative_to(out)))
+
+
+def patching_claims(claims: Claims, out: Path, command: str) -> None:
+    path = out / "attribution-patching" / "agreement.parquet"
+    bench = _json(out / "attribution-patching" / "bench.json")
+    for row in _table(path).itertuples():
+        base = f"attribution_patching.{slug(row.site)}"
+        claims.add(f"{base}.correlation", value=row.correlation, n=bench["n_valid_pairs"],
+                   text=short_ci(row.correlation, row.correlation_low, row.correlation_high),
+                   interval=(row.correlation_low, row.correlation_high), what="bootstrap 95% over pairs",
+                   command=command, source=str(path.relative_to(out)))
+        claims.add(f"{base}.overlap", value=row.overlap, n=bench["n_valid_pairs"],
+                   text=short_ci(row.overlap, row.overlap_low, row.overlap_high),
+                   interval=(row.overlap_low, row.overlap_high), what="bootstrap 95% over pairs",
+                   command=command, source=str(path.relative_to(out)))
+        claims.add(f"{base}.pooled_correlation", value=row.pooled_correlation, text=f"{row.pooled_correlation:.2f}",
+                   command=command, source=str(path.relative_to(out)))
+    claims.add("attribution_patching.n_valid_pairs", value=bench["n_valid_pairs"], text=str(bench["n_valid_pairs"]),
+               command=command, source="attribution-patching/bench.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pages and figures
+# ----------------------------------------------------------------------------------------------
+
+# (source under OUT, name under docs/figures/): the figures the pages show.
+FIGURES: tuple[tuple[str, str], ...] = tuple(
+    (f"study/{m}/{src}", f"{m}_{dst}") for m in MODELS for src, dst in (
+        ("trajectory/trajectory.png", "trajectory.png"),
+        ("trajectory/promotion_layers.png", "promotion_layers.png"),
+        ("lenses/lens_trajectories.png", "lens_trajectories.png"),
+        ("lenses/heldout_kl.png", "heldout_kl.png"),
+        ("attribution/layers_logit.png", "attribution_layers.png"),
+    )
+) + (
+    ("study/comparison/models_depth.png", "models_depth.png"),
+    ("knockouts-gemma-3-270m/layers_all_k100.png", "gemma-3-270m_knockout_layers.png"),
+    ("recall-gemma-3-270m/where_recall_lives.png", "gemma-3-270m_where_recall_lives.png"),
+    ("recall-smollm2-135m/where_recall_lives.png", "smollm2-135m_where_recall_lives.png"),
+)
+
+GENERATED = "<!-- Generated by `make results` (experiments/publish.py) from the runs named below; do not edit. -->\n"
+
+
+def _page(path: Path, title: str, command: str, body: str) -> None:
+    from idiom_lens.io import write_text
+
+    write_text(path, f"{GENERATED}\n# {title}\n\nFrom `{command}`.\n\n{body.strip()}\n")
+
+
+def _demote(markdown: str) -> str:
+    """A run's own summary page under a page title: its headings one level down."""
+    return re.sub(r"(?m)^(#+) ", lambda m: "#" + m.group(1) + " ", markdown)
+
+
+def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
+    from idiom_lens.study.stages import markdown_table
+
+    results = docs / "results"
+    for model in MODELS:
+        root = out / "study" / model
+        command = shown[f"study-{model}"]
+        _page(results / f"{model}.md", f"Study: {model}", command,
+              _demote((root / "trajectory" / "summary.md").read_text()) + "\n\n"
+              + _demote((root / "lenses" / "summary.md").read_text()))
+    comparison = out / "study" / "comparison" / "comparison.md"
+    _page(results / "comparison.md", "Models compared", shown["compare"], _demote(comparison.read_text()))
+    _page(results / "knockouts.md", "Knockouts, n = 50 per set (Gemma 3 270M)", shown["knockouts-gemma-3-270m"],
+          (out / "knockouts-gemma-3-270m" / "knockout_layers.md").read_text())
+    for model in MODELS:
+        name = f"recall-{model}"
+        _page(results / f"recall_{model}.md", f"Where recall lives: {model}", shown[name],
+              "Peak layer of each method and set (value with its 95% interval):\n\n"
+              + (out / name / "recall_peaks.md").read_text())
+    agreement = pd.read_parquet(out / "attribution-patching" / "agreement.parquet")
+    _page(results / "attribution_patching.md", "Attribution patching against exact patching",
+          shown["attribution-patching"], markdown_table(agreement, digits=3))
+
+
+def copy_figures(out: Path, docs: Path) -> None:
+    figures = docs / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for src, dst in FIGURES:
+        source = out / src
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: the run that writes it did not finish")
+        shutil.copyfile(source, figures / dst)
+    wanted = {dst for _, dst in FIGURES}
+    for stale in figures.glob("*.png"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+
+def write_regeneration(out: Path, docs: Path, steps: Iterable[Any]) -> None:
+    """docs/regeneration.md: every step, its command and its measured time (from the step markers)."""
+    from idiom_lens.io import write_text
+
+    rows, total = [], 0.0
+    for step in steps:
+        marker = out / ".steps" / f"{step.name}.json"
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        if done:
+            total += done["seconds"]
+        rows.append(f"| {step.name} | `{step.shown()}` | "
+                    + (f"{done['seconds'] / 60:.1f} min | {done['commit']} | {done['finished'][:10]} |" if done
+                       else f"not run (about {step.minutes:g} min{', `--long`' if step.long else ''}) | | |"))
+    text = (f"{GENERATED}\n# Regeneration\n\n"
+            "`make results` runs every command whose output the README and these pages cite, one after another, "
+            "then rewrites `docs/claims.json`, `docs/results/` and `docs/figures/` from those runs "
+            "(`experiments/regenerate.py`, `experiments/publish.py`). It is resumable: a finished step is skipped "
+            "while its command is unchanged, and the `idiom-lens` commands resume their own stages. "
+            "`make results-long` adds the runs marked `--long`; `IDIOMEM=path/to/idiomem.jsonl` adds the flag "
+            "agreement with the authors' annotations.\n\n"
+            "A number in the README or the findings is written `<!--claim:NAME-->TEXT<!--/claim-->` and "
+            "`tests/test_docs.py` fails when TEXT differs from `docs/claims.json`: a regeneration that moves a "
+            "number makes the prose be reread.\n\n"
+            f"Last regeneration, measured wall time per step (2 cores; total {total / 60:.0f} min):\n\n"
+            "| step | command | wall time | commit | date |\n|---|---|---:|---|---|\n" + "\n".join(rows) + "\n")
+    write_text(docs / "regeneration.md", text)
+
+
+def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
+    """Everything under docs/ that comes from a run, rewritten from the runs in `out`."""
+    shown = {step.name: step.shown() for step in steps}
+    claims = Claims()
+    for model in MODELS:
+        study_claims(claims, out, model, shown[f"study-{model}"])
+    knockout_claims(claims, out, "knockouts-gemma-3-270m", shown["knockouts-gemma-3-270m"])
+    for model in MODELS:
+        recall_claims(claims, out, f"recall-{model}", shown[f"recall-{model}"])
+    patching_claims(claims, out, shown["attribution-patching"])
+    if (out / "knockouts-all-memorized" / "knockout_layers.parquet").is_file():
+        knockout_claims(claims, out, "knockouts-all-memorized", shown["knockouts-all-memorized"])
+    claims.write(docs / "claims.json")
+    write_pages(out, docs, shown)
+    copy_figures(out, docs)
+    write_regeneration(out, docs, steps)
+    print(f"[publish] {len(claims.items)} claims -> {docs / 'claims.json'}; pages in {docs / 'results'}; "
+          f"{len(FIGURES)} figures in {docs / 'figures'}")

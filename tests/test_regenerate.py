@@ -1,0 +1,74 @@
+"""`make results`: the step runner resumes by command, and the claims are the runs' own numbers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import publish  # noqa: E402  (experiments/publish.py)
+import regenerate  # noqa: E402  (experiments/regenerate.py)
+
+
+def test_a_finished_step_is_skipped_until_its_command_changes(tmp_path, capsys):
+    step = regenerate.Step("hello", ("python", "-c", "print('ran')"), 0.1)
+    assert regenerate.run_step(step, tmp_path) is not None
+    marker = json.loads((tmp_path / ".steps" / "hello.json").read_text())
+    assert marker["command"] == step.command(tmp_path) and marker["seconds"] >= 0
+    assert (tmp_path / "logs" / "hello.log").read_text() == "ran\n"
+    assert regenerate.run_step(step, tmp_path) is None
+    assert "done before" in capsys.readouterr().out
+    changed = regenerate.Step("hello", ("python", "-c", "print('again')"), 0.1)
+    assert regenerate.run_step(changed, tmp_path) is not None
+    assert (tmp_path / "logs" / "hello.log").read_text() == "again\n"
+
+
+def test_a_failing_step_stops_with_its_log_and_leaves_no_marker(tmp_path):
+    step = regenerate.Step("broken", ("python", "-c", "import sys; print('why'); sys.exit(3)"), 0.1)
+    with pytest.raises(SystemExit, match="(?s)broken failed \\(exit 3\\).*why"):
+        regenerate.run_step(step, tmp_path)
+    assert not (tmp_path / ".steps" / "broken.json").exists()
+
+
+def test_every_step_names_a_runnable_command():
+    root = Path(regenerate.__file__).resolve().parents[1]
+    names = [s.name for s in regenerate.steps(idiomem=Path("idiomem.jsonl"))]
+    assert len(names) == len(set(names))
+    for step in regenerate.steps(idiomem=Path("idiomem.jsonl")):
+        assert step.argv[0] in ("idiom-lens", "python")
+        if step.argv[0] == "python":
+            assert (root / step.argv[1]).is_file(), step.argv[1]
+        assert "{out}" not in step.shown() and "published" in step.shown()
+
+
+def test_formats():
+    assert publish.share_ci(0.4178, 0.3957, 0.4402) == "0.418 [0.396, 0.440]"
+    assert publish.signed_ci(1.133, 0.95, 1.299) == "+1.13 [+0.95, +1.30]"
+    assert publish.p_text(1e-4) == "p < 1e-3" and publish.p_text(0.0018) == "p = 0.0018"
+    assert publish.p_text(0.28) == "p = 0.28" and publish.slug("non-memorized idioms") == "non_memorized_idioms"
+
+
+def test_claims_are_the_tables_numbers(tmp_path):
+    """Memorization claims on a hand-written table: the share, its Wilson interval, its text."""
+    from idiom_lens.analyses.stats import wilson_interval
+
+    claims = publish.Claims()
+    root = tmp_path / "study" / "m" / "trajectory"
+    root.mkdir(parents=True)
+    pd.DataFrame({"kind": ["idiom"], "subset": ["all"], "n": [1886], "memorized": [788],
+                  "fraction": [788 / 1886]}).to_parquet(root / "memorization_summary.parquet")
+    with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+        publish.study_claims(claims, tmp_path, "m", "idiom-lens run")
+    lo, hi = wilson_interval(788, 1886)
+    claim = claims.items["m.memorized.idiom.all"]
+    assert claim["value"] == pytest.approx(788 / 1886) and claim["interval"] == [pytest.approx(lo), pytest.approx(hi)]
+    assert claim["text"] == f"{788 / 1886:.3f} [{lo:.3f}, {hi:.3f}]" and claim["n"] == 1886
+    assert claims.items["m.memorized.idiom.all.count"]["text"] == "788"
+    assert claim["source"] == "study/m/trajectory/memorization_summary.parquet"
+    with pytest.raises(ValueError, match="written twice"):
+        claims.add("m.memorized.idiom.all", value=1, text="1", command="c", source="s")
