@@ -60,6 +60,11 @@ def p_text(p: float, n_permutations: int | None = None) -> str:
     return f"p = {p:.2g}" if p < 0.1 else f"p = {p:.2f}"
 
 
+def _layer(value: Any) -> str:
+    """A layer number, or `none` where no layer qualifies (e.g. no phase boundary)."""
+    return "none" if value is None or (isinstance(value, float) and math.isnan(value)) else str(int(value))
+
+
 def _number(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -124,13 +129,13 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
 
     summary_path = root / "trajectory" / "summary.json"
     phases = _json(summary_path)["phases"]
-    claims.add(f"{model}.boundary_layer", value=phases["boundary_layer"], text=str(phases["boundary_layer"]),
+    claims.add(f"{model}.boundary_layer", value=phases["boundary_layer"], text=_layer(phases["boundary_layer"]),
                command=command, source=rel(summary_path))
     claims.add(f"{model}.n_layers", value=phases["n_layers"], text=str(phases["n_layers"]), command=command,
                source=rel(summary_path))
     for row in phases["boundary_sensitivity"]:
         claims.add(f"{model}.boundary_layer.at_{round(100 * row['top1_share'])}pct", value=row["boundary_layer"],
-                   text=str(row["boundary_layer"]), command=command, source=rel(summary_path))
+                   text=_layer(row["boundary_layer"]), command=command, source=rel(summary_path))
     for row in phases["groups"]:
         base = f"{model}.promotion.{slug(row['group'])}"
         claims.add(f"{base}.median", value=row["median_promotion_layer"], text=f"{row['median_promotion_layer']:g}",
@@ -173,22 +178,34 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
     bounds_path = root / "lenses" / "lens_boundaries.parquet"
     for row in _table(bounds_path).itertuples():
         value = None if pd.isna(row.boundary_layer) else int(row.boundary_layer)
-        claims.add(f"{model}.lens.{row.lens}.boundary_layer", value=value, text=str(value), command=command,
+        claims.add(f"{model}.lens.{row.lens}.boundary_layer", value=value, text=_layer(value), command=command,
                    source=rel(bounds_path))
     kl_path = root / "lenses" / "lens_heldout_kl.parquet"
-    for row in _table(kl_path).itertuples():
+    kl = _table(kl_path)
+    claims.add(f"{model}.heldout_kl.n_tokens", value=int(kl["n_tokens"].iloc[0]), text=f"{int(kl['n_tokens'].iloc[0]):,}",
+               command=command, source=rel(kl_path))
+    claims.add(f"{model}.heldout_kl.n_sentences", value=int(kl["n_sentences"].iloc[0]),
+               text=str(int(kl["n_sentences"].iloc[0])), command=command, source=rel(kl_path))
+    for row in kl.itertuples():
         claims.add(f"{model}.heldout_kl.{row.lens}.layer{row.layer}", value=row.kl,
-                   text=f"{row.kl:.3g}" if row.kl < 100 else f"{row.kl:.1f}", interval=(row.low, row.high),
+                   text=f"{row.kl:.1f}" if row.kl >= 10 else f"{row.kl:.2f}", interval=(row.low, row.high),
                    what="bootstrap 95% over sentences", n=row.n_tokens, command=command, source=rel(kl_path))
 
     attribution_path = root / "attribution" / "summary.json"
-    for row in _json(attribution_path)["component_shares"]["logit"]:
+    attribution = _json(attribution_path)
+    error = attribution["invariant_max_abs_error"]["logit"]
+    claims.add(f"{model}.attribution.max_sum_error", value=error, text=f"{error:.1e}", command=command,
+               source=rel(attribution_path))
+    for row in attribution["component_shares"]["logit"]:
         base = f"{model}.attribution.{slug(row['group'])}"
         for part in ("mlp", "attn", "early_mlp", "embed"):
             value = row[f"{part}_share"]
             claims.add(f"{base}.{part}_share", value=value, n=row["n"], interval=(row[f"{part}_share_lo"],
                        row[f"{part}_share_hi"]), what="bootstrap 95%", command=command, source=rel(attribution_path),
                        text=short_ci(value, row[f"{part}_share_lo"], row[f"{part}_share_hi"]))
+        claims.add(f"{base}.n", value=row["n"], text=str(row["n"]), command=command, source=rel(attribution_path))
+        claims.add(f"{base}.early_layers", value=row["early_layers"], text=str(row["early_layers"]), command=command,
+                   source=rel(attribution_path))
         claims.add(f"{base}.half_built_at_layer", value=row["half_built_at_layer"],
                    text=str(row["half_built_at_layer"]), command=command, source=rel(attribution_path))
 
@@ -240,6 +257,23 @@ def patching_claims(claims: Claims, out: Path, command: str) -> None:
                command=command, source="attribution-patching/bench.json")
 
 
+def timing_claims(claims: Claims, out: Path, steps: Iterable[Any]) -> None:
+    """Each finished step's wall time (from its marker) and the total of the default steps."""
+    total, complete = 0.0, True
+    for step in steps:
+        marker = out / ".steps" / f"{step.name}.json"
+        if not marker.is_file():
+            complete = complete and step.long
+            continue
+        seconds = json.loads(marker.read_text())["seconds"]
+        claims.add(f"regeneration.{step.name}.minutes", value=seconds / 60, text=f"{seconds / 60:.0f}",
+                   command=step.shown(), source=str(marker.relative_to(out)))
+        total += 0 if step.long else seconds
+    if complete:
+        claims.add("regeneration.total_minutes", value=total / 60, text=f"{total / 60:.0f}",
+                   command="python experiments/regenerate.py --out published", source=".steps/")
+
+
 # ----------------------------------------------------------------------------------------------
 # Pages and figures
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +288,7 @@ FIGURES: tuple[tuple[str, str], ...] = tuple(
         ("attribution/layers_logit.png", "attribution_layers.png"),
     )
 ) + (
-    ("study/comparison/models_depth.png", "models_depth.png"),
+    ("study/comparison/depth.png", "models_depth.png"),
     ("knockouts-gemma-3-270m/layers_all_k100.png", "gemma-3-270m_knockout_layers.png"),
     ("recall-gemma-3-270m/where_recall_lives.png", "gemma-3-270m_where_recall_lives.png"),
     ("recall-smollm2-135m/where_recall_lives.png", "smollm2-135m_where_recall_lives.png"),
@@ -352,6 +386,7 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
     patching_claims(claims, out, shown["attribution-patching"])
     if (out / "knockouts-all-memorized" / "knockout_layers.parquet").is_file():
         knockout_claims(claims, out, "knockouts-all-memorized", shown["knockouts-all-memorized"])
+    timing_claims(claims, out, steps)
     claims.write(docs / "claims.json")
     write_pages(out, docs, shown)
     copy_figures(out, docs)

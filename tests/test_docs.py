@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CLAIM = re.compile(r"<!--claim:([A-Za-z0-9_.\-]+)-->(.*?)<!--/claim-->", re.S)
-# A decimal number or a percentage: what a run produces. Versions (3.11, 2.13.0, 4.x) are
-# recognised by what stands before them (a name, `==`, `v`) and allowed.
-DECIMAL = re.compile(r"(?<![\w.=/<-])[+-]?\d+\.\d+(?![\d.]*\w)|\d+(?:\.\d+)?%")
+# A decimal number or a percentage: what a run produces (95%, the level of every interval, is no
+# result). Versions (3.11, 2.13.0, 4.x) are recognised by what stands before them and allowed.
+DECIMAL = re.compile(r"(?<![\w.=/<-])[+-]?\d+\.\d+(?![\d.]*\w)|(?<!\w)(?!95%)\d+(?:\.\d+)?%")
 VERSION_CONTEXT = re.compile(r"(Python|torch|transformers|TransformerLens|Ray|ray|mkdocs|version|versions?|"
                              r"transformer-lens|section|EACL|arXiv|Gemma|SmolLM2|Llama)\s*$", re.I)
 
