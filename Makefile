@@ -110,7 +110,7 @@ lenses: $(STAMP)
 
 # Every published number (README, docs/): runs each cited command into $(RESULTS)/ (resumable,
 # step by step), then rewrites docs/claims.json, docs/results/ and docs/figures/ from those runs.
-# About 2 hours on 2 cores (docs/regeneration.md has the measured time of each step).
+# 97 minutes on a 2-core Intel Xeon (docs/regeneration.md has the measured time of each step).
 # IDIOMEM=path/to/idiomem.jsonl adds the flag agreement with the authors' annotations.
 RESULTS ?= published
 REGENERATE := $(BIN)/python experiments/regenerate.py --out $(RESULTS) $(if $(IDIOMEM),--idiomem $(IDIOMEM))

@@ -92,7 +92,8 @@ class Claims:
     def write(self, path: Path) -> None:
         from idiom_lens.io import write_text
 
-        write_text(path, json.dumps(dict(sorted(self.items.items())), indent=1, sort_keys=True) + "\n")
+        lines = [f"{json.dumps(name)}: {json.dumps(item, sort_keys=True)}" for name, item in sorted(self.items.items())]
+        write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")  # one claim per line: diffs read well
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +316,12 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
     for model in MODELS:
         root = out / "study" / model
         command = shown[f"study-{model}"]
+        figures = "\n\n".join(f"![{what}](../figures/{model}_{name}.png)" for what, name in (
+            ("trajectory", "trajectory"), ("promotion layers", "promotion_layers"),
+            ("lenses", "lens_trajectories"), ("held-out KL", "heldout_kl"), ("attribution", "attribution_layers")))
         _page(results / f"{model}.md", f"Study: {model}", command,
               _demote((root / "trajectory" / "summary.md").read_text()) + "\n\n"
-              + _demote((root / "lenses" / "summary.md").read_text()))
+              + _demote((root / "lenses" / "summary.md").read_text()) + "\n\n## Figures\n\n" + figures)
     comparison = out / "study" / "comparison" / "comparison.md"
     _page(results / "comparison.md", "Models compared", shown["compare"], _demote(comparison.read_text()))
     _page(results / "knockouts.md", "Knockouts, n = 50 per set (Gemma 3 270M)", shown["knockouts-gemma-3-270m"],

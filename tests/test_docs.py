@@ -21,8 +21,13 @@ VERSION_CONTEXT = re.compile(r"(Python|torch|transformers|TransformerLens|Ray|ra
                              r"transformer-lens|section|EACL|arXiv|Gemma|SmolLM2|Llama)\s*$", re.I)
 
 
+def _without_code(text: str) -> str:
+    """`text` without code blocks and inline code (where the claim syntax itself is shown)."""
+    return re.sub(r"`[^`]*`", " ", re.sub(r"```.*?```", " ", text, flags=re.S))
+
+
 def claim_spans(text: str) -> list[tuple[str, str]]:
-    return CLAIM.findall(text)
+    return CLAIM.findall(_without_code(text))
 
 
 def check_claims(text: str, claims: dict[str, dict], *, where: str) -> list[str]:
@@ -39,9 +44,7 @@ def check_claims(text: str, claims: dict[str, dict], *, where: str) -> list[str]
 
 def uncited_numbers(text: str) -> list[str]:
     """Decimals and percentages outside claims, code and links: numbers with no source."""
-    text = CLAIM.sub(" ", text)
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)
-    text = re.sub(r"`[^`]*`", " ", text)
+    text = CLAIM.sub(" ", _without_code(text))
     text = re.sub(r"\]\([^)]*\)", "]", text)
     text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
     found = []
