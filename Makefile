@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (Python 3.11 + pip, no GPU, no model hub):
 #   make run    creates .venv, installs idiom_lens, runs the main job on the embedded model
-#   make test   creates .venv if needed, runs the test suite
+#   make test   creates .venv if needed, runs the test suite (and builds the docs site, strict)
+#   make results  regenerates every published number and figure (docs/regeneration.md)
 #
 # Versions: .venv gets the exact, tested versions of requirements.lock (pip constraints), so a
 # fresh machine runs what CI tested. pyproject.toml keeps compatible ranges for library users.
