@@ -224,12 +224,12 @@ def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
 def recall_claims(claims: Claims, out: Path, name: str, command: str) -> None:
     """Every method's value per layer and group (`recall_profile`), and each peak."""
     profile_path = out / name / "recall_profile.parquet"
-    for row in _table(profile_path).itertuples():
+    profile = _table(profile_path)
+    for row in profile.itertuples():
         claims.add(f"{name}.{slug(row.measure)}.{slug(row.group)}.layer{row.layer}", value=row.value, n=row.n,
                    text=short_ci(row.value, row.lo, row.hi), interval=(row.lo, row.hi), command=command,
                    source=str(profile_path.relative_to(out)))
-    peaks = _table(out / name / "recall_profile.parquet")
-    for (measure, group), frame in peaks.groupby(["measure", "group"], sort=True):
+    for (measure, group), frame in profile.groupby(["measure", "group"], sort=True):  # as RecallProfile.peaks
         top = frame.loc[frame["value"].idxmax()]
         claims.add(f"{name}.{slug(measure)}.{slug(group)}.peak_layer", value=int(top["layer"]),
                    text=str(int(top["layer"])), command=command, source=str(profile_path.relative_to(out)))
