@@ -62,7 +62,7 @@ def main() -> None:
 
     from idiom_lens.analyses.interventions import sample_probes
     from idiom_lens.datasets import load_probes
-    from idiom_lens.distributed import ModelRecipe, Unit, WorkerOptions, WorkerPool
+    from idiom_lens.study.executors import ModelRecipe, Unit, WorkerOptions, RayExecutor
     from idiom_lens.models.loading import load_model
     from idiom_lens.study.run import KNOCKOUT_OPTIONS
     from idiom_lens.study.stages import resumable_trajectory, run_knockouts
@@ -77,10 +77,10 @@ def main() -> None:
 
     def trajectory(pool: Any) -> Callable[[Path], Any]:
         return lambda out: resumable_trajectory(model, traj_probes, out, sites=("resid_post",), batch_size=16,
-                                                part_size=32, progress=False, log=quiet, pool=pool)
+                                                part_size=32, progress=False, log=quiet, executor=pool)
 
     def knockouts(pool: Any) -> Callable[[Path], Any]:
-        return lambda out: run_knockouts(model, ko_probes, out, **knock_options, log=quiet, pool=pool)
+        return lambda out: run_knockouts(model, ko_probes, out, **knock_options, log=quiet, executor=pool)
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR",
              log_to_driver=False)
@@ -91,7 +91,7 @@ def main() -> None:
         pool = None
         if workers is not None:
             options = WorkerOptions(workers=workers, threads=threads, address="auto")
-            pool = WorkerPool(ModelRecipe(spec="gemma-3-270m"), options, log=quiet)
+            pool = RayExecutor(ModelRecipe(spec="gemma-3-270m"), options, log=quiet)
             pool.start()
         timings[("trajectory", name)] = _timed(trajectory(pool), args.repeats)
         timings[("knockouts", name)] = _timed(knockouts(pool), args.repeats)

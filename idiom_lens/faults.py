@@ -22,7 +22,7 @@ Points, each where the files on disk differ from every other point's:
 - ``lens.checkpoint``: a tuned-lens training checkpoint is written, the next step is not taken
   (`lenses.train.train_tuned_lens`);
 - ``stage.outputs``: a stage function returned (every output written), its completion marker
-  is not written yet (`stages.run_stage`).
+  is not written yet (`study.parts.run_stage`).
 
 The analyses themselves (`knockout_grid`, `skip_layers`, ...) write nothing until they return,
 so a kill anywhere inside them leaves the files of a kill just before their results are written.

@@ -251,6 +251,22 @@ class Saved:
         return paths
 
     @classmethod
+    def join_parts(cls, parts: Sequence[Self]) -> Self:
+        """Parts of one run (the same settings, disjoint probes, in order) as one result: every
+        table field concatenated in the parts' order, the settings of the parts with their counts
+        (`JOINED_COUNTS`) and seconds summed. `InputError` when the parts' settings differ
+        otherwise: results of different runs are not parts of one."""
+        if not parts:
+            raise InputError(f"no {cls.__name__} parts to join")
+        values = {f.name: [getattr(p, f.name) for p in parts] for f in fields(cls)}  # type: ignore[arg-type]
+        joined = {name: _concat_frames(frames) for name, frames in values.items()
+                  if all(isinstance(v, pd.DataFrame) for v in frames)}
+        rest = set(values) - set(joined) - {"settings"}
+        if rest:
+            raise TypeError(f"{cls.__name__}.join_parts joins table fields and settings only, not {sorted(rest)}")
+        return cls(**joined, settings=joined_settings(parts, what=cls.__name__))  # type: ignore[call-arg]
+
+    @classmethod
     def load(cls, folder: str | Path, *, name: str | None = None) -> Self:
         """Read back a result `save` wrote to `folder` under `name` (default `default_name`)."""
         folder = Path(folder)
@@ -286,6 +302,40 @@ class Saved:
         saved = SavedTables(folder=folder, name=name, settings=decode_exact(data.get("settings", {})),
                             meta=decode_exact(data.get("meta", {})), tables=tables)
         return cls.from_saved(saved)
+
+
+# --------------------------------------------------------------------------------------
+# Parts of one run, joined
+# --------------------------------------------------------------------------------------
+
+JOINED_COUNTS = ("n_probes", "n_pairs", "n_skipped")  # settings that count the probes of a part
+
+
+def joined_settings(parts: Sequence[Any], *, what: str) -> dict[str, Any]:
+    """The settings of parts of one run: equal but for their counts (summed) and seconds (summed);
+    `InputError` naming the settings that differ otherwise."""
+    varying = (*JOINED_COUNTS, "seconds")
+    first = {k: v for k, v in parts[0].settings.items() if k not in varying}
+    for part in parts[1:]:
+        other = {k: v for k, v in part.settings.items() if k not in varying}
+        if other != first:
+            differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise InputError(f"{what} parts were run with different settings ({', '.join(differ)}): "
+                             "they are not parts of one run")
+    settings = dict(parts[0].settings)
+    for name in JOINED_COUNTS:
+        if name in settings:
+            settings[name] = sum(int(p.settings[name]) for p in parts)
+    if "seconds" in settings:
+        settings["seconds"] = round(sum(float(p.settings["seconds"]) for p in parts), 2)
+    return settings
+
+
+def _concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Frames in order; empty ones left out (their all-object columns would change dtypes)
+    unless every one is empty."""
+    kept = [f for f in frames if len(f)] or list(frames[:1])
+    return pd.concat(kept, ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------

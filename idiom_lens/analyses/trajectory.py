@@ -122,8 +122,8 @@ class TrajectoryResult(Saved):
         return TrajectoryResult(memorization=memorization, sites=sites, lens=lens or {"kind": "logit"}, **arrays)
 
     @staticmethod
-    def concat(parts: Sequence["TrajectoryResult"]) -> "TrajectoryResult":
-        """Join results over disjoint probe sets computed with the same model and sites."""
+    def join_parts(parts: Sequence["TrajectoryResult"]) -> "TrajectoryResult":
+        """Parts of one run (disjoint probes, the same model, sites and lens) as one result."""
         if not parts:
             raise InputError("no trajectory results to join")
         first = parts[0]

@@ -20,7 +20,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     load_from_args,
     text_or_dataset_probes,
-    worker_pool,
+    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -63,8 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is not None:  # the files the study's stage writes
         from idiom_lens.study.stages import run_attention_knockout
 
-        with worker_pool(args, model) as pool:
-            result = run_attention_knockout(model, probes, args.out, png=not args.no_png, pool=pool, **options)
+        with executor(args, model) as where:
+            result = run_attention_knockout(model, probes, args.out, png=not args.no_png, executor=where, **options)
     else:
         result = attention_knockout(model, probes, progress=False, **options)
     if args.text is None:

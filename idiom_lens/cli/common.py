@@ -122,26 +122,20 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_options(args: argparse.Namespace) -> Any:
-    """The `idiom_lens.distributed.WorkerOptions` of `--workers/--ray-address/--worker-threads`
+    """The `idiom_lens.study.executors.WorkerOptions` of `--workers/--ray-address/--worker-threads`
     (`InputError` when they ask for Ray and it is not installed)."""
-    from idiom_lens.distributed import WorkerOptions
+    from idiom_lens.study.executors import WorkerOptions
 
     return WorkerOptions(workers=getattr(args, "workers", None), address=getattr(args, "ray_address", None),
                          threads=getattr(args, "worker_threads", None))
 
 
-def worker_pool(args: argparse.Namespace, model: Any) -> Any:
-    """A context manager: the started `WorkerPool` of the worker options for `model` (loaded
-    by each worker from the same spec and device), or None for this process."""
-    import contextlib
+def executor(args: argparse.Namespace, model: Any) -> Any:
+    """A context manager giving where the sweeps run (`idiom_lens.study.executors`): this
+    process, or the Ray workers of `--workers/--ray-address` (each loads `model` from its spec)."""
+    from idiom_lens.study.executors import open_executor
 
-    from idiom_lens.distributed import ModelRecipe, WorkerPool
-
-    options = worker_options(args)
-    if not options.distributed:
-        return contextlib.nullcontext(None)
-    recipe = ModelRecipe(spec=model.spec, device=args.device, n_devices=args.n_devices)
-    return WorkerPool(recipe, options)
+    return open_executor(model, worker_options(args), device=args.device, n_devices=args.n_devices)
 
 
 def add_results_option(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     load_from_args,
     select_probes,
-    worker_pool,
+    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -106,11 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     probes = select_probes(args)
     model = load_from_args(args)
     grid = _grid_options(args, model.n_layers)
-    with worker_pool(args, model) as pool:
+    with executor(args, model) as where:
         summary = run_knockouts(
             model, probes, args.out, **grid, controls=controls, rank_by=args.rank_by, positions=args.positions,
             norm=args.norm, compare_positions=args.compare_positions, value_vector_ks=tuple(args.value_vector_k),
-            seed=args.seed, batch_size=args.batch_size, skip=not args.no_skip, png=not args.no_png, pool=pool,
+            seed=args.seed, batch_size=args.batch_size, skip=not args.no_skip, png=not args.no_png, executor=where,
         )
     summary["datasets"] = args.dataset
     print(f"total {summary['total_seconds']:.1f} s; results in {args.out}")

@@ -24,7 +24,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     load_from_args,
     text_or_dataset_probes,
-    worker_pool,
+    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -94,18 +94,18 @@ def _agreement(results: dict[str, Any], out: Path | None) -> None:
 
 
 def _run_set(args: argparse.Namespace, model: Any, probes: list) -> int:
-    with worker_pool(args, model) as pool:
-        return _run_methods(args, model, probes, pool)
+    with executor(args, model) as where:
+        return _run_methods(args, model, probes, where)
 
 
-def _run_methods(args: argparse.Namespace, model: Any, probes: list, pool: Any) -> int:
+def _run_methods(args: argparse.Namespace, model: Any, probes: list, where: Any) -> int:
     results: dict[str, Any] = {}
     for method in _methods(args):
         from idiom_lens.study.stages import run_patching
 
         folder = _folder(args, method)
         result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
-                              method=method, batch_size=args.batch_size, png=not args.no_png, pool=pool)
+                              method=method, batch_size=args.batch_size, png=not args.no_png, executor=where)
         if not results:
             for row in result.skipped.itertuples():
                 print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")

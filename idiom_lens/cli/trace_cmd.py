@@ -18,7 +18,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     load_from_args,
     text_or_dataset_probes,
-    worker_pool,
+    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -74,8 +74,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.text is None:
         from idiom_lens.study.stages import run_tracing
 
-        with worker_pool(args, model) as pool:
-            result = run_tracing(model, probes, args.out, part_size=args.part_size, png=not args.no_png, pool=pool,
+        with executor(args, model) as where:
+            result = run_tracing(model, probes, args.out, part_size=args.part_size, png=not args.no_png, executor=where,
                                  **options)
         _print_summary(result.summary())
         print(f"{len(probes)} probes in {result.settings['seconds']:.1f} s; results in {args.out}")

@@ -12,7 +12,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     load_from_args,
     select_probes,
-    worker_pool,
+    executor,
 )
 from idiom_lens.errors import InputError
 from idiom_lens.analyses.trajectory import SITES
@@ -50,9 +50,9 @@ def handle(args: argparse.Namespace) -> int:
     lens = resolve_lens(model, args.lens, prompts=sorted(set(bundled_prompts()) | {p.prompt for p in selected}))
     sites = args.sites or (list(SITES) if lens.kind == "logit" else ["resid_post"])
     print(f"trajectory: {len(selected)} probes from {datasets} on {model.spec}, {lens.kind} lens -> {args.out}")
-    with worker_pool(args, model) as pool:
+    with executor(args, model) as where:
         result = resumable_trajectory(model, selected, args.out, sites=sites, batch_size=args.batch_size, lens=lens,
-                                      part_size=args.part_size, pool=pool)
+                                      part_size=args.part_size, executor=where)
     outputs = write_trajectory_outputs(result, args.out, title=f"{model.spec}: {datasets}", png=not args.no_png)
     print(outputs.phases.summary_text)
     print(f"wrote {len(outputs.files)} files to {args.out}")

@@ -31,7 +31,7 @@ import pandas as pd
 
 from idiom_lens.errors import InputError
 
-FORMAT = 3  # bump when a stage's files change meaning; stage keys include it, so stages are redone
+FORMAT = 4  # bump when a stage's files change meaning; stage keys include it, so stages are redone
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
@@ -47,7 +47,6 @@ ATTENTION_KNOCKOUT = "attention_knockout"
 RECALL = "recall"
 COMPARISON = "comparison"
 STAGES = (TRAJECTORY, LENSES, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
-_HIDDEN = {"parts"}  # resumable trajectory parts: internal to the trajectory stage
 
 # The tables each stage writes beside its summary, by name (file = <name>.parquet).
 TABLES: dict[str, tuple[str, ...]] = {
@@ -128,7 +127,7 @@ def read_stage(path: Path) -> Stage:
     """The summary and figures of a stage folder (figures in subfolders included, parts excluded)."""
     summary = _read_json(path / SUMMARY_FILE) if (path / SUMMARY_FILE).is_file() else {}
     figures = [p for p in path.rglob(f"*{FIGURE_SUFFIX}")
-               if not any(part in _HIDDEN or part.startswith(".") for part in p.relative_to(path).parts[:-1])]
+               if not any(part.startswith(".") for part in p.relative_to(path).parts[:-1])]
     figures.sort(key=lambda p: natural_key(str(p.relative_to(path))))
     return Stage(name=path.name, path=path, summary=summary, figures=tuple(figures))
 

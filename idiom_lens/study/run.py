@@ -18,7 +18,7 @@ rerun when finished with the same settings:
 8. report: one HTML page over everything under OUT.
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
-sampled probes and every argument of the stage function, see `stages.stage_key`) and intact
+sampled probes and every argument of the stage function, see `parts.stage_key`) and intact
 files. Changing a setting that changes a stage's numbers or files redoes that stage and only the
 stages that depend on it; `batch_size` changes speed, not results, and redoes nothing.
 """
@@ -83,7 +83,7 @@ class StudyOptions:
     part_size: int = 256  # probes per resumable trajectory part
     png: bool = True  # static PNG figures beside the HTML ones
     # Speed only, like batch_size (not part of any stage's key): the sweeps on this many Ray workers
-    # (`idiom_lens.distributed`; None or 1: this process), on the cluster at ray_address if given.
+    # (`idiom_lens.study.executors`; None or 1: this process), on the cluster at ray_address if given.
     workers: int | None = None
     ray_address: str | None = None
     worker_threads: int | None = None  # torch threads per worker (default: the cores divided among them)
@@ -109,7 +109,7 @@ class StudyOptions:
         self.worker_options()  # InputError for bad values, or workers without Ray installed
 
     def worker_options(self) -> Any:
-        from idiom_lens.distributed import WorkerOptions
+        from idiom_lens.study.executors import WorkerOptions
 
         return WorkerOptions(workers=self.workers, address=self.ray_address, threads=self.worker_threads)
 
@@ -133,7 +133,7 @@ def run_study(
     process writes there). The attribution stage needs the compatibility-mode model: pass
     `compat_model`, or it is loaded from the spec. Raises `InputError` for bad options or a folder
     written by an earlier idiom_lens. With `options.workers` > 1 (or a `ray_address`) the sweeps run
-    on Ray workers (`idiom_lens.distributed`): the same folder, faster."""
+    on Ray workers (`idiom_lens.study.executors`): the same folder, faster."""
     options = options or StudyOptions()
     with folder_lock(out, log=log):  # one run per results folder (`idiom_lens.locks`)
         return _run_study(model, out, options, compat_model=compat_model, device=device, n_devices=n_devices,
@@ -155,24 +155,19 @@ def _run_study(
         device = model.device
     folder = study.model(model.name)
     log(f"[run] {len(probes)} probes ({', '.join(options.datasets)}) on {model.spec} -> {folder.path}")
-    workers = options.worker_options()
-    if not workers.distributed:
-        return _run_stages(study, folder, probes, model, options, compat_model=compat_model, device=device,
-                           n_devices=n_devices, report=report, log=log, pool=None, started=started)
-    from idiom_lens.distributed import ModelRecipe, WorkerPool
+    from idiom_lens.study.executors import open_executor
 
-    recipe = ModelRecipe(spec=model.spec, device=device, n_devices=n_devices)
-    with WorkerPool(recipe, workers, log=log) as pool:
+    with open_executor(model, options.worker_options(), device=device, n_devices=n_devices, log=log) as executor:
         return _run_stages(study, folder, probes, model, options, compat_model=compat_model, device=device,
-                           n_devices=n_devices, report=report, log=log, pool=pool, started=started)
+                           n_devices=n_devices, report=report, log=log, executor=executor, started=started)
 
 
 def _run_stages(
     study: StudyFolder, folder: Any, probes: Any, model: LoadedModel, options: StudyOptions, *,
     compat_model: LoadedModel | None, device: str, n_devices: int | None, report: bool,
-    log: Callable[[str], None], pool: Any, started: float,
+    log: Callable[[str], None], executor: Any, started: float,
 ) -> StudyFolder:
-    """The stages of `run_study`, the sweeps on `pool`'s workers when it is given."""
+    """The stages of `run_study`, the sweeps on `executor` (this process or Ray workers)."""
     from idiom_lens.study.report import build_report
     from idiom_lens.study.stages import (
         resumable_trajectory,
@@ -190,7 +185,7 @@ def _run_stages(
 
     log("[run] trajectory")
     result = resumable_trajectory(model, probes.probes, folder.stage_path(TRAJECTORY), sites=options.sites,
-                                  batch_size=options.batch_size, part_size=options.part_size, log=log, pool=pool)
+                                  batch_size=options.batch_size, part_size=options.part_size, log=log, executor=executor)
     outputs = write_trajectory_outputs(result, folder.stage_path(TRAJECTORY), title=model.spec, png=options.png)
     log(outputs.phases.summary_text)
     log(result.memorization.summary().to_string(index=False))
@@ -211,13 +206,13 @@ def _run_stages(
     if options.lenses:
         run_stage(LENSES, run_lenses, model, probes.probes, folder.stage_path(LENSES),
                   {"lenses": options.lenses, "png": png, "batch_size": options.batch_size,
-                   "part_size": options.part_size, "pool": pool}, log=log)
+                   "part_size": options.part_size, "executor": executor}, log=log)
     if options.knockout_sample:
         stage(INTERVENTIONS, run_knockouts, model, options.knockout_sample,
-              KNOCKOUT_OPTIONS | {"seed": options.seed, "png": png, "pool": pool})
+              KNOCKOUT_OPTIONS | {"seed": options.seed, "png": png, "executor": executor})
     if options.patching_sample:
         stage(PATCHING, run_patching, model, options.patching_sample,
-              PATCHING_OPTIONS | {"seed": options.seed, "png": png, "pool": pool}, groups=PATCHING_GROUPS)
+              PATCHING_OPTIONS | {"seed": options.seed, "png": png, "executor": executor}, groups=PATCHING_GROUPS)
     if options.attribution_sample:
         if compat_model is None:  # its settings are part of the stage's key
             compat_model = load_model(model.spec, mode="compat", device=device, n_devices=n_devices)
@@ -227,10 +222,10 @@ def _run_stages(
             log(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
     if options.tracing_sample:
         stage(TRACING, run_tracing, model, options.tracing_sample,
-              TRACING_OPTIONS | {"seed": options.seed, "png": png, "pool": pool}, groups=TRACING_GROUPS)
+              TRACING_OPTIONS | {"seed": options.seed, "png": png, "executor": executor}, groups=TRACING_GROUPS)
     if options.attn_knockout_sample:
         stage(ATTENTION_KNOCKOUT, run_attention_knockout, model, options.attn_knockout_sample,
-              ATTENTION_KNOCKOUT_OPTIONS | {"png": png, "pool": pool})
+              ATTENTION_KNOCKOUT_OPTIONS | {"png": png, "executor": executor})
     if any(folder.has(s) for s in (INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, ATTRIBUTION)):
         log("[run] recall: every method per layer")
         write_recall(folder, png=png)

@@ -15,10 +15,9 @@ empty folder, with one log line saying why.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -28,14 +27,15 @@ from idiom_lens.datasets.probes import Probe, ProbeSet
 from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.groups import ordered
-from idiom_lens.io import check_marker, key_digest, write_json, write_marker, write_text
+from idiom_lens.io import write_json, write_text
 from idiom_lens.analyses.memorization import MemorizationResult
 from idiom_lens.lenses.lens import Lens
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
-from idiom_lens.study.layout import FORMAT
+from idiom_lens.study.executors import LocalExecutor
+from idiom_lens.study.parts import PARTS, Sweep, run_stage, stage_key, sweep_in_parts  # noqa: F401 (re-exported)
 if TYPE_CHECKING:
-    from idiom_lens.distributed import WorkerPool
+    from idiom_lens.study.executors import Executor
 from idiom_lens.analyses.trajectory import (
     SITES,
     TrajectoryResult,
@@ -45,52 +45,14 @@ from idiom_lens.analyses.trajectory import (
 )
 
 
-def _fingerprint(obj: Any) -> str:
-    return key_digest(obj)[:16]
-
-
-def _model_key(model: LoadedModel) -> dict[str, Any]:
-    settings = dict(model.settings())
-    settings.pop("versions", None)
-    return settings
-
-
-PART_MARKER = ".part.json"
-
-
-def _probe_key(probes: Sequence[Probe]) -> list[dict[str, Any]]:
-    """Every field of every probe, in order (a changed flag or prompt changes the key)."""
-    return [dataclasses.asdict(p) for p in probes]
-
-
-def _part_key(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str],
-              lens: Lens | None = None) -> dict[str, Any]:
-    """What determines a trajectory part: model settings, sites, the part's probes (and the lens,
-    when it is not the logit lens: logit-lens parts keep the keys they always had)."""
-    key = {"format": FORMAT, "model": _model_key(model), "sites": list(sites), "probes": _probe_key(probes)}
-    if lens is not None and lens.kind != "logit":
-        key["lens"] = lens.describe()
-    return key
-
-
-def part_name(model: LoadedModel, probes: Sequence[Probe], sites: Sequence[str], lens: Lens | None = None) -> str:
-    """The folder name (under `parts/`) of the trajectory part of `probes`."""
-    return f"trajectory-{_fingerprint(_part_key(model, probes, sites, lens))}"
-
-
-def _clear(folder: Path, marker: Path, *, keep: str | None = None) -> None:
-    """Empty a job's folder before (re)computing it: the marker goes first, then everything else,
-    so no stale or half-written output of an earlier run survives into the new one. `keep` names
-    a subfolder left in place (a stage's hidden parts, each verified by its own marker)."""
-    marker.unlink(missing_ok=True)
-    if not folder.exists():
-        return
-    if keep is None or not (folder / keep).is_dir():
-        shutil.rmtree(folder)
-        return
-    for path in folder.iterdir():
-        if path.name != keep:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+def trajectory_sweep(model: LoadedModel, *, sites: Sequence[str], lens: Lens | None, batch_size: int) -> Sweep:
+    """`layer_trajectory` as a sweep: parts go whole to a worker (its forward batches are sorted
+    by length within the call, so a part is the smallest piece that gives the same numbers)."""
+    settings = model.settings()
+    return Sweep(name="trajectory",
+                 call=partial(layer_trajectory, sites=tuple(sites), lens=lens, batch_size=batch_size),
+                 per_probe=False, join=TrajectoryResult.join_parts, save=save_trajectory,
+                 load=lambda folder: load_trajectory(folder, settings=settings), fault_point="trajectory.part")
 
 
 def resumable_trajectory(
@@ -104,93 +66,34 @@ def resumable_trajectory(
     lens: Lens | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> TrajectoryResult:
-    """`layer_trajectory` (through `lens`, default the logit lens) in parts saved under
-    `out_dir/parts/`; finished, intact parts are reused.
-
-    With a `pool` (`idiom_lens.distributed`), the unfinished parts run on its workers, one part
-    per task (a part's forward batches are sorted by length within the part, so a part is the
-    smallest piece that gives the single-process numbers); the same part folders come out."""
-    out_dir = Path(out_dir)
-    probes = list(probes)
-    parts: list[TrajectoryResult] = []
-    n_parts = (len(probes) + part_size - 1) // part_size
-    if pool is not None:
-        return TrajectoryResult.concat(_trajectory_on_pool(pool, model, probes, out_dir, sites=sites, lens=lens,
-                                                           batch_size=batch_size, part_size=part_size, log=log))
-    for i in range(n_parts):
-        chunk = probes[i * part_size : (i + 1) * part_size]
-        key = _part_key(model, chunk, sites, lens)
-        part_dir = out_dir / "parts" / part_name(model, chunk, sites, lens)
-        marker = part_dir / PART_MARKER
-        reason = check_marker(marker, key)
-        if reason is None:
-            log(f"  part {i + 1}/{n_parts}: reusing {part_dir.name}")
-            parts.append(load_trajectory(part_dir, settings=model.settings()))
-            continue
-        if part_dir.exists():
-            log(f"  part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
-        _clear(part_dir, marker)
-        started = time.perf_counter()
-        result = layer_trajectory(model, chunk, sites=sites, batch_size=batch_size, lens=lens, progress=progress)
-        save_trajectory(result, part_dir)
-        write_marker(marker, key)  # last: the part is finished only once its marker exists
-        maybe_fail("trajectory.part")
-        log(f"  part {i + 1}/{n_parts}: {len(chunk)} probes in {time.perf_counter() - started:.1f} s")
-        parts.append(result)
-    return TrajectoryResult.concat(parts)
-
-
-def _trajectory_on_pool(
-    pool: "WorkerPool", model: LoadedModel, probes: list[Probe], out_dir: Path, *, sites: Sequence[str],
-    lens: Lens | None, batch_size: int, part_size: int, log: Callable[[str], None],
-) -> list[TrajectoryResult]:
-    from idiom_lens.distributed import Part, PartsPlan, run_parts, whole_part
-
-    chunks = [probes[i : i + part_size] for i in range(0, len(probes), part_size)]
-    parts = [Part(tuple(c), out_dir / "parts" / part_name(model, c, sites, lens), _part_key(model, c, sites, lens))
-             for c in chunks]
-    if len(parts) < pool.options.n_workers:
-        log(f"  {len(parts)} part{'s' if len(parts) != 1 else ''} for {pool.options.n_workers} workers: smaller parts "
+    """`layer_trajectory` (through `lens`, default the logit lens) in parts of `part_size` probes
+    saved under `out_dir/.parts/`; finished, intact parts are reused. On `executor`'s workers
+    when given (`study.executors`), else in this process: the same part folders come out."""
+    executor = executor or LocalExecutor(model, progress=progress)
+    n_parts = -(-len(probes) // part_size)
+    if n_parts < executor.n_workers:
+        log(f"  {n_parts} part{'s' if n_parts != 1 else ''} for {executor.n_workers} workers: smaller parts "
             "(--part-size) would keep them all busy")
-    settings = model.settings()
-    plan = PartsPlan(label="part", fn=layer_trajectory,
-                     kwargs={"sites": tuple(sites), "batch_size": batch_size, "lens": lens},
-                     units=whole_part, merge=lambda results: results[0], save=save_trajectory,
-                     load=lambda folder: load_trajectory(folder, settings=settings), fault_point="trajectory.part")
-    return run_parts(pool, parts, plan, desc="trajectory", log=log)
+    sweep = trajectory_sweep(model, sites=sites, lens=lens, batch_size=batch_size)
+    return sweep_in_parts(sweep, model, list(probes), Path(out_dir) / PARTS, executor, size=part_size, log=log)
 
 
-# Parts of the sweeps that have none in one process (knockouts, skipping, patching, attention
-# knockout) when they run on workers: hidden (`.parts/`, beside the stage's files), so that the
-# visible files equal a single-process run's; each is a resumable part like the trajectory's.
-SHARDS = ".parts"
-SHARD_PROBES = 8  # probes per hidden part: what a killed driver loses at most, per sweep
+PROBES_PER_PART = 8  # parts of the per-probe sweeps (knockouts, patching, ...): what a crash loses at most
 
 
 def _swept(
-    pool: "WorkerPool | None", model: LoadedModel, probes: Sequence[Probe], out: Path, name: str,
-    fn: Callable[..., Any], options: dict[str, Any], *, merge: Callable[[list[Any]], Any], load: Callable[[Path], Any],
+    executor: "Executor | None", model: LoadedModel, probes: Sequence[Probe], out: Path, name: str,
+    call: Callable[..., Any], *, join: Callable[[Sequence[Any]], Any], load: Callable[[Path], Any],
 ) -> Any:
-    """`fn(model, probes, **options, progress=True)` in this process without a pool; with one, on
-    its workers one probe per task, in hidden resumable parts under `out/.parts/` (reused when
-    finished and intact), merged in probe order: the single-process result, row for row."""
-    if pool is None:
-        return fn(model, probes, **options, progress=True)
-    from idiom_lens.distributed import Part, PartsPlan, per_probe, run_parts
-
-    probes = list(probes)
-    keyed = {k: v for k, v in options.items() if k not in NOT_IN_KEY}
-    parts = []
-    for i in range(0, len(probes), SHARD_PROBES):
-        chunk = probes[i : i + SHARD_PROBES]
-        key = {"format": FORMAT, "analysis": f"{fn.__module__}.{fn.__qualname__}", "model": _model_key(model),
-               "options": keyed, "probes": _probe_key(chunk)}
-        parts.append(Part(tuple(chunk), Path(out) / SHARDS / f"{name}-{_fingerprint(key)}", key))
-    plan = PartsPlan(label=f"{name} part", fn=fn, kwargs=options, units=per_probe, merge=merge,
-                     save=lambda result, folder: result.save(folder), load=load)
-    return merge(run_parts(pool, parts, plan, desc=name, log=lambda line: None))
+    """`call(model, probes)` for an analysis that treats every probe on its own, in resumable
+    parts of `PROBES_PER_PART` probes under `out/.parts/` (reused when finished and intact),
+    on `executor` (this process by default), joined in probe order: one call's result, row for row."""
+    sweep = Sweep(name=name, call=call, per_probe=True, join=join, save=lambda result, folder: result.save(folder),
+                  load=load)
+    return sweep_in_parts(sweep, model, list(probes), Path(out) / PARTS, executor or LocalExecutor(model),
+                          size=PROBES_PER_PART, log=lambda line: None)
 
 
 @dataclass(frozen=True)
@@ -344,7 +247,7 @@ def run_knockouts(
     skip: bool = True,
     png: bool = True,
     log: Callable[[str], None] = print,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> dict:
     """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
     value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
@@ -353,7 +256,7 @@ def run_knockouts(
     `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
-    With a `pool` the knockouts and layer skipping run on its workers (`_swept`): the same files."""
+    The knockouts and layer skipping run in resumable parts (`_swept`), on `executor`'s workers when given: the same files."""
     from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
     from idiom_lens.analyses.interventions.skipping import SkipResult
     from idiom_lens.io import write_parquet
@@ -371,11 +274,10 @@ def run_knockouts(
     grid: dict[str, Any] = {"full_grid": True} if full_grid else {
         "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
     common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size)
-    from idiom_lens.distributed import merge_probe_rows
-
     def grid_run(where: str) -> KnockoutResult:
-        return _swept(pool, model, probes, out, f"knockouts_{where}", knockout_grid,
-                      {"positions": where, **grid, **common}, merge=merge_probe_rows, load=KnockoutResult.load)
+        return _swept(executor, model, probes, out, f"knockouts_{where}",
+                      partial(knockout_grid, positions=where, **grid, **common), join=KnockoutResult.join_parts,
+                      load=KnockoutResult.load)
 
     knock = grid_run(positions)
     knock.save(out)
@@ -416,9 +318,9 @@ def run_knockouts(
         summary["value_vectors"] = vv.settings
     if skip:
         skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
-        skipped = _swept(pool, model, probes, out, "skipping", skip_layers,
-                         {"windows": skip_windows, "batch_size": min(batch_size, 64)}, merge=merge_probe_rows,
-                         load=SkipResult.load)
+        skipped = _swept(executor, model, probes, out, "skipping",
+                         partial(skip_layers, windows=skip_windows, batch_size=min(batch_size, 64)),
+                         join=SkipResult.join_parts, load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
@@ -442,11 +344,11 @@ def run_patching(
     method: str = "exact",
     batch_size: int = 64,
     png: bool = True,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> Any:
     """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
     attribution patching (`method`); parquet, mean heatmaps per set and summary.json under `out`.
-    Returns the `PatchingResult`. With a `pool`, the probes run on its workers: the same files."""
+    Returns the `PatchingResult`. On `executor`'s workers when given: the same files."""
     from idiom_lens.analyses.interventions import attribution_patch_probes, patch_probes
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
@@ -456,11 +358,9 @@ def run_patching(
         raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     out = Path(out)
     from idiom_lens.analyses.interventions.patching import PatchingResult
-    from idiom_lens.distributed import merge_patching
-
-    result = _swept(pool, model, probes, out, f"patching_{method}", methods[method],
-                    {"variants": variants, "seed": seed, "keep_last": keep_last, "batch_size": batch_size},
-                    merge=merge_patching, load=PatchingResult.load)
+    result = _swept(executor, model, probes, out, f"patching_{method}",
+                    partial(methods[method], variants=variants, seed=seed, keep_last=keep_last, batch_size=batch_size),
+                    join=PatchingResult.join_parts, load=PatchingResult.load)
     result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
@@ -487,13 +387,12 @@ def run_tracing(
     part_size: int = 10,
     png: bool = True,
     log: Callable[[str], None] = print,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> Any:
-    """Causal tracing of `probes` in parts of `part_size` probes under `out/parts/` (finished,
+    """Causal tracing of `probes` in parts of `part_size` probes under `out/.parts/` (finished,
     intact parts are reused: an interrupted run loses at most one part); then the joined result,
     its summary, heatmaps per set, layer curves and summary.json under `out`. Returns the
-    `TracingResult`. With a `pool`, the unfinished parts' probes run on its workers, one probe per
-    task: the same parts and files."""
+    `TracingResult`. On `executor`'s workers when given, one probe per task: the same files."""
     from idiom_lens.analyses.interventions.tracing import TracingResult, causal_trace, noise_scale
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.tracing import tracing_curves, tracing_heatmaps
@@ -502,48 +401,13 @@ def run_tracing(
     if part_size < 1:
         raise InputError(f"part_size must be >= 1, got {part_size}")
     scale = noise_scale(model, multiplier=multiplier)
-    options = {"sites": list(sites), "windows": [int(w) for w in windows], "samples": samples, "seed": seed,
-               "noise_words": list(noise_words) if noise_words else None, "scale": dataclasses.asdict(scale)}
-    parts = []
-    n_parts = (len(probes) + part_size - 1) // part_size
-    if pool is not None:
-        from idiom_lens.distributed import Part, PartsPlan, per_probe, run_parts
-
-        pool_parts = []
-        for i in range(n_parts):
-            chunk = list(probes[i * part_size : (i + 1) * part_size])
-            key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
-                   "probes": _probe_key(chunk)}
-            pool_parts.append(Part(tuple(chunk), out / "parts" / f"tracing-{_fingerprint(key)}", key))
-        plan = PartsPlan(label="tracing part", fn=causal_trace,
-                         kwargs=dict(sites=sites, windows=windows, samples=samples, scale=scale,
-                                     noise_words=noise_words, seed=seed, batch_size=batch_size),
-                         units=per_probe, merge=TracingResult.concat, save=lambda r, folder: r.save(folder),
-                         load=TracingResult.load, fault_point="tracing.part")
-        parts = run_parts(pool, pool_parts, plan, desc="causal tracing", log=log)
-        n_parts = 0  # every part is done: the loop below has nothing left to do
-    for i in range(n_parts):
-        chunk = list(probes[i * part_size : (i + 1) * part_size])
-        key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
-               "probes": _probe_key(chunk)}
-        part_dir = out / "parts" / f"tracing-{_fingerprint(key)}"
-        marker = part_dir / PART_MARKER
-        reason = check_marker(marker, key)
-        if reason is None:
-            log(f"  tracing part {i + 1}/{n_parts}: reusing {part_dir.name}")
-            parts.append(TracingResult.load(part_dir))
-            continue
-        if part_dir.exists():
-            log(f"  tracing part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
-        _clear(part_dir, marker)
-        part = causal_trace(model, chunk, sites=sites, windows=windows, samples=samples, scale=scale,
-                            noise_words=noise_words, seed=seed, batch_size=batch_size, progress=True)
-        part.save(part_dir)
-        write_marker(marker, key)
-        maybe_fail("tracing.part")
-        log(f"  tracing part {i + 1}/{n_parts}: {len(chunk)} probes in {part.settings['seconds']:.1f} s")
-        parts.append(part)
-    result = TracingResult.concat(parts)
+    sweep = Sweep(name="tracing",
+                  call=partial(causal_trace, sites=sites, windows=windows, samples=samples, scale=scale,
+                               noise_words=noise_words, seed=seed, batch_size=batch_size),
+                  per_probe=True, join=TracingResult.join_parts, save=lambda r, folder: r.save(folder),
+                  load=TracingResult.load, fault_point="tracing.part")
+    result = sweep_in_parts(sweep, model, list(probes), out / PARTS, executor or LocalExecutor(model), size=part_size,
+                            log=log)
     result.save(out)
     summary = result.summary()
     for group in ordered(set(summary["group"])):
@@ -565,20 +429,19 @@ def run_attention_knockout(
     window: int = 5,
     batch_size: int = 64,
     png: bool = True,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> Any:
     """Attention knockout of `probes` (the last position cut from each source in windows of
-    `window` layers); result, summary CSV, figure and summary.json under `out`. With a `pool`,
-    the probes run on its workers: the same files."""
+    `window` layers); result, summary CSV, figure and summary.json under `out`. On `executor`'s
+    workers when given: the same files."""
     from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult, attention_knockout
-    from idiom_lens.distributed import merge_probe_rows
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
 
     out = Path(out)
-    result = _swept(pool, model, probes, out, "attention_knockout", attention_knockout,
-                    {"sources": tuple(sources), "window": window, "batch_size": batch_size}, merge=merge_probe_rows,
-                    load=AttentionKnockoutResult.load)
+    result = _swept(executor, model, probes, out, "attention_knockout",
+                    partial(attention_knockout, sources=tuple(sources), window=window, batch_size=batch_size),
+                    join=AttentionKnockoutResult.join_parts, load=AttentionKnockoutResult.load)
     result.save(out)
     write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
     save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
@@ -597,7 +460,7 @@ def run_lenses(
     part_size: int = 256,
     png: bool = True,
     log: Callable[[str], None] = print,
-    pool: "WorkerPool | None" = None,
+    executor: "Executor | None" = None,
 ) -> Any:
     """The trajectory of `probes` (`resid_post`) under the logit lens and each learned lens of
     `lenses` (from the cache, trained first when missing, never on a probe), each under
@@ -621,7 +484,7 @@ def run_lenses(
     for kind in ("logit", *[k for k in lenses if k != "logit"]):
         lens = obtain_lens(model, kind, settings=settings, prompts=prompts, log=log)
         result = resumable_trajectory(model, probes, out / kind, sites=("resid_post",), batch_size=batch_size,
-                                      part_size=part_size, lens=lens, log=log, pool=pool)
+                                      part_size=part_size, lens=lens, log=log, executor=executor)
         write_trajectory_outputs(result, out / kind, title=model.spec, png=png)
         trajectories[kind] = result
         if kind != "logit":
@@ -692,68 +555,6 @@ def sample_by_group(
         n = len(ids) if group in whole else min(per_group, len(ids))
         chosen.update(random.Random(f"{seed}-{group}").sample(ids, n))
     return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
-
-
-STAGE_MARKER = ".stage.json"
-
-# Stage-function arguments that change neither the numbers (beyond float rounding) nor the files
-# a stage writes: left out of its key, so a rerun with another batch size reuses finished stages.
-NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log", "pool"})
-
-
-def stage_key(
-    fn: Callable[..., Any], model: LoadedModel, probes: Sequence[Probe], options: dict[str, Any]
-) -> dict[str, Any]:
-    """Everything that determines what `fn(model, probes, out, **options)` writes: the stage
-    function, the model's settings, every field of every probe, and every other argument of `fn`
-    as it will be called, defaults included (so an option added later is keyed without anyone
-    remembering to), except those in `NOT_IN_KEY`."""
-    signature = inspect.signature(fn)
-    bound = signature.bind(model, probes, Path("."), **options)  # TypeError on an unknown option
-    bound.apply_defaults()
-    positional = list(signature.parameters)[:3]
-    return {
-        "format": FORMAT,
-        "stage": f"{fn.__module__}.{fn.__qualname__}",
-        "model": _model_key(model),
-        "probes": _probe_key(probes),
-        "options": {name: value for name, value in bound.arguments.items()
-                    if name not in positional and name not in NOT_IN_KEY},
-    }
-
-
-def run_stage(
-    name: str,
-    fn: Callable[..., Any],
-    model: LoadedModel,
-    probes: Sequence[Probe],
-    stage_dir: str | Path,
-    options: dict[str, Any],
-    *,
-    log: Callable[[str], None] = print,
-) -> Any | None:
-    """`fn(model, probes, stage_dir, **options)` unless `stage_dir` holds a finished run with the
-    same `stage_key` and intact files. Returns `fn`'s result, or None when the stage was reused.
-
-    A stage that fails verification (unfinished, settings changed, a file missing, truncated or
-    altered, the marker unreadable) is recomputed from an empty `stage_dir`: the folder belongs
-    to its stage. The marker is written only after `fn` returns, so a crash or an error inside
-    the stage leaves it unfinished."""
-    stage_dir = Path(stage_dir)
-    key = stage_key(fn, model, probes, options)
-    marker = stage_dir / STAGE_MARKER
-    reason = check_marker(marker, key)
-    if reason is None:
-        log(f"[run] {name}: already done, reusing {stage_dir}")
-        return None
-    if stage_dir.exists():
-        log(f"[run] {name}: recomputing, {reason}")
-    _clear(stage_dir, marker, keep=SHARDS)
-    log(f"[run] {name}: {len(probes)} probes")
-    result = fn(model, probes, stage_dir, **options)
-    maybe_fail("stage.outputs")
-    write_marker(marker, key)
-    return result
 
 
 def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:

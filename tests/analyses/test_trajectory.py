@@ -99,7 +99,7 @@ def test_tidy_frame_and_parquet_round_trip(tiny_result, tmp_path):
 
 def test_concat_of_parts_equals_whole(tiny_model, probes, tiny_result):
     parts = [layer_trajectory(tiny_model, probes[:4]), layer_trajectory(tiny_model, probes[4:])]
-    joined = TrajectoryResult.concat(parts)
+    joined = TrajectoryResult.join_parts(parts)
     np.testing.assert_array_equal(joined.pred_rank, tiny_result.pred_rank)
 
 

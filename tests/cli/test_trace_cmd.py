@@ -39,7 +39,7 @@ def test_trace_set_writes_results_and_resumes(commands, tiny_model_dir, probe_fi
     assert list(out.glob("tracing_curves_last*.fig.json")) and list(out.glob("tracing_*idioms*.fig.json"))
     settings = json.loads((out / "summary.json").read_text())
     assert settings["samples"] == 2 and settings["noise_sigma"] > 0 and settings["n_probes"] == 3
-    assert len(list((out / "parts").iterdir())) == 2 and "memorized" in first
+    assert len(list((out / ".parts").iterdir())) == 2 and "memorized" in first
     # a second run reuses both parts and writes the same rows
     assert main(argv) == 0
     assert capsys.readouterr().out.count("reusing") == 2

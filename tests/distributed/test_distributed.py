@@ -1,4 +1,4 @@
-"""Sweeps on Ray workers (`idiom_lens.distributed`) give the files of one process, survive a
+"""Sweeps on Ray workers (`idiom_lens.study.executors`) give the files of one process, survive a
 killed worker and a killed driver. Every comparison is against the plain single-process path's
 files, never a path with itself.
 
@@ -32,7 +32,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 import idiom_lens.cli as cli  # noqa: E402
-from idiom_lens.distributed import ModelRecipe, WorkerOptions, WorkerPool  # noqa: E402
+from idiom_lens.study.executors import ModelRecipe, WorkerOptions, RayExecutor  # noqa: E402
 from idiom_lens.analyses.saved import decode_array  # noqa: E402
 from idiom_lens.faults import ENV  # noqa: E402
 from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
@@ -67,9 +67,9 @@ def ray_session():
     ray.shutdown()
 
 
-def pool_for(spec: str, **kwargs: Any) -> WorkerPool:
+def pool_for(spec: str, **kwargs: Any) -> RayExecutor:
     """Two workers of one torch thread each on the module's Ray."""
-    return WorkerPool(ModelRecipe(spec=spec), WorkerOptions(workers=2, threads=1), log=lambda line: None, **kwargs)
+    return RayExecutor(ModelRecipe(spec=spec), WorkerOptions(workers=2, threads=1), log=lambda line: None, **kwargs)
 
 
 def assert_same_folder(got: Path, want: Path) -> None:
@@ -112,15 +112,15 @@ def assert_close_folder(got: Path, want: Path, noise: float) -> None:
                 pd.testing.assert_series_equal(a[column], b[column], obj=f"{name}: {column}")
 
 
-def trajectory_folder(model, probes, out: Path, pool=None) -> Path:
+def trajectory_folder(model, probes, out: Path, executor=None) -> Path:
     result = resumable_trajectory(model, probes, out, sites=("resid_post", "mlp_out"), batch_size=2, part_size=3,
-                                  progress=False, log=lambda line: None, pool=pool)
+                                  progress=False, log=lambda line: None, executor=executor)
     write_trajectory_outputs(result, out, png=False)
     return out
 
 
-def knockout_folder(model, probes, out: Path, pool=None) -> Path:
-    run_knockouts(model, probes, out, **GRID, log=lambda line: None, pool=pool)
+def knockout_folder(model, probes, out: Path, executor=None) -> Path:
+    run_knockouts(model, probes, out, **GRID, log=lambda line: None, executor=executor)
     return out
 
 
@@ -132,13 +132,13 @@ def knockout_folder(model, probes, out: Path, pool=None) -> Path:
 def test_trajectory_and_knockouts_on_two_workers_equal_one_process(ray_session, tiny_model, tiny_model_dir, probes,
                                                                     tmp_path):
     with pool_for(str(tiny_model_dir)) as pool:
-        trajectory_folder(tiny_model, probes, tmp_path / "traj2", pool=pool)
-        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", pool=pool)
+        trajectory_folder(tiny_model, probes, tmp_path / "traj2", executor=pool)
+        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", executor=pool)
         assert len(set(pool.pids()) | {os.getpid()}) == 3  # two worker processes besides this one
     with threads(1):
         assert_same_folder(tmp_path / "traj2", trajectory_folder(tiny_model, probes, tmp_path / "traj1"))
         assert_same_folder(tmp_path / "knock2", knockout_folder(tiny_model, probes[:5], tmp_path / "knock1"))
-    assert len(list((tmp_path / "traj2" / "parts").glob("*/.part.json"))) == 4  # 10 probes in parts of 3
+    assert len(list((tmp_path / "traj2" / ".parts").glob("*/.part.json"))) == 4  # 10 probes in parts of 3
     assert list((tmp_path / "knock2" / ".parts").iterdir())  # hidden parts: not among the visible files
 
 
@@ -181,7 +181,7 @@ def test_run_with_two_workers_equals_run(ray_session, tiny_model, tiny_model_dir
 def test_worker_killed_mid_run_loses_nothing(ray_session, tiny_model, tiny_model_dir, probes, tmp_path):
     killed: list[int] = []
 
-    def kill_once(pool: WorkerPool, n_done: int) -> None:
+    def kill_once(pool: RayExecutor, n_done: int) -> None:
         if n_done == 2 and not killed:  # parts and probes are still queued and running
             killed.append(pool.pids()[0])
             os.kill(killed[0], signal.SIGKILL)
@@ -189,11 +189,11 @@ def test_worker_killed_mid_run_loses_nothing(ray_session, tiny_model, tiny_model
     with pool_for(str(tiny_model_dir), on_result=kill_once) as pool:
         traj = tmp_path / "traj2"
         result = resumable_trajectory(tiny_model, probes, traj, sites=("resid_post", "mlp_out"), batch_size=2,
-                                      part_size=1, progress=False, log=lambda line: None, pool=pool)
+                                      part_size=1, progress=False, log=lambda line: None, executor=pool)
         write_trajectory_outputs(result, traj, png=False)
         assert killed and killed[0] not in pool.pids()  # the worker was restarted by Ray
         killed.clear()
-        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", pool=pool)
+        knockout_folder(tiny_model, probes[:5], tmp_path / "knock2", executor=pool)
         assert killed and killed[0] not in pool.pids()
 
     want = tmp_path / "traj1"
@@ -214,7 +214,7 @@ def test_driver_killed_mid_run_resumes(ray_session, tiny_model_dir, tmp_path):
                              "--workers", "2", "--worker-threads", "1"],
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {ENV: "trajectory.part"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert len(list((tmp_path / "two" / "parts").glob("*/.part.json"))) == 1
+    assert len(list((tmp_path / "two" / ".parts").glob("*/.part.json"))) == 1
     log = run_here([*args, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
     assert log.count(": reusing trajectory-") == 1  # the part that finished first (any of the three)
     with threads(1):
@@ -233,10 +233,10 @@ def test_embedded_model_on_two_workers_equals_one_process(ray_session, embedded_
 
     probes = list(load_probes("idioms"))[:6] + list(load_probes("text"))[:2]  # parts of 3: three parts
     with pool_for("gemma-3-270m") as pool:
-        trajectory_folder(embedded_model, probes, tmp_path / "traj2", pool=pool)
+        trajectory_folder(embedded_model, probes, tmp_path / "traj2", executor=pool)
         run_knockouts(embedded_model, probes[:2], tmp_path / "knock2", ks=(10,), windows=(1,), modes=("zero_top",),
                       keep_top_ks=None, keep_top_windows=None, value_vector_ks=(), skip=False, png=False,
-                      log=lambda line: None, pool=pool)
+                      log=lambda line: None, executor=pool)
     with threads(1):
         assert_same_folder(tmp_path / "traj2", trajectory_folder(embedded_model, probes, tmp_path / "traj1"))
         run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", ks=(10,), windows=(1,), modes=("zero_top",),

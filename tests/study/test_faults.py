@@ -26,7 +26,8 @@ import pytest
 import idiom_lens.cli as cli
 import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
-from idiom_lens.study.stages import NOT_IN_KEY, run_attribution, run_knockouts, run_patching, run_stage, stage_key
+from idiom_lens.study.parts import NOT_IN_KEY, run_stage, stage_key
+from idiom_lens.study.stages import run_attribution, run_knockouts, run_patching
 from folders import comparable, result_files  # tests/folders.py
 
 # Under pytest-xdist (`make test`) on one worker: the reference run below is made once.
@@ -138,7 +139,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(point, stage, reference, ti
     if stage is not None:  # killed inside the stage: it has outputs but no marker
         assert result_files(model_out / stage) and not (model_out / stage / ".stage.json").exists()
     if point == "trajectory.part":
-        assert len(list((model_out / "trajectory" / "parts").glob("*/.part.json"))) == 1
+        assert len(list((model_out / "trajectory" / ".parts").glob("*/.part.json"))) == 1
 
     log = run_here(args)
     assert_same_results(out, reference, tiny_model_dir.name)
@@ -179,7 +180,7 @@ def _flip_byte(path: Path) -> None:
 def test_damaged_file_is_recomputed(target, damage, stages, n_parts, why, finished, reference, tiny_model_dir):
     model_out = finished / tiny_model_dir.name
     if target.startswith("PART/"):  # in one of the trajectory parts
-        part = sorted((model_out / "trajectory" / "parts").iterdir())[0]
+        part = sorted((model_out / "trajectory" / ".parts").iterdir())[0]
         path = part / target.removeprefix("PART/")
     else:
         path = model_out / target

@@ -25,7 +25,7 @@ def test_rerun_reuses_finished_parts(tiny_model, probes, tmp_path, monkeypatch):
     first = resumable_trajectory(tiny_model, probes, tmp_path, sites=["resid_post"], part_size=4,
                                  progress=False, log=lambda m: None)
     assert calls == [4, 4, 2]
-    parts = sorted((tmp_path / "parts").iterdir())
+    parts = sorted((tmp_path / ".parts").iterdir())
     # interrupt: one part lost one of its files (its marker no longer verifies)
     (parts[1] / "trajectory_memorization.parquet").unlink()
     second = resumable_trajectory(tiny_model, probes, tmp_path, sites=["resid_post"], part_size=4,
@@ -65,7 +65,8 @@ def test_damaged_part_is_recomputed(name, damage, why, tiny_model, probes, tmp_p
     monkeypatch.setattr(stages, "layer_trajectory", counting)
     kw = dict(sites=["resid_post"], part_size=4, progress=False)
     first = resumable_trajectory(tiny_model, probes, tmp_path, log=lambda m: None, **kw)
-    damage(tmp_path / "parts" / stages.part_name(tiny_model, probes[4:8], kw["sites"]) / name)
+    sweep = stages.trajectory_sweep(tiny_model, sites=kw["sites"], lens=None, batch_size=16)
+    damage(sweep.parts(tiny_model, probes[4:8], tmp_path / ".parts", size=4)[0].folder / name)
     logs: list[str] = []
     second = resumable_trajectory(tiny_model, probes, tmp_path, log=logs.append, **kw)
     assert calls[3:] == [[p.id for p in probes[4:8]]]  # only the damaged part

@@ -347,21 +347,6 @@ class TracingResult(ProbeRowsResult):
 
     default_name: ClassVar[str] = "tracing"
 
-    @classmethod
-    def concat(cls, parts: Sequence["TracingResult"]) -> "TracingResult":
-        """Parts of one run (same settings but the probes) as one result, in the parts' order."""
-        if not parts:
-            raise InputError("no tracing parts to join")
-        varying = ("n_probes", "seconds")
-        first = {k: v for k, v in parts[0].settings.items() if k not in varying}
-        for part in parts[1:]:
-            if {k: v for k, v in part.settings.items() if k not in varying} != first:
-                raise InputError("tracing parts were run with different settings; they cannot be joined")
-        settings = parts[0].settings | {"n_probes": sum(p.settings["n_probes"] for p in parts),
-                                        "seconds": round(sum(p.settings["seconds"] for p in parts), 2)}
-        return cls(rows=pd.concat([p.rows for p in parts], ignore_index=True),
-                   probes=pd.concat([p.probes for p in parts], ignore_index=True), settings=settings)
-
     def summary(self, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """Average indirect effect per set, site, window, layer and position class (positions of a
         class averaged within a probe first), with a 95% percentile-bootstrap interval over probes."""

@@ -1,22 +1,21 @@
-"""Sweeps across workers on Ray: the same results from 1 or N workers, resumable, fault tolerant.
+"""Where a sweep's parts run: in this process (`LocalExecutor`) or on Ray workers (`RayExecutor`).
 
-Optional: `pip install idiom-lens[distributed]` installs Ray. Without it (or with one worker)
-every sweep runs in this process, as it always did; `WorkerOptions(workers=2)` then fails at once
-with an `InputError` saying what to install.
+Both take the parts `study.parts.run_parts` hands them and give back each part's pieces as soon
+as they are in; `run_parts` writes and marks the part. So the same folder comes out of either,
+and the merged result is the single-process one, row for row.
 
-- A `WorkerPool` starts N Ray actors (`ray.init` for a local Ray, or `address=` an existing
+Ray is optional: `pip install idiom-lens[distributed]`. Without it (or with one worker) every
+sweep runs in this process; `WorkerOptions(workers=2)` then fails at once with an `InputError`
+saying what to install.
+
+- A `RayExecutor` starts N Ray actors (`ray.init` for a local Ray, or `address=` an existing
   cluster). Each actor loads the model once (`idiom_lens.models.loading.load_model`, the same
   spec, device and numerics as the driver's model), pins its torch threads and, on GPUs, is
   given its own device(s) by Ray (`num_gpus`); a model larger than one GPU combines with
   `n_devices` inside the actor.
-- `run_parts` runs a sweep whose probes are cut into resumable parts, each a fingerprinted
-  folder finished by a completion marker (`idiom_lens.io.write_marker`), the mechanism the
-  single-process stages use. Finished, intact parts are reused; the others are cut into units
-  (a unit is the smallest piece whose result does not depend on what else is in the call: a
-  whole trajectory part, whose forward batches are sorted by length, or one probe of a
-  per-probe intervention), the units go to the workers, and the driver merges each part's units
-  in probe order, writes the part atomically and marks it finished. So the merged result is the
-  single-process one, row for row, and the same folder comes out.
+- A part goes to the workers in units: one probe each for an analysis that treats every probe
+  on its own (`Sweep.per_probe`), else the whole part (the trajectory, whose forward batches
+  are sorted by length within the call).
 - Faults: the actors are restarted by Ray when their process dies (`max_restarts`) and their
   calls retried (`max_task_retries`); a unit whose actor is gone for good is resubmitted here.
   Units write nothing, so a retried unit recomputes only itself; a killed driver leaves the
@@ -31,14 +30,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 
 from idiom_lens.errors import FastPathError, InputError
 
+if TYPE_CHECKING:
+    from idiom_lens.models.loading import LoadedModel
+    from idiom_lens.study.parts import Sweep
+
 INSTALL_HINT = "pip install idiom-lens[distributed]"
-# Ray's object store for the local cluster `WorkerPool` starts: results travel through it, and
+# Ray's object store for the local cluster a `RayExecutor` starts: results travel through it, and
 # they are small (tables of a few probes), so a small store keeps the memory for the models.
 OBJECT_STORE_BYTES = 512 * 2**20
 MAX_RESTARTS = 3  # per actor: a worker killed more often than this in one run is a real fault
@@ -121,14 +124,53 @@ class ModelRecipe:
                           progress=False)
 
 
+OnPart = Callable[[int, Sequence[Any]], None]  # (part index, the part's pieces in probe order)
+
+
+class Executor(Protocol):
+    """Runs the unfinished parts of a sweep: `run(sweep, todo, on_part)` with `todo` the
+    (part index, probes) pairs, calling `on_part(i, pieces)` once per part as soon as all its
+    pieces are in (in any order of parts)."""
+
+    distributed: bool
+    n_workers: int
+
+    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """This process: each part in one call on `model` (with the analysis' own progress bar)."""
+
+    model: "LoadedModel"
+    progress: bool = True
+    distributed: bool = False
+    n_workers: int = 1
+
+    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None:
+        for i, probes in todo:
+            on_part(i, [sweep.call(self.model, list(probes), progress=self.progress)])
+
+
+def open_executor(model: "LoadedModel", options: WorkerOptions, *, device: str = "cpu", n_devices: int | None = None,
+                  log: Callable[[str], None] = print) -> Any:
+    """A context manager giving the executor of `options` for `model`: this process, or Ray
+    workers that each load the model from the same spec and device (stopped on exit)."""
+    import contextlib
+
+    if not options.distributed:
+        return contextlib.nullcontext(LocalExecutor(model))
+    return RayExecutor(ModelRecipe(spec=model.spec, device=device, n_devices=n_devices), options, log=log)
+
+
 @dataclass(frozen=True)
 class Unit:
-    """One piece of work for a worker: `fn(model in mode, probes, **kwargs)`; `fn` must be a
-    module-level function of an importable module (it is pickled by reference)."""
+    """One piece of work for a worker: `call(model in mode, probes)`; `call` must be a
+    module-level function of an importable module, or a `functools.partial` of one (it is
+    pickled by reference)."""
 
-    fn: Callable[..., Any]
+    call: Callable[..., Any]
     probes: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
     mode: str = "raw"
 
 
@@ -152,7 +194,7 @@ class _Worker:
 
     def run(self, unit: Unit) -> Any:
         self.load(unit.mode)
-        return unit.fn(self.models[unit.mode], list(unit.probes), **unit.kwargs)
+        return unit.call(self.models[unit.mode], list(unit.probes))
 
     def memory(self) -> int:
         """Resident set size of this worker, in bytes (Linux)."""
@@ -163,18 +205,19 @@ class _Worker:
         return 0
 
 
-class WorkerPool:
-    """N Ray actors holding the model; `map` runs units on them in any order and returns the
-    results in the units' order. Use as a context manager: a local Ray it started is stopped.
+class RayExecutor:
+    """N Ray actors holding the model; `run` runs a sweep's parts on them (one probe or one
+    part per unit, see the module docstring), `map` any units, in any order, results in the
+    units' order. Use as a context manager: a local Ray it started is stopped.
 
     `on_result(pool, n_done)` is called in the driver after each finished unit (progress
     monitors and the fault tests use it)."""
 
     def __init__(self, recipe: ModelRecipe, options: WorkerOptions, *,
-                 on_result: Callable[["WorkerPool", int], None] | None = None,
+                 on_result: Callable[["RayExecutor", int], None] | None = None,
                  log: Callable[[str], None] = print) -> None:
         if not options.distributed:
-            raise InputError("a WorkerPool needs more than one worker or a Ray address")
+            raise InputError("a RayExecutor needs more than one worker or a Ray address")
         self.recipe = recipe
         self.options = options
         self.on_result = on_result
@@ -182,9 +225,15 @@ class WorkerPool:
         self.actors: list[Any] = []
         self._started_ray = False
 
+    distributed = True
+
+    @property
+    def n_workers(self) -> int:
+        return self.options.n_workers
+
     # -- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> "RayExecutor":
         return self  # started by the first `map`: a run that only reuses finished parts starts no Ray
 
     def __exit__(self, *exc: Any) -> None:
@@ -299,153 +348,31 @@ class WorkerPool:
             submit()
         return results
 
+    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None:
+        """The parts' units on the workers, `on_part` for each part as its last unit comes in."""
+        from functools import partial
 
-# --------------------------------------------------------------------------------------
-# Resumable parts across workers
-# --------------------------------------------------------------------------------------
+        from tqdm.auto import tqdm
 
+        call = partial(sweep.call, progress=False)
+        units: list[Unit] = []
+        owner: list[int] = []  # unit -> part
+        pieces: dict[int, list[int]] = {}  # part -> its units
+        for i, probes in todo:
+            pieces[i] = []
+            for unit_probes in ([(p,) for p in probes] if sweep.per_probe else [tuple(probes)]):
+                pieces[i].append(len(units))
+                owner.append(i)
+                units.append(Unit(call, tuple(unit_probes)))
+        self.start()  # before the bar: its log line, the workers' model loading
+        done: dict[int, Any] = {}
 
-@dataclass(frozen=True)
-class Part:
-    """A resumable part of a sweep: its probes, folder and key (what determines its files)."""
+        def finished(u: int, result: Any) -> None:
+            done[u] = result
+            i = owner[u]
+            if all(v in done for v in pieces[i]):
+                on_part(i, [done.pop(v) for v in pieces[i]])
 
-    probes: tuple[Any, ...]
-    folder: Path
-    key: dict[str, Any]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PartsPlan:
-    """How a sweep's parts are computed, merged, written and read back.
-
-    `units(part)` cuts a part's probes into units (their results joined by `merge` equal one
-    call on the whole part); `save(result, folder)` writes a part; `load(folder)` reads it."""
-
-    label: str  # in log lines: "part", "tracing part", ...
-    fn: Callable[..., Any]
-    kwargs: dict[str, Any]
-    mode: str = "raw"
-    units: Callable[[Part], list[tuple[Any, ...]]]
-    merge: Callable[[list[Any]], Any]
-    save: Callable[[Any, Path], Any]
-    load: Callable[[Path], Any]
-    fault_point: str | None = None
-
-
-def per_probe(part: Part) -> list[tuple[Any, ...]]:
-    """Units of one probe each: for analyses that treat every probe on its own."""
-    return [(p,) for p in part.probes]
-
-
-def whole_part(part: Part) -> list[tuple[Any, ...]]:
-    """One unit per part: for analyses whose batches depend on the call's probes (trajectory)."""
-    return [tuple(part.probes)]
-
-
-def run_parts(pool: WorkerPool, parts: Sequence[Part], plan: PartsPlan, *, desc: str,
-              log: Callable[[str], None] = print) -> list[Any]:
-    """Every part's result, in order: finished, intact parts loaded, the others computed on the
-    pool and written (files, then the marker) as soon as their last unit is in."""
-    from tqdm.auto import tqdm
-
-    from idiom_lens.faults import maybe_fail
-    from idiom_lens.io import check_marker, write_marker
-
-    n_parts = len(parts)
-    results: list[Any] = [None] * n_parts
-    units: list[Unit] = []
-    owner: list[int] = []  # unit -> part
-    todo: dict[int, list[int]] = {}  # part -> its units
-    for i, part in enumerate(parts):
-        marker = part.folder / PART_MARKER
-        reason = check_marker(marker, part.key)
-        if reason is None:
-            log(f"  {plan.label} {i + 1}/{n_parts}: reusing {part.folder.name}")
-            results[i] = plan.load(part.folder)
-            continue
-        if part.folder.exists():
-            log(f"  {plan.label} {i + 1}/{n_parts}: recomputing {part.folder.name}, {reason}")
-        clear(part.folder, marker)
-        todo[i] = []
-        for probes in plan.units(part):
-            todo[i].append(len(units))
-            owner.append(i)
-            units.append(Unit(plan.fn, tuple(probes), plan.kwargs, plan.mode))
-    if not units:
-        return results
-    pool.start()  # before the bar and the clock: its log line, the workers' model loading
-    unit_results: dict[int, Any] = {}
-    started = time.perf_counter()
-
-    def finished(u: int, result: Any) -> None:
-        unit_results[u] = result
-        i = owner[u]
-        if all(v in unit_results for v in todo[i]):
-            part = parts[i]
-            merged = plan.merge([unit_results.pop(v) for v in todo[i]])
-            plan.save(merged, part.folder)
-            write_marker(part.folder / PART_MARKER, part.key)  # last: the part is finished only now
-            if plan.fault_point:
-                maybe_fail(plan.fault_point)
-            bar.write(f"  {plan.label} {i + 1}/{n_parts}: {len(part.probes)} probes in "
-                      f"{time.perf_counter() - started:.1f} s of the sweep")
-            results[i] = merged
-
-    n_total = sum(len(p.probes) for p in parts)
-    with tqdm(total=n_total, initial=n_total - sum(len(u.probes) for u in units), desc=desc, unit="probe",
-              smoothing=0.1) as bar:
-        pool.map(units, on_unit=finished, progress=bar)
-    return results
-
-
-PART_MARKER = ".part.json"
-
-
-def clear(folder: Path, marker: Path) -> None:
-    """Empty a part's folder before (re)computing it: the marker first, then everything else."""
-    import shutil
-
-    marker.unlink(missing_ok=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-# --------------------------------------------------------------------------------------
-# Merging results of units computed apart
-# --------------------------------------------------------------------------------------
-
-
-def _concat(frames: Sequence[Any]) -> Any:
-    """Frames in order; empty ones left out (their all-object columns would change dtypes)
-    unless every one is empty."""
-    import pandas as pd
-
-    kept = [f for f in frames if len(f)] or list(frames[:1])
-    return pd.concat(kept, ignore_index=True)
-
-
-COUNTS = ("n_probes", "n_pairs", "n_skipped")
-
-
-def merged_settings(parts: Sequence[Any]) -> dict[str, Any]:
-    """The first unit's settings (its first probe is the whole call's first probe, which is all
-    a call's settings depend on besides its counts), counts summed, seconds summed."""
-    settings = dict(parts[0].settings)
-    for name in COUNTS:
-        if name in settings:
-            settings[name] = sum(int(p.settings[name]) for p in parts)
-    if "seconds" in settings:
-        settings["seconds"] = round(sum(float(p.settings["seconds"]) for p in parts), 2)
-    return settings
-
-
-def merge_probe_rows(parts: Sequence[Any]) -> Any:
-    """Knockouts, layer skipping, attention knockout, causal tracing (`ProbeRowsResult`s)."""
-    return type(parts[0])(rows=_concat([p.rows for p in parts]), probes=_concat([p.probes for p in parts]),
-                          settings=merged_settings(parts))
-
-
-def merge_patching(parts: Sequence[Any]) -> Any:
-    """Activation patching (exact or attribution): rows, pairs and skipped probes in order."""
-    return type(parts[0])(rows=_concat([p.rows for p in parts]), pairs=_concat([p.pairs for p in parts]),
-                          skipped=_concat([p.skipped for p in parts]), settings=merged_settings(parts))
+        with tqdm(total=sum(len(u.probes) for u in units), desc=sweep.name, unit="probe",
+                  smoothing=0.1) as bar:
+            self.map(units, on_unit=finished, progress=bar)
