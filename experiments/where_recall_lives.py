@@ -93,7 +93,7 @@ def _draw(out: Path, *, png: bool) -> None:
     from idiom_lens.analyses.recall import recall_profile
     import json
 
-    from idiom_lens.io import write_parquet, write_text
+    from idiom_lens.io import write_text
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.recall import where_recall_lives
     from idiom_lens.study.stages import markdown_table
@@ -101,7 +101,7 @@ def _draw(out: Path, *, png: bool) -> None:
     profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"), tracing=TracingResult.load(out / "tracing"),
                              attention=AttentionKnockoutResult.load(out / "attention_knockout"),
                              attribution=AttributionResult.load(out / "attribution"))
-    write_parquet(out / "recall_profile.parquet", profile.to_dataframe())
+    profile.save(out)
     write_text(out / "recall_peaks.md", markdown_table(profile.peaks()) + "\n")
     model_name = json.loads((out / "settings.json").read_text())["model"]["model_name"]
     save_figure(where_recall_lives(profile, title=f"Where recall lives, {model_name}"), out / "where_recall_lives",

@@ -9,30 +9,47 @@ lenses say is the finding: the summary states, per lens, whether "promoted earli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Self
 
 import numpy as np
 import pandas as pd
 
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
+from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.analyses.trajectory import TrajectoryResult
 from idiom_lens.errors import InputError
 
 
 @dataclass(frozen=True)
-class LensComparison:
-    """Phases per lens (`phases[lens]`), their side-by-side table and the held-out KL per layer."""
+class LensComparison(Saved):
+    """Phases per lens (`phases[lens]`), their side-by-side table and the held-out KL per layer.
 
-    phases: dict[str, PhaseAnalysis]
+    Saved as lens_promotion/lens_tests/lens_boundaries(/lens_heldout_kl).parquet and
+    lens.result.json; each lens's `PhaseAnalysis` is saved with its own trajectory, so a loaded
+    comparison has no `phases`."""
+
     promotion: pd.DataFrame  # lens, group, n, mean_promotion_layer, low, high, median_promotion_layer
     tests: pd.DataFrame  # lens, control, group, versus, mean_diff, mean_diff_low, mean_diff_high, p_value, significant
     boundaries: pd.DataFrame  # lens, boundary_layer, boundary_depth, holds, holds_confidence_matched
     heldout_kl: pd.DataFrame | None = None  # lens, layer, kl, low, high, n_tokens (from the lens cache)
+    phases: dict[str, PhaseAnalysis] = field(default_factory=dict)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.promotion.merge(self.boundaries, on="lens")
+
+    default_name: ClassVar[str] = "lens"
+    settings: ClassVar[dict[str, Any]] = {}  # each lens's settings are in its trajectory
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        tables = {"promotion": self.promotion, "tests": self.tests, "boundaries": self.boundaries}
+        return tables | ({} if self.heldout_kl is None else {"heldout_kl": self.heldout_kl})
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> Self:
+        return cls(promotion=saved.tables["promotion"], tests=saved.tables["tests"],
+                   boundaries=saved.tables["boundaries"], heldout_kl=saved.tables.get("heldout_kl"))
 
     def summary_text(self) -> str:
         lines = []
@@ -84,4 +101,9 @@ def compare_lenses(
         columns=["lens", "control", "group", "versus", "mean_diff", "mean_diff_low", "mean_diff_high", "p_value",
                  "significant"])
     return LensComparison(phases=phases, promotion=pd.DataFrame(promotion), tests=test_frame,
-                          boundaries=pd.DataFrame(boundaries, dtype=object), heldout_kl=heldout_kl)
+                          boundaries=pd.DataFrame(boundaries).astype(BOUNDARY_TYPES), heldout_kl=heldout_kl)
+
+
+# Missing values allowed: no boundary (no memorized idiom stays top-1), no matched comparison.
+BOUNDARY_TYPES = {"boundary_layer": "Int64", "boundary_depth": "float64", "holds": "bool",
+                  "holds_confidence_matched": "boolean"}

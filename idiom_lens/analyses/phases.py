@@ -23,8 +23,8 @@ are more confident at the end, and confident predictions may settle earlier for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,7 @@ from jaxtyping import Int
 
 from idiom_lens.groups import GROUPS, ordered
 from idiom_lens.metrics import TRAJECTORY_METRICS
+from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci, compare_samples, match_nearest
 from idiom_lens.analyses.trajectory import TrajectoryResult
 
@@ -74,7 +75,7 @@ def relative_depth(layer: int | None, n_layers: int) -> float | None:
 
 
 @dataclass(frozen=True)
-class PhaseAnalysis:
+class PhaseAnalysis(Saved):
     """Per-probe phase measures, per-set curves with 95% bands, the model's boundary and the tests.
 
     `holds`: memorized idioms are promoted significantly earlier (permutation p < `alpha`, mean
@@ -103,6 +104,30 @@ class PhaseAnalysis:
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.group_table()
+
+    # Saved as phases_per_probe.parquet, phases_curves.parquet, phases_<table>.parquet for each
+    # optional table present, and phases.result.json with the scalars.
+    default_name: ClassVar[str] = "phases"
+    OPTIONAL_TABLES: ClassVar[tuple[str, ...]] = ("promotion_tests", "boundary_sensitivity", "matching",
+                                                  "matched_pairs")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the phases were computed with (the rest is in the trajectory's settings)."""
+        return {"lens": self.lens, "alpha": self.alpha, "caliper": self.caliper, "top1_share": self.top1_share}
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        tables = {"per_probe": self.probes, "curves": self.curves}
+        return tables | {name: getattr(self, name) for name in self.OPTIONAL_TABLES if getattr(self, name) is not None}
+
+    def saved_meta(self) -> dict[str, Any]:
+        scalars = {f.name for f in fields(self)} - {"probes", "curves", *self.OPTIONAL_TABLES}
+        return {name: getattr(self, name) for name in sorted(scalars)}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> Self:
+        optional = {name: saved.tables.get(name) for name in cls.OPTIONAL_TABLES}
+        return cls(probes=saved.tables["per_probe"], curves=saved.tables["curves"], **optional, **saved.meta)
 
     def group_table(self) -> pd.DataFrame:
         """One row per set: size, median/mean promotion layer, top-10 entry, confidence gain."""

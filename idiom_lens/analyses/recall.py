@@ -19,10 +19,11 @@ Measures (`MEASURES`), each per set and layer with n and a 95% interval:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Self, Sequence
 
 import pandas as pd
 
+from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.errors import InputError
 from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
 
@@ -32,14 +33,28 @@ COLUMNS = ["measure", "group", "layer", "n", "value", "lo", "hi"]
 
 
 @dataclass(frozen=True)
-class RecallProfile:
-    """Per-layer effects of each measure per set (`COLUMNS`), and what each was computed with."""
+class RecallProfile(Saved):
+    """Per-layer effects of each measure per set (`COLUMNS`), and what each was computed with.
+    Saved as recall_profile.parquet, recall_peaks.parquet (`peaks()`, for readers) and
+    recall.result.json."""
 
     frame: pd.DataFrame
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.frame.copy()
+
+    default_name: ClassVar[str] = "recall"
+
+    def saved_tables(self) -> dict[str, pd.DataFrame]:
+        return {"profile": self.frame}
+
+    def derived_tables(self) -> dict[str, pd.DataFrame]:
+        return {"peaks": self.peaks()}
+
+    @classmethod
+    def from_saved(cls, saved: SavedTables) -> Self:
+        return cls(frame=saved.tables["profile"], settings=saved.settings)
 
     def peaks(self) -> pd.DataFrame:
         """Per measure and set: the layer of the largest value, the value with its interval, n."""

@@ -1,36 +1,19 @@
-"""Compare models on a normalized depth axis (layer position / number of layers).
+"""Compare the models of a results folder on a normalized depth axis (layer position / number of layers).
 
 Reads what `idiom-lens run` wrote for each model under one results directory (never
 recomputing): memorized fractions, the phase boundary and promotion depths, and where
-attribution concentrates. Depth of layer l (0-based) of an L-layer model is (l + 1) / L, so
-the last layer is 1.0 for every model.
+attribution concentrates (`analyses.model_comparison.ModelComparison`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from idiom_lens.analyses.model_comparison import ModelComparison
 from idiom_lens.errors import InputError
-from idiom_lens.plots.style import add_band, group_color
-
-_DASHES = ("solid", "dash", "dot", "dashdot")
-
-
-@dataclass(frozen=True)
-class ModelComparison:
-    """One row per model (`table`) and per-layer curves on normalized depth (`curves`)."""
-
-    table: pd.DataFrame
-    curves: pd.DataFrame  # model, group, layer, depth, metric, mean, low, high, n
-
-    def to_dataframe(self) -> pd.DataFrame:
-        return self.table
 
 
 def compare_models(results_dir: str | Path) -> ModelComparison:
@@ -47,8 +30,8 @@ def compare_models(results_dir: str | Path) -> ModelComparison:
         summary = trajectory.summary
         n_layers = int(summary["settings"]["n_layers"])
         memo = pd.DataFrame(summary["memorization"])
-        per_probe = trajectory.table("phases_per_probe")
-        boundary = summary["phases"]["boundary_layer"]
+        phases = model.phases()
+        per_probe, boundary = phases.probes, phases.boundary_layer
         row = {"model": model.name, "n_layers": n_layers}
         for kind in ("idiom", "fact", "text"):
             for subset in ("all", "hard_to_guess"):
@@ -67,51 +50,22 @@ def compare_models(results_dir: str | Path) -> ModelComparison:
                     row["attr_mlp_share_memorized"] = share["mlp_share"]
                     row["attr_half_built_depth_memorized"] = (share["half_built_at_layer"] + 1) / n_layers
         rows.append(row)
-        c = trajectory.table("phases_curves")
+        c = phases.curves
         curves.append(c.assign(model=model.name, depth=(c["layer"] + 1) / n_layers))
     return ModelComparison(table=pd.DataFrame(rows), curves=pd.concat(curves, ignore_index=True))
 
 
-def depth_figure(
-    comparison: ModelComparison,
-    *,
-    groups: tuple[str, ...] = ("memorized idioms", "non-memorized idioms", "ordinary text"),
-) -> go.Figure:
-    """Top-1 share and probability of the predicted token vs normalized depth, per model and set."""
-    fig = make_subplots(
-        rows=1, cols=2, horizontal_spacing=0.08,
-        subplot_titles=("share of probes whose final prediction is top-1", "probability of the predicted token"),
-    )
-    for m, model in enumerate(dict.fromkeys(comparison.curves["model"])):
-        for group in groups:
-            for col, metric in ((1, "pred_top1"), (2, "pred_prob")):
-                sel = comparison.curves[
-                    (comparison.curves["model"] == model) & (comparison.curves["group"] == group)
-                    & (comparison.curves["metric"] == metric)
-                ].sort_values("depth")
-                if sel.empty:
-                    continue
-                add_band(fig, sel["depth"], sel["mean"], sel["low"], sel["high"], color=group_color(group),
-                         name=f"{model}: {group}", row=1, col=col, show_legend=col == 1)
-                fig.data[-1].line.dash = _DASHES[m % len(_DASHES)]
-    fig.update_xaxes(title_text="depth (layer + 1) / n_layers", range=[0, 1.02])
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_layout(template="plotly_white", width=1300, height=520,
-                      title="Models compared on normalized depth (mean, 95% bootstrap bands)",
-                      legend={"orientation": "h", "y": -0.25})
-    return fig
-
-
 def write_comparison(results_dir: str | Path, *, png: bool = True) -> list[Path]:
     """Write the comparison stage of a results folder (table as parquet + Markdown, figure, summary)."""
-    from idiom_lens.io import write_json, write_parquet, write_text
+    from idiom_lens.io import write_json, write_text
     from idiom_lens.plots import save_figure
+    from idiom_lens.plots.compare import depth_figure
     from idiom_lens.study.layout import StudyFolder
     from idiom_lens.study.stages import markdown_table
 
     comparison = compare_models(results_dir)
     out = StudyFolder.open(results_dir).comparison_path
-    files = [write_parquet(out / "comparison.parquet", comparison.table)]
+    files = comparison.save(out)
     by_measure = comparison.table.set_index("model").T.reset_index().rename(columns={"index": "measure"})
     files.append(write_text(out / "comparison.md", "# Models compared\n\n" + markdown_table(by_measure) + "\n"))
     files.append(write_json(out / "summary.json", {"models": comparison.table.to_dict("records")}))

@@ -25,11 +25,22 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from idiom_lens.errors import InputError
+
+if TYPE_CHECKING:  # the loaders import lazily: opening a folder stays cheap
+    from idiom_lens.analyses.attribution import AttributionResult
+    from idiom_lens.analyses.interventions import KnockoutResult, PatchingResult, SkipResult
+    from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+    from idiom_lens.analyses.interventions.tracing import TracingResult
+    from idiom_lens.analyses.lens_comparison import LensComparison
+    from idiom_lens.analyses.memorization import MemorizationResult
+    from idiom_lens.analyses.phases import PhaseAnalysis
+    from idiom_lens.analyses.recall import RecallProfile
+    from idiom_lens.analyses.trajectory import TrajectoryResult
 
 FORMAT = 4  # bump when a stage's files change meaning; stage keys include it, so stages are redone
 STUDY_FILE = "study.json"
@@ -47,22 +58,6 @@ ATTENTION_KNOCKOUT = "attention_knockout"
 RECALL = "recall"
 COMPARISON = "comparison"
 STAGES = (TRAJECTORY, LENSES, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
-
-# The tables each stage writes beside its summary, by name (file = <name>.parquet).
-TABLES: dict[str, tuple[str, ...]] = {
-    TRAJECTORY: ("memorization_summary", "phases_per_probe", "phases_curves", "phases_promotion_tests",
-                 "phases_boundary_sensitivity", "phases_matching", "phases_matched_pairs"),
-    LENSES: ("lens_promotion", "lens_tests", "lens_boundaries", "lens_heldout_kl"),
-    ATTRIBUTION: ("layer_stats_logit", "layer_stats_logit_diff", "cumulative_share_logit",
-                  "cumulative_share_logit_diff"),
-    INTERVENTIONS: ("knockout_layers", "value_vectors", "value_vectors_summary"),
-    PATCHING: (),
-    TRACING: (),
-    ATTENTION_KNOCKOUT: (),
-    RECALL: ("recall_profile", "recall_peaks"),
-    COMPARISON: ("comparison",),
-}
-
 
 def _regenerate(root: Path) -> str:
     return (f"regenerate it: remove it or choose another folder, then `idiom-lens run --out {root}` "
@@ -84,7 +79,8 @@ class Stage:
     figures: tuple[Path, ...]
 
     def table(self, name: str) -> pd.DataFrame:
-        """A table the stage wrote (`TABLES`), e.g. `stage.table("phases_per_probe")`."""
+        """A table the stage wrote beside its summary, by file stem, e.g. `stage.table("knockout_layers")`
+        (results and derived analyses load through `ModelFolder`'s typed loaders instead)."""
         path = self.path / f"{name}.parquet"
         if not path.is_file():
             raise InputError(f"{self.name} stage in {str(self.path)!r} has no table {name!r}")
@@ -162,14 +158,14 @@ class ModelFolder:
                              f"{_regenerate(self.path.parent)}")
         return self.stage_path(stage)
 
-    def trajectory(self) -> Any:
+    def trajectory(self) -> TrajectoryResult:
         """The `TrajectoryResult` (memorization included) with its settings."""
         from idiom_lens.analyses.trajectory import load_trajectory
 
         path = self._need(TRAJECTORY)
         return load_trajectory(path, settings=_read_json(path / SUMMARY_FILE).get("settings"))
 
-    def lens_trajectory(self, lens: str) -> Any:
+    def lens_trajectory(self, lens: str) -> TrajectoryResult:
         """The `TrajectoryResult` read through `lens` (logit, tuned, jacobian) in the lenses stage."""
         from idiom_lens.analyses.trajectory import TrajectoryResult
 
@@ -179,14 +175,38 @@ class ModelFolder:
                              f"`idiom-lens run --lens {lens}`")
         return TrajectoryResult.load(path)
 
-    def memorization(self) -> Any:
+    def phases(self) -> PhaseAnalysis:
+        """The `PhaseAnalysis` of the trajectory stage."""
+        from idiom_lens.analyses.phases import PhaseAnalysis
+
+        return PhaseAnalysis.load(self._need(TRAJECTORY))
+
+    def lens_comparison(self) -> LensComparison:
+        """The `LensComparison` of the lenses stage (each lens's phases: `lens_phases`)."""
+        from idiom_lens.analyses.lens_comparison import LensComparison
+
+        return LensComparison.load(self._need(LENSES))
+
+    def lens_phases(self, lens: str) -> PhaseAnalysis:
+        """The `PhaseAnalysis` of the trajectory read through `lens` in the lenses stage."""
+        from idiom_lens.analyses.phases import PhaseAnalysis
+
+        return PhaseAnalysis.load(self._need(LENSES) / lens)
+
+    def recall(self) -> RecallProfile:
+        """The `RecallProfile` the recall stage saved (`recall_profile()` computes it afresh)."""
+        from idiom_lens.analyses.recall import RecallProfile
+
+        return RecallProfile.load(self._need(RECALL))
+
+    def memorization(self) -> MemorizationResult:
         """The `MemorizationResult` of every probe of the study."""
         return self.trajectory().memorization
 
     def n_layers(self) -> int:
         return int(_read_json(self._need(TRAJECTORY) / SUMMARY_FILE)["settings"]["n_layers"])
 
-    def knockouts(self, *, positions: str | None = None) -> Any:
+    def knockouts(self, *, positions: str | None = None) -> KnockoutResult:
         """The `KnockoutResult` of the interventions stage (`positions`: the extra variant, if run)."""
         from idiom_lens.analyses.interventions import KnockoutResult
 
@@ -194,37 +214,37 @@ class ModelFolder:
         stem = "knockouts" if positions is None else f"knockouts_{positions}"
         return KnockoutResult.load(path, name=stem)
 
-    def skipping(self) -> Any:
+    def skipping(self) -> SkipResult:
         """The `SkipResult` of the interventions stage."""
         from idiom_lens.analyses.interventions import SkipResult
 
         return SkipResult.load(self._need(INTERVENTIONS))
 
-    def patching(self) -> Any:
+    def patching(self) -> PatchingResult:
         """The `PatchingResult` of the patching stage."""
         from idiom_lens.analyses.interventions import PatchingResult
 
         return PatchingResult.load(self._need(PATCHING))
 
-    def tracing(self) -> Any:
+    def tracing(self) -> TracingResult:
         """The `TracingResult` of the causal-tracing stage."""
         from idiom_lens.analyses.interventions.tracing import TracingResult
 
         return TracingResult.load(self._need(TRACING))
 
-    def attention_knockout(self) -> Any:
+    def attention_knockout(self) -> AttentionKnockoutResult:
         """The `AttentionKnockoutResult` of the attention-knockout stage."""
         from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
 
         return AttentionKnockoutResult.load(self._need(ATTENTION_KNOCKOUT))
 
-    def attribution(self) -> Any:
+    def attribution(self) -> AttributionResult:
         """The `AttributionResult` of the attribution stage (compatibility mode)."""
         from idiom_lens.analyses.attribution import AttributionResult
 
         return AttributionResult.load(self._need(ATTRIBUTION))
 
-    def recall_profile(self) -> Any:
+    def recall_profile(self) -> RecallProfile:
         """`analyses.recall.recall_profile` over the finished stages among interventions,
         tracing, attention knockout and attribution (`InputError` when none is finished)."""
         from idiom_lens.analyses.recall import recall_profile

@@ -320,19 +320,22 @@ def _trajectory_text(stage: Stage) -> str:
         if not groups.empty:
             parts.append(table_html(groups, caption="Promotion layer and confidence gain per set "
                                                    "(facts beside idioms and ordinary text)"))
+    from idiom_lens.analyses.phases import PhaseAnalysis
+
+    analysis = PhaseAnalysis.load(stage.path)
     for table, caption in _PHASE_TABLES:
-        if stage.has_table(table):
-            parts.append(table_html(stage.table(table), caption=caption))
+        if getattr(analysis, table) is not None:
+            parts.append(table_html(getattr(analysis, table), caption=caption))
     return "".join(parts)
 
 
 # The phase statistics the trajectory stage writes, shown under its summary (name, caption).
 _PHASE_TABLES = (
-    ("phases_promotion_tests", "Are memorized probes promoted earlier? Permutation tests, bootstrap intervals "
+    ("promotion_tests", "Are memorized probes promoted earlier? Permutation tests, bootstrap intervals "
                                "and Cliff's delta on promotion layers"),
-    ("phases_matching", "Confidence-matched control: memorized vs non-memorized probes of the same final "
+    ("matching", "Confidence-matched control: memorized vs non-memorized probes of the same final "
                         "probability (greedy 1:1 matching within a caliper)"),
-    ("phases_boundary_sensitivity", "The boundary layer as its top-1 share threshold moves from 0.3 to 0.8"),
+    ("boundary_sensitivity", "The boundary layer as its top-1 share threshold moves from 0.3 to 0.8"),
 )
 
 
@@ -435,20 +438,21 @@ def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pat
         if path.parent == stage.path:
             parts.append(renderer.render(path))
             used.add(path)
-    kl = pd.DataFrame(s.get("heldout_kl", []))
-    if not kl.empty:
+    from idiom_lens.analyses.lens_comparison import LensComparison
+
+    comparison = LensComparison.load(stage.path)
+    kl = comparison.heldout_kl
+    if kl is not None and not kl.empty:
         wide = kl.pivot(index="layer", columns="lens", values="kl").reset_index()
         n = f"{int(kl['n_tokens'].iloc[0])} tokens, {int(kl['n_sentences'].iloc[0])} sentences"
         parts.append(table_html(wide, caption=f"Held-out KL(model output || lens read-out) per layer, nats ({n}; "
                                               "intervals in lens_heldout_kl.parquet)"))
-    for key, caption in (("boundaries", "Phase boundary and verdict per lens"),
-                         ("promotion", "Promotion layer per set and lens: mean with bootstrap 95% interval"),
-                         ("tests", "Are memorized probes promoted earlier? Permutation tests per lens "
-                                   "(difference = comparison set minus memorized, in layers)")):
-        frame = pd.DataFrame(s.get(key, []))
-        if not frame.empty:  # summary.json keeps keys sorted: the identifying columns go first again
-            first = [c for c in ("lens", "control", "group", "versus", "n") if c in frame.columns]
-            parts.append(table_html(frame[first + [c for c in frame.columns if c not in first]], caption=caption))
+    for frame, caption in ((comparison.boundaries, "Phase boundary and verdict per lens"),
+                           (comparison.promotion, "Promotion layer per set and lens: mean with bootstrap 95% interval"),
+                           (comparison.tests, "Are memorized probes promoted earlier? Permutation tests per lens "
+                                              "(difference = comparison set minus memorized, in layers)")):
+        if not frame.empty:
+            parts.append(table_html(frame, caption=caption))
     return "".join(parts), used
 
 

@@ -115,13 +115,7 @@ def write_trajectory_outputs(
     phases = analyse_phases(result)
     if result.lens_kind != "logit":
         title = f"{title} ({result.lens_kind} lens)".strip()
-    files = list(save_trajectory(result, out_dir))
-    files.append(write_parquet(out_dir / "phases_per_probe.parquet", phases.probes))
-    files.append(write_parquet(out_dir / "phases_curves.parquet", phases.curves))
-    for name in ("promotion_tests", "boundary_sensitivity", "matching", "matched_pairs"):
-        frame = getattr(phases, name)
-        if frame is not None:
-            files.append(write_parquet(out_dir / f"phases_{name}.parquet", frame))
+    files = list(save_trajectory(result, out_dir)) + phases.save(out_dir)
     memo = result.memorization.summary()
     files.append(write_parquet(out_dir / "memorization_summary.parquet", memo))
     summary = {
@@ -492,11 +486,8 @@ def run_lenses(
             kl_tables.append(table if not kl_tables else table[table["lens"] != "logit"])
     heldout = pd.concat(kl_tables, ignore_index=True) if kl_tables else None
     comparison = compare_lenses(trajectories, heldout_kl=heldout)
-    write_parquet(out / "lens_promotion.parquet", comparison.promotion)
-    write_parquet(out / "lens_tests.parquet", comparison.tests)
-    write_parquet(out / "lens_boundaries.parquet", comparison.boundaries.astype(str))
+    comparison.save(out)
     if heldout is not None:
-        write_parquet(out / "lens_heldout_kl.parquet", heldout)
         save_figure(heldout_kl_figure(comparison, title=f"{model.spec}: held-out KL to the model's output per layer"),
                     out / "heldout_kl", png=png, width=900, height=450)
     save_figure(lens_trajectories_figure(comparison, title=f"{model.spec}: the trajectory under each lens"),
@@ -524,9 +515,8 @@ def write_recall(folder: Any, *, png: bool = True) -> Any:
 
     profile = folder.recall_profile()
     out = folder.stage_path(RECALL)
-    write_parquet(out / "recall_profile.parquet", profile.to_dataframe())
+    profile.save(out)
     peaks = profile.peaks()
-    write_parquet(out / "recall_peaks.parquet", peaks)
     save_figure(where_recall_lives(profile, title=f"Where recall lives, {folder.name}"), out / "where_recall_lives",
                 png=png, width=1100, height=1160)
     write_json(out / "summary.json", {"peak_per_measure_and_set": peaks.to_dict(orient="records"),

@@ -230,3 +230,56 @@ def test_bad_names_and_unsavable_settings(small_skip, tmp_path):
     assert not list(tmp_path.iterdir())  # refused before writing anything
     value = {"t": (1, [2, (3,)]), "d": {"e": ()}, "f": np.float32(0.5), "i": np.int64(3)}
     assert decode_exact(json.loads(json.dumps(encode_exact(value)))) == value
+
+
+# --------------------------------------------------------------------------------------
+# Derived analyses, saved the same way
+# --------------------------------------------------------------------------------------
+
+
+def test_phases_and_lens_comparison_round_trip(tiny_model, probes, tmp_path):
+    from idiom_lens.analyses.lens_comparison import LensComparison, compare_lenses
+    from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
+
+    trajectory = layer_trajectory(tiny_model, probes, sites=["resid_post"])
+    phases = analyse_phases(trajectory)
+    phases.save(tmp_path / "phases")
+    back = PhaseAnalysis.load(tmp_path / "phases")
+    for f in fields(PhaseAnalysis):
+        mine, theirs = getattr(phases, f.name), getattr(back, f.name)
+        if isinstance(mine, pd.DataFrame) or isinstance(theirs, pd.DataFrame):
+            pd.testing.assert_frame_equal(theirs, mine, check_dtype=False, check_column_type=False, obj=f.name)
+        else:
+            assert theirs == mine and type(theirs) is type(mine), f.name
+    assert (tmp_path / "phases" / "phases_per_probe.parquet").is_file()
+
+    comparison = compare_lenses({"logit": trajectory, "again": trajectory})
+    comparison.save(tmp_path / "lenses")
+    loaded = LensComparison.load(tmp_path / "lenses")
+    for name in ("promotion", "tests", "boundaries"):
+        pd.testing.assert_frame_equal(getattr(loaded, name), getattr(comparison, name), obj=name)
+    assert loaded.heldout_kl is None and loaded.phases == {}
+
+
+def test_recall_profile_round_trip(tmp_path):
+    from idiom_lens.analyses.recall import RecallProfile
+
+    frame = pd.DataFrame({"measure": ["knockout"] * 2, "group": ["memorized idioms"] * 2, "layer": [0, 1],
+                          "value": [0.1, 0.3], "n": [4, 4], "lo": [0.0, 0.1], "hi": [0.2, 0.5]})
+    profile = RecallProfile(frame=frame, settings={"knockouts": {"k": 100}})
+    back = _round_trip(profile, tmp_path)
+    pd.testing.assert_frame_equal(back.frame, frame)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "recall_peaks.parquet"), profile.peaks())
+
+
+def test_parts_of_one_run_join_and_others_refuse(tiny_model, probes):
+    whole = skip_layers(tiny_model, probes[:4], windows=(1,))
+    parts = [skip_layers(tiny_model, probes[i : i + 2], windows=(1,)) for i in (0, 2)]
+    joined = SkipResult.join_parts(parts)
+    pd.testing.assert_frame_equal(joined.rows, whole.rows)
+    pd.testing.assert_frame_equal(joined.probes, whole.probes)
+    assert {k: v for k, v in joined.settings.items() if k != "seconds"} == {
+        k: v for k, v in whole.settings.items() if k != "seconds"}
+    other = skip_layers(tiny_model, probes[2:4], windows=(1, 2))
+    with pytest.raises(InputError, match=r"different settings \(.*windows"):
+        SkipResult.join_parts([parts[0], other])

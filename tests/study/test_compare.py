@@ -8,7 +8,8 @@ import pytest
 
 import idiom_lens.cli as cli
 from idiom_lens.errors import InputError
-from idiom_lens.study.compare import compare_models, depth_figure
+from idiom_lens.plots.compare import depth_figure
+from idiom_lens.study.compare import compare_models
 from idiom_lens.study.layout import FORMAT
 
 
