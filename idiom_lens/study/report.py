@@ -23,10 +23,20 @@ import pandas as pd
 
 from idiom_lens.errors import InputError
 from idiom_lens.groups import GROUPS as _GROUP_ORDER
-from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder
-from idiom_lens.study.layout import figure_stem as _stem
+from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder, figure_stem
 from idiom_lens.study.layout import natural_key as _natural_key
 from idiom_lens.io import write_text
+from idiom_lens.study.html import (
+    FigureRenderer,
+    Section,
+    esc,
+    flatten,
+    fmt,
+    kv_table,
+    record_lists,
+    slug,
+    table_html,
+)
 
 # Figures of a stage in the order the report shows them (by stem prefix); others follow, by name.
 FIGURE_ORDER: dict[str, tuple[str, ...]] = {
@@ -77,10 +87,10 @@ class ModelResults:
 
 
 def _figure_sort_key(stage: str, stage_dir: Path, path: Path) -> tuple[int, int, list[Any]]:
-    rel = str(path.relative_to(stage_dir).with_name(_stem(path)))
+    rel = str(path.relative_to(stage_dir).with_name(figure_stem(path)))
     order = FIGURE_ORDER.get(stage, ())
-    exact = [i for i, name in enumerate(order) if _stem(path) == name]
-    prefix = [i for i, name in enumerate(order) if _stem(path).startswith(name)]
+    exact = [i for i, name in enumerate(order) if figure_stem(path) == name]
+    prefix = [i for i, name in enumerate(order) if figure_stem(path).startswith(name)]
     rank = exact[0] if exact else (prefix[0] if prefix else len(order))
     return (rank, rel.count("/"), _natural_key(rel))
 
@@ -99,128 +109,6 @@ def find_results(results_dir: str | Path) -> tuple[list[ModelResults], list[Stag
         raise InputError(f"{str(results_dir)!r} holds no model with a finished trajectory (run `idiom-lens run`)")
     comparison = study.comparison()
     return models, [_in_display_order(comparison)] if comparison is not None else []
-
-
-# --------------------------------------------------------------------------------------
-# HTML pieces
-# --------------------------------------------------------------------------------------
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _slug(*parts: str) -> str:
-    return "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "–" if value != value else (f"{value:.3g}" if abs(value) < 1e-3 and value else f"{value:.3f}")
-    return str(value)
-
-
-def _cell(value: Any) -> str:
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    text = "–" if value is None else _fmt(value)
-    return f'<td class="num">{_esc(text)}</td>' if numeric else f"<td>{_esc(text)}</td>"
-
-
-def table_html(frame: pd.DataFrame, *, caption: str = "") -> str:
-    """A styled HTML table (escaped) of `frame`: numbers right-aligned, floats to 3 places."""
-    if frame.empty:
-        return '<p class="muted">(empty table)</p>'
-    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
-    rows = "".join(
-        "<tr>" + "".join(_cell(v.item() if hasattr(v, "item") else v) for v in row) + "</tr>"
-        for row in frame.itertuples(index=False)
-    )
-    cap = f'<p class="caption">{_esc(caption)}</p>' if caption else ""
-    return (f'<div class="table-wrap">{cap}<table class="data"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{rows}</tbody></table></div>")
-
-
-def _kv_table(pairs: Iterable[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in pairs)
-    return f'<div class="table-wrap"><table class="data kv">{rows}</table></div>' if rows else ""
-
-
-def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += _flatten(value, f"{name}.")
-        elif isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
-            out.append((name, ", ".join(map(str, value)) if len(value) <= 30 else f"{len(value)} values"))
-        elif not isinstance(value, list):
-            out.append((name, value))
-    return out
-
-
-def _record_lists(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, list[dict[str, Any]]]]:
-    """Lists of records (list of dicts) anywhere in `obj`, with their dotted key."""
-    out: list[tuple[str, list[dict[str, Any]]]] = []
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            out.append((name, value))
-        elif isinstance(value, dict):
-            out += _record_lists(value, f"{name}.")
-    return out
-
-
-class FigureRenderer:
-    """Turns `*.fig.json` files into `<div>`s (plotly.js is embedded once, elsewhere)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def render(self, path: Path) -> str:
-        import plotly.io as pio
-
-        try:
-            fig = pio.read_json(path)
-        except (OSError, ValueError) as err:
-            return f'<p class="warn">figure {_esc(path.name)} could not be read: {_esc(err)}</p>'
-        self.count += 1
-        title = re.split(r"<br\s*/?>", fig.layout.title.text or "")[0]
-        title = html.unescape(re.sub(r"<[^>]*>", "", title)).strip() or _stem(path).replace("_", " ")
-        height = fig.layout.height or 600
-        # The page column sets the width: figures saved for a fixed width follow the page instead.
-        fig.update_layout(width=None, autosize=True)
-        div = pio.to_html(
-            fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{self.count}",
-            default_width="100%", default_height=f"{int(height)}px", config={"responsive": True},
-        )
-        return (
-            f'<figure class="plot"><figcaption>{_esc(title[:120])} '
-            f'<span class="muted">({_esc(path.name)})</span></figcaption>{div}</figure>'
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Section:
-    anchor: str
-    title: str
-    body: str
-    children: list["_Section"] = field(default_factory=list)
-    level: int = 2
-
-    def html(self) -> str:
-        inner = "".join(c.html() for c in self.children)
-        h = f"h{min(self.level, 4)}"
-        return f'<section id="{self.anchor}"><{h}>{_esc(self.title)}</{h}>{self.body}{inner}</section>'
-
-    def toc(self) -> str:
-        sub = "".join(c.toc() for c in self.children)
-        sub = f"<ul>{sub}</ul>" if sub else ""
-        return f'<li><a href="#{self.anchor}">{_esc(self.title)}</a>{sub}</li>'
 
 
 def memorization_frame(summary: dict[str, Any]) -> pd.DataFrame:
@@ -242,7 +130,7 @@ def memorization_frame(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _datasets_section(models: list[ModelResults]) -> _Section:
+def _datasets_section(models: list[ModelResults]) -> Section:
     from idiom_lens.datasets import bundled_names, load_probes
 
     rows = []
@@ -273,10 +161,10 @@ def _datasets_section(models: list[ModelResults]) -> _Section:
     if used:
         body += "<p>Probes used in these results (per kind; <code>hard_to_guess</code> is the strict subset):</p>"
         body += table_html(pd.DataFrame(used))
-    return _Section("datasets", "Datasets and their flags", body)
+    return Section("datasets", "Datasets and their flags", body)
 
 
-def _overview_section(models: list[ModelResults]) -> _Section:
+def _overview_section(models: list[ModelResults]) -> Section:
     rows = []
     for model in models:
         traj = model.stage("trajectory")
@@ -302,7 +190,7 @@ def _overview_section(models: list[ModelResults]) -> _Section:
         "(memorized / probes, fraction). Phase boundary: first layer (0-based) from which at least half "
         "of the memorized idioms keep their prediction at top-1.</p>" + table_html(pd.DataFrame(rows))
     )
-    return _Section("overview", "Overview: memorization per model", body)
+    return Section("overview", "Overview: memorization per model", body)
 
 
 def _trajectory_text(stage: Stage) -> str:
@@ -311,10 +199,10 @@ def _trajectory_text(stage: Stage) -> str:
     if phases:
         boundary = phases.get("boundary_layer")
         parts.append(
-            f'<div class="callout"><p><strong>Phase boundary:</strong> layer {_esc(boundary)} '
-            f'of {_esc(phases.get("n_layers", "?"))} (0-based). '
-            f'<span class="muted">{_esc(phases.get("boundary_rule", ""))}</span></p>'
-            f'<p>{_esc(phases.get("summary", ""))}</p></div>'
+            f'<div class="callout"><p><strong>Phase boundary:</strong> layer {esc(boundary)} '
+            f'of {esc(phases.get("n_layers", "?"))} (0-based). '
+            f'<span class="muted">{esc(phases.get("boundary_rule", ""))}</span></p>'
+            f'<p>{esc(phases.get("summary", ""))}</p></div>'
         )
         groups = pd.DataFrame(phases.get("groups", []))
         if not groups.empty:
@@ -358,7 +246,7 @@ def _attribution_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, se
         parts.append(table_html(frame[keep] if keep else frame,
                                 caption=f"Share of the {measure} built by each component type, per set"))
     for path in stage.figures:
-        if _stem(path).startswith("layers_"):
+        if figure_stem(path).startswith("layers_"):
             parts.append(renderer.render(path))
             used.add(path)
     neurons = s.get("top_set_neurons", {})
@@ -372,14 +260,14 @@ def _attribution_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, se
                 lambda toks: " ".join(repr(t) for t in toks[:4]) if isinstance(toks, list) else toks)
         frame = frame.rename(columns={"mean_contribution": "contribution", "promoted": "promotes"})
         tables.append(table_html(frame.head(10), caption=f"Top neurons, {group}"))
-        used.update(p for p in stage.figures if _stem(p) == f"neurons_{group.replace(' ', '_')}")
+        used.update(p for p in stage.figures if figure_stem(p) == f"neurons_{group.replace(' ', '_')}")
     if tables:
         parts.append("<h4>Top neurons per set</h4><p class=\"muted\">Mean contribution to the predicted token's "
                      "logit over the set (layer, neuron), and the tokens each neuron's value vector promotes.</p>"
                      f'<div class="grid2">{"".join(tables)}</div>')
     if s.get("invariant_max_abs_error"):
         parts.append('<p class="caption">Checks (max absolute error of the decomposition):</p>'
-                     + _kv_table(_flatten(s["invariant_max_abs_error"])))
+                     + kv_table(flatten(s["invariant_max_abs_error"])))
     return "".join(parts), used
 
 
@@ -416,15 +304,15 @@ def _knockout_controls(stage: Stage) -> str:
 def _generic_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
     s = {k: v for k, v in stage.summary.items() if k not in ("files", "settings")}
     parts = []
-    for key, records in _record_lists(s):
+    for key, records in record_lists(s):
         frame = pd.DataFrame(records)
         frame = frame[[c for c in frame.columns if not frame[c].map(lambda v: isinstance(v, (list, dict))).any()]]
         parts.append(table_html(frame.head(50), caption=key.replace("_", " ")))
     # Model settings and versions are in the model's settings table: not repeated here.
-    scalars = [(k, v) for k, v in _flatten(s) if k.split(".")[-1] not in _MODEL_KEYS and ".versions." not in f".{k}"]
+    scalars = [(k, v) for k, v in flatten(s) if k.split(".")[-1] not in _MODEL_KEYS and ".versions." not in f".{k}"]
     if scalars:
         parts.append(f"<details><summary>Settings of this stage ({len(scalars)} values)</summary>"
-                     f"{_kv_table(scalars)}</details>")
+                     f"{kv_table(scalars)}</details>")
     return "".join(parts), set()
 
 
@@ -432,7 +320,7 @@ def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pat
     """The reading per lens, the side-by-side figure, held-out KL per layer, promotion per set and
     the tests; each lens's own trajectory figures stay in its subfolder (`lenses/<lens>/`)."""
     s = stage.summary
-    parts = [f'<div class="callout"><p>{_esc(line)}</p></div>' for line in [s.get("summary", "")] if line]
+    parts = [f'<div class="callout"><p>{esc(line)}</p></div>' for line in [s.get("summary", "")] if line]
     used = {p for p in stage.figures if p.parent != stage.path}
     for path in stage.figures:
         if path.parent == stage.path:
@@ -471,7 +359,7 @@ _MODEL_KEYS = {"model_spec", "model_name", "numerics_mode", "prepend_bos", "dtyp
                "d_model", "d_vocab"}
 
 
-def _settings_section(model: ModelResults, anchor: str) -> _Section:
+def _settings_section(model: ModelResults, anchor: str) -> Section:
     rows = []
     keys = ("model_spec", "model_name", "numerics_mode", "prepend_bos", "dtype", "device", "n_layers",
             "d_model", "d_vocab")  # the order of the columns
@@ -489,40 +377,40 @@ def _settings_section(model: ModelResults, anchor: str) -> _Section:
     body = (table_html(pd.DataFrame(rows), caption="Settings recorded by each stage (numerics: raw = Hugging Face "
                                                    "numerics, compat = folded norms for attribution)")
             if rows else '<p class="muted">No settings recorded.</p>')
-    return _Section(anchor, "Settings and versions", body, level=3)
+    return Section(anchor, "Settings and versions", body, level=3)
 
 
-def _stage_section(stage: Stage, anchor: str, renderer: FigureRenderer, *, level: int = 3) -> _Section:
+def _stage_section(stage: Stage, anchor: str, renderer: FigureRenderer, *, level: int = 3) -> Section:
     body, used = _STAGE_BODIES.get(stage.name, _generic_body)(stage, renderer)
     body = _knockout_controls(stage) + body
     figs = "".join(renderer.render(p) for p in stage.figures if p not in used)
     if not body and not figs:
         body = '<p class="muted">No summary or figures in this stage.</p>'
     title = STAGE_TITLES.get(stage.name, stage.name.replace("_", " ").capitalize())
-    return _Section(anchor, title, body + figs, level=level)
+    return Section(anchor, title, body + figs, level=level)
 
 
-def _model_section(model: ModelResults, renderer: FigureRenderer) -> _Section:
-    anchor = _slug("model", model.name)
+def _model_section(model: ModelResults, renderer: FigureRenderer) -> Section:
+    anchor = slug("model", model.name)
     children = []
     traj = model.stage("trajectory")
     if traj is not None and traj.summary.get("memorization"):
-        children.append(_Section(
-            _slug(anchor, "memorization"), "Memorization: idioms, facts and ordinary text",
+        children.append(Section(
+            slug(anchor, "memorization"), "Memorization: idioms, facts and ordinary text",
             table_html(memorization_frame(traj.summary),
                        caption="Greedy next token == first token of the target word; all probes and the "
                                "hard_to_guess subset"), level=3))
     for stage in model.stages:
-        children.append(_stage_section(stage, _slug(anchor, stage.name), renderer))
-    children.append(_settings_section(model, _slug(anchor, "settings")))
-    return _Section(anchor, f"Model: {model.name}", f'<p class="muted">{_esc(model.path)}</p>', children)
+        children.append(_stage_section(stage, slug(anchor, stage.name), renderer))
+    children.append(_settings_section(model, slug(anchor, "settings")))
+    return Section(anchor, f"Model: {model.name}", f'<p class="muted">{esc(model.path)}</p>', children)
 
 
 # --------------------------------------------------------------------------------------
 # Page
 # --------------------------------------------------------------------------------------
 
-def _page(title: str, sections: list[_Section], *, n_figures: int, note: str) -> str:
+def _page(title: str, sections: list[Section], *, n_figures: int, note: str) -> str:
     """The page: `templates/report.html` (style, error and status scripts) filled in."""
     from importlib.resources import files
     from string import Template
@@ -532,9 +420,9 @@ def _page(title: str, sections: list[_Section], *, n_figures: int, note: str) ->
 
     template = Template(files("idiom_lens.study").joinpath("templates/report.html").read_text(encoding="utf-8"))
     return template.substitute(
-        title=_esc(title), note=_esc(note), toc="".join(s.toc() for s in sections),
+        title=esc(title), note=esc(note), toc="".join(s.toc() for s in sections),
         content="".join(s.html() for s in sections), plotlyjs=plotly.offline.get_plotlyjs(),
-        plotly_version=_esc(plotly.__version__), n_figures=n_figures,
+        plotly_version=esc(plotly.__version__), n_figures=n_figures,
     )
 
 
@@ -562,10 +450,10 @@ def build_report(results_dir: str | Path, *, out_path: str | Path | None = None)
     sections = [_overview_section(models), _datasets_section(models)]
     sections += [_model_section(m, renderer) for m in models]
     for stage in root_stages:
-        sections.append(_stage_section(stage, _slug("root", stage.name), renderer, level=2))
-    sections.append(_Section("build", "How this report was built",
+        sections.append(_stage_section(stage, slug("root", stage.name), renderer, level=2))
+    sections.append(Section("build", "How this report was built",
                              "<p>Package versions of the report build (each stage's own versions are in "
-                             "its model's settings table):</p>" + _kv_table(_build_info()), level=2))
+                             "its model's settings table):</p>" + kv_table(_build_info()), level=2))
     names = ", ".join(m.name for m in models)
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = _page(f"idiom_lens report: {names}", sections, n_figures=renderer.count,
