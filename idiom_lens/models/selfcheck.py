@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from idiom_lens.datasets.probes import Probe
     from idiom_lens.models.forward import iterate_forward, tokenize_probes
-    from idiom_lens.analyses.interventions.runner import PromptRunner, SuffixRunner
+    from idiom_lens.models.runners import PromptRunner, SuffixRunner
     from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m idiom_lens.models.selfcheck", description=main.__doc__)

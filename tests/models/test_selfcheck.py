@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import idiom_lens.models.selfcheck as selfcheck
-from idiom_lens.analyses.interventions.runner import SuffixRunner
+from idiom_lens.models.runners import SuffixRunner
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_llama_dir"])
