@@ -1,8 +1,8 @@
 """Probe records, bundled probe sets and their loaders (see docs/datasets.md).
 
 The builder (`idiom_lens.datasets.build`, with `wikipedia` and `fact_sources`) is not imported
-here: it needs build-time packages that the runtime library does not. Nor is the optional
-model-based flag (`idiom_lens.datasets.model_flags`), which needs a model.
+here: it needs build-time packages that the runtime library does not. The optional model-based
+flag needs a model, so it is an analysis (`idiom_lens.analyses.model_flags`).
 """
 
 from idiom_lens.datasets.loaders import (

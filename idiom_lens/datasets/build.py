@@ -51,7 +51,7 @@ with surrounding punctuation removed:
       "long -> time", "take -> place": general language completes the last word with the target.
   Both rules only read the end of the prompt, which is where a guessable continuation shows.
   A model-based variant (does a model predict the target from a shortened prompt?) agrees much
-  better with the authors' annotation; it is optional (`idiom_lens.datasets.model_flags`) and
+  better with the authors' annotation; it is optional (`idiom_lens.analyses.model_flags`) and
   not used for the bundled files, which must rebuild without a model.
 - `hard_to_guess` = not prompt_comp_ind and not similarity_ind (our rule, not the paper's subset).
 - `single_target` (criterion 1, not one of the authors' four flags) is True for every record:
