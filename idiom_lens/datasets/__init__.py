@@ -16,7 +16,7 @@ from idiom_lens.datasets.loaders import (
     parse_flag,
 )
 from idiom_lens.datasets.probes import FLAG_NAMES, PROBE_KINDS, Probe, ProbeKind, ProbeSet
-from idiom_lens.datasets.relations import FACT_RELATIONS, fact_relation, memorization_by_relation
+from idiom_lens.datasets.relations import FACT_RELATIONS, fact_relation
 
 __all__ = [
     "FACT_RELATIONS",
@@ -33,6 +33,5 @@ __all__ = [
     "fact_relation",
     "load_probes",
     "mark_single_target",
-    "memorization_by_relation",
     "parse_flag",
 ]
