@@ -5,7 +5,7 @@
 
 PATH is the authors' published IdioMem JSONL (repository adihaviv/idiomem, `idiomem.jsonl`; not
 bundled). For every idiom, prompt = all words but the last, target = the last word; our four
-flags are computed with the bundled rules (`idiom_lens.datasets.build.flags`, needs the
+flags are computed with the bundled rules (`idiom_lens.datasets.flags.flags`, needs the
 `build-data` extra) and compared with the authors' values as published (their `hard_to_guess`
 too, not the loader's single-target adjustment). With `--model`, `prompt_comp_ind` is also
 computed with the model-based tail test (`idiom_lens.analyses.model_flags`), and `hard_to_guess`
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from idiom_lens.datasets.agreement import agreement
-    from idiom_lens.datasets.build import compositionality_ref, flags
+    from idiom_lens.datasets.build import compositionality_ref
+    from idiom_lens.datasets.flags import flags
     from idiom_lens.datasets.probes import Probe
 
     rows = [json.loads(line) for line in args.path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
