@@ -56,7 +56,7 @@ endef
 
 drift:
 	$(call fresh_env,$(DRIFT),)
-	$(DRIFT)/bin/python -m idiom_lens.models.selfcheck
+	$(DRIFT)/bin/idiom-lens selfcheck
 	$(DRIFT)/bin/python -m pytest -q -m "not embedded" -p no:cacheprovider
 
 lock:

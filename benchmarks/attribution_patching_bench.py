@@ -40,7 +40,8 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from idiom_lens.analyses.interventions import patch_probes, sample_probes
+    from idiom_lens.analyses.interventions import patch_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patching_agreement
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes

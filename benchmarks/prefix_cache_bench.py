@@ -20,7 +20,8 @@ def main() -> None:
 
     from idiom_lens.models import selfcheck
     from idiom_lens.datasets import load_probes
-    from idiom_lens.analyses.interventions import knockout_grid, sample_probes
+    from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +38,7 @@ def main() -> None:
 
     times, results = {}, {}
     for name, works in (("prefix cache", True), ("whole prompts", False)):
-        with mock.patch("idiom_lens.analyses.interventions.runner.prefix_cache_works", lambda m, works=works: works):
+        with mock.patch("idiom_lens.models.runners.prefix_cache_works", lambda m, works=works: works):
             started = time.perf_counter()
             results[name] = knockout_grid(model, probes, **options).rows
             times[name] = time.perf_counter() - started

@@ -60,7 +60,7 @@ def main() -> None:
     import ray
     import torch
 
-    from idiom_lens.analyses.interventions import sample_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.datasets import load_probes
     from idiom_lens.study.executors import ModelRecipe, Unit, WorkerOptions, RayExecutor
     from idiom_lens.models.loading import load_model

@@ -27,7 +27,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from idiom_lens.analyses.interventions import sample_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.tracing import (
         causal_trace,
         default_noised,

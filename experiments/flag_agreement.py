@@ -5,10 +5,10 @@
 
 PATH is the authors' published IdioMem JSONL (repository adihaviv/idiomem, `idiomem.jsonl`; not
 bundled). For every idiom, prompt = all words but the last, target = the last word; our four
-flags are computed with the bundled rules (`idiom_lens.datasets.build.flags`, needs the
+flags are computed with the bundled rules (`idiom_lens.datasets.flags.flags`, needs the
 `build-data` extra) and compared with the authors' values as published (their `hard_to_guess`
 too, not the loader's single-target adjustment). With `--model`, `prompt_comp_ind` is also
-computed with the model-based tail test (`idiom_lens.datasets.model_flags`), and `hard_to_guess`
+computed with the model-based tail test (`idiom_lens.analyses.model_flags`), and `hard_to_guess`
 from it. Prints one table: per flag and rule, kappa, observed agreement and the 2x2 counts
 (authors x ours). `--out` writes the per-idiom flags as CSV.
 """
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from idiom_lens.datasets.agreement import agreement
-    from idiom_lens.datasets.build import compositionality_ref, flags
+    from idiom_lens.datasets.build import compositionality_ref
+    from idiom_lens.datasets.flags import flags
     from idiom_lens.datasets.probes import Probe
 
     rows = [json.loads(line) for line in args.path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = [(n, "lexical (bundled rules)", f"ours_{n}") for n in names]
 
     if args.model:
-        from idiom_lens.datasets.model_flags import tail_prompt_comp
+        from idiom_lens.analyses.model_flags import tail_prompt_comp
         from idiom_lens.models.loading import load_model
 
         model = load_model(args.model, device=args.device)

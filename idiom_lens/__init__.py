@@ -1,7 +1,9 @@
 """idiom_lens: how transformer language models recall memorized sequences (idioms, facts).
 
 Data flows one way: datasets -> models -> lenses -> analyses (memorization, trajectory, phases,
-attribution, interventions) -> study (run, layout, report, compare) and plots -> cli.
+attribution, interventions) -> plots -> study (run, layout, report, compare; distributed.py) -> cli,
+all on the shared small files (errors, io, types, ...). A module imports only its own floor and
+those below it (tests/test_layers.py checks every import).
 
 The names below are the public API a notebook needs; everything else is internal. They are
 imported on first use, so `import idiom_lens` (and the CLI's start) stays cheap.

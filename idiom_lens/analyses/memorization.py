@@ -9,12 +9,14 @@ ones (teacher-forced `full_target_match`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
 
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.relations import FACT_RELATIONS, UNKNOWN_RELATION, fact_relation
+from idiom_lens.errors import InputError
 from idiom_lens.groups import GROUPS  # noqa: F401  (re-exported: the sets, defined in idiom_lens.groups)
 from idiom_lens.models.forward import ForwardBatch, iterate_forward, tokenize_probes
 from idiom_lens.models.loading import LoadedModel
@@ -111,6 +113,42 @@ class MemorizationResult(Saved):
                     }
                 )
         return pd.DataFrame(rows)
+
+    def by_relation(self, probes: Iterable[Probe]) -> pd.DataFrame:
+        """Memorized counts and fractions per fact relation, for all probes and the hard_to_guess ones.
+
+        The records must come from scoring `probes` (they are matched by probe id); non-fact probes
+        are ignored. Columns: relation, n, memorized, fraction, n_hard_to_guess,
+        memorized_hard_to_guess, fraction_hard_to_guess; one row per relation present (known ones in
+        `FACT_RELATIONS` order, then "unknown"), and a final row "all".
+        """
+        by_id = {p.id: p for p in probes}
+        frame = self.to_dataframe()
+        unknown_ids = sorted(set(frame["probe_id"]) - set(by_id))
+        if unknown_ids:
+            raise InputError(f"{len(unknown_ids)} scored probe(s) are not in the probe list, e.g. {unknown_ids[:3]}")
+        frame = frame[frame["kind"] == "fact"].copy()
+        frame["relation"] = [fact_relation(by_id[i]) for i in frame["probe_id"]]
+        order = [r for r in (*FACT_RELATIONS, UNKNOWN_RELATION) if r in set(frame["relation"])]
+        rows = [_relation_row(name, frame[frame["relation"] == name]) for name in order]
+        rows.append(_relation_row("all", frame))
+        return pd.DataFrame(rows)
+
+
+def _relation_row(name: str, part: pd.DataFrame) -> dict:
+    """One row of `MemorizationResult.by_relation`."""
+    hard = part[part["hard_to_guess"] == True]  # noqa: E712 (None is not hard_to_guess)
+    n, k = len(part), int(part["memorized"].sum())
+    n_hard, k_hard = len(hard), int(hard["memorized"].sum())
+    return {
+        "relation": name,
+        "n": n,
+        "memorized": k,
+        "fraction": k / n if n else float("nan"),
+        "n_hard_to_guess": n_hard,
+        "memorized_hard_to_guess": k_hard,
+        "fraction_hard_to_guess": k_hard / n_hard if n_hard else float("nan"),
+    }
 
 
 def records_from_batch(

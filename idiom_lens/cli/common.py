@@ -183,22 +183,12 @@ def text_or_dataset_probes(args: argparse.Namespace, *, min_words: int = 2) -> l
 
 def select_probes(args: argparse.Namespace) -> list:
     """The probes of `args.dataset`: the first `--limit` of each set, then a seeded `--sample` of
-    each set (with `--seed`), joined in the given order."""
-    from idiom_lens.analyses.interventions import sample_probes
-    from idiom_lens.datasets import load_probes
+    each set (with `--seed`), joined in the given order (`idiom_lens.datasets.selection`)."""
+    from idiom_lens.datasets.selection import select_probes as select
 
     check_shared_options(args)
-    limit, sample = getattr(args, "limit", None), getattr(args, "sample", None)
-    out: list = []
-    seen: dict[str, str] = {}
-    for spec in args.dataset:
-        probes = list(load_probes(str(spec)))[:limit]
-        for probe in probes:
-            if probe.id in seen:
-                raise InputError(f"probe id {probe.id!r} is in both {seen[probe.id]!r} and {str(spec)!r}: "
-                                 "give each set unique ids")
-            seen[probe.id] = str(spec)
-        out += sample_probes(probes, sample, seed=getattr(args, "seed", 0))
+    out = select(args.dataset, limit=getattr(args, "limit", None), sample=getattr(args, "sample", None),
+                 seed=getattr(args, "seed", 0))
     if not out:
         raise InputError(f"--dataset {' '.join(map(str, args.dataset))}: no probes")
     return out

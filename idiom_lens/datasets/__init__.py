@@ -1,8 +1,8 @@
 """Probe records, bundled probe sets and their loaders (see docs/datasets.md).
 
 The builder (`idiom_lens.datasets.build`, with `wikipedia` and `fact_sources`) is not imported
-here: it needs build-time packages that the runtime library does not. Nor is the optional
-model-based flag (`idiom_lens.datasets.model_flags`), which needs a model.
+here: it needs build-time packages that the runtime library does not. The optional model-based
+flag needs a model, so it is an analysis (`idiom_lens.analyses.model_flags`).
 """
 
 from idiom_lens.datasets.loaders import (
@@ -16,7 +16,7 @@ from idiom_lens.datasets.loaders import (
     parse_flag,
 )
 from idiom_lens.datasets.probes import FLAG_NAMES, PROBE_KINDS, Probe, ProbeKind, ProbeSet
-from idiom_lens.datasets.relations import FACT_RELATIONS, fact_relation, memorization_by_relation
+from idiom_lens.datasets.relations import FACT_RELATIONS, fact_relation
 
 __all__ = [
     "FACT_RELATIONS",
@@ -33,6 +33,5 @@ __all__ = [
     "fact_relation",
     "load_probes",
     "mark_single_target",
-    "memorization_by_relation",
     "parse_flag",
 ]

@@ -30,6 +30,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from importlib.metadata import version
 
+from idiom_lens.datasets.flags import similarity_ind
+
 # relation -> template ({s} is the subject; a target-position article is appended by the builder)
 RELATIONS: dict[str, str] = {
     "capital": "The capital of {s} is",
@@ -125,8 +127,6 @@ def subject_phrase(name: str) -> str:
 
 def _copyable(subject: str, answer: str) -> bool:
     """The answer (or its start) is already in the subject: "Mexico" / "Mexico City", "Indiana" / "Indianapolis"."""
-    from idiom_lens.datasets.build import similarity_ind
-
     low = answer.lower()
     words = [w.lower() for w in re.findall(r"[A-Za-z]+", subject)]
     return similarity_ind(subject, answer) or any(

@@ -8,7 +8,8 @@ ignored the bridge's prefix cache). So every sweep compares its clean logits on 
 with `model.bridge(prompt)`, and a disagreement stops the run with one line naming the
 versions, before anything is written.
 
-`python -m idiom_lens.models.selfcheck [MODEL]` prints the versions and whether the prefix cache works.
+`idiom-lens selfcheck [--model MODEL]` prints the versions and whether the prefix cache works, and runs
+every shortcut once (`idiom_lens.cli.selfcheck_cmd`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def check_close(
             f"{what}: the fast path differs from a plain full forward by {error:.3g} of the logits' scale "
             f"(> {tolerance:g}) on probe "
             f"{probe!r} with {versions_text()}; nothing was written. Install the tested versions "
-            "(`make install`, requirements.lock) and see `python -m idiom_lens.models.selfcheck`"
+            "(`make install`, requirements.lock) and see `idiom-lens selfcheck`"
         )
     return error
 
@@ -134,46 +135,3 @@ def prefix_cache_works(model: LoadedModel) -> bool:
         )
     _PREFIX_CACHE[bridge] = works
     return works
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the package versions and whether the prefix cache works, then run every shortcut
-    once against a plain full forward (exit 3 on a disagreement)."""
-    import argparse
-
-    from idiom_lens.datasets.probes import Probe
-    from idiom_lens.models.forward import iterate_forward, tokenize_probes
-    from idiom_lens.analyses.interventions.runner import PromptRunner, SuffixRunner
-    from idiom_lens.models.loading import load_model
-
-    parser = argparse.ArgumentParser(prog="python -m idiom_lens.models.selfcheck", description=main.__doc__)
-    parser.add_argument("model", nargs="?", default="gemma-3-270m", help="model spec (default: gemma-3-270m)")
-    args = parser.parse_args(argv)
-    print(versions_text())
-    model = load_model(args.model, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PrefixCacheFallback)
-        works = prefix_cache_works(model)
-    print("prefix key/value cache:", "works" if works else "ignored by the bridge: sweeps run whole prompts (slower)")
-    probes = [Probe(id="blue", prompt="once in a blue", target="moon", kind="idiom"),
-              Probe(id="birds", prompt="kill two birds with one", target="stone", kind="idiom")]
-    try:
-        tokens = tokenize_probes(model, probes)
-        for_each = list(iterate_forward(model, tokens, batch_size=2))  # batched, padded: checked inside
-        for probe, toks in zip(probes, tokens):
-            for use_kv in (True, False):
-                PromptRunner(model, toks.prompt_ids, use_kv=use_kv).self_check(what="runner", probe=probe.id)
-            SuffixRunner(model, toks.prompt_ids).self_check(what="suffix runner", probe=probe.id)
-    except FastPathError as err:
-        print(f"self-check failed: {err}")
-        return 3
-    print(f"self-check passed: {len(for_each)} batched forward, {2 * len(probes)} last-position runners and "
-          f"{len(probes)} suffix runners (resumed at 3 layers each) agree with a full forward")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # through the package module, not this `__main__` copy: the runners consult its per-model memo
-    from idiom_lens.models.selfcheck import main as _main
-
-    raise SystemExit(_main())

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 
 import idiom_lens.cli as cli
-import idiom_lens.datasets
 from idiom_lens.datasets import ProbeSet, load_probes
 
 # Two idioms in the authors' published IdioMem format that share a prompt and, as published, an id.
@@ -73,12 +72,13 @@ def test_trajectory_gets_past_loading_a_published_idiomem_file(
 ) -> None:
     """`idiom-lens trajectory --dataset FILE` up to loading the model (stubbed: no model runs)."""
     import idiom_lens.cli.trajectory_cmd as trajectory_cmd
+    import idiom_lens.datasets.selection as selection
 
     class ReachedModel(Exception):
         pass
 
     loaded: list[ProbeSet] = []
-    real_load = idiom_lens.datasets.load_probes
+    real_load = selection.load_probes
 
     def recording_load(*args, **kwargs) -> ProbeSet:
         loaded.append(real_load(*args, **kwargs))
@@ -88,7 +88,7 @@ def test_trajectory_gets_past_loading_a_published_idiomem_file(
         raise ReachedModel
 
     monkeypatch.setattr(cli, "_COMMANDS", ("trajectory",))
-    monkeypatch.setattr(idiom_lens.datasets, "load_probes", recording_load)
+    monkeypatch.setattr(selection, "load_probes", recording_load)
     monkeypatch.setattr(trajectory_cmd, "load_from_args", stop)
     path = tmp_path / "idiomem.jsonl"
     path.write_text(PUBLISHED_PAIR, encoding="utf-8")

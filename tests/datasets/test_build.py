@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from idiom_lens.datasets import FACT_RELATIONS, bundled_names, bundled_path, fact_relation, load_probes
-from idiom_lens.datasets.build import BUILD_PACKAGES, SLOT_WORDS, STOP_WORDS, bare, build_all, missing_build_packages
+from idiom_lens.datasets.build import BUILD_PACKAGES, SLOT_WORDS, build_all, missing_build_packages
+from idiom_lens.datasets.flags import STOP_WORDS, bare
 
 
 @pytest.fixture(scope="module")

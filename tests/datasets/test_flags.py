@@ -1,4 +1,4 @@
-"""Each flag rule of the builder on hand-picked cases (needs wordfreq for frequent_target_ind)."""
+"""Each flag rule (`idiom_lens.datasets.flags`) on hand-picked cases (needs wordfreq for frequent_target_ind)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from idiom_lens.datasets import build
-from idiom_lens.datasets.build import CompositionalityRef, flags, frequent_target_ind, prompt_comp_ind, similarity_ind
+from idiom_lens.datasets import flags as rules
+from idiom_lens.datasets.flags import CompositionalityRef, flags, frequent_target_ind, prompt_comp_ind, similarity_ind
 
 # A tiny reference: "give up" is a short dictionary phrase; "long time" a frequent corpus bigram.
 REF = CompositionalityRef(
@@ -59,11 +60,11 @@ def test_frequent_target_threshold_is_zipf_5_8(word: str, expected: bool) -> Non
     """frequent_target_ind is True exactly below Zipf 5.8 for content words (else docs/datasets.md's rule is broken)."""
     from wordfreq import zipf_frequency
 
-    assert build.FREQUENT_ZIPF == 5.8
+    assert rules.FREQUENT_ZIPF == 5.8
     zipf = zipf_frequency(word, "en")
     # premises (wordfreq's data): the word sits close to 5.8, on the side `expected` says, and is no stop word
     assert abs(zipf - 5.8) <= 0.1 and (zipf < 5.8) is expected, f"{word!r} has Zipf {zipf}"
-    assert not build.is_stop_word(word)
+    assert not rules.is_stop_word(word)
     assert frequent_target_ind(word) is expected
     assert frequent_target_ind(word.capitalize() + ",") is expected  # compared lower-cased, punctuation removed
 
@@ -72,7 +73,7 @@ def test_stop_words_are_frequent_whatever_their_zipf() -> None:
     """A stop word is never a rare target, even below Zipf 6.0 ("whom" 4.85); else stop words are ignored."""
     from wordfreq import zipf_frequency
 
-    assert build.is_stop_word("whom") and zipf_frequency("whom", "en") < build.FREQUENT_ZIPF  # premises
+    assert rules.is_stop_word("whom") and zipf_frequency("whom", "en") < rules.FREQUENT_ZIPF  # premises
     assert frequent_target_ind("whom") is False
     assert frequent_target_ind("Whom") is False
 
@@ -95,7 +96,7 @@ def test_a_frame_with_many_completions_is_not_a_fixed_tail() -> None:
     """A tail + target phrase counts only when the tail starts at most TAIL_MAX_COMPLETIONS phrases."""
     countries = [f"capital of {c}" for c in ("kenya", "france", "peru", "chad", "mali", "oman")]
     ref = CompositionalityRef(frozenset({"drawing board", *countries}), Counter(), Counter())
-    assert ref.completions == {"drawing": 1, "capital of": 6} and build.TAIL_MAX_COMPLETIONS < 6
+    assert ref.completions == {"drawing": 1, "capital of": 6} and rules.TAIL_MAX_COMPLETIONS < 6
     assert prompt_comp_ind("back to the drawing", "board", ref) is True
     assert prompt_comp_ind("Nairobi is the capital of", "kenya", ref) is False
 
@@ -107,7 +108,7 @@ def test_wordnet_lemmas_are_tail_phrases() -> None:
     assert prompt_comp_ind("grin like a Cheshire", "cat", ref) is True  # "cheshire" starts 2 phrases
     assert prompt_comp_ind("sign on the dotted", "line", ref) is True
     # "blue moon" is a lemma, but "blue" starts 83 phrases: a colour, not a fixed chunk
-    assert "blue moon" in ref.short_phrases and ref.completions["blue"] > build.TAIL_MAX_COMPLETIONS
+    assert "blue moon" in ref.short_phrases and ref.completions["blue"] > rules.TAIL_MAX_COMPLETIONS
     assert prompt_comp_ind("once in a blue", "moon", ref) is False
 
 

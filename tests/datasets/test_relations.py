@@ -1,4 +1,4 @@
-"""Fact relations and memorization per relation; Cohen's kappa; the optional model-based flag."""
+"""Fact relations; Cohen's kappa."""
 
 from __future__ import annotations
 
@@ -6,27 +6,12 @@ import math
 
 import pytest
 
-from idiom_lens.datasets import FACT_RELATIONS, Probe, ProbeSet, fact_relation, load_probes, memorization_by_relation
+from idiom_lens.datasets import FACT_RELATIONS, Probe, fact_relation, load_probes
 from idiom_lens.datasets.agreement import agreement
-from idiom_lens.datasets.model_flags import prompt_tails, tail_prompt_comp, with_model_prompt_comp
-from idiom_lens.errors import InputError
-from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult
 
 
 def _fact(id_: str, source: str = "", hard: bool | None = True) -> Probe:
     return Probe(id=id_, prompt="p q", target="t", kind="fact", source=source, hard_to_guess=hard)
-
-
-def _result(probes: list[Probe], memorized: dict[str, bool]) -> MemorizationResult:
-    records = tuple(
-        MemorizationRecord(
-            probe_id=p.id, kind=p.kind, group="", hard_to_guess=p.hard_to_guess, prompt=p.prompt, target=p.target,
-            target_id=1, target_token=" t", n_target_tokens=1, pred_id=1, pred_token=" t",
-            memorized=memorized[p.id], pred_prob=0.5, target_rank=0, target_prob=0.5, full_target_match=True,
-        )
-        for p in probes
-    )
-    return MemorizationResult(records=records, settings={})
 
 
 def test_fact_relation_from_source_then_id() -> None:
@@ -41,26 +26,6 @@ def test_every_bundled_fact_has_a_known_relation() -> None:
     assert relations == set(FACT_RELATIONS)
 
 
-def test_memorization_by_relation_counts() -> None:
-    probes = [
-        _fact("fact-capital-a"), _fact("fact-capital-b", hard=False), _fact("fact-element-c"),
-        _fact("mine", "notes"), Probe(id="i", prompt="once in a blue", target="moon", kind="idiom"),
-    ]
-    result = _result(probes, {"fact-capital-a": True, "fact-capital-b": True, "fact-element-c": False, "mine": True, "i": True})
-    table = memorization_by_relation(result, probes).set_index("relation")
-    assert list(table.index) == ["capital", "element", "unknown", "all"]  # idioms are ignored
-    assert table.loc["capital", ["n", "memorized", "n_hard_to_guess", "memorized_hard_to_guess"]].tolist() == [2, 2, 1, 1]
-    assert table.loc["capital", "fraction"] == 1.0 and table.loc["element", "fraction"] == 0.0
-    assert table.loc["all", ["n", "memorized"]].tolist() == [4, 3]
-
-
-def test_memorization_by_relation_rejects_foreign_records() -> None:
-    probes = [_fact("fact-capital-a")]
-    result = _result([*probes, _fact("fact-capital-z")], {"fact-capital-a": True, "fact-capital-z": False})
-    with pytest.raises(InputError, match="not in the probe list"):
-        memorization_by_relation(result, probes)
-
-
 def test_kappa_known_values() -> None:
     a = agreement([True, True, False, False], [True, True, False, False])
     assert (a.both_true, a.both_false, a.kappa, a.observed) == (2, 2, 1.0, 1.0)
@@ -71,42 +36,3 @@ def test_kappa_known_values() -> None:
     assert math.isnan(agreement([True, True], [True, True]).kappa)  # chance agreement 1: undefined
     with pytest.raises(ValueError):
         agreement([True], [True, False])
-
-
-def test_prompt_tails() -> None:
-    probe = Probe(id="x", prompt="stick out like a sore", target="thumb", kind="idiom")
-    tails = prompt_tails(probe)
-    assert [t.prompt for t in tails] == ["sore", "a sore", "like a sore", "out like a sore"]
-    assert {t.target for t in tails} == {"thumb"} and tails[0].id == "x#tail1"
-
-
-def test_tail_prompt_comp_with_a_stand_in_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flag True when some proper tail is memorized; the full prompt is never scored."""
-    import idiom_lens.analyses.memorization as memorization
-
-    seen: list[str] = []
-
-    def fake_score(model, probes, *, batch_size, progress):  # noqa: ANN001 - stand-in
-        seen.extend(p.prompt for p in probes)
-        return _result(list(probes), {p.id: p.prompt == "a sore" for p in probes})
-
-    monkeypatch.setattr(memorization, "score_memorization", fake_score)
-    probes = [
-        Probe(id="x", prompt="stick out like a sore", target="thumb", kind="idiom"),
-        Probe(id="y", prompt="once in a blue", target="moon", kind="idiom"),
-        Probe(id="z", prompt="hello", target="world", kind="text"),
-    ]
-    assert tail_prompt_comp(object(), probes) == {"x": True, "y": False, "z": False}
-    assert "stick out like a sore" not in seen and "hello" not in seen
-
-
-def test_with_model_prompt_comp_recomputes_hard_to_guess() -> None:
-    probes = ProbeSet("s", (
-        Probe("a", "stick out like a sore", "thumb", "idiom", similarity_ind=False, prompt_comp_ind=False, hard_to_guess=True, single_target=True),
-        Probe("b", "once in a blue", "moon", "idiom", similarity_ind=False, prompt_comp_ind=True, hard_to_guess=False, single_target=True),
-        Probe("c", "dead as a", "dodo", "idiom", similarity_ind=False, prompt_comp_ind=False, hard_to_guess=False, single_target=False),
-    ))
-    out = with_model_prompt_comp(probes, {"a": True, "b": False, "c": False})
-    assert [(p.prompt_comp_ind, p.hard_to_guess) for p in out] == [(True, False), (False, True), (False, False)]
-    with pytest.raises(KeyError):
-        with_model_prompt_comp(probes, {"a": True})

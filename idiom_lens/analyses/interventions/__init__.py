@@ -17,7 +17,6 @@ from idiom_lens.analyses.interventions.knockouts import (
 from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
 from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patching_agreement
 from idiom_lens.analyses.interventions.patching import PatchingResult, make_corruptions, patch_pair, patch_probes
-from idiom_lens.analyses.interventions.runner import sample_probes
 from idiom_lens.analyses.interventions.skipping import SkipResult, skip_layers
 from idiom_lens.analyses.interventions.tracing import TracingResult, causal_trace
 from idiom_lens.analyses.interventions.value_vectors import ValueVectorRanks, value_vector_ranks
@@ -26,5 +25,5 @@ __all__ = [
     "PAPER_GRID", "AttentionKnockoutResult", "KnockoutResult", "NeuronRanking", "PatchingResult", "SkipResult",
     "TracingResult", "ValueVectorRanks", "attribution_patch_probes", "causal_trace",
     "knockout_grid", "make_corruptions", "patch_pair", "patch_probes", "patching_agreement", "rank_neurons",
-    "sample_probes", "skip_layers", "value_vector_ranks",
+    "skip_layers", "value_vector_ranks",
 ]

@@ -51,7 +51,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, last_metrics, masked_prediction
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.stats import boot_indices, percentile_interval

@@ -53,7 +53,7 @@ from idiom_lens.analyses.interventions.patching import (
     make_corruptions,
     pair_tables,
 )
-from idiom_lens.analyses.interventions.runner import masked_prediction
+from idiom_lens.models.runners import masked_prediction
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import boot_indices, percentile_interval

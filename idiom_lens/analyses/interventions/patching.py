@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, masked_prediction
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.models.runners import PromptRunner, masked_prediction
 from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel

@@ -26,7 +26,8 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions.knockouts import Positions
-from idiom_lens.analyses.interventions.runner import PromptRunner, check_probes, last_metrics, masked_prediction
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel

@@ -40,7 +40,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.analyses.interventions.runner import SuffixRunner, check_probes
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.stats import bootstrap_mean_ci

@@ -29,7 +29,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions.knockouts import RankBy, post_norm_gains, rank_neurons, rms_gain
-from idiom_lens.analyses.interventions.runner import check_probes
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.vocab import mask_summary, valid_mask

@@ -19,7 +19,7 @@ from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers
 from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons, value_vector_norms
 from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
-from idiom_lens.analyses.interventions.runner import PromptRunner, SuffixRunner
+from idiom_lens.models.runners import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error
 from idiom_lens.models.vocab import valid_mask
 from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound

@@ -25,7 +25,7 @@ from idiom_lens.analyses.interventions.attention_knockout import (
     layer_windows,
     source_positions,
 )
-from idiom_lens.analyses.interventions.runner import PromptRunner
+from idiom_lens.models.runners import PromptRunner
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes

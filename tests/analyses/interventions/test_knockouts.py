@@ -18,7 +18,6 @@ from idiom_lens.analyses.interventions import (
     KnockoutResult,
     knockout_grid,
     rank_neurons,
-    sample_probes,
     value_vector_ranks,
 )
 from idiom_lens.analyses.interventions.knockouts import KnockoutConfig, knockout_configs, matched_neurons
@@ -377,12 +376,6 @@ def test_older_control_spelling(tiny_model, probes):
     assert set(result.rows["control"]) == {"targeted", "random"}
     result = knockout_grid(tiny_model, probes[:1], ks=(1,), windows=(1,), modes=("zero_top",), control=None)
     assert set(result.rows["control"]) == {"targeted"}
-
-
-def test_sample_probes_is_seeded(probes):
-    assert sample_probes(probes, 4, seed=3) == sample_probes(probes, 4, seed=3)
-    assert sample_probes(probes, 4, seed=3) != sample_probes(probes, 4, seed=4)
-    assert sample_probes(probes, None) == list(probes)
 
 
 MEMORIZED = [

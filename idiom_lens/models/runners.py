@@ -1,6 +1,7 @@
-"""What every intervention shares: probe checks and sampling, two runners that replay one prompt
-as many batch rows (one per configuration), and the outcome metrics of a perturbed run
-(knockouts, layer skipping and patching use them alike).
+"""Forward engines the interventions share: two runners that replay one prompt as many batch rows
+(one per configuration), and the outcome metrics of a perturbed run (knockouts, layer skipping,
+patching and attention knockout use them alike). They sit here, next to `forward`, because they
+are forward passes; the probe checks and sampling are in `idiom_lens.datasets.selection`.
 
 - `PromptRunner`: the prefix's key/value cache reused, only the last token recomputed (for hooks
   that touch the last position only), or the whole prompt.
@@ -13,41 +14,18 @@ here is taken on masked logits."""
 from __future__ import annotations
 
 import copy
-import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward, prefix_cache_works
 from idiom_lens.models.vocab import mask_logits
 from idiom_lens.types import HookFn
-
-
-def sample_probes(probes: Sequence[Probe], n: int | None, *, seed: int = 0) -> list[Probe]:
-    """A seeded sample of `n` probes in their original order (all of them when n is None)."""
-    probes = list(probes)
-    if n is None or n >= len(probes):
-        return probes
-    if n < 1:
-        raise InputError(f"sample size must be >= 1, got {n}")
-    keep = sorted(random.Random(seed).sample(range(len(probes)), n))
-    return [probes[i] for i in keep]
-
-
-def check_probes(probes: Sequence[Probe]) -> list[Probe]:
-    probes = list(probes)
-    if not probes:
-        raise InputError("no probes given: expected at least one probe")
-    ids = [p.id for p in probes]
-    if len(set(ids)) != len(ids):
-        raise InputError("probe ids must be unique")
-    return probes
 
 
 class PromptRunner:

@@ -12,7 +12,7 @@ against 0.17 for the lexical rule (docs/datasets.md, `experiments/flag_agreement
 
     from idiom_lens.models.loading import load_model
     from idiom_lens.datasets import load_probes
-    from idiom_lens.datasets.model_flags import tail_prompt_comp, with_model_prompt_comp
+    from idiom_lens.analyses.model_flags import tail_prompt_comp, with_model_prompt_comp
 
     model = load_model("gemma-3-270m")
     probes = load_probes("idioms")
@@ -23,12 +23,11 @@ against 0.17 for the lexical rule (docs/datasets.md, `experiments/flag_agreement
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
+from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.datasets.probes import Probe, ProbeSet
-
-if TYPE_CHECKING:
-    from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel
 
 
 def prompt_tails(probe: Probe) -> list[Probe]:
@@ -51,8 +50,6 @@ def tail_prompt_comp(
 
     A one-word prompt has no proper tail: its flag is False.
     """
-    from idiom_lens.analyses.memorization import score_memorization
-
     probes = list(probes)
     tails = [tail for probe in probes for tail in prompt_tails(probe)]
     result = score_memorization(model, tails, batch_size=batch_size, progress=progress) if tails else None
