@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.stages import markdown_table, run_lenses, study_probes
+    from idiom_lens.datasets.selection import join_probe_sets
+    from idiom_lens.study.stages import markdown_table, run_lenses
 
-    probes = study_probes(args.dataset, limit=args.limit)
+    probes = join_probe_sets(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)
     comparison = run_lenses(model, probes.probes, args.out, lenses=tuple(args.lens))
     print(comparison.summary_text())

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.stages import markdown_table, resumable_trajectory, study_probes, write_trajectory_outputs
+    from idiom_lens.datasets.selection import join_probe_sets
+    from idiom_lens.study.stages import markdown_table, resumable_trajectory, write_trajectory_outputs
 
-    probes = study_probes(args.dataset, limit=args.limit)
+    probes = join_probe_sets(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)
     result = resumable_trajectory(model, probes.probes, args.out, sites=["resid_post"])
     outputs = write_trajectory_outputs(result, args.out, title=f"{model.spec}: recall trajectory")

@@ -30,7 +30,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lenses", ("lenses",)),
     ("analyses", ("analyses",)),
     ("plots", ("plots",)),
-    ("study", ("study", "distributed")),
+    ("study", ("study",)),
     ("cli", ("cli",)),
 )
 OUTSIDE = ("__init__", "__main__")  # idiom_lens/__init__.py and idiom_lens/__main__.py

@@ -38,7 +38,6 @@ from idiom_lens.errors import FastPathError, InputError
 
 if TYPE_CHECKING:
     from idiom_lens.models.loading import LoadedModel
-    from idiom_lens.study.parts import Sweep
 
 INSTALL_HINT = "pip install idiom-lens[distributed]"
 # Ray's object store for the local cluster a `RayExecutor` starts: results travel through it, and
@@ -128,14 +127,16 @@ OnPart = Callable[[int, Sequence[Any]], None]  # (part index, the part's pieces 
 
 
 class Executor(Protocol):
-    """Runs the unfinished parts of a sweep: `run(sweep, todo, on_part)` with `todo` the
-    (part index, probes) pairs, calling `on_part(i, pieces)` once per part as soon as all its
-    pieces are in (in any order of parts)."""
+    """Runs the unfinished parts of a sweep (`study.parts.run_parts`): `call(model, probes,
+    progress=...)` on each of `todo`'s (part index, probes), calling `on_part(i, pieces)` once per
+    part as soon as all its pieces are in (parts in any order). `per_probe`: the analysis treats
+    every probe on its own, so a part may be cut into one-probe pieces."""
 
     distributed: bool
     n_workers: int
 
-    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None: ...
+    def run(self, call: Callable[..., Any], todo: Sequence[tuple[int, Sequence[Any]]], *, per_probe: bool,
+            name: str, on_part: OnPart) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,10 @@ class LocalExecutor:
     distributed: bool = False
     n_workers: int = 1
 
-    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None:
+    def run(self, call: Callable[..., Any], todo: Sequence[tuple[int, Sequence[Any]]], *, per_probe: bool,
+            name: str, on_part: OnPart) -> None:
         for i, probes in todo:
-            on_part(i, [sweep.call(self.model, list(probes), progress=self.progress)])
+            on_part(i, [call(self.model, list(probes), progress=self.progress)])
 
 
 def open_executor(model: "LoadedModel", options: WorkerOptions, *, device: str = "cpu", n_devices: int | None = None,
@@ -348,22 +350,23 @@ class RayExecutor:
             submit()
         return results
 
-    def run(self, sweep: "Sweep", todo: Sequence[tuple[int, Sequence[Any]]], *, on_part: OnPart) -> None:
+    def run(self, call: Callable[..., Any], todo: Sequence[tuple[int, Sequence[Any]]], *, per_probe: bool,
+            name: str, on_part: OnPart) -> None:
         """The parts' units on the workers, `on_part` for each part as its last unit comes in."""
         from functools import partial
 
         from tqdm.auto import tqdm
 
-        call = partial(sweep.call, progress=False)
+        quiet = partial(call, progress=False)
         units: list[Unit] = []
         owner: list[int] = []  # unit -> part
         pieces: dict[int, list[int]] = {}  # part -> its units
         for i, probes in todo:
             pieces[i] = []
-            for unit_probes in ([(p,) for p in probes] if sweep.per_probe else [tuple(probes)]):
+            for unit_probes in ([(p,) for p in probes] if per_probe else [tuple(probes)]):
                 pieces[i].append(len(units))
                 owner.append(i)
-                units.append(Unit(call, tuple(unit_probes)))
+                units.append(Unit(quiet, tuple(unit_probes)))
         self.start()  # before the bar: its log line, the workers' model loading
         done: dict[int, Any] = {}
 
@@ -373,6 +376,6 @@ class RayExecutor:
             if all(v in done for v in pieces[i]):
                 on_part(i, [done.pop(v) for v in pieces[i]])
 
-        with tqdm(total=sum(len(u.probes) for u in units), desc=sweep.name, unit="probe",
+        with tqdm(total=sum(len(u.probes) for u in units), desc=name, unit="probe",
                   smoothing=0.1) as bar:
             self.map(units, on_unit=finished, progress=bar)

@@ -28,9 +28,10 @@ from idiom_lens.faults import maybe_fail
 from idiom_lens.io import check_marker, key_digest, write_marker
 from idiom_lens.study.layout import FORMAT
 
+from idiom_lens.study.executors import Executor
+
 if TYPE_CHECKING:
     from idiom_lens.models.loading import LoadedModel
-    from idiom_lens.study.executors import Executor
 
 PART_MARKER = ".part.json"
 STAGE_MARKER = ".stage.json"
@@ -173,7 +174,8 @@ def run_parts(sweep: Sweep, parts: Sequence[Part], executor: Executor, *,
             f"{time.perf_counter() - started:.1f} s into the sweep")
         results[i] = result
 
-    executor.run(sweep, [(i, parts[i].probes) for i in todo], on_part=finished)
+    executor.run(sweep.call, [(i, parts[i].probes) for i in todo], per_probe=sweep.per_probe, name=sweep.name,
+                 on_part=finished)
     return results
 
 

@@ -144,11 +144,11 @@ def _run_study(
     model: str | LoadedModel, out: str | Path, options: StudyOptions, *, compat_model: LoadedModel | None,
     device: str, n_devices: int | None, report: bool, log: Callable[[str], None],
 ) -> StudyFolder:
-    from idiom_lens.study.stages import study_probes
+    from idiom_lens.datasets.selection import join_probe_sets
 
     started = time.perf_counter()
     study = StudyFolder.create(out)
-    probes = study_probes(options.datasets, limit=options.limit)
+    probes = join_probe_sets(options.datasets, limit=options.limit)
     if isinstance(model, str):
         model = load_model(model, device=device, n_devices=n_devices)
     else:

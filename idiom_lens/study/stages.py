@@ -545,23 +545,3 @@ def sample_by_group(
         n = len(ids) if group in whole else min(per_group, len(ids))
         chosen.update(random.Random(f"{seed}-{group}").sample(ids, n))
     return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]
-
-
-def study_probes(names: Sequence[str] = ("idioms", "text", "facts"), *, limit: int | None = None) -> ProbeSet:
-    """The probe sets the study compares (bundled names or files, e.g. the authors' IdioMem file),
-    joined, optionally the first `limit` of each. Ids must be unique across the sets."""
-    from idiom_lens.datasets import load_probes
-
-    sets = []
-    for name in names:
-        ps = load_probes(name)
-        sets.append(ProbeSet(ps.name, ps.probes[:limit] if limit else ps.probes))
-    joined = ProbeSet.concat("study", sets)
-    seen: dict[str, str] = {}
-    for ps in sets:
-        for probe in ps.probes:
-            if probe.id in seen:
-                raise InputError(f"probe id {probe.id!r} is in both {seen[probe.id]!r} and {ps.name!r}: "
-                                 "give each set unique ids")
-            seen[probe.id] = ps.name
-    return joined

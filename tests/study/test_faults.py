@@ -224,7 +224,8 @@ def _knockouts(model_out: Path) -> pd.DataFrame:
 def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, monkeypatch, tmp_path):
     """One setting changed at a time (cumulatively): exactly the dependent stages are redone and
     their results follow the new setting."""
-    from idiom_lens.study.stages import sample_by_group, study_probes
+    from idiom_lens.datasets.selection import join_probe_sets
+    from idiom_lens.study.stages import sample_by_group
     from idiom_lens.analyses.trajectory import load_trajectory
 
     model_out = finished / tiny_model_dir.name
@@ -252,7 +253,7 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     # the seed: knockout controls, patching corruptions and tracing noise always; attribution and
     # attention knockout through their samples
     memo = load_trajectory(model_out / "trajectory").memorization
-    study = study_probes(limit=3).probes
+    study = join_probe_sets(("idioms", "text", "facts"), limit=3).probes
     old = {p.id for p in sample_by_group(memo, study, per_group=2, seed=0)}
     new = {p.id for p in sample_by_group(memo, study, per_group=2, seed=1)}
     old1 = {p.id for p in sample_by_group(memo, study, per_group=1, seed=0)}
