@@ -303,8 +303,10 @@ def heldout_kl(
                     per_token.setdefault((lens.kind, layer), []).append(kl.cpu())
     owners = owner.numpy()
     groups = np.unique(owners)
+    # Not `analyses.stats.bootstrap` (whose draws are these): lenses stand a floor below analyses, and
+    # its level=0.95 bounds, at (1 - 0.95) / 2 = 0.025 + 2e-17, would move these in their last bits.
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    draws = rng.integers(0, len(groups), size=(n_boot, len(groups)))  # one set of resamples for every lens and layer
     rows = []
     for (kind, layer), parts in per_token.items():
         values = torch.cat(parts).double().numpy()
