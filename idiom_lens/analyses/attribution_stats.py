@@ -100,19 +100,20 @@ def layer_stats(
     """Mean contribution of the embedding and of each attention / MLP layer per set, with intervals.
 
     Columns: group, component ("embed" | "attn" | "mlp"), layer (-1 for the embedding), n, mean,
-    lo, hi, measure. A set of one probe gets lo = hi = mean.
+    mean_low, mean_high, measure. A set of one probe gets mean_low = mean_high = mean.
     """
     def rows_of(arr: dict[str, np.ndarray]) -> list[Row]:
         rows = []
         for comp in ("embed", "attn", "mlp"):
             values = arr[comp] if comp != "embed" else arr["embed"][:, None]
-            mean, lo, hi = bootstrap_mean_ci(values, n_boot=n_boot, level=level, seed=seed)
+            mean, low, high = bootstrap_mean_ci(values, n_boot=n_boot, level=level, seed=seed)
             layers = [-1] if comp == "embed" else range(values.shape[1])
-            rows += [{"component": comp, "layer": layer, "mean": mean[j], "lo": lo[j], "hi": hi[j]}
+            rows += [{"component": comp, "layer": layer, "mean": mean[j], "mean_low": low[j], "mean_high": high[j]}
                      for j, layer in enumerate(layers)]
         return rows
 
-    return _per_group(result, measure, ["group", "component", "layer", "n", "mean", "lo", "hi", "measure"], rows_of)
+    return _per_group(result, measure,
+                      ["group", "component", "layer", "n", "mean", "mean_low", "mean_high", "measure"], rows_of)
 
 
 def cumulative_share(
@@ -128,16 +129,17 @@ def cumulative_share(
     Steps run embed, L0 attn, L0 mlp, L1 attn, ... ; `share` is the ratio of means
     ``mean(cumulative contribution) / mean(final value)`` (the final value without the
     unembedding bias), so the last step is 1. Columns: group, step, layer, sublayer, n, share,
-    lo, hi, measure.
+    share_low, share_high, measure.
     """
     def rows_of(arr: dict[str, np.ndarray]) -> list[Row]:
         cum, labels = _cumulative(arr)
-        share, lo, hi = _share(cum, arr["total"], n_boot=n_boot, level=level, seed=seed)
-        return [{"step": step, "layer": layer, "sublayer": sub, "share": share[step], "lo": lo[step], "hi": hi[step]}
-                for step, (layer, sub) in enumerate(labels)]
+        share, low, high = _share(cum, arr["total"], n_boot=n_boot, level=level, seed=seed)
+        return [{"step": step, "layer": layer, "sublayer": sub, "share": share[step], "share_low": low[step],
+                 "share_high": high[step]} for step, (layer, sub) in enumerate(labels)]
 
     return _per_group(result, measure,
-                      ["group", "step", "layer", "sublayer", "n", "share", "lo", "hi", "measure"], rows_of)
+                      ["group", "step", "layer", "sublayer", "n", "share", "share_low", "share_high", "measure"],
+                      rows_of)
 
 
 def layer_shares(
@@ -150,17 +152,18 @@ def layer_shares(
 ) -> pd.DataFrame:
     """Share of the final logit written by each attention and MLP layer, per set: the ratio of
     means ``mean(layer's contribution) / mean(final value)`` (as `cumulative_share`), with a
-    percentile-bootstrap interval over probes. Columns: group, component, layer, n, share, lo, hi,
-    measure."""
+    percentile-bootstrap interval over probes. Columns: group, component, layer, n, share, share_low,
+    share_high, measure."""
     def rows_of(arr: dict[str, np.ndarray]) -> list[Row]:
         rows = []
         for comp in ("attn", "mlp"):
-            share, lo, hi = _share(arr[comp], arr["total"], n_boot=n_boot, level=level, seed=seed)
-            rows += [{"component": comp, "layer": layer, "share": share[layer], "lo": lo[layer], "hi": hi[layer]}
-                     for layer in range(len(share))]
+            share, low, high = _share(arr[comp], arr["total"], n_boot=n_boot, level=level, seed=seed)
+            rows += [{"component": comp, "layer": layer, "share": share[layer], "share_low": low[layer],
+                      "share_high": high[layer]} for layer in range(len(share))]
         return rows
 
-    return _per_group(result, measure, ["group", "component", "layer", "n", "share", "lo", "hi", "measure"], rows_of)
+    return _per_group(result, measure,
+                      ["group", "component", "layer", "n", "share", "share_low", "share_high", "measure"], rows_of)
 
 
 _COMPONENT_SHARES = ("embed_share", "attn_share", "mlp_share", "early_mlp_share")
@@ -177,7 +180,7 @@ def component_shares(
 ) -> pd.DataFrame:
     """Per set: the share of the final value written by the embedding, all attention, all MLP,
     and the early MLP layers (the first `early_fraction` of the layers), as ratios of means, each
-    with a percentile-bootstrap interval over probes (`<share>_lo`, `<share>_hi`); plus the depth
+    with a percentile-bootstrap interval over probes (`<share>_low`, `<share>_high`); plus the depth
     (layer) at which half of it is built. Answers "do early MLPs dominate?"."""
     def rows_of(arr: dict[str, np.ndarray]) -> list[Row]:
         n_layers = arr["attn"].shape[1]
@@ -189,14 +192,14 @@ def component_shares(
         total = arr["total"]
         row: Row = {"mean_total": total.mean()}
         for name, values in parts.items():
-            share, lo, hi = _share(values, total, n_boot=n_boot, level=level, seed=seed)
-            row |= {name: share, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
+            share, low, high = _share(values, total, n_boot=n_boot, level=level, seed=seed)
+            row |= {name: share, f"{name}_low": float(low), f"{name}_high": float(high)}
         cum, labels = _cumulative(arr)
         half = [layer for (layer, _), share in zip(labels, cum.mean(0) / total.mean()) if share >= 0.5]
         return [row | {"early_layers": early, "half_built_at_layer": int(half[0]) if half else None}]
 
     columns = ["group", "n", "measure", "mean_total"]
-    columns += [f"{name}{suffix}" for name in _COMPONENT_SHARES for suffix in ("", "_lo", "_hi")]
+    columns += [f"{name}{suffix}" for name in _COMPONENT_SHARES for suffix in ("", "_low", "_high")]
     return _per_group(result, measure, columns + ["early_layers", "half_built_at_layer"], rows_of)
 
 

@@ -289,7 +289,7 @@ def heldout_kl(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """lens, layer, kl (mean nats per token), low, high (bootstrap over sentences), n_tokens."""
+    """lens, layer, kl (mean nats per token), kl_low, kl_high (bootstrap over sentences), n_tokens."""
     n_layers = model.n_layers
     per_token: dict[tuple[str, int], list[Tensor]] = {}
     with torch.no_grad():
@@ -314,6 +314,6 @@ def heldout_kl(
         counts = np.bincount(np.searchsorted(groups, owners), minlength=len(groups))
         boot = sums[draws].sum(1) / counts[draws].sum(1)
         rows.append({"lens": kind, "layer": layer, "kl": float(values.mean()),
-                     "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975)),
+                     "kl_low": float(np.quantile(boot, 0.025)), "kl_high": float(np.quantile(boot, 0.975)),
                      "n_tokens": int(values.size), "n_sentences": int(len(groups))})
     return pd.DataFrame(rows)

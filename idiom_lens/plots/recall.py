@@ -43,7 +43,8 @@ def where_recall_lives(profile: RecallProfile, *, title: str = "") -> go.Figure:
                 g = part[part["group"] == group].sort_values("layer")
                 color = group_color(group)
                 x = g["layer"].tolist()
-                fig.add_trace(go.Scatter(x=x + x[::-1], y=g["hi"].tolist() + g["lo"].tolist()[::-1], fill="toself",
+                band = g["value_high"].tolist() + g["value_low"].tolist()[::-1]
+                fig.add_trace(go.Scatter(x=x + x[::-1], y=band, fill="toself",
                                          fillcolor=rgba(color, 0.12), line={"width": 0}, hoverinfo="skip",
                                          showlegend=False), row=row, col=1)
                 fig.add_trace(go.Scatter(x=x, y=g["value"], mode="lines+markers", marker={"size": 4},

@@ -79,7 +79,7 @@ def tracing_curves(
                 continue
             g = cell[cell["group"] == group].sort_values("layer")
             name = f"{group} (n = {int(g['n'].max())})"
-            add_band(fig, g["layer"], g["aie"], g["aie_lo"], g["aie_hi"], color=group_color(group), name=name,
+            add_band(fig, g["layer"], g["aie"], g["aie_low"], g["aie_high"], color=group_color(group), name=name,
                      row=1, col=col, show_legend=name not in shown)
             shown.add(name)
         fig.update_xaxes(title_text="layer", row=1, col=col)
