@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 
 from idiom_lens.analyses.lens_comparison import LensComparison
 from idiom_lens.groups import group_color
-from idiom_lens.metrics import TRAJECTORY_METRICS
+from idiom_lens.metrics import METRICS, TRAJECTORY_METRICS
 from idiom_lens.plots.style import add_band
 
 LENS_COLORS = {"logit": "#444444", "tuned": "#1f77b4", "jacobian": "#d62728"}
@@ -64,7 +64,7 @@ def heldout_kl_figure(comparison: LensComparison, *, title: str = "") -> go.Figu
             sub = sub.sort_values("layer")
             add_band(fig, sub["layer"], sub["kl"], sub["kl_low"], sub["kl_high"],
                      color=LENS_COLORS.get(lens, "#2ca02c"), name=f"{lens} lens", row=1, col=1, show_legend=True)
-    fig.update_yaxes(type="log", title_text="KL(output || lens) on held-out text, nats")
+    fig.update_yaxes(type="log", title_text=METRICS["kl"].axis_title())
     fig.update_xaxes(title_text="layer (block output)", dtick=1)
     fig.update_layout(title=title or "How far each lens's read-out is from the model's output (held-out text)",
                       template="plotly_white", height=450, width=900, legend={"orientation": "h", "y": -0.2})
