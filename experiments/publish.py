@@ -155,7 +155,7 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
         for label, layer in layers.items():
             if row.layer == layer:
                 claims.add(f"{model}.pred_prob.{slug(row.group)}.{label}", value=row.mean, n=row.n,
-                           text=short_ci(row.mean, row.low, row.high), interval=(row.low, row.high),
+                           text=short_ci(row.mean, row.mean_low, row.mean_high), interval=(row.mean_low, row.mean_high),
                            what="bootstrap 95%", command=command, source=rel(curves_path))
 
     tests_path = root / "trajectory" / "phases_promotion_tests.parquet"
@@ -189,7 +189,7 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
                text=str(int(kl["n_sentences"].iloc[0])), command=command, source=rel(kl_path))
     for row in kl.itertuples():
         claims.add(f"{model}.heldout_kl.{row.lens}.layer{row.layer}", value=row.kl,
-                   text=f"{row.kl:.1f}" if row.kl >= 10 else f"{row.kl:.2f}", interval=(row.low, row.high),
+                   text=f"{row.kl:.1f}" if row.kl >= 10 else f"{row.kl:.2f}", interval=(row.kl_low, row.kl_high),
                    what="bootstrap 95% over sentences", n=row.n_tokens, command=command, source=rel(kl_path))
 
     attribution_path = root / "attribution" / "summary.json"
@@ -201,9 +201,9 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
         base = f"{model}.attribution.{slug(row['group'])}"
         for part in ("mlp", "attn", "early_mlp", "embed"):
             value = row[f"{part}_share"]
-            claims.add(f"{base}.{part}_share", value=value, n=row["n"], interval=(row[f"{part}_share_lo"],
-                       row[f"{part}_share_hi"]), what="bootstrap 95%", command=command, source=rel(attribution_path),
-                       text=short_ci(value, row[f"{part}_share_lo"], row[f"{part}_share_hi"]))
+            claims.add(f"{base}.{part}_share", value=value, n=row["n"], interval=(row[f"{part}_share_low"],
+                       row[f"{part}_share_high"]), what="bootstrap 95%", command=command, source=rel(attribution_path),
+                       text=short_ci(value, row[f"{part}_share_low"], row[f"{part}_share_high"]))
         claims.add(f"{base}.n", value=row["n"], text=str(row["n"]), command=command, source=rel(attribution_path))
         claims.add(f"{base}.early_layers", value=row["early_layers"], text=str(row["early_layers"]), command=command,
                    source=rel(attribution_path))
@@ -227,7 +227,8 @@ def recall_claims(claims: Claims, out: Path, name: str, command: str) -> None:
     profile = _table(profile_path)
     for row in profile.itertuples():
         claims.add(f"{name}.{slug(row.measure)}.{slug(row.group)}.layer{row.layer}", value=row.value, n=row.n,
-                   text=short_ci(row.value, row.lo, row.hi), interval=(row.lo, row.hi), command=command,
+                   text=short_ci(row.value, row.value_low, row.value_high), interval=(row.value_low, row.value_high),
+                   command=command,
                    source=str(profile_path.relative_to(out)))
     for (measure, group), frame in profile.groupby(["measure", "group"], sort=True):  # as RecallProfile.peaks
         top = frame.loc[frame["value"].idxmax()]

@@ -5,6 +5,8 @@
   probability of the predicted and of the target token, and the entropy of the read-out.
 - Intervention metrics (knockouts, layer skipping): per configuration, whether the prediction
   changed, how much its probability dropped, whether the new prediction is the target.
+- Effect metrics: per layer (or cell) and set, what causal tracing, attention knockout, activation
+  patching, the learned lenses and direct logit attribution measure.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ class Metric:
     unit: str = ""
     limits: tuple[float | None, float | None] = (None, None)  # the values it can take (None: unbounded)
     lower_is_better: bool | None = None  # None: neither direction is "better"
+    short: str = ""  # a compact label for colour bars, hover text and small panels (default: `label`)
 
     def axis_title(self, prefix: str = "") -> str:
         """An axis title: `prefix` (e.g. "mean") and the label, with the unit where it adds something."""
         text = f"{prefix} {self.label}".strip()
         return f"{text} ({self.unit})" if self.unit else text
+
+    @property
+    def short_label(self) -> str:
+        """`short` where one is set, else the label."""
+        return self.short or self.label
 
     @property
     def axis_range(self) -> list[float] | None:
@@ -50,9 +58,22 @@ TRAJECTORY_METRICS: dict[str, Metric] = _metrics(
 
 # Per intervention configuration and set (knockout and skipping summaries).
 INTERVENTION_METRICS: dict[str, Metric] = _metrics(
-    Metric("changed", "share of predictions changed", limits=(0, 1)),
+    Metric("changed", "share of predictions changed", limits=(0, 1), short="share changed"),
     Metric("prob_drop", "mean drop in p(original prediction)", limits=(-1, 1)),
     Metric("new_is_target", "share predicting the target", limits=(0, 1)),
 )
 
-METRICS: dict[str, Metric] = TRAJECTORY_METRICS | INTERVENTION_METRICS
+# Per layer (or cell) and set: tracing summaries (`aie`), attention-knockout summaries
+# (`rel_change`), patching rows (`restored`), held-out KL of the lenses (`kl`), direct logit
+# attribution per measure (`logit`, `logit_diff`, and the `share` of the final value).
+EFFECT_METRICS: dict[str, Metric] = _metrics(
+    Metric("aie", "average indirect effect", limits=(-1, 1), short="AIE"),  # on the clean prediction's probability
+    Metric("rel_change", "relative change of p(clean prediction)", limits=(-1, None)),
+    Metric("restored", "restored share of the target logit", short="restored"),
+    Metric("kl", "KL(output || lens) on held-out text", "nats", (0, None), lower_is_better=True),
+    Metric("logit", "contribution to the predicted token's logit"),
+    Metric("logit_diff", "contribution to logit(pred) - logit(contrast)"),
+    Metric("share", "share of the final logit", short="share"),
+)
+
+METRICS: dict[str, Metric] = TRAJECTORY_METRICS | INTERVENTION_METRICS | EFFECT_METRICS

@@ -30,10 +30,10 @@ class LensComparison(Saved):
     lens.result.json; each lens's `PhaseAnalysis` is saved with its own trajectory, so a loaded
     comparison has no `phases`."""
 
-    promotion: pd.DataFrame  # lens, group, n, mean_promotion_layer, low, high, median_promotion_layer
+    promotion: pd.DataFrame  # lens, group, n, mean_promotion_layer(_low/_high), median_promotion_layer
     tests: pd.DataFrame  # lens, control, group, versus, mean_diff, mean_diff_low, mean_diff_high, p_value, significant
     boundaries: pd.DataFrame  # lens, boundary_layer, boundary_depth, holds, holds_confidence_matched
-    heldout_kl: pd.DataFrame | None = None  # lens, layer, kl, low, high, n_tokens (from the lens cache)
+    heldout_kl: pd.DataFrame | None = None  # lens, layer, kl, kl_low, kl_high, n_tokens (from the lens cache)
     phases: dict[str, PhaseAnalysis] = field(default_factory=dict)
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -87,7 +87,7 @@ def compare_lenses(
             layers = sub["promotion_layer"].to_numpy(dtype=np.float64)[:, None]
             mean, low, high = bootstrap_mean_ci(layers, n_boot=n_boot, seed=seed)
             promotion.append({"lens": name, "group": group, "n": len(sub), "mean_promotion_layer": float(mean[0]),
-                              "low": float(low[0]), "high": float(high[0]),
+                              "mean_promotion_layer_low": float(low[0]), "mean_promotion_layer_high": float(high[0]),
                               "median_promotion_layer": float(np.median(layers))})
         if analysis.promotion_tests is not None and len(analysis.promotion_tests):
             keep = ["control", "group", "versus", "n_a", "n_b", "mean_diff", "mean_diff_low", "mean_diff_high",

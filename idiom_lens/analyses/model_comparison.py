@@ -18,7 +18,7 @@ class ModelComparison(Saved):
     comparison.parquet, comparison_curves.parquet and comparison.result.json."""
 
     table: pd.DataFrame
-    curves: pd.DataFrame  # model, group, layer, depth, metric, mean, low, high, n
+    curves: pd.DataFrame  # model, group, layer, depth, metric, mean, mean_low, mean_high, n
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.table

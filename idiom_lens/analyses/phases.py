@@ -86,7 +86,7 @@ class PhaseAnalysis(Saved):
     """
 
     probes: pd.DataFrame  # probe_id, kind, group, memorized, promotion_layer, top10_layer, confidence_gain, final_prob
-    curves: pd.DataFrame  # group, layer, metric, mean, low, high, n
+    curves: pd.DataFrame  # group, layer, metric, mean, mean_low, mean_high, n
     boundary_layer: int | None
     n_layers: int
     top1_share: float
@@ -225,7 +225,7 @@ def analyse_phases(
             for layer in range(n_layers):
                 curve_rows.append(
                     {"group": group, "layer": layer, "metric": metric, "mean": mean[layer],
-                     "low": low[layer], "high": high[layer], "n": int(rows.sum())}
+                     "mean_low": low[layer], "mean_high": high[layer], "n": int(rows.sum())}
                 )
     curves = pd.DataFrame(curve_rows)
 

@@ -29,7 +29,7 @@ from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
 
 MEASURES: tuple[str, ...] = ("knockout top-100", "knockout matched", "tracing MLP (last noised)", "tracing MLP (last)",
                              "tracing attention (last)", "attention knockout", "DLA MLP share")
-COLUMNS = ["measure", "group", "layer", "n", "value", "lo", "hi"]
+COLUMNS = ["measure", "group", "layer", "n", "value", "value_low", "value_high"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,10 @@ class RecallProfile(Saved):
     def peaks(self) -> pd.DataFrame:
         """Per measure and set: the layer of the largest value, the value with its interval, n."""
         if self.frame.empty:
-            return pd.DataFrame(columns=["measure", "group", "peak_layer", "n", "value", "lo", "hi"])
+            return pd.DataFrame(columns=["measure", "group", "peak_layer", "n", "value", "value_low", "value_high"])
         idx = self.frame.groupby(["measure", "group"], sort=False)["value"].idxmax()
         out = self.frame.loc[idx].rename(columns={"layer": "peak_layer"})
-        return out[["measure", "group", "peak_layer", "n", "value", "lo", "hi"]].reset_index(drop=True)
+        return out[["measure", "group", "peak_layer", "n", "value", "value_low", "value_high"]].reset_index(drop=True)
 
 
 def recall_profile(
@@ -87,7 +87,8 @@ def recall_profile(
         for control, measure in (("targeted", f"knockout top-{k}"), ("matched", "knockout matched")):
             sub = table[table["control"] == control]
             parts.append(pd.DataFrame({"measure": measure, "group": sub["group"], "layer": sub["layer"], "n": sub["n"],
-                                       "value": sub["changed"], "lo": sub["changed_low"], "hi": sub["changed_high"]}))
+                                       "value": sub["changed"], "value_low": sub["changed_low"],
+                                       "value_high": sub["changed_high"]}))
         settings["knockouts"] = {"k": k, "window": 1, "positions": "all", "metric": "share of predictions changed"}
     if tracing is not None:
         summary = tracing.summary()
@@ -101,7 +102,8 @@ def recall_profile(
             measure = f"tracing {'MLP' if site == 'mlp' else 'attention'} ({position})"
             sub = summary[(summary["site"] == site) & (summary["window"] == window) & (summary["position"] == position)]
             parts.append(pd.DataFrame({"measure": measure, "group": sub["group"], "layer": sub["layer"], "n": sub["n"],
-                                       "value": sub["aie"], "lo": sub["aie_lo"], "hi": sub["aie_hi"]}))
+                                       "value": sub["aie"], "value_low": sub["aie_low"],
+                                       "value_high": sub["aie_high"]}))
         settings["tracing"] = {"window": int(window), "mlp_positions": ["last noised", "last"], "attn_position": "last",
                                "noise_sigma": tracing.settings.get("noise_sigma"),
                                "samples": tracing.settings.get("samples")}
@@ -109,8 +111,8 @@ def recall_profile(
         summary = attention.summary()
         sub = summary[summary["source"] == attention_source]
         parts.append(pd.DataFrame({"measure": "attention knockout", "group": sub["group"], "layer": sub["layer"],
-                                   "n": sub["n"], "value": -sub["rel_change"], "lo": -sub["rel_change_high"],
-                                   "hi": -sub["rel_change_low"]}))
+                                   "n": sub["n"], "value": -sub["rel_change"], "value_low": -sub["rel_change_high"],
+                                   "value_high": -sub["rel_change_low"]}))
         settings["attention_knockout"] = {"source": attention_source, "window": attention.settings.get("window"),
                                           "metric": "-(p_blocked - p_clean) / p_clean"}
     if attribution is not None:
@@ -119,7 +121,8 @@ def recall_profile(
         shares = layer_shares(attribution)
         sub = shares[shares["component"] == "mlp"]
         parts.append(pd.DataFrame({"measure": "DLA MLP share", "group": sub["group"], "layer": sub["layer"],
-                                   "n": sub["n"], "value": sub["share"], "lo": sub["lo"], "hi": sub["hi"]}))
+                                   "n": sub["n"], "value": sub["share"], "value_low": sub["share_low"],
+                                   "value_high": sub["share_high"]}))
         settings["attribution"] = {"metric": "mean MLP-layer logit / mean final logit (compatibility mode)"}
     if not parts:
         raise InputError("recall_profile needs at least one result (knockouts, tracing, attention, attribution)")

@@ -1,6 +1,9 @@
 """Small statistics shared by the analyses, all seeded and vectorised with numpy.
 
-- `bootstrap_mean_ci`: percentile-bootstrap intervals of means (per layer).
+- `bootstrap`: the percentile-bootstrap interval of any vectorised statistic; every interval of
+  idiom_lens that resamples goes through it (`bootstrap_statistics` when a caller needs the
+  resampled statistics themselves).
+- `bootstrap_mean_ci`: the mean and its interval (per column, e.g. per layer).
 - `compare_samples`: a two-sample comparison of `b` against `a`: permutation test on the
   difference of means, differences of medians and means, Cliff's delta, bootstrap intervals.
 - `match_nearest`: greedy nearest-neighbour matching without replacement within a caliper.
@@ -12,7 +15,7 @@ scipy is not a dependency of idiom_lens, so the permutation test is written here
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -32,17 +35,73 @@ def percentile_interval(samples: Float[np.ndarray, "n_boot ..."], level: float) 
     return low, high
 
 
-# Not TL's `bootstrap_ci` (torch, bounds only, fails on n < 1): `boot_indices` also serve two-sample and ratio bootstraps.
+Samples = np.ndarray | tuple[np.ndarray, ...]
+Statistic = Callable[..., np.ndarray]
+
+
+def bootstrap_statistics(
+    values: Samples,
+    statistic: Statistic,
+    *,
+    n_boot: int = 1000,
+    rng: np.random.Generator | int = 0,
+    paired: bool = True,
+) -> Float[np.ndarray, "n_boot ..."]:
+    """`statistic` of `n_boot` resamples of `values` (rows, axis 0, drawn with replacement).
+
+    `values` is one array or a tuple of arrays. Paired arrays (the default) hold rows of the same
+    units (probes), so they share each resample; unpaired ones are independent samples, resampled
+    one after the other. `statistic` takes the resampled arrays, each [n_boot, n, ...], and returns
+    [n_boot, ...]: vectorised, so one call covers every column (the same resamples for each).
+    `rng`: a seed (a fresh generator: the same seed gives the same resamples) or a generator whose
+    draws continue across calls.
+    """
+    arrays = values if isinstance(values, tuple) else (values,)
+    gen = np.random.default_rng(rng)  # a Generator is returned as it is
+    if paired:
+        n = len(arrays[0])
+        if any(len(a) != n for a in arrays):
+            raise ValueError(f"paired samples need the same number of rows, got {[len(a) for a in arrays]}")
+        idx = boot_indices(n, n_boot, gen)
+        resampled = [a[idx] for a in arrays]
+    else:
+        resampled = [a[boot_indices(len(a), n_boot, gen)] for a in arrays]
+    return statistic(*resampled)
+
+
+def bootstrap(
+    values: Samples,
+    statistic: Statistic,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    rng: np.random.Generator | int = 0,
+    paired: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high): the percentile-bootstrap interval of `statistic` at confidence `level`.
+
+    Resampling as in `bootstrap_statistics`; the bounds are elementwise over the statistic's shape.
+    """
+    samples = bootstrap_statistics(values, statistic, n_boot=n_boot, rng=rng, paired=paired)
+    return percentile_interval(samples, level)
+
+
+def _mean_of_resamples(values: np.ndarray) -> np.ndarray:
+    return values.mean(axis=1)
+
+
+# Not TL's `bootstrap_ci` (torch, bounds only, fails on n < 1): `bootstrap` also serves two-sample and ratio bootstraps.
 def bootstrap_mean_ci(
     values: Float[np.ndarray, "n ..."],
     *,
     n_boot: int = 1000,
     level: float = 0.95,
-    seed: int = 0,
+    seed: np.random.Generator | int = 0,
 ) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:
     """Mean over axis 0 and its percentile-bootstrap interval (same resamples for every column).
 
-    Returns (mean, low, high); with fewer than two rows the interval collapses to the mean.
+    Returns (mean, low, high); with fewer than two rows the interval collapses to the mean (and
+    nothing is drawn: a generator passed as `seed` keeps its state).
     """
     values = np.asarray(values, dtype=np.float64)
     if values.shape[0] == 0:
@@ -51,8 +110,7 @@ def bootstrap_mean_ci(
     mean = values.mean(axis=0)
     if values.shape[0] < 2:
         return mean, mean.copy(), mean.copy()
-    boots = values[boot_indices(values.shape[0], n_boot, np.random.default_rng(seed))].mean(axis=1)  # [n_boot, ...]
-    low, high = percentile_interval(boots, level)
+    low, high = bootstrap(values, _mean_of_resamples, n_boot=n_boot, level=level, rng=seed)
     return mean, low, high
 
 
@@ -125,12 +183,13 @@ def bootstrap_diff_ci(
     ((mean_low, mean_high), (median_low, median_high)).
     """
     a, b = _two_samples(a, b)
-    rng = np.random.default_rng(seed)
-    boot_a = a[boot_indices(len(a), n_boot, rng)]
-    boot_b = b[boot_indices(len(b), n_boot, rng)]
-    mean_low, mean_high = percentile_interval(boot_b.mean(axis=1) - boot_a.mean(axis=1), level)
-    med_low, med_high = percentile_interval(np.median(boot_b, axis=1) - np.median(boot_a, axis=1), level)
-    return (float(mean_low), float(mean_high)), (float(med_low), float(med_high))
+
+    def differences(boot_a: np.ndarray, boot_b: np.ndarray) -> np.ndarray:  # [n_boot, 2]: mean, median
+        return np.stack([boot_b.mean(axis=1) - boot_a.mean(axis=1),
+                         np.median(boot_b, axis=1) - np.median(boot_a, axis=1)], axis=1)
+
+    low, high = bootstrap((a, b), differences, n_boot=n_boot, level=level, rng=seed, paired=False)
+    return (float(low[0]), float(high[0])), (float(low[1]), float(high[1]))
 
 
 @dataclass(frozen=True)

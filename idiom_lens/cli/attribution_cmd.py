@@ -43,7 +43,7 @@ def _attribution(args: argparse.Namespace) -> int:
     print(f"attributed {digest['n_probes']} probes: {digest['group_counts']}")
     for row in digest["component_shares"]["logit"]:
         print(f"  {row['group']:<22} n={row['n']:<4} attn {row['attn_share']:+.2f}  mlp {row['mlp_share']:+.2f} "
-              f"[{row['mlp_share_lo']:+.2f}, {row['mlp_share_hi']:+.2f}]  "
+              f"[{row['mlp_share_low']:+.2f}, {row['mlp_share_high']:+.2f}]  "
               f"early mlp (first {row['early_layers']} layers) {row['early_mlp_share']:+.2f}  "
               f"half built by layer {row['half_built_at_layer']}")
     print(f"invariant max abs error: {digest['invariant_max_abs_error']}")

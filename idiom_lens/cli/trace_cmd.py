@@ -117,7 +117,7 @@ def _print_summary(summary) -> None:
             if at.empty:
                 continue
             best = at.loc[at["aie"].idxmax()]
-            cells.append(f"{position}: {best['aie']:+.3f} [{best['aie_lo']:+.3f}, {best['aie_hi']:+.3f}] "
+            cells.append(f"{position}: {best['aie']:+.3f} [{best['aie_low']:+.3f}, {best['aie_high']:+.3f}] "
                          f"at layer {int(best['layer'])}")
         label = site if window == 1 else f"{site} w{window}"
         print(f"  {group:<22} {label:<9} n = {int(part['n'].max()):<4} " + "; ".join(cells))

@@ -178,7 +178,8 @@ def heldout_table(model: Any, kind: str, *, settings: LensSettings | None = None
     if not table.is_file():
         raise InputError(f"no {kind} lens for {model.name} with these settings in the cache ({path}): train it with "
                          f"`idiom-lens lens train --model {model.spec} --kind {kind}` and the same options")
-    return pd.read_parquet(table)
+    # Lenses cached before the interval columns were named kl_low / kl_high (train.heldout_kl) say low / high.
+    return pd.read_parquet(table).rename(columns={"low": "kl_low", "high": "kl_high"})
 
 
 def load_lens_file(model: Any, path: str | Path) -> Lens:

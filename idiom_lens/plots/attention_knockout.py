@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
 from idiom_lens.errors import InputError
 from idiom_lens.groups import group_color, ordered
+from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import add_band
 
 _SOURCE_LABEL = {"context": "context (earlier words)", "last_word": "last word (its earlier tokens)", "bos": "BOS"}
@@ -48,7 +49,7 @@ def attention_knockout_curves(
                      show_legend=col == 1)
         fig.add_hline(y=0, line={"color": "#999999", "width": 1, "dash": "dot"}, row=1, col=col)
         fig.update_xaxes(title_text="centre layer of the window", dtick=2, row=1, col=col)
-    fig.update_yaxes(title_text="relative change of p(clean prediction)", tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(title_text=METRICS["rel_change"].axis_title(), tickformat=".0%", row=1, col=1)
     settings = result.settings
     fig.update_layout(
         title=f"Attention knockout: last position cut from each source in windows of {settings.get('window')} "

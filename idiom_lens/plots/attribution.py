@@ -18,11 +18,8 @@ from plotly.subplots import make_subplots
 from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure, NeuronAttribution, ProbeAttribution
 from idiom_lens.analyses.attribution_stats import INTERVAL, cumulative_share, groups_of, layer_stats
 from idiom_lens.groups import group_color
+from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import add_band
-
-_LABEL = {"logit": "contribution to the predicted token's logit",
-          "logit_diff": "contribution to logit(pred) - logit(contrast)"}
-
 
 def layer_contribution_figure(
     result: AttributionResult, *, measure: Measure = "logit", min_n: int = 3, n_boot: int = 2000, seed: int = 0
@@ -45,19 +42,21 @@ def layer_contribution_figure(
         name = f"{group} (n={n})"
         for col, comp in ((1, "attn"), (2, "mlp")):
             s = stats[(stats["group"] == group) & (stats["component"] == comp)]
-            add_band(fig, s["layer"], s["mean"], s["lo"], s["hi"], color=color, name=name, row=1, col=col,
+            add_band(fig, s["layer"], s["mean"], s["mean_low"], s["mean_high"], color=color, name=name, row=1, col=col,
                      show_legend=col == 1)
         c = cum[cum["group"] == group]
         x = [-0.5 if sub == "embed" else layer + (0.0 if sub == "attn" else 0.5) for layer, sub in zip(c["layer"], c["sublayer"])]
-        add_band(fig, x, c["share"], c["lo"], c["hi"], color=color, name=name, row=1, col=3, show_legend=False)
+        add_band(fig, x, c["share"], c["share_low"], c["share_high"], color=color, name=name, row=1, col=3,
+                 show_legend=False)
     for col in (1, 2, 3):
         fig.add_hline(y=0, line=dict(color="black", width=1, dash="dot"), row=1, col=col)
         fig.update_xaxes(title_text="layer" if col < 3 else "depth (layer; x.5 = after its MLP)", row=1, col=col)
     fig.add_hline(y=1, line=dict(color="black", width=1, dash="dot"), row=1, col=3)
-    fig.update_yaxes(title_text=_LABEL[measure], row=1, col=1)
+    fig.update_yaxes(title_text=METRICS[measure].label, row=1, col=1)
     shares = cum[cum["group"].isin(shown)]
-    lo, hi = float(shares["lo"].min()), float(shares["hi"].max())
-    fig.update_yaxes(title_text="share", range=[max(lo, -1.0) - 0.05, min(hi, 2.0) + 0.05], row=1, col=3)
+    low, high = float(shares["share_low"].min()), float(shares["share_high"].max())
+    fig.update_yaxes(title_text=METRICS["share"].short_label, range=[max(low, -1.0) - 0.05, min(high, 2.0) + 0.05],
+                     row=1, col=3)
     model = result.settings.get("model_name", "")
     left_out = f"<br><sup>left out (n < {min_n}): {', '.join(small)}</sup>" if small else ""
     fig.update_layout(
@@ -106,7 +105,8 @@ def head_heatmap_figure(probe: ProbeAttribution, *, measure: Measure = "logit") 
         zmin=-vmax, zmax=vmax, colorbar=dict(title="logit"),
     ))
     fig.update_layout(
-        title=dict(text=f"Attention heads, {probe.prompt!r} -> {probe.pred_token!r} ({_LABEL[measure]})", font=dict(size=14)),
+        title=dict(text=f"Attention heads, {probe.prompt!r} -> {probe.pred_token!r} ({METRICS[measure].label})",
+                   font=dict(size=14)),
         xaxis_title="layer", yaxis_title="head", template="plotly_white", yaxis=dict(autorange="reversed"),
         margin=dict(t=70, l=70, r=20, b=60),
     )

@@ -30,7 +30,7 @@ def depth_figure(
                 ].sort_values("depth")
                 if sel.empty:
                     continue
-                add_band(fig, sel["depth"], sel["mean"], sel["low"], sel["high"], color=group_color(group),
+                add_band(fig, sel["depth"], sel["mean"], sel["mean_low"], sel["mean_high"], color=group_color(group),
                          name=f"{model}: {group}", row=1, col=col, show_legend=col == 1)
                 fig.data[-1].line.dash = _DASHES[m % len(_DASHES)]
     fig.update_xaxes(title_text="depth (layer + 1) / n_layers", range=[0, 1.02])

@@ -26,7 +26,7 @@ from idiom_lens.analyses.interventions.knockouts import KnockoutResult
 from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.analyses.interventions.skipping import SkipResult
 from idiom_lens.groups import MEMORIZED_IDIOMS, group_color, ordered
-from idiom_lens.metrics import INTERVENTION_METRICS, Metric
+from idiom_lens.metrics import INTERVENTION_METRICS, METRICS, Metric
 
 _CONTROL_LABEL = {"targeted": "targeted top-k", "random": "random k", "matched": "magnitude-matched",
                   "whole_mlp": "whole MLP (ceiling)"}
@@ -277,7 +277,8 @@ def patching_heatmaps(
         fig.add_trace(
             go.Heatmap(
                 z=grid.values, x=x, y=list(grid.index), zmin=-1, zmax=1, zmid=0, colorscale="RdBu",
-                reversescale=True, showscale=c == len(sites), colorbar={"title": {"text": "restored"}},
+                reversescale=True, showscale=c == len(sites),
+                colorbar={"title": {"text": METRICS["restored"].short_label}},
                 hovertemplate="layer %{y}, pos %{x}: %{z:.2f}<extra></extra>",
             ),
             row=1, col=c,

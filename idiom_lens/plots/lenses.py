@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 
 from idiom_lens.analyses.lens_comparison import LensComparison
 from idiom_lens.groups import group_color
-from idiom_lens.metrics import TRAJECTORY_METRICS
+from idiom_lens.metrics import METRICS, TRAJECTORY_METRICS
 from idiom_lens.plots.style import add_band
 
 LENS_COLORS = {"logit": "#444444", "tuned": "#1f77b4", "jacobian": "#d62728"}
@@ -25,7 +25,8 @@ def lens_trajectories_figure(comparison: LensComparison, *, title: str = "", gro
     fig = make_subplots(rows=2, cols=len(lenses), shared_xaxes=True, vertical_spacing=0.08,
                         horizontal_spacing=0.04, subplot_titles=[f"{lens} lens" for lens in lenses])
     # one rank range for every lens (log10 units), so that the columns compare at a glance
-    highest = max(float(a.curves.loc[a.curves["metric"] == rank.name, "high"].max()) for a in comparison.phases.values())
+    highest = max(float(a.curves.loc[a.curves["metric"] == rank.name, "mean_high"].max())
+                  for a in comparison.phases.values())
     rank_range = [math.log10(0.8), math.log10((highest + 1) * 1.5)]
     for col, lens in enumerate(lenses, start=1):
         analysis = comparison.phases[lens]
@@ -34,7 +35,7 @@ def lens_trajectories_figure(comparison: LensComparison, *, title: str = "", gro
             for row, metric in ((1, prob.name), (2, rank.name)):
                 sel = curves[(curves["group"] == group) & (curves["metric"] == metric)].sort_values("layer")
                 shift = 1 if metric.endswith("rank") else 0
-                add_band(fig, sel["layer"], sel["mean"] + shift, sel["low"] + shift, sel["high"] + shift,
+                add_band(fig, sel["layer"], sel["mean"] + shift, sel["mean_low"] + shift, sel["mean_high"] + shift,
                          color=group_color(group), name=f"{group} (n={int(sel['n'].iloc[0])})", row=row, col=col,
                          show_legend=(row == 1 and col == 1))
         if analysis.boundary_layer is not None:
@@ -61,9 +62,9 @@ def heldout_kl_figure(comparison: LensComparison, *, title: str = "") -> go.Figu
         last = int(table["layer"].max())
         for lens, sub in table[table["layer"] < last].groupby("lens", sort=False):
             sub = sub.sort_values("layer")
-            add_band(fig, sub["layer"], sub["kl"], sub["low"], sub["high"], color=LENS_COLORS.get(lens, "#2ca02c"),
-                     name=f"{lens} lens", row=1, col=1, show_legend=True)
-    fig.update_yaxes(type="log", title_text="KL(output || lens) on held-out text, nats")
+            add_band(fig, sub["layer"], sub["kl"], sub["kl_low"], sub["kl_high"],
+                     color=LENS_COLORS.get(lens, "#2ca02c"), name=f"{lens} lens", row=1, col=1, show_legend=True)
+    fig.update_yaxes(type="log", title_text=METRICS["kl"].axis_title())
     fig.update_xaxes(title_text="layer (block output)", dtick=1)
     fig.update_layout(title=title or "How far each lens's read-out is from the model's output (held-out text)",
                       template="plotly_white", height=450, width=900, legend={"orientation": "h", "y": -0.2})

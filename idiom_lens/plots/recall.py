@@ -9,46 +9,48 @@ from plotly.subplots import make_subplots
 from idiom_lens.analyses.recall import RecallProfile
 from idiom_lens.errors import InputError
 from idiom_lens.groups import group_color, ordered
+from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import rgba
 
-# Panels top to bottom: (title, [(measure, dash)], y-axis title)
+# Panels top to bottom: (title, [(measure, dash, legend label)], y-axis title). The recall profile's
+# `value` is the measure's own metric, except for the attention knockout (minus its relative change)
+# and the DLA share (of one MLP layer), which have their own short titles here.
 _PANELS = (
     ("MLP neuron knockouts (top-100 of one layer, every position)",
-     [("knockout top-100", "solid"), ("knockout matched", "dot")], "share changed"),
+     [("knockout top-100", "solid", "top-100"), ("knockout matched", "dot", "matched control")],
+     METRICS["changed"].short_label),
     ("Causal tracing (restore a window of layers)",
-     [("tracing MLP (last noised)", "solid"), ("tracing MLP (last)", "dash"), ("tracing attention (last)", "dot")],
-     "avg. indirect effect"),
+     [("tracing MLP (last noised)", "solid", "MLP, last noised token"),
+      ("tracing MLP (last)", "dash", "MLP, last token"), ("tracing attention (last)", "dot", "attention, last token")],
+     METRICS["aie"].label),
     ("Attention knockout (last token cut from the earlier words)",
-     [("attention knockout", "solid")], "relative prob. drop"),
-    ("Direct logit attribution", [("DLA MLP share", "solid")], "MLP share of logit"),
+     [("attention knockout", "solid", "context -> last")], "relative prob. drop"),
+    ("Direct logit attribution", [("DLA MLP share", "solid", "MLP layer")], "MLP share of logit"),
 )
-_LABEL = {"knockout top-100": "top-100", "knockout matched": "matched control",
-          "tracing MLP (last noised)": "MLP, last noised token", "tracing MLP (last)": "MLP, last token",
-          "tracing attention (last)": "attention, last token",
-          "attention knockout": "context -> last", "DLA MLP share": "MLP layer"}
 
 
 def where_recall_lives(profile: RecallProfile, *, title: str = "") -> go.Figure:
     """Four panels sharing the layer axis; colour = set, dash = variant; bands = 95% intervals."""
     frame = profile.frame
-    panels = [p for p in _PANELS if any(m in set(frame["measure"]) for m, _ in p[1])]
+    panels = [p for p in _PANELS if any(m in set(frame["measure"]) for m, _, _ in p[1])]
     if not panels:
         raise InputError("the recall profile has none of the measures this figure draws")
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=[p[0] for p in panels])
     for row, (_, lines, ytitle) in enumerate(panels, start=1):
-        for measure, dash in lines:
+        for measure, dash, label in lines:
             part = frame[frame["measure"] == measure]
             for group in ordered(part["group"]):
                 g = part[part["group"] == group].sort_values("layer")
                 color = group_color(group)
                 x = g["layer"].tolist()
-                fig.add_trace(go.Scatter(x=x + x[::-1], y=g["hi"].tolist() + g["lo"].tolist()[::-1], fill="toself",
+                band = g["value_high"].tolist() + g["value_low"].tolist()[::-1]
+                fig.add_trace(go.Scatter(x=x + x[::-1], y=band, fill="toself",
                                          fillcolor=rgba(color, 0.12), line={"width": 0}, hoverinfo="skip",
                                          showlegend=False), row=row, col=1)
                 fig.add_trace(go.Scatter(x=x, y=g["value"], mode="lines+markers", marker={"size": 4},
                                          line={"color": color, "dash": dash, "width": 2},
-                                         name=f"{group}: {_LABEL.get(measure, measure)} (n = {int(g['n'].max())})"),
+                                         name=f"{group}: {label} (n = {int(g['n'].max())})"),
                               row=row, col=1)
         fig.update_yaxes(title_text=ytitle, row=row, col=1)
     fig.update_xaxes(title_text="layer", row=len(panels), col=1)

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from idiom_lens.analyses.interventions.tracing import POSITION_CLASSES, TracingResult
 from idiom_lens.errors import InputError
 from idiom_lens.groups import group_color, ordered
+from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import add_band
 
 _SITE_LABEL = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
@@ -33,6 +34,7 @@ def tracing_heatmaps(result: TracingResult, *, group: str, summary=None) -> go.F
     """ROME's picture for one set: where restoring a clean activation brings the prediction back."""
     summary = result.summary() if summary is None else summary
     part = summary[summary["group"] == group]
+    aie = METRICS["aie"]
     if part.empty:
         raise InputError(f"no traced probes in set {group!r}; sets present: {sorted(set(summary['group']))}")
     specs = _specs(result)
@@ -46,13 +48,15 @@ def tracing_heatmaps(result: TracingResult, *, group: str, summary=None) -> go.F
         table = table.loc[rows]
         fig.add_trace(go.Heatmap(z=table.to_numpy(), x=list(table.columns), y=rows, zmin=-zmax, zmax=zmax,
                                  colorscale="RdBu_r", showscale=col == len(specs),
-                                 colorbar={"title": "AIE"}, hovertemplate="layer %{x}<br>%{y}<br>AIE %{z:.3f}<extra></extra>"),
+                                 colorbar={"title": aie.short_label},
+                                 hovertemplate=f"layer %{{x}}<br>%{{y}}<br>{aie.short_label} %{{z:.3f}}"
+                                               "<extra></extra>"),
                       row=1, col=col)
         fig.update_xaxes(title_text="layer", row=1, col=col)
     n = int(part["n"].max())
     sigma = result.settings.get("noise_sigma")
     fig.update_layout(
-        title=f"Causal tracing, {group} (n = {n}): average indirect effect on the clean prediction's probability"
+        title=f"Causal tracing, {group} (n = {n}): {aie.label} on the clean prediction's probability"
               f"<br><sup>noise sigma {sigma:.3g} on {result.settings.get('noised')}; "
               f"{result.settings.get('samples')} noise samples; {result.settings.get('model_name')}</sup>",
         template="plotly_white", height=420, width=max(700, 330 * len(specs)),
@@ -79,11 +83,11 @@ def tracing_curves(
                 continue
             g = cell[cell["group"] == group].sort_values("layer")
             name = f"{group} (n = {int(g['n'].max())})"
-            add_band(fig, g["layer"], g["aie"], g["aie_lo"], g["aie_hi"], color=group_color(group), name=name,
+            add_band(fig, g["layer"], g["aie"], g["aie_low"], g["aie_high"], color=group_color(group), name=name,
                      row=1, col=col, show_legend=name not in shown)
             shown.add(name)
         fig.update_xaxes(title_text="layer", row=1, col=col)
-    fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
+    fig.update_yaxes(title_text=METRICS["aie"].axis_title(), row=1, col=1)
     fig.update_layout(title=f"Causal tracing at the {position} token, per set (95% bootstrap intervals)",
                       template="plotly_white", height=420, width=max(700, 330 * len(specs)))
     return fig

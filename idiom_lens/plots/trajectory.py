@@ -30,7 +30,7 @@ def trajectory_figure(
             sel = curves[(curves["group"] == group) & (curves["metric"] == metric)].sort_values("layer")
             shift = 1 if (metric.endswith("rank") and log_rank) else 0  # log axis: plot rank + 1
             add_band(
-                fig, sel["layer"], sel["mean"] + shift, sel["low"] + shift, sel["high"] + shift,
+                fig, sel["layer"], sel["mean"] + shift, sel["mean_low"] + shift, sel["mean_high"] + shift,
                 color=color, name=f"{group} (n={int(sel['n'].iloc[0])})", row=row, col=1,
                 show_legend=row == 1,
             )

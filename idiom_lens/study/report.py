@@ -238,9 +238,9 @@ def _attribution_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, se
     for measure, records in s.get("component_shares", {}).items():
         frame = pd.DataFrame(records)
         for name in ("embed_share", "attn_share", "mlp_share", "early_mlp_share"):
-            if {name, f"{name}_lo", f"{name}_hi"} <= set(frame.columns):  # older folders have no interval
-                frame[name] = [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
-                               zip(frame[name], frame[f"{name}_lo"], frame[f"{name}_hi"])]
+            if {name, f"{name}_low", f"{name}_high"} <= set(frame.columns):  # older folders have no interval
+                frame[name] = [f"{v:.2f} [{low:.2f}, {high:.2f}]" for v, low, high in
+                               zip(frame[name], frame[f"{name}_low"], frame[f"{name}_high"])]
         keep = [c for c in ("group", "n", "mean_total", "embed_share", "attn_share", "mlp_share",
                             "early_mlp_share", "early_layers", "half_built_at_layer") if c in frame.columns]
         parts.append(table_html(frame[keep] if keep else frame,

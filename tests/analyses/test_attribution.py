@@ -181,7 +181,7 @@ def test_statistics(gemma_post, probes):
     L = gemma_post.n_layers
     stats = layer_stats(result, n_boot=200)
     assert set(stats["component"]) == {"embed", "attn", "mlp"}
-    assert (stats["lo"] <= stats["mean"] + 1e-9).all() and (stats["mean"] <= stats["hi"] + 1e-9).all()
+    assert (stats["mean_low"] <= stats["mean"] + 1e-9).all() and (stats["mean"] <= stats["mean_high"] + 1e-9).all()
     assert stats.equals(layer_stats(result, n_boot=200))  # seeded
     for measure in ("logit", "logit_diff"):
         cum = cumulative_share(result, measure=measure, n_boot=200)
@@ -192,7 +192,8 @@ def test_statistics(gemma_post, probes):
     noise = tol(gemma_post, result) / float(np.abs([(p.logit, p.logit_diff) for p in result.probes]).min())
     assert np.allclose(shares["embed_share"] + shares["attn_share"] + shares["mlp_share"], 1.0, atol=noise, rtol=0)
     for name in ("embed_share", "attn_share", "mlp_share", "early_mlp_share"):
-        assert (shares[f"{name}_lo"] <= shares[name] + 1e-9).all() and (shares[name] <= shares[f"{name}_hi"] + 1e-9).all()
+        assert (shares[f"{name}_low"] <= shares[name] + 1e-9).all()
+        assert (shares[name] <= shares[f"{name}_high"] + 1e-9).all()
     assert shares.equals(component_shares(result, n_boot=200))  # seeded
     digest = summary(result)
     assert digest["n_probes"] == len(probes) and set(digest["component_shares"]) == {"logit", "logit_diff"}

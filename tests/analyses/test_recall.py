@@ -46,7 +46,8 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     want = s[(s["site"] == "mlp") & (s["window"] == 2) & (s["position"] == "last noised") & (s["group"] == group)
              & (s["layer"] == layer)].iloc[0]
     got = _at(frame, "tracing MLP (last noised)", group, layer)
-    assert (got["value"], got["lo"], got["hi"], got["n"]) == (want["aie"], want["aie_lo"], want["aie_hi"], want["n"])
+    assert ((got["value"], got["value_low"], got["value_high"], got["n"])
+            == (want["aie"], want["aie_low"], want["aie_high"], want["n"]))
     want = s[(s["site"] == "attn") & (s["window"] == 2) & (s["position"] == "last") & (s["group"] == group)
              & (s["layer"] == 0)].iloc[0]
     assert _at(frame, "tracing attention (last)", group, 0)["value"] == want["aie"]
@@ -54,7 +55,7 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     a = results["attention"].summary()
     want = a[(a["source"] == "context") & (a["group"] == group) & (a["layer"] == 0)].iloc[0]
     got = _at(frame, "attention knockout", group, 0)
-    assert got["value"] == -want["rel_change"] and got["lo"] == -want["rel_change_high"]
+    assert got["value"] == -want["rel_change"] and got["value_low"] == -want["rel_change_high"]
 
     k = results["knockouts"].layer_table(k=100, window=1)
     want = k[(k["control"] == "matched") & (k["group"] == group) & (k["layer"] == layer)].iloc[0]

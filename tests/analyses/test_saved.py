@@ -265,7 +265,7 @@ def test_recall_profile_round_trip(tmp_path):
     from idiom_lens.analyses.recall import RecallProfile
 
     frame = pd.DataFrame({"measure": ["knockout"] * 2, "group": ["memorized idioms"] * 2, "layer": [0, 1],
-                          "value": [0.1, 0.3], "n": [4, 4], "lo": [0.0, 0.1], "hi": [0.2, 0.5]})
+                          "value": [0.1, 0.3], "n": [4, 4], "value_low": [0.0, 0.1], "value_high": [0.2, 0.5]})
     profile = RecallProfile(frame=frame, settings={"knockouts": {"k": 100}})
     back = _round_trip(profile, tmp_path)
     pd.testing.assert_frame_equal(back.frame, frame)

@@ -35,7 +35,7 @@ def test_trace_set_writes_results_and_resumes(commands, tiny_model_dir, probe_fi
     assert rows["probe_id"].nunique() == 3
     assert set(zip(rows["site"], rows["window"])) == {("resid", 1), ("mlp", 1), ("mlp", 2), ("attn", 1), ("attn", 2)}
     summary = pd.read_parquet(out / "tracing_summary.parquet")
-    assert {"aie", "aie_lo", "aie_hi", "n"} <= set(summary.columns)
+    assert {"aie", "aie_low", "aie_high", "n"} <= set(summary.columns)
     assert list(out.glob("tracing_curves_last*.fig.json")) and list(out.glob("tracing_*idioms*.fig.json"))
     settings = json.loads((out / "summary.json").read_text())
     assert settings["samples"] == 2 and settings["noise_sigma"] > 0 and settings["n_probes"] == 3

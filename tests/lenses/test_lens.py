@@ -45,7 +45,7 @@ def _naive(model, probe_tokens, lens: Lens, layer: int, token: int) -> tuple[int
     x = model.bridge.ln_final(h.float()[None, None])[0, 0]
     logits = mask_logits(x @ model.bridge.W_U + model.bridge.b_U, valid_mask(model)).double()
     probs = logits.softmax(-1)
-    return int((logits > logits[token]).sum()), float(probs[token])
+    return int((logits > logits[token]).sum()), float(probs[token].detach())
 
 
 def test_identity_lenses_reproduce_the_logit_lens(tiny_model, probes):

@@ -55,7 +55,7 @@ from idiom_lens.datasets.selection import check_probes
 from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
-from idiom_lens.analyses.stats import boot_indices, percentile_interval
+from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
@@ -283,12 +283,7 @@ class AttentionKnockoutResult(ProbeRowsResult):
             rel = ran.pivot(index="probe_id", columns="layer", values="rel_change").reindex(columns=layers["layer"])
             values = rel.to_numpy(dtype=np.float64)  # [probe, layer]
             n = values.shape[0]
-            if n == 0:
-                mean = low = high = np.full(len(layers), np.nan)
-            else:
-                mean = values.mean(axis=0)
-                boots = values[boot_indices(n, n_boot, np.random.default_rng(seed))].mean(axis=1)
-                low, high = percentile_interval(boots, level) if n > 1 else (mean, mean)
+            mean, low, high = bootstrap_mean_ci(values, n_boot=n_boot, level=level, seed=seed)
             stats = ran.groupby("layer").agg(changed=("changed", "mean"), prob=("prob", "mean"),
                                              clean_prob=("clean_prob", "mean")).reindex(layers["layer"])
             out.append(pd.DataFrame({

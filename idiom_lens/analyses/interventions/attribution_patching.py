@@ -56,7 +56,7 @@ from idiom_lens.analyses.interventions.patching import (
 from idiom_lens.models.runners import masked_prediction
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import Saved, SavedTables
-from idiom_lens.analyses.stats import boot_indices, percentile_interval
+from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.loading import LoadedModel
@@ -236,14 +236,8 @@ def top_overlap(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"], top: int
 def _mean_interval(values: Float[np.ndarray, " n"], *, n_boot: int, level: float, rng: np.random.Generator) -> tuple[float, float, float]:
     """Mean over pairs and its percentile-bootstrap interval (NaN values left out)."""
     values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, mean, mean
-    low, high = percentile_interval(values[boot_indices(len(values), n_boot, rng)].mean(axis=1), level)
-    return mean, float(low), float(high)
+    mean, low, high = bootstrap_mean_ci(values[~np.isnan(values)], n_boot=n_boot, level=level, seed=rng)
+    return float(mean), float(low), float(high)
 
 
 @dataclass(frozen=True)

@@ -353,16 +353,17 @@ class TracingResult(ProbeRowsResult):
         class averaged within a probe first), with a 95% percentile-bootstrap interval over probes."""
         frame = self.to_dataframe()
         if frame.empty:
-            return pd.DataFrame(columns=["group", "site", "window", "layer", "position", "n", "aie", "aie_lo", "aie_hi"])
+            return pd.DataFrame(columns=["group", "site", "window", "layer", "position", "n", "aie", "aie_low",
+                                         "aie_high"])
         per_probe = frame.groupby(["group", "site", "window", "position", "layer", "probe_id"], sort=False)["ie"].mean()
         out = []
         for (group, site, window, position), part in per_probe.groupby(level=[0, 1, 2, 3], sort=False):
             table = part.unstack("layer")  # probe x layer
-            mean, lo, hi = bootstrap_mean_ci(table.to_numpy(), n_boot=n_boot, seed=seed)
+            mean, low, high = bootstrap_mean_ci(table.to_numpy(), n_boot=n_boot, seed=seed)
             for j, layer in enumerate(table.columns):
                 out.append({"group": group, "site": site, "window": int(window), "layer": int(layer),
                             "position": position, "n": int(table.shape[0]),
-                            "aie": float(mean[j]), "aie_lo": float(lo[j]), "aie_hi": float(hi[j])})
+                            "aie": float(mean[j]), "aie_low": float(low[j]), "aie_high": float(high[j])})
         summary = pd.DataFrame(out)
         order = {c: i for i, c in enumerate(POSITION_CLASSES)}
         return summary.sort_values(["group", "site", "window", "position", "layer"],

@@ -111,8 +111,9 @@ def test_probe_set_result_is_seeded_saved_and_summarised(tiny_model, probes, tmp
     again = TracingResult.load(tmp_path)
     assert again.rows.equals(a.rows) and again.settings == a.settings
     summary = a.summary()
-    assert {"group", "site", "window", "layer", "position", "n", "aie", "aie_lo", "aie_hi"} <= set(summary.columns)
-    assert (summary["aie_lo"] <= summary["aie"] + 1e-12).all() and (summary["aie"] <= summary["aie_hi"] + 1e-12).all()
+    assert {"group", "site", "window", "layer", "position", "n", "aie", "aie_low", "aie_high"} <= set(summary.columns)
+    assert (summary["aie_low"] <= summary["aie"] + 1e-12).all()
+    assert (summary["aie"] <= summary["aie_high"] + 1e-12).all()
     heat = a.heatmap(site="resid", window=1)
     assert heat.shape == (tiny_model.n_layers, a.rows["pos_from_end"].nunique())
 
