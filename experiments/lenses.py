@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from idiom_lens.models.loading import load_model
     from idiom_lens.datasets.selection import join_probe_sets
-    from idiom_lens.study.stages import markdown_table, run_lenses
+    from idiom_lens.study.text import markdown_table
+    from idiom_lens.study.stages import run_lenses
 
     probes = join_probe_sets(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)

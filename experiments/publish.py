@@ -311,7 +311,7 @@ def _demote(markdown: str) -> str:
 
 
 def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
-    from idiom_lens.study.stages import markdown_table
+    from idiom_lens.study.text import markdown_table
 
     results = docs / "results"
     for model in MODELS:

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from idiom_lens.models.loading import load_model
     from idiom_lens.datasets.selection import join_probe_sets
-    from idiom_lens.study.stages import markdown_table, resumable_trajectory, write_trajectory_outputs
+    from idiom_lens.study.text import markdown_table
+    from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 
     probes = join_probe_sets(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)

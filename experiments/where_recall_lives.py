@@ -96,7 +96,7 @@ def _draw(out: Path, *, png: bool) -> None:
     from idiom_lens.io import write_text
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.recall import where_recall_lives
-    from idiom_lens.study.stages import markdown_table
+    from idiom_lens.study.text import markdown_table
 
     profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"), tracing=TracingResult.load(out / "tracing"),
                              attention=AttentionKnockoutResult.load(out / "attention_knockout"),

@@ -61,7 +61,7 @@ def write_comparison(results_dir: str | Path, *, png: bool = True) -> list[Path]
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.compare import depth_figure
     from idiom_lens.study.layout import StudyFolder
-    from idiom_lens.study.stages import markdown_table
+    from idiom_lens.study.text import markdown_table
 
     comparison = compare_models(results_dir)
     out = StudyFolder.open(results_dir).comparison_path
