@@ -84,6 +84,7 @@ run: $(STAMP)
 TEST_PROCESSES ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup --durations=20
 test: $(STAMP) browser
+	$(BIN)/ruff check idiom_lens tests experiments benchmarks
 	$(PYTEST)
 
 test-fast: $(STAMP)
@@ -94,6 +95,7 @@ test-fast: $(STAMP)
 # holds only on a wider CPU fails here first. Run it before resolving anything numeric.
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test-avx2: $(STAMP) browser
+	$(BIN)/ruff check idiom_lens tests experiments benchmarks
 	$(AVX2_ENV) $(PYTEST)
 
 # The whole study on both models, their comparison and the report (about 20 minutes on 2 cores).
