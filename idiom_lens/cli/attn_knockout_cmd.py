@@ -10,11 +10,12 @@ target) and prints the effect per layer.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
 from idiom_lens.cli.common import (
     add_batch_size_option,
     add_model_options,
+    add_old_spelling,
     add_output_options,
     add_probe_options,
     add_worker_options,
@@ -24,10 +25,11 @@ from idiom_lens.cli.common import (
 )
 from idiom_lens.errors import InputError
 
-_SOURCES = ("context", "last_word", "bos")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from idiom_lens.analyses.interventions.attention_knockouts import SOURCES, AttentionKnockoutOptions
+
+    defaults = AttentionKnockoutOptions()
     p = subparsers.add_parser(
         "attn-knockout",
         help="attention knockout: cut the last position's attention to the context (or last word, BOS) layer by layer",
@@ -40,13 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="one sequence to knock out; its last word is the target")
     add_probe_options(p, required=False)
     add_model_options(p)
-    p.add_argument("--sources", nargs="+", choices=_SOURCES, default=["context"],
+    p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(defaults.sources),
                    help="positions the last position may no longer attend to: context (the tokens of every prompt "
-                        "word but the last; default), last_word (the last word's tokens before the last position), "
-                        "bos (the BOS token); each source is run separately")
-    p.add_argument("--window", type=int, default=5,
-                   help="consecutive layers blocked together, centred on each layer and clipped at the edges "
-                        "(default 5)")
+                        "word but the last), last_word (the last word's tokens before the last position), "
+                        f"bos (the BOS token); each source is run separately (default {' '.join(defaults.sources)})")
+    p.add_argument("--windows", type=int, nargs="+", default=[defaults.window], metavar="W",
+                   help="consecutive layers blocked together, centred on each layer and clipped at the edges; one "
+                        f"window length per run (default {defaults.window})")
+    add_old_spelling(p, "--window", "--windows", dest="windows", convert=lambda w: [w], type=int, metavar="W")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, files are written only if given")
     add_worker_options(p)
@@ -54,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
     if args.window < 1:
         raise InputError(f"--window must be a whole number of layers >= 1, got {args.window}")
     probes = text_or_dataset_probes(args)
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     rows = result.rows
     print(f"{probes[0].prompt!r} -> predicts {tok.decode([int(probe_row['clean_pred_id'])])!r} "
           f"(p={probe_row['clean_prob']:.3f}; target {probes[0].target!r}, {probe_row['group']})")
-    for source in args.sources:
+    for source in options.sources:
         part = rows[rows["source"] == source]
         if part["reason"].iloc[0]:
             print(f"  {source}: nothing to block ({part['reason'].iloc[0]})")

@@ -215,7 +215,7 @@ class ModelFolder:
 
     def attention_knockout(self) -> Any:
         """The `AttentionKnockoutResult` of the attention-knockout stage."""
-        from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+        from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 
         return AttentionKnockoutResult.load(self._need(ATTENTION_KNOCKOUT))
 

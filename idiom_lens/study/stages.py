@@ -36,8 +36,13 @@ from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
 from idiom_lens.study.layout import FORMAT
 if TYPE_CHECKING:
     from idiom_lens.distributed import WorkerPool
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+from idiom_lens.analyses.interventions.knockouts import KnockoutOptions
+from idiom_lens.analyses.interventions.patching import PatchingOptions
+from idiom_lens.analyses.interventions.tracing import TracingOptions
+from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
 from idiom_lens.analyses.trajectory import (
-    SITES,
+    TRAJECTORY_SITES,
     TrajectoryResult,
     layer_trajectory,
     load_trajectory,
@@ -98,7 +103,7 @@ def resumable_trajectory(
     probes: Sequence[Probe],
     out_dir: str | Path,
     *,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] = TRAJECTORY_SITES,
     batch_size: int = 16,
     part_size: int = 256,
     lens: Lens | None = None,
@@ -181,12 +186,12 @@ def _swept(
     from idiom_lens.distributed import Part, PartsPlan, per_probe, run_parts
 
     probes = list(probes)
-    keyed = {k: v for k, v in options.items() if k not in NOT_IN_KEY}
+    option_key = {k: keyed(v) for k, v in options.items() if k not in NOT_IN_KEY}
     parts = []
     for i in range(0, len(probes), SHARD_PROBES):
         chunk = probes[i : i + SHARD_PROBES]
         key = {"format": FORMAT, "analysis": f"{fn.__module__}.{fn.__qualname__}", "model": _model_key(model),
-               "options": keyed, "probes": _probe_key(chunk)}
+               "options": option_key, "probes": _probe_key(chunk)}
         parts.append(Part(tuple(chunk), Path(out) / SHARDS / f"{name}-{_fingerprint(key)}", key))
     plan = PartsPlan(label=f"{name} part", fn=fn, kwargs=options, units=per_probe, merge=merge,
                      save=lambda result, folder: result.save(folder), load=load)
@@ -327,34 +332,25 @@ def run_knockouts(
     probes: Sequence[Probe],
     out: Path,
     *,
-    ks: Sequence[int] = (1, 10, 100, 1000),
-    windows: Sequence[int] = (1, 2, 3, 4, 5),
-    modes: Sequence[str] = ("zero_top", "keep_top"),
-    keep_top_ks: Sequence[int] | None = (100,),
-    keep_top_windows: Sequence[int] | None = (1, 2, 3),
-    full_grid: bool = False,
-    controls: Sequence[str] = ("random", "matched", "whole_mlp"),
-    rank_by: str = "effective",
-    positions: str = "all",
-    norm: str = "live",
+    options: KnockoutOptions = KnockoutOptions(),
     compare_positions: bool = False,
-    value_vector_ks: Sequence[int] = (1, 10),
-    seed: int = 0,
-    batch_size: int = 128,
+    value_vector_ks: Sequence[int] = VALUE_VECTOR_KS,
     skip: bool = True,
+    batch_size: int = 128,
     png: bool = True,
     log: Callable[[str], None] = print,
     pool: "WorkerPool | None" = None,
 ) -> dict:
-    """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
-    value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
-    `out`, each written as soon as its step completes.
+    """Neuron knockouts (`options`: the grid, targeted, random and magnitude-matched controls,
+    whole-MLP ceiling), the value-vector statistic and layer skipping of `probes`; parquet,
+    figures and summary.json under `out`, each written as soon as its step completes.
 
-    `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
+    Layer skipping takes the grid's window lengths that fit the model, at every position.
     With a `pool` the knockouts and layer skipping run on its workers (`_swept`): the same files."""
-    from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.analyses.interventions import KnockoutResult, SkipOptions, knockout_grid, skip_layers
+    from idiom_lens.analyses.interventions import value_vector_ranks
     from idiom_lens.analyses.interventions.skipping import SkipResult
     from idiom_lens.io import write_parquet
     from idiom_lens.plots import save_figure
@@ -368,16 +364,14 @@ def run_knockouts(
     out = Path(out)
     summary: dict[str, Any] = {"n_probes": len(probes)}
     started = time.perf_counter()
-    grid: dict[str, Any] = {"full_grid": True} if full_grid else {
-        "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
-    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size)
+    positions = options.positions
     from idiom_lens.distributed import merge_probe_rows
 
-    def grid_run(where: str) -> KnockoutResult:
-        return _swept(pool, model, probes, out, f"knockouts_{where}", knockout_grid,
-                      {"positions": where, **grid, **common}, merge=merge_probe_rows, load=KnockoutResult.load)
+    def grid_run(opts: KnockoutOptions) -> KnockoutResult:
+        return _swept(pool, model, probes, out, f"knockouts_{opts.positions}", knockout_grid,
+                      {"options": opts, "batch_size": batch_size}, merge=merge_probe_rows, load=KnockoutResult.load)
 
-    knock = grid_run(positions)
+    knock = grid_run(options)
     knock.save(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
@@ -399,7 +393,7 @@ def run_knockouts(
                     height=500)
     if compare_positions:
         other = "last" if positions == "all" else "all"
-        second = grid_run(other)
+        second = grid_run(dataclasses.replace(options, positions=other))
         second.save(out, name=f"knockouts_{other}")
         summary[f"knockouts_{other}"] = second.settings
         both = KnockoutResult.concat([knock, second])
@@ -411,14 +405,14 @@ def run_knockouts(
                             out / f"knockout_positions_{group.replace(' ', '_')}_k{k}", png=png, height=500)
         log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
     if value_vector_ks:
-        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=rank_by)  # type: ignore[arg-type]
+        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=options.rank_by)
         vv.save(out)
         summary["value_vectors"] = vv.settings
     if skip:
-        skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
+        skip_windows = tuple(w for w in options.grid.windows if w <= model.n_layers) or (1,)
         skipped = _swept(pool, model, probes, out, "skipping", skip_layers,
-                         {"windows": skip_windows, "batch_size": min(batch_size, 64)}, merge=merge_probe_rows,
-                         load=SkipResult.load)
+                         {"options": SkipOptions(windows=skip_windows), "batch_size": min(batch_size, 64)},
+                         merge=merge_probe_rows, load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
@@ -436,35 +430,28 @@ def run_patching(
     probes: Sequence[Probe],
     out: Path,
     *,
-    variants: Sequence[str] = ("word_swap", "prefix_swap"),
-    seed: int = 0,
-    keep_last: int = 2,
-    method: str = "exact",
+    options: PatchingOptions = PatchingOptions(),
     batch_size: int = 64,
     png: bool = True,
     pool: "WorkerPool | None" = None,
 ) -> Any:
     """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
-    attribution patching (`method`); parquet, mean heatmaps per set and summary.json under `out`.
-    Returns the `PatchingResult`. With a `pool`, the probes run on its workers: the same files."""
-    from idiom_lens.analyses.interventions import attribution_patch_probes, patch_probes
+    attribution patching (`options.method`); parquet, mean heatmaps per set and summary.json under
+    `out`. Returns the `PatchingResult`. With a `pool`, the probes run on its workers: the same files."""
+    from idiom_lens.analyses.interventions import patch
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
 
-    methods = {"exact": patch_probes, "attribution": attribution_patch_probes}
-    if method not in methods:
-        raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     out = Path(out)
     from idiom_lens.analyses.interventions.patching import PatchingResult
     from idiom_lens.distributed import merge_patching
 
-    result = _swept(pool, model, probes, out, f"patching_{method}", methods[method],
-                    {"variants": variants, "seed": seed, "keep_last": keep_last, "batch_size": batch_size},
-                    merge=merge_patching, load=PatchingResult.load)
+    result = _swept(pool, model, probes, out, f"patching_{options.method}", patch,
+                    {"options": options, "batch_size": batch_size}, merge=merge_patching, load=PatchingResult.load)
     result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
-    for variant in variants:
+    for variant in options.corruption.variants:
         valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
         for group in sorted(set(valid["group"])):
             save_figure(patching_heatmaps(result, variant=variant, group=group),
@@ -477,19 +464,14 @@ def run_tracing(
     probes: Sequence[Probe],
     out: Path,
     *,
-    sites: Sequence[str] = ("resid", "mlp", "attn"),
-    windows: Sequence[int] = (1, 10),
-    samples: int = 10,
-    multiplier: float = 3.0,
-    noise_words: tuple[int, int] | None = None,
-    seed: int = 0,
+    options: TracingOptions = TracingOptions(),
     batch_size: int = 128,
     part_size: int = 10,
     png: bool = True,
     log: Callable[[str], None] = print,
     pool: "WorkerPool | None" = None,
 ) -> Any:
-    """Causal tracing of `probes` in parts of `part_size` probes under `out/parts/` (finished,
+    """Causal tracing (`options`) of `probes` in parts of `part_size` probes under `out/parts/` (finished,
     intact parts are reused: an interrupted run loses at most one part); then the joined result,
     its summary, heatmaps per set, layer curves and summary.json under `out`. Returns the
     `TracingResult`. With a `pool`, the unfinished parts' probes run on its workers, one probe per
@@ -501,9 +483,10 @@ def run_tracing(
     out = Path(out)
     if part_size < 1:
         raise InputError(f"part_size must be >= 1, got {part_size}")
-    scale = noise_scale(model, multiplier=multiplier)
-    options = {"sites": list(sites), "windows": [int(w) for w in windows], "samples": samples, "seed": seed,
-               "noise_words": list(noise_words) if noise_words else None, "scale": dataclasses.asdict(scale)}
+    scale = noise_scale(model, multiplier=options.multiplier)
+    part_options = {"sites": list(options.sites), "windows": list(options.windows), "samples": options.noise_samples,
+                    "seed": options.seed, "noise_words": list(options.noise_words) if options.noise_words else None,
+                    "scale": dataclasses.asdict(scale)}
     parts = []
     n_parts = (len(probes) + part_size - 1) // part_size
     if pool is not None:
@@ -512,19 +495,18 @@ def run_tracing(
         pool_parts = []
         for i in range(n_parts):
             chunk = list(probes[i * part_size : (i + 1) * part_size])
-            key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
+            key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": part_options,
                    "probes": _probe_key(chunk)}
             pool_parts.append(Part(tuple(chunk), out / "parts" / f"tracing-{_fingerprint(key)}", key))
         plan = PartsPlan(label="tracing part", fn=causal_trace,
-                         kwargs=dict(sites=sites, windows=windows, samples=samples, scale=scale,
-                                     noise_words=noise_words, seed=seed, batch_size=batch_size),
+                         kwargs=dict(options=options, scale=scale, batch_size=batch_size),
                          units=per_probe, merge=TracingResult.concat, save=lambda r, folder: r.save(folder),
                          load=TracingResult.load, fault_point="tracing.part")
         parts = run_parts(pool, pool_parts, plan, desc="causal tracing", log=log)
         n_parts = 0  # every part is done: the loop below has nothing left to do
     for i in range(n_parts):
         chunk = list(probes[i * part_size : (i + 1) * part_size])
-        key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": options,
+        key = {"format": FORMAT, "analysis": "causal_tracing", "model": _model_key(model), "options": part_options,
                "probes": _probe_key(chunk)}
         part_dir = out / "parts" / f"tracing-{_fingerprint(key)}"
         marker = part_dir / PART_MARKER
@@ -536,8 +518,7 @@ def run_tracing(
         if part_dir.exists():
             log(f"  tracing part {i + 1}/{n_parts}: recomputing {part_dir.name}, {reason}")
         _clear(part_dir, marker)
-        part = causal_trace(model, chunk, sites=sites, windows=windows, samples=samples, scale=scale,
-                            noise_words=noise_words, seed=seed, batch_size=batch_size, progress=True)
+        part = causal_trace(model, chunk, options, scale=scale, batch_size=batch_size, progress=True)
         part.save(part_dir)
         write_marker(marker, key)
         maybe_fail("tracing.part")
@@ -561,23 +542,22 @@ def run_attention_knockout(
     probes: Sequence[Probe],
     out: Path,
     *,
-    sources: Sequence[str] = ("context",),
-    window: int = 5,
+    options: AttentionKnockoutOptions = AttentionKnockoutOptions(),
     batch_size: int = 64,
     png: bool = True,
     pool: "WorkerPool | None" = None,
 ) -> Any:
-    """Attention knockout of `probes` (the last position cut from each source in windows of
-    `window` layers); result, summary CSV, figure and summary.json under `out`. With a `pool`,
+    """Attention knockout of `probes` (`options`: the last position cut from each source in windows
+    of `options.window` layers); result, summary CSV, figure and summary.json under `out`. With a `pool`,
     the probes run on its workers: the same files."""
-    from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult, attention_knockout
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult, attention_knockout
     from idiom_lens.distributed import merge_probe_rows
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
 
     out = Path(out)
     result = _swept(pool, model, probes, out, "attention_knockout", attention_knockout,
-                    {"sources": tuple(sources), "window": window, "batch_size": batch_size}, merge=merge_probe_rows,
+                    {"options": options, "batch_size": batch_size}, merge=merge_probe_rows,
                     load=AttentionKnockoutResult.load)
     result.save(out)
     write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
@@ -701,13 +681,23 @@ STAGE_MARKER = ".stage.json"
 NOT_IN_KEY: frozenset[str] = frozenset({"batch_size", "progress", "log", "pool"})
 
 
+def keyed(value: Any) -> Any:
+    """`value` as a key holds it: an options dataclass as its class name and fields (readable in
+    the marker, stable across releases that keep the fields), anything else as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"class": type(value).__name__, **{f.name: keyed(getattr(value, f.name))
+                                                  for f in dataclasses.fields(value)}}
+    return value
+
+
 def stage_key(
     fn: Callable[..., Any], model: LoadedModel, probes: Sequence[Probe], options: dict[str, Any]
 ) -> dict[str, Any]:
     """Everything that determines what `fn(model, probes, out, **options)` writes: the stage
     function, the model's settings, every field of every probe, and every other argument of `fn`
     as it will be called, defaults included (so an option added later is keyed without anyone
-    remembering to), except those in `NOT_IN_KEY`."""
+    remembering to; an options object by its class name and fields, `keyed`), except those in
+    `NOT_IN_KEY`."""
     signature = inspect.signature(fn)
     bound = signature.bind(model, probes, Path("."), **options)  # TypeError on an unknown option
     bound.apply_defaults()
@@ -717,7 +707,7 @@ def stage_key(
         "stage": f"{fn.__module__}.{fn.__qualname__}",
         "model": _model_key(model),
         "probes": _probe_key(probes),
-        "options": {name: value for name, value in bound.arguments.items()
+        "options": {name: keyed(value) for name, value in bound.arguments.items()
                     if name not in positional and name not in NOT_IN_KEY},
     }
 
