@@ -7,7 +7,7 @@ import pytest
 
 from idiom_lens.analyses.attribution import attribute_probes
 from idiom_lens.analyses.interventions import knockout_grid
-from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import MEASURES, recall_profile
 from idiom_lens.errors import InputError

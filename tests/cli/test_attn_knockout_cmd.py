@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import idiom_lens.cli as cli
-from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 from idiom_lens.cli import attn_knockout_cmd, main
 
 

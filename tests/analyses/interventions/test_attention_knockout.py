@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from idiom_lens.analyses.interventions import attention_knockout as ak
-from idiom_lens.analyses.interventions.attention_knockout import (
+from idiom_lens.analyses.interventions.attention_knockouts import (
     AttentionKnockoutResult,
     Block,
     attention_knockout,
