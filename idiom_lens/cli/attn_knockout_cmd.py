@@ -20,6 +20,7 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     worker_pool,
 )
@@ -56,20 +57,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def attention_knockout_options(args: argparse.Namespace) -> Any:
+    """The `AttentionKnockoutOptions` of the command line: `InputError` for a bad value, or for more
+    than one window (the analysis runs one window length; run the command once per length)."""
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+
+    if len(args.windows) != 1:
+        raise InputError(f"--windows takes one window length for the attention knockout, got {args.windows}: "
+                         "run the command once per length")
+    return named_options(lambda: AttentionKnockoutOptions(sources=tuple(args.sources), window=args.windows[0]),
+                         {"window": "--windows", "sources": "--sources"})
+
+
 def _run(args: argparse.Namespace) -> int:
     from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
-    if args.window < 1:
-        raise InputError(f"--window must be a whole number of layers >= 1, got {args.window}")
+
+    options = attention_knockout_options(args)  # InputError before the model loads
     probes = text_or_dataset_probes(args)
     model = load_from_args(args)
-    options = dict(sources=tuple(args.sources), window=args.window, batch_size=args.batch_size)
     if args.out is not None:  # the files the study's stage writes
         from idiom_lens.study.stages import run_attention_knockout
 
         with worker_pool(args, model) as pool:
-            result = run_attention_knockout(model, probes, args.out, png=not args.no_png, pool=pool, **options)
+            result = run_attention_knockout(model, probes, args.out, options=options, batch_size=args.batch_size,
+                                            png=not args.no_png, pool=pool)
     else:
-        result = attention_knockout(model, probes, progress=False, **options)
+        result = attention_knockout(model, probes, options, batch_size=args.batch_size)
     if args.text is None:
         summary = result.summary()
         for (group, source), part in summary.groupby(["group", "source"], sort=False):

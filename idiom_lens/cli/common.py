@@ -153,6 +153,20 @@ def add_old_spelling(parser: argparse.ArgumentParser, old: str, new: str, *, des
                         **kwargs)
 
 
+def named_options(build: Callable[[], Any], flags: dict[str, str]) -> Any:
+    """`build()` (an options object), its `InputError` naming the command's options instead of the
+    fields (`flags`: field -> --option), so that a bad value reads as the user typed it."""
+    import re
+
+    try:
+        return build()
+    except InputError as err:
+        text = str(err)
+        for field, flag in flags.items():
+            text = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, text)
+        raise InputError(text) from None
+
+
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """`--workers N`, `--ray-address ADDR|auto` and `--worker-threads N`: where a sweep runs."""
     parser.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)

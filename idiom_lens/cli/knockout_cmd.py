@@ -22,6 +22,7 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     load_from_args,
+    named_options,
     select_probes,
     worker_pool,
 )
@@ -132,7 +133,8 @@ def knockout_options(args: argparse.Namespace) -> KnockoutOptions:
             raise InputError(f"--full-grid is the paper's grid: do not also give {', '.join(names)}")
         grid = KnockoutGrid.PAPER
     else:
-        grid = dataclasses.replace(KnockoutGrid.DEFAULT, **given)
+        grid = named_options(lambda: dataclasses.replace(KnockoutGrid.DEFAULT, **given),
+                             {field: f"--{name.replace('_', '-')}" for name, field in _GRID_OPTIONS.items()})
     controls = () if args.no_control or "none" in args.controls else tuple(args.controls)
     return KnockoutOptions(grid=grid, controls=controls, rank_by=args.rank_by, positions=args.positions,
                            norm=args.norm, seed=args.seed)

@@ -23,6 +23,7 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     worker_pool,
 )
@@ -64,7 +65,9 @@ def patching_options(args: argparse.Namespace, method: str) -> Any:
     """The `PatchingOptions` of the command line for `method` (`InputError` for a bad value)."""
     from idiom_lens.analyses.interventions.patching import CorruptionOptions, PatchingOptions
 
-    corruption = CorruptionOptions(variants=tuple(args.variants), seed=args.seed, keep_last=args.keep_last)
+    corruption = named_options(
+        lambda: CorruptionOptions(variants=tuple(args.variants), seed=args.seed, keep_last=args.keep_last),
+        {"keep_last": "--keep-last", "variants": "--variants"})
     return PatchingOptions(corruption=corruption, sites=tuple(args.sites), method=method)
 
 

@@ -21,6 +21,7 @@ from idiom_lens.cli.common import (
     add_worker_options,
     default_of,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     worker_pool,
 )
@@ -70,9 +71,12 @@ def tracing_options(args: argparse.Namespace) -> TracingOptions:
     """The `TracingOptions` of the command line (`InputError` for a bad value)."""
     from idiom_lens.analyses.interventions.tracing import TracingOptions
 
-    return TracingOptions(sites=tuple(args.sites), windows=tuple(args.windows), noise_samples=args.noise_samples,
-                          multiplier=args.noise_multiplier,
-                          noise_words=tuple(args.noise_words) if args.noise_words else None, seed=args.seed)
+    return named_options(
+        lambda: TracingOptions(sites=tuple(args.sites), windows=tuple(args.windows), noise_samples=args.noise_samples,
+                               multiplier=args.noise_multiplier,
+                               noise_words=tuple(args.noise_words) if args.noise_words else None, seed=args.seed),
+        {"sites": "--sites", "windows": "--windows", "noise_samples": "--noise-samples",
+         "multiplier": "--noise-multiplier", "noise_words": "--noise-words"})
 
 
 def _run(args: argparse.Namespace) -> int:

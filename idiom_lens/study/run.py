@@ -69,6 +69,7 @@ class StudyOptions:
     sites: tuple[str, ...] = ("resid_post",)  # trajectory reads per layer
     lenses: tuple[str, ...] = ()  # learned lenses (tuned, jacobian) to read the trajectory through as well
     attribution_sample: int = 30  # probes per set (0 skips the stage)
+    attribution_top_neurons: int = 20  # top neurons kept per probe and per set by the attribution stage
     knockout_sample: int = 6  # probes per set for knockouts and skipping (0 skips)
     patching_sample: int = 4  # idioms per set, memorized and not (0 skips)
     tracing_sample: int = 2  # idioms per set, memorized and not, for causal tracing (0 skips)
@@ -241,7 +242,7 @@ def _run_stages(
         if compat_model is None:  # its settings are part of the stage's key
             compat_model = load_model(model.spec, mode="compat", device=device, n_devices=n_devices)
         digest = stage(ATTRIBUTION, run_attribution, compat_model, options.attribution_sample,
-                       {"batch_size": options.batch_size, "png": png})
+                       {"top": options.attribution_top_neurons, "batch_size": options.batch_size, "png": png})
         if digest is not None:
             log(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
     if options.tracing_sample:

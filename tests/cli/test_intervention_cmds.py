@@ -29,7 +29,7 @@ def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_p
     matched and whole-MLP controls; tables with n and intervals per set, figures, value vectors."""
     out = tmp_path / "ko"
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "1", "5",
-                 "--max-window", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
+                 "--windows", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
     assert code == 0
     frame = pd.read_parquet(out / "knockouts.parquet")
     assert frame["probe_id"].nunique() == 6 and set(frame.loc[frame["control"] != "whole_mlp", "k"]) == {1, 5, 100}
@@ -65,7 +65,7 @@ def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
 
     out = tmp_path / "ours"
     assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "5",
-                 "--max-window", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
+                 "--windows", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
                  "--compare-positions", "--norm", "frozen", "--rank-by", "magnitude", "--controls", "matched",
                  "--no-skip", "--no-png", "--out", str(out)]) == 0
     last, every = pd.read_parquet(out / "knockouts.parquet"), pd.read_parquet(out / "knockouts_all.parquet")
@@ -76,9 +76,9 @@ def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
 
 
 def test_knockout_cmd_rejects_bad_input(commands, tiny_model_dir, probe_file, tmp_path, capsys):
-    code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--max-window", "9",
+    code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--windows", "9",
                  "--out", str(tmp_path / "x")])
-    assert code == 2 and "--max-window" in capsys.readouterr().err
+    assert code == 2 and "window lengths must be in 1..3, got [9]" in capsys.readouterr().err
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--full-grid", "--k", "5",
                  "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
