@@ -14,17 +14,7 @@ from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnock
 from idiom_lens.cli import attn_knockout_cmd, main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("attn_knockout",))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("attn_knockout",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_register_adds_the_subcommand():

@@ -11,17 +11,7 @@ import idiom_lens.cli as cli
 from idiom_lens.cli import main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("knockout", "patch"))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("knockout", "patch")  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_path, capsys):
