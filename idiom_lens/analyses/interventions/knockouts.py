@@ -719,13 +719,13 @@ def _fitted(grid: KnockoutGrid, n_layers: int) -> KnockoutGrid:
     """`grid` with its class-level windows (`DEFAULT`'s and `PAPER`'s 1-5 and keep_top 1-3, written
     for deep models) clipped to the model's depth; other windows are left for `knockout_cells` to
     reject when they do not fit."""
-    clipped = grid.clipped(n_layers)
     stock = KnockoutGrid.DEFAULT
+    clip = stock.clipped(n_layers)
     return dataclasses.replace(
         grid,
-        windows=clipped.windows if grid.windows == stock.windows else grid.windows,
-        keep_top_windows=(clipped.keep_top_windows if grid.keep_top_windows == stock.keep_top_windows
-                          else grid.keep_top_windows),
+        windows=clip.windows if grid.windows == stock.windows else grid.windows,
+        keep_top_windows=clip.keep_top_windows if grid.keep_top_windows == stock.keep_top_windows
+        else grid.keep_top_windows,
     )
 
 
