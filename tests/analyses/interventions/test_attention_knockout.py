@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from idiom_lens.analyses.interventions import attention_knockout as ak
+from idiom_lens.analyses.interventions import attention_knockouts as ak
 from idiom_lens.analyses.interventions.attention_knockouts import (
     AttentionKnockoutResult,
     Block,
