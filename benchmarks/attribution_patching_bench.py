@@ -40,7 +40,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from idiom_lens.analyses.interventions import patch_probes
+    from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions, patch_probes
     from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patching_agreement
     from idiom_lens.analyses.memorization import score_memorization
@@ -60,11 +60,11 @@ def main() -> None:
     print(f"n = {len(probes)} memorized idioms sampled (seed {args.seed}) of {len(memorized)} memorized among "
           f"{len(idioms)} bundled; model load and memorization {time.perf_counter() - started:.0f} s (untimed)")
 
-    options = dict(variants=("word_swap",), seed=args.seed, batch_size=args.batch_size)
+    options = PatchingOptions(corruption=CorruptionOptions(variants=("word_swap",), seed=args.seed))
     timed = {}
     for name, run in (("exact", patch_probes), ("attribution", attribution_patch_probes)):
         started = time.perf_counter()
-        result = run(model, probes, **options)  # type: ignore[operator]
+        result = run(model, probes, options, batch_size=args.batch_size)  # type: ignore[operator]
         timed[name] = (result, time.perf_counter() - started)
     exact, exact_s = timed["exact"]
     approx, approx_s = timed["attribution"]

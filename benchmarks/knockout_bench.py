@@ -4,7 +4,7 @@
 
 1. Memorization of every bundled idiom (greedy prediction == first target token), untimed.
 2. A seeded sample of N memorized idioms (default 100).
-3. The paper's grid (`knockout_grid(full_grid=True)`: top-k for k in 1, 10, 100, 1000 in windows
+3. The paper's grid (`knockout_grid` with `KnockoutGrid.PAPER`: top-k for k in 1, 10, 100, 1000 in windows
    of 1-5 layers, all-but-top-k for k in 10, 100, 1000 in windows of 1-3; 473 configurations per
    probe on 18 layers) at the authors' positions (every prompt position), targeted only unless
    --controls is given, timed. The probes are split across --workers processes of one thread
@@ -30,12 +30,12 @@ def _worker(args: tuple[list, list[str], int, int, str]) -> tuple:
     import torch
 
     torch.set_num_threads(1)
-    from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, knockout_grid
     from idiom_lens.models.loading import load_model
 
     model = load_model("gemma-3-270m", progress=False)
-    result = knockout_grid(model, probes, full_grid=True, controls=tuple(controls), positions=positions,  # type: ignore[arg-type]
-                           seed=seed, batch_size=batch_size)
+    options = KnockoutOptions(grid=KnockoutGrid.PAPER, controls=tuple(controls), positions=positions, seed=seed)
+    result = knockout_grid(model, probes, options, batch_size=batch_size)
     return result.rows, result.probes, result.settings
 
 

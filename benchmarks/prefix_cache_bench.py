@@ -20,7 +20,7 @@ def main() -> None:
 
     from idiom_lens.models import selfcheck
     from idiom_lens.datasets import load_probes
-    from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, knockout_grid
     from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
 
@@ -33,14 +33,15 @@ def main() -> None:
     if not selfcheck.prefix_cache_works(model):
         raise SystemExit("the prefix cache is ignored under these versions: nothing to compare (use the lock)")
     probes = sample_probes(load_probes("idioms"), args.n, seed=0)
-    options = dict(ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None, positions="last")
-    knockout_grid(model, probes[:1], **options)  # warm-up
+    grid = KnockoutGrid(ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None)
+    options = KnockoutOptions(grid=grid, positions="last")
+    knockout_grid(model, probes[:1], options)  # warm-up
 
     times, results = {}, {}
     for name, works in (("prefix cache", True), ("whole prompts", False)):
         with mock.patch("idiom_lens.models.runners.prefix_cache_works", lambda m, works=works: works):
             started = time.perf_counter()
-            results[name] = knockout_grid(model, probes, **options).rows
+            results[name] = knockout_grid(model, probes, options).rows
             times[name] = time.perf_counter() - started
     n_rows = len(results["prefix cache"])
     for name, seconds in times.items():

@@ -21,6 +21,7 @@ worker's resident memory. Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -64,7 +65,7 @@ def main() -> None:
     from idiom_lens.datasets import load_probes
     from idiom_lens.study.executors import ModelRecipe, Unit, WorkerOptions, RayExecutor
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.run import KNOCKOUT_OPTIONS
+    from idiom_lens.study.run import StudyOptions
     from idiom_lens.study.stages import resumable_trajectory, run_knockouts
 
     torch.set_num_threads(2)
@@ -73,7 +74,9 @@ def main() -> None:
     traj_probes = sample_probes(idioms, args.trajectory, seed=args.seed)
     ko_probes = sample_probes(idioms, args.knockout, seed=args.seed + 1)
     quiet = lambda line: None  # noqa: E731
-    knock_options = KNOCKOUT_OPTIONS | {"png": False, "seed": args.seed}
+    study = StudyOptions(seed=args.seed)
+    knock_options = {"options": dataclasses.replace(study.knockouts, seed=study.seed),
+                     "value_vector_ks": study.value_vector_ks, "png": False}
 
     def trajectory(pool: Any) -> Callable[[Path], Any]:
         return lambda out: resumable_trajectory(model, traj_probes, out, sites=("resid_post",), batch_size=16,

@@ -17,6 +17,7 @@ Run it alone on the machine: two heavy jobs on 2 cores slow each other several t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,6 +30,8 @@ def main() -> None:
 
     from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.tracing import (
+        TRACE_SITES,
+        TracingOptions,
         causal_trace,
         default_noised,
         noise_scale,
@@ -44,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="idioms traced by the fast path (default 100)")
     parser.add_argument("--naive", type=int, default=2, help="of those, probes also run by the naive loop (default 2)")
-    parser.add_argument("--sites", nargs="+", default=["resid", "mlp", "attn"])
+    parser.add_argument("--sites", nargs="+", default=list(TRACE_SITES), choices=TRACE_SITES)
     parser.add_argument("--windows", type=int, nargs="+", default=[10])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--naive-samples", type=int, default=None, help="noise draws for the naive comparison")
@@ -58,13 +61,14 @@ def main() -> None:
     model = load_model("gemma-3-270m", progress=False)
     scale = noise_scale(model)
     probes = sample_probes(load_probes("idioms").probes, args.n, seed=0)
-    kw = dict(sites=args.sites, windows=args.windows, samples=args.samples, scale=scale, batch_size=args.batch_size)
+    options = TracingOptions(sites=tuple(args.sites), windows=tuple(args.windows), noise_samples=args.samples)
+    kw = dict(scale=scale, batch_size=args.batch_size)
     started = time.perf_counter()
     per_probe = []
     results = []
     for probe in probes:
         t = time.perf_counter()
-        results.append(causal_trace(model, [probe], **kw))
+        results.append(causal_trace(model, [probe], options, **kw))
         per_probe.append(time.perf_counter() - t)
     total = time.perf_counter() - started
     n_tokens = [len(split_probe(model.tokenizer, p.prompt, p.target).prompt_ids) for p in probes]
@@ -81,7 +85,7 @@ def main() -> None:
         naive_samples = args.naive_samples or args.samples
         for probe in probes[: args.naive]:
             t = time.perf_counter()
-            result = causal_trace(model, [probe], **(kw | {"samples": naive_samples}))
+            result = causal_trace(model, [probe], dataclasses.replace(options, noise_samples=naive_samples), **kw)
             fast_time += time.perf_counter() - t
             tokens = split_probe(model.tokenizer, probe.prompt, probe.target)
             noised = default_noised(len(tokens.prompt_ids), tokens.has_bos)

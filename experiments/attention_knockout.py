@@ -25,7 +25,11 @@ from knockouts import demo_probes  # noqa: E402
 
 
 def main() -> None:
-    from idiom_lens.analyses.interventions.attention_knockout import SOURCES, attention_knockout
+    from idiom_lens.analyses.interventions.attention_knockouts import (
+        SOURCES,
+        AttentionKnockoutOptions,
+        attention_knockout,
+    )
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
     from idiom_lens.io import write_json, write_text
@@ -56,8 +60,8 @@ def main() -> None:
         pool = [p for name in args.dataset for p in load_probes(name)]
         memo = score_memorization(model, pool, batch_size=32)
         probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed)
-    result = attention_knockout(model, probes, sources=tuple(args.sources), window=args.window,
-                                batch_size=args.batch_size, progress=True)
+    options = AttentionKnockoutOptions(sources=tuple(args.sources), window=args.window)
+    result = attention_knockout(model, probes, options, batch_size=args.batch_size, progress=True)
     result.save(args.out)
     write_text(args.out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
     save_figure(attention_knockout_curves(result), args.out / "attention_knockout", png=not args.no_png,

@@ -51,8 +51,20 @@ def demo_probes() -> list[Probe]:
 
 
 def main() -> None:
+    import dataclasses
+
     from idiom_lens.datasets import load_probes
-    from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    from idiom_lens.analyses.interventions import (
+        KnockoutGrid,
+        KnockoutOptions,
+        KnockoutResult,
+        SkipOptions,
+        knockout_grid,
+        skip_layers,
+        value_vector_ranks,
+    )
+    from idiom_lens.analyses.interventions.knockouts import CONTROLS, MODES, NORMS, POSITIONS, RANKINGS
+    from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
     from idiom_lens.io import write_json, write_parquet, write_text
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.models.loading import load_model
@@ -66,6 +78,9 @@ def main() -> None:
         skip_curves,
     )
 
+    # This experiment's grid, smaller than the knockout command's: k = 10 and 100 in windows of 1-3 layers, zero_top.
+    grid = KnockoutGrid(ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)
+    defaults = KnockoutOptions(grid=grid)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
@@ -73,19 +88,18 @@ def main() -> None:
     parser.add_argument("--per-group", type=int, default=50, help="seeded sample per set after memorization (default 50)")
     parser.add_argument("--whole", nargs="*", default=[], metavar="SET",
                         help='sets kept entire instead of sampled, e.g. --whole "memorized idioms"')
-    parser.add_argument("--positions", nargs="+", default=["all", "last"], choices=("all", "last"),
+    parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
                         help="where neurons are zeroed: all (the authors'), last (ours); default both")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-grid", action="store_true", help="the paper's grid (else --k and --max-window)")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--max-window", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["zero_top"], choices=("zero_top", "keep_top"))
-    parser.add_argument("--controls", nargs="*", default=["random", "matched", "whole_mlp"],
-                        choices=("random", "matched", "whole_mlp"))
-    parser.add_argument("--rank-by", default="effective", choices=("effective", "magnitude", "dla"))
-    parser.add_argument("--norm", default="live", choices=("live", "frozen"))
+    parser.add_argument("--full-grid", action="store_true", help="the paper's grid (else --k, --windows, --modes)")
+    parser.add_argument("--k", type=int, nargs="+", default=list(grid.ks))
+    parser.add_argument("--windows", type=int, nargs="+", default=list(grid.windows))
+    parser.add_argument("--modes", nargs="+", default=list(grid.modes), choices=MODES)
+    parser.add_argument("--controls", nargs="*", default=list(defaults.controls), choices=CONTROLS)
+    parser.add_argument("--rank-by", default=defaults.rank_by, choices=RANKINGS)
+    parser.add_argument("--norm", default=defaults.norm, choices=NORMS)
     parser.add_argument("--table-k", type=int, default=100, help="k of the specificity table (default 100)")
-    parser.add_argument("--value-vector-k", type=int, nargs="*", default=[1, 10],
+    parser.add_argument("--value-vector-k", type=int, nargs="*", default=list(VALUE_VECTOR_KS),
                         help="the authors' value-vector statistic for these k (default 1 10; none to skip)")
     parser.add_argument("--no-skip", action="store_true", help="do not run layer skipping")
     parser.add_argument("--demo", action="store_true", help="use the inline demo idioms and sentences")
@@ -99,11 +113,11 @@ def main() -> None:
         pool = [p for name in args.dataset for p in load_probes(name)]
         memo = score_memorization(model, pool, batch_size=32)
         probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed, whole=args.whole)
-    grid = {"full_grid": True} if args.full_grid else {
-        "ks": args.k, "windows": tuple(range(1, args.max_window + 1)), "modes": args.modes, "keep_top_ks": None,
-        "keep_top_windows": None}
-    common = dict(controls=tuple(args.controls), rank_by=args.rank_by, norm=args.norm, seed=args.seed, progress=True)
-    runs = {positions: knockout_grid(model, probes, positions=positions, **grid, **common)
+    grid = KnockoutGrid.PAPER if args.full_grid else dataclasses.replace(
+        grid, ks=tuple(args.k), windows=tuple(args.windows), modes=tuple(args.modes))
+    options = KnockoutOptions(grid=grid, controls=tuple(args.controls), rank_by=args.rank_by, norm=args.norm,
+                              seed=args.seed)
+    runs = {positions: knockout_grid(model, probes, dataclasses.replace(options, positions=positions), progress=True)
             for positions in dict.fromkeys(args.positions)}
     for positions, result in runs.items():
         result.save(args.out, name=f"knockouts_{positions}")
@@ -138,8 +152,8 @@ def main() -> None:
         vv.save(args.out)
         settings["value_vectors"] = vv.settings
     if not args.no_skip:
-        skip = skip_layers(model, probes, windows=tuple(range(1, min(args.max_window, model.n_layers) + 1)),
-                           progress=True)
+        windows = tuple(w for w in grid.windows if w <= model.n_layers)
+        skip = skip_layers(model, probes, SkipOptions(windows=windows), progress=True)
         skip.save(args.out)
         save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
         settings["skipping"] = skip.settings

@@ -16,9 +16,8 @@ from knockouts import demo_probes  # noqa: E402
 
 def main() -> None:
     from idiom_lens.datasets import load_probes
-    from idiom_lens.analyses.interventions import patch_probes
+    from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions, patch
     from idiom_lens.datasets.selection import sample_probes
-    from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
     from idiom_lens.plots.export import save_figure
@@ -40,8 +39,8 @@ def main() -> None:
     probes = [p for p in demo_probes() if p.kind == "idiom"] if args.demo else load_probes(args.dataset)
     probes = sample_probes(probes, args.sample, seed=args.seed)
     started = time.perf_counter()
-    run = attribution_patch_probes if args.method == "attribution" else patch_probes
-    result = run(model, probes, seed=args.seed, progress=True)
+    options = PatchingOptions(corruption=CorruptionOptions(seed=args.seed), method=args.method)
+    result = patch(model, probes, options, progress=True)
     result.save(args.out)
     write_json(args.out / "patching_settings.json", result.settings)
     for variant in result.settings["variants"]:

@@ -56,7 +56,7 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
         Step("compare", ("idiom-lens", "compare", "--results", "{out}/study"), 0.5),
         Step("report", ("idiom-lens", "report", "--results", "{out}/study"), 0.5),
         Step("knockouts-gemma-3-270m", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-gemma-3-270m",
-                                        "--per-group", "50", "--k", "100", "--max-window", "1",
+                                        "--per-group", "50", "--k", "100", "--windows", "1",
                                         "--modes", "zero_top", "--no-skip", "--value-vector-k", "1"), 9),
         Step("attribution-patching", (py, "benchmarks/attribution_patching_bench.py", "--n", "20",
                                       "--out", "{out}/attribution-patching"), 3),
@@ -66,7 +66,7 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
                                      "--out", "{out}/recall-smollm2-135m", "--per-group", "10", "--window", "5"), 7),
         Step("knockouts-all-memorized", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-all-memorized",
                                          "--dataset", "idioms", "--per-group", "0", "--whole", "memorized idioms",
-                                         "--positions", "all", "--k", "100", "--max-window", "1",
+                                         "--positions", "all", "--k", "100", "--windows", "1",
                                          "--controls", "matched", "--value-vector-k", "1", "--no-skip"), 90, long=True),
     ]
     if idiomem is not None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 def main() -> None:
     from idiom_lens.analyses.attribution import attribute_probes
-    from idiom_lens.analyses.interventions import knockout_grid
-    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, TracingOptions, knockout_grid
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions, attention_knockout
     from idiom_lens.analyses.interventions.tracing import causal_trace
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
@@ -70,12 +70,12 @@ def main() -> None:
         print(f"{name}: {seconds[name]:.0f} s")
         return result
 
-    knock = timed("knockouts", lambda: knockout_grid(
-        model, probes, ks=(100,), windows=(1,), modes=("zero_top",), controls=("matched",), positions="all",
-        seed=args.seed, progress=True))
-    attn = timed("attention_knockout", lambda: attention_knockout(model, probes, window=args.window, progress=True))
-    trace = timed("tracing", lambda: causal_trace(model, probes, windows=(args.window,), samples=args.samples,
-                                                   seed=args.seed, progress=True))
+    knockouts = KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all", seed=args.seed)
+    knock = timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
+    attn = timed("attention_knockout", lambda: attention_knockout(
+        model, probes, AttentionKnockoutOptions(window=args.window), progress=True))
+    tracing = TracingOptions(windows=(args.window,), noise_samples=args.samples, seed=args.seed)
+    trace = timed("tracing", lambda: causal_trace(model, probes, tracing, progress=True))
     compat = load_model(args.model, mode="compat")
     attrib = timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
 

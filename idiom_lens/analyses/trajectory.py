@@ -37,7 +37,7 @@ from idiom_lens.models.selfcheck import check_close, plain_last_logits
 from idiom_lens.models.vocab import mask_logits, valid_mask
 from idiom_lens.analyses.saved import Saved, SavedTables, descriptor_path
 
-SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
+TRAJECTORY_SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
     "resid_post": "blocks.{}.hook_resid_post",
     "resid_mid": "blocks.{}.hook_resid_mid",
@@ -153,7 +153,7 @@ def layer_trajectory(
     model: LoadedModel,
     probes: Sequence[Probe],
     *,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] = TRAJECTORY_SITES,
     batch_size: int = 16,
     lens: Lens | None = None,
     progress: bool = False,
@@ -170,7 +170,7 @@ def layer_trajectory(
         raise InputError("no probes to analyse")
     unknown = [s for s in sites if s not in _HOOK]
     if unknown or not sites:
-        raise InputError(f"unknown sites {unknown or '(none given)'}: expected some of {list(SITES)}")
+        raise InputError(f"unknown sites {unknown or '(none given)'}: expected some of {list(TRAJECTORY_SITES)}")
     sites = tuple(sites)
     if lens is not None:
         lens.check_model(model)

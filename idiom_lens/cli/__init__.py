@@ -10,6 +10,13 @@ forward) prints one line and exits 3.
 
 Renamed commands (the old name works for one release, with a note on stderr):
 `attribute` -> `attribute-prompt` (one prompt), `attribution` -> `attribute-set` (a probe set).
+Renamed options (the old spelling works until 0.2, with a note on stderr: `common.add_old_spelling`):
+trace `--samples` -> `--noise-samples`; knockout `--max-window N` -> `--windows 1 .. N` and
+`--keep-top-max-window` -> `--keep-top-windows`; attn-knockout `--window` -> `--windows`;
+attribute-prompt `--top` -> `--rows`; attribute-set `--top` -> `--top-neurons`.
+
+Each command builds its analysis's options object (`KnockoutOptions`, `TracingOptions`, ...) and
+reads its defaults and `choices` from it.
 """
 
 from __future__ import annotations

@@ -10,24 +10,27 @@ target) and prints the effect per layer.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
 from idiom_lens.cli.common import (
     add_batch_size_option,
     add_model_options,
+    add_old_spelling,
     add_output_options,
     add_probe_options,
     add_worker_options,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     executor,
 )
 from idiom_lens.errors import InputError
 
-_SOURCES = ("context", "last_word", "bos")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from idiom_lens.analyses.interventions.attention_knockouts import SOURCES, AttentionKnockoutOptions
+
+    defaults = AttentionKnockoutOptions()
     p = subparsers.add_parser(
         "attn-knockout",
         help="attention knockout: cut the last position's attention to the context (or last word, BOS) layer by layer",
@@ -40,33 +43,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="one sequence to knock out; its last word is the target")
     add_probe_options(p, required=False)
     add_model_options(p)
-    p.add_argument("--sources", nargs="+", choices=_SOURCES, default=["context"],
+    p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(defaults.sources),
                    help="positions the last position may no longer attend to: context (the tokens of every prompt "
-                        "word but the last; default), last_word (the last word's tokens before the last position), "
-                        "bos (the BOS token); each source is run separately")
-    p.add_argument("--window", type=int, default=5,
-                   help="consecutive layers blocked together, centred on each layer and clipped at the edges "
-                        "(default 5)")
+                        "word but the last), last_word (the last word's tokens before the last position), "
+                        f"bos (the BOS token); each source is run separately (default {' '.join(defaults.sources)})")
+    p.add_argument("--windows", type=int, nargs="+", default=[defaults.window], metavar="W",
+                   help="consecutive layers blocked together, centred on each layer and clipped at the edges; one "
+                        f"window length per run (default {defaults.window})")
+    add_old_spelling(p, "--window", "--windows", dest="windows", convert=lambda w: [w], type=int, metavar="W")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, files are written only if given")
     add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
+def attention_knockout_options(args: argparse.Namespace) -> Any:
+    """The `AttentionKnockoutOptions` of the command line: `InputError` for a bad value, or for more
+    than one window (the analysis runs one window length; run the command once per length)."""
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+
+    if len(args.windows) != 1:
+        raise InputError(f"--windows takes one window length for the attention knockout, got {args.windows}: "
+                         "run the command once per length")
+    return named_options(lambda: AttentionKnockoutOptions(sources=tuple(args.sources), window=args.windows[0]),
+                         {"window": "--windows", "sources": "--sources"})
+
+
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
-    if args.window < 1:
-        raise InputError(f"--window must be a whole number of layers >= 1, got {args.window}")
+    from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
+
+    options = attention_knockout_options(args)  # InputError before the model loads
     probes = text_or_dataset_probes(args)
     model = load_from_args(args)
-    options = dict(sources=tuple(args.sources), window=args.window, batch_size=args.batch_size)
     if args.out is not None:  # the files the study's stage writes
         from idiom_lens.study.stages import run_attention_knockout
 
         with executor(args, model) as where:
-            result = run_attention_knockout(model, probes, args.out, png=not args.no_png, executor=where, **options)
+            result = run_attention_knockout(model, probes, args.out, options=options, batch_size=args.batch_size,
+                                            png=not args.no_png, executor=where)
     else:
-        result = attention_knockout(model, probes, progress=False, **options)
+        result = attention_knockout(model, probes, options, batch_size=args.batch_size)
     if args.text is None:
         summary = result.summary()
         for (group, source), part in summary.groupby(["group", "source"], sort=False):
@@ -83,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     rows = result.rows
     print(f"{probes[0].prompt!r} -> predicts {tok.decode([int(probe_row['clean_pred_id'])])!r} "
           f"(p={probe_row['clean_prob']:.3f}; target {probes[0].target!r}, {probe_row['group']})")
-    for source in args.sources:
+    for source in options.sources:
         part = rows[rows["source"] == source]
         if part["reason"].iloc[0]:
             print(f"  {source}: nothing to block ({part['reason'].iloc[0]})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from idiom_lens.cli.common import add_command, add_model_options, load_from_args
+from idiom_lens.cli.common import add_command, add_model_options, add_old_spelling, load_from_args
 from idiom_lens.errors import InputError
 
 
@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", metavar="TEXT", help="the prompt; the model's next token is attributed")
     add_model_options(p)
-    p.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
+    p.add_argument("--rows", type=int, default=10, metavar="N",
+                   help="rows per table: components, and neurons (default 10)")
+    add_old_spelling(p, "--top", "--rows", dest="rows", type=int, metavar="N")
     p.add_argument("--target", default=None, metavar="WORD",
                    help="expected next word: the contrast token when the prediction misses it")
     p.add_argument("--promoted", type=int, default=5, metavar="K", help="promoted tokens per neuron (default 5)")
@@ -32,10 +34,10 @@ def _tok(text: str) -> str:
 def _attribute(args: argparse.Namespace) -> int:
     from idiom_lens.analyses.attribution import attribute_probe
 
-    if args.top < 1:
-        raise InputError(f"--top must be >= 1, got {args.top}")
+    if args.rows < 1:
+        raise InputError(f"--rows must be >= 1, got {args.rows}")
     model = load_from_args(args, mode="compat")
-    res = attribute_probe(model, args.text, args.target, top_neurons=args.top, promoted_tokens=args.promoted)
+    res = attribute_probe(model, args.text, args.target, top_neurons=args.rows, promoted_tokens=args.promoted)
     print(f"prompt: {res.prompt!r}   model: {model.name} (compat mode)")
     print(f"predicted {_tok(res.pred_token)} (logit {res.logit:.3f}, centered); contrast {_tok(res.other_token)} "
           f"({res.other_is.replace('_', '-')}), logit diff {res.logit_diff:.3f}")
@@ -47,8 +49,8 @@ def _attribute(args: argparse.Namespace) -> int:
         "embed" if c == "embed" else (f"L{l} {c}" if c != "head" else f"L{l} head {h}")
         for c, l, h in zip(comps["component"], comps["layer"], comps["head"])
     ]
-    comps = comps.reindex(comps["contribution"].abs().sort_values(ascending=False).index).head(args.top)
-    print(f"\ncomponents ranked by |contribution to logit| (top {args.top}; heads are parts of their layer's attn):")
+    comps = comps.reindex(comps["contribution"].abs().sort_values(ascending=False).index).head(args.rows)
+    print(f"\ncomponents ranked by |contribution to logit| (top {args.rows}; heads are parts of their layer's attn):")
     _table(["rank", "component", "to logit", "to logit diff"],
            [[str(i + 1), n, f"{c:+.3f}", f"{d:+.3f}"]
             for i, (n, c, d) in enumerate(zip(comps["name"], comps["contribution"], comps["contribution_diff"]))])

@@ -11,8 +11,10 @@ from idiom_lens.cli.common import (
     add_batch_size_option,
     add_command,
     add_model_options,
+    add_old_spelling,
     add_output_options,
     add_probe_options,
+    default_of,
     load_from_args,
     select_probes,
 )
@@ -20,6 +22,8 @@ from idiom_lens.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from idiom_lens.study.stages import run_attribution
+
     p = add_command(
         subparsers, "attribute-set", old_name="attribution",
         help="direct logit attribution of a probe set: parquet, figures and a summary JSON",
@@ -27,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_probe_options(p)
     add_model_options(p)
     add_output_options(p)
-    p.add_argument("--top", type=int, default=20, metavar="N", help="top neurons per probe and per set (default 20)")
+    p.add_argument("--top-neurons", type=int, default=default_of(run_attribution, "top"), metavar="N",
+                   help=f"top neurons kept per probe and per set (default {default_of(run_attribution, 'top')})")
+    add_old_spelling(p, "--top", "--top-neurons", dest="top_neurons", type=int, metavar="N")
     add_batch_size_option(p, default=16)
     p.set_defaults(handler=_attribution)
 
@@ -35,11 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _attribution(args: argparse.Namespace) -> int:
     from idiom_lens.study.stages import run_attribution
 
-    if args.top < 1:
-        raise InputError(f"--top must be >= 1, got {args.top}")
+    if args.top_neurons < 1:
+        raise InputError(f"--top-neurons must be >= 1, got {args.top_neurons}")
     probes = select_probes(args)
     model = load_from_args(args, mode="compat")
-    digest = run_attribution(model, probes, args.out, top=args.top, batch_size=args.batch_size, png=not args.no_png)
+    digest = run_attribution(model, probes, args.out, top=args.top_neurons, batch_size=args.batch_size, png=not args.no_png)
     print(f"attributed {digest['n_probes']} probes: {digest['group_counts']}")
     for row in digest["component_shares"]["logit"]:
         print(f"  {row['group']:<22} n={row['n']:<4} attn {row['attn_share']:+.2f}  mlp {row['mlp_share']:+.2f} "

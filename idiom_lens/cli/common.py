@@ -17,7 +17,12 @@ these functions, never with its own `add_argument`:
   memory only, never results;
 - `--results DIR` (`add_results_option`): a results folder written by `idiom-lens run`;
 - `--workers N`, `--ray-address ADDR|auto`, `--worker-threads N` (`add_worker_options`): run the
-  sweep on N Ray workers (the `distributed` extra); speed only, never results.
+  sweep on N Ray workers (the `distributed` extra); speed only, never results;
+- `--part-size N` (`add_part_size_option`): probes per resumable part (N >= 1).
+
+A command's own options take their defaults (and `choices`) from its options object or the
+analysis's constants, never from a literal written again here. A renamed option keeps its old
+spelling for one release (`add_old_spelling`): it works and prints one line on stderr.
 
 `check_shared_options` (run by `idiom_lens.cli.main` before every handler) validates them and
 raises `InputError` with the same message in every command. The folder a command writes
@@ -30,7 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import EMBEDDED_SPEC
@@ -59,7 +64,10 @@ _POSITIVE = {
     "batch_size": ("--batch-size", "sequences per forward pass"),
     "workers": ("--workers", "Ray workers, each holding the model"),
     "worker_threads": ("--worker-threads", "torch threads per worker"),
+    "part_size": ("--part-size", "probes per resumable part"),
 }
+# When the old spellings of renamed options (`add_old_spelling`) go.
+OLD_SPELLINGS_GO_IN = "0.2"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +120,51 @@ def add_png_option(parser: argparse.ArgumentParser) -> None:
 
 def add_batch_size_option(parser: argparse.ArgumentParser, *, default: int) -> None:
     parser.add_argument("--batch-size", type=int, default=default, metavar="N", help=f"{BATCH_HELP} (default {default})")
+
+
+def default_of(fn: Callable[..., Any], name: str) -> Any:
+    """The default of `fn`'s argument `name`: a command shows (and uses) the library's default
+    rather than writing it again."""
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+def add_part_size_option(parser: argparse.ArgumentParser, *, default: int, note: str = "") -> None:
+    """`--part-size N`: probes per resumable part (a crash loses at most one part)."""
+    parser.add_argument("--part-size", type=int, default=default, metavar="N",
+                        help=f"probes per resumable part (default {default}); a crash loses at most one part{note}")
+
+
+def add_old_spelling(parser: argparse.ArgumentParser, old: str, new: str, *, dest: str,
+                     convert: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+    """`old` as a deprecated spelling of `new` for one release: it sets `dest` (through `convert`,
+    when the old option meant something to translate, e.g. a bound into a list) and prints one
+    line on stderr. Hidden from --help. Add it after `new` (so that `new`'s default stands)."""
+
+    class OldSpelling(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            print(f"idiom-lens: {old} is deprecated; use {new} (the old spelling goes in {OLD_SPELLINGS_GO_IN})",
+                  file=sys.stderr)
+            setattr(namespace, self.dest, convert(values) if convert is not None else values)
+
+    parser.add_argument(old, dest=dest, action=OldSpelling, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                        **kwargs)
+
+
+def named_options(build: Callable[[], Any], flags: dict[str, str]) -> Any:
+    """`build()` (an options object), its `InputError` naming the command's options instead of the
+    fields (`flags`: field -> --option), so that a bad value reads as the user typed it."""
+    import re
+
+    try:
+        return build()
+    except InputError as err:
+        text = str(err)
+        for field, flag in flags.items():
+            text = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, text)
+        raise InputError(text) from None
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:

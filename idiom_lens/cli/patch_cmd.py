@@ -23,6 +23,7 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     executor,
 )
@@ -30,6 +31,9 @@ from idiom_lens.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from idiom_lens.analyses.interventions.patching import METHODS, PATCH_SITES, VARIANTS, PatchingOptions
+
+    defaults = PatchingOptions()
     p = subparsers.add_parser(
         "patch",
         help="activation patching: restore the target logit from the clean idiom into a corrupted prompt",
@@ -40,19 +44,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="one sequence to patch; its last word is the target")
     add_probe_options(p, required=False)
     add_model_options(p)
-    p.add_argument("--variants", nargs="+", choices=("word_swap", "prefix_swap"), default=["word_swap", "prefix_swap"])
-    p.add_argument("--keep-last", type=int, default=2, help="words kept by prefix_swap (default 2)")
-    p.add_argument("--method", choices=("exact", "attribution", "both"), default="exact",
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(defaults.corruption.variants),
+                   help="word_swap: one word replaced; prefix_swap: every word but the last --keep-last replaced "
+                        f"(default {' '.join(defaults.corruption.variants)})")
+    p.add_argument("--keep-last", type=int, default=defaults.corruption.keep_last,
+                   help=f"words kept by prefix_swap (default {defaults.corruption.keep_last})")
+    p.add_argument("--sites", nargs="+", choices=PATCH_SITES, default=list(defaults.sites),
+                   help=f"what is patched (default {' '.join(defaults.sites)})")
+    p.add_argument("--method", choices=(*METHODS, "both"), default=defaults.method,
                    help="exact: one patched run per site, layer and position; attribution: the gradient estimate, "
                    "one forward and one backward per pair; both: each on the same pairs, plus their agreement "
-                   "(default exact)")
+                   f"(default {defaults.method})")
     add_batch_size_option(p, default=64)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, heatmaps are written only if given")
     add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
+def patching_options(args: argparse.Namespace, method: str) -> Any:
+    """The `PatchingOptions` of the command line for `method` (`InputError` for a bad value)."""
+    from idiom_lens.analyses.interventions.patching import CorruptionOptions, PatchingOptions
+
+    corruption = named_options(
+        lambda: CorruptionOptions(variants=tuple(args.variants), seed=args.seed, keep_last=args.keep_last),
+        {"keep_last": "--keep-last", "variants": "--variants"})
+    return PatchingOptions(corruption=corruption, sites=tuple(args.sites), method=method)
+
+
 def _run(args: argparse.Namespace) -> int:
+    for method in _methods(args):
+        patching_options(args, method)  # InputError before the model loads
     probes = text_or_dataset_probes(args)
     model = load_from_args(args)
     return _run_set(args, model, probes) if args.text is None else _run_text(args, model, probes)
@@ -68,12 +89,9 @@ def _folder(args: argparse.Namespace, method: str) -> Path:
 
 
 def _patch(args: argparse.Namespace, model: Any, probes: list, method: str) -> Any:
-    from idiom_lens.analyses.interventions import patch_probes
-    from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes
+    from idiom_lens.analyses.interventions import patch
 
-    run = attribution_patch_probes if method == "attribution" else patch_probes
-    return run(model, probes, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
-               batch_size=args.batch_size, progress=True)
+    return patch(model, probes, patching_options(args, method), batch_size=args.batch_size, progress=True)
 
 
 def _agreement(results: dict[str, Any], out: Path | None) -> None:
@@ -104,8 +122,8 @@ def _run_methods(args: argparse.Namespace, model: Any, probes: list, where: Any)
         from idiom_lens.study.stages import run_patching
 
         folder = _folder(args, method)
-        result = run_patching(model, probes, folder, variants=args.variants, seed=args.seed, keep_last=args.keep_last,
-                              method=method, batch_size=args.batch_size, png=not args.no_png, executor=where)
+        result = run_patching(model, probes, folder, options=patching_options(args, method),
+                              batch_size=args.batch_size, png=not args.no_png, executor=where)
         if not results:
             for row in result.skipped.itertuples():
                 print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")
@@ -149,7 +167,7 @@ def _run_text(args: argparse.Namespace, model: Any, probes: list) -> int:
         out = _folder(args, method)
         result.save(out)
         write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
-        for variant in args.variants:
+        for variant in result.settings["variants"]:
             valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
             for pid in valid["probe_id"]:
                 save_figure(patching_heatmaps(result, variant=variant, probe_id=pid),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from idiom_lens.cli.common import add_model_options, load_from_args
+from idiom_lens.cli.common import add_model_options, default_of, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from idiom_lens.analyses.predict import predict_next
+
     p = sub.add_parser("predict", help="top-K next tokens after TEXT")
     p.add_argument("text", help="the prompt, e.g. 'once in a blue'")
-    p.add_argument("--top", type=int, default=5, help="how many tokens to show (default 5)")
+    top = default_of(predict_next, "top")
+    p.add_argument("--top", type=int, default=top, metavar="K", help=f"how many tokens to show (default {top})")
     add_model_options(p)
     p.set_defaults(handler=handle)
 

@@ -11,39 +11,49 @@ from pathlib import Path
 from idiom_lens.cli.common import add_model_options, add_worker_options, load_from_args
 
 
+# `StudyOptions` field -> the help of its --option (the default is read from `StudyOptions()`)
+_SAMPLES = {
+    "attribution_sample": "probes per comparison set (memorized idioms, non-memorized idioms, text, facts) for the "
+                          "attribution stage, seeded by --seed",
+    "knockout_sample": "probes per comparison set for knockouts and layer skipping, seeded by --seed",
+    "patching_sample": "idioms per comparison set (memorized, non-memorized) for activation patching, seeded by --seed",
+    "tracing_sample": "idioms per comparison set (memorized, non-memorized) for causal tracing, seeded by --seed "
+                      "(about 35 s each on 2 cores)",
+    "attn_knockout_sample": "probes per comparison set for the attention knockout, seeded by --seed",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """`run`'s parser: the shared probe, output and batch options (`idiom_lens.cli.common`) plus the
-    stage samples. `--sample` is not an option of `run`: each stage takes its own seeded sample per
-    comparison set (memorized idioms, non-memorized idioms, text, facts), known after the trajectory."""
-    from idiom_lens.cli.common import add_batch_size_option, add_output_options, add_probe_options
+    stage samples, every default read from `StudyOptions()`. `--sample` is not an option of `run`:
+    each stage takes its own seeded sample per comparison set (memorized idioms, non-memorized
+    idioms, text, facts), known after the trajectory."""
+    from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
+    from idiom_lens.cli.common import (
+        add_batch_size_option,
+        add_output_options,
+        add_part_size_option,
+        add_probe_options,
+    )
+    from idiom_lens.study.run import StudyOptions
 
+    defaults = StudyOptions()
     p = sub.add_parser("run", help="the main job: the whole study on one model (resumable)")
     add_output_options(p, required=False, default=Path("results"), note="the model's results go to DIR/<model>/")
-    add_probe_options(p, required=False, default=("idioms", "text", "facts"), sample=False)
-    p.add_argument("--sites", nargs="+", default=["resid_post"],
-                   help="trajectory reads per layer (default: resid_post, the paper's figure; "
+    add_probe_options(p, required=False, default=defaults.datasets, sample=False)
+    p.add_argument("--sites", nargs="+", choices=TRAJECTORY_SITES, default=list(defaults.sites),
+                   help=f"trajectory reads per layer (default: {' '.join(defaults.sites)}, the paper's figure; "
                         "resid_mid attn_out mlp_out add as much time again each)")
     p.add_argument("--lens", nargs="+", default=["logit"], choices=("logit", "tuned", "jacobian"),
                    help="lenses to read the trajectory through: the logit lens always (the paper's); tuned and/or "
                         "jacobian add the lenses stage (each trained once into the cache when missing, about 10 "
                         "minutes on 2 cores) comparing the phases under each lens")
-    p.add_argument("--attribution-sample", type=int, default=30, metavar="N",
-                   help="probes per comparison set (memorized idioms, non-memorized idioms, text, facts) for the "
-                        "attribution stage, seeded by --seed (default 30; 0 skips it)")
-    p.add_argument("--knockout-sample", type=int, default=6, metavar="N",
-                   help="probes per comparison set for knockouts and layer skipping, seeded by --seed "
-                        "(default 6; 0 skips them)")
-    p.add_argument("--patching-sample", type=int, default=4, metavar="N",
-                   help="idioms per comparison set (memorized, non-memorized) for activation patching, seeded by "
-                        "--seed (default 4; 0 skips)")
-    p.add_argument("--tracing-sample", type=int, default=2, metavar="N",
-                   help="idioms per comparison set (memorized, non-memorized) for causal tracing, seeded by --seed "
-                        "(default 2, about 35 s each on 2 cores; 0 skips)")
-    p.add_argument("--attn-knockout-sample", type=int, default=10, metavar="N",
-                   help="probes per comparison set for the attention knockout, seeded by --seed (default 10; 0 skips)")
-    add_batch_size_option(p, default=16)
-    p.add_argument("--part-size", type=int, default=256, metavar="N",
-                   help="probes per resumable trajectory part (default 256); a crash loses at most one part")
+    for field, help_ in _SAMPLES.items():
+        default = getattr(defaults, field)
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, metavar="N",
+                       help=f"{help_} (default {default}; 0 skips)")
+    add_batch_size_option(p, default=defaults.batch_size)
+    add_part_size_option(p, default=defaults.part_size, note=" (trajectory parts)")
     add_model_options(p)
     add_worker_options(p)
     p.set_defaults(handler=handle)

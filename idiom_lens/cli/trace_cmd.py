@@ -9,21 +9,32 @@ traces one sequence (its last word is the target) and prints where restoring hel
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from idiom_lens.cli.common import (
     add_batch_size_option,
     add_model_options,
+    add_old_spelling,
     add_output_options,
+    add_part_size_option,
     add_probe_options,
     add_worker_options,
+    default_of,
     load_from_args,
+    named_options,
     text_or_dataset_probes,
     executor,
 )
-from idiom_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from idiom_lens.analyses.interventions.tracing import TracingOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from idiom_lens.analyses.interventions.tracing import TRACE_SITES, TracingOptions
+    from idiom_lens.study.stages import run_tracing
+
+    defaults = TracingOptions()
     p = subparsers.add_parser(
         "trace",
         help="causal tracing: noise the prompt's embeddings, restore one clean activation, see the prediction return",
@@ -36,57 +47,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="one sequence to trace; its last word is the target")
     add_probe_options(p, required=False)
     add_model_options(p)
-    p.add_argument("--sites", nargs="+", choices=("resid", "mlp", "attn"), default=["resid", "mlp", "attn"],
-                   help="what is restored (default all three)")
-    p.add_argument("--windows", type=int, nargs="+", default=[1, 10],
-                   help="window sizes for mlp and attn, centered and clipped (default 1 10; resid is one layer)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
-    p.add_argument("--noise-multiplier", type=float, default=3.0,
-                   help="noise std in units of the input embeddings' std (default 3, ROME's)")
+    p.add_argument("--sites", nargs="+", choices=TRACE_SITES, default=list(defaults.sites),
+                   help=f"what is restored (default {' '.join(defaults.sites)})")
+    p.add_argument("--windows", type=int, nargs="+", default=list(defaults.windows), metavar="W",
+                   help="window sizes for mlp and attn, centered and clipped (default "
+                        f"{' '.join(map(str, defaults.windows))}; resid is one layer)")
+    p.add_argument("--noise-samples", type=int, default=defaults.noise_samples, metavar="N",
+                   help=f"noise samples per probe (default {defaults.noise_samples})")
+    add_old_spelling(p, "--samples", "--noise-samples", dest="noise_samples", type=int, metavar="N")
+    p.add_argument("--noise-multiplier", type=float, default=defaults.multiplier,
+                   help=f"noise std in units of the input embeddings' std (default {defaults.multiplier:g}, ROME's)")
     p.add_argument("--noise-words", type=int, nargs=2, default=None, metavar=("FIRST", "STOP"),
                    help="noise the prompt words FIRST..STOP-1 (Python slice, negative from the end) instead of "
                         "every token but the BOS and the last")
-    p.add_argument("--part-size", type=int, default=10, help="probes per resumable part (default 10)")
+    add_part_size_option(p, default=default_of(run_tracing, "part_size"))
     add_batch_size_option(p, default=128)
     add_output_options(p, required=False, note="required with --dataset; with TEXT, figures are written only if given")
     add_worker_options(p)
     p.set_defaults(handler=_run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    if args.samples < 1:
-        raise InputError(f"--samples must be >= 1, got {args.samples}")
-    if any(w < 1 for w in args.windows):
-        raise InputError(f"--windows must be >= 1, got {args.windows}")
-    if args.noise_multiplier < 0:
-        raise InputError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
-    if args.part_size < 1:
-        raise InputError(f"--part-size must be >= 1, got {args.part_size}")
+def tracing_options(args: argparse.Namespace) -> TracingOptions:
+    """The `TracingOptions` of the command line (`InputError` for a bad value)."""
+    from idiom_lens.analyses.interventions.tracing import TracingOptions
+
+    return named_options(
+        lambda: TracingOptions(sites=tuple(args.sites), windows=tuple(args.windows), noise_samples=args.noise_samples,
+                               multiplier=args.noise_multiplier,
+                               noise_words=tuple(args.noise_words) if args.noise_words else None, seed=args.seed),
+        {"sites": "--sites", "windows": "--windows", "noise_samples": "--noise-samples",
+         "multiplier": "--noise-multiplier", "noise_words": "--noise-words"})
 
 
 def _run(args: argparse.Namespace) -> int:
-    _check(args)
+    options = tracing_options(args)  # InputError before the model loads
     probes = text_or_dataset_probes(args, min_words=3)  # noise needs a token between the BOS and the last
     model = load_from_args(args)
-    options = dict(sites=args.sites, windows=args.windows, samples=args.samples, multiplier=args.noise_multiplier,
-                   noise_words=tuple(args.noise_words) if args.noise_words else None, seed=args.seed,
-                   batch_size=args.batch_size)
     if args.text is None:
         from idiom_lens.study.stages import run_tracing
 
         with executor(args, model) as where:
-            result = run_tracing(model, probes, args.out, part_size=args.part_size, png=not args.no_png, executor=where,
-                                 **options)
+            result = run_tracing(model, probes, args.out, options=options, batch_size=args.batch_size,
+                                 part_size=args.part_size, png=not args.no_png, executor=where)
         _print_summary(result.summary())
         print(f"{len(probes)} probes in {result.settings['seconds']:.1f} s; results in {args.out}")
         return 0
     return _run_text(args, model, probes[0], options)
 
 
-def _run_text(args: argparse.Namespace, model, probe, options: dict) -> int:
+def _run_text(args: argparse.Namespace, model, probe, options: TracingOptions) -> int:
     from idiom_lens.analyses.interventions.tracing import causal_trace
 
-    result = causal_trace(model, [probe], **options)
+    result = causal_trace(model, [probe], options, batch_size=args.batch_size)
     info = result.probes.iloc[0]
     print(f"{probe.prompt!r} -> {info['clean_pred_token']!r} (p = {info['clean_prob']:.3f}; target {probe.target!r}); "
           f"noised: p = {info['corrupted_prob']:.3f}")

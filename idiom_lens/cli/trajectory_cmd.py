@@ -8,28 +8,30 @@ from idiom_lens.cli.common import (
     add_batch_size_option,
     add_model_options,
     add_output_options,
+    add_part_size_option,
     add_probe_options,
     add_worker_options,
+    default_of,
     load_from_args,
     select_probes,
     executor,
 )
-from idiom_lens.errors import InputError
-from idiom_lens.analyses.trajectory import SITES
+from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trajectory", help="memorization + layer trajectory of a probe set")
     add_probe_options(p)
-    p.add_argument("--sites", nargs="+", default=None, choices=SITES,
+    p.add_argument("--sites", nargs="+", default=None, choices=TRAJECTORY_SITES,
                    help="which reads per layer (default: all four with the logit lens, resid_post with a learned one)")
     p.add_argument("--lens", default="logit", metavar="KIND|FILE",
                    help="read each layer through: logit (default, the paper's), tuned or jacobian (from the cache, "
                         "trained first when missing: `idiom-lens lens train`), or a lens file (.pt)")
     add_batch_size_option(p, default=16)
-    p.add_argument("--part-size", type=int, default=256, metavar="N",
-                   help="probes per resumable part (default 256); a crash loses at most one part, and with --workers "
-                        "each part is one worker's task")
+    from idiom_lens.study.stages import resumable_trajectory
+
+    add_part_size_option(p, default=default_of(resumable_trajectory, "part_size"),
+                         note=", and with --workers each part is one worker's task")
     add_output_options(p)
     add_model_options(p)
     add_worker_options(p)
@@ -39,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 
-    if args.part_size < 1:
-        raise InputError(f"--part-size must be a whole number >= 1 (probes per resumable part), got {args.part_size}")
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))
     from idiom_lens.lenses.cache import resolve_lens
@@ -48,7 +48,7 @@ def handle(args: argparse.Namespace) -> int:
 
     model = load_from_args(args)
     lens = resolve_lens(model, args.lens, prompts=sorted(set(bundled_prompts()) | {p.prompt for p in selected}))
-    sites = args.sites or (list(SITES) if lens.kind == "logit" else ["resid_post"])
+    sites = args.sites or (list(TRAJECTORY_SITES) if lens.kind == "logit" else ["resid_post"])
     print(f"trajectory: {len(selected)} probes from {datasets} on {model.spec}, {lens.kind} lens -> {args.out}")
     with executor(args, model) as where:
         result = resumable_trajectory(model, selected, args.out, sites=sites, batch_size=args.batch_size, lens=lens,

@@ -13,7 +13,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 from idiom_lens.errors import InputError
 from idiom_lens.groups import group_color, ordered
 from idiom_lens.metrics import METRICS

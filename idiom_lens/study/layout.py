@@ -234,7 +234,7 @@ class ModelFolder:
 
     def attention_knockout(self) -> AttentionKnockoutResult:
         """The `AttentionKnockoutResult` of the attention-knockout stage."""
-        from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+        from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 
         return AttentionKnockoutResult.load(self._need(ATTENTION_KNOCKOUT))
 

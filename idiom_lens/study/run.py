@@ -25,11 +25,17 @@ stages that depend on it; `batch_size` changes speed, not results, and redoes no
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+from idiom_lens.analyses.interventions.knockouts import KnockoutGrid, KnockoutOptions
+from idiom_lens.analyses.interventions.patching import PatchingOptions
+from idiom_lens.analyses.interventions.tracing import TracingOptions
+from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
 from idiom_lens.errors import InputError
 from idiom_lens.locks import folder_lock
 from idiom_lens.models.loading import LoadedModel, load_model
@@ -44,41 +50,41 @@ from idiom_lens.study.layout import (
     StudyFolder,
 )
 
-# Options of the stage functions fixed by the study design; `run_study` adds seed, png and batch
-# sizes. Every entry is part of its stage's key, so editing one here redoes that stage.
-# Knockouts: the authors' positions (every position), k = 100 in windows of one layer, with the random,
-# magnitude-matched and whole-MLP controls (4 x 18 configurations per probe on Gemma 3 270M, ~1 min for
-# 30 probes on one core); `idiom-lens knockout --full-grid` runs the paper's whole grid.
-KNOCKOUT_OPTIONS: dict[str, Any] = {
-    "ks": (100,), "windows": (1,), "modes": ("zero_top",), "keep_top_ks": None, "keep_top_windows": None,
-    "positions": "all", "controls": ("random", "matched", "whole_mlp"), "rank_by": "effective", "norm": "live",
-    "value_vector_ks": (1,),
-}
-PATCHING_OPTIONS: dict[str, Any] = {}
-# Causal tracing: the residual stream at one layer, MLP and attention outputs in windows of 5 layers
-# (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; 20-45 s per idiom on 2 cores.
-TRACING_OPTIONS: dict[str, Any] = {"sites": ("resid", "mlp", "attn"), "windows": (5,), "samples": 10,
-                                   "multiplier": 3.0}
-ATTENTION_KNOCKOUT_OPTIONS: dict[str, Any] = {"sources": ("context",), "window": 5}
-ATTRIBUTION_OPTIONS: dict[str, Any] = {}
 PATCHING_GROUPS = ("memorized idioms", "non-memorized idioms")
 TRACING_GROUPS = PATCHING_GROUPS
 
 
 @dataclass(frozen=True, kw_only=True)
 class StudyOptions:
-    """What a study runs on and how much of it; validated on creation (`InputError`)."""
+    """What a study runs on, how much of it and how each stage runs; validated on creation (`InputError`).
+
+    The stages' options (`knockouts`, `tracing`, `patching`, `attention_knockout`) are part of
+    their stage's key: changing one redoes that stage. `seed` replaces their own `seed` when the
+    study runs (`dataclasses.replace`), so that one seed drives every sample, random control,
+    corruption and noise draw of a study.
+    """
 
     datasets: tuple[str, ...] = ("idioms", "text", "facts")  # bundled names or files (e.g. idiomem.jsonl)
     limit: int | None = None  # only the first N probes of each set (a quick look); None = all
     sites: tuple[str, ...] = ("resid_post",)  # trajectory reads per layer
     lenses: tuple[str, ...] = ()  # learned lenses (tuned, jacobian) to read the trajectory through as well
     attribution_sample: int = 30  # probes per set (0 skips the stage)
+    attribution_top_neurons: int = 20  # top neurons kept per probe and per set by the attribution stage
     knockout_sample: int = 6  # probes per set for knockouts and skipping (0 skips)
     patching_sample: int = 4  # idioms per set, memorized and not (0 skips)
     tracing_sample: int = 2  # idioms per set, memorized and not, for causal tracing (0 skips)
     attn_knockout_sample: int = 10  # probes per set for the attention knockout (0 skips)
-    seed: int = 0  # of every per-set sample and random control
+    seed: int = 0  # of every per-set sample and random control (replaces the stage options' seed)
+    # Knockouts: the authors' positions (every position), k = 100 in windows of one layer, with the random,
+    # magnitude-matched and whole-MLP controls (4 x 18 configurations per probe on Gemma 3 270M, ~1 min for
+    # 30 probes on one core); `idiom-lens knockout --full-grid` runs the paper's whole grid.
+    knockouts: KnockoutOptions = KnockoutOptions(grid=KnockoutGrid.STUDY)
+    value_vector_ks: tuple[int, ...] = (1,)  # the authors' value-vector statistic for these k
+    patching: PatchingOptions = PatchingOptions()
+    # Causal tracing: the residual stream at one layer, MLP and attention outputs in windows of 5 layers
+    # (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; 20-45 s per idiom on 2 cores.
+    tracing: TracingOptions = TracingOptions(windows=(5,))
+    attention_knockout: AttentionKnockoutOptions = AttentionKnockoutOptions()
     batch_size: int = 16  # speed only: not part of any stage's key
     part_size: int = 256  # probes per resumable trajectory part
     png: bool = True  # static PNG figures beside the HTML ones
@@ -93,6 +99,16 @@ class StudyOptions:
             raise InputError(f"datasets must be a non-empty sequence of set names or files, got {self.datasets!r}")
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "sites", tuple(self.sites))
+        unknown = [s for s in self.sites if s not in TRAJECTORY_SITES]
+        if not self.sites or unknown:
+            raise InputError(f"sites must be among {', '.join(TRAJECTORY_SITES)}, got {list(self.sites)}")
+        object.__setattr__(self, "value_vector_ks", tuple(int(k) for k in self.value_vector_ks))
+        if any(k < 1 for k in self.value_vector_ks):
+            raise InputError(f"value_vector_ks must be >= 1, got {list(self.value_vector_ks)}")
+        for name, kind in (("knockouts", KnockoutOptions), ("patching", PatchingOptions),
+                           ("tracing", TracingOptions), ("attention_knockout", AttentionKnockoutOptions)):
+            if not isinstance(getattr(self, name), kind):
+                raise InputError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         object.__setattr__(self, "lenses", tuple(k for k in dict.fromkeys(self.lenses) if k != "logit"))
         unknown = [k for k in self.lenses if k not in ("tuned", "jacobian")]
         if unknown:
@@ -207,25 +223,30 @@ def _run_stages(
         run_stage(LENSES, run_lenses, model, probes.probes, folder.stage_path(LENSES),
                   {"lenses": options.lenses, "png": png, "batch_size": options.batch_size,
                    "part_size": options.part_size, "executor": executor}, log=log)
+    seed = options.seed  # replaces each stage option's own seed (`StudyOptions`)
     if options.knockout_sample:
         stage(INTERVENTIONS, run_knockouts, model, options.knockout_sample,
-              KNOCKOUT_OPTIONS | {"seed": options.seed, "png": png, "executor": executor})
+              {"options": dataclasses.replace(options.knockouts, seed=seed),
+               "value_vector_ks": options.value_vector_ks, "png": png, "executor": executor})
     if options.patching_sample:
+        corruption = dataclasses.replace(options.patching.corruption, seed=seed)
         stage(PATCHING, run_patching, model, options.patching_sample,
-              PATCHING_OPTIONS | {"seed": options.seed, "png": png, "executor": executor}, groups=PATCHING_GROUPS)
+              {"options": dataclasses.replace(options.patching, corruption=corruption), "png": png, "executor": executor},
+              groups=PATCHING_GROUPS)
     if options.attribution_sample:
         if compat_model is None:  # its settings are part of the stage's key
             compat_model = load_model(model.spec, mode="compat", device=device, n_devices=n_devices)
         digest = stage(ATTRIBUTION, run_attribution, compat_model, options.attribution_sample,
-                       ATTRIBUTION_OPTIONS | {"batch_size": options.batch_size, "png": png})
+                       {"top": options.attribution_top_neurons, "batch_size": options.batch_size, "png": png})
         if digest is not None:
             log(f"  invariant max abs error: {digest['invariant_max_abs_error']}")
     if options.tracing_sample:
         stage(TRACING, run_tracing, model, options.tracing_sample,
-              TRACING_OPTIONS | {"seed": options.seed, "png": png, "executor": executor}, groups=TRACING_GROUPS)
+              {"options": dataclasses.replace(options.tracing, seed=seed), "png": png, "executor": executor},
+              groups=TRACING_GROUPS)
     if options.attn_knockout_sample:
         stage(ATTENTION_KNOCKOUT, run_attention_knockout, model, options.attn_knockout_sample,
-              ATTENTION_KNOCKOUT_OPTIONS | {"png": png, "executor": executor})
+              {"options": options.attention_knockout, "png": png, "executor": executor})
     if any(folder.has(s) for s in (INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, ATTRIBUTION)):
         log("[run] recall: every method per layer")
         write_recall(folder, png=png)

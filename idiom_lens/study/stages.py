@@ -37,8 +37,13 @@ from idiom_lens.study.executors import LocalExecutor
 from idiom_lens.study.parts import PARTS, Sweep, run_stage, stage_key, sweep_in_parts  # noqa: F401 (re-exported)
 if TYPE_CHECKING:
     from idiom_lens.study.executors import Executor
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+from idiom_lens.analyses.interventions.knockouts import KnockoutOptions
+from idiom_lens.analyses.interventions.patching import PatchingOptions
+from idiom_lens.analyses.interventions.tracing import TracingOptions
+from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
 from idiom_lens.analyses.trajectory import (
-    SITES,
+    TRAJECTORY_SITES,
     TrajectoryResult,
     layer_trajectory,
     load_trajectory,
@@ -61,7 +66,7 @@ def resumable_trajectory(
     probes: Sequence[Probe],
     out_dir: str | Path,
     *,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] = TRAJECTORY_SITES,
     batch_size: int = 16,
     part_size: int = 256,
     lens: Lens | None = None,
@@ -181,34 +186,26 @@ def run_knockouts(
     probes: Sequence[Probe],
     out: Path,
     *,
-    ks: Sequence[int] = (1, 10, 100, 1000),
-    windows: Sequence[int] = (1, 2, 3, 4, 5),
-    modes: Sequence[str] = ("zero_top", "keep_top"),
-    keep_top_ks: Sequence[int] | None = (100,),
-    keep_top_windows: Sequence[int] | None = (1, 2, 3),
-    full_grid: bool = False,
-    controls: Sequence[str] = ("random", "matched", "whole_mlp"),
-    rank_by: str = "effective",
-    positions: str = "all",
-    norm: str = "live",
+    options: KnockoutOptions = KnockoutOptions(),
     compare_positions: bool = False,
-    value_vector_ks: Sequence[int] = (1, 10),
-    seed: int = 0,
-    batch_size: int = 128,
+    value_vector_ks: Sequence[int] = VALUE_VECTOR_KS,
     skip: bool = True,
+    batch_size: int = 128,
     png: bool = True,
     log: Callable[[str], None] = print,
     executor: "Executor | None" = None,
 ) -> dict:
-    """Neuron knockouts (targeted, random and magnitude-matched controls, whole-MLP ceiling), the
-    value-vector statistic and layer skipping of `probes`; parquet, figures and summary.json under
-    `out`, each written as soon as its step completes.
+    """Neuron knockouts (`options`: the grid, targeted, random and magnitude-matched controls,
+    whole-MLP ceiling), the value-vector statistic and layer skipping of `probes`; parquet,
+    figures and summary.json under `out`, each written as soon as its step completes.
 
-    `full_grid` runs the paper's grid (`knockouts.PAPER_GRID`) instead of ks/windows/modes/keep_top_*.
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
-    The knockouts and layer skipping run in resumable parts (`_swept`), on `executor`'s workers when given: the same files."""
-    from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, skip_layers, value_vector_ranks
+    Layer skipping takes the grid's window lengths that fit the model, at every position.
+    The knockouts and layer skipping run in resumable parts (`_swept`), on `executor`'s workers
+    when given: the same files."""
+    from idiom_lens.analyses.interventions import KnockoutResult, SkipOptions, knockout_grid, skip_layers
+    from idiom_lens.analyses.interventions import value_vector_ranks
     from idiom_lens.analyses.interventions.skipping import SkipResult
     from idiom_lens.io import write_parquet
     from idiom_lens.plots import save_figure
@@ -222,15 +219,14 @@ def run_knockouts(
     out = Path(out)
     summary: dict[str, Any] = {"n_probes": len(probes)}
     started = time.perf_counter()
-    grid: dict[str, Any] = {"full_grid": True} if full_grid else {
-        "ks": ks, "windows": windows, "modes": modes, "keep_top_ks": keep_top_ks, "keep_top_windows": keep_top_windows}
-    common = dict(controls=controls, rank_by=rank_by, norm=norm, seed=seed, batch_size=batch_size)
-    def grid_run(where: str) -> KnockoutResult:
-        return _swept(executor, model, probes, out, f"knockouts_{where}",
-                      partial(knockout_grid, positions=where, **grid, **common), join=KnockoutResult.join_parts,
+    positions = options.positions
+
+    def grid_run(opts: KnockoutOptions) -> KnockoutResult:
+        return _swept(executor, model, probes, out, f"knockouts_{opts.positions}",
+                      partial(knockout_grid, options=opts, batch_size=batch_size), join=KnockoutResult.join_parts,
                       load=KnockoutResult.load)
 
-    knock = grid_run(positions)
+    knock = grid_run(options)
     knock.save(out)
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
@@ -252,7 +248,7 @@ def run_knockouts(
                     height=500)
     if compare_positions:
         other = "last" if positions == "all" else "all"
-        second = grid_run(other)
+        second = grid_run(dataclasses.replace(options, positions=other))
         second.save(out, name=f"knockouts_{other}")
         summary[f"knockouts_{other}"] = second.settings
         both = KnockoutResult.concat([knock, second])
@@ -264,13 +260,13 @@ def run_knockouts(
                             out / f"knockout_positions_{group.replace(' ', '_')}_k{k}", png=png, height=500)
         log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
     if value_vector_ks:
-        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=rank_by)  # type: ignore[arg-type]
+        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=options.rank_by)
         vv.save(out)
         summary["value_vectors"] = vv.settings
     if skip:
-        skip_windows = tuple(w for w in windows if w <= model.n_layers) or (1,)
+        skip_windows = tuple(w for w in options.grid.windows if w <= model.n_layers) or (1,)
         skipped = _swept(executor, model, probes, out, "skipping",
-                         partial(skip_layers, windows=skip_windows, batch_size=min(batch_size, 64)),
+                         partial(skip_layers, options=SkipOptions(windows=skip_windows), batch_size=min(batch_size, 64)),
                          join=SkipResult.join_parts, load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
@@ -289,33 +285,27 @@ def run_patching(
     probes: Sequence[Probe],
     out: Path,
     *,
-    variants: Sequence[str] = ("word_swap", "prefix_swap"),
-    seed: int = 0,
-    keep_last: int = 2,
-    method: str = "exact",
+    options: PatchingOptions = PatchingOptions(),
     batch_size: int = 64,
     png: bool = True,
     executor: "Executor | None" = None,
 ) -> Any:
     """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
-    attribution patching (`method`); parquet, mean heatmaps per set and summary.json under `out`.
-    Returns the `PatchingResult`. On `executor`'s workers when given: the same files."""
-    from idiom_lens.analyses.interventions import attribution_patch_probes, patch_probes
+    attribution patching (`options.method`); parquet, mean heatmaps per set and summary.json under
+    `out`. Returns the `PatchingResult`. On `executor`'s workers when given: the same files."""
+    from idiom_lens.analyses.interventions import patch
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import patching_heatmaps
 
-    methods = {"exact": patch_probes, "attribution": attribution_patch_probes}
-    if method not in methods:
-        raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     out = Path(out)
     from idiom_lens.analyses.interventions.patching import PatchingResult
-    result = _swept(executor, model, probes, out, f"patching_{method}",
-                    partial(methods[method], variants=variants, seed=seed, keep_last=keep_last, batch_size=batch_size),
+    result = _swept(executor, model, probes, out, f"patching_{options.method}",
+                    partial(patch, options=options, batch_size=batch_size),
                     join=PatchingResult.join_parts, load=PatchingResult.load)
     result.save(out)
     maybe_fail("patching.written")
     write_json(out / "summary.json", result.settings | {"skipped": result.skipped.to_dict(orient="records")})
-    for variant in variants:
+    for variant in options.corruption.variants:
         valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
         for group in sorted(set(valid["group"])):
             save_figure(patching_heatmaps(result, variant=variant, group=group),
@@ -328,19 +318,14 @@ def run_tracing(
     probes: Sequence[Probe],
     out: Path,
     *,
-    sites: Sequence[str] = ("resid", "mlp", "attn"),
-    windows: Sequence[int] = (1, 10),
-    samples: int = 10,
-    multiplier: float = 3.0,
-    noise_words: tuple[int, int] | None = None,
-    seed: int = 0,
+    options: TracingOptions = TracingOptions(),
     batch_size: int = 128,
     part_size: int = 10,
     png: bool = True,
     log: Callable[[str], None] = print,
     executor: "Executor | None" = None,
 ) -> Any:
-    """Causal tracing of `probes` in parts of `part_size` probes under `out/.parts/` (finished,
+    """Causal tracing (`options`) of `probes` in parts of `part_size` probes under `out/.parts/` (finished,
     intact parts are reused: an interrupted run loses at most one part); then the joined result,
     its summary, heatmaps per set, layer curves and summary.json under `out`. Returns the
     `TracingResult`. On `executor`'s workers when given, one probe per task: the same files."""
@@ -351,10 +336,8 @@ def run_tracing(
     out = Path(out)
     if part_size < 1:
         raise InputError(f"part_size must be >= 1, got {part_size}")
-    scale = noise_scale(model, multiplier=multiplier)
-    sweep = Sweep(name="tracing",
-                  call=partial(causal_trace, sites=sites, windows=windows, samples=samples, scale=scale,
-                               noise_words=noise_words, seed=seed, batch_size=batch_size),
+    scale = noise_scale(model, multiplier=options.multiplier)
+    sweep = Sweep(name="tracing", call=partial(causal_trace, options=options, scale=scale, batch_size=batch_size),
                   per_probe=True, join=TracingResult.join_parts, save=lambda r, folder: r.save(folder),
                   load=TracingResult.load, fault_point="tracing.part")
     result = sweep_in_parts(sweep, model, list(probes), out / PARTS, executor or LocalExecutor(model), size=part_size,
@@ -376,22 +359,21 @@ def run_attention_knockout(
     probes: Sequence[Probe],
     out: Path,
     *,
-    sources: Sequence[str] = ("context",),
-    window: int = 5,
+    options: AttentionKnockoutOptions = AttentionKnockoutOptions(),
     batch_size: int = 64,
     png: bool = True,
     executor: "Executor | None" = None,
 ) -> Any:
-    """Attention knockout of `probes` (the last position cut from each source in windows of
-    `window` layers); result, summary CSV, figure and summary.json under `out`. On `executor`'s
-    workers when given: the same files."""
-    from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult, attention_knockout
+    """Attention knockout of `probes` (`options`: the last position cut from each source in windows
+    of `options.window` layers); result, summary CSV, figure and summary.json under `out`. On
+    `executor`'s workers when given: the same files."""
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult, attention_knockout
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
 
     out = Path(out)
     result = _swept(executor, model, probes, out, "attention_knockout",
-                    partial(attention_knockout, sources=tuple(sources), window=window, batch_size=batch_size),
+                    partial(attention_knockout, options=options, batch_size=batch_size),
                     join=AttentionKnockoutResult.join_parts, load=AttentionKnockoutResult.load)
     result.save(out)
     write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))

@@ -7,11 +7,12 @@ import pytest
 
 from idiom_lens.analyses.attribution import attribute_probes
 from idiom_lens.analyses.interventions import knockout_grid
-from idiom_lens.analyses.interventions.attention_knockout import attention_knockout
+from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import MEASURES, recall_profile
 from idiom_lens.errors import InputError
 from idiom_lens.plots.recall import where_recall_lives
+from idiom_lens.analyses.interventions import AttentionKnockoutOptions, KnockoutGrid, KnockoutOptions, TracingOptions
 
 GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 
@@ -20,10 +21,9 @@ GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 def results(tiny_model, tiny_model_compat, probes):
     sample = probes[:4]
     return {
-        "knockouts": knockout_grid(tiny_model, sample, ks=(100,), windows=(1,), modes=("zero_top",),
-                                   controls=("matched",), positions="all"),
-        "tracing": causal_trace(tiny_model, sample, windows=(1, 2), samples=2),
-        "attention": attention_knockout(tiny_model, sample, window=2),
+        "knockouts": knockout_grid(tiny_model, sample, KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",)), controls=("matched",), positions="all")),
+        "tracing": causal_trace(tiny_model, sample, TracingOptions(windows=(1, 2), noise_samples=2)),
+        "attention": attention_knockout(tiny_model, sample, AttentionKnockoutOptions(window=2)),
         "attribution": attribute_probes(tiny_model_compat, sample),
     }
 

@@ -27,6 +27,7 @@ from idiom_lens.analyses.memorization import MemorizationResult, score_memorizat
 from idiom_lens.analyses.saved import decode_exact, descriptor_path, encode_exact
 from idiom_lens.analyses.trajectory import TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.errors import InputError
+from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 
@@ -122,8 +123,9 @@ def test_attribution_round_trip(tiny_model_compat, probes, tmp_path):
 
 
 def test_knockouts_at_two_positions_share_a_folder(tiny_model, probes, tmp_path):
-    opts = dict(ks=(1,), windows=(1,), modes=("zero_top",), controls=("random",))
-    results = {pos: knockout_grid(tiny_model, probes[:2], positions=pos, **opts) for pos in ("all", "last")}
+    grid = KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))
+    results = {pos: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=grid, controls=("random",), positions=pos))
+               for pos in ("all", "last")}
     for pos, result in results.items():
         result.save(tmp_path, name=f"knockouts_{pos}")
     for pos, result in results.items():
@@ -140,7 +142,7 @@ def test_knockouts_at_two_positions_share_a_folder(tiny_model, probes, tmp_path)
 
 
 def test_skipping_round_trip(tiny_model, probes, tmp_path):
-    result = skip_layers(tiny_model, probes[:2], windows=(1, 2))
+    result = skip_layers(tiny_model, probes[:2], SkipOptions(windows=(1, 2)))
     back = _round_trip(result, tmp_path)
     pd.testing.assert_frame_equal(back.rows, result.rows)
     pd.testing.assert_frame_equal(back.probes, result.probes)
@@ -150,7 +152,7 @@ def test_skipping_round_trip(tiny_model, probes, tmp_path):
 
 
 def test_patching_round_trip(tiny_model, probes, tmp_path):
-    result = patch_probes(tiny_model, probes[:3], bank=BANK, sites=("resid_pre", "mlp_out"))
+    result = patch_probes(tiny_model, probes[:3], PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
     assert len(result.rows) and len(result.pairs)
     back = _round_trip(result, tmp_path)
     pd.testing.assert_frame_equal(back.rows, result.rows)
@@ -178,7 +180,7 @@ def test_value_vector_ranks_round_trip(tiny_model, probes, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_skip(tiny_model, probes) -> SkipResult:
-    return skip_layers(tiny_model, probes[:1], windows=(1,))
+    return skip_layers(tiny_model, probes[:1], SkipOptions(windows=(1,)))
 
 
 def test_load_of_another_type_names_both(small_skip, tmp_path):

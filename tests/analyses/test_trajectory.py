@@ -13,7 +13,7 @@ from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.models.loading import LoadedModel, load_model
 from idiom_lens.models.readout import read_out
 from idiom_lens.models.tokenization import split_probe
-from idiom_lens.analyses.trajectory import SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
+from idiom_lens.analyses.trajectory import TRAJECTORY_SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.models.vocab import valid_mask
 from tolerances import assert_ranks_agree, entropy_atol, logit_atol, prob_atol, probes_prob_atol
 
@@ -87,7 +87,7 @@ def test_sites_are_the_hooked_activations(tiny_model, probes, tiny_result):
 def test_tidy_frame_and_parquet_round_trip(tiny_result, tmp_path):
     frame = tiny_result.to_dataframe()
     n_probes = len(tiny_result.memorization)
-    assert len(frame) == n_probes * len(SITES) * tiny_result.n_layers
+    assert len(frame) == n_probes * len(TRAJECTORY_SITES) * tiny_result.n_layers
     assert {"probe_id", "kind", "group", "memorized", "layer", "site", "pred_rank", "pred_prob",
             "target_rank", "target_prob", "entropy"} <= set(frame.columns)
     save_trajectory(tiny_result, tmp_path)

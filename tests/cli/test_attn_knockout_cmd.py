@@ -10,36 +10,28 @@ import pandas as pd
 import pytest
 
 import idiom_lens.cli as cli
-from idiom_lens.analyses.interventions.attention_knockout import AttentionKnockoutResult
+from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 from idiom_lens.cli import attn_knockout_cmd, main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("attn_knockout",))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("attn_knockout",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_register_adds_the_subcommand():
     parser = argparse.ArgumentParser()
     attn_knockout_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["attn-knockout", "--dataset", "idioms", "--out", "x"])
-    assert args.sources == ["context"] and args.window == 5 and args.batch_size == 64 and args.sample is None
-    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--sources", "last_word", "bos", "--window", "3"])
-    assert args.text == "once in a blue moon" and args.sources == ["last_word", "bos"] and args.window == 3
+    assert args.sources == ["context"] and args.windows == [5] and args.batch_size == 64 and args.sample is None
+    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--sources", "last_word", "bos", "--windows", "3"])
+    assert args.text == "once in a blue moon" and args.sources == ["last_word", "bos"] and args.windows == [3]
+    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--window", "4"])  # the old spelling
+    assert args.windows == [4]
 
 
 def test_dataset_mode_writes_result_summary_and_figure(commands, tiny_model_dir, probe_file, tmp_path, capsys):
     out = tmp_path / "attn"
     code = main(["attn-knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "6",
-                 "--sources", "context", "bos", "--window", "2", "--no-png", "--out", str(out)])
+                 "--sources", "context", "bos", "--windows", "2", "--no-png", "--out", str(out)])
     assert code == 0
     result = AttentionKnockoutResult.load(out)
     assert result.rows["probe_id"].nunique() == 6 and set(result.rows["source"]) == {"context", "bos"}
@@ -58,7 +50,7 @@ def test_dataset_mode_writes_result_summary_and_figure(commands, tiny_model_dir,
 
 def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, capsys):
     code = main(["attn-knockout", "once in a zyxblue moon", "--model", str(tiny_model_dir),
-                 "--sources", "context", "last_word", "--window", "1"])
+                 "--sources", "context", "last_word", "--windows", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "context (3 positions blocked)" in printed and "last_word (" in printed
@@ -76,8 +68,9 @@ def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, c
     (["attn-knockout", "once in a blue moon", "--dataset", "idioms"], "give either TEXT"),
     (["attn-knockout", "--dataset", "idioms"], "--out DIR is required with --dataset"),
     (["attn-knockout", "moon"], "needs at least 2 words"),
-    (["attn-knockout", "once in a blue moon", "--window", "0"],
-     "--window must be a whole number of layers >= 1, got 0"),
+    (["attn-knockout", "once in a blue moon", "--windows", "0"],
+     "--windows must be a whole number of layers >= 1, got 0"),
+    (["attn-knockout", "once in a blue moon", "--windows", "3", "5"], "--windows takes one window length"),
     (["attn-knockout", "once in a blue moon", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
 ])
 def test_bad_input_exits_2(commands, argv, message, capsys):

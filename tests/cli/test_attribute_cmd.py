@@ -18,7 +18,7 @@ def only_attribution_commands(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_attribute_prints_tables(tiny_model_dir, capsys):
-    assert cli.main(["attribute-prompt", "once in a blue", "--model", str(tiny_model_dir), "--top", "4",
+    assert cli.main(["attribute-prompt", "once in a blue", "--model", str(tiny_model_dir), "--rows", "4",
                      "--target", "moon"]) == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -32,8 +32,11 @@ def test_attribute_prints_tables(tiny_model_dir, capsys):
 
 
 def test_attribute_bad_top(tiny_model_dir, capsys):
+    assert cli.main(["attribute-prompt", "once in a blue", "--model", str(tiny_model_dir), "--rows", "0"]) == 2
+    assert "--rows must be >= 1" in capsys.readouterr().err
     assert cli.main(["attribute-prompt", "once in a blue", "--model", str(tiny_model_dir), "--top", "0"]) == 2
-    assert "--top" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the old spelling: understood, and said to be old
+    assert "--top is deprecated; use --rows (the old spelling goes in 0.2)" in err and "--rows must be >= 1" in err
 
 
 def test_attribution_writes_outputs(tiny_model_dir, tiny_model, probes, tmp_path, capsys):
@@ -65,7 +68,7 @@ def _probe_file(tmp_path, probes):
 
 def test_old_name_attribute_still_works_and_warns(tiny_model_dir, capsys):
     """`attribute` is the deprecated name of `attribute-prompt`: same output, one note on stderr."""
-    args = ["once in a blue", "--model", str(tiny_model_dir), "--top", "3"]
+    args = ["once in a blue", "--model", str(tiny_model_dir), "--rows", "3"]
     assert cli.main(["attribute-prompt", *args]) == 0
     new = capsys.readouterr()
     assert cli.main(["attribute", *args]) == 0

@@ -11,17 +11,7 @@ import idiom_lens.cli as cli
 from idiom_lens.cli import main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("knockout", "patch"))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("knockout", "patch")  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_path, capsys):
@@ -29,7 +19,7 @@ def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_p
     matched and whole-MLP controls; tables with n and intervals per set, figures, value vectors."""
     out = tmp_path / "ko"
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "1", "5",
-                 "--max-window", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
+                 "--windows", "1", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
     assert code == 0
     frame = pd.read_parquet(out / "knockouts.parquet")
     assert frame["probe_id"].nunique() == 6 and set(frame.loc[frame["control"] != "whole_mlp", "k"]) == {1, 5, 100}
@@ -65,7 +55,7 @@ def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
 
     out = tmp_path / "ours"
     assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "5",
-                 "--max-window", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
+                 "--windows", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
                  "--compare-positions", "--norm", "frozen", "--rank-by", "magnitude", "--controls", "matched",
                  "--no-skip", "--no-png", "--out", str(out)]) == 0
     last, every = pd.read_parquet(out / "knockouts.parquet"), pd.read_parquet(out / "knockouts_all.parquet")
@@ -75,10 +65,25 @@ def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
     assert any(p.name.startswith("knockout_positions_") and p.suffix == ".html" for p in out.iterdir())
 
 
+def test_old_window_spellings_are_ranges_and_say_so(capsys):
+    """`--max-window N` (deprecated) is `--windows 1 .. N`; `--keep-top-max-window` likewise."""
+    from idiom_lens.cli import build_parser
+    from idiom_lens.cli.knockout_cmd import knockout_options
+
+    args = build_parser().parse_args(["knockout", "--dataset", "idioms", "--out", "x", "--max-window", "3",
+                                      "--keep-top-max-window", "2"])
+    grid = knockout_options(args).grid
+    assert grid.windows == (1, 2, 3) and grid.keep_top_windows == (1, 2) and grid.ks == (1, 10, 100, 1000)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["idiom-lens: --max-window is deprecated; use --windows (the old spelling goes in 0.2)",
+                   "idiom-lens: --keep-top-max-window is deprecated; use --keep-top-windows (the old spelling goes "
+                   "in 0.2)"]
+
+
 def test_knockout_cmd_rejects_bad_input(commands, tiny_model_dir, probe_file, tmp_path, capsys):
-    code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--max-window", "9",
+    code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--windows", "9",
                  "--out", str(tmp_path / "x")])
-    assert code == 2 and "--max-window" in capsys.readouterr().err
+    assert code == 2 and "window lengths must be in 1..3, got [9]" in capsys.readouterr().err
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--full-grid", "--k", "5",
                  "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err

@@ -12,17 +12,7 @@ from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.cli import main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("patch",))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("patch",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_attribution_writes_the_files_exact_patching_writes(commands, tiny_model_dir, probe_file, tmp_path):

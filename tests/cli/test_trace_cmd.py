@@ -12,22 +12,12 @@ from idiom_lens.analyses.interventions.tracing import TracingResult
 from idiom_lens.cli import main
 
 
-@pytest.fixture
-def commands(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", ("trace",))
-
-
-@pytest.fixture
-def probe_file(tmp_path, probes):
-    path = tmp_path / "probes.jsonl"
-    path.write_text("\n".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": p.kind})
-                              for p in probes) + "\n")
-    return path
+COMMANDS = ("trace",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_trace_set_writes_results_and_resumes(commands, tiny_model_dir, probe_file, tmp_path, capsys):
     out = tmp_path / "tr"
-    argv = ["trace", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "3", "--samples", "2",
+    argv = ["trace", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "3", "--noise-samples", "2",
             "--windows", "1", "2", "--part-size", "2", "--no-png", "--out", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
@@ -47,14 +37,15 @@ def test_trace_set_writes_results_and_resumes(commands, tiny_model_dir, probe_fi
 
 
 def test_trace_one_sequence_prints_the_largest_effects(commands, tiny_model_dir, capsys):
-    assert main(["trace", "the cat sat on the mat", "--model", str(tiny_model_dir), "--samples", "2",
+    assert main(["trace", "the cat sat on the mat", "--model", str(tiny_model_dir), "--noise-samples", "2",
                  "--windows", "2"]) == 0
     out = capsys.readouterr().out
     assert "largest indirect effect" in out and "mlp (window 2)" in out and "resid" in out
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--samples", "0"], "--samples"),
+    (["--noise-samples", "0"], "--noise-samples must be >= 1"),
+    (["--samples", "0"], "--noise-samples must be >= 1"),  # the old spelling, still understood
     (["--windows", "0"], "--windows"),
     (["--noise-multiplier", "-1"], "--noise-multiplier"),
 ])

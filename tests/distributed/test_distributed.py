@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 ray = pytest.importorskip("ray")
 
@@ -43,7 +44,8 @@ from tolerances import probes_prob_atol  # noqa: E402  (tests/tolerances.py: why
 pytestmark = pytest.mark.xdist_group("ray")
 
 # A small knockout grid: 2 k x windows of 1-2 layers, both modes, every control, both positions.
-GRID = dict(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=(10,), keep_top_windows=(1,),
+GRID = dict(options=KnockoutOptions(grid=KnockoutGrid(ks=(1, 10), windows=(1, 2), modes=("zero_top", "keep_top"),
+                                                     keep_top_ks=(10,), keep_top_windows=(1,))),
             compare_positions=True, value_vector_ks=(1,), png=False)
 
 
@@ -234,12 +236,10 @@ def test_embedded_model_on_two_workers_equals_one_process(ray_session, embedded_
     probes = list(load_probes("idioms"))[:6] + list(load_probes("text"))[:2]  # parts of 3: three parts
     with pool_for("gemma-3-270m") as pool:
         trajectory_folder(embedded_model, probes, tmp_path / "traj2", executor=pool)
-        run_knockouts(embedded_model, probes[:2], tmp_path / "knock2", ks=(10,), windows=(1,), modes=("zero_top",),
-                      keep_top_ks=None, keep_top_windows=None, value_vector_ks=(), skip=False, png=False,
-                      log=lambda line: None, executor=pool)
+        grid = KnockoutGrid(ks=(10,), windows=(1,), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)
+        run_knockouts(embedded_model, probes[:2], tmp_path / "knock2", options=KnockoutOptions(grid=grid),
+                      value_vector_ks=(), skip=False, png=False, log=lambda line: None, executor=pool)
     with threads(1):
         assert_same_folder(tmp_path / "traj2", trajectory_folder(embedded_model, probes, tmp_path / "traj1"))
-        run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", ks=(10,), windows=(1,), modes=("zero_top",),
-                      keep_top_ks=None, keep_top_windows=None, value_vector_ks=(), skip=False, png=False,
-                      log=lambda line: None)
+        run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", options=KnockoutOptions(grid=KnockoutGrid(ks=(10,), windows=(1,), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)), value_vector_ks=(), skip=False, png=False, log=lambda line: None)
     assert_same_folder(tmp_path / "knock2", tmp_path / "knock1")

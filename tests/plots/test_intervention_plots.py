@@ -14,15 +14,16 @@ from idiom_lens.plots.interventions import (
     patching_heatmaps,
     skip_curves,
 )
+from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 
 
 @pytest.fixture(scope="module")
 def results(tiny_model, probes):
-    knock = knockout_grid(tiny_model, probes, ks=(1, 5), windows=(1, 2))
+    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(1, 5), windows=(1, 2))))
     skip = skip_layers(tiny_model, probes)
-    patch = patch_probes(tiny_model, probes[:4], bank=BANK)
+    patch = patch_probes(tiny_model, probes[:4], PatchingOptions(corruption=CorruptionOptions(bank=BANK)))
     return knock, skip, patch
 
 
@@ -47,7 +48,7 @@ def test_knockout_heatmaps(results, tmp_path):
 
 def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_path):
     every = results[0]
-    last = knockout_grid(tiny_model, probes, ks=(1, 5), windows=(1, 2), positions="last")
+    last = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(1, 5), windows=(1, 2)), positions="last"))
     both = KnockoutResult.concat([every, last])
     group = both.probes["group"].iloc[0]
     fig = knockout_positions_heatmaps(both, k=5, group=group)

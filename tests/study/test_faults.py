@@ -9,6 +9,7 @@ child process; reruns and the reference run go through `idiom_lens.cli.main` in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -272,24 +273,35 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     assert computed_parts(log) == [1, 2, 3] and computed_stages(log) == set()
     assert json.loads((model_out / "trajectory" / "summary.json").read_text())["sites"] == ["resid_post", "resid_mid"]
 
-    # options fixed in study.run (k, windows, variants, top): their stage only
-    monkeypatch.setattr(study_run, "KNOCKOUT_OPTIONS", study_run.KNOCKOUT_OPTIONS | {"ks": (10,)})
+    # the stages' options in StudyOptions (k, windows, variants, top): their stage only
+    real_run_study = study_run.run_study
+    changes: dict[str, Any] = {}
+
+    def with_changes(model: Any, out: Any, options: Any, **kw: Any) -> Any:
+        return real_run_study(model, out, dataclasses.replace(options, **changes), **kw)
+
+    monkeypatch.setattr(study_run, "run_study", with_changes)
+    study = study_run.StudyOptions()
+    changes["knockouts"] = dataclasses.replace(
+        study.knockouts, grid=dataclasses.replace(study.knockouts.grid, ks=(10,)))
     log = rerun()
-    assert computed_stages(log) == {"interventions"} and "options.ks" in log
+    assert computed_stages(log) == {"interventions"} and "options.options.grid.ks" in log
     ko = _knockouts(model_out)
     assert set(ko.loc[ko["control"] != "whole_mlp", "k"]) == {10}  # the whole-MLP ceiling has k = d_mlp
 
-    monkeypatch.setattr(study_run, "KNOCKOUT_OPTIONS", study_run.KNOCKOUT_OPTIONS | {"windows": (1, 2)})
+    changes["knockouts"] = dataclasses.replace(
+        study.knockouts, grid=dataclasses.replace(study.knockouts.grid, ks=(10,), windows=(1, 2)))
     log = rerun()
     assert computed_stages(log) == {"interventions"}
     assert set(_knockouts(model_out)["window"]) == {1, 2}
 
-    monkeypatch.setattr(study_run, "PATCHING_OPTIONS", {"variants": ("word_swap",)})
+    changes["patching"] = dataclasses.replace(
+        study.patching, corruption=dataclasses.replace(study.patching.corruption, variants=("word_swap",)))
     log = rerun()
     assert computed_stages(log) == {"patching"}
     assert set(pd.read_parquet(model_out / "patching" / "patching_pairs.parquet")["variant"]) == {"word_swap"}
 
-    monkeypatch.setattr(study_run, "ATTRIBUTION_OPTIONS", {"top": 3})
+    changes["attribution_top_neurons"] = 3
     log = rerun()
     assert computed_stages(log) == {"attribution"}
     assert json.loads((model_out / "attribution" / "summary.json").read_text())["settings"]["top_neurons"] == 3

@@ -14,6 +14,7 @@ import pytest
 from idiom_lens.errors import InputError
 from idiom_lens.study.layout import FORMAT
 from idiom_lens.study.report import build_report, find_results
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,7 @@ def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     (model_dir,) = [p for p in root.iterdir() if p.is_dir()]
     stage = model_dir / "interventions"
     probes = list(load_probes("idioms").probes[:3])
-    knock = knockout_grid(tiny_model, probes, ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None,
-                          control="random")
+    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None), controls=("random",)))
     knock.save(stage)
     write_json(stage / "summary.json", {"knockouts": knock.settings, "n_probes": len(probes)})
     save_figure(knockout_heatmaps(knock, k=1, mode="zero_top"), stage / "knockout_zero_top_k1", png=False)

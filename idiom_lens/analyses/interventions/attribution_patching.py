@@ -41,17 +41,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from idiom_lens.analyses.interventions.patching import (
-    PAIR_COLUMNS,
-    ROW_COLUMNS,
+    PATCH_SITES,
     SITE_HOOKS,
-    SITES,
-    WORD_BANK,
     Corruption,
     PairPatching,
+    PatchingOptions,
     PatchingResult,
-    Variant,
-    make_corruptions,
-    pair_tables,
+    _patch_set,
+    patch_probes,
 )
 from idiom_lens.models.runners import masked_prediction
 from idiom_lens.analyses.memorization import probe_group
@@ -76,9 +73,9 @@ def _check_pair(clean_ids: Sequence[int], corrupted_ids: Sequence[int], sites: S
         raise InputError(
             f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
         )
-    bad = [s for s in sites if s not in SITES]
+    bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:
-        raise InputError(f"sites must be among {', '.join(SITES)}, got {list(sites)}")
+        raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
 
 
 def _capture(
@@ -137,7 +134,7 @@ def attribution_patch_pair(
     clean_ids: Sequence[int],
     corrupted_ids: Sequence[int],
     target_id: int,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] = PATCH_SITES,
     check: bool = True,
 ) -> PairPatching:
     """Attribution-patching estimate of patching clean into corrupted at every (site, layer, position).
@@ -165,49 +162,36 @@ def attribution_patch_pair(
 def attribution_patch_probes(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: PatchingOptions = PatchingOptions(method="attribution"),
     *,
-    variants: Sequence[Variant] = ("word_swap", "prefix_swap"),
-    sites: Sequence[str] = SITES,
-    seed: int = 0,
-    bank: Sequence[str] = WORD_BANK,
-    keep_last: int = 2,
-    min_gap: float = 0.5,
     batch_size: int = 64,
     progress: bool = False,
 ) -> PatchingResult:
     """`patch_probes` by attribution patching: the same pairs (`make_corruptions` with the same
     options), the same tables and columns, `settings["method"] == "attribution"`.
+    `options.method` is not read here (`patch` dispatches on it).
 
-    `batch_size` is accepted so that both methods take the same options; attribution patching runs
-    one prompt at a time and does not use it. Raises `FastPathError` when the first pair's clean or
-    corrupted logits differ from a plain full forward.
+    `batch_size` is accepted so that both methods take the same arguments; attribution patching
+    runs one prompt at a time and does not use it. Raises `FastPathError` when the first pair's
+    clean or corrupted logits differ from a plain full forward.
     """
     del batch_size  # one forward (clean) and one forward + backward (corrupted) per pair: nothing to batch
-    _check_pair((), (), sites)
-    corruptions = make_corruptions(model, probes, variants=variants, bank=bank, seed=seed, keep_last=keep_last)
-    started = time.perf_counter()
-    frames, pair_rows = [], []
-    for i, pair in enumerate(tqdm(corruptions.pairs, desc="attribution patching", unit="pair", disable=not progress)):
+    _check_pair((), (), options.sites)
+
+    def attribution(model: LoadedModel, pair: Corruption, first: bool) -> PairPatching:
         result, clean_logits, corr_logits = _attribute(
-            model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id, sites=sites)
-        if i == 0:  # the hooked, grad-enabled runs under the installed versions, against a plain full forward
+            model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,
+            sites=options.sites)
+        if first:  # the hooked, grad-enabled runs under the installed versions, against a plain full forward
             check_against_full_forward(model, pair.clean_ids, clean_logits,
                                        what="attribution patching (clean run)", probe=pair.probe_id)
             check_against_full_forward(model, pair.corrupted_ids, corr_logits,
                                        what="attribution patching (corrupted run)", probe=pair.probe_id)
-        frame, row = pair_tables(model, pair, result, min_gap=min_gap)
-        frames.append(frame)
-        pair_rows.append(row)
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS)
-    settings = model.settings() | mask_summary(model) | {
-        "analysis": "activation_patching", "method": "attribution",
-        "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
-        "estimate": "patched - corrupted ~= (clean_act - corrupted_act) . d(target logit)/d(act) at the corrupted run",
-        "variants": list(variants), "sites": list(sites), "seed": seed, "keep_last": keep_last,
-        "min_gap": min_gap, "n_pairs": len(corruptions.pairs), "n_skipped": len(corruptions.skipped),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    return PatchingResult(rows, pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), corruptions.skipped_frame(), settings)
+        return result
+
+    notes = {"estimate": "patched - corrupted ~= (clean_act - corrupted_act) . d(target logit)/d(act) at the "
+                         "corrupted run"}
+    return _patch_set(model, probes, options, attribution, method="attribution", notes=notes, progress=progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -349,3 +333,17 @@ def patching_agreement(
         "metric": "restored share of the target logit; Pearson over (layer, position) cells; top cells by |restored|",
     }
     return AgreementResult(rows, table, settings)
+
+
+def patch(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    options: PatchingOptions = PatchingOptions(),
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> PatchingResult:
+    """Activation patching, exact (`patching.patch_probes`) or estimated by attribution patching
+    (`attribution_patch_probes`), as `options.method` says."""
+    run = patch_probes if options.method == "exact" else attribution_patch_probes
+    return run(model, probes, options, batch_size=batch_size, progress=progress)

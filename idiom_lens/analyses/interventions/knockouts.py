@@ -51,11 +51,12 @@ the target. Summaries give per set the share changed with n and a 95% Wilson int
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,31 +84,106 @@ NormHandling = Literal["live", "frozen"]
 MODES: tuple[str, ...] = ("zero_top", "keep_top")
 CONTROLS: tuple[str, ...] = ("random", "matched", "whole_mlp")  # besides "targeted"
 RANKINGS: tuple[str, ...] = ("effective", "magnitude", "dla")
-
-# Our default grid: zero_top for k in 1, 10, 100, 1000 in windows of 1-5 layers; keep_top for k = 100
-# in windows of 1-3 (keep_top with small k in a long window ablates whole MLPs and says little).
-DEFAULT_KS: tuple[int, ...] = (1, 10, 100, 1000)
-DEFAULT_WINDOWS: tuple[int, ...] = (1, 2, 3, 4, 5)
-DEFAULT_MODES: tuple[str, ...] = ("zero_top", "keep_top")
-DEFAULT_KEEP_TOP_KS: tuple[int, ...] = (100,)
-DEFAULT_KEEP_TOP_WINDOWS: tuple[int, ...] = (1, 2, 3)
-DEFAULT_CONTROLS: tuple[str, ...] = CONTROLS
+POSITIONS: tuple[str, ...] = ("all", "last")
+NORMS: tuple[str, ...] = ("live", "frozen")
 
 
-@dataclass(frozen=True)
-class GridSpec:
-    """Which (mode, k, window length) a grid holds; every start layer of every window length."""
 
-    ks: tuple[int, ...]
-    windows: tuple[int, ...]
-    keep_top_ks: tuple[int, ...]
-    keep_top_windows: tuple[int, ...]
+@dataclass(frozen=True, kw_only=True)
+class KnockoutGrid:
+    """Which (mode, k, window length) a knockout sweep holds; every start layer of every window length.
+
+    zero_top: every k in `ks` in windows of `windows` layers; keep_top: every k in `keep_top_ks`
+    (None: `ks`) in windows of `keep_top_windows` (None: `windows`). Class-level grids: `DEFAULT`
+    (ours), `PAPER` (the authors') and `STUDY` (what `idiom-lens run` uses). Raises `InputError`
+    for an empty or negative entry or an unknown mode.
+    """
+
+    # Ours: zero_top for k in 1, 10, 100, 1000 in windows of 1-5 layers; keep_top for k = 100 in windows
+    # of 1-3 (keep_top with small k in a long window ablates whole MLPs and says little).
+    ks: tuple[int, ...] = (1, 10, 100, 1000)
+    windows: tuple[int, ...] = (1, 2, 3, 4, 5)
+    modes: tuple[str, ...] = ("zero_top", "keep_top")
+    keep_top_ks: tuple[int, ...] | None = (100,)
+    keep_top_windows: tuple[int, ...] | None = (1, 2, 3)
+
+    DEFAULT: ClassVar["KnockoutGrid"]
+    PAPER: ClassVar["KnockoutGrid"]
+    STUDY: ClassVar["KnockoutGrid"]
+
+    def __post_init__(self) -> None:
+        for name in ("ks", "windows", "keep_top_ks", "keep_top_windows"):
+            value = getattr(self, name)
+            if value is None and name.startswith("keep_top"):
+                continue
+            if value is None or isinstance(value, (str, int)) or not value:
+                raise InputError(f"{name} must be a non-empty sequence of whole numbers, got {value!r}")
+            value = tuple(int(v) for v in value)
+            low = 1 if "windows" in name else 0
+            if any(v < low for v in value):
+                raise InputError(f"{name} must be whole numbers >= {low}, got {list(value)}")
+            object.__setattr__(self, name, value)
+        modes = (self.modes,) if isinstance(self.modes, str) else tuple(self.modes)
+        if not modes or any(m not in MODES for m in modes):
+            raise InputError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
+        object.__setattr__(self, "modes", modes)
+
+    def clipped(self, n_layers: int) -> "KnockoutGrid":
+        """This grid without the window lengths a model of `n_layers` layers cannot hold (for the
+        class-level grids, written for deep models; `knockout_grid` clips those and no other)."""
+        def clip(windows: tuple[int, ...] | None) -> tuple[int, ...] | None:
+            return None if windows is None else tuple(w for w in windows if w <= n_layers)
+
+        return dataclasses.replace(self, windows=clip(self.windows), keep_top_windows=clip(self.keep_top_windows))
+
+    def describe(self) -> dict[str, Any]:
+        """The grid as plain lists (settings)."""
+        return {"ks": list(self.ks), "windows": list(self.windows), "modes": list(self.modes),
+                "keep_top_ks": None if self.keep_top_ks is None else list(self.keep_top_ks),
+                "keep_top_windows": None if self.keep_top_windows is None else list(self.keep_top_windows)}
 
 
-# The paper's full grid (the authors' knockouts.py): top-k for k in 1, 10, 100, 1000 in windows of
-# 1-5 layers, all-but-top-k for k in 10, 100, 1000 in windows of 1-3 layers.
-PAPER_GRID = GridSpec(ks=(1, 10, 100, 1000), windows=(1, 2, 3, 4, 5), keep_top_ks=(10, 100, 1000),
-                      keep_top_windows=(1, 2, 3))
+KnockoutGrid.DEFAULT = KnockoutGrid()
+# The paper's full grid (the authors' knockouts.py): top-k for k in 1, 10, 100, 1000 in windows of 1-5 layers,
+# all-but-top-k for k in 10, 100, 1000 in windows of 1-3 layers.
+KnockoutGrid.PAPER = KnockoutGrid(ks=(1, 10, 100, 1000), windows=(1, 2, 3, 4, 5), modes=MODES,
+                                  keep_top_ks=(10, 100, 1000), keep_top_windows=(1, 2, 3))
+# The study's (`idiom-lens run`): k = 100 in windows of one layer, zero_top only (4 x 18 configurations per
+# probe on Gemma 3 270M with the three controls).
+KnockoutGrid.STUDY = KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",), keep_top_ks=None,
+                                  keep_top_windows=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnockoutOptions:
+    """What `knockout_grid` runs (see the module docstring for each option): the `grid`, the
+    `controls` beside each targeted configuration (() for none), the neuron ranking, the positions
+    knocked out, the post-MLP norm handling and the `seed` of the random controls. Raises
+    `InputError` for an unknown value."""
+
+    grid: KnockoutGrid = KnockoutGrid.DEFAULT
+    controls: tuple[str, ...] = CONTROLS
+    rank_by: RankBy = "effective"
+    positions: Positions = "all"
+    norm: NormHandling = "live"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, KnockoutGrid):
+            raise InputError(f"grid must be a KnockoutGrid, got {self.grid!r}")
+        controls = (self.controls,) if isinstance(self.controls, str) else tuple(self.controls)
+        bad = [c for c in controls if c not in CONTROLS]
+        if bad:
+            raise InputError(f"controls must be among {', '.join(CONTROLS)}, got {list(controls)}")
+        object.__setattr__(self, "controls", controls)
+        if self.rank_by not in RANKINGS:
+            raise InputError(f"rank_by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
+        if self.positions not in POSITIONS:
+            raise InputError(f"positions must be 'all' or 'last', got {self.positions!r}")
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be 'live' or 'frozen', got {self.norm!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise InputError(f"seed must be a whole number, got {self.seed!r}")
 
 
 def _stable_seed(*parts: object) -> int:
@@ -327,7 +403,7 @@ def rank_neurons(
 
 
 @dataclass(frozen=True, slots=True)
-class KnockoutConfig:
+class KnockoutCell:
     """One intervention: which neurons (mode, control, k) in which layers (start..end)."""
 
     mode: str  # zero_top | keep_top
@@ -346,42 +422,31 @@ def _check_windows(windows: Sequence[int], n_layers: int, what: str) -> None:
         raise InputError(f"{what} window lengths must be in 1..{n_layers}, got {list(windows)}")
 
 
-def knockout_configs(
+def knockout_cells(
     n_layers: int,
+    grid: KnockoutGrid = KnockoutGrid.DEFAULT,
     *,
-    ks: Sequence[int] = DEFAULT_KS,
-    windows: Sequence[int] = DEFAULT_WINDOWS,
-    modes: Sequence[str] = DEFAULT_MODES,
-    controls: Sequence[str] = DEFAULT_CONTROLS,
-    keep_top_ks: Sequence[int] | None = DEFAULT_KEEP_TOP_KS,
-    keep_top_windows: Sequence[int] | None = DEFAULT_KEEP_TOP_WINDOWS,
+    controls: Sequence[str] = CONTROLS,
     d_mlp: int | None = None,
-) -> list[KnockoutConfig]:
-    """Every configuration of the grid: windows of each length at every start layer.
+) -> list[KnockoutCell]:
+    """Every cell of `grid`: windows of each length at every start layer.
 
-    zero_top: every k in `ks` in windows of `windows`; keep_top: every k in `keep_top_ks` (None:
-    `ks`) in windows of `keep_top_windows` (None: `windows`). Each targeted configuration comes with
-    its `controls` (random for both modes, matched for zero_top), and ``whole_mlp`` adds one
-    configuration per window (k = `d_mlp`).
+    Each targeted cell comes with its `controls` (random for both modes, matched for zero_top),
+    and ``whole_mlp`` adds one cell per window (k = `d_mlp`). Raises `InputError` for a window
+    longer than the model or an unknown control.
     """
-    if not ks or any(int(k) < 0 for k in ks):
-        raise InputError(f"ks must be non-negative integers, got {list(ks)}")
-    bad = [m for m in modes if m not in MODES]
-    if not modes or bad:
-        raise InputError(f"modes must be among 'zero_top', 'keep_top', got {list(modes)}")
+    ks, windows, modes = grid.ks, grid.windows, grid.modes
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
         raise InputError(f"controls must be among {', '.join(CONTROLS)}, got {list(controls)}")
     if "whole_mlp" in controls and not d_mlp:
         raise InputError("the whole_mlp control needs d_mlp")
-    keep_top_ks = ks if keep_top_ks is None else keep_top_ks
-    keep_top_windows = windows if keep_top_windows is None else keep_top_windows
-    if any(int(k) < 0 for k in keep_top_ks):
-        raise InputError(f"keep_top ks must be non-negative integers, got {list(keep_top_ks)}")
+    keep_top_ks = ks if grid.keep_top_ks is None else grid.keep_top_ks
+    keep_top_windows = windows if grid.keep_top_windows is None else grid.keep_top_windows
     _check_windows(windows, n_layers, "zero_top")
     if "keep_top" in modes:
         _check_windows(keep_top_windows, n_layers, "keep_top")
-    out: list[KnockoutConfig] = []
+    out: list[KnockoutCell] = []
     all_windows: set[int] = set()
     for mode in modes:
         mode_ks = ks if mode == "zero_top" else keep_top_ks
@@ -392,11 +457,11 @@ def knockout_configs(
             for w in sorted(set(int(w) for w in mode_windows)):
                 for start in range(n_layers - w + 1):
                     for c in mode_controls:
-                        out.append(KnockoutConfig(mode, c, k, start, start + w - 1))
+                        out.append(KnockoutCell(mode, c, k, start, start + w - 1))
     if "whole_mlp" in controls:
         for w in sorted(all_windows):
             for start in range(n_layers - w + 1):
-                out.append(KnockoutConfig("zero_top", "whole_mlp", int(d_mlp), start, start + w - 1))
+                out.append(KnockoutCell("zero_top", "whole_mlp", int(d_mlp), start, start + w - 1))
     return out
 
 
@@ -521,14 +586,14 @@ class _ProbeNeurons:
                 raise InputError(f"unknown control {control!r}")
         return self.cache[key]
 
-    def zero_mask(self, config: KnockoutConfig, layer: int) -> Bool[Tensor, " d_mlp"]:
+    def zero_mask(self, config: KnockoutCell, layer: int) -> Bool[Tensor, " d_mlp"]:
         """True for the neurons the configuration zeroes in `layer`."""
         chosen = self.chosen(config.control, layer, config.k)
         mask = torch.zeros(self.d_mlp, dtype=torch.bool)
         mask[chosen] = True
         return mask if config.mode == "zero_top" or config.control == "whole_mlp" else ~mask
 
-    def config_stats(self, config: KnockoutConfig) -> tuple[int, float, float]:
+    def config_stats(self, config: KnockoutCell) -> tuple[int, float, float]:
         """(neurons zeroed, their share of the window's summed effective score, summed score of the
         set standing in for the top-k / the top-k's summed score), over the window's layers."""
         zeroed, zeroed_score, total, chosen_score, top_score = 0, 0.0, 0.0, 0.0, 0.0
@@ -547,7 +612,7 @@ class _ProbeNeurons:
 
 
 def knockout_hooks(
-    configs: Sequence[KnockoutConfig],
+    configs: Sequence[KnockoutCell],
     neurons: _ProbeNeurons,
     *,
     positions: Positions,
@@ -606,22 +671,21 @@ def knockout_hooks(
 def _probe_rows(
     model: LoadedModel,
     state: _CleanState,
-    configs: Sequence[KnockoutConfig],
+    configs: Sequence[KnockoutCell],
     neurons: _ProbeNeurons,
+    options: KnockoutOptions,
     *,
     target_id: int,
-    positions: Positions,
-    norm: NormHandling,
     batch_size: int,
 ) -> dict[str, np.ndarray]:
-    """Run the configurations of one probe as rows of batches; metrics per configuration (in order).
+    """Run the cells of one probe as rows of batches; metrics per cell (in order), knocked out at
+    `options.positions` with `options.norm`.
 
-    With whole prompts (`SuffixRunner`) a batch holds configurations of one start layer and
-    resumes there."""
+    With whole prompts (`SuffixRunner`) a batch holds cells of one start layer and resumes there."""
     runner = state.runner
     valid = valid_mask(model)
     gains = post_norm_gains(model)
-    frozen = (gains, state.scale) if norm == "frozen" and gains is not None else None
+    frozen = (gains, state.scale) if options.norm == "frozen" and gains is not None else None
     if isinstance(runner, SuffixRunner):
         groups: dict[int, list[int]] = {}
         for i, cfg in enumerate(configs):
@@ -632,7 +696,7 @@ def _probe_rows(
     for start, index in groups.items():
         for b in range(0, len(index), batch_size):
             chunk = index[b : b + batch_size]
-            hooks = knockout_hooks([configs[i] for i in chunk], neurons, positions=positions, last=runner.last,
+            hooks = knockout_hooks([configs[i] for i in chunk], neurons, positions=options.positions, last=runner.last,
                                    n_pos=runner.n_pos, frozen=frozen)
             if isinstance(runner, SuffixRunner):
                 logits = runner.run(len(chunk), hooks, start=start)
@@ -646,91 +710,54 @@ def _probe_rows(
     return results
 
 
-def _resolve_grid(
-    *, full_grid: bool, ks: Sequence[int] | None, windows: Sequence[int] | None, modes: Sequence[str] | None,
-    keep_top_ks: Sequence[int] | None | str, keep_top_windows: Sequence[int] | None | str, n_layers: int,
-) -> dict[str, Any]:
-    """The grid's arguments: the paper's with `full_grid`, else the given ones or our defaults."""
-    if full_grid:
-        given = [name for name, v in (("ks", ks), ("windows", windows), ("modes", modes),
-                                      ("keep_top_ks", keep_top_ks), ("keep_top_windows", keep_top_windows))
-                 if v is not None and not isinstance(v, str)]
-        if given:
-            raise InputError(f"full_grid=True is the paper's grid: do not also pass {', '.join(given)}")
-        return {"ks": PAPER_GRID.ks, "windows": tuple(w for w in PAPER_GRID.windows if w <= n_layers),
-                "modes": MODES, "keep_top_ks": PAPER_GRID.keep_top_ks,
-                "keep_top_windows": tuple(w for w in PAPER_GRID.keep_top_windows if w <= n_layers)}
-    windows = tuple(w for w in DEFAULT_WINDOWS if w <= n_layers) if windows is None else tuple(windows)
-    return {
-        "ks": DEFAULT_KS if ks is None else tuple(ks),
-        "windows": windows,
-        "modes": DEFAULT_MODES if modes is None else tuple(modes),
-        "keep_top_ks": DEFAULT_KEEP_TOP_KS if isinstance(keep_top_ks, str) else keep_top_ks,
-        "keep_top_windows": (tuple(w for w in DEFAULT_KEEP_TOP_WINDOWS if w <= n_layers)
-                             if isinstance(keep_top_windows, str) else keep_top_windows),
-    }
-
-
-_DEFAULT = "default"  # marks an argument left at its default (None has a meaning of its own there)
+def _fitted(grid: KnockoutGrid, n_layers: int) -> KnockoutGrid:
+    """`grid` with its class-level windows (`DEFAULT`'s and `PAPER`'s 1-5 and keep_top 1-3, written
+    for deep models) clipped to the model's depth; other windows are left for `knockout_cells` to
+    reject when they do not fit."""
+    stock = KnockoutGrid.DEFAULT
+    clip = stock.clipped(n_layers)
+    return dataclasses.replace(
+        grid,
+        windows=clip.windows if grid.windows == stock.windows else grid.windows,
+        keep_top_windows=clip.keep_top_windows if grid.keep_top_windows == stock.keep_top_windows
+        else grid.keep_top_windows,
+    )
 
 
 def knockout_grid(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: KnockoutOptions = KnockoutOptions(),
     *,
-    ks: Sequence[int] | None = None,
-    windows: Sequence[int] | None = None,
-    modes: Sequence[str] | None = None,
-    keep_top_ks: Sequence[int] | None | str = _DEFAULT,
-    keep_top_windows: Sequence[int] | None | str = _DEFAULT,
-    full_grid: bool = False,
-    controls: Sequence[str] | None = None,
-    control: str | None = _DEFAULT,
-    rank_by: RankBy = "effective",
-    positions: Positions = "all",
-    norm: NormHandling = "live",
-    seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
 ) -> KnockoutResult:
     """Knock out top-k (or all but top-k) MLP neurons in every layer window, per probe.
 
-    Grid: `ks` (default 1, 10, 100, 1000) x `windows` (1-5 layers) for zero_top, `keep_top_ks`
-    (default 100; None: every k) x `keep_top_windows` (default 1-3; None: `windows`) for keep_top;
-    ``full_grid=True`` is the paper's (`PAPER_GRID`). `controls` (default random, matched,
-    whole_mlp; () for none; `control="random"`/None is the older spelling). See the module
-    docstring for `rank_by`, `positions` and `norm`. The clean run of each probe is computed once
-    and reused by all its configurations, which run as rows of batches of `batch_size`.
+    `options` (`KnockoutOptions`): the grid (`KnockoutGrid.DEFAULT`, `.PAPER`, `.STUDY` or your
+    own; the class-level grids are clipped to the model's depth, any other must fit), the
+    controls, `rank_by`, `positions`, `norm` (see the module docstring) and the controls' seed.
+    The clean run of each probe is computed once and reused by all its cells, which run as rows
+    of batches of `batch_size` (speed and memory only).
 
-    Raises `InputError` for an unknown positions, rank_by, norm or control, or a batch size below 1;
+    Raises `InputError` for a window longer than the model or a batch size below 1;
     `FastPathError` when its fast path disagrees with a full forward (checked before any row is
     kept).
     """
     probes = check_probes(probes)
-    if positions not in ("last", "all"):
-        raise InputError(f"positions must be 'all' or 'last', got {positions!r}")
-    if rank_by not in RANKINGS:
-        raise InputError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
-    if norm not in ("live", "frozen"):
-        raise InputError(f"norm must be 'live' or 'frozen', got {norm!r}")
+    if not isinstance(options, KnockoutOptions):
+        raise InputError(f"options must be a KnockoutOptions, got {type(options).__name__}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if control != _DEFAULT:
-        if controls is not None:
-            raise InputError("give controls or control (older spelling), not both")
-        if control not in ("random", None, "none"):
-            raise InputError(f"control must be 'random' or None, got {control!r}")
-        controls = ("random",) if control == "random" else ()
-    controls = DEFAULT_CONTROLS if controls is None else tuple(c for c in controls if c != "none")
-    grid = _resolve_grid(full_grid=full_grid, ks=ks, windows=windows, modes=modes, keep_top_ks=keep_top_ks,
-                         keep_top_windows=keep_top_windows, n_layers=model.n_layers)
+    grid = _fitted(options.grid, model.n_layers)
+    controls, rank_by, positions = options.controls, options.rank_by, options.positions
     d_mlp = int(model.bridge.cfg.d_mlp)
-    configs = knockout_configs(model.n_layers, controls=controls, d_mlp=d_mlp, **grid)
+    configs = knockout_cells(model.n_layers, grid, controls=controls, d_mlp=d_mlp)
     probe_tokens = tokenize_probes(model, probes)
     eff_norms = effective_value_norms(model)
     rank_norms = value_vector_norms(model) if rank_by == "magnitude" else eff_norms
     cfg_frame = pd.DataFrame({
-        "positions": positions, "rank_by": rank_by, "norm": norm,
+        "positions": positions, "rank_by": rank_by, "norm": options.norm,
         "mode": [c.mode for c in configs], "control": [c.control for c in configs],
         "k": [c.k for c in configs], "start": [c.start for c in configs], "end": [c.end for c in configs],
     })
@@ -749,9 +776,10 @@ def knockout_grid(
         scores = neuron_scores(state.activations, model, by=rank_by, pred_id=state.pred_id,
                                scale=state.last_scale, norms=rank_norms if rank_by != "dla" else None)
         effective = neuron_scores(state.activations, model, by="effective", scale=state.last_scale, norms=eff_norms)
-        neurons = _ProbeNeurons(scores.argsort(dim=-1, descending=True, stable=True), effective, probe.id, seed)
-        metrics = _probe_rows(model, state, configs, neurons, target_id=toks.target_id, positions=positions,
-                              norm=norm, batch_size=batch_size)
+        neurons = _ProbeNeurons(scores.argsort(dim=-1, descending=True, stable=True), effective, probe.id,
+                                options.seed)
+        metrics = _probe_rows(model, state, configs, neurons, options, target_id=toks.target_id,
+                              batch_size=batch_size)
         frame = cfg_frame.copy()
         frame.insert(0, "probe_id", probe.id)
         stats = [neurons.config_stats(c) for c in configs]
@@ -774,14 +802,12 @@ def knockout_grid(
     bar.close()
     seconds = time.perf_counter() - started
     settings = model.settings() | mask_summary(model) | {
-        "analysis": "knockouts", "grid": "paper" if full_grid else "custom",
-        "ks": [int(k) for k in grid["ks"]], "windows": [int(w) for w in grid["windows"]], "modes": list(grid["modes"]),
-        "keep_top_ks": None if grid["keep_top_ks"] is None else [int(k) for k in grid["keep_top_ks"]],
-        "keep_top_windows": None if grid["keep_top_windows"] is None else [int(w) for w in grid["keep_top_windows"]],
-        "controls": list(controls), "rank_by": rank_by, "positions": positions, "norm": norm,
+        "analysis": "knockouts", "grid": "paper" if options.grid == KnockoutGrid.PAPER else "custom",
+        **grid.describe(),
+        "controls": list(controls), "rank_by": rank_by, "positions": positions, "norm": options.norm,
         "post_norm": "ln2_post" if post_norm_gains(model) is not None else None,
         "fast_path": "prefix key/value cache" if positions == "last" else "resumed at the window's first layer",
-        "seed": seed, "n_probes": len(probes), "n_configs": len(configs), "seconds": round(seconds, 2),
+        "seed": options.seed, "n_probes": len(probes), "n_configs": len(configs), "seconds": round(seconds, 2),
         "rank_by_note": {"effective": "|activation| x ||W_out row * post-norm gain|| / clean post-norm RMS",
                          "magnitude": "|activation| x ||W_out row|| (raw; the post-MLP norm ignored)",
                          "dla": "activation x direct push on the prediction; final norm ignored: approximate"}[rank_by],

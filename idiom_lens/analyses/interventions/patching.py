@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,9 @@ from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
 Variant = Literal["word_swap", "prefix_swap"]
-SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+PATCH_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+VARIANTS: tuple[str, ...] = ("word_swap", "prefix_swap")
+METHODS: tuple[str, ...] = ("exact", "attribution")
 SITE_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 
 # Common English words, for corruptions (short and long, so that a same-length swap usually exists).
@@ -102,29 +104,48 @@ def _swap(words: list[str], index: int, new: str) -> str:
     return " ".join(out)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CorruptionOptions:
+    """How `make_corruptions` corrupts each prompt: the `variants` (`VARIANTS`), the replacement
+    word `bank`, the `seed` of every choice, the words ``prefix_swap`` keeps (`keep_last`), the
+    word ``word_swap`` replaces (`word_index`, negative from the end; None: tried in a seeded
+    order) and the draws ``prefix_swap`` tries (`attempts`). Raises `InputError` for a bad value."""
+
+    variants: tuple[str, ...] = VARIANTS
+    bank: tuple[str, ...] = WORD_BANK
+    seed: int = 0
+    keep_last: int = 2
+    word_index: int | None = None
+    attempts: int = 200
+
+    def __post_init__(self) -> None:
+        variants = (self.variants,) if isinstance(self.variants, str) else tuple(self.variants)
+        bad = [v for v in variants if v not in VARIANTS]
+        if not variants or bad:
+            raise InputError(f"variants must be among {', '.join(VARIANTS)}, got {list(variants)}")
+        object.__setattr__(self, "variants", variants)
+        bank = (self.bank,) if isinstance(self.bank, str) else tuple(self.bank)
+        if not any(w.strip() for w in bank):
+            raise InputError("the word bank is empty")
+        object.__setattr__(self, "bank", bank)
+        if self.keep_last < 0:
+            raise InputError(f"keep_last must be >= 0, got {self.keep_last}")
+        if self.attempts < 1:
+            raise InputError(f"attempts must be >= 1, got {self.attempts}")
+
+
 def make_corruptions(
     model: LoadedModel,
     probes: Sequence[Probe],
-    *,
-    variants: Sequence[Variant] = ("word_swap", "prefix_swap"),
-    bank: Sequence[str] = WORD_BANK,
-    seed: int = 0,
-    keep_last: int = 2,
-    word_index: int | None = None,
-    attempts: int = 200,
+    options: CorruptionOptions = CorruptionOptions(),
 ) -> CorruptionSet:
-    """Corrupted prompts of the same token length, chosen deterministically from `bank` (seeded).
-
-    `word_index` fixes which word ``word_swap`` replaces (negative counts from the end); by default
-    the words are tried in a seeded order. Probes where nothing fits are skipped and reported.
+    """Corrupted prompts of the same token length, chosen deterministically from `options.bank`
+    (seeded); see `CorruptionOptions`. Probes where nothing fits are skipped and reported.
     """
+    variants, seed, keep_last = options.variants, options.seed, options.keep_last
+    word_index, attempts = options.word_index, options.attempts
     probes = check_probes(probes)
-    bad = [v for v in variants if v not in ("word_swap", "prefix_swap")]
-    if not variants or bad:
-        raise InputError(f"variants must be among 'word_swap', 'prefix_swap', got {list(variants)}")
-    bank = list(dict.fromkeys(w.strip() for w in bank if w.strip()))
-    if not bank:
-        raise InputError("the word bank is empty")
+    bank = list(dict.fromkeys(w.strip() for w in options.bank if w.strip()))
     pairs: list[Corruption] = []
     skipped: list[tuple[str, str, str]] = []
     tok = model.tokenizer
@@ -264,7 +285,7 @@ def patch_pair(
     clean_ids: Sequence[int],
     corrupted_ids: Sequence[int],
     target_id: int,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] = PATCH_SITES,
     sender: Literal["clean", "corrupted"] = "clean",
     receiver: Literal["clean", "corrupted"] = "corrupted",
     batch_size: int = 64,
@@ -278,9 +299,9 @@ def patch_pair(
         raise InputError(
             f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
         )
-    bad = [s for s in sites if s not in SITES]
+    bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:
-        raise InputError(f"sites must be among {', '.join(SITES)}, got {list(sites)}")
+        raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
     clean_acts, clean_logits = site_activations(model, clean_ids, sites)
     corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
     source = clean_acts if sender == "clean" else corr_acts
@@ -383,43 +404,90 @@ def pair_tables(
     return frame, row
 
 
-def patch_probes(
+@dataclass(frozen=True, kw_only=True)
+class PatchingOptions:
+    """What a patching run does: how prompts are corrupted (`corruption`), the patched `sites`
+    (`PATCH_SITES`), the smallest clean-minus-corrupted target logit gap worth restoring
+    (`min_gap`; below it the restored shares are NaN) and the `method`, exact or attribution
+    (read by `patch`). Raises `InputError` for a bad value."""
+
+    corruption: CorruptionOptions = CorruptionOptions()
+    sites: tuple[str, ...] = PATCH_SITES
+    min_gap: float = 0.5
+    method: str = "exact"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corruption, CorruptionOptions):
+            raise InputError(f"corruption must be a CorruptionOptions, got {self.corruption!r}")
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        bad = [s for s in sites if s not in PATCH_SITES]
+        if not sites or bad:
+            raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
+        object.__setattr__(self, "sites", sites)
+        if self.min_gap < 0:
+            raise InputError(f"min_gap must be >= 0, got {self.min_gap}")
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+# A pair's patching: (model, pair, first) -> its `PairPatching`; `first` is True for the set's first
+# pair, the one checked against a plain full forward.
+PairKernel = Callable[[LoadedModel, Corruption, bool], PairPatching]
+
+
+def _patch_set(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: PatchingOptions,
+    kernel: PairKernel,
     *,
-    variants: Sequence[Variant] = ("word_swap", "prefix_swap"),
-    sites: Sequence[str] = SITES,
-    seed: int = 0,
-    bank: Sequence[str] = WORD_BANK,
-    keep_last: int = 2,
-    min_gap: float = 0.5,
-    batch_size: int = 64,
-    progress: bool = False,
+    method: str,
+    notes: dict[str, Any],
+    progress: bool,
 ) -> PatchingResult:
-    """Patch clean into corrupted for every probe and variant; restored share of the target logit.
-
-    Raises `FastPathError` when its fast path disagrees with a full forward.
-    """
-    corruptions = make_corruptions(model, probes, variants=variants, bank=bank, seed=seed, keep_last=keep_last)
+    """Corrupt `probes`, run `kernel` on every pair and tabulate: exact and attribution patching
+    differ only in their kernel (and the `notes` their settings add)."""
+    if not isinstance(options, PatchingOptions):
+        raise InputError(f"options must be a PatchingOptions, got {type(options).__name__}")
+    corruption = options.corruption
+    corruptions = make_corruptions(model, probes, corruption)
     started = time.perf_counter()
     frames, pair_rows = [], []
-    if corruptions.pairs:  # the shortcuts under the installed versions, against a plain full forward
-        first = corruptions.pairs[0]
-        PromptRunner(model, first.corrupted_ids, use_kv=False).self_check(what="patching", probe=first.probe_id)
-    for pair in tqdm(corruptions.pairs, desc="patching", unit="pair", disable=not progress):
-        result = patch_pair(
-            model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,
-            sites=sites, batch_size=batch_size,
-        )
-        frame, row = pair_tables(model, pair, result, min_gap=min_gap)
+    desc = "patching" if method == "exact" else f"{method} patching"
+    for i, pair in enumerate(tqdm(corruptions.pairs, desc=desc, unit="pair", disable=not progress)):
+        frame, row = pair_tables(model, pair, kernel(model, pair, i == 0), min_gap=options.min_gap)
         frames.append(frame)
         pair_rows.append(row)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS)
     settings = model.settings() | mask_summary(model) | {
-        "analysis": "activation_patching", "method": "exact",
-        "metric": "target logit, (patched - corrupted) / (clean - corrupted)",
-        "variants": list(variants), "sites": list(sites), "seed": seed, "keep_last": keep_last,
-        "min_gap": min_gap, "n_pairs": len(corruptions.pairs), "n_skipped": len(corruptions.skipped),
-        "seconds": round(time.perf_counter() - started, 2),
+        "analysis": "activation_patching", "method": method,
+        "metric": "target logit, (patched - corrupted) / (clean - corrupted)", **notes,
+        "variants": list(corruption.variants), "sites": list(options.sites), "seed": corruption.seed,
+        "keep_last": corruption.keep_last, "min_gap": options.min_gap, "n_pairs": len(corruptions.pairs),
+        "n_skipped": len(corruptions.skipped), "seconds": round(time.perf_counter() - started, 2),
     }
     return PatchingResult(rows, pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), corruptions.skipped_frame(), settings)
+
+
+def patch_probes(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    options: PatchingOptions = PatchingOptions(),
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> PatchingResult:
+    """Patch clean into corrupted for every probe and variant (exact: one patched run per site,
+    layer and position, `batch_size` of them per forward); restored share of the target logit.
+    `options.method` is not read here (`patch` dispatches on it).
+
+    Raises `FastPathError` when its fast path disagrees with a full forward (first pair, before
+    any is patched).
+    """
+    def exact(model: LoadedModel, pair: Corruption, first: bool) -> PairPatching:
+        if first:  # the shortcuts under the installed versions, against a plain full forward
+            PromptRunner(model, pair.corrupted_ids, use_kv=False).self_check(what="patching", probe=pair.probe_id)
+        return patch_pair(model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids,
+                          target_id=pair.target_id, sites=options.sites, batch_size=batch_size)
+
+    return _patch_set(model, probes, options, exact, method="exact", notes={}, progress=progress)

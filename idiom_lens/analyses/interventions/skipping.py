@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions.knockouts import Positions
+from idiom_lens.analyses.interventions.knockouts import POSITIONS, Positions
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.analyses.saved import ProbeRowsResult
@@ -84,26 +84,45 @@ def _skip_hooks(spans: Sequence[tuple[int, ...]], n_layers: int, runner: PromptR
     return hooks
 
 
+@dataclass(frozen=True, kw_only=True)
+class SkipOptions:
+    """What `skip_layers` skips: every window of consecutive layers of the lengths `windows`
+    (None: 1-5, or fewer in a smaller model), or exactly the given `spans` (layer tuples; ()
+    skips nothing), at every prompt position or the last one (`positions`). Raises `InputError`
+    for a bad value."""
+
+    windows: tuple[int, ...] | None = None
+    spans: tuple[tuple[int, ...], ...] | None = None
+    positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if self.windows is not None:
+            object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
+        if self.spans is not None:
+            object.__setattr__(self, "spans", tuple(tuple(int(i) for i in s) for s in self.spans))
+        if self.positions not in POSITIONS:
+            raise InputError(f"positions must be 'last' or 'all', got {self.positions!r}")
+
+
 def skip_layers(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: SkipOptions = SkipOptions(),
     *,
-    windows: Sequence[int] | None = None,
-    spans: Sequence[Sequence[int]] | None = None,
-    positions: Positions = "all",
     batch_size: int = 64,
     progress: bool = False,
 ) -> SkipResult:
-    """Skip every window of consecutive layers (or the given `spans`; () skips nothing) per probe.
+    """Skip every window of consecutive layers (or the given spans) per probe (`SkipOptions`).
 
-    Raises `InputError` for unknown positions, a batch size below 1 or a span outside the model's
-    layers; `FastPathError` when its fast path disagrees with a full forward.
+    Raises `InputError` for a batch size below 1 or a span outside the model's layers;
+    `FastPathError` when its fast path disagrees with a full forward.
     """
     probes = check_probes(probes)
-    if positions not in ("last", "all"):
-        raise InputError(f"positions must be 'last' or 'all', got {positions!r}")
+    if not isinstance(options, SkipOptions):
+        raise InputError(f"options must be a SkipOptions, got {type(options).__name__}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    windows, spans, positions = options.windows, options.spans, options.positions
     n_layers = model.n_layers
     if windows is None:  # 1..5 layers, or fewer in a smaller model
         windows = tuple(w for w in (1, 2, 3, 4, 5) if w <= n_layers)

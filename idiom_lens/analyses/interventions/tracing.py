@@ -6,7 +6,7 @@ memorized prediction back into a corrupted run.
   the noised positions: by default every prompt token but the BOS and the last; `noise_words`
   chooses a word span instead. The noise standard deviation is `multiplier` (3, as ROME) times the
   standard deviation of the model's input embeddings over the bundled ordinary-text set
-  (`noise_scale`), recorded with the result. `samples` draws per probe (default 10), seeded by
+  (`noise_scale`), recorded with the result. `noise_samples` draws per probe (default 10), seeded by
   (seed, probe id).
 - **Restore** the clean activation at one position, in one layer or in a window of consecutive
   layers centered on it and clipped at the edges (ROME's windows), for three sites: ``resid``
@@ -53,7 +53,7 @@ from idiom_lens.models.tokenization import pad_id, right_pad, split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
 
 Site = Literal["resid", "mlp", "attn"]
-SITES: tuple[str, ...] = ("resid", "mlp", "attn")
+TRACE_SITES: tuple[str, ...] = ("resid", "mlp", "attn")
 HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 POSITION_CLASSES: tuple[str, ...] = ("before", "first noised", "mid noised", "last noised", "after noised", "last")
 
@@ -200,9 +200,9 @@ class PromptTrace:
 def trace_specs(sites: Sequence[str], windows: Sequence[int]) -> tuple[tuple[str, int], ...]:
     """(site, window) pairs: the residual stream at one layer (a window of it would overwrite
     itself), attention and MLP at every window size."""
-    bad = [s for s in sites if s not in SITES]
+    bad = [s for s in sites if s not in TRACE_SITES]
     if not sites or bad:
-        raise InputError(f"sites must be among {', '.join(SITES)}, got {list(sites)}")
+        raise InputError(f"sites must be among {', '.join(TRACE_SITES)}, got {list(sites)}")
     if not windows or any(int(w) < 1 for w in windows):
         raise InputError(f"windows must be >= 1, got {list(windows)}")
     out: list[tuple[str, int]] = []
@@ -378,34 +378,60 @@ class TracingResult(ProbeRowsResult):
         return frame.pivot_table(index="layer", columns="pos_from_end", values="ie", aggfunc="mean")
 
 
+@dataclass(frozen=True, kw_only=True)
+class TracingOptions:
+    """What `causal_trace` runs: the restored `sites` (`TRACE_SITES`), the window sizes for mlp and
+    attn (resid is one layer), `noise_samples` draws per probe, the noise std as a `multiplier` of
+    the input embeddings' std, the noised words (`noise_words` = (first, stop) word indices; None:
+    every token but the BOS and the last) and the noise `seed`. Raises `InputError` for a bad value."""
+
+    sites: tuple[str, ...] = TRACE_SITES
+    windows: tuple[int, ...] = (1, 10)
+    noise_samples: int = 10
+    multiplier: float = 3.0
+    noise_words: tuple[int, int] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        windows = (self.windows,) if isinstance(self.windows, int) else tuple(int(w) for w in self.windows)
+        object.__setattr__(self, "sites", sites)
+        object.__setattr__(self, "windows", windows)
+        trace_specs(sites, windows)  # InputError for unknown sites or windows below 1
+        if self.noise_samples < 1:
+            raise InputError(f"noise_samples must be >= 1, got {self.noise_samples}")
+        if self.multiplier < 0:
+            raise InputError(f"multiplier must be >= 0, got {self.multiplier}")
+        if self.noise_words is not None:
+            if len(self.noise_words) != 2:
+                raise InputError(f"noise_words must be (first, stop) word indices, got {self.noise_words!r}")
+            object.__setattr__(self, "noise_words", (int(self.noise_words[0]), int(self.noise_words[1])))
+
+
 def causal_trace(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: TracingOptions = TracingOptions(),
     *,
-    sites: Sequence[str] = SITES,
-    windows: Sequence[int] = (1, 10),
-    samples: int = 10,
-    multiplier: float = 3.0,
     scale: NoiseScale | None = None,
-    noise_words: tuple[int, int] | None = None,
-    seed: int = 0,
     batch_size: int = 128,
     progress: bool = False,
 ) -> TracingResult:
     """Causal tracing of every probe (see the module docstring): per (site, window, layer,
     position), the probability of the clean prediction when that clean activation is restored
-    into the noised run, averaged over `samples` noise draws.
+    into the noised run, averaged over `options.noise_samples` noise draws.
 
-    `windows` apply to ``mlp`` and ``attn`` (``resid`` is restored at one layer); `scale` reuses
-    a measured `NoiseScale` (default: `noise_scale(model, multiplier=multiplier)`);
-    `noise_words` = (first, stop) word indices of the prompt to noise instead of every token but
-    the BOS and the last. Raises `FastPathError` when the fast path disagrees with a full forward.
+    `scale` reuses a measured `NoiseScale` (default: `noise_scale(model, multiplier=options.multiplier)`).
+    `batch_size` (rows per forward) changes speed and memory only. Raises `FastPathError` when the
+    fast path disagrees with a full forward.
     """
+    if not isinstance(options, TracingOptions):
+        raise InputError(f"options must be a TracingOptions, got {type(options).__name__}")
+    sites, windows, samples = options.sites, options.windows, options.noise_samples
+    noise_words, seed = options.noise_words, options.seed
     probes = check_probes(probes)
     specs = trace_specs(sites, windows)
-    if samples < 1:
-        raise InputError(f"samples must be >= 1, got {samples}")
-    scale = scale if scale is not None else noise_scale(model, multiplier=multiplier)
+    scale = scale if scale is not None else noise_scale(model, multiplier=options.multiplier)
     started = time.perf_counter()
     decode = model.tokenizer.decode
     frames, probe_rows = [], []

@@ -38,6 +38,8 @@ from idiom_lens.analyses.saved import Saved, SavedTables, plain
 Weights = Literal["raw", "effective"]
 
 
+VALUE_VECTOR_KS: tuple[int, ...] = (1, 10)  # the authors' k values
+
 @dataclass(frozen=True)
 class ValueVectorRanks(Saved):
     """Per probe, layer and top-neuron rank r: the prediction's rank in that neuron's vocabulary
@@ -116,7 +118,7 @@ def value_vector_ranks(
     model: LoadedModel,
     probes: Sequence[Probe],
     *,
-    ks: Sequence[int] = (1, 10),
+    ks: Sequence[int] = VALUE_VECTOR_KS,
     rank_by: RankBy = "effective",
     weights: Weights = "raw",
     chunk: int = 32,

@@ -23,6 +23,7 @@ from idiom_lens.models.runners import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error
 from idiom_lens.models.vocab import valid_mask
 from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, SkipOptions
 
 EMBEDDED_PROBES = [
     Probe(id="blue", prompt="once in a blue", target="moon", kind="idiom"),
@@ -226,8 +227,7 @@ def test_knockout_of_nothing_is_the_full_forward(case, positions):
     model, probes = case
     probes = probes if model.n_layers <= 4 else probes[:2]
     d_mlp = int(model.bridge.cfg.d_mlp)
-    result = knockout_grid(model, probes, ks=(0, d_mlp), windows=(1,), modes=("zero_top", "keep_top"),
-                           keep_top_ks=None, keep_top_windows=None, controls=(), positions=positions)
+    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(0, d_mlp), windows=(1,), modes=("zero_top", "keep_top"), keep_top_ks=None, keep_top_windows=None), controls=(), positions=positions))
     rows = with_targets(result)
     noop = rows[((rows["mode"] == "zero_top") & (rows["k"] == 0)) | ((rows["mode"] == "keep_top") & (rows["k"] == d_mlp))]
     assert len(noop) == 2 * model.n_layers * len(probes)
@@ -248,8 +248,7 @@ def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, posi
     model, probes = case
     probes = probes[: n_checked_probes(model)]
     d_mlp = int(model.bridge.cfg.d_mlp)
-    result = knockout_grid(model, probes, ks=(d_mlp,), windows=(window,), modes=("zero_top",),
-                           controls=("whole_mlp",), positions=positions)
+    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(d_mlp,), windows=(window,), modes=("zero_top",)), controls=("whole_mlp",), positions=positions))
     rows = with_targets(result)
     assert set(rows["control"]) == {"targeted", "whole_mlp"} and set(rows["k"]) == {d_mlp}
     assert (rows["zeroed_share"] == 1.0).all() and (rows["n_zeroed"] == window * d_mlp).all()
@@ -269,8 +268,7 @@ def test_top_k_and_every_control_are_full_forwards(case, positions, norm):
     norm live or frozen (by hand): each row equals one full forward with those neurons zeroed by hand."""
     model, probes = case
     probes = probes[: n_checked_probes(model)]
-    result = knockout_grid(model, probes, ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
-                           keep_top_windows=None, positions=positions, norm=norm, seed=3)
+    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None, keep_top_windows=None), positions=positions, norm=norm, seed=3))
     rows = with_targets(result)
     assert set(rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert set(rows.loc[rows["mode"] == "keep_top", "control"]) == {"targeted", "random"}
@@ -286,9 +284,9 @@ def test_top_k_and_every_control_are_full_forwards(case, positions, norm):
 def test_frozen_norm_differs_from_live_only_with_a_post_norm(case):
     """Frozen and live agree where there is no post-MLP norm (Llama) and differ where there is."""
     model, probes = case
-    kw = dict(ks=(5,), windows=(1,), modes=("zero_top",), controls=(), positions="all")
-    live = knockout_grid(model, probes[:1], norm="live", **kw).rows
-    frozen = knockout_grid(model, probes[:1], norm="frozen", **kw).rows
+    kw = dict(grid=KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",)), controls=(), positions="all")
+    live = knockout_grid(model, probes[:1], KnockoutOptions(norm="live", **kw)).rows
+    frozen = knockout_grid(model, probes[:1], KnockoutOptions(norm="frozen", **kw)).rows
     gap = np.abs(live["prob_of_clean_pred"].to_numpy() - frozen["prob_of_clean_pred"].to_numpy()).max()
     noise = prob_atol(model, 30.0)  # fp32 noise of probabilities from logits up to 30 (Gemma's largest)
     if has_post_norm(model):
@@ -323,7 +321,7 @@ def test_neuron_ranking_is_a_plain_cache(case, rank_by):
 def test_layer_skip_is_the_full_forward_with_the_block_bypassed(case, positions):
     model, probes = case
     spans = [(), (0,), (1,), (0, 1), (model.n_layers - 1,)]
-    result = skip_layers(model, probes[:3], spans=spans, positions=positions)
+    result = skip_layers(model, probes[:3], SkipOptions(spans=spans, positions=positions))
     rows = result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
     for probe, toks in zip(probes[:3], tokenize_probes(model, probes[:3])):
         clean_pred = prediction(model, full_forward(model, toks.prompt_ids))
@@ -435,17 +433,17 @@ def test_self_check_stops_a_wrong_fast_path_and_nothing_is_written(tiny_model, t
     real_suffix = SuffixRunner.run
     monkeypatch.setattr(SuffixRunner, "run", lambda self, n, hooks, start=0: real_suffix(self, n, hooks, start=start) + 0.5)
     for sweep in (
-        lambda: knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,)),
-        lambda: knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,), positions="last"),
-        lambda: knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,), positions="all", norm="frozen"),
-        lambda: skip_layers(tiny_model, probes[:2], windows=(1,)),
+        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)))),
+        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)), positions="last")),
+        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)), positions="all", norm="frozen")),
+        lambda: skip_layers(tiny_model, probes[:2], SkipOptions(windows=(1,))),
         lambda: rank_neurons(tiny_model, probes[:2]),
     ):
         with pytest.raises(FastPathError, match="transformers"):
             sweep()
     out = tmp_path / "knock"
     code = cli.main(["knockout", "--model", str(tiny_model_dir), "--dataset", "idioms", "--sample", "2", "--k", "1",
-                     "--max-window", "1", "--no-png", "--out", str(out)])
+                     "--windows", "1", "--no-png", "--out", str(out)])
     assert code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "self-check failed" in err[0] and "transformers" in err[0], err

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from idiom_lens.analyses.interventions import attention_knockout as ak
-from idiom_lens.analyses.interventions.attention_knockout import (
+from idiom_lens.analyses.interventions import attention_knockouts as ak
+from idiom_lens.analyses.interventions.attention_knockouts import (
     AttentionKnockoutResult,
     Block,
     attention_knockout,
@@ -33,6 +33,7 @@ from idiom_lens.models.vocab import valid_mask
 
 from reference import load_hf_model  # tests/reference.py (tests/ is on the path: tests/conftest.py)
 from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
+from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 
 # Every comparison with the HF reference below: fp32 noise of a batched TransformerLens forward
 # (maybe prefix-cached) against one plain HF forward, bounded by `tolerances`.
@@ -106,7 +107,7 @@ def test_matches_hf_reference(case, probes):
     and some rows differ clearly from the clean run (blocking is not a no-op)."""
     model, hf_model = case
     chosen = chosen_probes(probes)
-    result = attention_knockout(model, chosen, sources=ALL_SOURCES, window=2, batch_size=7)
+    result = attention_knockout(model, chosen, AttentionKnockoutOptions(sources=ALL_SOURCES, window=2), batch_size=7)
     rows = result.rows
     assert len(rows) == len(chosen) * len(ALL_SOURCES) * model.n_layers
     tokens = {p.id: t for p, t in zip(chosen, tokenize_probes(model, chosen))}
@@ -197,7 +198,7 @@ def test_nothing_to_block_equals_clean(which, request, probes):
 
 def test_empty_source_gets_nan_with_reason(tiny_model):
     """A one-word prompt has no context; its rows are missing values with a reason, not an error."""
-    result = attention_knockout(tiny_model, EXTRA_PROBES, sources=("context", "last_word"), window=1)
+    result = attention_knockout(tiny_model, EXTRA_PROBES, AttentionKnockoutOptions(sources=("context", "last_word"), window=1))
     frame = result.to_dataframe()
     empty = frame[(frame["probe_id"] == "one-word") & (frame["source"] == "context")]
     assert len(empty) == tiny_model.n_layers and empty["prob"].isna().all() and empty["changed"].isna().all()
@@ -215,9 +216,9 @@ def test_empty_source_gets_nan_with_reason(tiny_model):
 
 def test_batched_equals_unbatched_and_repeatable(tiny_model, probes):
     chosen = chosen_probes(probes)[:4]
-    one = attention_knockout(tiny_model, chosen, sources=("context", "bos"), window=3, batch_size=1)
-    many = attention_knockout(tiny_model, chosen, sources=("context", "bos"), window=3, batch_size=64)
-    again = attention_knockout(tiny_model, chosen, sources=("context", "bos"), window=3, batch_size=64)
+    one = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=1)
+    many = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=64)
+    again = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=64)
     np.testing.assert_allclose(one.rows["prob"], many.rows["prob"], atol=probes_prob_atol(tiny_model, chosen), rtol=0)
     assert one.rows["changed"].tolist() == many.rows["changed"].tolist()
     pd.testing.assert_frame_equal(many.rows, again.rows)
@@ -248,7 +249,7 @@ def test_layer_windows():
 
 
 def test_windows_recorded(tiny_model, probes):
-    result = attention_knockout(tiny_model, probes[:1], window=2)
+    result = attention_knockout(tiny_model, probes[:1], AttentionKnockoutOptions(window=2))
     assert result.settings["window"] == 2 and result.settings["sources"] == ["context"]
     assert result.settings["mechanism"] == ak.MECHANISM and "versions" in result.settings
     assert result.rows[["layer", "window_first", "window_last"]].values.tolist() == [[0, 0, 0], [1, 0, 1], [2, 1, 2]]
@@ -281,8 +282,9 @@ def test_mechanism_check_catches_an_ignored_hook(tiny_model, probes, monkeypatch
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
 ])
 def test_bad_input(tiny_model, probes, kwargs, message):
+    batch_size = kwargs.pop("batch_size", 64)
     with pytest.raises(InputError, match=message):
-        attention_knockout(tiny_model, probes[:2], **kwargs)
+        attention_knockout(tiny_model, probes[:2], AttentionKnockoutOptions(**kwargs), batch_size=batch_size)
 
 
 def test_no_probes(tiny_model):
@@ -298,7 +300,7 @@ def test_blocking_the_last_position_is_refused(tiny_model, probes):
 
 
 def test_save_load_round_trip(tiny_model, probes, tmp_path):
-    result = attention_knockout(tiny_model, [*probes[:3], *EXTRA_PROBES], sources=ALL_SOURCES, window=2)
+    result = attention_knockout(tiny_model, [*probes[:3], *EXTRA_PROBES], AttentionKnockoutOptions(sources=ALL_SOURCES, window=2))
     paths = result.save(tmp_path)
     assert (tmp_path / "attention_knockout.result.json") in paths
     back = AttentionKnockoutResult.load(tmp_path)
@@ -313,7 +315,7 @@ def test_save_load_round_trip(tiny_model, probes, tmp_path):
 
 
 def test_summary_interval(tiny_model, probes):
-    result = attention_knockout(tiny_model, probes, sources=("context",), window=1)
+    result = attention_knockout(tiny_model, probes, AttentionKnockoutOptions(sources=("context",), window=1))
     summary = result.summary()
     frame = result.to_dataframe()
     for row in summary.itertuples():
@@ -335,7 +337,7 @@ def test_embedded_matches_hf_reference(embedded_model):
     the HF model's edited attention mask."""
     model = embedded_model
     probe = Probe(id="stone", prompt="kill two birds with one", target="stone", kind="idiom")
-    result = attention_knockout(model, [probe], sources=("context", "bos"), window=5)
+    result = attention_knockout(model, [probe], AttentionKnockoutOptions(sources=("context", "bos"), window=5))
     hf_model = load_hf_model(model.source_path)
     toks = tokenize_probes(model, [probe])[0]
     positions = source_positions(model.tokenizer, probe, toks)

@@ -21,6 +21,7 @@ from idiom_lens.analyses.interventions.patching import PatchingResult, site_acti
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from tolerances import U, logit_atol, logit_scale  # tests/tolerances.py: why each bound
+from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
@@ -43,7 +44,7 @@ def _early_swap(model):
     """'kill two birds with one' with its second word swapped: one token differs, early, so every
     later position and layer carries a difference."""
     probe = Probe("k", "kill two birds with one", "stone", "idiom")
-    return make_corruptions(model, [probe], bank=BANK, variants=("word_swap",), word_index=1).pairs[0]
+    return make_corruptions(model, [probe], CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=1)).pairs[0]
 
 
 def _logit_with(model, ids, target_id, hook_name, hook):
@@ -126,8 +127,8 @@ def test_exact_where_the_logit_is_linear_in_the_cell(model):
 
 @pytest.fixture(scope="module")
 def both(tiny_model, probes):
-    kw = dict(bank=BANK, sites=("resid_pre", "mlp_out", "attn_out"))
-    return patch_probes(tiny_model, probes, **kw), attribution_patch_probes(tiny_model, probes, **kw)
+    options = PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out", "attn_out"))
+    return patch_probes(tiny_model, probes, options), attribution_patch_probes(tiny_model, probes, options)
 
 
 def test_same_tables_as_exact_patching(both, tiny_model):
@@ -216,7 +217,7 @@ def test_input_checks_and_self_check(tiny_model, probes, monkeypatch):
     plain = selfcheck.plain_last_logits
     monkeypatch.setattr(selfcheck, "plain_last_logits", lambda model, ids: plain(model, ids) + 1.0)
     with pytest.raises(FastPathError, match="attribution patching"):
-        attribution_patch_probes(tiny_model, probes[:3], bank=BANK)
+        attribution_patch_probes(tiny_model, probes[:3], PatchingOptions(corruption=CorruptionOptions(bank=BANK)))
 
 
 def test_pearson_and_overlap_edge_cases():

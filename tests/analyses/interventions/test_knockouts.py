@@ -6,6 +6,8 @@ effective contribution by hand, the value-vector statistic by hand, summaries an
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,13 +16,12 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions import (
-    PAPER_GRID,
     KnockoutResult,
     knockout_grid,
     rank_neurons,
     value_vector_ranks,
 )
-from idiom_lens.analyses.interventions.knockouts import KnockoutConfig, knockout_configs, matched_neurons
+from idiom_lens.analyses.interventions.knockouts import KnockoutCell, knockout_cells, matched_neurons
 from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
 from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.analyses.stats import wilson_interval
@@ -38,13 +39,17 @@ from .test_against_full_forward import (
     reference_knockout_logits,
     zero_neurons,
 )
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 
-def _grid(model, probes, **kw):
-    opts = dict(ks=(0, 1, 5, 64), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
-                keep_top_windows=None)
-    opts.update(kw)
-    return knockout_grid(model, probes, **opts)
+GRID = KnockoutGrid(ks=(0, 1, 5, 64), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                    keep_top_windows=None)
+
+
+def _grid(model, probes, *, batch_size=256, **kw):
+    """`knockout_grid` on the small grid above, its fields and the other `KnockoutOptions` fields from `kw`."""
+    grid = dataclasses.replace(GRID, **{k: kw.pop(k) for k in list(kw) if k in GRID.__dataclass_fields__})
+    return knockout_grid(model, probes, KnockoutOptions(grid=grid, **kw), batch_size=batch_size)
 
 
 def with_targets(result):
@@ -52,7 +57,7 @@ def with_targets(result):
 
 
 def test_defaults_are_the_authors_positions_and_the_matched_controls(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:2], ks=(1,), windows=(1,), modes=("zero_top",))
+    result = knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))))
     s = result.settings
     assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "live"
     assert s["controls"] == ["random", "matched", "whole_mlp"]
@@ -87,16 +92,16 @@ def test_keep_top_k_larger_than_layer_is_clean(tiny_model, probes):
 def test_noop_configurations_give_identical_logits(tiny_model, probes, positions):
     """Zero nothing / keep everything: no hook at all, rows bit-identical to the unhooked batch and
     equal to a plain full forward; the one real knockout in the batch equals its full forward."""
-    configs = [KnockoutConfig("zero_top", c, 0, s, s + 1) for c in ("targeted", "random", "matched") for s in (0, 1)]
-    configs += [KnockoutConfig("keep_top", c, 64, 0, 2) for c in ("targeted", "random")]
-    configs += [KnockoutConfig("keep_top", "targeted", 5000, 1, 1)]
+    configs = [KnockoutCell("zero_top", c, 0, s, s + 1) for c in ("targeted", "random", "matched") for s in (0, 1)]
+    configs += [KnockoutCell("keep_top", c, 64, 0, 2) for c in ("targeted", "random")]
+    configs += [KnockoutCell("keep_top", "targeted", 5000, 1, 1)]
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).expand(3, 64)
     neurons = _ProbeNeurons(order, torch.rand(3, 64, generator=torch.Generator().manual_seed(1)), "x", 0)
     for t in tokenize_probes(tiny_model, probes[:3]):
         runner = _clean_state(tiny_model, t.prompt_ids, positions=positions).runner
         kw = dict(positions=positions, last=runner.last, n_pos=runner.n_pos)
         assert knockout_hooks(configs, neurons, **kw) == []  # nothing to touch
-        mixed = configs + [KnockoutConfig("zero_top", "targeted", 5, 0, 0)]
+        mixed = configs + [KnockoutCell("zero_top", "targeted", 5, 0, 0)]
         hooks = knockout_hooks(mixed, neurons, **kw)
         hooked = runner.run(len(mixed), hooks)
         assert torch.equal(hooked[:-1], runner.run(len(mixed), [])[:-1])  # untouched rows: identical
@@ -187,7 +192,7 @@ def test_matched_neurons_by_hand():
 
 
 def test_matched_rows_report_how_close_the_match_is(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:4], ks=(1, 5, 32), windows=(1,), modes=("zero_top",))
+    result = knockout_grid(tiny_model, probes[:4], KnockoutOptions(grid=KnockoutGrid(ks=(1, 5, 32), windows=(1,), modes=("zero_top",))))
     rows = result.rows
     targ = rows[rows["control"] == "targeted"]
     assert np.allclose(targ["score_ratio"], 1.0)  # a sum over itself: 1 up to float64 rounding
@@ -238,8 +243,7 @@ def test_frozen_norm_knockout_by_hand(tiny_gemma_post, probes):
     output minus exactly the zeroed neurons' contributions (window of one layer)."""
     model = tiny_gemma_post
     t = tokenize_probes(model, probes[:1])[0]
-    result = knockout_grid(model, probes[:1], ks=(5,), windows=(1,), modes=("zero_top",), controls=(),
-                           norm="frozen", positions="all")
+    result = knockout_grid(model, probes[:1], KnockoutOptions(grid=KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",)), controls=(), norm="frozen", positions="all"))
     ranking = rank_neurons(model, probes[:1])
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
@@ -330,51 +334,64 @@ def test_wilson_interval_by_hand():
 
 
 def test_grid_sizes():
-    assert len(knockout_configs(18, controls=())) == 4 * 80 + 51  # zero_top every k (1-5); keep_top k=100 (1-3)
-    paper = knockout_configs(18, ks=PAPER_GRID.ks, windows=PAPER_GRID.windows, keep_top_ks=PAPER_GRID.keep_top_ks,
-                             keep_top_windows=PAPER_GRID.keep_top_windows, controls=())
+    assert len(knockout_cells(18, controls=())) == 4 * 80 + 51  # zero_top every k (1-5); keep_top k=100 (1-3)
+    paper = knockout_cells(18, KnockoutGrid.PAPER, controls=())
     assert len(paper) == 4 * 80 + 3 * 51 == 473
-    with_controls = knockout_configs(18, ks=PAPER_GRID.ks, windows=PAPER_GRID.windows,
-                                     keep_top_ks=PAPER_GRID.keep_top_ks, keep_top_windows=PAPER_GRID.keep_top_windows,
-                                     d_mlp=2048)
+    with_controls = knockout_cells(18, KnockoutGrid.PAPER, d_mlp=2048)
     assert len(with_controls) == 3 * 320 + 2 * 153 + 80
+    assert len(knockout_cells(18, KnockoutGrid.STUDY, d_mlp=2048)) == 4 * 18  # the study's: targeted + 3 controls
     assert {c.k for c in with_controls if c.control == "whole_mlp"} == {2048}
 
 
 def test_full_grid_is_the_papers(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:1], full_grid=True, controls=(), positions="last")
+    result = knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=KnockoutGrid.PAPER, controls=(), positions="last"))
     rows = result.rows
     assert result.settings["grid"] == "paper"
     zero, keep = rows[rows["mode"] == "zero_top"], rows[rows["mode"] == "keep_top"]
     assert set(zero["k"]) == {1, 10, 100, 1000} and set(zero["window"]) == {1, 2, 3}  # 3-layer model
     assert set(keep["k"]) == {10, 100, 1000} and set(keep["window"]) == {1, 2, 3}
-    with pytest.raises(InputError, match="full_grid"):
-        knockout_grid(tiny_model, probes[:1], full_grid=True, ks=(1,))
+
+
+def test_the_stock_grids_are_clipped_and_others_must_fit(tiny_model, probes):
+    """DEFAULT's windows (1-5, keep_top 1-3) are cut to a 3-layer model's; an explicit window of 4 is refused."""
+    result = knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=KnockoutGrid(ks=(1,)), controls=()))
+    assert result.settings["windows"] == [1, 2, 3] and result.settings["keep_top_windows"] == [1, 2, 3]
+    with pytest.raises(InputError, match="window lengths must be in 1..3"):
+        knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1, 4))))
+    assert KnockoutGrid.DEFAULT.clipped(2).windows == (1, 2)
+
+
+def test_options_are_validated_on_creation():
+    for bad in (dict(ks=()), dict(ks=(-1,)), dict(windows=(0,)), dict(modes=("zap",)), dict(keep_top_ks=(-2,))):
+        with pytest.raises(InputError):
+            KnockoutGrid(**bad)
+    assert KnockoutGrid(ks=[1, 2], windows=[1]).ks == (1, 2)  # lists become tuples: hashable, keyable
+    assert KnockoutOptions(controls=["random"]).controls == ("random",)
+    assert KnockoutGrid.PAPER.modes == ("zero_top", "keep_top") and KnockoutGrid.STUDY.keep_top_ks is None
 
 
 def test_validation(tiny_model, probes):
     with pytest.raises(InputError, match="modes"):
-        knockout_grid(tiny_model, probes, modes=("zap",))
+        knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(modes=("zap",))))
     with pytest.raises(InputError, match="window"):
-        knockout_grid(tiny_model, probes, windows=(9,))
+        knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(windows=(9,))))
     with pytest.raises(InputError, match="no probes"):
         knockout_grid(tiny_model, [])
     with pytest.raises(InputError, match="positions"):
-        knockout_grid(tiny_model, probes, positions="first")
+        knockout_grid(tiny_model, probes, KnockoutOptions(positions="first"))
     with pytest.raises(InputError, match="controls"):
-        knockout_grid(tiny_model, probes, controls=("shuffled",))
+        knockout_grid(tiny_model, probes, KnockoutOptions(controls=("shuffled",)))
     with pytest.raises(InputError, match="norm"):
-        knockout_grid(tiny_model, probes, norm="fixed")
+        knockout_grid(tiny_model, probes, KnockoutOptions(norm="fixed"))
     with pytest.raises(InputError, match="rank_by"):
-        knockout_grid(tiny_model, probes, rank_by="size")
-    with pytest.raises(InputError, match="not both"):
-        knockout_grid(tiny_model, probes, controls=("random",), control="random")
+        knockout_grid(tiny_model, probes, KnockoutOptions(rank_by="size"))
 
 
-def test_older_control_spelling(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:1], ks=(1,), windows=(1,), modes=("zero_top",), control="random")
+def test_one_control_or_none(tiny_model, probes):
+    grid = KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))
+    result = knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=grid, controls=("random",)))
     assert set(result.rows["control"]) == {"targeted", "random"}
-    result = knockout_grid(tiny_model, probes[:1], ks=(1,), windows=(1,), modes=("zero_top",), control=None)
+    result = knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=grid, controls=()))
     assert set(result.rows["control"]) == {"targeted"}
 
 
@@ -393,8 +410,7 @@ def test_early_top_neurons_matter_more_than_random(embedded_model):
     the score than the random one (the rows say how much)."""
     probes = [Probe(id=f"m{i}", prompt=t.rsplit(" ", 1)[0], target=t.rsplit(" ", 1)[1], kind="idiom")
               for i, t in enumerate(MEMORIZED)]
-    result = knockout_grid(embedded_model, probes, ks=(100,), windows=(3,), modes=("zero_top",),
-                           controls=("random", "matched"), seed=0)
+    result = knockout_grid(embedded_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(3,), modes=("zero_top",)), controls=("random", "matched"), seed=0))
     frame = result.to_dataframe()
     frame = frame[(frame["group"] == "memorized idioms") & (frame["start"] <= 2)]  # layers 0..4
     assert frame["probe_id"].nunique() >= 10

@@ -8,6 +8,7 @@ import torch
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.analyses.interventions import make_corruptions, patch_pair, patch_probes
+from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
@@ -15,9 +16,9 @@ from tolerances import logit_atol, logit_scale  # tests/tolerances.py: why each 
 
 
 def test_corruptions_keep_token_length_and_are_deterministic(tiny_model, probes):
-    a = make_corruptions(tiny_model, probes, bank=BANK, seed=0)
-    b = make_corruptions(tiny_model, probes, bank=BANK, seed=0)
-    c = make_corruptions(tiny_model, probes, bank=BANK, seed=1)
+    a = make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, seed=0))
+    b = make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, seed=0))
+    c = make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, seed=1))
     assert a == b
     assert a.to_dataframe()["corrupted_prompt"].tolist() != c.to_dataframe()["corrupted_prompt"].tolist()
     assert len(a.pairs) > 0
@@ -31,14 +32,14 @@ def test_corruptions_keep_token_length_and_are_deterministic(tiny_model, probes)
             assert sum(x != y for x, y in zip(clean_words, corr_words)) == 1
     # a 2-word prompt cannot keep its last 2 words and change something: reported, not dropped silently
     short = [Probe("s", "break the", "ice", "idiom")]
-    result = make_corruptions(tiny_model, short, bank=BANK, variants=("prefix_swap",))
+    result = make_corruptions(tiny_model, short, CorruptionOptions(bank=BANK, variants=("prefix_swap",)))
     assert result.pairs == () and result.skipped[0][0] == "s"
-    nothing_fits = make_corruptions(tiny_model, short, bank=("extraordinarily",), variants=("word_swap",))
+    nothing_fits = make_corruptions(tiny_model, short, CorruptionOptions(bank=("extraordinarily",), variants=("word_swap",)))
     assert nothing_fits.pairs == () and "token" in nothing_fits.skipped[0][2]
 
 
 def _pair(tiny_model, probes):
-    return next(p for p in make_corruptions(tiny_model, probes, bank=BANK, variants=("word_swap",)).pairs)
+    return next(p for p in make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, variants=("word_swap",))).pairs)
 
 
 def test_patching_clean_into_clean_restores_all_and_corrupted_into_corrupted_nothing(tiny_model, probes):
@@ -63,7 +64,7 @@ def test_patching_the_swapped_token_at_layer_0_restores_everything(tiny_model, w
     position restores anything, patching writes to the wrong cell or not at all.
     """
     probe = Probe("k", "kill two birds with one", "stone", "idiom")
-    pairs = make_corruptions(tiny_model, [probe], bank=BANK, variants=("word_swap",), word_index=word_index).pairs
+    pairs = make_corruptions(tiny_model, [probe], CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=word_index)).pairs
     assert len(pairs) == 1
     pair = pairs[0]
     differ = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b]
@@ -104,7 +105,7 @@ def test_matches_transformer_lens_patching(tiny_model, probes):
 
 
 def test_patch_probes_frame_and_validation(tiny_model, probes, tmp_path):
-    result = patch_probes(tiny_model, probes[:6], bank=BANK, sites=("resid_pre", "mlp_out"))
+    result = patch_probes(tiny_model, probes[:6], PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
     frame = result.to_dataframe()
     n_rows = sum(2 * tiny_model.n_layers * n for n in result.pairs["n_tokens"])
     assert len(frame) == n_rows

@@ -13,10 +13,11 @@ from idiom_lens.analyses.interventions.skipping import skip_spans
 
 from .test_against_full_forward import masked
 from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
+from idiom_lens.analyses.interventions import SkipOptions
 
 
 def test_skipping_no_layer_changes_nothing(tiny_model, probes):
-    result = skip_layers(tiny_model, probes, spans=[(), (1,)])
+    result = skip_layers(tiny_model, probes, SkipOptions(spans=[(), (1,)]))
     empty = result.rows[result.rows["window"] == 0]
     assert len(empty) == len(probes)
     assert not empty["changed"].any()
@@ -26,7 +27,7 @@ def test_skipping_no_layer_changes_nothing(tiny_model, probes):
 @pytest.mark.parametrize("span", [(1,), (0, 1), (0, 1, 2)])
 def test_skip_matches_manual_bypass(tiny_model, probes, span):
     """Skipping layers a..b == the residual after b replaced by the residual entering a (all positions)."""
-    result = skip_layers(tiny_model, probes[:3], spans=[span])
+    result = skip_layers(tiny_model, probes[:3], SkipOptions(spans=[span]))
     for t, row in zip(tokenize_probes(tiny_model, probes[:3]), result.rows.itertuples()):
         tokens = torch.tensor([t.prompt_ids])
         store = {}
@@ -50,8 +51,8 @@ def test_skip_matches_manual_bypass(tiny_model, probes, span):
 
 
 def test_last_position_skip_differs_from_full_skip(tiny_model, probes):
-    full = skip_layers(tiny_model, probes[:4], windows=(1,), positions="all").rows
-    last = skip_layers(tiny_model, probes[:4], windows=(1,), positions="last").rows
+    full = skip_layers(tiny_model, probes[:4], SkipOptions(windows=(1,), positions="all")).rows
+    last = skip_layers(tiny_model, probes[:4], SkipOptions(windows=(1,), positions="last")).rows
     assert len(full) == len(last) == 4 * 3
     # skipping the last layer is the same at the last position (no later layer reads other positions)
     top = tiny_model.n_layers - 1
@@ -76,6 +77,6 @@ def test_spans_summary_and_validation(tiny_model, probes, tmp_path):
     assert result.summary()["changed"].between(0, 1).all()
     assert all((tmp_path / p).exists() for p in result.save(tmp_path))
     with pytest.raises(InputError, match="outside"):
-        skip_layers(tiny_model, probes, spans=[(7,)])
+        skip_layers(tiny_model, probes, SkipOptions(spans=[(7,)]))
     with pytest.raises(InputError, match="window"):
-        skip_layers(tiny_model, probes, windows=(4,))
+        skip_layers(tiny_model, probes, SkipOptions(windows=(4,)))

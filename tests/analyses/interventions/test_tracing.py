@@ -3,6 +3,8 @@ forwards, and the invariants (zero noise, restoring the whole last layer)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from idiom_lens.models.loading import load_model
 from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import masked_token_ids
 from tests.reference import load_hf_model, reference_causal_trace
+from idiom_lens.analyses.interventions import TracingOptions
 
 SPECS = (("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3))
 from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
@@ -96,10 +99,10 @@ def test_batch_size_does_not_change_the_result(tiny_model, probes, batch_size):
 
 
 def test_probe_set_result_is_seeded_saved_and_summarised(tiny_model, probes, tmp_path):
-    kw = dict(sites=("resid", "mlp"), windows=(1, 2), samples=2, batch_size=64)
-    a = causal_trace(tiny_model, probes[:3], seed=0, **kw)
-    b = causal_trace(tiny_model, probes[:3], seed=0, **kw)
-    c = causal_trace(tiny_model, probes[:3], seed=1, **kw)
+    options = TracingOptions(sites=("resid", "mlp"), windows=(1, 2), noise_samples=2)
+    a = causal_trace(tiny_model, probes[:3], options, batch_size=64)
+    b = causal_trace(tiny_model, probes[:3], options, batch_size=64)
+    c = causal_trace(tiny_model, probes[:3], dataclasses.replace(options, seed=1), batch_size=64)
     assert a.rows.equals(b.rows)
     assert not a.rows["prob"].equals(c.rows["prob"])
     assert a.settings["noise_sigma"] == pytest.approx(3 * a.settings["noise_std_embeddings"])  # one float product
@@ -157,7 +160,7 @@ def test_bad_input_is_named(tiny_model, probes):
     with pytest.raises(InputError, match="windows"):
         trace_specs(("mlp",), (0,))
     with pytest.raises(InputError, match="samples"):
-        causal_trace(tiny_model, probes[:1], samples=0)
+        causal_trace(tiny_model, probes[:1], TracingOptions(noise_samples=0))
     _, ids = _ids(tiny_model, probes)
     with pytest.raises(InputError, match="noise must have shape"):
         trace_prompt(tiny_model, ids, noised=(1, 2), noise=torch.zeros(2, 3, tiny_model.d_model), specs=SPECS)

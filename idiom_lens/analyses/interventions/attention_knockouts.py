@@ -66,8 +66,6 @@ from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
 
 SOURCES: tuple[str, ...] = ("context", "last_word", "bos")
-DEFAULT_SOURCES: tuple[str, ...] = ("context",)
-DEFAULT_WINDOW = 5
 MECHANISM = "hook_attn_scores=-inf"  # recorded in the settings
 MECHANISM_TEXT = ("blocks.{l}.attn.hook_attn_scores: pre-softmax score of each blocked edge (query = last prompt "
                   "position, key = a source position) set to -inf in every head, so the softmax renormalizes")
@@ -304,27 +302,41 @@ class AttentionKnockoutResult(ProbeRowsResult):
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class AttentionKnockoutOptions:
+    """What `attention_knockout` cuts: the last position's attention to each of `sources`
+    (`SOURCES`, each run separately) in a `window` of consecutive layers centred on every layer
+    (one window per run). Raises `InputError` for an unknown source or a window below 1."""
+
+    sources: tuple[str, ...] = ("context",)
+    window: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", check_sources(self.sources))
+        object.__setattr__(self, "window", check_window(self.window))
+
+
 def attention_knockout(
     model: LoadedModel,
     probes: Sequence[Probe],
+    options: AttentionKnockoutOptions = AttentionKnockoutOptions(),
     *,
-    sources: Sequence[str] = DEFAULT_SOURCES,
-    window: int = DEFAULT_WINDOW,
     batch_size: int = 64,
     progress: bool = False,
 ) -> AttentionKnockoutResult:
-    """Cut the last prompt position's attention to each source in a window of `window` layers
-    centred on every layer, per probe; one row per (probe, source, layer).
+    """Cut the last prompt position's attention to each source in a window of `options.window`
+    layers centred on every layer, per probe; one row per (probe, source, layer).
 
     Each probe runs its clean pass once (prefix key/value cache), then its configurations as rows
     of batches of `batch_size` (speed and memory only: results do not depend on it). A probe whose
     source is empty gets missing metrics and a reason for that source. Raises `InputError` for no
-    probes, an unknown source, a window below 1 or a batch size below 1; `FastPathError` when a
-    shortcut disagrees with a full forward or the block does not reach the attention weights.
+    probes or a batch size below 1; `FastPathError` when a shortcut disagrees with a full forward
+    or the block does not reach the attention weights.
     """
+    if not isinstance(options, AttentionKnockoutOptions):
+        raise InputError(f"options must be an AttentionKnockoutOptions, got {type(options).__name__}")
+    sources, window = options.sources, options.window
     probes = check_probes(probes)
-    sources = check_sources(sources)
-    window = check_window(window)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     n_layers = model.n_layers
