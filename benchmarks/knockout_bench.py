@@ -80,7 +80,7 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             parts = list(pool.map(_worker, jobs))
     seconds = time.perf_counter() - started
-    result = KnockoutResult.concat([KnockoutResult(rows=r, probes=p, settings=s) for r, p, s in parts])
+    result = KnockoutResult.join_parts([KnockoutResult(rows=r, probes=p, settings=s) for r, p, s in parts])
     settings = parts[0][2]
     n_cfg = settings["n_configs"]
     n_runs = len(result.rows)

@@ -122,7 +122,7 @@ def main() -> None:
     for positions, result in runs.items():
         result.save(args.out, name=f"knockouts_{positions}")
     shown = runs["all"] if "all" in runs else runs["last"]  # figures: the authors' variant where it was run
-    both = KnockoutResult.concat(list(runs.values()))
+    both = KnockoutResult.stack_runs(list(runs.values()))
 
     groups = list(dict.fromkeys(shown.probes["group"]))
     table = shown.summary()

@@ -121,7 +121,7 @@ def knockout_positions_heatmaps(
     control: str = "targeted", metric: str = "changed",
 ) -> go.Figure:
     """One set, one k, mode and control: the knockout at every position (the authors'), at the last
-    position only (ours), and the difference (every - last). `result` holds both (`KnockoutResult.concat`)."""
+    position only (ours), and the difference (every - last). `result` holds both (`KnockoutResult.stack_runs`)."""
     summary = result.summary()
     sub = summary[(summary["k"] == k) & (summary["mode"] == mode) & (summary["control"] == control)
                   & (summary["group"] == group)]

@@ -251,7 +251,7 @@ def run_knockouts(
         second = grid_run(dataclasses.replace(options, positions=other))
         second.save(out, name=f"knockouts_{other}")
         summary[f"knockouts_{other}"] = second.settings
-        both = KnockoutResult.concat([knock, second])
+        both = KnockoutResult.stack_runs([knock, second])
         present = list(dict.fromkeys(knock.probes["group"]))
         memorized = [g for g in ("memorized idioms", "memorized facts") if g in present] or present[:1]
         for group in memorized:

@@ -135,7 +135,7 @@ def test_knockouts_at_two_positions_share_a_folder(tiny_model, probes, tmp_path)
         pd.testing.assert_frame_equal(back.summary(), result.summary())
         assert back.settings == result.settings
     assert (tmp_path / "knockouts_last_summary.parquet").is_file()
-    joined = KnockoutResult.concat(list(results.values()))
+    joined = KnockoutResult.stack_runs(list(results.values()))
     back = _round_trip(joined, tmp_path / "joined")
     pd.testing.assert_frame_equal(back.rows, joined.rows)
     pd.testing.assert_frame_equal(back.probes, joined.probes)

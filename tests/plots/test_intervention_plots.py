@@ -49,7 +49,7 @@ def test_knockout_heatmaps(results, tmp_path):
 def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_path):
     every = results[0]
     last = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(1, 5), windows=(1, 2)), positions="last"))
-    both = KnockoutResult.concat([every, last])
+    both = KnockoutResult.stack_runs([every, last])
     group = both.probes["group"].iloc[0]
     fig = knockout_positions_heatmaps(both, k=5, group=group)
     assert len(fig.data) == 3  # every position, last position, difference

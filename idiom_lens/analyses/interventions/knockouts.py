@@ -512,8 +512,9 @@ class KnockoutResult(ProbeRowsResult):
         return s[cols].rename(columns={"start": "layer"}).reset_index(drop=True)
 
     @staticmethod
-    def concat(results: Sequence["KnockoutResult"]) -> "KnockoutResult":
-        """Several runs on the same probes (e.g. positions all and last) as one result."""
+    def stack_runs(results: Sequence["KnockoutResult"]) -> "KnockoutResult":
+        """Several runs on the same probes under other settings (e.g. positions all and last) as one
+        result, their settings under "runs" (parts of one run: `join_parts`)."""
         if not results:
             raise InputError("nothing to concatenate")
         probes = pd.concat([r.probes for r in results], ignore_index=True).drop_duplicates("probe_id")

@@ -124,7 +124,7 @@ def test_positions_all_and_last_differ_and_concatenate(tiny_model, probes):
     # zeroing the MLP at every position differs from the last position only (earlier positions feed attention)
     assert not np.allclose(rows.loc[rows["k"] == 64, "prob_of_clean_pred"],
                            last.rows.loc[last.rows["k"] == 64, "prob_of_clean_pred"])
-    both = KnockoutResult.concat([every, last])
+    both = KnockoutResult.stack_runs([every, last])
     assert len(both.rows) == len(every.rows) + len(last.rows) and len(both.probes) == 3
     assert set(both.summary()["positions"]) == {"all", "last"}
     assert [r["positions"] for r in both.settings["runs"]] == ["all", "last"]
