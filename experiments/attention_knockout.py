@@ -36,7 +36,7 @@ def main() -> None:
     from idiom_lens.models.loading import load_model
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
     from idiom_lens.plots.export import save_figure
-    from idiom_lens.study.stages import sample_by_group
+    from idiom_lens.study.run import sample_by_group
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

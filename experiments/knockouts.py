@@ -69,7 +69,7 @@ def main() -> None:
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.models.loading import load_model
     from idiom_lens.study.text import markdown_table
-    from idiom_lens.study.stages import sample_by_group
+    from idiom_lens.study.run import sample_by_group
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import (
         knockout_heatmaps,

@@ -36,7 +36,7 @@ def main() -> None:
     from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.stages import sample_by_group
+    from idiom_lens.study.run import sample_by_group
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

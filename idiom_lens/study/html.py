@@ -13,8 +13,6 @@ import pandas as pd
 from idiom_lens.study.layout import figure_stem
 
 
-
-
 def esc(value: Any) -> str:
     """`value` as text safe inside HTML."""
     return html.escape(str(value), quote=True)

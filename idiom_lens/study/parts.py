@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import check_marker, key_digest, write_marker
-from idiom_lens.study.layout import FORMAT
-
 from idiom_lens.study.executors import Executor
+from idiom_lens.study.layout import FORMAT
 
 if TYPE_CHECKING:
     from idiom_lens.models.loading import LoadedModel
@@ -184,6 +183,25 @@ def sweep_in_parts(sweep: Sweep, model: LoadedModel, probes: Sequence[Probe], fo
     """`sweep` over `probes` in resumable parts of `size` under `folder`, joined: the result of
     one call on all of them, row for row."""
     return sweep.join(run_parts(sweep, sweep.parts(model, probes, folder, size=size), executor, log=log))
+
+
+PROBES_PER_PART = 8  # parts of the per-probe sweeps (knockouts, patching, ...): what a crash loses at most
+
+
+def sweep_per_probe(
+    executor: Executor | None, model: LoadedModel, probes: Sequence[Probe], out: Path, name: str,
+    call: Callable[..., Any], *, join: Callable[[Sequence[Any]], Any], load: Callable[[Path], Any],
+) -> Any:
+    """`call(model, probes)` for an analysis that treats every probe on its own (a result with
+    `save`), in resumable parts of `PROBES_PER_PART` probes under `out/.parts/` (reused when
+    finished and intact), on `executor` (this process by default), joined in probe order: one
+    call's result, row for row."""
+    from idiom_lens.study.executors import LocalExecutor
+
+    sweep = Sweep(name=name, call=call, per_probe=True, join=join, save=lambda result, folder: result.save(folder),
+                  load=load)
+    return sweep_in_parts(sweep, model, list(probes), Path(out) / PARTS, executor or LocalExecutor(model),
+                          size=PROBES_PER_PART, log=lambda line: None)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,31 +12,28 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import html
 import platform
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
 from idiom_lens.errors import InputError
 from idiom_lens.groups import GROUPS as _GROUP_ORDER
-from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder, figure_stem
-from idiom_lens.study.layout import natural_key as _natural_key
 from idiom_lens.io import write_text
 from idiom_lens.study.html import (
     FigureRenderer,
     Section,
     esc,
     flatten,
-    fmt,
     kv_table,
     record_lists,
     slug,
     table_html,
 )
+from idiom_lens.study.layout import ModelFolder, Stage, StudyFolder, figure_stem
+from idiom_lens.study.layout import natural_key as _natural_key
 
 # Figures of a stage in the order the report shows them (by stem prefix); others follow, by name.
 FIGURE_ORDER: dict[str, tuple[str, ...]] = {

@@ -35,7 +35,9 @@ from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnock
 from idiom_lens.analyses.interventions.knockouts import KnockoutGrid, KnockoutOptions
 from idiom_lens.analyses.interventions.patching import PatchingOptions
 from idiom_lens.analyses.interventions.tracing import TracingOptions
+from idiom_lens.analyses.memorization import MemorizationResult
 from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
+from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.locks import folder_lock
 from idiom_lens.models.loading import LoadedModel, load_model
@@ -184,6 +186,7 @@ def _run_stages(
     log: Callable[[str], None], executor: Any, started: float,
 ) -> StudyFolder:
     """The stages of `run_study`, the sweeps on `executor` (this process or Ray workers)."""
+    from idiom_lens.study.parts import run_stage
     from idiom_lens.study.report import build_report
     from idiom_lens.study.stages import (
         resumable_trajectory,
@@ -192,9 +195,7 @@ def _run_stages(
         run_knockouts,
         run_lenses,
         run_patching,
-        run_stage,
         run_tracing,
-        sample_by_group,
         write_recall,
         write_trajectory_outputs,
     )
@@ -255,3 +256,26 @@ def _run_stages(
         log(f"  {build_report(study.root)}")
     log(f"[run] done in {time.perf_counter() - started:.0f} s; results in {folder.path}")
     return study
+
+
+def sample_by_group(
+    memorization: MemorizationResult, probes: Sequence[Probe], *, per_group: int, seed: int = 0,
+    whole: Sequence[str] = (),
+) -> list[Probe]:
+    """Up to `per_group` probes of each comparison set (memorized idioms, ...), seeded, in input
+    order; the sets named in `whole` are kept entire (e.g. every memorized idiom for a figure)."""
+    import random
+
+    by_id = {p.id: p for p in probes}
+    chosen: set[str] = set()
+    groups: dict[str, list[str]] = {}
+    for record in memorization.records:
+        groups.setdefault(record.group, []).append(record.probe_id)
+    unknown = set(whole) - set(groups)
+    if unknown:
+        raise InputError(f"whole: no probes in set(s) {sorted(unknown)}; sets present: {sorted(groups)}")
+    for group in sorted(groups):
+        ids = groups[group]
+        n = len(ids) if group in whole else min(per_group, len(ids))
+        chosen.update(random.Random(f"{seed}-{group}").sample(ids, n))
+    return [by_id[r.probe_id] for r in memorization.records if r.probe_id in chosen]

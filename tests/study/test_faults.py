@@ -228,7 +228,7 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     """One setting changed at a time (cumulatively): exactly the dependent stages are redone and
     their results follow the new setting."""
     from idiom_lens.datasets.selection import join_probe_sets
-    from idiom_lens.study.stages import sample_by_group
+    from idiom_lens.study.run import sample_by_group
     from idiom_lens.analyses.trajectory import load_trajectory
 
     model_out = finished / tiny_model_dir.name

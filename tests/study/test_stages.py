@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import idiom_lens.study.stages as stages
+import idiom_lens.study.stages.trajectory as stages
+from idiom_lens.study.run import sample_by_group
 from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
 from idiom_lens.analyses.trajectory import layer_trajectory
 
@@ -123,11 +124,11 @@ def test_sample_by_group_keeps_whole_sets_and_samples_the_others():
     groups = ["memorized idioms"] * 7 + ["non-memorized idioms"] * 9
     probes = [Probe(id=f"p{i}", prompt="a b", target="c", kind="idiom") for i in range(len(groups))]
     memo = MemorizationResult(tuple(_record(p.id, g) for p, g in zip(probes, groups)), {})
-    chosen = stages.sample_by_group(memo, probes, per_group=3, seed=0, whole=["memorized idioms"])
+    chosen = sample_by_group(memo, probes, per_group=3, seed=0, whole=["memorized idioms"])
     ids = [p.id for p in chosen]
     assert ids[:7] == [f"p{i}" for i in range(7)]  # every memorized idiom, in input order
     assert len(ids) == 10 and all(int(i[1:]) >= 7 for i in ids[7:])
-    assert ids == [p.id for p in stages.sample_by_group(memo, probes, per_group=3, seed=0,
+    assert ids == [p.id for p in sample_by_group(memo, probes, per_group=3, seed=0,
                                                           whole=["memorized idioms"])]
     with pytest.raises(InputError, match="ordinary text"):
-        stages.sample_by_group(memo, probes, per_group=3, whole=["ordinary text"])
+        sample_by_group(memo, probes, per_group=3, whole=["ordinary text"])
