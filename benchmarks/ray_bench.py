@@ -63,7 +63,8 @@ def main() -> None:
 
     from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.datasets import load_probes
-    from idiom_lens.study.executors import ModelRecipe, Unit, WorkerOptions, RayExecutor
+    from idiom_lens.study.executors import RayExecutor, Unit
+    from idiom_lens.study.workers import ModelRecipe, WorkerOptions
     from idiom_lens.models.loading import load_model
     from idiom_lens.study.run import StudyOptions
     from idiom_lens.study.stages import resumable_trajectory, run_knockouts

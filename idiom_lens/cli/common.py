@@ -177,7 +177,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
 def worker_options(args: argparse.Namespace) -> Any:
     """The `idiom_lens.study.executors.WorkerOptions` of `--workers/--ray-address/--worker-threads`
     (`InputError` when they ask for Ray and it is not installed)."""
-    from idiom_lens.study.executors import WorkerOptions
+    from idiom_lens.study.workers import WorkerOptions
 
     return WorkerOptions(workers=getattr(args, "workers", None), address=getattr(args, "ray_address", None),
                          threads=getattr(args, "worker_threads", None))

@@ -25,102 +25,24 @@ saying what to install.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 
 from idiom_lens.errors import FastPathError, InputError
+from idiom_lens.study.workers import ModelRecipe, WorkerOptions
 
-if TYPE_CHECKING:
-    from idiom_lens.models.loading import LoadedModel
-
-INSTALL_HINT = "pip install idiom-lens[distributed]"
 # Ray's object store for the local cluster a `RayExecutor` starts: results travel through it, and
 # they are small (tables of a few probes), so a small store keeps the memory for the models.
 OBJECT_STORE_BYTES = 512 * 2**20
 MAX_RESTARTS = 3  # per actor: a worker killed more often than this in one run is a real fault
 MAX_ATTEMPTS = 3  # per unit, on top of Ray's own retries
 
-
-def ray_available() -> bool:
-    return importlib.util.find_spec("ray") is not None
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerOptions:
-    """How many workers a sweep uses and where they run. Speed only: never part of a result's key.
-
-    `workers` None or 1 with no `address`: this process, no Ray. `address`: an existing Ray
-    cluster ("auto" finds the one on this machine, or "HOST:PORT"); otherwise a local Ray is
-    started and stopped for the run. `threads`: torch threads per worker (default: this
-    machine's cores divided among the workers, at least 1)."""
-
-    workers: int | None = None
-    address: str | None = None
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise InputError(f"workers must be a whole number >= 1, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"worker threads must be a whole number >= 1, got {self.threads}")
-        if self.address is not None and not str(self.address).strip():
-            raise InputError("ray address is empty: give 'auto' or HOST:PORT of a running Ray head")
-        if self.distributed and not ray_available():
-            given = " ".join(([f"--workers {self.n_workers}"] if self.workers else [])
-                             + ([f"--ray-address {self.address}"] if self.address else []))
-            raise InputError(f"{given} needs Ray, which is not installed: {INSTALL_HINT}")
-
-    @property
-    def distributed(self) -> bool:
-        return (self.workers or 1) > 1 or self.address is not None
-
-    @property
-    def n_workers(self) -> int:
-        return self.workers or 1
-
-    def threads_per_worker(self) -> int:
-        if self.threads is not None:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) // self.n_workers)
-
-    def describe(self) -> str:
-        where = f" on the Ray cluster at {self.address}" if self.address else ""
-        return f"{self.n_workers} worker{'s' if self.n_workers != 1 else ''}{where}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelRecipe:
-    """What a worker needs to load the driver's model itself (a spec, not the weights)."""
-
-    spec: str
-    device: str = "cpu"
-    n_devices: int | None = None
-    # The driver's working folder: a relative model path means the same there (the spec is kept as
-    # given, since it is part of every result's settings).
-    cwd: str = field(default_factory=os.getcwd)
-
-    def __post_init__(self) -> None:
-        if self.device.startswith("cuda:") and not self.n_devices:
-            raise InputError(f"--device {self.device}: with workers give --device cuda; Ray gives each worker "
-                             "its own GPU(s) (--n-devices per worker)")
-
-    def gpus(self) -> int:
-        """GPUs each worker asks Ray for."""
-        if self.n_devices and self.n_devices > 1:
-            return self.n_devices
-        return 1 if self.device.startswith("cuda") else 0
-
-    def load(self, mode: str) -> Any:
-        from idiom_lens.models.loading import load_model
-
-        return load_model(self.spec, mode=mode, device=self.device, n_devices=self.n_devices,  # type: ignore[arg-type]
-                          progress=False)
-
+if TYPE_CHECKING:
+    from idiom_lens.models.loading import LoadedModel
 
 OnPart = Callable[[int, Sequence[Any]], None]  # (part index, the part's pieces in probe order)
 

@@ -127,7 +127,7 @@ class StudyOptions:
         self.worker_options()  # InputError for bad values, or workers without Ray installed
 
     def worker_options(self) -> Any:
-        from idiom_lens.study.executors import WorkerOptions
+        from idiom_lens.study.workers import WorkerOptions
 
         return WorkerOptions(workers=self.workers, address=self.ray_address, threads=self.worker_threads)
 

@@ -33,7 +33,8 @@ from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 ray = pytest.importorskip("ray")
 
 import idiom_lens.cli as cli  # noqa: E402
-from idiom_lens.study.executors import ModelRecipe, WorkerOptions, RayExecutor  # noqa: E402
+from idiom_lens.study.executors import RayExecutor  # noqa: E402
+from idiom_lens.study.workers import ModelRecipe, WorkerOptions  # noqa: E402
 from idiom_lens.analyses.saved import decode_array  # noqa: E402
 from idiom_lens.faults import ENV  # noqa: E402
 from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 import idiom_lens.cli as cli
-import idiom_lens.study.executors as executors
+import idiom_lens.study.workers as workers
 from idiom_lens.errors import InputError
 from idiom_lens.study import StudyOptions
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    monkeypatch.setattr(executors, "ray_available", lambda: False)
+    monkeypatch.setattr(workers, "ray_available", lambda: False)
 
 
 @pytest.mark.parametrize("command", [
@@ -35,11 +35,11 @@ def test_workers_without_ray_is_one_clear_line(command, no_ray, tmp_path, capsys
 
 def test_ray_address_without_ray(no_ray):
     with pytest.raises(InputError, match=r"--ray-address auto needs Ray.*pip install idiom-lens\[distributed\]"):
-        executors.WorkerOptions(address="auto")
+        workers.WorkerOptions(address="auto")
 
 
 def test_one_worker_needs_no_ray(no_ray):
-    options = executors.WorkerOptions(workers=1)
+    options = workers.WorkerOptions(workers=1)
     assert not options.distributed
     assert not StudyOptions(workers=1).worker_options().distributed
 
@@ -54,7 +54,7 @@ def test_bad_worker_values(option, value, message, tmp_path, capsys):
 
 
 def test_indexed_cuda_device_with_workers(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(executors, "ray_available", lambda: True)
+    monkeypatch.setattr(workers, "ray_available", lambda: True)
     assert cli.main(["knockout", "--dataset", "idioms", "--out", str(tmp_path), "--workers", "2",
                      "--device", "cuda:1"]) == 2
     assert "--device cuda:1: with --workers give --device cuda" in capsys.readouterr().err
