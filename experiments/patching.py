@@ -15,9 +15,10 @@ from knockouts import demo_probes  # noqa: E402
 
 
 def main() -> None:
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions, patch
+    from idiom_lens.datasets import load_probes
     from idiom_lens.datasets.selection import sample_probes
+    from idiom_lens.groups import slug
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
     from idiom_lens.plots.export import save_figure
@@ -46,9 +47,8 @@ def main() -> None:
     for variant in result.settings["variants"]:
         pairs = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
         for group in sorted(set(pairs["group"])):
-            slug = group.replace(" ", "_")
             save_figure(patching_heatmaps(result, variant=variant, group=group),
-                        args.out / f"patching_{variant}_{slug}", width=1300, height=600)
+                        args.out / f"patching_{variant}_{slug(group)}", width=1300, height=600)
         for probe_id in list(pairs["probe_id"])[: args.per_probe]:
             save_figure(patching_heatmaps(result, variant=variant, probe_id=probe_id),
                         args.out / f"patching_{variant}_{probe_id}", width=1300, height=600)

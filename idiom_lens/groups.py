@@ -43,3 +43,8 @@ def ordered(groups: Iterable[str]) -> list[str]:
     """The distinct `groups` in `GROUPS` order, then any others, sorted."""
     present = set(groups)
     return [g for g in GROUPS if g in present] + sorted(present - set(GROUPS))
+
+
+def slug(group: str) -> str:
+    """A set's name as it enters file names: spaces as underscores ("memorized_idioms")."""
+    return group.replace(" ", "_")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from idiom_lens.groups import GROUPS as _GROUP_ORDER
+from idiom_lens.groups import slug
 from idiom_lens.study.html import FigureRenderer, esc, flatten, kv_table, record_lists, table_html
 from idiom_lens.study.layout import Stage, figure_stem
 
@@ -87,7 +88,7 @@ def _attribution_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[
                 lambda toks: " ".join(repr(t) for t in toks[:4]) if isinstance(toks, list) else toks)
         frame = frame.rename(columns={"mean_contribution": "contribution", "promoted": "promotes"})
         tables.append(table_html(frame.head(10), caption=f"Top neurons, {group}"))
-        used.update(p for p in stage.figures if figure_stem(p) == f"neurons_{group.replace(' ', '_')}")
+        used.update(p for p in stage.figures if figure_stem(p) == f"neurons_{slug(group)}")
     if tables:
         parts.append("<h4>Top neurons per set</h4><p class=\"muted\">Mean contribution to the predicted token's "
                      "logit over the set (layer, neuron), and the tokens each neuron's value vector promotes.</p>"

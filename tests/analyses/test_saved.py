@@ -275,13 +275,13 @@ def test_recall_profile_round_trip(tmp_path):
 
 
 def test_parts_of_one_run_join_and_others_refuse(tiny_model, probes):
-    whole = skip_layers(tiny_model, probes[:4], windows=(1,))
-    parts = [skip_layers(tiny_model, probes[i : i + 2], windows=(1,)) for i in (0, 2)]
+    whole = skip_layers(tiny_model, probes[:4], SkipOptions(windows=(1,)))
+    parts = [skip_layers(tiny_model, probes[i : i + 2], SkipOptions(windows=(1,))) for i in (0, 2)]
     joined = SkipResult.join_parts(parts)
     pd.testing.assert_frame_equal(joined.rows, whole.rows)
     pd.testing.assert_frame_equal(joined.probes, whole.probes)
     assert {k: v for k, v in joined.settings.items() if k != "seconds"} == {
         k: v for k, v in whole.settings.items() if k != "seconds"}
-    other = skip_layers(tiny_model, probes[2:4], windows=(1, 2))
+    other = skip_layers(tiny_model, probes[2:4], SkipOptions(windows=(1, 2)))
     with pytest.raises(InputError, match=r"different settings \(.*windows"):
         SkipResult.join_parts([parts[0], other])

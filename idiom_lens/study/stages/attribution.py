@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
+from idiom_lens.groups import slug
 from idiom_lens.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def run_attribution(
     for group, neurons in result.set_neurons.items():
         fig = top_neurons_table(neurons, title=f"Top neurons, {group} (mean over set)",
                                 value_vector_final_norm=result.settings["value_vector_final_norm"])
-        stem = out / f"neurons_{group.replace(' ', '_')}"
+        stem = out / f"neurons_{slug(group)}"
         files += [str(p) for p in save_figure(fig, stem, png=png, width=1100, height=120 + 26 * max(1, len(neurons)))]
     digest = stats.summary(result)
     digest["files"] = sorted(files)

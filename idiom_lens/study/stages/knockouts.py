@@ -13,6 +13,7 @@ from idiom_lens.analyses.interventions.knockouts import KnockoutOptions
 from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
+from idiom_lens.groups import slug
 from idiom_lens.io import write_json
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.study.parts import sweep_per_probe
@@ -102,7 +103,7 @@ def run_knockouts(
         for group in memorized:
             for k in zero_ks:
                 save_figure(knockout_positions_heatmaps(both, k=k, group=group),
-                            out / f"knockout_positions_{group.replace(' ', '_')}_k{k}", png=png, height=500)
+                            out / f"knockout_positions_{slug(group)}_k{k}", png=png, height=500)
         log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
     if value_vector_ks:
         vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=options.rank_by)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from idiom_lens.analyses.interventions.patching import PatchingOptions
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
+from idiom_lens.groups import slug
 from idiom_lens.io import write_json
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.study.parts import sweep_per_probe
@@ -47,5 +48,5 @@ def run_patching(
         valid = result.pairs[(result.pairs["variant"] == variant) & result.pairs["valid"]]
         for group in sorted(set(valid["group"])):
             save_figure(patching_heatmaps(result, variant=variant, group=group),
-                        out / f"patching_{variant}_{group.replace(' ', '_')}", png=png, width=1300, height=600)
+                        out / f"patching_{variant}_{slug(group)}", png=png, width=1300, height=600)
     return result

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from idiom_lens.analyses.interventions.tracing import TracingOptions
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.groups import ordered
+from idiom_lens.groups import ordered, slug
 from idiom_lens.io import write_json
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.study.executors import LocalExecutor
@@ -52,7 +52,7 @@ def run_tracing(
     summary = result.summary()
     for group in ordered(set(summary["group"])):
         save_figure(tracing_heatmaps(result, group=group, summary=summary),
-                    out / f"tracing_{group.replace(' ', '_')}", png=png, height=420)
+                    out / f"tracing_{slug(group)}", png=png, height=420)
     for position in ("last noised", "last"):
         save_figure(tracing_curves(result, position=position, summary=summary),
                     out / f"tracing_curves_{position.replace(' ', '_')}", png=png, height=420)
