@@ -53,7 +53,6 @@ def demo_probes() -> list[Probe]:
 def main() -> None:
     import dataclasses
 
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import (
         KnockoutGrid,
         KnockoutOptions,
@@ -65,11 +64,10 @@ def main() -> None:
     )
     from idiom_lens.analyses.interventions.knockouts import CONTROLS, MODES, NORMS, POSITIONS, RANKINGS
     from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
-    from idiom_lens.io import write_json, write_parquet, write_text
     from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.io import write_json, write_parquet, write_text
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.text import markdown_table
-    from idiom_lens.study.run import sample_by_group
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import (
         knockout_heatmaps,
@@ -77,6 +75,8 @@ def main() -> None:
         knockout_positions_heatmaps,
         skip_curves,
     )
+    from idiom_lens.study.run import sample_by_group
+    from idiom_lens.study.text import markdown_table
 
     # This experiment's grid, smaller than the knockout command's: k = 10 and 100 in windows of 1-3 layers, zero_top.
     grid = KnockoutGrid(ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)

@@ -15,8 +15,8 @@ from knockouts import demo_probes  # noqa: E402
 
 
 def main() -> None:
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions, patch
+    from idiom_lens.datasets import load_probes
     from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model

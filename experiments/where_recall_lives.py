@@ -88,11 +88,11 @@ def main() -> None:
 
 def _draw(out: Path, *, png: bool) -> None:
     """The profile table, its peaks and the figure, from the results saved under `out`."""
+    import json
+
     from idiom_lens.analyses.attribution import AttributionResult
     from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
     from idiom_lens.analyses.recall import recall_profile
-    import json
-
     from idiom_lens.io import write_text
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.recall import where_recall_lives

@@ -30,22 +30,23 @@ being multiplied by their activations, so no ``[batch, pos, d_mlp, d_model]`` te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens, encode_prompt
-from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 
 Measure = Literal["logit", "logit_diff"]
 MEASURES: tuple[Measure, ...] = ("logit", "logit_diff")
@@ -96,20 +97,20 @@ class ProbeAttribution:
     other_is: Literal["target", "runner_up"]
     logit: float  # the model's own final (compat, centered) logit of pred_id
     logit_diff: float  # the model's own logit[pred] - logit[other]
-    embed: Float[Tensor, "2"]  # token (+ positional) embedding
+    embed: Float[Tensor, "2"]  # token (+ positional) embedding  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     attn: Float[Tensor, "layer 2"]  # hook_attn_out of each layer
     mlp: Float[Tensor, "layer 2"]  # hook_mlp_out of each layer
     heads: Float[Tensor, "layer head 2"]
     attn_bias: Float[Tensor, "layer 2"]  # b_O through the post-norm (attn - sum of heads)
     mlp_bias: Float[Tensor, "layer 2"]  # b_out through the post-norm (mlp - sum of neurons)
-    unembed_bias: Float[Tensor, "2"]  # b_U[pred] (- b_U[other])
+    unembed_bias: Float[Tensor, "2"]  # b_U[pred] (- b_U[other])  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     top_neurons: tuple[NeuronAttribution, ...]
 
     @property
     def n_layers(self) -> int:
         return int(self.attn.shape[0])
 
-    def reconstructed(self) -> Float[Tensor, "2"]:
+    def reconstructed(self) -> Float[Tensor, "2"]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
         """embed + attention layers + MLP layers + unembedding bias: equals (logit, logit_diff)."""
         return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.unembed_bias
 
@@ -234,7 +235,7 @@ class AttributionResult(Saved):
                 "checks": [[k, v] for k, v in self.checks.items()]}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "AttributionResult":
+    def from_saved(cls, saved: SavedTables) -> AttributionResult:
         tensors, top = saved.tables["tensors"], saved.tables["top_neurons"]
         per_probe: dict[int, dict[str, Any]] = {}
         neuron_means: dict[str, Tensor] = {}

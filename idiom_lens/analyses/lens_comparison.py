@@ -9,8 +9,9 @@ lenses say is the finding: the summary states, per lens, whether "promoted earli
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd

@@ -22,8 +22,8 @@ against 0.17 for the lexical rule (docs/datasets.md, `experiments/flag_agreement
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Iterable, Sequence
 
 from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.datasets.probes import Probe, ProbeSet

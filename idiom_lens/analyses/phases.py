@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Int
 
-from idiom_lens.groups import GROUPS, ordered
-from idiom_lens.metrics import TRAJECTORY_METRICS
 from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci, compare_samples, match_nearest
 from idiom_lens.analyses.trajectory import TrajectoryResult
+from idiom_lens.groups import GROUPS, ordered
+from idiom_lens.metrics import TRAJECTORY_METRICS
 
 CURVE_METRICS = tuple(TRAJECTORY_METRICS)  # pred_rank, pred_prob, pred_top1, target_rank, target_prob, entropy
 # (memorized set, comparison set): promotion layers are compared for each pair present.

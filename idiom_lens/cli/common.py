@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import EMBEDDED_SPEC

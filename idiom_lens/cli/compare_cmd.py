@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from idiom_lens.cli.common import add_png_option, add_results_option
 
 

@@ -10,7 +10,6 @@ masked tokens) and timings.
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,10 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     add_worker_options,
+    executor,
     load_from_args,
     named_options,
     select_probes,
-    executor,
 )
 from idiom_lens.errors import InputError
 

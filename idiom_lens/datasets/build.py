@@ -37,8 +37,8 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from idiom_lens.datasets import fact_sources, wikipedia
 from idiom_lens.datasets.flags import CompositionalityRef, bare, flags, is_stop_word

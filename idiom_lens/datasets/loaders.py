@@ -30,10 +30,11 @@ import csv
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import pandas as pd
 

@@ -13,15 +13,16 @@ import dataclasses
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 
 from idiom_lens.errors import InputError
-from idiom_lens.io import key_digest, write_json, write_parquet
-from idiom_lens.lenses.corpus import LensCorpus, build_corpus, check_disjoint, tokenize_sentences
+from idiom_lens.io import key_digest, write_parquet
+from idiom_lens.lenses.corpus import build_corpus, check_disjoint, tokenize_sentences
 from idiom_lens.lenses.lens import KINDS, Lens, logit_lens
 from idiom_lens.lenses.settings import LensSettings
 from idiom_lens.lenses.train import collect_residuals, fit_jacobian_lens, heldout_kl, train_tuned_lens

@@ -97,7 +97,7 @@ class Lens:
         return path
 
     @staticmethod
-    def load(path: str | Path) -> "Lens":
+    def load(path: str | Path) -> Lens:
         """A lens written by `save`; `InputError` for a missing or foreign file."""
         path = Path(path)
         if not path.is_file():

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -20,6 +20,7 @@ from idiom_lens.analyses.attribution_stats import INTERVAL, cumulative_share, gr
 from idiom_lens.groups import group_color
 from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import add_band
+
 
 def layer_contribution_figure(
     result: AttributionResult, *, measure: Measure = "logit", min_n: int = 3, n_boot: int = 2000, seed: int = 0

@@ -228,7 +228,7 @@ def _group_key(group: str) -> tuple[int, str]:
     return (_GROUP_ORDER.index(group) if group in _GROUP_ORDER else len(_GROUP_ORDER), group)
 
 
-def _attribution_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+def _attribution_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
     """Component shares, the per-layer figures, then the top neurons per set (as tables)."""
     s = stage.summary
     parts, used = [], set()
@@ -268,7 +268,7 @@ def _attribution_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, se
     return "".join(parts), used
 
 
-def _trajectory_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+def _trajectory_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
     return _trajectory_text(stage), set()
 
 
@@ -298,7 +298,7 @@ def _knockout_controls(stage: Stage) -> str:
     return "".join(parts)
 
 
-def _generic_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+def _generic_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
     s = {k: v for k, v in stage.summary.items() if k not in ("files", "settings")}
     parts = []
     for key, records in record_lists(s):
@@ -313,7 +313,7 @@ def _generic_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pa
     return "".join(parts), set()
 
 
-def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+def _lenses_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
     """The reading per lens, the side-by-side figure, held-out KL per layer, promotion per set and
     the tests; each lens's own trajectory figures stay in its subfolder (`lenses/<lens>/`)."""
     s = stage.summary
@@ -341,7 +341,7 @@ def _lenses_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Pat
     return "".join(parts), used
 
 
-def _comparison_body(stage: Stage, renderer: "FigureRenderer") -> tuple[str, set[Path]]:
+def _comparison_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
     """The models side by side: one column per model, one row per measure."""
     models = pd.DataFrame(stage.summary.get("models", []))
     if models.empty or "model" not in models.columns:

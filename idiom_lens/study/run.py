@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
 from idiom_lens.analyses.interventions.knockouts import KnockoutGrid, KnockoutOptions

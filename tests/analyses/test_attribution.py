@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.attribution import (
     FRAME_COLUMNS,
@@ -17,8 +18,6 @@ from idiom_lens.analyses.attribution import (
 from idiom_lens.analyses.attribution_stats import component_shares, cumulative_share, layer_stats, summary
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import load_model
-from tolerances import logit_atol  # tests/tolerances.py: why each bound
-
 
 
 def tol(model, result_or_probe) -> float:

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from idiom_lens.analyses.attribution import attribute_probes
-from idiom_lens.analyses.interventions import knockout_grid
+from idiom_lens.analyses.interventions import (
+    AttentionKnockoutOptions,
+    KnockoutGrid,
+    KnockoutOptions,
+    TracingOptions,
+    knockout_grid,
+)
 from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import MEASURES, recall_profile
 from idiom_lens.errors import InputError
 from idiom_lens.plots.recall import where_recall_lives
-from idiom_lens.analyses.interventions import AttentionKnockoutOptions, KnockoutGrid, KnockoutOptions, TracingOptions
 
 GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 

@@ -14,10 +14,13 @@ import torch
 
 from idiom_lens.analyses.attribution import AttributionResult, attribute_probes
 from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    KnockoutGrid,
+    KnockoutOptions,
     KnockoutResult,
-    PatchingResult,
+    PatchingOptions,
+    SkipOptions,
     SkipResult,
-    ValueVectorRanks,
     knockout_grid,
     patch_probes,
     skip_layers,
@@ -25,9 +28,8 @@ from idiom_lens.analyses.interventions import (
 )
 from idiom_lens.analyses.memorization import MemorizationResult, score_memorization
 from idiom_lens.analyses.saved import decode_exact, descriptor_path, encode_exact
-from idiom_lens.analyses.trajectory import TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
+from idiom_lens.analyses.trajectory import layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_ranks_agree, entropy_atol, logit_atol, prob_atol, probes_prob_atol
 
+from idiom_lens.analyses.memorization import score_memorization
+from idiom_lens.analyses.trajectory import (
+    TRAJECTORY_SITES,
+    TrajectoryResult,
+    layer_trajectory,
+    load_trajectory,
+    save_trajectory,
+)
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.models.loading import LoadedModel, load_model
 from idiom_lens.models.readout import read_out
 from idiom_lens.models.tokenization import split_probe
-from idiom_lens.analyses.trajectory import TRAJECTORY_SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.models.vocab import valid_mask
-from tolerances import assert_ranks_agree, entropy_atol, logit_atol, prob_atol, probes_prob_atol
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +213,9 @@ def test_bad_options(tiny_model, probes):
 @pytest.mark.embedded
 def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_model):
     """Our batched TL path vs a plain per-probe HF computation, and batch size 1 vs 16 (padded)."""
-    from idiom_lens.datasets import load_probes
     from reference import load_hf_model, reference_trajectory
+
+    from idiom_lens.datasets import load_probes
 
     probes = list(load_probes("idioms").probes[:16])
     ours = layer_trajectory(embedded_model, probes, sites=["resid_post"], batch_size=16)

@@ -9,10 +9,8 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 from idiom_lens.cli import attn_knockout_cmd, main
-
 
 COMMANDS = ("attn_knockout",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 

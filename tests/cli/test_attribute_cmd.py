@@ -7,9 +7,9 @@ import json
 
 import pandas as pd
 import pytest
+from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 import idiom_lens.cli as cli
-from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(autouse=True)

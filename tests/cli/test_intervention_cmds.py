@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.cli import main
-
 
 COMMANDS = ("knockout", "patch")  # registered by the `commands` fixture (tests/cli/conftest.py)
 

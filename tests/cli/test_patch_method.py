@@ -7,10 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.cli import main
-
 
 COMMANDS = ("patch",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 

@@ -7,10 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.tracing import TracingResult
 from idiom_lens.cli import main
-
 
 COMMANDS = ("trace",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 

@@ -28,17 +28,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 ray = pytest.importorskip("ray")
 
-import idiom_lens.cli as cli  # noqa: E402
-from idiom_lens.study.executors import ModelRecipe, WorkerOptions, RayExecutor  # noqa: E402
-from idiom_lens.analyses.saved import decode_array  # noqa: E402
-from idiom_lens.faults import ENV  # noqa: E402
-from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
 from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
 from tolerances import probes_prob_atol  # noqa: E402  (tests/tolerances.py: why each bound)
+
+import idiom_lens.cli as cli  # noqa: E402
+from idiom_lens.analyses.saved import decode_array  # noqa: E402
+from idiom_lens.faults import ENV  # noqa: E402
+from idiom_lens.study.executors import ModelRecipe, RayExecutor, WorkerOptions  # noqa: E402
+from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
 
 # One local Ray at a time: under pytest-xdist (`make test`) these tests share one worker.
 pytestmark = pytest.mark.xdist_group("ray")

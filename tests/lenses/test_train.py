@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from idiom_lens.lenses.corpus import tokenize_sentences
 from idiom_lens.lenses.lens import Lens, logit_lens
 from idiom_lens.lenses.train import (
     _kl_and_grad,
@@ -20,7 +21,6 @@ from idiom_lens.lenses.train import (
     lens_logits,
     train_tuned_lens,
 )
-from idiom_lens.lenses.corpus import tokenize_sentences
 
 SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
              "once in a blue moon", "the elephant in the room", "kill two birds with one stone",

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    KnockoutGrid,
+    KnockoutOptions,
+    KnockoutResult,
+    PatchingOptions,
+    knockout_grid,
+    patch_probes,
+    skip_layers,
+)
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, patch_probes, skip_layers
 from idiom_lens.plots.export import save_figure
 from idiom_lens.plots.interventions import (
     knockout_heatmaps,
@@ -14,7 +23,6 @@ from idiom_lens.plots.interventions import (
     patching_heatmaps,
     skip_curves,
 )
-from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from folders import comparable, result_files  # tests/folders.py
 
 import idiom_lens.cli as cli
 import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
 from idiom_lens.study.parts import NOT_IN_KEY, run_stage, stage_key
 from idiom_lens.study.stages import run_attribution, run_knockouts, run_patching
-from folders import comparable, result_files  # tests/folders.py
 
 # Under pytest-xdist (`make test`) on one worker: the reference run below is made once.
 pytestmark = pytest.mark.xdist_group("faults")
@@ -227,9 +227,9 @@ def _knockouts(model_out: Path) -> pd.DataFrame:
 def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, monkeypatch, tmp_path):
     """One setting changed at a time (cumulatively): exactly the dependent stages are redone and
     their results follow the new setting."""
+    from idiom_lens.analyses.trajectory import load_trajectory
     from idiom_lens.datasets.selection import join_probe_sets
     from idiom_lens.study.run import sample_by_group
-    from idiom_lens.analyses.trajectory import load_trajectory
 
     model_out = finished / tiny_model_dir.name
     extra: list[str] = []

@@ -11,22 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 from idiom_lens.errors import InputError
 from idiom_lens.study.layout import FORMAT
 from idiom_lens.study.report import build_report, find_results
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     """`idiom-lens run` on the tiny model, plus a knockout stage, an unknown stage and a comparison."""
     import idiom_lens.cli as cli
-    from idiom_lens.study.compare import write_comparison
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.datasets import load_probes
     from idiom_lens.io import write_json
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import knockout_heatmaps
+    from idiom_lens.study.compare import write_comparison
 
     root = tmp_path_factory.mktemp("results")
     with pytest.MonkeyPatch.context() as mp:

@@ -29,16 +29,15 @@ probe set; every standalone call).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from idiom_lens.analyses.interventions.patching import (
     PATCH_SITES,
@@ -50,15 +49,14 @@ from idiom_lens.analyses.interventions.patching import (
     _patch_set,
     patch_probes,
 )
-from idiom_lens.models.runners import masked_prediction
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import masked_prediction
 from idiom_lens.models.selfcheck import check_against_full_forward, versions_text
-from idiom_lens.models.vocab import mask_summary, valid_mask
+from idiom_lens.models.vocab import valid_mask
 
 ALL = "all"  # the site (or variant) label of every site (variant) taken together
 
@@ -253,7 +251,7 @@ class AgreementResult(Saved):
         return {"": self.rows, "summary": self.table}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "AgreementResult":
+    def from_saved(cls, saved: SavedTables) -> AgreementResult:
         return cls(rows=saved.tables[""], table=saved.tables["summary"], settings=saved.settings)
 
 

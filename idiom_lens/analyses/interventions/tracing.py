@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,14 +41,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.models.selfcheck import check_close
 from idiom_lens.models.tokenization import pad_id, right_pad, split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.analyses.interventions.knockouts import KnockoutOptions
 from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
@@ -33,7 +34,7 @@ def run_knockouts(
     batch_size: int = 128,
     png: bool = True,
     log: Callable[[str], None] = print,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Neuron knockouts (`options`: the grid, targeted, random and magnitude-matched controls,
     whole-MLP ceiling), the value-vector statistic and layer skipping of `probes`; parquet,

@@ -12,18 +12,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import (
+    KnockoutGrid,
+    KnockoutOptions,
+    SkipOptions,
+    knockout_grid,
+    patch_pair,
+    rank_neurons,
+    skip_layers,
+)
+from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons
+from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers
-from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons, value_vector_norms
-from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.models.runners import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error
 from idiom_lens.models.vocab import valid_mask
-from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, SkipOptions
 
 EMBEDDED_PROBES = [
     Probe(id="blue", prompt="once in a blue", target="moon", kind="idiom"),

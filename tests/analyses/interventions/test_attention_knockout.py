@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import load_hf_model  # tests/reference.py (tests/ is on the path: tests/conftest.py)
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 from idiom_lens.analyses.interventions import attention_knockouts as ak
 from idiom_lens.analyses.interventions.attention_knockouts import (
     AttentionKnockoutResult,
@@ -25,15 +28,11 @@ from idiom_lens.analyses.interventions.attention_knockouts import (
     layer_windows,
     source_positions,
 )
-from idiom_lens.models.runners import PromptRunner
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.models.runners import PromptRunner
 from idiom_lens.models.vocab import valid_mask
-
-from reference import load_hf_model  # tests/reference.py (tests/ is on the path: tests/conftest.py)
-from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 
 # Every comparison with the HF reference below: fp32 noise of a batched TransformerLens forward
 # (maybe prefix-cached) against one plain HF forward, bounded by `tolerances`.

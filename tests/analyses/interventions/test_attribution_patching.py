@@ -9,8 +9,15 @@ import math
 import pandas as pd
 import pytest
 import torch
+from tolerances import U, logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
-from idiom_lens.analyses.interventions import make_corruptions, patch_pair, patch_probes
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    PatchingOptions,
+    make_corruptions,
+    patch_pair,
+    patch_probes,
+)
 from idiom_lens.analyses.interventions.attribution_patching import (
     AgreementResult,
     attribution_patch_pair,
@@ -20,8 +27,6 @@ from idiom_lens.analyses.interventions.attribution_patching import (
 from idiom_lens.analyses.interventions.patching import PatchingResult, site_activations
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
-from tolerances import U, logit_atol, logit_scale  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")

@@ -11,36 +11,41 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
-from idiom_lens.datasets.probes import Probe
-from idiom_lens.errors import InputError
-from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions import (
+    KnockoutGrid,
+    KnockoutOptions,
     KnockoutResult,
     knockout_grid,
     rank_neurons,
     value_vector_ranks,
 )
-from idiom_lens.analyses.interventions.knockouts import KnockoutCell, knockout_cells, matched_neurons
-from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
-from idiom_lens.models.selfcheck import relative_error
+from idiom_lens.analyses.interventions.knockouts import (
+    KnockoutCell,
+    _clean_state,
+    _ProbeNeurons,
+    knockout_cells,
+    knockout_hooks,
+    matched_neurons,
+)
 from idiom_lens.analyses.stats import wilson_interval
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.models.vocab import MASK_RULE, valid_mask
-
-from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
 from .test_against_full_forward import (
     assert_row_matches,
     clean_post_norm,
     full_forward,
     masked,
-    reference_state,
     prediction,
     reference_knockout_logits,
+    reference_state,
     zero_neurons,
 )
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
-
 
 GRID = KnockoutGrid(ks=(0, 1, 5, 64), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
                     keep_top_windows=None)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    PatchingOptions,
+    make_corruptions,
+    patch_pair,
+    patch_probes,
+)
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import make_corruptions, patch_pair, patch_probes
-from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")

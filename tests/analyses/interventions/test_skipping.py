@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import SkipOptions, skip_layers
+from idiom_lens.analyses.interventions.skipping import skip_spans
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import skip_layers
-from idiom_lens.analyses.interventions.skipping import skip_spans
 
 from .test_against_full_forward import masked
-from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import SkipOptions
 
 
 def test_skipping_no_layer_changes_nothing(tiny_model, probes):
