@@ -71,13 +71,13 @@ def main() -> None:
         return result
 
     knockouts = KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all", seed=args.seed)
-    knock = timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
-    attn = timed("attention_knockout", lambda: attention_knockout(
+    timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
+    timed("attention_knockout", lambda: attention_knockout(
         model, probes, AttentionKnockoutOptions(window=args.window), progress=True))
     tracing = TracingOptions(windows=(args.window,), noise_samples=args.samples, seed=args.seed)
     trace = timed("tracing", lambda: causal_trace(model, probes, tracing, progress=True))
     compat = load_model(args.model, mode="compat")
-    attrib = timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
+    timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
 
     write_json(args.out / "settings.json", {"model": model.settings(), "per_group": args.per_group, "seed": args.seed,
                                             "window": args.window, "samples": args.samples, "seconds": seconds,

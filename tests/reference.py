@@ -145,7 +145,7 @@ def reference_causal_trace(
             for pos in range(len(prompt_ids)):
                 handles = []
                 for l in layers:
-                    def put(module, args, out, l=l, pos=pos):
+                    def put(module, args, out, l=l, pos=pos, site=site):
                         value = unpack(out).clone()
                         value[0, pos] = clean[(site, l)][pos]
                         return (value, *out[1:]) if isinstance(out, tuple) else value

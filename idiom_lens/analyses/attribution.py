@@ -388,8 +388,12 @@ def _weights(model: LoadedModel) -> _Weights:
         if w2 is not None:
             wout = wout * w2
             bout = None if bout is None else bout * w2
-        W_O.append(wo); b_O.append(bo); W_out.append(wout); b_out.append(bout)
-        attn_post.append(w1 is not None); mlp_post.append(w2 is not None)
+        W_O.append(wo)
+        b_O.append(bo)
+        W_out.append(wout)
+        b_out.append(bout)
+        attn_post.append(w1 is not None)
+        mlp_post.append(w2 is not None)
     b_U = getattr(bridge, "b_U", None)
     has_pos = getattr(bridge.cfg, "positional_embedding_type", "") == "standard"
     return _Weights(W_O, b_O, W_out, b_out, attn_post, mlp_post, bridge.W_U.detach(),

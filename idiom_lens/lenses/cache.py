@@ -200,7 +200,7 @@ def load_lens_file(model: Any, path: str | Path) -> Lens:
                              f"({error})") from error
         if tl.d_model != model.d_model or max(tl.source_layers) >= model.n_layers - 1:
             raise InputError(f"{path}: a Jacobian lens of d_model {tl.d_model}, layers {tl.source_layers[0]}.."
-                             f"{tl.source_layers[-1]}, not for {model.name}")
+                             f"{tl.source_layers[-1]}, not for {model.name}") from None
         J = torch.eye(model.d_model).repeat(model.n_layers, 1, 1)
         for layer in tl.source_layers:
             J[layer] = tl.jacobians[layer]

@@ -56,7 +56,7 @@ def collect_residuals(
 
         def keeper(name: str) -> Callable[[Tensor, Any], None]:
             def keep(act: Tensor, hook: Any) -> None:
-                captured[name] = act.detach()
+                captured[name] = act.detach()  # noqa: B023 (called within this iteration)
             return keep
 
         with torch.no_grad():
@@ -225,7 +225,7 @@ def _train_steps(
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             state = {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
                      "optimizer": optimizer.state_dict(), "step": step + 1, "matmul_dtype": precision.name}
-            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
+            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # noqa: B023 (called within this iteration)
             maybe_fail("lens.checkpoint")
     bar.close()
     return weight, bias
@@ -266,7 +266,7 @@ def fit_jacobian_lens(
                 lens = JacobianLens.fit(model.bridge, chunk, corpus=corpus, dim_batch=dim_batch,
                                         max_seq_len=max_seq_len, skip_first_positions=skip_first_positions,
                                         show_progress=False)
-            atomic_write(path, lambda tmp: lens.save(str(tmp), dtype=torch.float32))
+            atomic_write(path, lambda tmp: lens.save(str(tmp), dtype=torch.float32))  # noqa: B023 (called within this iteration)
             fitted.append(lens)
         bar.update(len(chunk))
     bar.close()

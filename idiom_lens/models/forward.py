@@ -87,7 +87,7 @@ def iterate_forward(
 
         def make_hook(name: str) -> HookFn:
             def hook(act: Tensor, hook: object) -> None:
-                captured[name] = act[rows, last].detach()
+                captured[name] = act[rows, last].detach()  # noqa: B023 (called within this iteration)
 
             return hook
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
 
 from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, probe_group, score_memorization
 from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
+from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import valid_mask
 
 # The authors' published IdioMem format (compact JSON, JSON booleans); the file repeats the id of
@@ -21,9 +23,6 @@ PUBLISHED_IDIOMEM = """\
 {"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
 {"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
 """
-from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
-
-from idiom_lens.models.tokenization import split_probe
 
 
 def test_records_match_a_direct_forward_pass(tiny_model, probes):

@@ -233,7 +233,7 @@ def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_mo
     mem = ours.memorization.to_dataframe()
     assert (mem["pred_id"].to_numpy()[:12] == ref["pred_id"]).all()
     for other in (single, ref):  # batch 1 vs 16; Hugging Face vs TransformerLens
-        get = (lambda m: other[m]) if isinstance(other, dict) else (lambda m: getattr(other, m)[:, 0])
+        get = (lambda m: other[m]) if isinstance(other, dict) else (lambda m: getattr(other, m)[:, 0])  # noqa: B023 (called within this iteration)
         for name in ("pred", "target"):
             a, b = ours.__getattribute__(f"{name}_rank")[:12, 0], get(f"{name}_rank")
             # two correct computations may reorder a token among the others whose logits lie

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.lenses.corpus import tokenize_sentences
 from idiom_lens.lenses.lens import Lens, logit_lens
@@ -25,7 +26,6 @@ from idiom_lens.lenses.train import (
 SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
              "once in a blue moon", "the elephant in the room", "kill two birds with one stone",
              "a piece of cake for the cat", "break the ice at the market"]
-from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,11 @@ def test_an_interrupted_training_resumes_to_the_same_lens(tiny_model_dir, tmp_pa
         lens.save(sys.argv[2])
     """)
     env = dict(os.environ)
-    run = lambda ckpt, out, **extra: subprocess.run([sys.executable, "-c", script, ckpt, str(out)],
-                                                    env={**env, **extra}, capture_output=True, text=True)
+
+    def run(ckpt, out, **extra):
+        return subprocess.run([sys.executable, "-c", script, ckpt, str(out)],
+                              env={**env, **extra}, capture_output=True, text=True)
+
     straight = run("-", tmp_path / "straight.pt")
     assert straight.returncode == 0, straight.stderr
     killed = run(str(tmp_path / "ckpt.pt"), tmp_path / "resumed.pt", IDIOM_LENS_FAULT="lens.checkpoint")

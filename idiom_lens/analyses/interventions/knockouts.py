@@ -659,7 +659,7 @@ def knockout_hooks(
                 stored["x"] = x[rows, pos].clone()
 
             def frozen_output(y: Tensor, hook: Any, layer: int = layer, rows: Tensor = rows,
-                              stored: dict = stored) -> Tensor:
+                              stored: dict = stored, gains: Tensor = gains, scales: Tensor = scales) -> Tensor:
                 y = y.clone()
                 s = scales[layer, pos].to(y.device, torch.float32)[None, :, None]
                 y[rows, pos] = (stored.pop("x").float() * gains[layer].to(y.device) / s).to(y.dtype)

@@ -157,10 +157,10 @@ def make_corruptions(
 
         def fits(prompt: str) -> tuple[int, ...] | None:
             try:
-                ids = split_probe(tok, prompt, probe.target).prompt_ids
+                ids = split_probe(tok, prompt, probe.target).prompt_ids  # noqa: B023 (called within this iteration)
             except InputError:
                 return None
-            return ids if len(ids) == n and ids != clean.prompt_ids else None
+            return ids if len(ids) == n and ids != clean.prompt_ids else None  # noqa: B023 (called within this iteration)
 
         for variant in variants:
             rng = random.Random(f"{seed}|{probe.id}|{variant}")

@@ -108,7 +108,7 @@ def noise_scale(
         got: dict[str, Tensor] = {}
 
         def keep(x: Tensor, hook: Any) -> None:
-            got["x"] = x.detach()
+            got["x"] = x.detach()  # noqa: B023 (called within this iteration)
 
         with torch.no_grad():
             model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[("blocks.0.hook_resid_pre", keep)],
@@ -277,7 +277,7 @@ def trace_prompt(
     first_pos = noised[0]
     restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, n_pos, 1)  # unrun cells: IE 0
     rows_by_start: dict[int, list[tuple[int, int, int, tuple[int, ...]]]] = {}
-    for si, (site, window) in enumerate(specs):
+    for si, (_site, window) in enumerate(specs):
         for layer in range(n_layers):
             layers = layer_window(layer, window, n_layers)
             for pos in range(first_pos, n_pos):

@@ -337,12 +337,12 @@ def test_layer_skip_is_the_full_forward_with_the_block_bypassed(case, positions)
             store = {}
 
             def keep(x, hook):
-                store["x"] = x.clone()
+                store["x"] = x.clone()  # noqa: B023 (called within this iteration)
 
             def put(x, hook):
                 x = x.clone()
-                pos = slice(last, last + 1) if positions == "last" else slice(None)
-                x[:, pos] = store["x"][:, pos]
+                pos = slice(last, last + 1) if positions == "last" else slice(None)  # noqa: B023 (called within this iteration)
+                x[:, pos] = store["x"][:, pos]  # noqa: B023 (called within this iteration)
                 return x
 
             hooks = [(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)] if span else []

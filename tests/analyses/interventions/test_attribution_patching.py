@@ -75,7 +75,7 @@ def test_estimate_is_the_derivative_of_the_exact_patched_logit(model):
 
         def nudge(x, hook, scale=0.0):
             x = x.clone()
-            x[:, pos] = x[:, pos] + scale * delta.to(x.dtype)
+            x[:, pos] = x[:, pos] + scale * delta.to(x.dtype)  # noqa: B023 (called within this iteration)
             return x
 
         name = f"blocks.{layer}.{HOOK[site]}"

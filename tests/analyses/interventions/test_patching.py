@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.interventions import (
     CorruptionOptions,
@@ -17,7 +18,6 @@ from idiom_lens.errors import InputError
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
-from tolerances import logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
 
 def test_corruptions_keep_token_length_and_are_deterministic(tiny_model, probes):

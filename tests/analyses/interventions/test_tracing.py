@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.interventions import TracingOptions
 from idiom_lens.analyses.interventions.tracing import (
@@ -26,7 +27,6 @@ from idiom_lens.models.vocab import masked_token_ids
 from tests.reference import load_hf_model, reference_causal_trace
 
 SPECS = (("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3))
-from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(scope="module", params=["gemma3", "llama"])
