@@ -7,7 +7,8 @@ authors' positions (every prompt position), ours (last position only) beside it,
 
 Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a
 seeded sample of `--per-group` probes of each set (memorized idioms, non-memorized idioms, ordinary
-text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary sentences written below instead.
+text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary
+sentences written below instead.
 
 Writes under --out: knockouts_all*.parquet and knockouts_last*.parquet (rows, probes, summaries),
 knockout_layers.parquet/.md (share changed per set x control x layer for --table-k, windows of one
@@ -85,7 +86,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text"])
-    parser.add_argument("--per-group", type=int, default=50, help="seeded sample per set after memorization (default 50)")
+    parser.add_argument("--per-group", type=int, default=50,
+                        help="seeded sample per set after memorization (default 50)")
     parser.add_argument("--whole", nargs="*", default=[], metavar="SET",
                         help='sets kept entire instead of sampled, e.g. --whole "memorized idioms"')
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,

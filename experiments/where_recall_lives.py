@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", default="idioms")
-    parser.add_argument("--per-group", type=int, default=15, help="memorized and non-memorized idioms each (default 15)")
+    parser.add_argument("--per-group", type=int, default=15,
+                        help="memorized and non-memorized idioms each (default 15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=5, help="tracing and attention-knockout window (default 5)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
@@ -98,7 +99,8 @@ def _draw(out: Path, *, png: bool) -> None:
     from idiom_lens.plots.recall import where_recall_lives
     from idiom_lens.study.text import markdown_table
 
-    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"), tracing=TracingResult.load(out / "tracing"),
+    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"),
+                             tracing=TracingResult.load(out / "tracing"),
                              attention=AttentionKnockoutResult.load(out / "attention_knockout"),
                              attribution=AttributionResult.load(out / "attribution"))
     profile.save(out)

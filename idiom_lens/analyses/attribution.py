@@ -210,7 +210,8 @@ class AttributionResult(Saved):
              **encode_array(getattr(p, name).detach().cpu().numpy())}
             for i, p in enumerate(self.probes) for name in _SAVED_TENSORS
         ] + [
-            {"scope": "set", "probe_index": -1, "group": g, "field": "neuron_means", **encode_array(m.detach().cpu().numpy())}
+            {"scope": "set", "probe_index": -1, "group": g, "field": "neuron_means",
+             **encode_array(m.detach().cpu().numpy())}
             for g, m in self.neuron_means.items()
         ]
         owners = [("probe", i, None, p.top_neurons) for i, p in enumerate(self.probes)]
@@ -263,7 +264,8 @@ class AttributionResult(Saved):
 
 
 def _neurons_frame(neurons: Sequence[NeuronAttribution], base: dict[str, Any]) -> pd.DataFrame:
-    cols = ["probe_id", "group", "rank", "layer", "neuron", "activation", "contribution", "contribution_diff", "promoted"]
+    cols = ["probe_id", "group", "rank", "layer", "neuron", "activation", "contribution", "contribution_diff",
+            "promoted"]
     rows = [base | asdict(n) | {"rank": i, "promoted": " | ".join(n.promoted)} for i, n in enumerate(neurons)]
     return pd.DataFrame(rows, columns=cols)
 
@@ -347,7 +349,8 @@ def _check_model(model: LoadedModel) -> None:
         )
     weight = getattr(bridge.ln_final, "weight", None)
     if isinstance(weight, Tensor):
-        identity = torch.zeros_like(weight) if getattr(bridge.cfg, "rmsnorm_uses_offset", False) else torch.ones_like(weight)
+        identity = (torch.zeros_like(weight) if getattr(bridge.cfg, "rmsnorm_uses_offset", False)
+                    else torch.ones_like(weight))
         if not torch.equal(weight, identity):
             raise InputError("the model's final norm weight is not folded into W_U: load it with mode='compat'")
     if bridge.cfg.normalization_type not in ("RMS", "RMSPre", "LN", "LNPre"):
@@ -531,7 +534,8 @@ def _run(
             checks[key] = max(checks[key], out["checks"][key])
         neuron = out["neuron"]  # [B, L, d_mlp, 2]
         acts = out["acts"]  # [B, L, d_mlp]
-        rank_key = {"logit": neuron[..., 0], "logit_diff": neuron[..., 1], "abs_logit": neuron[..., 0].abs()}[rank_neurons_by]
+        rank_key = {"logit": neuron[..., 0], "logit_diff": neuron[..., 1],
+                    "abs_logit": neuron[..., 0].abs()}[rank_neurons_by]
         k = min(top_neurons, n_layers * d_mlp)
         top = rank_key.flatten(1).topk(k, dim=-1).indices if k else torch.zeros(len(batch.indices), 0, dtype=torch.long)
         for row, index in enumerate(batch.indices):

@@ -80,7 +80,8 @@ def compare_lenses(
     ids = [r.probe_id for r in first.memorization.records]
     for name, result in trajectories.items():
         if [r.probe_id for r in result.memorization.records] != ids or result.n_layers != first.n_layers:
-            raise InputError(f"the {name} trajectory has other probes or layers than the {next(iter(trajectories))} one")
+            raise InputError(f"the {name} trajectory has other probes or layers than the "
+                             f"{next(iter(trajectories))} one")
     phases = {name: analyse_phases(result, n_boot=n_boot, seed=seed) for name, result in trajectories.items()}
     promotion, tests, boundaries = [], [], []
     for name, analysis in phases.items():

@@ -342,7 +342,8 @@ def _summarize(
     n, b = n_layers, boundary
     lines = []
     med = lambda g: table.loc[g, "median_promotion_layer"] if g in table.index else None  # noqa: E731
-    if b is None or med("memorized idioms") is None:  # every model's last layer is top-1: b is None only without memorized idioms
+    # every model's last layer is top-1: b is None only without memorized idioms
+    if b is None or med("memorized idioms") is None:
         return False, False, f"On {model_name}, no idiom is memorized; no phase boundary found."
     prob = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_prob")]
     prob = prob.set_index("layer")["mean"]

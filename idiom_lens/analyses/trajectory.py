@@ -212,7 +212,8 @@ def layer_trajectory(
         }
         if first_batch and "resid_post" in sites:
             _check_last_layer(model, probe_tokens[batch.indices[0]].prompt_ids, batch_records[0], ro,
-                              row=sites.index("resid_post") * n_layers + n_layers - 1, probe=probes[batch.indices[0]].id)
+                              row=sites.index("resid_post") * n_layers + n_layers - 1,
+                              probe=probes[batch.indices[0]].id)
         first_batch = False
         for metric, value in values.items():
             out[metric][batch.indices] = value.reshape(per_probe).numpy()
@@ -220,8 +221,8 @@ def layer_trajectory(
             records[index] = record
     release_workspace()
     memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
-    return TrajectoryResult(memorization=memorization, sites=sites, lens=(lens.describe() if lens else {"kind": "logit"}),
-                            **out)
+    return TrajectoryResult(memorization=memorization, sites=sites,
+                            lens=(lens.describe() if lens else {"kind": "logit"}), **out)
 
 
 def _check_last_layer(

@@ -120,7 +120,8 @@ def add_png_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_batch_size_option(parser: argparse.ArgumentParser, *, default: int) -> None:
-    parser.add_argument("--batch-size", type=int, default=default, metavar="N", help=f"{BATCH_HELP} (default {default})")
+    parser.add_argument("--batch-size", type=int, default=default, metavar="N",
+                        help=f"{BATCH_HELP} (default {default})")
 
 
 def default_of(fn: Callable[..., Any], name: str) -> Any:

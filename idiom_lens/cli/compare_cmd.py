@@ -1,4 +1,5 @@
-"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth (written to DIR/comparison/)."""
+"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth (written to
+DIR/comparison/)."""
 
 from __future__ import annotations
 

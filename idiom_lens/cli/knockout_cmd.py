@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid, paper, defaults = KnockoutGrid.DEFAULT, KnockoutGrid.PAPER, KnockoutOptions()
     p = subparsers.add_parser(
         "knockout",
-        help="MLP neuron knockouts (top-k per layer, layer windows, matched controls, whole-MLP ceiling) and layer skipping",
+        help="MLP neuron knockouts (top-k per layer, layer windows, matched controls, whole-MLP ceiling) "
+        "and layer skipping",
         description="Zero the top-k MLP neurons of every layer in windows of consecutive layers (or all but the "
         "top-k), at every prompt position (the authors') or the last one (ours), next to seeded controls: k random "
         "neurons, random neurons matching the top-k's summed score, and the whole MLP (ceiling); and skip layers. "

@@ -3,12 +3,12 @@
 - `collect_residuals`: block outputs (`resid_post`) at every layer and every non-BOS position of
   the tokenized sentences, one batched forward each.
 - `train_tuned_lens`: the translators h + h A_l + b_l start at the identity (the logit lens) and
-  are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens read-out at layer l), over the real
-  vocabulary (the read-out's mask). The unembedding products run in bfloat16 only where the
-  hardware makes that fast (`models.precision.matmul_precision`: a step 1.7x faster with AMX, the
-  products about 200x slower where bf16 is emulated), in fp32 elsewhere; the lens records which. The held-out
-  evaluation is always fp32. A checkpoint is written atomically every
-  `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
+  are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens
+  read-out at layer l), over the real vocabulary (the read-out's mask). The unembedding products
+  run in bfloat16 only where the hardware makes that fast (`models.precision.matmul_precision`: a
+  step 1.7x faster with AMX, the products about 200x slower where bf16 is emulated), in fp32
+  elsewhere; the lens records which. The held-out evaluation is always fp32. A checkpoint is
+  written atomically every `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
   function of the seed and the step), so an interrupted and a straight run give the same lens.
 - `fit_jacobian_lens`: TransformerLens's `JacobianLens.fit` over slices of sentences; each finished
   slice is saved, a rerun fits only the missing ones, and `JacobianLens.merge` averages them.
@@ -171,8 +171,9 @@ def train_tuned_lens(
         log(f"  tuned lens: resuming at step {done}/{steps} from {checkpoint}")
         earlier = state.get("matmul_dtype", "bfloat16")  # checkpoints before the choice were bf16
         if earlier != precision.name:
-            precision = dataclasses.replace(precision, reason=f"{precision.reason}; the first {done} steps ran in "
-                                                              f"{earlier} (resumed from a checkpoint written in that precision)")
+            precision = dataclasses.replace(
+                precision, reason=f"{precision.reason}; the first {done} steps ran in {earlier} "
+                                  "(resumed from a checkpoint written in that precision)")
     W_U = model.bridge.W_U.detach().to(precision.dtype)
     # The model's weights are frozen for the training and given back as they were: TransformerLens
     # picks its norms' code path by requires_grad, so a model left frozen would round other

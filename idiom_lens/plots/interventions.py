@@ -270,7 +270,8 @@ def patching_heatmaps(
         if probe_id is not None:
             tokens = part.drop_duplicates("pos_from_end").set_index("pos_from_end")
             x = [f"{tokens.loc[q, 'clean_token']!r}/{tokens.loc[q, 'corrupted_token']!r}"
-                 if tokens.loc[q, "clean_token"] != tokens.loc[q, "corrupted_token"] else repr(tokens.loc[q, "clean_token"])
+                 if tokens.loc[q, "clean_token"] != tokens.loc[q, "corrupted_token"]
+                 else repr(tokens.loc[q, "clean_token"])
                  for q in grid.columns]
         else:
             x = [str(q) for q in grid.columns]

@@ -69,7 +69,8 @@ ALL = "all"  # the site (or variant) label of every site (variant) taken togethe
 def _check_pair(clean_ids: Sequence[int], corrupted_ids: Sequence[int], sites: Sequence[str]) -> None:
     if len(clean_ids) != len(corrupted_ids):
         raise InputError(
-            f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
+            "clean and corrupted prompts must have the same token length, "
+            f"got {len(clean_ids)} and {len(corrupted_ids)}"
         )
     bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:
@@ -215,7 +216,9 @@ def top_overlap(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"], top: int
     return len(a & b) / k if k else float("nan")
 
 
-def _mean_interval(values: Float[np.ndarray, " n"], *, n_boot: int, level: float, rng: np.random.Generator) -> tuple[float, float, float]:
+def _mean_interval(
+    values: Float[np.ndarray, " n"], *, n_boot: int, level: float, rng: np.random.Generator
+) -> tuple[float, float, float]:
     """Mean over pairs and its percentile-bootstrap interval (NaN values left out)."""
     values = np.asarray(values, dtype=np.float64)
     mean, low, high = bootstrap_mean_ci(values[~np.isnan(values)], n_boot=n_boot, level=level, seed=rng)

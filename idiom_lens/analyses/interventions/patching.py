@@ -298,7 +298,8 @@ def patch_pair(
     """
     if len(clean_ids) != len(corrupted_ids):
         raise InputError(
-            f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
+            "clean and corrupted prompts must have the same token length, "
+            f"got {len(clean_ids)} and {len(corrupted_ids)}"
         )
     bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:

@@ -268,7 +268,8 @@ def trace_prompt(
     corrupted_logits = runner.run(n_samples, [(f"blocks.{l}.hook_resid_pre", enter(l)) for l in range(n_layers)],
                                   start=0, resid=x0)
     if check is not None:
-        check_close(runner.run(1, [], start=0)[0], _plain(model, prompt_ids), what="causal tracing (clean)", probe=check)
+        check_close(runner.run(1, [], start=0)[0], _plain(model, prompt_ids), what="causal tracing (clean)",
+                    probe=check)
         check_close(corrupted_logits[0], _plain(model, prompt_ids, noised=noised_t, noise=noise[0]),
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
@@ -478,7 +479,8 @@ def causal_trace(
         "analysis": "causal_tracing", "metric": "probability of the clean prediction (masked softmax)",
         "sites": list(sites), "windows": [int(w) for w in windows], "specs": [list(s) for s in specs],
         "samples": samples, "seed": seed,
-        "noised": "every prompt token but the BOS and the last" if noise_words is None else f"words {list(noise_words)}",
+        "noised": ("every prompt token but the BOS and the last" if noise_words is None
+                   else f"words {list(noise_words)}"),
         "noise_site": "blocks.0.hook_resid_pre (after the embedding scale)",
         "restored_site": {s: HOOKS[s] for s in sites}, "n_probes": len(probes),
         "seconds": round(time.perf_counter() - started, 2),

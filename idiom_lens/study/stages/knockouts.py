@@ -112,8 +112,9 @@ def run_knockouts(
     if skip:
         skip_windows = tuple(w for w in options.grid.windows if w <= model.n_layers) or (1,)
         skipped = sweep_per_probe(executor, model, probes, out, "skipping",
-                         partial(skip_layers, options=SkipOptions(windows=skip_windows), batch_size=min(batch_size, 64)),
-                         join=SkipResult.join_parts, load=SkipResult.load)
+                                  partial(skip_layers, options=SkipOptions(windows=skip_windows),
+                                          batch_size=min(batch_size, 64)),
+                                  join=SkipResult.join_parts, load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings
