@@ -126,7 +126,8 @@ def test_attribution_round_trip(tiny_model_compat, probes, tmp_path):
 
 def test_knockouts_at_two_positions_share_a_folder(tiny_model, probes, tmp_path):
     grid = KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))
-    results = {pos: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=grid, controls=("random",), positions=pos))
+    results = {pos: knockout_grid(tiny_model, probes[:2],
+                                  KnockoutOptions(grid=grid, controls=("random",), positions=pos))
                for pos in ("all", "last")}
     for pos, result in results.items():
         result.save(tmp_path, name=f"knockouts_{pos}")
@@ -154,7 +155,8 @@ def test_skipping_round_trip(tiny_model, probes, tmp_path):
 
 
 def test_patching_round_trip(tiny_model, probes, tmp_path):
-    result = patch_probes(tiny_model, probes[:3], PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
+    result = patch_probes(tiny_model, probes[:3],
+                          PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
     assert len(result.rows) and len(result.pairs)
     back = _round_trip(result, tmp_path)
     pd.testing.assert_frame_equal(back.rows, result.rows)

@@ -71,9 +71,11 @@ def test_readout_agrees_with_transformer_lens_logit_readout(tiny_model, probes):
         scale = tiny_model.bridge.unembed(tiny_model.bridge.ln_final(vectors.unsqueeze(0)))
     for j in range(2):
         theirs = logit_readout(tiny_model.bridge, vectors, targets=tracked[:, j], return_type="log_probs")
-        torch.testing.assert_close(ours.logprob[:, j], theirs.values[:, 0], atol=prob_atol(tiny_model, scale, n_layers=1), rtol=0)
+        torch.testing.assert_close(ours.logprob[:, j], theirs.values[:, 0],
+                                   atol=prob_atol(tiny_model, scale, n_layers=1), rtol=0)
         assert torch.equal(ours.rank[:, j], theirs.target_ranks[:, 0])
-        torch.testing.assert_close(ours.entropy, theirs.entropy, atol=entropy_atol(tiny_model, scale, n_layers=1), rtol=0)
+        torch.testing.assert_close(ours.entropy, theirs.entropy, atol=entropy_atol(tiny_model, scale, n_layers=1),
+                                   rtol=0)
 
 
 def test_sites_are_the_hooked_activations(tiny_model, probes, tiny_result):
@@ -180,7 +182,8 @@ def test_readout_through_the_final_norm_by_hand(shaped_norm_model_dir) -> None:
     logprobs = logits.log_softmax(-1)
     assert torch.equal(ro.top_id, logits.argmax(-1))
     # one final norm and unembedding, ours vs HF's modules: one block's worth of fp32 noise
-    torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=prob_atol(model, logits, n_layers=1), rtol=0)
+    torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=prob_atol(model, logits, n_layers=1),
+                               rtol=0)
     assert torch.equal(ro.rank, (logits[:, None, :] > logits.gather(1, tracked)[:, :, None]).sum(-1))
     torch.testing.assert_close(ro.entropy, -(logprobs.exp() * logprobs).sum(-1),
                                atol=entropy_atol(model, logits, n_layers=1), rtol=0)

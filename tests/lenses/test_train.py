@@ -88,7 +88,8 @@ def test_training_is_seeded_and_learns(tiny_model, residuals, dtype):
     # the last layer's lens is the model's output, computed another way: a KL of at most the
     # log-probabilities' fp32 noise
     noise = prob_atol(tiny_model, lens_logits(tiny_model, rows[:, -1]), n_layers=1)
-    assert wide.loc[last, "logit"] == pytest.approx(0, abs=noise) and wide.loc[last, "tuned"] == pytest.approx(0, abs=noise)
+    assert wide.loc[last, "logit"] == pytest.approx(0, abs=noise)
+    assert wide.loc[last, "tuned"] == pytest.approx(0, abs=noise)
     assert (wide.loc[: last - 1, "tuned"] < wide.loc[: last - 1, "logit"]).all()
 
 
@@ -102,7 +103,8 @@ def test_an_interrupted_training_resumes_to_the_same_lens(tiny_model_dir, tmp_pa
         model = load_model({str(tiny_model_dir)!r}, progress=False)
         rows, _ = collect_residuals(model, tokenize_sentences(model, {SENTENCES!r}))
         ckpt = sys.argv[1] if sys.argv[1] != "-" else None
-        lens = train_tuned_lens(model, rows, steps=12, batch_tokens=8, seed=0, checkpoint=ckpt and __import__("pathlib").Path(ckpt),
+        lens = train_tuned_lens(model, rows, steps=12, batch_tokens=8, seed=0,
+                                checkpoint=ckpt and __import__("pathlib").Path(ckpt),
                                 checkpoint_every=4, progress=False, matmul_dtype=torch.float32)
         lens.save(sys.argv[2])
     """)
@@ -142,7 +144,8 @@ def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model
     slices[1].unlink()
     calls = []
     real_fit = JacobianLens.fit.__func__
-    monkeypatch.setattr(JacobianLens, "fit", classmethod(lambda cls, *a, **k: calls.append(1) or real_fit(cls, *a, **k)))
+    monkeypatch.setattr(JacobianLens, "fit",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or real_fit(cls, *a, **k)))
     again = fit_jacobian_lens(tiny_model, sentences, corpus="test", work_dir=tmp_path, slice_size=2,
                               progress=False, log=lambda s: None)
     assert len(calls) == 1

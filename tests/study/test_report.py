@@ -37,7 +37,8 @@ def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     (model_dir,) = [p for p in root.iterdir() if p.is_dir()]
     stage = model_dir / "interventions"
     probes = list(load_probes("idioms").probes[:3])
-    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None), controls=("random",)))
+    grid = KnockoutGrid(ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None)
+    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=grid, controls=("random",)))
     knock.save(stage)
     write_json(stage / "summary.json", {"knockouts": knock.settings, "n_probes": len(probes)})
     save_figure(knockout_heatmaps(knock, k=1, mode="zero_top"), stage / "knockout_zero_top_k1", png=False)

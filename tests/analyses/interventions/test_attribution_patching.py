@@ -49,7 +49,8 @@ def _early_swap(model):
     """'kill two birds with one' with its second word swapped: one token differs, early, so every
     later position and layer carries a difference."""
     probe = Probe("k", "kill two birds with one", "stone", "idiom")
-    return make_corruptions(model, [probe], CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=1)).pairs[0]
+    options = CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=1)
+    return make_corruptions(model, [probe], options).pairs[0]
 
 
 def _logit_with(model, ids, target_id, hook_name, hook):
@@ -145,10 +146,12 @@ def test_same_tables_as_exact_patching(both, tiny_model):
     keys = ["probe_id", "variant", "site", "layer", "pos"]
     pd.testing.assert_frame_equal(approx.rows[keys + ["clean_token", "corrupted_token"]],
                                   exact.rows[keys + ["clean_token", "corrupted_token"]])
-    same = ["probe_id", "variant", "kind", "group", "clean_prompt", "corrupted_prompt", "target_id", "valid", "n_tokens"]
+    same = ["probe_id", "variant", "kind", "group", "clean_prompt", "corrupted_prompt", "target_id", "valid",
+            "n_tokens"]
     pd.testing.assert_frame_equal(approx.pairs[same], exact.pairs[same])
     for column in ("clean_logit", "corrupted_logit"):  # two forwards of the same prompts: fp32 logit noise
-        assert (approx.pairs[column] - exact.pairs[column]).abs().max() < logit_atol(tiny_model, exact.pairs[column].to_numpy())
+        atol = logit_atol(tiny_model, exact.pairs[column].to_numpy())
+        assert (approx.pairs[column] - exact.pairs[column]).abs().max() < atol
     pd.testing.assert_frame_equal(approx.skipped, exact.skipped)
     heat = approx.mean_heatmap(site="mlp_out", variant="word_swap")  # the plots' input works unchanged
     assert heat.shape[0] == tiny_model.n_layers

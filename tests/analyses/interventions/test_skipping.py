@@ -39,7 +39,8 @@ def test_skip_matches_manual_bypass(tiny_model, probes, span):
 
         with torch.no_grad():
             logits = tiny_model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)]
+                tokens,
+                fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)],
             )[0, -1]
         scale = float(logits.abs().max())
         logits = masked(tiny_model, logits)  # predictions range over real vocabulary tokens
