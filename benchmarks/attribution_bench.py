@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from idiom_lens.analyses.attribution import attribute_probes
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.memorization import score_memorization
-    from idiom_lens.models.loading import load_model
     from idiom_lens.analyses.trajectory import layer_trajectory
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.models.loading import load_model
 
     probes = list(load_probes(args.dataset))[: args.n]
     raw = load_model(args.model, mode="raw", progress=False)

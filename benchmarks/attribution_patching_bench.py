@@ -41,10 +41,10 @@ def main() -> None:
     import torch
 
     from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions, patch_probes
-    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patching_agreement
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
 
     print("command:", shlex.join([sys.executable, *sys.argv]))

@@ -40,10 +40,10 @@ def _worker(args: tuple[list, list[str], int, int, str]) -> tuple:
 
 
 def main() -> None:
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import KnockoutResult
-    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

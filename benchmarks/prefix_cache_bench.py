@@ -18,10 +18,10 @@ from unittest import mock
 def main() -> None:
     import numpy as np
 
-    from idiom_lens.models import selfcheck
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, knockout_grid
+    from idiom_lens.datasets import load_probes
     from idiom_lens.datasets.selection import sample_probes
+    from idiom_lens.models import selfcheck
     from idiom_lens.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,8 +25,9 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _empty(model: Any, probes: list) -> int:
@@ -61,13 +62,13 @@ def main() -> None:
     import ray
     import torch
 
-    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.datasets import load_probes
-    from idiom_lens.study.executors import RayExecutor, Unit
-    from idiom_lens.study.workers import ModelRecipe, WorkerOptions
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
+    from idiom_lens.study.executors import RayExecutor, Unit
     from idiom_lens.study.run import StudyOptions
     from idiom_lens.study.stages import resumable_trajectory, run_knockouts
+    from idiom_lens.study.workers import ModelRecipe, WorkerOptions
 
     torch.set_num_threads(2)
     model = load_model("gemma-3-270m", progress=False)

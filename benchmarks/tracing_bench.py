@@ -28,7 +28,6 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.analyses.interventions.tracing import (
         TRACE_SITES,
         TracingOptions,
@@ -39,6 +38,7 @@ def main() -> None:
         trace_specs,
     )
     from idiom_lens.datasets import load_probes
+    from idiom_lens.datasets.selection import sample_probes
     from idiom_lens.models.loading import load_model
     from idiom_lens.models.tokenization import split_probe
     from idiom_lens.models.vocab import masked_token_ids

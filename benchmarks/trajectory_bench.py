@@ -59,9 +59,9 @@ def tl_logit_lens(model, probe_tokens, pred_ids) -> float:
 
 def peak_memory_child(args: argparse.Namespace) -> None:
     """Run (c) alone and print peak RSS (after load, and after the run) as JSON."""
+    from idiom_lens.analyses.trajectory import layer_trajectory
     from idiom_lens.datasets import load_probes
     from idiom_lens.models.loading import load_model
-    from idiom_lens.analyses.trajectory import layer_trajectory
 
     model = load_model(args.model, device=args.device, progress=False)
     probes = list(load_probes("idioms").probes[: args.probes])
@@ -104,10 +104,10 @@ def main() -> None:
         return
 
     memory_line = measure_peak_memory(args)
+    from idiom_lens.analyses.trajectory import layer_trajectory
     from idiom_lens.datasets import load_probes
     from idiom_lens.models.forward import tokenize_probes
     from idiom_lens.models.loading import load_model
-    from idiom_lens.analyses.trajectory import layer_trajectory
 
     model = load_model(args.model, device=args.device, progress=False)
     probes = list(load_probes("idioms").probes[: args.probes])

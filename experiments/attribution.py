@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
 
-    from idiom_lens.study.stages import run_attribution
     from idiom_lens.datasets import load_probes
     from idiom_lens.models.loading import load_model
+    from idiom_lens.study.stages import run_attribution
 
     probes = []
     for spec in args.dataset:

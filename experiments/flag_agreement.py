@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     print(f"{len(frame)} idioms from {args.path}\n")
-    print("| flag | rule | kappa | agreement | authors True | ours True | both True | authors only | ours only | both False |")
+    print("| flag | rule | kappa | agreement | authors True | ours True | both True | authors only | ours only "
+          "| both False |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rule, column in rules:
         a = agreement(list(frame[f"authors_{name}"]), list(frame[column]))

@@ -7,7 +7,8 @@ authors' positions (every prompt position), ours (last position only) beside it,
 
 Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a
 seeded sample of `--per-group` probes of each set (memorized idioms, non-memorized idioms, ordinary
-text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary sentences written below instead.
+text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary
+sentences written below instead.
 
 Writes under --out: knockouts_all*.parquet and knockouts_last*.parquet (rows, probes, summaries),
 knockout_layers.parquet/.md (share changed per set x control x layer for --table-k, windows of one
@@ -53,7 +54,6 @@ def demo_probes() -> list[Probe]:
 def main() -> None:
     import dataclasses
 
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import (
         KnockoutGrid,
         KnockoutOptions,
@@ -65,11 +65,10 @@ def main() -> None:
     )
     from idiom_lens.analyses.interventions.knockouts import CONTROLS, MODES, NORMS, POSITIONS, RANKINGS
     from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
-    from idiom_lens.io import write_json, write_parquet, write_text
     from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.io import write_json, write_parquet, write_text
     from idiom_lens.models.loading import load_model
-    from idiom_lens.study.text import markdown_table
-    from idiom_lens.study.run import sample_by_group
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import (
         knockout_heatmaps,
@@ -77,6 +76,8 @@ def main() -> None:
         knockout_positions_heatmaps,
         skip_curves,
     )
+    from idiom_lens.study.run import sample_by_group
+    from idiom_lens.study.text import markdown_table
 
     # This experiment's grid, smaller than the knockout command's: k = 10 and 100 in windows of 1-3 layers, zero_top.
     grid = KnockoutGrid(ks=(10, 100), windows=(1, 2, 3), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)
@@ -85,7 +86,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", nargs="+", default=["idioms", "text"])
-    parser.add_argument("--per-group", type=int, default=50, help="seeded sample per set after memorization (default 50)")
+    parser.add_argument("--per-group", type=int, default=50,
+                        help="seeded sample per set after memorization (default 50)")
     parser.add_argument("--whole", nargs="*", default=[], metavar="SET",
                         help='sets kept entire instead of sampled, e.g. --whole "memorized idioms"')
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,

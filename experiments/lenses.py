@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from idiom_lens.models.loading import load_model
     from idiom_lens.datasets.selection import join_probe_sets
-    from idiom_lens.study.text import markdown_table
+    from idiom_lens.models.loading import load_model
     from idiom_lens.study.stages import run_lenses
+    from idiom_lens.study.text import markdown_table
 
     probes = join_probe_sets(args.dataset, limit=args.limit)
     model = load_model(args.model, device=args.device)

@@ -52,7 +52,8 @@ def main() -> None:
         for probe_id in list(pairs["probe_id"])[: args.per_probe]:
             save_figure(patching_heatmaps(result, variant=variant, probe_id=probe_id),
                         args.out / f"patching_{variant}_{probe_id}", width=1300, height=600)
-    print(f"{len(result.pairs)} pairs ({len(result.skipped)} skipped) in {time.perf_counter() - started:.0f} s -> {args.out}")
+    print(f"{len(result.pairs)} pairs ({len(result.skipped)} skipped) in {time.perf_counter() - started:.0f} s "
+          f"-> {args.out}")
 
 
 if __name__ == "__main__":

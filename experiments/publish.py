@@ -19,8 +19,9 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -183,8 +184,8 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
                    source=rel(bounds_path))
     kl_path = root / "lenses" / "lens_heldout_kl.parquet"
     kl = _table(kl_path)
-    claims.add(f"{model}.heldout_kl.n_tokens", value=int(kl["n_tokens"].iloc[0]), text=f"{int(kl['n_tokens'].iloc[0]):,}",
-               command=command, source=rel(kl_path))
+    claims.add(f"{model}.heldout_kl.n_tokens", value=int(kl["n_tokens"].iloc[0]),
+               text=f"{int(kl['n_tokens'].iloc[0]):,}", command=command, source=rel(kl_path))
     claims.add(f"{model}.heldout_kl.n_sentences", value=int(kl["n_sentences"].iloc[0]),
                text=str(int(kl["n_sentences"].iloc[0])), command=command, source=rel(kl_path))
     for row in kl.itertuples():

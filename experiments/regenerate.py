@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def run_step(step: Step, out: Path) -> float | None:
     from idiom_lens.io import write_json
 
     write_json(marker, {"command": command, "shown": step.shown(), "seconds": round(seconds, 1),
-                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                         "commit": _commit()})
     print(f"[regenerate] {step.name}: {seconds:.0f} s", flush=True)
     return seconds

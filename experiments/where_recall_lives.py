@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--dataset", default="idioms")
-    parser.add_argument("--per-group", type=int, default=15, help="memorized and non-memorized idioms each (default 15)")
+    parser.add_argument("--per-group", type=int, default=15,
+                        help="memorized and non-memorized idioms each (default 15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=5, help="tracing and attention-knockout window (default 5)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
@@ -71,13 +72,13 @@ def main() -> None:
         return result
 
     knockouts = KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all", seed=args.seed)
-    knock = timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
-    attn = timed("attention_knockout", lambda: attention_knockout(
+    timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
+    timed("attention_knockout", lambda: attention_knockout(
         model, probes, AttentionKnockoutOptions(window=args.window), progress=True))
     tracing = TracingOptions(windows=(args.window,), noise_samples=args.samples, seed=args.seed)
     trace = timed("tracing", lambda: causal_trace(model, probes, tracing, progress=True))
     compat = load_model(args.model, mode="compat")
-    attrib = timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
+    timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
 
     write_json(args.out / "settings.json", {"model": model.settings(), "per_group": args.per_group, "seed": args.seed,
                                             "window": args.window, "samples": args.samples, "seconds": seconds,
@@ -88,17 +89,18 @@ def main() -> None:
 
 def _draw(out: Path, *, png: bool) -> None:
     """The profile table, its peaks and the figure, from the results saved under `out`."""
+    import json
+
     from idiom_lens.analyses.attribution import AttributionResult
     from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
     from idiom_lens.analyses.recall import recall_profile
-    import json
-
     from idiom_lens.io import write_text
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.recall import where_recall_lives
     from idiom_lens.study.text import markdown_table
 
-    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"), tracing=TracingResult.load(out / "tracing"),
+    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"),
+                             tracing=TracingResult.load(out / "tracing"),
                              attention=AttentionKnockoutResult.load(out / "attention_knockout"),
                              attribution=AttributionResult.load(out / "attribution"))
     profile.save(out)

@@ -6,7 +6,7 @@ the same way everywhere (`idiom_lens.analyses.memorization.probe_group` assigns 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 MEMORIZED_IDIOMS = "memorized idioms"
 NON_MEMORIZED_IDIOMS = "non-memorized idioms"

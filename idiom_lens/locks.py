@@ -24,8 +24,8 @@ import contextlib
 import fcntl
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from idiom_lens.errors import InputError
 

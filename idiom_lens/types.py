@@ -5,7 +5,8 @@ Dimension names: batch (probes), pos (token positions), d_vocab.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxtyping import Float, Int
 from torch import Tensor

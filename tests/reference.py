@@ -8,7 +8,8 @@ baseline to beat.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ def reference_causal_trace(
             for pos in range(len(prompt_ids)):
                 handles = []
                 for l in layers:
-                    def put(module, args, out, l=l, pos=pos):
+                    def put(module, args, out, l=l, pos=pos, site=site):
                         value = unpack(out).clone()
                         value[0, pos] = clean[(site, l)][pos]
                         return (value, *out[1:]) if isinstance(out, tuple) else value

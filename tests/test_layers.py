@@ -62,7 +62,8 @@ def floor_of(module: str) -> int | None:
 def public_api(modules: dict[str, Path], package: str) -> dict[str, str]:
     """The `_API` map (public name -> defining module) of the package's `__init__.py`, read with ast."""
     for node in ast.parse(modules[package].read_text(encoding="utf-8")).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        target = (node.target if isinstance(node, ast.AnnAssign)
+                  else (node.targets[0] if isinstance(node, ast.Assign) else None))
         if isinstance(target, ast.Name) and target.id == "_API" and node.value is not None:
             return ast.literal_eval(node.value)
     return {}

@@ -71,6 +71,7 @@ def test_explore_notebook_runs(tmp_path, monkeypatch, embedded_model):
     choice = matmul_precision("cpu", log=lambda line: None)  # the kernel decided the same way on this machine
     assert f"tuned lens products in {choice.name} ({choice.reason.split(' measured')[0]}" in everything
     assert not list((tmp_path / "cache" / "lenses").rglob("*.work"))  # trained to the end, here
-    figures = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    figures = [o for c in nb.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) >= 5, f"expected the notebook's figures, got {len(figures)}"
     print(f"the notebook ran in {seconds:.0f} s")  # its time is measured, not asserted (README: the notebook)

@@ -30,22 +30,23 @@ being multiplied by their activations, so no ``[batch, pos, d_mlp, d_model]`` te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens, encode_prompt
-from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 
 Measure = Literal["logit", "logit_diff"]
 MEASURES: tuple[Measure, ...] = ("logit", "logit_diff")
@@ -96,20 +97,20 @@ class ProbeAttribution:
     other_is: Literal["target", "runner_up"]
     logit: float  # the model's own final (compat, centered) logit of pred_id
     logit_diff: float  # the model's own logit[pred] - logit[other]
-    embed: Float[Tensor, "2"]  # token (+ positional) embedding
+    embed: Float[Tensor, "2"]  # token (+ positional) embedding  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     attn: Float[Tensor, "layer 2"]  # hook_attn_out of each layer
     mlp: Float[Tensor, "layer 2"]  # hook_mlp_out of each layer
     heads: Float[Tensor, "layer head 2"]
     attn_bias: Float[Tensor, "layer 2"]  # b_O through the post-norm (attn - sum of heads)
     mlp_bias: Float[Tensor, "layer 2"]  # b_out through the post-norm (mlp - sum of neurons)
-    unembed_bias: Float[Tensor, "2"]  # b_U[pred] (- b_U[other])
+    unembed_bias: Float[Tensor, "2"]  # b_U[pred] (- b_U[other])  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     top_neurons: tuple[NeuronAttribution, ...]
 
     @property
     def n_layers(self) -> int:
         return int(self.attn.shape[0])
 
-    def reconstructed(self) -> Float[Tensor, "2"]:
+    def reconstructed(self) -> Float[Tensor, "2"]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
         """embed + attention layers + MLP layers + unembedding bias: equals (logit, logit_diff)."""
         return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.unembed_bias
 
@@ -209,7 +210,8 @@ class AttributionResult(Saved):
              **encode_array(getattr(p, name).detach().cpu().numpy())}
             for i, p in enumerate(self.probes) for name in _SAVED_TENSORS
         ] + [
-            {"scope": "set", "probe_index": -1, "group": g, "field": "neuron_means", **encode_array(m.detach().cpu().numpy())}
+            {"scope": "set", "probe_index": -1, "group": g, "field": "neuron_means",
+             **encode_array(m.detach().cpu().numpy())}
             for g, m in self.neuron_means.items()
         ]
         owners = [("probe", i, None, p.top_neurons) for i, p in enumerate(self.probes)]
@@ -234,7 +236,7 @@ class AttributionResult(Saved):
                 "checks": [[k, v] for k, v in self.checks.items()]}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "AttributionResult":
+    def from_saved(cls, saved: SavedTables) -> AttributionResult:
         tensors, top = saved.tables["tensors"], saved.tables["top_neurons"]
         per_probe: dict[int, dict[str, Any]] = {}
         neuron_means: dict[str, Tensor] = {}
@@ -262,7 +264,8 @@ class AttributionResult(Saved):
 
 
 def _neurons_frame(neurons: Sequence[NeuronAttribution], base: dict[str, Any]) -> pd.DataFrame:
-    cols = ["probe_id", "group", "rank", "layer", "neuron", "activation", "contribution", "contribution_diff", "promoted"]
+    cols = ["probe_id", "group", "rank", "layer", "neuron", "activation", "contribution", "contribution_diff",
+            "promoted"]
     rows = [base | asdict(n) | {"rank": i, "promoted": " | ".join(n.promoted)} for i, n in enumerate(neurons)]
     return pd.DataFrame(rows, columns=cols)
 
@@ -346,7 +349,8 @@ def _check_model(model: LoadedModel) -> None:
         )
     weight = getattr(bridge.ln_final, "weight", None)
     if isinstance(weight, Tensor):
-        identity = torch.zeros_like(weight) if getattr(bridge.cfg, "rmsnorm_uses_offset", False) else torch.ones_like(weight)
+        identity = (torch.zeros_like(weight) if getattr(bridge.cfg, "rmsnorm_uses_offset", False)
+                    else torch.ones_like(weight))
         if not torch.equal(weight, identity):
             raise InputError("the model's final norm weight is not folded into W_U: load it with mode='compat'")
     if bridge.cfg.normalization_type not in ("RMS", "RMSPre", "LN", "LNPre"):
@@ -387,8 +391,12 @@ def _weights(model: LoadedModel) -> _Weights:
         if w2 is not None:
             wout = wout * w2
             bout = None if bout is None else bout * w2
-        W_O.append(wo); b_O.append(bo); W_out.append(wout); b_out.append(bout)
-        attn_post.append(w1 is not None); mlp_post.append(w2 is not None)
+        W_O.append(wo)
+        b_O.append(bo)
+        W_out.append(wout)
+        b_out.append(bout)
+        attn_post.append(w1 is not None)
+        mlp_post.append(w2 is not None)
     b_U = getattr(bridge, "b_U", None)
     has_pos = getattr(bridge.cfg, "positional_embedding_type", "") == "standard"
     return _Weights(W_O, b_O, W_out, b_out, attn_post, mlp_post, bridge.W_U.detach(),
@@ -526,7 +534,8 @@ def _run(
             checks[key] = max(checks[key], out["checks"][key])
         neuron = out["neuron"]  # [B, L, d_mlp, 2]
         acts = out["acts"]  # [B, L, d_mlp]
-        rank_key = {"logit": neuron[..., 0], "logit_diff": neuron[..., 1], "abs_logit": neuron[..., 0].abs()}[rank_neurons_by]
+        rank_key = {"logit": neuron[..., 0], "logit_diff": neuron[..., 1],
+                    "abs_logit": neuron[..., 0].abs()}[rank_neurons_by]
         k = min(top_neurons, n_layers * d_mlp)
         top = rank_key.flatten(1).topk(k, dim=-1).indices if k else torch.zeros(len(batch.indices), 0, dtype=torch.long)
         for row, index in enumerate(batch.indices):

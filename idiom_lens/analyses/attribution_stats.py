@@ -8,14 +8,14 @@ for means and for ratios of means alike without a normality assumption.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from idiom_lens.analyses.attribution import MEASURES, AttributionResult, Measure
-from idiom_lens.errors import InputError
 from idiom_lens.analyses.stats import bootstrap, bootstrap_mean_ci
+from idiom_lens.errors import InputError
 from idiom_lens.groups import ordered
 
 INTERVAL = "95% percentile bootstrap over probes (seeded)"

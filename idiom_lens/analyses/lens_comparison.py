@@ -9,8 +9,9 @@ lenses say is the finding: the summary states, per lens, whether "promoted earli
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -79,7 +80,8 @@ def compare_lenses(
     ids = [r.probe_id for r in first.memorization.records]
     for name, result in trajectories.items():
         if [r.probe_id for r in result.memorization.records] != ids or result.n_layers != first.n_layers:
-            raise InputError(f"the {name} trajectory has other probes or layers than the {next(iter(trajectories))} one")
+            raise InputError(f"the {name} trajectory has other probes or layers than the "
+                             f"{next(iter(trajectories))} one")
     phases = {name: analyse_phases(result, n_boot=n_boot, seed=seed) for name, result in trajectories.items()}
     promotion, tests, boundaries = [], [], []
     for name, analysis in phases.items():

@@ -8,12 +8,14 @@ ones (teacher-forced `full_target_match`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 
+from idiom_lens.analyses.saved import Saved, SavedTables, records_from_frame
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.relations import FACT_RELATIONS, UNKNOWN_RELATION, fact_relation
 from idiom_lens.errors import InputError
@@ -21,7 +23,6 @@ from idiom_lens.groups import GROUPS  # noqa: F401  (re-exported: the sets, defi
 from idiom_lens.models.forward import ForwardBatch, iterate_forward, tokenize_probes
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens
-from idiom_lens.analyses.saved import Saved, SavedTables, records_from_frame
 
 
 def probe_group(kind: str, memorized: bool) -> str:
@@ -77,7 +78,7 @@ class MemorizationResult(Saved):
         )
 
     @classmethod
-    def from_dataframe(cls, frame: pd.DataFrame, settings: dict[str, Any]) -> "MemorizationResult":
+    def from_dataframe(cls, frame: pd.DataFrame, settings: dict[str, Any]) -> MemorizationResult:
         """Rebuild from `to_dataframe()` output (a table without `single_target` gives None)."""
         return cls(records=records_from_frame(MemorizationRecord, frame), settings=settings)
 
@@ -85,7 +86,7 @@ class MemorizationResult(Saved):
         return {"": self.to_dataframe()}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "MemorizationResult":
+    def from_saved(cls, saved: SavedTables) -> MemorizationResult:
         return cls.from_dataframe(saved.tables[""], saved.settings)
 
     def summary(self) -> pd.DataFrame:

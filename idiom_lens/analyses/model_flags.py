@@ -22,8 +22,8 @@ against 0.17 for the lexical rule (docs/datasets.md, `experiments/flag_agreement
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Iterable, Sequence
 
 from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.datasets.probes import Probe, ProbeSet
@@ -34,7 +34,8 @@ def prompt_tails(probe: Probe) -> list[Probe]:
     """The probe with its prompt cut to each proper tail (last 1 .. n-2 words), ids `{id}#tail{k}`."""
     words = probe.prompt.split()
     return [
-        Probe(id=f"{probe.id}#tail{k}", prompt=" ".join(words[-k:]), target=probe.target, kind=probe.kind, source=probe.source)
+        Probe(id=f"{probe.id}#tail{k}", prompt=" ".join(words[-k:]), target=probe.target, kind=probe.kind,
+              source=probe.source)
         for k in range(1, len(words))
     ]
 
@@ -69,7 +70,8 @@ def with_model_prompt_comp(probes: ProbeSet | Sequence[Probe], comp: dict[str, b
     out = []
     for p in probes:
         flag = comp[p.id]
-        hard = None if p.similarity_ind is None else (not flag and not p.similarity_ind and p.single_target is not False)
+        hard = (None if p.similarity_ind is None
+                else (not flag and not p.similarity_ind and p.single_target is not False))
         out.append(replace(p, prompt_comp_ind=flag, hard_to_guess=hard))
     name = probes.name if isinstance(probes, ProbeSet) else "probes"
     return ProbeSet(f"{name}+model_prompt_comp", tuple(out))

@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Int
 
-from idiom_lens.groups import GROUPS, ordered
-from idiom_lens.metrics import TRAJECTORY_METRICS
 from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci, compare_samples, match_nearest
 from idiom_lens.analyses.trajectory import TrajectoryResult
+from idiom_lens.groups import GROUPS, ordered
+from idiom_lens.metrics import TRAJECTORY_METRICS
 
 CURVE_METRICS = tuple(TRAJECTORY_METRICS)  # pred_rank, pred_prob, pred_top1, target_rank, target_prob, entropy
 # (memorized set, comparison set): promotion layers are compared for each pair present.
@@ -342,7 +342,8 @@ def _summarize(
     n, b = n_layers, boundary
     lines = []
     med = lambda g: table.loc[g, "median_promotion_layer"] if g in table.index else None  # noqa: E731
-    if b is None or med("memorized idioms") is None:  # every model's last layer is top-1: b is None only without memorized idioms
+    # every model's last layer is top-1: b is None only without memorized idioms
+    if b is None or med("memorized idioms") is None:
         return False, False, f"On {model_name}, no idiom is memorized; no phase boundary found."
     prob = curves[(curves["group"] == "memorized idioms") & (curves["metric"] == "pred_prob")]
     prob = prob.set_index("layer")["mean"]

@@ -18,8 +18,9 @@ Measures (`MEASURES`), each per set and layer with n and a 95% interval:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self, Sequence
+from typing import Any, ClassVar, Self
 
 import pandas as pd
 

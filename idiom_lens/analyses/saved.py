@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Self, Sequence, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -160,13 +161,13 @@ def records_from_frame(
     )
 
 
-def encode_array(array: Shaped[np.ndarray, "..."]) -> dict[str, Any]:
+def encode_array(array: Shaped[np.ndarray, "..."]) -> dict[str, Any]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     """An array as three parquet cells (dtype, shape, raw bytes): exact for any numeric dtype."""
     array = np.ascontiguousarray(array)
     return {"dtype": array.dtype.str, "shape": [int(n) for n in array.shape], "data": array.tobytes()}
 
 
-def decode_array(dtype: str, shape: Any, data: bytes) -> Shaped[np.ndarray, "..."]:
+def decode_array(dtype: str, shape: Any, data: bytes) -> Shaped[np.ndarray, "..."]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     """Inverse of `encode_array` (a writable copy)."""
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape([int(n) for n in shape]).copy()
 
@@ -234,7 +235,7 @@ class Saved:
         """
         folder = Path(folder)
         name = check_name(self.default_name if name is None else name)
-        settings = encode_exact(getattr(self, "settings"), "settings")
+        settings = encode_exact(self.settings, "settings")
         meta = encode_exact(self.saved_meta(), "meta")
         tables, derived = self.saved_tables(), self.derived_tables()
         paths = write_tables(folder, name, tables) + write_tables(folder, name, derived)

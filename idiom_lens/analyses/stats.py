@@ -14,8 +14,9 @@ scipy is not a dependency of idiom_lens, so the permutation test is written here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -97,7 +98,7 @@ def bootstrap_mean_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: np.random.Generator | int = 0,
-) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:
+) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     """Mean over axis 0 and its percentile-bootstrap interval (same resamples for every column).
 
     Returns (mean, low, high); with fewer than two rows the interval collapses to the mean (and
@@ -272,11 +273,11 @@ def match_nearest(
 
 # Not TL's `success_rate_ci`: that is Clopper-Pearson, one share at a time by Python bisection; this is vectorised.
 def wilson_interval(
-    successes: Int[np.ndarray, "..."] | int,
-    n: Int[np.ndarray, "..."] | int,
+    successes: Int[np.ndarray, "..."] | int,  # noqa: UP037 (a jaxtyping shape, not a forward reference)
+    n: Int[np.ndarray, "..."] | int,  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     *,
     level: float = 0.95,
-) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:
+) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "..."]]:  # noqa: UP037 (a jaxtyping shape, not a forward reference)
     """Wilson score interval of a share successes / n (elementwise); NaN where n is 0.
 
     Used for shares of probes (e.g. the share of predictions a knockout changes): unlike the

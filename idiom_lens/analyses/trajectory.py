@@ -17,25 +17,26 @@ records the lens (`TrajectoryResult.lens`, a `lens` column in the tidy table).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
+from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, records_from_batch
+from idiom_lens.analyses.saved import Saved, SavedTables, descriptor_path
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.lenses.lens import Lens
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
-from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, records_from_batch
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.readout import Readout, read_out, release_workspace
 from idiom_lens.models.selfcheck import check_close, plain_last_logits
 from idiom_lens.models.vocab import mask_logits, valid_mask
-from idiom_lens.analyses.saved import Saved, SavedTables, descriptor_path
 
 TRAJECTORY_SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 _HOOK = {
@@ -106,7 +107,7 @@ class TrajectoryResult(Saved):
     @staticmethod
     def from_dataframe(
         frame: pd.DataFrame, memorization: MemorizationResult, *, lens: dict[str, Any] | None = None
-    ) -> "TrajectoryResult":
+    ) -> TrajectoryResult:
         """Rebuild a result from `to_dataframe()` output (e.g. a parquet file) and its memorization."""
         ids = [r.probe_id for r in memorization.records]
         sites = tuple(dict.fromkeys(frame["site"]))
@@ -122,7 +123,7 @@ class TrajectoryResult(Saved):
         return TrajectoryResult(memorization=memorization, sites=sites, lens=lens or {"kind": "logit"}, **arrays)
 
     @staticmethod
-    def join_parts(parts: Sequence["TrajectoryResult"]) -> "TrajectoryResult":
+    def join_parts(parts: Sequence[TrajectoryResult]) -> TrajectoryResult:
         """Parts of one run (disjoint probes, the same model, sites and lens) as one result."""
         if not parts:
             raise InputError("no trajectory results to join")
@@ -144,7 +145,7 @@ class TrajectoryResult(Saved):
         return {"lens": self.lens}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "TrajectoryResult":
+    def from_saved(cls, saved: SavedTables) -> TrajectoryResult:
         memorization = MemorizationResult.from_dataframe(saved.tables["memorization"], saved.settings)
         return cls.from_dataframe(saved.tables[""], memorization, lens=saved.meta.get("lens"))
 
@@ -211,7 +212,8 @@ def layer_trajectory(
         }
         if first_batch and "resid_post" in sites:
             _check_last_layer(model, probe_tokens[batch.indices[0]].prompt_ids, batch_records[0], ro,
-                              row=sites.index("resid_post") * n_layers + n_layers - 1, probe=probes[batch.indices[0]].id)
+                              row=sites.index("resid_post") * n_layers + n_layers - 1,
+                              probe=probes[batch.indices[0]].id)
         first_batch = False
         for metric, value in values.items():
             out[metric][batch.indices] = value.reshape(per_probe).numpy()
@@ -219,8 +221,8 @@ def layer_trajectory(
             records[index] = record
     release_workspace()
     memorization = MemorizationResult(records=tuple(records), settings=model.settings())  # type: ignore[arg-type]
-    return TrajectoryResult(memorization=memorization, sites=sites, lens=(lens.describe() if lens else {"kind": "logit"}),
-                            **out)
+    return TrajectoryResult(memorization=memorization, sites=sites,
+                            lens=(lens.describe() if lens else {"kind": "logit"}), **out)
 
 
 def _check_last_layer(

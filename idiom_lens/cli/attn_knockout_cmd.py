@@ -19,10 +19,10 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     add_worker_options,
+    executor,
     load_from_args,
     named_options,
     text_or_dataset_probes,
-    executor,
 )
 from idiom_lens.errors import InputError
 

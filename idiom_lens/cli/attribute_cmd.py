@@ -54,7 +54,8 @@ def _attribute(args: argparse.Namespace) -> int:
     _table(["rank", "component", "to logit", "to logit diff"],
            [[str(i + 1), n, f"{c:+.3f}", f"{d:+.3f}"]
             for i, (n, c, d) in enumerate(zip(comps["name"], comps["contribution"], comps["contribution_diff"]))])
-    print("\ntop neurons by contribution to logit (promoted tokens: sign(activation) x value vector x W_U, final norm weight applied):")
+    print("\ntop neurons by contribution to logit (promoted tokens: sign(activation) x value vector x W_U, "
+          "final norm weight applied):")
     _table(["rank", "layer", "neuron", "activation", "to logit", "to logit diff", "promoted tokens"],
            [[str(i + 1), str(n.layer), str(n.neuron), f"{n.activation:.3f}", f"{n.contribution:+.3f}",
              f"{n.contribution_diff:+.3f}", " | ".join(repr(t) for t in n.promoted)]

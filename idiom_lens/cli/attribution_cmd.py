@@ -45,7 +45,8 @@ def _attribution(args: argparse.Namespace) -> int:
         raise InputError(f"--top-neurons must be >= 1, got {args.top_neurons}")
     probes = select_probes(args)
     model = load_from_args(args, mode="compat")
-    digest = run_attribution(model, probes, args.out, top=args.top_neurons, batch_size=args.batch_size, png=not args.no_png)
+    digest = run_attribution(model, probes, args.out, top=args.top_neurons, batch_size=args.batch_size,
+                             png=not args.no_png)
     print(f"attributed {digest['n_probes']} probes: {digest['group_counts']}")
     for row in digest["component_shares"]["logit"]:
         print(f"  {row['group']:<22} n={row['n']:<4} attn {row['attn_share']:+.2f}  mlp {row['mlp_share']:+.2f} "

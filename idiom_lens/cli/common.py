@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import EMBEDDED_SPEC
@@ -119,7 +120,8 @@ def add_png_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_batch_size_option(parser: argparse.ArgumentParser, *, default: int) -> None:
-    parser.add_argument("--batch-size", type=int, default=default, metavar="N", help=f"{BATCH_HELP} (default {default})")
+    parser.add_argument("--batch-size", type=int, default=default, metavar="N",
+                        help=f"{BATCH_HELP} (default {default})")
 
 
 def default_of(fn: Callable[..., Any], name: str) -> Any:

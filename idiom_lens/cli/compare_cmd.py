@@ -1,8 +1,10 @@
-"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth (written to DIR/comparison/)."""
+"""`idiom-lens compare --results DIR`: the models under DIR side by side on normalized depth (written to
+DIR/comparison/)."""
 
 from __future__ import annotations
 
 import argparse
+
 from idiom_lens.cli.common import add_png_option, add_results_option
 
 

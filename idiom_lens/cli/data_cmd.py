@@ -12,8 +12,8 @@ from idiom_lens.datasets.loaders import bundled_dir, bundled_names, bundled_path
 from idiom_lens.datasets.probes import FLAG_NAMES, ProbeSet
 from idiom_lens.errors import InputError
 
-_SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare", "hard_to_guess": "hard",
-                "single_target": "single"}
+_SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare",
+                "hard_to_guess": "hard", "single_target": "single"}
 _SHOWN_FLAGS = (*FLAG_NAMES, "single_target")  # per-probe columns of `data show`
 _COUNTED = (*FLAG_NAMES, "not_single_target")  # keys of `ProbeSet.flag_counts`, columns of `data list`
 
@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="re-run the builders that write the bundled sets (needs the build-data extra)")
     add_output_options(p, required=False, png=False,
                        note="default: the package's data folder; with --check, the folder compared with")
-    p.add_argument("--check", action="store_true", help="build into a temporary folder and compare with the bundled files")
+    p.add_argument("--check", action="store_true",
+                   help="build into a temporary folder and compare with the bundled files")
     p.set_defaults(handler=_build)
 
 

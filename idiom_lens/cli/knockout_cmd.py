@@ -10,7 +10,6 @@ masked tokens) and timings.
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,10 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     add_worker_options,
+    executor,
     load_from_args,
     named_options,
     select_probes,
-    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -60,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid, paper, defaults = KnockoutGrid.DEFAULT, KnockoutGrid.PAPER, KnockoutOptions()
     p = subparsers.add_parser(
         "knockout",
-        help="MLP neuron knockouts (top-k per layer, layer windows, matched controls, whole-MLP ceiling) and layer skipping",
+        help="MLP neuron knockouts (top-k per layer, layer windows, matched controls, whole-MLP ceiling) "
+        "and layer skipping",
         description="Zero the top-k MLP neurons of every layer in windows of consecutive layers (or all but the "
         "top-k), at every prompt position (the authors') or the last one (ours), next to seeded controls: k random "
         "neurons, random neurons matching the top-k's summed score, and the whole MLP (ceiling); and skip layers. "

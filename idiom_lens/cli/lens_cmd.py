@@ -40,7 +40,7 @@ def handle(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     prompts = bundled_prompts()
     if args.lens_action == "train":
-        lens = obtain_lens(model, args.kind, settings=settings, prompts=prompts)
+        obtain_lens(model, args.kind, settings=settings, prompts=prompts)
         print(f"{args.kind} lens for {model.name}: {lens_path(model, args.kind, settings, prompts)}")
     table = heldout_table(model, args.kind, settings=settings, prompts=prompts)
     wide = table.pivot(index="layer", columns="lens", values="kl")

@@ -22,10 +22,10 @@ from idiom_lens.cli.common import (
     add_output_options,
     add_probe_options,
     add_worker_options,
+    executor,
     load_from_args,
     named_options,
     text_or_dataset_probes,
-    executor,
 )
 from idiom_lens.errors import InputError
 
@@ -128,7 +128,8 @@ def _run_methods(args: argparse.Namespace, model: Any, probes: list, where: Any)
             for row in result.skipped.itertuples():
                 print(f"skipped {row.probe_id} ({row.variant}): {row.reason}")
         results[method] = result
-        print(f"{len(result.pairs)} pairs patched ({method}) in {result.settings['seconds']:.1f} s; results in {folder}")
+        print(f"{len(result.pairs)} pairs patched ({method}) in {result.settings['seconds']:.1f} s; "
+              f"results in {folder}")
     if args.method == "both":
         _agreement(results, args.out)
     return 0
@@ -152,14 +153,16 @@ def _run_text(args: argparse.Namespace, model: Any, probes: list) -> int:
         for pair in result.pairs.itertuples():
             print(f"[{pair.variant}] clean {pair.clean_prompt!r} -> target {pair.target!r} "
                   f"(logit {pair.clean_logit:.2f}, predicts {pair.clean_pred_token!r}); corrupted "
-                  f"{pair.corrupted_prompt!r} (logit {pair.corrupted_logit:.2f}, predicts {pair.corrupted_pred_token!r})")
+                  f"{pair.corrupted_prompt!r} (logit {pair.corrupted_logit:.2f}, "
+                  f"predicts {pair.corrupted_pred_token!r})")
             if not pair.valid:
                 print("  clean and corrupted target logits barely differ: nothing to restore")
                 continue
             part = frame[(frame["variant"] == pair.variant)]
             for site in result.settings["sites"]:
                 s = part[part["site"] == site].nlargest(3, "restored")
-                cells = ", ".join(f"layer {r.layer} pos {r.pos} {r.clean_token!r}: {r.restored:.2f}" for r in s.itertuples())
+                cells = ", ".join(f"layer {r.layer} pos {r.pos} {r.clean_token!r}: {r.restored:.2f}"
+                                  for r in s.itertuples())
                 print(f"  {site:9s} most restoring: {cells}")
     for method, result in results.items():
         if args.out is None:  # one sequence: heatmaps only with --out

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from idiom_lens.cli.common import add_model_options, add_worker_options, load_from_args
 
-
 # `StudyOptions` field -> the help of its --option (the default is read from `StudyOptions()`)
 _SAMPLES = {
     "attribution_sample": "probes per comparison set (memorized idioms, non-memorized idioms, text, facts) for the "

@@ -20,10 +20,10 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     default_of,
+    executor,
     load_from_args,
     named_options,
     text_or_dataset_probes,
-    executor,
 )
 
 if TYPE_CHECKING:

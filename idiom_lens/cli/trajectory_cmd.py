@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
 from idiom_lens.cli.common import (
     add_batch_size_option,
     add_model_options,
@@ -12,11 +13,10 @@ from idiom_lens.cli.common import (
     add_probe_options,
     add_worker_options,
     default_of,
+    executor,
     load_from_args,
     select_probes,
-    executor,
 )
-from idiom_lens.analyses.trajectory import TRAJECTORY_SITES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +43,7 @@ def handle(args: argparse.Namespace) -> int:
 
     selected = select_probes(args)
     datasets = " ".join(map(str, args.dataset))
-    from idiom_lens.lenses.cache import resolve_lens
-    from idiom_lens.lenses.cache import bundled_prompts
+    from idiom_lens.lenses.cache import bundled_prompts, resolve_lens
 
     model = load_from_args(args)
     lens = resolve_lens(model, args.lens, prompts=sorted(set(bundled_prompts()) | {p.prompt for p in selected}))

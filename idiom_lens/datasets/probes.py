@@ -8,8 +8,9 @@ flags: it depends on the whole set, so the loader computes it (see `Probe`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import pandas as pd
 
@@ -78,5 +79,5 @@ class ProbeSet:
         return counts
 
     @staticmethod
-    def concat(name: str, sets: Sequence["ProbeSet"]) -> "ProbeSet":
+    def concat(name: str, sets: Sequence[ProbeSet]) -> ProbeSet:
         return ProbeSet(name, tuple(p for s in sets for p in s.probes), tuple(x for s in sets for x in s.skipped))

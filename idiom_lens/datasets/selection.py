@@ -8,7 +8,7 @@ interventions select and check probes the same way.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from idiom_lens.datasets.loaders import load_probes
 from idiom_lens.datasets.probes import Probe, ProbeSet

@@ -22,8 +22,8 @@ import html
 import importlib.util
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 GENSIM_VERSION = "4.4.0"
 DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -54,7 +54,8 @@ def dump_path() -> Path:
     """The bundled Wikipedia excerpt inside the installed `gensim` (found without importing it)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the text builder needs `gensim` (pip install gensim=={GENSIM_VERSION}) for its Wikipedia excerpt")
+        raise ImportError(f"the text builder needs `gensim` (pip install gensim=={GENSIM_VERSION}) "
+                          "for its Wikipedia excerpt")
     path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / DUMP_NAME
     if not path.is_file():
         raise ImportError(f"{path} is missing: install gensim=={GENSIM_VERSION}, whose wheel ships it")

@@ -13,15 +13,16 @@ import dataclasses
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 
 from idiom_lens.errors import InputError
-from idiom_lens.io import key_digest, write_json, write_parquet
-from idiom_lens.lenses.corpus import LensCorpus, build_corpus, check_disjoint, tokenize_sentences
+from idiom_lens.io import key_digest, write_parquet
+from idiom_lens.lenses.corpus import build_corpus, check_disjoint, tokenize_sentences
 from idiom_lens.lenses.lens import KINDS, Lens, logit_lens
 from idiom_lens.lenses.settings import LensSettings
 from idiom_lens.lenses.train import collect_residuals, fit_jacobian_lens, heldout_kl, train_tuned_lens
@@ -199,7 +200,7 @@ def load_lens_file(model: Any, path: str | Path) -> Lens:
                              f"({error})") from error
         if tl.d_model != model.d_model or max(tl.source_layers) >= model.n_layers - 1:
             raise InputError(f"{path}: a Jacobian lens of d_model {tl.d_model}, layers {tl.source_layers[0]}.."
-                             f"{tl.source_layers[-1]}, not for {model.name}")
+                             f"{tl.source_layers[-1]}, not for {model.name}") from None
         J = torch.eye(model.d_model).repeat(model.n_layers, 1, 1)
         for layer in tl.source_layers:
             J[layer] = tl.jacobians[layer]

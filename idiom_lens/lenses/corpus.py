@@ -21,9 +21,10 @@ import bisect
 import importlib.util
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -142,7 +143,8 @@ def build_corpus(
     if text_file is not None:
         path = Path(text_file)
         if not path.is_file():
-            raise InputError(f"--text-file {path}: no such file (expected plain text, paragraphs separated by blank lines)")
+            raise InputError(f"--text-file {path}: no such file "
+                             "(expected plain text, paragraphs separated by blank lines)")
         sentences = split_sentences(path.read_text(encoding="utf-8", errors="replace"))
         if len(sentences) < 20:
             raise InputError(f"--text-file {path} has {len(sentences)} sentences of 4+ words: expected at least 20")

@@ -53,7 +53,8 @@ class Lens:
                               "bias": (self.n_layers, self.d_model)},
                     "jacobian": {"J": (self.n_layers, self.d_model, self.d_model)}}.get(self.kind, {})
         for name, shape in expected.items():
-            got = None if self.translators is None or name not in self.translators else tuple(self.translators[name].shape)
+            got = (None if self.translators is None or name not in self.translators
+                   else tuple(self.translators[name].shape))
             if got != shape:
                 raise InputError(f"{self.kind} lens translator {name!r} has shape {got}, expected {shape}")
 
@@ -97,7 +98,7 @@ class Lens:
         return path
 
     @staticmethod
-    def load(path: str | Path) -> "Lens":
+    def load(path: str | Path) -> Lens:
         """A lens written by `save`; `InputError` for a missing or foreign file."""
         path = Path(path)
         if not path.is_file():

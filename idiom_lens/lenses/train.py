@@ -3,12 +3,12 @@
 - `collect_residuals`: block outputs (`resid_post`) at every layer and every non-BOS position of
   the tokenized sentences, one batched forward each.
 - `train_tuned_lens`: the translators h + h A_l + b_l start at the identity (the logit lens) and
-  are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens read-out at layer l), over the real
-  vocabulary (the read-out's mask). The unembedding products run in bfloat16 only where the
-  hardware makes that fast (`models.precision.matmul_precision`: a step 1.7x faster with AMX, the
-  products about 200x slower where bf16 is emulated), in fp32 elsewhere; the lens records which. The held-out
-  evaluation is always fp32. A checkpoint is written atomically every
-  `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
+  are trained with Adam (learning rate decayed linearly to 0) to minimise KL(final output || lens
+  read-out at layer l), over the real vocabulary (the read-out's mask). The unembedding products
+  run in bfloat16 only where the hardware makes that fast (`models.precision.matmul_precision`: a
+  step 1.7x faster with AMX, the products about 200x slower where bf16 is emulated), in fp32
+  elsewhere; the lens records which. The held-out evaluation is always fp32. A checkpoint is
+  written atomically every `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
   function of the seed and the step), so an interrupted and a straight run give the same lens.
 - `fit_jacobian_lens`: TransformerLens's `JacobianLens.fit` over slices of sentences; each finished
   slice is saved, a rerun fits only the missing ones, and `JacobianLens.merge` averages them.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,7 @@ def collect_residuals(
 
         def keeper(name: str) -> Callable[[Tensor, Any], None]:
             def keep(act: Tensor, hook: Any) -> None:
-                captured[name] = act.detach()
+                captured[name] = act.detach()  # noqa: B023 (called within this iteration)
             return keep
 
         with torch.no_grad():
@@ -171,8 +171,9 @@ def train_tuned_lens(
         log(f"  tuned lens: resuming at step {done}/{steps} from {checkpoint}")
         earlier = state.get("matmul_dtype", "bfloat16")  # checkpoints before the choice were bf16
         if earlier != precision.name:
-            precision = dataclasses.replace(precision, reason=f"{precision.reason}; the first {done} steps ran in "
-                                                              f"{earlier} (resumed from a checkpoint written in that precision)")
+            precision = dataclasses.replace(
+                precision, reason=f"{precision.reason}; the first {done} steps ran in {earlier} "
+                                  "(resumed from a checkpoint written in that precision)")
     W_U = model.bridge.W_U.detach().to(precision.dtype)
     # The model's weights are frozen for the training and given back as they were: TransformerLens
     # picks its norms' code path by requires_grad, so a model left frozen would round other
@@ -225,7 +226,7 @@ def _train_steps(
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             state = {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
                      "optimizer": optimizer.state_dict(), "step": step + 1, "matmul_dtype": precision.name}
-            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
+            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # noqa: B023 (called within this iteration)
             maybe_fail("lens.checkpoint")
     bar.close()
     return weight, bias
@@ -266,7 +267,7 @@ def fit_jacobian_lens(
                 lens = JacobianLens.fit(model.bridge, chunk, corpus=corpus, dim_batch=dim_batch,
                                         max_seq_len=max_seq_len, skip_first_positions=skip_first_positions,
                                         show_progress=False)
-            atomic_write(path, lambda tmp: lens.save(str(tmp), dtype=torch.float32))
+            atomic_write(path, lambda tmp: lens.save(str(tmp), dtype=torch.float32))  # noqa: B023 (called within this iteration)
             fitted.append(lens)
         bar.update(len(chunk))
     bar.close()

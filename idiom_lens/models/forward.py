@@ -12,8 +12,8 @@ check of the full (multi-token) target in the same pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -24,8 +24,8 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward
-from idiom_lens.models.vocab import mask_logits, valid_mask
 from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_probe
+from idiom_lens.models.vocab import mask_logits, valid_mask
 from idiom_lens.types import HookFn, Logits, Tokens
 
 
@@ -87,7 +87,7 @@ def iterate_forward(
 
         def make_hook(name: str) -> HookFn:
             def hook(act: Tensor, hook: object) -> None:
-                captured[name] = act[rows, last].detach()
+                captured[name] = act[rows, last].detach()  # noqa: B023 (called within this iteration)
 
             return hook
 

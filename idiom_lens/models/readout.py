@@ -32,7 +32,8 @@ class Readout:
     rank: Int[Tensor, "n k"]  # 0 = top-1: number of tokens with a strictly larger logit
 
 
-# Kept rather than TL's `logit_readout`: tracks tokens and entropy in one chunked pass, ~2x faster on Gemma's vocabulary.
+# Kept rather than TL's `logit_readout`: tracks tokens and entropy in one chunked pass, ~2x faster on
+# Gemma's vocabulary.
 def read_out(
     model: LoadedModel,
     vectors: Float[Tensor, "n d_model"],

@@ -14,7 +14,8 @@ here is taken on masked logits."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ class SuffixRunner:
 
             return pre_hook
 
-        handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(bridge.blocks)]
+        handles = [block.register_forward_pre_hook(record(i), with_kwargs=True)
+                   for i, block in enumerate(bridge.blocks)]
         try:
             with torch.no_grad():
                 logits = bridge.run_with_hooks(ids, fwd_hooks=list(capture))
@@ -138,7 +140,8 @@ class SuffixRunner:
         if resid is None:
             x = self.resid[start].expand(n_rows, -1, -1).contiguous()
         elif resid.shape != (n_rows, *self.resid[start].shape[1:]):
-            raise InputError(f"resid must have shape {(n_rows, *self.resid[start].shape[1:])}, got {tuple(resid.shape)}")
+            raise InputError(f"resid must have shape {(n_rows, *self.resid[start].shape[1:])}, "
+                             f"got {tuple(resid.shape)}")
         else:
             x = resid
         with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):

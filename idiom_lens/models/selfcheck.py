@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
@@ -95,7 +95,7 @@ def check_against_full_forward(
 # Does the bridge honour a prefix key/value cache under the installed versions?
 # --------------------------------------------------------------------------------------
 
-_PREFIX_CACHE: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
+_PREFIX_CACHE: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
 
 
 def prefix_logits(model: LoadedModel, prompt_ids: Sequence[int], n_rows: int = 1) -> Float[Tensor, "row d_vocab"]:

@@ -9,8 +9,9 @@ tokenizer's own setting unless `prepend_bos` is given, and is recorded on every 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

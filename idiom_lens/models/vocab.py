@@ -47,7 +47,7 @@ noscript object ol optgroup option output p param picture pre progress q rp rt r
 search section select slot small source span strike strong style sub summary sup table tbody td
 template textarea tfoot th thead time title tr track tt u ul var wbr
 """.split())
-_MASKS: "weakref.WeakKeyDictionary[object, Tensor]" = weakref.WeakKeyDictionary()
+_MASKS: weakref.WeakKeyDictionary[object, Tensor] = weakref.WeakKeyDictionary()
 
 
 def is_control_marker(content: str) -> bool:

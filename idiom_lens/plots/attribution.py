@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -20,6 +20,7 @@ from idiom_lens.analyses.attribution_stats import INTERVAL, cumulative_share, gr
 from idiom_lens.groups import group_color
 from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import add_band
+
 
 def layer_contribution_figure(
     result: AttributionResult, *, measure: Measure = "logit", min_n: int = 3, n_boot: int = 2000, seed: int = 0
@@ -45,7 +46,8 @@ def layer_contribution_figure(
             add_band(fig, s["layer"], s["mean"], s["mean_low"], s["mean_high"], color=color, name=name, row=1, col=col,
                      show_legend=col == 1)
         c = cum[cum["group"] == group]
-        x = [-0.5 if sub == "embed" else layer + (0.0 if sub == "attn" else 0.5) for layer, sub in zip(c["layer"], c["sublayer"])]
+        x = [-0.5 if sub == "embed" else layer + (0.0 if sub == "attn" else 0.5)
+             for layer, sub in zip(c["layer"], c["sublayer"])]
         add_band(fig, x, c["share"], c["share_low"], c["share_high"], color=color, name=name, row=1, col=3,
                  show_legend=False)
     for col in (1, 2, 3):
@@ -86,7 +88,8 @@ def probe_heatmap_figure(probe: ProbeAttribution, *, measure: Measure = "logit")
     total = probe.logit if c == 0 else probe.logit_diff
     what = f"logit({probe.pred_token!r})" if c == 0 else f"logit({probe.pred_token!r}) - logit({probe.other_token!r})"
     fig.update_layout(
-        title=dict(text=f"{probe.prompt!r} -> {probe.pred_token!r}: contributions to {what} = {total:.2f}", font=dict(size=14)),
+        title=dict(text=f"{probe.prompt!r} -> {probe.pred_token!r}: contributions to {what} = {total:.2f}",
+                   font=dict(size=14)),
         xaxis_title="layer", template="plotly_white", yaxis=dict(autorange="reversed"),
         margin=dict(t=70, l=70, r=20, b=60),
     )
@@ -118,7 +121,8 @@ def top_neurons_table(
 ) -> go.Figure:
     """Plotly table: layer, neuron, activation, contributions, promoted tokens (value vector x W_U)."""
     if value_vector_final_norm is not None:
-        title += f" (promoted tokens: sign(activation) x value vector x W_U, final norm weight {'applied' if value_vector_final_norm else 'not applied'})"
+        applied = "applied" if value_vector_final_norm else "not applied"
+        title += f" (promoted tokens: sign(activation) x value vector x W_U, final norm weight {applied})"
     cells = [
         [n.layer for n in neurons], [n.neuron for n in neurons], [f"{n.activation:.3f}" for n in neurons],
         [f"{n.contribution:+.3f}" for n in neurons], [f"{n.contribution_diff:+.3f}" for n in neurons],

@@ -14,17 +14,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from idiom_lens.errors import InputError
 from idiom_lens.analyses.interventions.knockouts import KnockoutResult
 from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.analyses.interventions.skipping import SkipResult
+from idiom_lens.errors import InputError
 from idiom_lens.groups import MEMORIZED_IDIOMS, group_color, ordered
 from idiom_lens.metrics import INTERVENTION_METRICS, METRICS, Metric
 
@@ -270,7 +270,8 @@ def patching_heatmaps(
         if probe_id is not None:
             tokens = part.drop_duplicates("pos_from_end").set_index("pos_from_end")
             x = [f"{tokens.loc[q, 'clean_token']!r}/{tokens.loc[q, 'corrupted_token']!r}"
-                 if tokens.loc[q, "clean_token"] != tokens.loc[q, "corrupted_token"] else repr(tokens.loc[q, "clean_token"])
+                 if tokens.loc[q, "clean_token"] != tokens.loc[q, "corrupted_token"]
+                 else repr(tokens.loc[q, "clean_token"])
                  for q in grid.columns]
         else:
             x = [str(q) for q in grid.columns]

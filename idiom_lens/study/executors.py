@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -64,7 +65,7 @@ class Executor(Protocol):
 class LocalExecutor:
     """This process: each part in one call on `model` (with the analysis' own progress bar)."""
 
-    model: "LoadedModel"
+    model: LoadedModel
     progress: bool = True
     distributed: bool = False
     n_workers: int = 1
@@ -75,7 +76,7 @@ class LocalExecutor:
             on_part(i, [call(self.model, list(probes), progress=self.progress)])
 
 
-def open_executor(model: "LoadedModel", options: WorkerOptions, *, device: str = "cpu", n_devices: int | None = None,
+def open_executor(model: LoadedModel, options: WorkerOptions, *, device: str = "cpu", n_devices: int | None = None,
                   log: Callable[[str], None] = print) -> Any:
     """A context manager giving the executor of `options` for `model`: this process, or Ray
     workers that each load the model from the same spec and device (stopped on exit)."""
@@ -137,7 +138,7 @@ class RayExecutor:
     monitors and the fault tests use it)."""
 
     def __init__(self, recipe: ModelRecipe, options: WorkerOptions, *,
-                 on_result: Callable[["RayExecutor", int], None] | None = None,
+                 on_result: Callable[[RayExecutor, int], None] | None = None,
                  log: Callable[[str], None] = print) -> None:
         if not options.distributed:
             raise InputError("a RayExecutor needs more than one worker or a Ray address")
@@ -156,7 +157,7 @@ class RayExecutor:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         return self  # started by the first `map`: a run that only reuses finished parts starts no Ray
 
     def __exit__(self, *exc: Any) -> None:

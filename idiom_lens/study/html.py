@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -116,7 +117,7 @@ class Section:
     anchor: str
     title: str
     body: str
-    children: list["Section"] = field(default_factory=list)
+    children: list[Section] = field(default_factory=list)
     level: int = 2
 
     def html(self) -> str:

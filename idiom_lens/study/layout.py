@@ -263,7 +263,7 @@ class StudyFolder:
     root: Path
 
     @classmethod
-    def create(cls, root: str | Path) -> "StudyFolder":
+    def create(cls, root: str | Path) -> StudyFolder:
         """Open `root` for writing: a new folder gets `study.json`; an existing one must hold this
         format (an older one is refused rather than mixed with new results)."""
         from idiom_lens import __version__
@@ -279,7 +279,7 @@ class StudyFolder:
         return cls(root)
 
     @classmethod
-    def open(cls, root: str | Path) -> "StudyFolder":
+    def open(cls, root: str | Path) -> StudyFolder:
         """Open an existing results folder for reading. Raises `InputError` when it does not exist,
         was written by an older idiom_lens, or by a newer one."""
         root = Path(root)

@@ -19,9 +19,10 @@ import dataclasses
 import inspect
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail

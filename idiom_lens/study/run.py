@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
 from idiom_lens.analyses.interventions.knockouts import KnockoutGrid, KnockoutOptions
@@ -202,7 +203,8 @@ def _run_stages(
 
     log("[run] trajectory")
     result = resumable_trajectory(model, probes.probes, folder.stage_path(TRAJECTORY), sites=options.sites,
-                                  batch_size=options.batch_size, part_size=options.part_size, log=log, executor=executor)
+                                  batch_size=options.batch_size, part_size=options.part_size, log=log,
+                                  executor=executor)
     outputs = write_trajectory_outputs(result, folder.stage_path(TRAJECTORY), title=model.spec, png=options.png)
     log(outputs.phases.summary_text)
     log(result.memorization.summary().to_string(index=False))
@@ -232,7 +234,8 @@ def _run_stages(
     if options.patching_sample:
         corruption = dataclasses.replace(options.patching.corruption, seed=seed)
         stage(PATCHING, run_patching, model, options.patching_sample,
-              {"options": dataclasses.replace(options.patching, corruption=corruption), "png": png, "executor": executor},
+              {"options": dataclasses.replace(options.patching, corruption=corruption), "png": png,
+               "executor": executor},
               groups=PATCHING_GROUPS)
     if options.attribution_sample:
         if compat_model is None:  # its settings are part of the stage's key

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.attribution import (
     FRAME_COLUMNS,
@@ -17,8 +18,6 @@ from idiom_lens.analyses.attribution import (
 from idiom_lens.analyses.attribution_stats import component_shares, cumulative_share, layer_stats, summary
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import load_model
-from tolerances import logit_atol  # tests/tolerances.py: why each bound
-
 
 
 def tol(model, result_or_probe) -> float:
@@ -81,7 +80,8 @@ def test_gemma_post_norms_matter(gemma_post, probes):
     _, cache = gemma_post.bridge.run_with_cache(toks)
     tl_heads = cache.stack_head_results(layer=1, pos_slice=-1)  # [head, batch, d_model], layer 0
     attn_out = cache["blocks.0.hook_attn_out"][:, -1]
-    assert not torch.allclose(tl_heads.sum(0), attn_out, atol=100 * logit_atol(gemma_post, attn_out, n_layers=1))  # far beyond fp32 noise
+    # far beyond fp32 noise
+    assert not torch.allclose(tl_heads.sum(0), attn_out, atol=100 * logit_atol(gemma_post, attn_out, n_layers=1))
 
 
 def test_matches_transformer_lens_dla(llama, probes):
@@ -97,7 +97,8 @@ def test_matches_transformer_lens_dla(llama, probes):
     atol = tol(llama, ours)  # the same components, TransformerLens's kernels: fp32 noise
     assert float(vals[0]) == pytest.approx(float(ours.embed[0]), abs=atol)
     for layer in range(llama.n_layers):
-        assert float(vals[comp.labels.index(f"{layer}_attn_out")]) == pytest.approx(float(ours.attn[layer, 0]), abs=atol)
+        assert float(vals[comp.labels.index(f"{layer}_attn_out")]) == pytest.approx(float(ours.attn[layer, 0]),
+                                                                                     abs=atol)
         assert float(vals[comp.labels.index(f"{layer}_mlp_out")]) == pytest.approx(float(ours.mlp[layer, 0]), abs=atol)
     heads = direct_logit_attribution(llama.bridge, toks, answer_tokens=torch.tensor([ours.pred_id]),
                                      incorrect_tokens=torch.tensor([ours.other_id]), unit="head")

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
 
-from idiom_lens.models.vocab import valid_mask
-
+from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, probe_group, score_memorization
 from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
-from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, probe_group, score_memorization
 from idiom_lens.errors import InputError
+from idiom_lens.models.tokenization import split_probe
+from idiom_lens.models.vocab import valid_mask
 
 # The authors' published IdioMem format (compact JSON, JSON booleans); the file repeats the id of
 # "dead as a doornail" for "dead as a dodo", which shares its prompt.
@@ -21,9 +22,7 @@ PUBLISHED_IDIOMEM = """\
 {"idiom":"dead as a doornail","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
 {"idiom":"sick as a parrot","id":"b0117bc748d35fe2dc73","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
 {"idiom":"dead as a dodo","id":"b9bf3faa366ea862e771","source":"MAGPIE","prompt_comp_ind":false,"similarity_ind":false,"frequent_target_ind":true,"hard_to_guess":true}
-"""
-from idiom_lens.models.tokenization import split_probe
-from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
+"""  # noqa: E501 (JSON Lines data, one record a line)
 
 
 def test_records_match_a_direct_forward_pass(tiny_model, probes):
@@ -40,7 +39,8 @@ def test_records_match_a_direct_forward_pass(tiny_model, probes):
         assert record.pred_id == int(logits.argmax()) or float(logits.max() - logits[record.pred_id]) <= tie
         assert record.target_id == toks.target_id
         assert record.memorized == (record.pred_id == record.target_id)
-        assert abs(record.target_rank - int((logits > logits[toks.target_id]).sum())) <= rank_slack(logits, toks.target_id, 2 * tie)
+        assert (abs(record.target_rank - int((logits > logits[toks.target_id]).sum()))
+                <= rank_slack(logits, toks.target_id, 2 * tie))
         assert record.target_prob == pytest.approx(float(probs[toks.target_id]),
                                                    abs=prob_atol(tiny_model, logits[logits.isfinite()]))
         assert record.group == probe_group(probe.kind, record.memorized)
@@ -113,7 +113,8 @@ def test_probe_groups():
 def test_embedded_memorizes_classic_idioms(embedded_model):
     probes = [
         Probe(id=str(i), prompt=p, target=t, kind="idiom")
-        for i, (p, t) in enumerate([("once in a blue", "moon"), ("turn a blind", "eye"), ("kill two birds with one", "stone")])
+        for i, (p, t) in enumerate([("once in a blue", "moon"), ("turn a blind", "eye"),
+                                    ("kill two birds with one", "stone")])
     ]
     result = score_memorization(embedded_model, probes)
     assert all(r.memorized for r in result.records)
@@ -140,10 +141,12 @@ def test_by_relation_counts() -> None:
         _fact("fact-capital-a"), _fact("fact-capital-b", hard=False), _fact("fact-element-c"),
         _fact("mine", "notes"), Probe(id="i", prompt="once in a blue", target="moon", kind="idiom"),
     ]
-    result = _scored(probes, {"fact-capital-a": True, "fact-capital-b": True, "fact-element-c": False, "mine": True, "i": True})
+    result = _scored(probes, {"fact-capital-a": True, "fact-capital-b": True, "fact-element-c": False, "mine": True,
+                              "i": True})
     table = result.by_relation(probes).set_index("relation")
     assert list(table.index) == ["capital", "element", "unknown", "all"]  # idioms are ignored
-    assert table.loc["capital", ["n", "memorized", "n_hard_to_guess", "memorized_hard_to_guess"]].tolist() == [2, 2, 1, 1]
+    columns = ["n", "memorized", "n_hard_to_guess", "memorized_hard_to_guess"]
+    assert table.loc["capital", columns].tolist() == [2, 2, 1, 1]
     assert table.loc["capital", "fraction"] == 1.0 and table.loc["element", "fraction"] == 0.0
     assert table.loc["all", ["n", "memorized"]].tolist() == [4, 3]
 

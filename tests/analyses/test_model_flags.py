@@ -50,9 +50,12 @@ def test_tail_prompt_comp_with_a_stand_in_model(monkeypatch: pytest.MonkeyPatch)
 
 def test_with_model_prompt_comp_recomputes_hard_to_guess() -> None:
     probes = ProbeSet("s", (
-        Probe("a", "stick out like a sore", "thumb", "idiom", similarity_ind=False, prompt_comp_ind=False, hard_to_guess=True, single_target=True),
-        Probe("b", "once in a blue", "moon", "idiom", similarity_ind=False, prompt_comp_ind=True, hard_to_guess=False, single_target=True),
-        Probe("c", "dead as a", "dodo", "idiom", similarity_ind=False, prompt_comp_ind=False, hard_to_guess=False, single_target=False),
+        Probe("a", "stick out like a sore", "thumb", "idiom", similarity_ind=False, prompt_comp_ind=False,
+              hard_to_guess=True, single_target=True),
+        Probe("b", "once in a blue", "moon", "idiom", similarity_ind=False, prompt_comp_ind=True,
+              hard_to_guess=False, single_target=True),
+        Probe("c", "dead as a", "dodo", "idiom", similarity_ind=False, prompt_comp_ind=False,
+              hard_to_guess=False, single_target=False),
     ))
     out = with_model_prompt_comp(probes, {"a": True, "b": False, "c": False})
     assert [(p.prompt_comp_ind, p.hard_to_guess) for p in out] == [(True, False), (False, True), (False, False)]

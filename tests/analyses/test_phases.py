@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -135,7 +135,8 @@ def test_boundary_and_verdict_when_memorized_idioms_are_promoted_early() -> None
     assert phases.holds is True
     assert phases.probes["promotion_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
     assert phases.probes["top10_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
-    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:4], 0.6, atol=1e-6)  # 0.3 -> 0.9 in float32 (6e-8)
+    # 0.3 -> 0.9 in float32 (6e-8)
+    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:4], 0.6, atol=1e-6)
     table = phases.group_table().set_index("group")
     assert table.loc["memorized idioms", "median_promotion_layer"] == 3
     assert table.loc["non-memorized idioms", "median_promotion_layer"] == 7
@@ -302,7 +303,8 @@ def test_facts_are_compared_but_not_part_of_the_idiom_verdict() -> None:
     facts = _test_row(phases, "non-memorized facts", group="memorized facts")
     assert facts.mean_diff == -4.0 and facts.significant and not facts.earlier
     assert phases.holds is True
-    assert "Median promotion layer: memorized facts 5.0 vs non-memorized facts 1.0 (-4.0 layers)." in phases.summary_text
+    assert ("Median promotion layer: memorized facts 5.0 vs non-memorized facts 1.0 (-4.0 layers)."
+            in phases.summary_text)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from idiom_lens.analyses.attribution import attribute_probes
-from idiom_lens.analyses.interventions import knockout_grid
+from idiom_lens.analyses.interventions import (
+    AttentionKnockoutOptions,
+    KnockoutGrid,
+    KnockoutOptions,
+    TracingOptions,
+    knockout_grid,
+)
 from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import MEASURES, recall_profile
 from idiom_lens.errors import InputError
 from idiom_lens.plots.recall import where_recall_lives
-from idiom_lens.analyses.interventions import AttentionKnockoutOptions, KnockoutGrid, KnockoutOptions, TracingOptions
 
 GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 
@@ -21,7 +26,9 @@ GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 def results(tiny_model, tiny_model_compat, probes):
     sample = probes[:4]
     return {
-        "knockouts": knockout_grid(tiny_model, sample, KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",)), controls=("matched",), positions="all")),
+        "knockouts": knockout_grid(tiny_model, sample,
+                                   KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",)),
+                                                   controls=("matched",), positions="all")),
         "tracing": causal_trace(tiny_model, sample, TracingOptions(windows=(1, 2), noise_samples=2)),
         "attention": attention_knockout(tiny_model, sample, AttentionKnockoutOptions(window=2)),
         "attribution": attribute_probes(tiny_model_compat, sample),
@@ -66,7 +73,8 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     probes = [p for p in attrib.probes if p.group == group]
     mlp = np.array([float(p.mlp[layer, 0]) for p in probes])
     total = np.array([p.logit - float(p.unembed_bias[0]) for p in probes])
-    assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())  # float64: default approx
+    # float64: default approx
+    assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())
 
 
 def test_peaks_and_figure(results):

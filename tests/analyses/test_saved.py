@@ -14,10 +14,13 @@ import torch
 
 from idiom_lens.analyses.attribution import AttributionResult, attribute_probes
 from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    KnockoutGrid,
+    KnockoutOptions,
     KnockoutResult,
-    PatchingResult,
+    PatchingOptions,
+    SkipOptions,
     SkipResult,
-    ValueVectorRanks,
     knockout_grid,
     patch_probes,
     skip_layers,
@@ -25,9 +28,8 @@ from idiom_lens.analyses.interventions import (
 )
 from idiom_lens.analyses.memorization import MemorizationResult, score_memorization
 from idiom_lens.analyses.saved import decode_exact, descriptor_path, encode_exact
-from idiom_lens.analyses.trajectory import TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
+from idiom_lens.analyses.trajectory import layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 
@@ -124,7 +126,8 @@ def test_attribution_round_trip(tiny_model_compat, probes, tmp_path):
 
 def test_knockouts_at_two_positions_share_a_folder(tiny_model, probes, tmp_path):
     grid = KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))
-    results = {pos: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=grid, controls=("random",), positions=pos))
+    results = {pos: knockout_grid(tiny_model, probes[:2],
+                                  KnockoutOptions(grid=grid, controls=("random",), positions=pos))
                for pos in ("all", "last")}
     for pos, result in results.items():
         result.save(tmp_path, name=f"knockouts_{pos}")
@@ -152,7 +155,8 @@ def test_skipping_round_trip(tiny_model, probes, tmp_path):
 
 
 def test_patching_round_trip(tiny_model, probes, tmp_path):
-    result = patch_probes(tiny_model, probes[:3], PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
+    result = patch_probes(tiny_model, probes[:3],
+                          PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
     assert len(result.rows) and len(result.pairs)
     back = _round_trip(result, tmp_path)
     pd.testing.assert_frame_equal(back.rows, result.rows)

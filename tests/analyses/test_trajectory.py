@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_ranks_agree, entropy_atol, logit_atol, prob_atol, probes_prob_atol
 
+from idiom_lens.analyses.memorization import score_memorization
+from idiom_lens.analyses.trajectory import (
+    TRAJECTORY_SITES,
+    TrajectoryResult,
+    layer_trajectory,
+    load_trajectory,
+    save_trajectory,
+)
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.models.loading import LoadedModel, load_model
 from idiom_lens.models.readout import read_out
 from idiom_lens.models.tokenization import split_probe
-from idiom_lens.analyses.trajectory import TRAJECTORY_SITES, TrajectoryResult, layer_trajectory, load_trajectory, save_trajectory
 from idiom_lens.models.vocab import valid_mask
-from tolerances import assert_ranks_agree, entropy_atol, logit_atol, prob_atol, probes_prob_atol
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,11 @@ def test_readout_agrees_with_transformer_lens_logit_readout(tiny_model, probes):
         scale = tiny_model.bridge.unembed(tiny_model.bridge.ln_final(vectors.unsqueeze(0)))
     for j in range(2):
         theirs = logit_readout(tiny_model.bridge, vectors, targets=tracked[:, j], return_type="log_probs")
-        torch.testing.assert_close(ours.logprob[:, j], theirs.values[:, 0], atol=prob_atol(tiny_model, scale, n_layers=1), rtol=0)
+        torch.testing.assert_close(ours.logprob[:, j], theirs.values[:, 0],
+                                   atol=prob_atol(tiny_model, scale, n_layers=1), rtol=0)
         assert torch.equal(ours.rank[:, j], theirs.target_ranks[:, 0])
-        torch.testing.assert_close(ours.entropy, theirs.entropy, atol=entropy_atol(tiny_model, scale, n_layers=1), rtol=0)
+        torch.testing.assert_close(ours.entropy, theirs.entropy, atol=entropy_atol(tiny_model, scale, n_layers=1),
+                                   rtol=0)
 
 
 def test_sites_are_the_hooked_activations(tiny_model, probes, tiny_result):
@@ -174,7 +182,8 @@ def test_readout_through_the_final_norm_by_hand(shaped_norm_model_dir) -> None:
     logprobs = logits.log_softmax(-1)
     assert torch.equal(ro.top_id, logits.argmax(-1))
     # one final norm and unembedding, ours vs HF's modules: one block's worth of fp32 noise
-    torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=prob_atol(model, logits, n_layers=1), rtol=0)
+    torch.testing.assert_close(ro.logprob, logprobs.gather(1, tracked), atol=prob_atol(model, logits, n_layers=1),
+                               rtol=0)
     assert torch.equal(ro.rank, (logits[:, None, :] > logits.gather(1, tracked)[:, :, None]).sum(-1))
     torch.testing.assert_close(ro.entropy, -(logprobs.exp() * logprobs).sum(-1),
                                atol=entropy_atol(model, logits, n_layers=1), rtol=0)
@@ -207,8 +216,9 @@ def test_bad_options(tiny_model, probes):
 @pytest.mark.embedded
 def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_model):
     """Our batched TL path vs a plain per-probe HF computation, and batch size 1 vs 16 (padded)."""
-    from idiom_lens.datasets import load_probes
     from reference import load_hf_model, reference_trajectory
+
+    from idiom_lens.datasets import load_probes
 
     probes = list(load_probes("idioms").probes[:16])
     ours = layer_trajectory(embedded_model, probes, sites=["resid_post"], batch_size=16)
@@ -226,7 +236,7 @@ def test_embedded_matches_independent_hugging_face_lens_and_batching(embedded_mo
     mem = ours.memorization.to_dataframe()
     assert (mem["pred_id"].to_numpy()[:12] == ref["pred_id"]).all()
     for other in (single, ref):  # batch 1 vs 16; Hugging Face vs TransformerLens
-        get = (lambda m: other[m]) if isinstance(other, dict) else (lambda m: getattr(other, m)[:, 0])
+        get = (lambda m: other[m]) if isinstance(other, dict) else (lambda m: getattr(other, m)[:, 0])  # noqa: B023 (called within this iteration)
         for name in ("pred", "target"):
             a, b = ours.__getattribute__(f"{name}_rank")[:12, 0], get(f"{name}_rank")
             # two correct computations may reorder a token among the others whose logits lie

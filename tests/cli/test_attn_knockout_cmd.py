@@ -9,10 +9,8 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult
 from idiom_lens.cli import attn_knockout_cmd, main
-
 
 COMMANDS = ("attn_knockout",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
@@ -22,7 +20,8 @@ def test_register_adds_the_subcommand():
     attn_knockout_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["attn-knockout", "--dataset", "idioms", "--out", "x"])
     assert args.sources == ["context"] and args.windows == [5] and args.batch_size == 64 and args.sample is None
-    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--sources", "last_word", "bos", "--windows", "3"])
+    args = parser.parse_args(["attn-knockout", "once in a blue moon", "--sources", "last_word", "bos",
+                              "--windows", "3"])
     assert args.text == "once in a blue moon" and args.sources == ["last_word", "bos"] and args.windows == [3]
     args = parser.parse_args(["attn-knockout", "once in a blue moon", "--window", "4"])  # the old spelling
     assert args.windows == [4]

@@ -7,9 +7,9 @@ import json
 
 import pandas as pd
 import pytest
+from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 import idiom_lens.cli as cli
-from tolerances import logit_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,8 @@ def test_old_name_attribute_still_works_and_warns(tiny_model_dir, capsys):
     old = capsys.readouterr()
     assert old.out == new.out
     assert old.err.strip().splitlines() == [
-        "idiom-lens: `attribute` is deprecated and will be removed in the next release; use `idiom-lens attribute-prompt`"
+        "idiom-lens: `attribute` is deprecated and will be removed in the next release; "
+        "use `idiom-lens attribute-prompt`"
     ]
 
 

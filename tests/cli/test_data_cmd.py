@@ -115,7 +115,9 @@ def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"{bad}:1:" in capsys.readouterr().err
 
 
-def test_build_without_packages_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_build_without_packages_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from idiom_lens.datasets import build
 
     monkeypatch.setattr(build, "missing_build_packages", lambda: ["countryinfo"])

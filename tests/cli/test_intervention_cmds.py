@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.cli import main
-
 
 COMMANDS = ("knockout", "patch")  # registered by the `commands` fixture (tests/cli/conftest.py)
 
@@ -24,7 +21,8 @@ def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_p
     frame = pd.read_parquet(out / "knockouts.parquet")
     assert frame["probe_id"].nunique() == 6 and set(frame.loc[frame["control"] != "whole_mlp", "k"]) == {1, 5, 100}
     assert set(frame["control"]) == {"targeted", "random", "matched", "whole_mlp"}
-    assert set(frame["positions"]) == {"all"} and set(frame["rank_by"]) == {"effective"} and set(frame["norm"]) == {"live"}
+    assert set(frame["positions"]) == {"all"} and set(frame["rank_by"]) == {"effective"}
+    assert set(frame["norm"]) == {"live"}
     summary_table = pd.read_parquet(out / "knockouts_summary.parquet")
     assert {"n", "changed", "changed_low", "changed_high", "score_ratio", "zeroed_share"} <= set(summary_table.columns)
     layers = pd.read_parquet(out / "knockout_layers.parquet")

@@ -7,10 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.patching import PatchingResult
 from idiom_lens.cli import main
-
 
 COMMANDS = ("patch",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
@@ -42,7 +40,8 @@ def test_both_writes_each_result_and_their_agreement(commands, tiny_model_dir, p
     agreement = pd.read_parquet(out / "agreement.parquet")
     summary = pd.read_csv(out / "agreement_summary.csv")
     assert set(agreement["site"]) == {"resid_pre", "attn_out", "mlp_out", "all"}
-    assert {"correlation", "correlation_low", "correlation_high", "overlap", "pooled_correlation"} <= set(summary.columns)
+    assert ({"correlation", "correlation_low", "correlation_high", "overlap", "pooled_correlation"}
+            <= set(summary.columns))
     assert summary["correlation"].between(-1, 1).all()
     assert "attribution vs exact patching" in printed and "pooled_correlation" in printed
     assert "pairs patched (exact)" in printed and "pairs patched (attribution)" in printed

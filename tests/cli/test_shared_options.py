@@ -111,7 +111,8 @@ def test_no_command_has_a_mode_option():
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("limit", "0", "--limit must be a whole number >= 1 (the first N probes of each set; leave it out for all), got 0"),
-    ("limit", "-2", "--limit must be a whole number >= 1 (the first N probes of each set; leave it out for all), got -2"),
+    ("limit", "-2",
+     "--limit must be a whole number >= 1 (the first N probes of each set; leave it out for all), got -2"),
     ("sample", "0",
      "--sample must be a whole number >= 1 (a seeded sample of N probes of each set; leave it out for all), got 0"),
     ("batch_size", "0", "--batch-size must be a whole number >= 1 (sequences per forward pass), got 0"),

@@ -7,18 +7,16 @@ import json
 import pandas as pd
 import pytest
 
-import idiom_lens.cli as cli
 from idiom_lens.analyses.interventions.tracing import TracingResult
 from idiom_lens.cli import main
-
 
 COMMANDS = ("trace",)  # registered by the `commands` fixture (tests/cli/conftest.py)
 
 
 def test_trace_set_writes_results_and_resumes(commands, tiny_model_dir, probe_file, tmp_path, capsys):
     out = tmp_path / "tr"
-    argv = ["trace", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "3", "--noise-samples", "2",
-            "--windows", "1", "2", "--part-size", "2", "--no-png", "--out", str(out)]
+    argv = ["trace", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--sample", "3",
+            "--noise-samples", "2", "--windows", "1", "2", "--part-size", "2", "--no-png", "--out", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
     rows = pd.read_parquet(out / "tracing.parquet")

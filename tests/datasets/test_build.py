@@ -28,7 +28,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_builder_reproduces_bundled_files(built: dict[str, Path]) -> None:
     assert sorted(built) == bundled_names()
     for name, path in built.items():
-        assert path.read_bytes() == bundled_path(name).read_bytes(), f"{name}.jsonl differs: run `idiom-lens data build`"
+        assert path.read_bytes() == bundled_path(name).read_bytes(), (
+            f"{name}.jsonl differs: run `idiom-lens data build`")
 
 
 def test_bundled_files_are_plain_utf8_jsonl() -> None:

@@ -248,7 +248,8 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path: Path, case: str) -> None:
 
 
 def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
-    path = _write(tmp_path / "dup.jsonl", ['{"id": "a", "text": "break the ice"}', '{"id": "a", "text": "turn a blind eye"}'])
+    path = _write(tmp_path / "dup.jsonl",
+                  ['{"id": "a", "text": "break the ice"}', '{"id": "a", "text": "turn a blind eye"}'])
     with pytest.raises(InputError, match=r"dup.jsonl:2: duplicate id 'a' \(first seen on line 1\)"):
         load_probes(path)
 
@@ -281,7 +282,8 @@ def test_missing_file_and_unknown_type(tmp_path: Path) -> None:
 
 
 def test_skip_mode_reports_what_was_skipped(tmp_path: Path) -> None:
-    path = _write(tmp_path / "mixed.jsonl", ['{"text": "break the ice"}', '{"text": "ice"}', "{oops", '{"text": "turn a blind eye"}'])
+    path = _write(tmp_path / "mixed.jsonl",
+                  ['{"text": "break the ice"}', '{"text": "ice"}', "{oops", '{"text": "turn a blind eye"}'])
     with pytest.warns(UserWarning, match="skipped 2 bad row"):
         probes = load_probes(path, on_error="skip")
     assert [p.target for p in probes] == ["ice", "eye"]

@@ -34,8 +34,8 @@ def test_to_dataframe_columns_and_values() -> None:
 
 def test_flag_counts_count_only_true() -> None:
     probes = ProbeSet("s", (_probe("a", "a b c", similarity_ind=True), _probe("b", "a b d", similarity_ind=False)))
-    assert probes.flag_counts() == {"similarity_ind": 1, "prompt_comp_ind": 0, "frequent_target_ind": 0, "hard_to_guess": 0,
-                                    "not_single_target": 0}
+    assert probes.flag_counts() == {"similarity_ind": 1, "prompt_comp_ind": 0, "frequent_target_ind": 0,
+                                    "hard_to_guess": 0, "not_single_target": 0}
 
 
 def test_flag_counts_count_probes_that_are_not_single_target() -> None:

@@ -17,7 +17,7 @@ The capital has a population of 1,200 people, (roughly). Its economy depends on 
 | a table cell with words in it.
 |}
 Visit [http://example.org the official site] for more information on the island.
-[[Category:Countries]]"""
+[[Category:Countries]]"""  # noqa: E501 (wikitext data: a paragraph is one line)
 
 
 def test_plain_text_keeps_prose_and_drops_markup() -> None:

@@ -28,18 +28,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 ray = pytest.importorskip("ray")
 
-import idiom_lens.cli as cli  # noqa: E402
-from idiom_lens.study.executors import RayExecutor  # noqa: E402
-from idiom_lens.study.workers import ModelRecipe, WorkerOptions  # noqa: E402
-from idiom_lens.analyses.saved import decode_array  # noqa: E402
-from idiom_lens.faults import ENV  # noqa: E402
-from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
 from folders import comparable, result_files  # noqa: E402  (tests/folders.py)
 from tolerances import probes_prob_atol  # noqa: E402  (tests/tolerances.py: why each bound)
+
+import idiom_lens.cli as cli  # noqa: E402
+from idiom_lens.analyses.saved import decode_array  # noqa: E402
+from idiom_lens.faults import ENV  # noqa: E402
+from idiom_lens.study.executors import RayExecutor  # noqa: E402
+from idiom_lens.study.stages import resumable_trajectory, run_knockouts, write_trajectory_outputs  # noqa: E402
+from idiom_lens.study.workers import ModelRecipe, WorkerOptions  # noqa: E402
 
 # One local Ray at a time: under pytest-xdist (`make test`) these tests share one worker.
 pytestmark = pytest.mark.xdist_group("ray")
@@ -104,7 +106,8 @@ def assert_close_folder(got: Path, want: Path, noise: float) -> None:
         for column in a.columns:
             if pd.api.types.is_float_dtype(a[column]):
                 scale = max(1.0, float(np.nanmax(np.abs(b[column].to_numpy()), initial=0.0)))
-                np.testing.assert_allclose(a[column], b[column], rtol=0, atol=noise * scale, err_msg=f"{name}: {column}")
+                np.testing.assert_allclose(a[column], b[column], rtol=0, atol=noise * scale,
+                                           err_msg=f"{name}: {column}")
             elif column == "data" and {"dtype", "shape"} <= set(a.columns):  # arrays saved by `encode_array`
                 for row in range(len(a)):
                     left, right = (decode_array(t["dtype"].iloc[row], t["shape"].iloc[row], t["data"].iloc[row])
@@ -215,7 +218,8 @@ def test_driver_killed_mid_run_resumes(ray_session, tiny_model_dir, tmp_path):
             "--model", str(tiny_model_dir)]
     killed = subprocess.run([sys.executable, "-m", "idiom_lens", *args, "--out", str(tmp_path / "two"),
                              "--workers", "2", "--worker-threads", "1"],
-                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {ENV: "trajectory.part"}, capture_output=True, text=True, timeout=300)
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {ENV: "trajectory.part"},
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert len(list((tmp_path / "two" / ".parts").glob("*/.part.json"))) == 1
     log = run_here([*args, "--out", str(tmp_path / "two"), "--workers", "2", "--worker-threads", "1"])
@@ -242,5 +246,6 @@ def test_embedded_model_on_two_workers_equals_one_process(ray_session, embedded_
                       value_vector_ks=(), skip=False, png=False, log=lambda line: None, executor=pool)
     with threads(1):
         assert_same_folder(tmp_path / "traj2", trajectory_folder(embedded_model, probes, tmp_path / "traj1"))
-        run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", options=KnockoutOptions(grid=KnockoutGrid(ks=(10,), windows=(1,), modes=("zero_top",), keep_top_ks=None, keep_top_windows=None)), value_vector_ks=(), skip=False, png=False, log=lambda line: None)
+        run_knockouts(embedded_model, probes[:2], tmp_path / "knock1", options=KnockoutOptions(grid=grid),
+                      value_vector_ks=(), skip=False, png=False, log=lambda line: None)
     assert_same_folder(tmp_path / "knock2", tmp_path / "knock1")

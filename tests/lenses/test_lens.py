@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tolerances import probes_prob_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.trajectory import layer_trajectory
 from idiom_lens.errors import InputError
@@ -15,7 +16,6 @@ from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.vocab import mask_logits, valid_mask
 
 METRICS = ("pred_rank", "pred_prob", "target_rank", "target_prob", "entropy", "top_id")
-from tolerances import probes_prob_atol  # tests/tolerances.py: why each bound
 
 
 def _random_lens(model, kind: str, seed: int = 0) -> Lens:

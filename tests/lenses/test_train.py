@@ -10,7 +10,9 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.lenses.corpus import tokenize_sentences
 from idiom_lens.lenses.lens import Lens, logit_lens
 from idiom_lens.lenses.train import (
     _kl_and_grad,
@@ -20,12 +22,10 @@ from idiom_lens.lenses.train import (
     lens_logits,
     train_tuned_lens,
 )
-from idiom_lens.lenses.corpus import tokenize_sentences
 
 SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
              "once in a blue moon", "the elephant in the room", "kill two birds with one stone",
              "a piece of cake for the cat", "break the ice at the market"]
-from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_training_is_seeded_and_learns(tiny_model, residuals, dtype):
     # the last layer's lens is the model's output, computed another way: a KL of at most the
     # log-probabilities' fp32 noise
     noise = prob_atol(tiny_model, lens_logits(tiny_model, rows[:, -1]), n_layers=1)
-    assert wide.loc[last, "logit"] == pytest.approx(0, abs=noise) and wide.loc[last, "tuned"] == pytest.approx(0, abs=noise)
+    assert wide.loc[last, "logit"] == pytest.approx(0, abs=noise)
+    assert wide.loc[last, "tuned"] == pytest.approx(0, abs=noise)
     assert (wide.loc[: last - 1, "tuned"] < wide.loc[: last - 1, "logit"]).all()
 
 
@@ -102,13 +103,17 @@ def test_an_interrupted_training_resumes_to_the_same_lens(tiny_model_dir, tmp_pa
         model = load_model({str(tiny_model_dir)!r}, progress=False)
         rows, _ = collect_residuals(model, tokenize_sentences(model, {SENTENCES!r}))
         ckpt = sys.argv[1] if sys.argv[1] != "-" else None
-        lens = train_tuned_lens(model, rows, steps=12, batch_tokens=8, seed=0, checkpoint=ckpt and __import__("pathlib").Path(ckpt),
+        lens = train_tuned_lens(model, rows, steps=12, batch_tokens=8, seed=0,
+                                checkpoint=ckpt and __import__("pathlib").Path(ckpt),
                                 checkpoint_every=4, progress=False, matmul_dtype=torch.float32)
         lens.save(sys.argv[2])
     """)
     env = dict(os.environ)
-    run = lambda ckpt, out, **extra: subprocess.run([sys.executable, "-c", script, ckpt, str(out)],
-                                                    env={**env, **extra}, capture_output=True, text=True)
+
+    def run(ckpt, out, **extra):
+        return subprocess.run([sys.executable, "-c", script, ckpt, str(out)],
+                              env={**env, **extra}, capture_output=True, text=True)
+
     straight = run("-", tmp_path / "straight.pt")
     assert straight.returncode == 0, straight.stderr
     killed = run(str(tmp_path / "ckpt.pt"), tmp_path / "resumed.pt", IDIOM_LENS_FAULT="lens.checkpoint")
@@ -139,7 +144,8 @@ def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model
     slices[1].unlink()
     calls = []
     real_fit = JacobianLens.fit.__func__
-    monkeypatch.setattr(JacobianLens, "fit", classmethod(lambda cls, *a, **k: calls.append(1) or real_fit(cls, *a, **k)))
+    monkeypatch.setattr(JacobianLens, "fit",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or real_fit(cls, *a, **k)))
     again = fit_jacobian_lens(tiny_model, sentences, corpus="test", work_dir=tmp_path, slice_size=2,
                               progress=False, log=lambda s: None)
     assert len(calls) == 1

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import load_model
-from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
 
 def test_local_directory_loads_in_eval_mode(tiny_model):
@@ -88,9 +88,10 @@ def test_hub_id_fails_fast_offline(monkeypatch):
 
 def test_hub_id_is_booted_through_transformer_lens_when_reachable(monkeypatch, tiny_model_dir):
     """With a hub, a model id goes to TransformerBridge.boot_transformers (simulated: no hub here)."""
-    import idiom_lens.models.loading as models
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
+
+    import idiom_lens.models.loading as models
 
     seen = []
     real_boot = TransformerBridge.boot_transformers

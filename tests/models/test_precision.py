@@ -41,7 +41,8 @@ def test_native_bf16_flags_still_need_a_measured_speedup(monkeypatch, speedup, e
     monkeypatch.setattr(precision, "measured_bf16_speedup", lambda: speedup)
     choice = matmul_precision("cpu", log=lambda s: None)
     assert choice.dtype == expected and "measured" in choice.reason
-    assert choice.describe() == {"matmul_dtype": str(expected).removeprefix("torch."), "matmul_dtype_reason": choice.reason}
+    assert choice.describe() == {"matmul_dtype": str(expected).removeprefix("torch."),
+                                 "matmul_dtype_reason": choice.reason}
 
 
 def test_unreadable_flags_fall_back_to_the_timed_product(monkeypatch):

@@ -35,7 +35,8 @@ def test_bos_can_be_dropped_or_added_explicitly(tiny_model):
     assert encode_prompt(tok, "break the", prepend_bos=False) == without.prompt_ids
 
 
-@pytest.mark.parametrize("prompt, target", [("", "moon"), ("   ", "moon"), ("once in a", ""), ("once in a", "blue moon")])
+@pytest.mark.parametrize("prompt, target",
+                         [("", "moon"), ("   ", "moon"), ("once in a", ""), ("once in a", "blue moon")])
 def test_bad_probes_are_clear_errors(tiny_model, prompt, target):
     with pytest.raises(InputError, match="prompt|target"):
         split_probe(tiny_model.tokenizer, prompt, target)

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    KnockoutGrid,
+    KnockoutOptions,
+    KnockoutResult,
+    PatchingOptions,
+    knockout_grid,
+    patch_probes,
+    skip_layers,
+)
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import KnockoutResult, knockout_grid, patch_probes, skip_layers
 from idiom_lens.plots.export import save_figure
 from idiom_lens.plots.interventions import (
     knockout_heatmaps,
@@ -14,7 +23,6 @@ from idiom_lens.plots.interventions import (
     patching_heatmaps,
     skip_curves,
 )
-from idiom_lens.analyses.interventions import CorruptionOptions, KnockoutGrid, KnockoutOptions, PatchingOptions, SkipOptions
 
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
 
@@ -48,7 +56,8 @@ def test_knockout_heatmaps(results, tmp_path):
 
 def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_path):
     every = results[0]
-    last = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(1, 5), windows=(1, 2)), positions="last"))
+    last = knockout_grid(tiny_model, probes,
+                         KnockoutOptions(grid=KnockoutGrid(ks=(1, 5), windows=(1, 2)), positions="last"))
     both = KnockoutResult.stack_runs([every, last])
     group = both.probes["group"].iloc[0]
     fig = knockout_positions_heatmaps(both, k=5, group=group)
@@ -111,6 +120,7 @@ def test_intervention_figures_use_the_shared_colours_and_metric_labels(results):
         INTERVENTION_METRICS["changed"].label, INTERVENTION_METRICS["prob_drop"].label]
     curves = knockout_layer_curves(knock, k=5, window=1)
     assert curves.layout.yaxis.title.text == INTERVENTION_METRICS["changed"].axis_title()
-    assert INTERVENTION_METRICS["prob_drop"].label in knockout_heatmaps(knock, k=5, metric="prob_drop").layout.title.text
+    assert (INTERVENTION_METRICS["prob_drop"].label
+            in knockout_heatmaps(knock, k=5, metric="prob_drop").layout.title.text)
     with pytest.raises(InputError, match="metric must be one of changed, prob_drop, new_is_target"):
         knockout_heatmaps(knock, k=5, metric="entropy")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from idiom_lens.analyses.phases import analyse_phases
-from idiom_lens.plots.trajectory import promotion_histogram, trajectory_figure
 from idiom_lens.analyses.trajectory import layer_trajectory
+from idiom_lens.plots.trajectory import promotion_histogram, trajectory_figure
 
 
 def test_figures_have_a_line_and_band_per_group(tiny_model, probes):

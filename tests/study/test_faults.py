@@ -23,20 +23,21 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from folders import comparable, result_files  # tests/folders.py
 
 import idiom_lens.cli as cli
 import idiom_lens.study.run as study_run
 from idiom_lens.faults import ENV
 from idiom_lens.study.parts import NOT_IN_KEY, run_stage, stage_key
 from idiom_lens.study.stages import run_attribution, run_knockouts, run_patching
-from folders import comparable, result_files  # tests/folders.py
 
 # Under pytest-xdist (`make test`) on one worker: the reference run below is made once.
 pytestmark = pytest.mark.xdist_group("faults")
 
 # 9 probes (3 per set) in 3 trajectory parts of 4, 4 and 1; one probe per set in each stage.
 OPTIONS = ["--limit", "3", "--part-size", "4", "--no-png", "--knockout-sample", "1",
-           "--patching-sample", "1", "--attribution-sample", "1", "--tracing-sample", "1", "--attn-knockout-sample", "1"]
+           "--patching-sample", "1", "--attribution-sample", "1", "--tracing-sample", "1",
+           "--attn-knockout-sample", "1"]
 STAGES = ("interventions", "patching", "attribution", "tracing", "attention_knockout")
 
 # Compared: the list of result files; every parquet file, every column, exact values (no column
@@ -174,7 +175,8 @@ def _flip_byte(path: Path) -> None:
     ("interventions/knockouts.parquet", _truncate, {"interventions"}, 0, "knockouts.parquet has"),
     ("interventions/skipping.parquet", _flip_byte, {"interventions"}, 0, "skipping.parquet differs"),
     ("patching/summary.json", _truncate, {"patching"}, 0, "summary.json has"),
-    ("attribution/attribution_probes.parquet", Path.unlink, {"attribution"}, 0, "attribution_probes.parquet is missing"),
+    ("attribution/attribution_probes.parquet", Path.unlink, {"attribution"}, 0,
+     "attribution_probes.parquet is missing"),
     ("attribution/.stage.json", _truncate, {"attribution"}, 0, "unreadable completion marker"),
     ("PART/trajectory.parquet", _truncate, set(), 1, "trajectory.parquet has"),
     ("PART/.part.json", _truncate, set(), 1, "unreadable completion marker"),
@@ -227,9 +229,9 @@ def _knockouts(model_out: Path) -> pd.DataFrame:
 def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, monkeypatch, tmp_path):
     """One setting changed at a time (cumulatively): exactly the dependent stages are redone and
     their results follow the new setting."""
+    from idiom_lens.analyses.trajectory import load_trajectory
     from idiom_lens.datasets.selection import join_probe_sets
     from idiom_lens.study.run import sample_by_group
-    from idiom_lens.analyses.trajectory import load_trajectory
 
     model_out = finished / tiny_model_dir.name
     extra: list[str] = []
@@ -262,7 +264,8 @@ def test_changed_settings_redo_dependent_stages_only(finished, tiny_model_dir, m
     old1 = {p.id for p in sample_by_group(memo, study, per_group=1, seed=0)}
     new1 = {p.id for p in sample_by_group(memo, study, per_group=1, seed=1)}
     log = rerun("--seed", "1")
-    assert computed_stages(log) == ({"interventions", "patching", "tracing"} | ({"attribution"} if old != new else set())
+    assert computed_stages(log) == ({"interventions", "patching", "tracing"}
+                                    | ({"attribution"} if old != new else set())
                                     | ({"attention_knockout"} if old1 != new1 else set()))
     assert json.loads((model_out / "interventions" / "summary.json").read_text())["knockouts"]["seed"] == 1
     assert json.loads((model_out / "patching" / "summary.json").read_text())["seed"] == 1

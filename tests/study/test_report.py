@@ -11,22 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 from idiom_lens.errors import InputError
 from idiom_lens.study.layout import FORMAT
 from idiom_lens.study.report import build_report, find_results
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
 
 
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     """`idiom-lens run` on the tiny model, plus a knockout stage, an unknown stage and a comparison."""
     import idiom_lens.cli as cli
-    from idiom_lens.study.compare import write_comparison
-    from idiom_lens.datasets import load_probes
     from idiom_lens.analyses.interventions import knockout_grid
+    from idiom_lens.datasets import load_probes
     from idiom_lens.io import write_json
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.interventions import knockout_heatmaps
+    from idiom_lens.study.compare import write_comparison
 
     root = tmp_path_factory.mktemp("results")
     with pytest.MonkeyPatch.context() as mp:
@@ -37,7 +37,8 @@ def results_dir(tmp_path_factory, tiny_model_dir, tiny_model) -> Path:
     (model_dir,) = [p for p in root.iterdir() if p.is_dir()]
     stage = model_dir / "interventions"
     probes = list(load_probes("idioms").probes[:3])
-    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None), controls=("random",)))
+    grid = KnockoutGrid(ks=[1], windows=(1,), modes=("zero_top",), keep_top_ks=None)
+    knock = knockout_grid(tiny_model, probes, KnockoutOptions(grid=grid, controls=("random",)))
     knock.save(stage)
     write_json(stage / "summary.json", {"knockouts": knock.settings, "n_probes": len(probes)})
     save_figure(knockout_heatmaps(knock, k=1, mode="zero_top"), stage / "knockout_zero_top_k1", png=False)

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_faults import assert_same_results, run_args, run_here  # the fault tests' comparison of two runs
 
 from idiom_lens.errors import InputError
 from idiom_lens.study import StudyFolder, StudyOptions, run_study
 from idiom_lens.study.layout import FORMAT, STUDY_FILE
-from test_faults import assert_same_results, run_args, run_here  # the fault tests' comparison of two runs
-from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 
 OPTIONS = StudyOptions(limit=3, part_size=4, png=False, knockout_sample=1, patching_sample=1, attribution_sample=1,
                        tracing_sample=1, attn_knockout_sample=1)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import idiom_lens.study.stages.trajectory as stages
+from idiom_lens.analyses.trajectory import layer_trajectory
 from idiom_lens.study.run import sample_by_group
 from idiom_lens.study.stages import resumable_trajectory, write_trajectory_outputs
-from idiom_lens.analyses.trajectory import layer_trajectory
 
 
 def test_rerun_reuses_finished_parts(tiny_model, probes, tmp_path, monkeypatch):
@@ -117,9 +117,9 @@ def _record(probe_id: str, group: str):
 
 
 def test_sample_by_group_keeps_whole_sets_and_samples_the_others():
+    from idiom_lens.analyses.memorization import MemorizationResult
     from idiom_lens.datasets.probes import Probe
     from idiom_lens.errors import InputError
-    from idiom_lens.analyses.memorization import MemorizationResult
 
     groups = ["memorized idioms"] * 7 + ["non-memorized idioms"] * 9
     probes = [Probe(id=f"p{i}", prompt="a b", target="c", kind="idiom") for i in range(len(groups))]

@@ -8,6 +8,12 @@ are one frozen, validated dataclass (`KnockoutOptions`, `SkipOptions`, `Patching
 here; the building blocks (rankings, controls, runners) stay in their modules.
 """
 
+from idiom_lens.analyses.interventions.attention_knockouts import (
+    AttentionKnockoutOptions,
+    AttentionKnockoutResult,
+    attention_knockout,
+)
+from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patch, patching_agreement
 from idiom_lens.analyses.interventions.knockouts import (
     KnockoutCell,
     KnockoutGrid,
@@ -17,12 +23,6 @@ from idiom_lens.analyses.interventions.knockouts import (
     knockout_grid,
     rank_neurons,
 )
-from idiom_lens.analyses.interventions.attention_knockouts import (
-    AttentionKnockoutOptions,
-    AttentionKnockoutResult,
-    attention_knockout,
-)
-from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes, patch, patching_agreement
 from idiom_lens.analyses.interventions.patching import (
     CorruptionOptions,
     PatchingOptions,

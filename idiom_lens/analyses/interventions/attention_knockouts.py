@@ -41,8 +41,9 @@ source and layer the mean relative change with a 95% percentile-bootstrap interv
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,15 +52,15 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.models.selfcheck import versions_text
 from idiom_lens.models.tokenization import ProbeTokens
 from idiom_lens.models.vocab import mask_summary, valid_mask

@@ -29,16 +29,15 @@ probe set; every standalone call).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from idiom_lens.analyses.interventions.patching import (
     PATCH_SITES,
@@ -50,15 +49,14 @@ from idiom_lens.analyses.interventions.patching import (
     _patch_set,
     patch_probes,
 )
-from idiom_lens.models.runners import masked_prediction
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import Saved, SavedTables
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import masked_prediction
 from idiom_lens.models.selfcheck import check_against_full_forward, versions_text
-from idiom_lens.models.vocab import mask_summary, valid_mask
+from idiom_lens.models.vocab import valid_mask
 
 ALL = "all"  # the site (or variant) label of every site (variant) taken together
 
@@ -71,7 +69,8 @@ ALL = "all"  # the site (or variant) label of every site (variant) taken togethe
 def _check_pair(clean_ids: Sequence[int], corrupted_ids: Sequence[int], sites: Sequence[str]) -> None:
     if len(clean_ids) != len(corrupted_ids):
         raise InputError(
-            f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
+            "clean and corrupted prompts must have the same token length, "
+            f"got {len(clean_ids)} and {len(corrupted_ids)}"
         )
     bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:
@@ -217,7 +216,9 @@ def top_overlap(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"], top: int
     return len(a & b) / k if k else float("nan")
 
 
-def _mean_interval(values: Float[np.ndarray, " n"], *, n_boot: int, level: float, rng: np.random.Generator) -> tuple[float, float, float]:
+def _mean_interval(
+    values: Float[np.ndarray, " n"], *, n_boot: int, level: float, rng: np.random.Generator
+) -> tuple[float, float, float]:
     """Mean over pairs and its percentile-bootstrap interval (NaN values left out)."""
     values = np.asarray(values, dtype=np.float64)
     mean, low, high = bootstrap_mean_ci(values[~np.isnan(values)], n_boot=n_boot, level=level, seed=rng)
@@ -253,7 +254,7 @@ class AgreementResult(Saved):
         return {"": self.rows, "summary": self.table}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "AgreementResult":
+    def from_saved(cls, saved: SavedTables) -> AgreementResult:
         return cls(rows=saved.tables[""], table=saved.tables["summary"], settings=saved.settings)
 
 

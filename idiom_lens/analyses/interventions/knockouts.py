@@ -55,8 +55,9 @@ import dataclasses
 import hashlib
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -65,15 +66,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import ProbeRowsResult
+from idiom_lens.analyses.stats import wilson_interval
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import PromptRunner, SuffixRunner, last_metrics, masked_prediction
-from idiom_lens.analyses.saved import ProbeRowsResult
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
-from idiom_lens.analyses.stats import wilson_interval
+from idiom_lens.models.runners import PromptRunner, SuffixRunner, last_metrics, masked_prediction
 from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
 
@@ -107,9 +108,9 @@ class KnockoutGrid:
     keep_top_ks: tuple[int, ...] | None = (100,)
     keep_top_windows: tuple[int, ...] | None = (1, 2, 3)
 
-    DEFAULT: ClassVar["KnockoutGrid"]
-    PAPER: ClassVar["KnockoutGrid"]
-    STUDY: ClassVar["KnockoutGrid"]
+    DEFAULT: ClassVar[KnockoutGrid]
+    PAPER: ClassVar[KnockoutGrid]
+    STUDY: ClassVar[KnockoutGrid]
 
     def __post_init__(self) -> None:
         for name in ("ks", "windows", "keep_top_ks", "keep_top_windows"):
@@ -128,7 +129,7 @@ class KnockoutGrid:
             raise InputError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
         object.__setattr__(self, "modes", modes)
 
-    def clipped(self, n_layers: int) -> "KnockoutGrid":
+    def clipped(self, n_layers: int) -> KnockoutGrid:
         """This grid without the window lengths a model of `n_layers` layers cannot hold (for the
         class-level grids, written for deep models; `knockout_grid` clips those and no other)."""
         def clip(windows: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -220,7 +221,7 @@ def rms_gain(norm: Any, model: LoadedModel, *, what: str) -> Float[Tensor, " d_m
     return g
 
 
-_GAINS: "weakref.WeakKeyDictionary[object, Tensor | None]" = weakref.WeakKeyDictionary()
+_GAINS: weakref.WeakKeyDictionary[object, Tensor | None] = weakref.WeakKeyDictionary()
 
 
 def post_norm_gains(model: LoadedModel) -> Float[Tensor, "layer d_model"] | None:
@@ -512,7 +513,7 @@ class KnockoutResult(ProbeRowsResult):
         return s[cols].rename(columns={"start": "layer"}).reset_index(drop=True)
 
     @staticmethod
-    def stack_runs(results: Sequence["KnockoutResult"]) -> "KnockoutResult":
+    def stack_runs(results: Sequence[KnockoutResult]) -> KnockoutResult:
         """Several runs on the same probes under other settings (e.g. positions all and last) as one
         result, their settings under "runs" (parts of one run: `join_parts`)."""
         if not results:
@@ -658,7 +659,7 @@ def knockout_hooks(
                 stored["x"] = x[rows, pos].clone()
 
             def frozen_output(y: Tensor, hook: Any, layer: int = layer, rows: Tensor = rows,
-                              stored: dict = stored) -> Tensor:
+                              stored: dict = stored, gains: Tensor = gains, scales: Tensor = scales) -> Tensor:
                 y = y.clone()
                 s = scales[layer, pos].to(y.device, torch.float32)[None, :, None]
                 y[rows, pos] = (stored.pop("x").float() * gains[layer].to(y.device) / s).to(y.dtype)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -34,13 +35,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.datasets.probes import Probe
-from idiom_lens.errors import InputError
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import PromptRunner, masked_prediction
-from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
 from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import PromptRunner, masked_prediction
 from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
@@ -156,10 +157,10 @@ def make_corruptions(
 
         def fits(prompt: str) -> tuple[int, ...] | None:
             try:
-                ids = split_probe(tok, prompt, probe.target).prompt_ids
+                ids = split_probe(tok, prompt, probe.target).prompt_ids  # noqa: B023 (called within this iteration)
             except InputError:
                 return None
-            return ids if len(ids) == n and ids != clean.prompt_ids else None
+            return ids if len(ids) == n and ids != clean.prompt_ids else None  # noqa: B023 (called within this iteration)
 
         for variant in variants:
             rng = random.Random(f"{seed}|{probe.id}|{variant}")
@@ -297,7 +298,8 @@ def patch_pair(
     """
     if len(clean_ids) != len(corrupted_ids):
         raise InputError(
-            f"clean and corrupted prompts must have the same token length, got {len(clean_ids)} and {len(corrupted_ids)}"
+            "clean and corrupted prompts must have the same token length, "
+            f"got {len(clean_ids)} and {len(corrupted_ids)}"
         )
     bad = [s for s in sites if s not in PATCH_SITES]
     if not sites or bad:
@@ -359,7 +361,7 @@ class PatchingResult(Saved):
         return {"row_columns": [str(c) for c in self.rows.columns]}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "PatchingResult":
+    def from_saved(cls, saved: SavedTables) -> PatchingResult:
         rows = rows_from_merged(saved.tables[""], saved.meta["row_columns"])
         return cls(rows=rows, pairs=saved.tables["pairs"], skipped=saved.tables["skipped"], settings=saved.settings)
 

@@ -13,8 +13,9 @@ vocabulary tokens (`idiom_lens.models.vocab`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,15 +23,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from idiom_lens.analyses.interventions.knockouts import POSITIONS, Positions
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions.knockouts import POSITIONS, Positions
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
-from idiom_lens.analyses.saved import ProbeRowsResult
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
 

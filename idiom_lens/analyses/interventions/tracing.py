@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,14 +41,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
 from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.models.selfcheck import check_close
 from idiom_lens.models.tokenization import pad_id, right_pad, split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
@@ -107,7 +108,7 @@ def noise_scale(
         got: dict[str, Tensor] = {}
 
         def keep(x: Tensor, hook: Any) -> None:
-            got["x"] = x.detach()
+            got["x"] = x.detach()  # noqa: B023 (called within this iteration)
 
         with torch.no_grad():
             model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[("blocks.0.hook_resid_pre", keep)],
@@ -267,7 +268,8 @@ def trace_prompt(
     corrupted_logits = runner.run(n_samples, [(f"blocks.{l}.hook_resid_pre", enter(l)) for l in range(n_layers)],
                                   start=0, resid=x0)
     if check is not None:
-        check_close(runner.run(1, [], start=0)[0], _plain(model, prompt_ids), what="causal tracing (clean)", probe=check)
+        check_close(runner.run(1, [], start=0)[0], _plain(model, prompt_ids), what="causal tracing (clean)",
+                    probe=check)
         check_close(corrupted_logits[0], _plain(model, prompt_ids, noised=noised_t, noise=noise[0]),
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
@@ -276,7 +278,7 @@ def trace_prompt(
     first_pos = noised[0]
     restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, n_pos, 1)  # unrun cells: IE 0
     rows_by_start: dict[int, list[tuple[int, int, int, tuple[int, ...]]]] = {}
-    for si, (site, window) in enumerate(specs):
+    for si, (_site, window) in enumerate(specs):
         for layer in range(n_layers):
             layers = layer_window(layer, window, n_layers)
             for pos in range(first_pos, n_pos):
@@ -477,7 +479,8 @@ def causal_trace(
         "analysis": "causal_tracing", "metric": "probability of the clean prediction (masked softmax)",
         "sites": list(sites), "windows": [int(w) for w in windows], "specs": [list(s) for s in specs],
         "samples": samples, "seed": seed,
-        "noised": "every prompt token but the BOS and the last" if noise_words is None else f"words {list(noise_words)}",
+        "noised": ("every prompt token but the BOS and the last" if noise_words is None
+                   else f"words {list(noise_words)}"),
         "noise_site": "blocks.0.hook_resid_pre (after the embedding scale)",
         "restored_site": {s: HOOKS[s] for s in sites}, "n_probes": len(probes),
         "seconds": round(time.perf_counter() - started, 2),

@@ -16,8 +16,9 @@ the per-position RMS scales do not change a rank). ``weights="raw"`` (default) i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,15 +26,15 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from idiom_lens.analyses.interventions.knockouts import RankBy, post_norm_gains, rank_neurons, rms_gain
+from idiom_lens.analyses.memorization import probe_group
+from idiom_lens.analyses.saved import Saved, SavedTables, plain
 from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions.knockouts import RankBy, post_norm_gains, rank_neurons, rms_gain
-from idiom_lens.datasets.selection import check_probes
-from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.vocab import mask_summary, valid_mask
-from idiom_lens.analyses.saved import Saved, SavedTables, plain
 
 Weights = Literal["raw", "effective"]
 
@@ -101,7 +102,7 @@ class ValueVectorRanks(Saved):
                 "ranks_dtype": self.ranks.dtype.str, "neurons_dtype": self.neurons.dtype.str}
 
     @classmethod
-    def from_saved(cls, saved: SavedTables) -> "ValueVectorRanks":
+    def from_saved(cls, saved: SavedTables) -> ValueVectorRanks:
         probes, long = saved.tables["probes"], saved.tables["ranks"]  # long: C order of [probe, layer, r]
         meta = saved.meta
         shape = tuple(meta["shape"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
 from idiom_lens.datasets.probes import Probe
@@ -24,7 +25,7 @@ def run_attention_knockout(
     options: AttentionKnockoutOptions = AttentionKnockoutOptions(),
     batch_size: int = 64,
     png: bool = True,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> Any:
     """Attention knockout of `probes` (`options`: the last position cut from each source in windows
     of `options.window` layers); result, summary CSV, figure and summary.json under `out`. On

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
@@ -36,7 +37,8 @@ def run_attribution(
     files = [str(p) for p in result.save(out)]
     maybe_fail("attribution.written")
     for measure in ("logit", "logit_diff"):
-        files.append(str(write_parquet(out / f"layer_stats_{measure}.parquet", stats.layer_stats(result, measure=measure))))
+        files.append(str(write_parquet(out / f"layer_stats_{measure}.parquet",
+                                       stats.layer_stats(result, measure=measure))))
         files.append(str(write_parquet(out / f"cumulative_share_{measure}.parquet",
                                        stats.cumulative_share(result, measure=measure))))
         files += [str(p) for p in save_figure(layer_contribution_figure(result, measure=measure),

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.analyses.interventions.knockouts import KnockoutOptions
 from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
@@ -34,7 +35,7 @@ def run_knockouts(
     batch_size: int = 128,
     png: bool = True,
     log: Callable[[str], None] = print,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Neuron knockouts (`options`: the grid, targeted, random and magnitude-matched controls,
     whole-MLP ceiling), the value-vector statistic and layer skipping of `probes`; parquet,
@@ -112,8 +113,9 @@ def run_knockouts(
     if skip:
         skip_windows = tuple(w for w in options.grid.windows if w <= model.n_layers) or (1,)
         skipped = sweep_per_probe(executor, model, probes, out, "skipping",
-                         partial(skip_layers, options=SkipOptions(windows=skip_windows), batch_size=min(batch_size, 64)),
-                         join=SkipResult.join_parts, load=SkipResult.load)
+                                  partial(skip_layers, options=SkipOptions(windows=skip_windows),
+                                          batch_size=min(batch_size, 64)),
+                                  join=SkipResult.join_parts, load=SkipResult.load)
         skipped.save(out)
         maybe_fail("skipping.written")
         summary["skipping"] = skipped.settings

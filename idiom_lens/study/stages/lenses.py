@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -32,7 +33,7 @@ def run_lenses(
     part_size: int = 256,
     png: bool = True,
     log: Callable[[str], None] = print,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> Any:
     """The trajectory of `probes` (`resid_post`) under the logit lens and each learned lens of
     `lenses` (from the cache, trained first when missing, never on a probe), each under

@@ -3,9 +3,10 @@ idioms."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.analyses.interventions.patching import PatchingOptions
 from idiom_lens.datasets.probes import Probe
@@ -27,7 +28,7 @@ def run_patching(
     options: PatchingOptions = PatchingOptions(),
     batch_size: int = 64,
     png: bool = True,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> Any:
     """Activation patching of `probes` (clean idiom -> corrupted prompt), exact or estimated by
     attribution patching (`options.method`); parquet, mean heatmaps per set and summary.json under

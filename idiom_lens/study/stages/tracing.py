@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from idiom_lens.analyses.interventions.tracing import TracingOptions
 from idiom_lens.datasets.probes import Probe
@@ -29,7 +30,7 @@ def run_tracing(
     part_size: int = 10,
     png: bool = True,
     log: Callable[[str], None] = print,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> Any:
     """Causal tracing (`options`) of `probes` in parts of `part_size` probes under `out/.parts/` (finished,
     intact parts are reused: an interrupted run loses at most one part); then the joined result,

@@ -3,10 +3,11 @@ its phases, tables and figures."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from idiom_lens.analyses.phases import PhaseAnalysis, analyse_phases
 from idiom_lens.analyses.trajectory import (
@@ -49,7 +50,7 @@ def resumable_trajectory(
     lens: Lens | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> TrajectoryResult:
     """`layer_trajectory` (through `lens`, default the logit lens) in parts of `part_size` probes
     saved under `out_dir/.parts/`; finished, intact parts are reused. On `executor`'s workers

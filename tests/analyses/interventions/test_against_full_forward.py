@@ -12,18 +12,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import (
+    KnockoutGrid,
+    KnockoutOptions,
+    SkipOptions,
+    knockout_grid,
+    patch_pair,
+    rank_neurons,
+    skip_layers,
+)
+from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons
+from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import knockout_grid, patch_pair, rank_neurons, skip_layers
-from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons, value_vector_norms
-from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.models.runners import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error
 from idiom_lens.models.vocab import valid_mask
-from tolerances import forward_rtol, logit_atol, prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, SkipOptions
 
 EMBEDDED_PROBES = [
     Probe(id="blue", prompt="once in a blue", target="moon", kind="idiom"),
@@ -227,9 +234,12 @@ def test_knockout_of_nothing_is_the_full_forward(case, positions):
     model, probes = case
     probes = probes if model.n_layers <= 4 else probes[:2]
     d_mlp = int(model.bridge.cfg.d_mlp)
-    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(0, d_mlp), windows=(1,), modes=("zero_top", "keep_top"), keep_top_ks=None, keep_top_windows=None), controls=(), positions=positions))
+    grid = KnockoutGrid(ks=(0, d_mlp), windows=(1,), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                        keep_top_windows=None)
+    result = knockout_grid(model, probes, KnockoutOptions(grid=grid, controls=(), positions=positions))
     rows = with_targets(result)
-    noop = rows[((rows["mode"] == "zero_top") & (rows["k"] == 0)) | ((rows["mode"] == "keep_top") & (rows["k"] == d_mlp))]
+    noop = rows[((rows["mode"] == "zero_top") & (rows["k"] == 0))
+                | ((rows["mode"] == "keep_top") & (rows["k"] == d_mlp))]
     assert len(noop) == 2 * model.n_layers * len(probes)
     for probe, toks in zip(probes, tokenize_probes(model, probes)):
         plain = full_forward(model, toks.prompt_ids)
@@ -248,7 +258,8 @@ def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, posi
     model, probes = case
     probes = probes[: n_checked_probes(model)]
     d_mlp = int(model.bridge.cfg.d_mlp)
-    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(d_mlp,), windows=(window,), modes=("zero_top",)), controls=("whole_mlp",), positions=positions))
+    grid = KnockoutGrid(ks=(d_mlp,), windows=(window,), modes=("zero_top",))
+    result = knockout_grid(model, probes, KnockoutOptions(grid=grid, controls=("whole_mlp",), positions=positions))
     rows = with_targets(result)
     assert set(rows["control"]) == {"targeted", "whole_mlp"} and set(rows["k"]) == {d_mlp}
     assert (rows["zeroed_share"] == 1.0).all() and (rows["n_zeroed"] == window * d_mlp).all()
@@ -256,7 +267,8 @@ def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, posi
         clean_pred = prediction(model, full_forward(model, toks.prompt_ids))
         last = len(toks.prompt_ids) - 1
         for row in rows[(rows["probe_id"] == probe.id) & rows["start"].isin(checked_layers(model))].itertuples():
-            hooks = [(f"blocks.{l}.mlp.hook_post", zero_neurons(None, positions, last)) for l in range(row.start, row.end + 1)]
+            hooks = [(f"blocks.{l}.mlp.hook_post", zero_neurons(None, positions, last))
+                     for l in range(row.start, row.end + 1)]
             assert_row_matches(row, full_forward(model, toks.prompt_ids, hooks), clean_pred, model)
     assert rows["changed"].any() or rows["prob_drop"].abs().max() > 1e-3  # the knockouts do something
 
@@ -268,7 +280,9 @@ def test_top_k_and_every_control_are_full_forwards(case, positions, norm):
     norm live or frozen (by hand): each row equals one full forward with those neurons zeroed by hand."""
     model, probes = case
     probes = probes[: n_checked_probes(model)]
-    result = knockout_grid(model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None, keep_top_windows=None), positions=positions, norm=norm, seed=3))
+    grid = KnockoutGrid(ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                        keep_top_windows=None)
+    result = knockout_grid(model, probes, KnockoutOptions(grid=grid, positions=positions, norm=norm, seed=3))
     rows = with_targets(result)
     assert set(rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert set(rows.loc[rows["mode"] == "keep_top", "control"]) == {"targeted", "random"}
@@ -330,15 +344,16 @@ def test_layer_skip_is_the_full_forward_with_the_block_bypassed(case, positions)
             store = {}
 
             def keep(x, hook):
-                store["x"] = x.clone()
+                store["x"] = x.clone()  # noqa: B023 (called within this iteration)
 
             def put(x, hook):
                 x = x.clone()
-                pos = slice(last, last + 1) if positions == "last" else slice(None)
-                x[:, pos] = store["x"][:, pos]
+                pos = slice(last, last + 1) if positions == "last" else slice(None)  # noqa: B023 (called within this iteration)
+                x[:, pos] = store["x"][:, pos]  # noqa: B023 (called within this iteration)
                 return x
 
-            hooks = [(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)] if span else []
+            hooks = ([(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)]
+                     if span else [])
             assert_row_matches(row, full_forward(model, toks.prompt_ids, hooks), clean_pred, model)
     assert rows.loc[rows["window"] > 0, "prob_drop"].abs().max() > 1e-3  # skipping does something
 
@@ -431,11 +446,14 @@ def test_self_check_stops_a_wrong_fast_path_and_nothing_is_written(tiny_model, t
     real_run = PromptRunner.run
     monkeypatch.setattr(PromptRunner, "run", lambda self, n, hooks: real_run(self, n, hooks) + 0.5)
     real_suffix = SuffixRunner.run
-    monkeypatch.setattr(SuffixRunner, "run", lambda self, n, hooks, start=0: real_suffix(self, n, hooks, start=start) + 0.5)
+    monkeypatch.setattr(SuffixRunner, "run",
+                        lambda self, n, hooks, start=0: real_suffix(self, n, hooks, start=start) + 0.5)
     for sweep in (
         lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)))),
-        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)), positions="last")),
-        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)), positions="all", norm="frozen")),
+        lambda: knockout_grid(tiny_model, probes[:2],
+                              KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)), positions="last")),
+        lambda: knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,)),
+                                                                      positions="all", norm="frozen")),
         lambda: skip_layers(tiny_model, probes[:2], SkipOptions(windows=(1,))),
         lambda: rank_neurons(tiny_model, probes[:2]),
     ):

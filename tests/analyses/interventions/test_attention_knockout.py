@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import load_hf_model  # tests/reference.py (tests/ is on the path: tests/conftest.py)
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 from idiom_lens.analyses.interventions import attention_knockouts as ak
 from idiom_lens.analyses.interventions.attention_knockouts import (
     AttentionKnockoutResult,
@@ -25,15 +28,11 @@ from idiom_lens.analyses.interventions.attention_knockouts import (
     layer_windows,
     source_positions,
 )
-from idiom_lens.models.runners import PromptRunner
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.models.runners import PromptRunner
 from idiom_lens.models.vocab import valid_mask
-
-from reference import load_hf_model  # tests/reference.py (tests/ is on the path: tests/conftest.py)
-from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import AttentionKnockoutOptions
 
 # Every comparison with the HF reference below: fp32 noise of a batched TransformerLens forward
 # (maybe prefix-cached) against one plain HF forward, bounded by `tolerances`.
@@ -128,7 +127,8 @@ def test_matches_hf_reference(case, probes):
             logits = hf_blocked_logits(hf_model, toks.prompt_ids, range(row.window_first, row.window_last + 1),
                                        positions[row.source])
             probs = masked_probs(model, logits)
-            assert row.prob == pytest.approx(float(probs[pred]), abs=prob_atol(model, logits)), (probe_id, row.source, row.layer)
+            assert row.prob == pytest.approx(float(probs[pred]), abs=prob_atol(model, logits)), (
+                probe_id, row.source, row.layer)
             top = int(probs.argmax())
             near_tie = float(logits[top] - logits[pred]) <= logit_atol(model, logits)  # either answer is right
             assert row.changed == (top != pred) or near_tie
@@ -198,7 +198,8 @@ def test_nothing_to_block_equals_clean(which, request, probes):
 
 def test_empty_source_gets_nan_with_reason(tiny_model):
     """A one-word prompt has no context; its rows are missing values with a reason, not an error."""
-    result = attention_knockout(tiny_model, EXTRA_PROBES, AttentionKnockoutOptions(sources=("context", "last_word"), window=1))
+    result = attention_knockout(tiny_model, EXTRA_PROBES,
+                                AttentionKnockoutOptions(sources=("context", "last_word"), window=1))
     frame = result.to_dataframe()
     empty = frame[(frame["probe_id"] == "one-word") & (frame["source"] == "context")]
     assert len(empty) == tiny_model.n_layers and empty["prob"].isna().all() and empty["changed"].isna().all()
@@ -216,9 +217,10 @@ def test_empty_source_gets_nan_with_reason(tiny_model):
 
 def test_batched_equals_unbatched_and_repeatable(tiny_model, probes):
     chosen = chosen_probes(probes)[:4]
-    one = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=1)
-    many = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=64)
-    again = attention_knockout(tiny_model, chosen, AttentionKnockoutOptions(sources=("context", "bos"), window=3), batch_size=64)
+    options = AttentionKnockoutOptions(sources=("context", "bos"), window=3)
+    one = attention_knockout(tiny_model, chosen, options, batch_size=1)
+    many = attention_knockout(tiny_model, chosen, options, batch_size=64)
+    again = attention_knockout(tiny_model, chosen, options, batch_size=64)
     np.testing.assert_allclose(one.rows["prob"], many.rows["prob"], atol=probes_prob_atol(tiny_model, chosen), rtol=0)
     assert one.rows["changed"].tolist() == many.rows["changed"].tolist()
     pd.testing.assert_frame_equal(many.rows, again.rows)
@@ -300,7 +302,8 @@ def test_blocking_the_last_position_is_refused(tiny_model, probes):
 
 
 def test_save_load_round_trip(tiny_model, probes, tmp_path):
-    result = attention_knockout(tiny_model, [*probes[:3], *EXTRA_PROBES], AttentionKnockoutOptions(sources=ALL_SOURCES, window=2))
+    result = attention_knockout(tiny_model, [*probes[:3], *EXTRA_PROBES],
+                                AttentionKnockoutOptions(sources=ALL_SOURCES, window=2))
     paths = result.save(tmp_path)
     assert (tmp_path / "attention_knockout.result.json") in paths
     back = AttentionKnockoutResult.load(tmp_path)

@@ -9,8 +9,15 @@ import math
 import pandas as pd
 import pytest
 import torch
+from tolerances import U, logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
-from idiom_lens.analyses.interventions import make_corruptions, patch_pair, patch_probes
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    PatchingOptions,
+    make_corruptions,
+    patch_pair,
+    patch_probes,
+)
 from idiom_lens.analyses.interventions.attribution_patching import (
     AgreementResult,
     attribution_patch_pair,
@@ -20,8 +27,6 @@ from idiom_lens.analyses.interventions.attribution_patching import (
 from idiom_lens.analyses.interventions.patching import PatchingResult, site_activations
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError, InputError
-from tolerances import U, logit_atol, logit_scale  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
@@ -44,7 +49,8 @@ def _early_swap(model):
     """'kill two birds with one' with its second word swapped: one token differs, early, so every
     later position and layer carries a difference."""
     probe = Probe("k", "kill two birds with one", "stone", "idiom")
-    return make_corruptions(model, [probe], CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=1)).pairs[0]
+    options = CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=1)
+    return make_corruptions(model, [probe], options).pairs[0]
 
 
 def _logit_with(model, ids, target_id, hook_name, hook):
@@ -70,7 +76,7 @@ def test_estimate_is_the_derivative_of_the_exact_patched_logit(model):
 
         def nudge(x, hook, scale=0.0):
             x = x.clone()
-            x[:, pos] = x[:, pos] + scale * delta.to(x.dtype)
+            x[:, pos] = x[:, pos] + scale * delta.to(x.dtype)  # noqa: B023 (called within this iteration)
             return x
 
         name = f"blocks.{layer}.{HOOK[site]}"
@@ -140,10 +146,12 @@ def test_same_tables_as_exact_patching(both, tiny_model):
     keys = ["probe_id", "variant", "site", "layer", "pos"]
     pd.testing.assert_frame_equal(approx.rows[keys + ["clean_token", "corrupted_token"]],
                                   exact.rows[keys + ["clean_token", "corrupted_token"]])
-    same = ["probe_id", "variant", "kind", "group", "clean_prompt", "corrupted_prompt", "target_id", "valid", "n_tokens"]
+    same = ["probe_id", "variant", "kind", "group", "clean_prompt", "corrupted_prompt", "target_id", "valid",
+            "n_tokens"]
     pd.testing.assert_frame_equal(approx.pairs[same], exact.pairs[same])
     for column in ("clean_logit", "corrupted_logit"):  # two forwards of the same prompts: fp32 logit noise
-        assert (approx.pairs[column] - exact.pairs[column]).abs().max() < logit_atol(tiny_model, exact.pairs[column].to_numpy())
+        atol = logit_atol(tiny_model, exact.pairs[column].to_numpy())
+        assert (approx.pairs[column] - exact.pairs[column]).abs().max() < atol
     pd.testing.assert_frame_equal(approx.skipped, exact.skipped)
     heat = approx.mean_heatmap(site="mlp_out", variant="word_swap")  # the plots' input works unchanged
     assert heat.shape[0] == tiny_model.n_layers

@@ -11,36 +11,41 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
-from idiom_lens.datasets.probes import Probe
-from idiom_lens.errors import InputError
-from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.analyses.interventions import (
+    KnockoutGrid,
+    KnockoutOptions,
     KnockoutResult,
     knockout_grid,
     rank_neurons,
     value_vector_ranks,
 )
-from idiom_lens.analyses.interventions.knockouts import KnockoutCell, knockout_cells, matched_neurons
-from idiom_lens.analyses.interventions.knockouts import _clean_state, _ProbeNeurons, knockout_hooks
-from idiom_lens.models.selfcheck import relative_error
+from idiom_lens.analyses.interventions.knockouts import (
+    KnockoutCell,
+    _clean_state,
+    _ProbeNeurons,
+    knockout_cells,
+    knockout_hooks,
+    matched_neurons,
+)
 from idiom_lens.analyses.stats import wilson_interval
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.models.selfcheck import relative_error
 from idiom_lens.models.vocab import MASK_RULE, valid_mask
-
-from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
 from .test_against_full_forward import (
     assert_row_matches,
     clean_post_norm,
     full_forward,
     masked,
-    reference_state,
     prediction,
     reference_knockout_logits,
+    reference_state,
     zero_neurons,
 )
-from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions
-
 
 GRID = KnockoutGrid(ks=(0, 1, 5, 64), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
                     keep_top_windows=None)
@@ -57,7 +62,8 @@ def with_targets(result):
 
 
 def test_defaults_are_the_authors_positions_and_the_matched_controls(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:2], KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))))
+    result = knockout_grid(tiny_model, probes[:2],
+                           KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))))
     s = result.settings
     assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "live"
     assert s["controls"] == ["random", "matched", "whole_mlp"]
@@ -192,7 +198,8 @@ def test_matched_neurons_by_hand():
 
 
 def test_matched_rows_report_how_close_the_match_is(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:4], KnockoutOptions(grid=KnockoutGrid(ks=(1, 5, 32), windows=(1,), modes=("zero_top",))))
+    result = knockout_grid(tiny_model, probes[:4],
+                           KnockoutOptions(grid=KnockoutGrid(ks=(1, 5, 32), windows=(1,), modes=("zero_top",))))
     rows = result.rows
     targ = rows[rows["control"] == "targeted"]
     assert np.allclose(targ["score_ratio"], 1.0)  # a sum over itself: 1 up to float64 rounding
@@ -243,7 +250,8 @@ def test_frozen_norm_knockout_by_hand(tiny_gemma_post, probes):
     output minus exactly the zeroed neurons' contributions (window of one layer)."""
     model = tiny_gemma_post
     t = tokenize_probes(model, probes[:1])[0]
-    result = knockout_grid(model, probes[:1], KnockoutOptions(grid=KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",)), controls=(), norm="frozen", positions="all"))
+    grid = KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",))
+    result = knockout_grid(model, probes[:1], KnockoutOptions(grid=grid, controls=(), norm="frozen", positions="all"))
     ranking = rank_neurons(model, probes[:1])
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
@@ -313,7 +321,8 @@ def test_grid_shape_summary_intervals_and_groups(tiny_model, probes, tmp_path):
     for row in summary.itertuples():
         assert row.n == n_group[row.group]
         low, high = wilson_interval(row.n_changed, row.n)
-        assert (row.changed_low, row.changed_high) == pytest.approx((float(low), float(high)))  # the same float64 formula
+        # the same float64 formula
+        assert (row.changed_low, row.changed_high) == pytest.approx((float(low), float(high)))
     table = result.layer_table(k=5, window=1)
     assert set(table["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert {"group", "layer", "n", "changed", "changed_low", "changed_high"} <= set(table.columns)
@@ -344,7 +353,8 @@ def test_grid_sizes():
 
 
 def test_full_grid_is_the_papers(tiny_model, probes):
-    result = knockout_grid(tiny_model, probes[:1], KnockoutOptions(grid=KnockoutGrid.PAPER, controls=(), positions="last"))
+    result = knockout_grid(tiny_model, probes[:1],
+                           KnockoutOptions(grid=KnockoutGrid.PAPER, controls=(), positions="last"))
     rows = result.rows
     assert result.settings["grid"] == "paper"
     zero, keep = rows[rows["mode"] == "zero_top"], rows[rows["mode"] == "keep_top"]
@@ -410,7 +420,8 @@ def test_early_top_neurons_matter_more_than_random(embedded_model):
     the score than the random one (the rows say how much)."""
     probes = [Probe(id=f"m{i}", prompt=t.rsplit(" ", 1)[0], target=t.rsplit(" ", 1)[1], kind="idiom")
               for i, t in enumerate(MEMORIZED)]
-    result = knockout_grid(embedded_model, probes, KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(3,), modes=("zero_top",)), controls=("random", "matched"), seed=0))
+    grid = KnockoutGrid(ks=(100,), windows=(3,), modes=("zero_top",))
+    result = knockout_grid(embedded_model, probes, KnockoutOptions(grid=grid, controls=("random", "matched"), seed=0))
     frame = result.to_dataframe()
     frame = frame[(frame["group"] == "memorized idioms") & (frame["start"] <= 2)]  # layers 0..4
     assert frame["probe_id"].nunique() >= 10

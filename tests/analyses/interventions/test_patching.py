@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import (
+    CorruptionOptions,
+    PatchingOptions,
+    make_corruptions,
+    patch_pair,
+    patch_probes,
+)
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.analyses.interventions import make_corruptions, patch_pair, patch_probes
-from idiom_lens.analyses.interventions import CorruptionOptions, PatchingOptions
 
 # Words the tiny tokenizer knows as single tokens (trained on the fixture corpus).
 BANK = ("moon", "eye", "stone", "room", "cake", "ice", "mat", "book", "market", "history", "cat", "walked")
-from tolerances import logit_atol, logit_scale  # tests/tolerances.py: why each bound
 
 
 def test_corruptions_keep_token_length_and_are_deterministic(tiny_model, probes):
@@ -34,12 +39,14 @@ def test_corruptions_keep_token_length_and_are_deterministic(tiny_model, probes)
     short = [Probe("s", "break the", "ice", "idiom")]
     result = make_corruptions(tiny_model, short, CorruptionOptions(bank=BANK, variants=("prefix_swap",)))
     assert result.pairs == () and result.skipped[0][0] == "s"
-    nothing_fits = make_corruptions(tiny_model, short, CorruptionOptions(bank=("extraordinarily",), variants=("word_swap",)))
+    nothing_fits = make_corruptions(tiny_model, short,
+                                    CorruptionOptions(bank=("extraordinarily",), variants=("word_swap",)))
     assert nothing_fits.pairs == () and "token" in nothing_fits.skipped[0][2]
 
 
 def _pair(tiny_model, probes):
-    return next(p for p in make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, variants=("word_swap",))).pairs)
+    corruptions = make_corruptions(tiny_model, probes, CorruptionOptions(bank=BANK, variants=("word_swap",)))
+    return next(p for p in corruptions.pairs)
 
 
 def test_patching_clean_into_clean_restores_all_and_corrupted_into_corrupted_nothing(tiny_model, probes):
@@ -64,7 +71,8 @@ def test_patching_the_swapped_token_at_layer_0_restores_everything(tiny_model, w
     position restores anything, patching writes to the wrong cell or not at all.
     """
     probe = Probe("k", "kill two birds with one", "stone", "idiom")
-    pairs = make_corruptions(tiny_model, [probe], CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=word_index)).pairs
+    options = CorruptionOptions(bank=BANK, variants=("word_swap",), word_index=word_index)
+    pairs = make_corruptions(tiny_model, [probe], options).pairs
     assert len(pairs) == 1
     pair = pairs[0]
     differ = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b]
@@ -105,7 +113,8 @@ def test_matches_transformer_lens_patching(tiny_model, probes):
 
 
 def test_patch_probes_frame_and_validation(tiny_model, probes, tmp_path):
-    result = patch_probes(tiny_model, probes[:6], PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
+    result = patch_probes(tiny_model, probes[:6],
+                          PatchingOptions(corruption=CorruptionOptions(bank=BANK), sites=("resid_pre", "mlp_out")))
     frame = result.to_dataframe()
     n_rows = sum(2 * tiny_model.n_layers * n for n in result.pairs["n_tokens"])
     assert len(frame) == n_rows

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import SkipOptions, skip_layers
+from idiom_lens.analyses.interventions.skipping import skip_spans
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.analyses.interventions import skip_layers
-from idiom_lens.analyses.interventions.skipping import skip_spans
 
 from .test_against_full_forward import masked
-from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
-from idiom_lens.analyses.interventions import SkipOptions
 
 
 def test_skipping_no_layer_changes_nothing(tiny_model, probes):
@@ -33,14 +32,15 @@ def test_skip_matches_manual_bypass(tiny_model, probes, span):
         store = {}
 
         def keep(x, hook):
-            store["x"] = x.clone()
+            store["x"] = x.clone()  # noqa: B023 (called within this iteration)
 
         def put(x, hook):
-            return store["x"]
+            return store["x"]  # noqa: B023 (called within this iteration)
 
         with torch.no_grad():
             logits = tiny_model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)]
+                tokens,
+                fwd_hooks=[(f"blocks.{span[0]}.hook_resid_pre", keep), (f"blocks.{span[-1]}.hook_resid_post", put)],
             )[0, -1]
         scale = float(logits.abs().max())
         logits = masked(tiny_model, logits)  # predictions range over real vocabulary tokens

@@ -7,7 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.analyses.interventions import TracingOptions
 from idiom_lens.analyses.interventions.tracing import (
     TracingResult,
     causal_trace,
@@ -23,10 +25,8 @@ from idiom_lens.models.loading import load_model
 from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import masked_token_ids
 from tests.reference import load_hf_model, reference_causal_trace
-from idiom_lens.analyses.interventions import TracingOptions
 
 SPECS = (("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3))
-from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
 
 
 @pytest.fixture(scope="module", params=["gemma3", "llama"])
