@@ -92,6 +92,7 @@ def test_run_on_the_published_idiomem_file_keeps_its_flags(run_cli, tmp_path, ti
 
     ids = set(pd.read_parquet(model_dir / "trajectory" / "trajectory_memorization.parquet")["probe_id"])
     assert {SHARED_ID, f"{SHARED_ID}-2"} <= ids
-    assert run_cli(["run", "--model", str(tiny_model_dir), "--dataset", str(path), str(path),
-                    "--out", str(tmp_path / "out2")]) == 2  # the same ids twice
+    with pytest.warns(UserWarning, match="renamed 1 repeated id"):
+        assert run_cli(["run", "--model", str(tiny_model_dir), "--dataset", str(path), str(path),
+                        "--out", str(tmp_path / "out2")]) == 2  # the same ids twice
     assert "unique ids" in capsys.readouterr().err

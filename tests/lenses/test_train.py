@@ -63,7 +63,7 @@ def test_hand_written_kl_gradient_equals_autograd(tiny_model, residuals):
     # the same formulas, in other orders: a KL moves by at most its log-probabilities' noise (one
     # unembedding); the gradient (1/N) W_U (q - t) by that noise x the largest row sum of |W_U|
     noise = prob_atol(tiny_model, logits, n_layers=1)
-    assert kl == pytest.approx(float(loss), abs=noise)
+    assert kl == pytest.approx(float(loss.detach()), abs=noise)
     w_u = tiny_model.bridge.W_U.detach()
     torch.testing.assert_close(grad, x.grad, atol=noise * float(w_u.abs().sum(-1).max()) / len(h), rtol=0)
 
