@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from records import memorization_of  # tests/records.py
 from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
 
-from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, probe_group, score_memorization
+from idiom_lens.analyses.memorization import MemorizationRecord, probe_group, score_memorization
 from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
@@ -124,25 +125,13 @@ def _fact(id_: str, source: str = "", hard: bool | None = True) -> Probe:
     return Probe(id=id_, prompt="p q", target="t", kind="fact", source=source, hard_to_guess=hard)
 
 
-def _scored(probes: list[Probe], memorized: dict[str, bool]) -> MemorizationResult:
-    records = tuple(
-        MemorizationRecord(
-            probe_id=p.id, kind=p.kind, group="", hard_to_guess=p.hard_to_guess, prompt=p.prompt, target=p.target,
-            target_id=1, target_token=" t", n_target_tokens=1, pred_id=1, pred_token=" t",
-            memorized=memorized[p.id], pred_prob=0.5, target_rank=0, target_prob=0.5, full_target_match=True,
-        )
-        for p in probes
-    )
-    return MemorizationResult(records=records, settings={})
-
-
 def test_by_relation_counts() -> None:
     probes = [
         _fact("fact-capital-a"), _fact("fact-capital-b", hard=False), _fact("fact-element-c"),
         _fact("mine", "notes"), Probe(id="i", prompt="once in a blue", target="moon", kind="idiom"),
     ]
-    result = _scored(probes, {"fact-capital-a": True, "fact-capital-b": True, "fact-element-c": False, "mine": True,
-                              "i": True})
+    result = memorization_of(probes, {"fact-capital-a": True, "fact-capital-b": True, "fact-element-c": False,
+                                      "mine": True, "i": True})
     table = result.by_relation(probes).set_index("relation")
     assert list(table.index) == ["capital", "element", "unknown", "all"]  # idioms are ignored
     columns = ["n", "memorized", "n_hard_to_guess", "memorized_hard_to_guess"]
@@ -153,6 +142,6 @@ def test_by_relation_counts() -> None:
 
 def test_by_relation_rejects_foreign_records() -> None:
     probes = [_fact("fact-capital-a")]
-    result = _scored([*probes, _fact("fact-capital-z")], {"fact-capital-a": True, "fact-capital-z": False})
+    result = memorization_of([*probes, _fact("fact-capital-z")], {"fact-capital-a": True, "fact-capital-z": False})
     with pytest.raises(InputError, match="not in the probe list"):
         result.by_relation(probes)

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from records import memorization_of  # tests/records.py
 
-from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult
 from idiom_lens.analyses.model_flags import prompt_tails, tail_prompt_comp, with_model_prompt_comp
 from idiom_lens.datasets import Probe, ProbeSet
-
-
-def _result(probes: list[Probe], memorized: dict[str, bool]) -> MemorizationResult:
-    records = tuple(
-        MemorizationRecord(
-            probe_id=p.id, kind=p.kind, group="", hard_to_guess=p.hard_to_guess, prompt=p.prompt, target=p.target,
-            target_id=1, target_token=" t", n_target_tokens=1, pred_id=1, pred_token=" t",
-            memorized=memorized[p.id], pred_prob=0.5, target_rank=0, target_prob=0.5, full_target_match=True,
-        )
-        for p in probes
-    )
-    return MemorizationResult(records=records, settings={})
 
 
 def test_prompt_tails() -> None:
@@ -36,7 +24,7 @@ def test_tail_prompt_comp_with_a_stand_in_model(monkeypatch: pytest.MonkeyPatch)
 
     def fake_score(model, probes, *, batch_size, progress):  # noqa: ANN001 - stand-in
         seen.extend(p.prompt for p in probes)
-        return _result(list(probes), {p.id: p.prompt == "a sore" for p in probes})
+        return memorization_of(list(probes), {p.id: p.prompt == "a sore" for p in probes})
 
     monkeypatch.setattr(model_flags, "score_memorization", fake_score)
     probes = [

@@ -44,7 +44,7 @@ def run_knockouts(
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
     Layer skipping takes the grid's window lengths that fit the model, at every position.
-    The knockouts and layer skipping run in resumable parts (`_swept`), on `executor`'s workers
+    The knockouts and layer skipping run in resumable parts (`parts.sweep_per_probe`), on `executor`'s workers
     when given: the same files."""
     from idiom_lens.analyses.interventions import (
         KnockoutResult,
