@@ -21,14 +21,9 @@ from idiom_lens.analyses.interventions import (
     rank_neurons,
     value_vector_ranks,
 )
-from idiom_lens.analyses.interventions.knockouts import (
-    KnockoutCell,
-    _clean_state,
-    _ProbeNeurons,
-    knockout_cells,
-    knockout_hooks,
-    matched_neurons,
-)
+from idiom_lens.analyses.interventions.knockouts import KnockoutCell, knockout_cells, knockout_hooks, matched_neurons
+from idiom_lens.analyses.interventions.knockouts.controls import _ProbeNeurons
+from idiom_lens.analyses.interventions.knockouts.scores import _clean_state
 from idiom_lens.analyses.stats import wilson_interval
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
