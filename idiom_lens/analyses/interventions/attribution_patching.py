@@ -46,6 +46,7 @@ from idiom_lens.analyses.interventions.patching import (
     PairPatching,
     PatchingOptions,
     PatchingResult,
+    _check_pair,
     _patch_set,
     patch_probes,
 )
@@ -64,17 +65,6 @@ ALL = "all"  # the site (or variant) label of every site (variant) taken togethe
 # --------------------------------------------------------------------------------------
 # One pair
 # --------------------------------------------------------------------------------------
-
-
-def _check_pair(clean_ids: Sequence[int], corrupted_ids: Sequence[int], sites: Sequence[str]) -> None:
-    if len(clean_ids) != len(corrupted_ids):
-        raise InputError(
-            "clean and corrupted prompts must have the same token length, "
-            f"got {len(clean_ids)} and {len(corrupted_ids)}"
-        )
-    bad = [s for s in sites if s not in PATCH_SITES]
-    if not sites or bad:
-        raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
 
 
 def _capture(

@@ -280,6 +280,18 @@ class PairPatching:
         return (self.patched - self.corrupted_logit) / (self.clean_logit - self.corrupted_logit)
 
 
+def _check_pair(clean_ids: Sequence[int], corrupted_ids: Sequence[int], sites: Sequence[str]) -> None:
+    """`InputError` unless the prompts have one token length and `sites` are patch sites."""
+    if len(clean_ids) != len(corrupted_ids):
+        raise InputError(
+            "clean and corrupted prompts must have the same token length, "
+            f"got {len(clean_ids)} and {len(corrupted_ids)}"
+        )
+    bad = [s for s in sites if s not in PATCH_SITES]
+    if not sites or bad:
+        raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
+
+
 def patch_pair(
     model: LoadedModel,
     *,
@@ -296,14 +308,7 @@ def patch_pair(
     The default (clean into corrupted) measures restoration; sender == receiver is a no-op
     used as an invariant (restores 1.0 into clean, 0.0 into corrupted).
     """
-    if len(clean_ids) != len(corrupted_ids):
-        raise InputError(
-            "clean and corrupted prompts must have the same token length, "
-            f"got {len(clean_ids)} and {len(corrupted_ids)}"
-        )
-    bad = [s for s in sites if s not in PATCH_SITES]
-    if not sites or bad:
-        raise InputError(f"sites must be among {', '.join(PATCH_SITES)}, got {list(sites)}")
+    _check_pair(clean_ids, corrupted_ids, sites)
     clean_acts, clean_logits = site_activations(model, clean_ids, sites)
     corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
     source = clean_acts if sender == "clean" else corr_acts
