@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import check_marker, key_digest, write_marker
-from idiom_lens.study.executors import Executor
+from idiom_lens.study.executors import Executor, LocalExecutor
 from idiom_lens.study.layout import FORMAT
 
 if TYPE_CHECKING:
@@ -197,8 +197,6 @@ def sweep_per_probe(
     `save`), in resumable parts of `PROBES_PER_PART` probes under `out/.parts/` (reused when
     finished and intact), on `executor` (this process by default), joined in probe order: one
     call's result, row for row."""
-    from idiom_lens.study.executors import LocalExecutor
-
     sweep = Sweep(name=name, call=call, per_probe=True, join=join, save=lambda result, folder: result.save(folder),
                   load=load)
     return sweep_in_parts(sweep, model, list(probes), Path(out) / PARTS, executor or LocalExecutor(model),
