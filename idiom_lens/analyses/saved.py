@@ -27,6 +27,7 @@ descriptor, another result type, another format version, or a listed table that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -367,6 +368,23 @@ class ProbeRowsResult(Saved):
     def summary(self) -> pd.DataFrame:
         """Per set and configuration; each result type has its own."""
         raise NotImplementedError
+
+    def in_sets(self, sets: Mapping[str, Sequence[str]]) -> Self:
+        """The same result with its probes regrouped: one probe row per (set, probe id) with
+        `group` = the set's name, for sets that are not the memorization groups (a matched
+        sample; sets may share probes, each then counted in both). Probes in no set are dropped;
+        a probe id the result lacks raises `InputError`."""
+        have = set(self.probes["probe_id"])
+        missing = sorted({pid for ids in sets.values() for pid in ids} - have)
+        if missing:
+            raise InputError(f"sets name probes this result does not have: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        indexed = self.probes.set_index("probe_id", drop=False)
+        frames = [indexed.loc[list(ids)].assign(group=name) for name, ids in sets.items() if ids]
+        probes = pd.concat(frames, ignore_index=True) if frames else self.probes.iloc[:0]
+        kept = set(probes["probe_id"])
+        rows = self.rows[self.rows["probe_id"].isin(kept)].reset_index(drop=True)
+        return dataclasses.replace(self, rows=rows, probes=probes.reset_index(drop=True))
 
     def saved_tables(self) -> dict[str, pd.DataFrame]:
         clash = [c for c in self.MERGED if c in self.rows.columns]
