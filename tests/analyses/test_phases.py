@@ -6,11 +6,20 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from idiom_lens.analyses.memorization import MemorizationRecord, MemorizationResult, probe_group
-from idiom_lens.analyses.phases import analyse_phases, first_entry_layers, promotion_layers
-from idiom_lens.analyses.stats import bootstrap_mean_ci
+from idiom_lens.analyses.phases import (
+    VERDICT_FAILS,
+    VERDICT_HOLDS,
+    VERDICT_SETS,
+    analyse_phases,
+    first_entry_layers,
+    promotion_layers,
+    two_phase_verdict,
+)
+from idiom_lens.analyses.stats import bootstrap_mean_ci, holm
 from idiom_lens.analyses.trajectory import TrajectoryResult, layer_trajectory
 
 N_LAYERS = 8
@@ -25,10 +34,10 @@ def _ranks(promotion: int, *, n_layers: int = N_LAYERS) -> list[int]:
 
 def _probs(ranks: Sequence[int], *, boost: bool, final: float | None = None) -> list[float]:
     """Predicted token's probability: 0.05 while not top-1; from the first top-1 layer, 0.3 rising by
-    0.15 per layer up to 0.9 (`boost`), or staying at 0.3 (no confidence boosting). With `final`, the
-    top-1 layers rise linearly from min(0.3, final) to `final` at the last layer instead."""
+    0.15 per layer up to 0.9 (`boost`), or staying at 0.3 (no confidence boosting). With `final` (and
+    `boost`), the top-1 layers rise linearly from min(0.3, final) to `final` at the last layer instead."""
     first = next(layer for layer, rank in enumerate(ranks) if rank == 0)
-    if final is not None:
+    if final is not None and boost:
         start, n_top = min(0.3, final), len(ranks) - 1 - first
         return [0.05 if layer < first else (start + (final - start) * (layer - first) / n_top if n_top else final)
                 for layer in range(len(ranks))]
@@ -71,12 +80,18 @@ def synthetic_result(probes: Sequence[tuple], *, boost: bool = True) -> Trajecto
 
 
 def _probes(
-    memorized: Sequence[int], non_memorized: Sequence[int], text: Sequence[int]
-) -> list[tuple[str, bool, list[int]]]:
-    """Probes promoted (top-1 through the last layer) at the given layers, per set."""
-    return ([("idiom", True, _ranks(p)) for p in memorized]
-            + [("idiom", False, _ranks(p)) for p in non_memorized]
-            + [("text", False, _ranks(p)) for p in text])
+    memorized: Sequence[int], non_memorized: Sequence[int], text: Sequence[int], *, final: float | None = 0.9
+) -> list[tuple]:
+    """Probes promoted (top-1 through the last layer) at the given layers, per set.
+
+    Every probe ends at the same probability `final` (0.3 at its promotion layer, rising to 0.9), so
+    final confidence does not differ between sets and the confidence controls can be tested (every
+    probe matches, one stratum). `final=None`: the probability rises 0.15 per layer from 0.3 (up to
+    0.9), so probes promoted earlier end more confident, and the sets do not overlap in confidence."""
+    end = () if final is None else (final,)
+    return ([("idiom", True, _ranks(p), *end) for p in memorized]
+            + [("idiom", False, _ranks(p), *end) for p in non_memorized]
+            + [("text", False, _ranks(p), *end) for p in text])
 
 
 def test_promotion_layer_is_where_top1_holds_to_the_end():
@@ -129,14 +144,14 @@ def test_boundary_and_verdict_when_memorized_idioms_are_promoted_early() -> None
     A wrong boundary, verdict, per-probe promotion layer or set median means the phase analysis
     does not measure what method.md section 3 describes.
     """
-    result = synthetic_result(_probes(memorized=[3, 3, 3, 3], non_memorized=[5, 7, 7], text=[4, 7, 7]))
+    result = synthetic_result(_probes(memorized=[3] * 8, non_memorized=[5, 7, 7] * 3, text=[4, 7, 7] * 3))
     phases = analyse_phases(result, n_boot=50)
     assert phases.boundary_layer == 3
     assert phases.holds is True
-    assert phases.probes["promotion_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
-    assert phases.probes["top10_layer"].tolist() == [3, 3, 3, 3, 5, 7, 7, 4, 7, 7]
+    assert phases.probes["promotion_layer"].tolist() == [3] * 8 + [5, 7, 7] * 3 + [4, 7, 7] * 3
+    assert phases.probes["top10_layer"].tolist() == [3] * 8 + [5, 7, 7] * 3 + [4, 7, 7] * 3
     # 0.3 -> 0.9 in float32 (6e-8)
-    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:4], 0.6, atol=1e-6)
+    np.testing.assert_allclose(phases.probes["confidence_gain"].iloc[:8], 0.6, atol=1e-6)
     table = phases.group_table().set_index("group")
     assert table.loc["memorized idioms", "median_promotion_layer"] == 3
     assert table.loc["non-memorized idioms", "median_promotion_layer"] == 7
@@ -151,7 +166,7 @@ def test_boundary_and_verdict_when_memorized_idioms_are_promoted_early() -> None
 def test_summary_states_the_boundary_the_boost_and_the_comparison() -> None:
     """The summary gives the boundary, the probabilities at it and at the end, each set's median
     promotion layer and the verdict, with the numbers of the synthetic result (not merely some text)."""
-    result = synthetic_result(_probes(memorized=[3, 3, 3, 3], non_memorized=[5, 7, 7], text=[4, 7, 7]))
+    result = synthetic_result(_probes(memorized=[3] * 8, non_memorized=[5, 7, 7] * 3, text=[4, 7, 7] * 3))
     text = analyse_phases(result, n_boot=50).summary_text
     assert text.startswith(f"On {MODEL} (8 layers), at least 50% of the memorized idioms have their predicted "
                            "token at top-1 from layer 3 (0-based) on")
@@ -183,10 +198,12 @@ def test_verdict_fails_when_memorized_idioms_are_not_promoted_earlier(
 
 
 def test_verdict_fails_without_confidence_boosting() -> None:
-    """Promoted early but the probability never rises after the boundary: not the two-phase pattern."""
-    result = synthetic_result(_probes(memorized=[3, 3, 3, 3], non_memorized=[7, 7, 7], text=[7, 7, 7]), boost=False)
+    """Promoted early, significantly so under every control, but the probability never rises after
+    the boundary: not the two-phase pattern."""
+    result = synthetic_result(_probes(memorized=[3] * 10, non_memorized=[7] * 10, text=[7] * 10), boost=False)
     phases = analyse_phases(result, n_boot=50)
     assert phases.boundary_layer == 3 and phases.holds is False
+    assert phases.promotion_tests["earlier"].all() and phases.holds_confidence_matched is True
     assert "rises from 0.30 at layer 3 to 0.30 at the last layer" in phases.summary_text
     assert phases.summary_text.endswith("does not clearly hold on this model.")
 
@@ -259,8 +276,9 @@ def _test_row(phases, versus: str, *, control: str = "all probes", group: str = 
 
 
 def test_promotion_tests_report_p_value_effect_sizes_and_interval() -> None:
-    """A large known shift (memorized at layer 2, the others at 6): smallest p, +4 layers, Cliff's delta 1."""
-    result = synthetic_result(_probes(memorized=[2] * 12, non_memorized=[6] * 12, text=[6, 6, 6, 5, 6, 6]))
+    """A large known shift (memorized at layer 2, the others at 6): smallest p, +4 layers, Cliff's delta 1;
+    and the Holm adjustment over the family of the 6 tests (2 comparison sets x 3 controls)."""
+    result = synthetic_result(_probes(memorized=[2] * 12, non_memorized=[6] * 12, text=[6, 6, 6, 5, 6, 6] * 2))
     phases = analyse_phases(result, n_boot=200, n_permutations=2000, seed=1)
     t = _test_row(phases, "non-memorized idioms")
     assert (t.n_a, t.n_b) == (12, 12)
@@ -269,12 +287,21 @@ def test_promotion_tests_report_p_value_effect_sizes_and_interval() -> None:
     assert t.mean_diff_low == t.mean_diff_high == 4.0  # constant samples: every resample gives +4
     assert t.alternative == "two-sided" and t.n_permutations == 2000
     assert bool(t.significant) and bool(t.earlier)
+    assert (t.n_a_total, t.n_b_total, t.test) == (12, 12, "permutation of set labels (unpaired)")
+    # Holm: no p can be below the floor 1 / 2001, so a row at the floor is adjusted to 6 / 2001 exactly
+    assert (t.family_size, t.correction) == (6, "holm")
+    assert t.p_adjusted == pytest.approx(6 / 2001)  # float64: default approx
+    tests = phases.promotion_tests
+    np.testing.assert_allclose(tests["p_adjusted"], holm(tests["p_value"].to_numpy()))
+    assert (tests["p_adjusted"] >= tests["p_value"]).all()
+    assert (tests["significant"] == (tests["p_adjusted"] < 0.05)).all()
     text_row = _test_row(phases, "ordinary text")
     assert text_row.mean_diff == pytest.approx(35 / 6 - 2) and text_row.p_value < 0.01  # float64: default approx
     assert phases.holds is True
     assert t.p_value == 1 / 2001  # 2 of the C(24, 12) = 2.7M splits are as extreme: none is drawn
     assert "Permutation test (two-sided, 2000 relabellings): mean +4.0 layers (95% CI +4.0 to +4.0), " \
-           "Cliff's delta +1.00, p = 0.0005, the smallest this number of relabellings can give." in phases.summary_text
+           "Cliff's delta +1.00, p = 0.0005, the smallest this number of relabellings can give; " \
+           "Holm-adjusted over the 6 promotion tests: p = 0.003." in phases.summary_text
     # seeded: same seed, same p; the dict carries every test, as plain JSON
     again = analyse_phases(result, n_boot=200, n_permutations=2000, seed=1)
     assert _test_row(again, "non-memorized idioms").p_value == t.p_value
@@ -290,18 +317,19 @@ def test_verdict_needs_a_significant_difference() -> None:
     phases = analyse_phases(result, n_boot=50, n_permutations=2000)
     t = _test_row(phases, "non-memorized idioms")
     assert t.median_diff == 4.0 and t.p_value > 0.3 and not t.significant
-    assert phases.holds is False and phases.holds_confidence_matched is False
+    assert phases.holds is False and phases.holds_confidence_matched is None  # 1 pair: not tested
     assert phases.summary_text.endswith("The two-phase pattern does not clearly hold on this model.")
 
 
 def test_facts_are_compared_but_not_part_of_the_idiom_verdict() -> None:
     """Memorized facts vs non-memorized facts get their own test; facts promoted late do not block
     the idiom verdict."""
-    probes = _probes(memorized=[2] * 6, non_memorized=[6] * 6, text=[6] * 6)
-    probes += [("fact", True, _ranks(5))] * 6 + [("fact", False, _ranks(1))] * 6
+    probes = _probes(memorized=[2] * 12, non_memorized=[6] * 12, text=[6] * 12)
+    probes += [("fact", True, _ranks(5), 0.9)] * 12 + [("fact", False, _ranks(1), 0.9)] * 12
     phases = analyse_phases(synthetic_result(probes), n_boot=50, n_permutations=2000)
     facts = _test_row(phases, "non-memorized facts", group="memorized facts")
     assert facts.mean_diff == -4.0 and facts.significant and not facts.earlier
+    assert facts.family_size == 9  # 3 comparisons x 3 controls: one family
     assert phases.holds is True
     assert ("Median promotion layer: memorized facts 5.0 vs non-memorized facts 1.0 (-4.0 layers)."
             in phases.summary_text)
@@ -342,7 +370,7 @@ def test_boundary_sensitivity_is_none_without_memorized_idioms() -> None:
 )
 def test_relative_depth_and_the_early_layers_claim(boundary: int, depth: float, early: bool) -> None:
     """Depth is (boundary + 1) / n_layers; "early layers" is claimed only up to half the depth."""
-    result = synthetic_result(_probes(memorized=[boundary] * 6, non_memorized=[7] * 6, text=[7] * 6))
+    result = synthetic_result(_probes(memorized=[boundary] * 12, non_memorized=[7] * 12, text=[7] * 12))
     phases = analyse_phases(result, n_boot=50, n_permutations=2000)
     assert phases.boundary_layer == boundary and phases.boundary_depth == depth
     assert phases.to_dict()["boundary_depth"] == depth
@@ -356,67 +384,156 @@ def test_relative_depth_and_the_early_layers_claim(boundary: int, depth: float, 
 
 
 def _confidence_case(*, control_promoted_at: int) -> list[tuple]:
-    """8 confident memorized idioms promoted at layer 2; 8 equally confident non-memorized idioms
-    promoted at `control_promoted_at`; 16 unconfident non-memorized idioms and 8 unconfident text
-    probes promoted at 6 (no partner within the caliper)."""
+    """8 confident memorized idioms promoted at layer 2; 8 equally confident non-memorized idioms and
+    8 equally confident text probes promoted at `control_promoted_at`; 16 unconfident non-memorized
+    idioms and 8 unconfident text probes promoted at 6 (no partner within the caliper)."""
     probes: list[tuple] = [("idiom", True, _ranks(2), 0.85 + 0.005 * i) for i in range(8)]
     probes += [("idiom", False, _ranks(control_promoted_at), 0.852 + 0.005 * i) for i in range(8)]
     probes += [("idiom", False, _ranks(6), 0.2 + 0.005 * i) for i in range(16)]
-    probes += [("text", False, _ranks(6), 0.25 + 0.005 * i) for i in range(8)]
+    probes += [("text", False, _ranks(control_promoted_at), 0.851 + 0.005 * i) for i in range(8)]
+    probes += [("text", False, _ranks(6), 0.25 + 0.005 * i) for i in range(16)]
     return probes
 
 
 def test_confidence_matched_control_removes_a_confidence_only_difference() -> None:
     """Confident probes are promoted at layer 2 whatever their set: memorized idioms look earlier only
-    because most non-memorized idioms are unconfident. After matching on final probability the
-    difference is gone, so the pattern holds on all probes but not under the control."""
+    because most other probes are unconfident. On all probes the difference is significant after
+    Holm's adjustment, but after matching on final probability it is gone, so the pattern does not
+    hold (before the verdict read the confidence controls, it held here)."""
     result = synthetic_result(_confidence_case(control_promoted_at=2))
     # the confident controls reach top-1 at 0.6 (memorized idioms at 0.3): same final probability,
     # different confidence gain, so matching on anything but the final probability finds other pairs
     result.pred_prob[8:16, 0, 2] = 0.6
     phases = analyse_phases(result, n_boot=200, n_permutations=2000)
-    assert phases.holds is True
-    assert _test_row(phases, "non-memorized idioms").p_value < 0.05
-    matched = _test_row(phases, "non-memorized idioms", control="confidence-matched")
-    assert (matched.n_a, matched.n_b, matched.mean_diff, matched.p_value) == (8, 8, 0.0, 1.0)
-    assert phases.holds_confidence_matched is False
+    for versus in VERDICT_SETS:
+        assert _test_row(phases, versus).earlier  # all probes: earlier, Holm-adjusted p < 0.05
+        matched = _test_row(phases, versus, control="confidence-matched")
+        # 8 pairs, every difference 0: all 2**8 sign patterns tie with the observed one, p = 1
+        assert (matched.n_a, matched.n_b, matched.n_pairs, matched.mean_diff, matched.p_value) == (8, 8, 8, 0.0, 1.0)
+        assert matched.exact and matched.n_permutations == 256 and not matched.earlier
+    assert _test_row(phases, "non-memorized idioms", control="confidence-matched").n_b_total == 24
+    assert phases.holds is False and phases.holds_confidence_matched is False
     m = phases.matching.set_index("versus")
     assert m.loc["non-memorized idioms", "n_matched"] == 8 and m.loc["non-memorized idioms", "caliper"] == 0.05
-    assert m.loc["ordinary text", "n_matched"] == 0 and not m.loc["ordinary text", "tested"]
+    assert m.loc["ordinary text", "n_matched"] == 8
     pairs = phases.matched_pairs[phases.matched_pairs.versus == "non-memorized idioms"]
     assert pairs["matched_probe_id"].is_unique  # without replacement
     assert ((pairs["final_prob"] - pairs["matched_final_prob"]).abs() <= 0.05).all()
     # each memorized idiom pairs with the control 0.002 above it (0.003 below is the next nearest)
     assert dict(zip(pairs["probe_id"], pairs["matched_probe_id"])) == {f"p{i}": f"p{i + 8}" for i in range(8)}
     text = phases.summary_text
-    assert "8 of 8 memorized idioms matched with non-memorized idioms (mean final probability 0.87 vs 0.87" in text
-    assert "0 of 8 memorized idioms matched with ordinary text, fewer than 5: not tested." in text
+    assert "8 of 8 memorized idioms matched with 8 of 24 non-memorized idioms (mean final probability 0.87 vs 0.87" \
+        in text
+    assert "median paired difference +0.0 layers. Sign-flip test (paired, two-sided, all 256 sign patterns): " \
+        "mean +0.0 layers (95% CI +0.0 to +0.0), Cliff's delta +0.00, p = 1; Holm-adjusted" in text
     assert "Earlier promotion does not survive the confidence-matched control" in text
-    assert text.endswith("The two-phase pattern holds on this model.")
+    assert text.endswith("The two-phase pattern does not clearly hold on this model.")
     assert phases.to_dict()["two_phase_pattern_holds_confidence_matched"] is False
 
 
 def test_confidence_matched_control_keeps_a_real_difference() -> None:
-    """Equally confident non-memorized idioms are still promoted late (layer 6): the difference survives."""
+    """Equally confident other probes are still promoted late (layer 6): the difference survives both
+    confidence controls, so the pattern holds."""
     phases = analyse_phases(synthetic_result(_confidence_case(control_promoted_at=6)), n_boot=200,
                             n_permutations=2000)
     matched = _test_row(phases, "non-memorized idioms", control="confidence-matched")
-    assert (matched.n_a, matched.mean_diff) == (8, 4.0) and matched.p_value < 0.01
+    # every paired difference is +4: of the 2**8 sign patterns only all-plus and all-minus are as extreme
+    assert (matched.n_a, matched.mean_diff, matched.median_diff, matched.p_value) == (8, 4.0, 4.0, 2 / 256)
+    assert matched.mean_diff_low == matched.mean_diff_high == 4.0
+    for versus in VERDICT_SETS:
+        assert _test_row(phases, versus, control="confidence-matched").earlier
+        assert _test_row(phases, versus, control="confidence-stratified").earlier
     assert phases.holds is True and phases.holds_confidence_matched is True
     assert "Earlier promotion survives the confidence-matched control." in phases.summary_text
+    assert phases.summary_text.endswith("The two-phase pattern holds on this model.")
 
 
-def test_confidence_matched_control_untested_with_too_few_pairs() -> None:
-    """Holds on all probes, but no pair within the caliper: the control is reported as untested (None)."""
-    result = synthetic_result(_probes(memorized=[2] * 6, non_memorized=[6] * 6, text=[6] * 6))
+def test_no_verdict_without_a_testable_confidence_control() -> None:
+    """Earlier on all probes, but every memorized idiom ends more confident than every other probe:
+    no pair within the caliper, no stratum holding both sets. Nothing separates promotion from
+    confidence, so the pattern is not claimed; a wide caliper pairs them and the paired test decides."""
+    result = synthetic_result(_probes(memorized=[2] * 12, non_memorized=[6] * 12, text=[6] * 12, final=None))
     phases = analyse_phases(result, n_boot=50, n_permutations=2000)
-    assert phases.holds is True and phases.holds_confidence_matched is None
-    assert (phases.promotion_tests.control == "confidence-matched").sum() == 0
+    assert phases.promotion_tests["control"].tolist() == ["all probes"] * 2
+    assert phases.promotion_tests["earlier"].all()
+    assert phases.holds is False and phases.holds_confidence_matched is None
     assert "Too few confidence-matched pairs" in phases.summary_text
-    # a wide caliper matches everything (final probabilities 0.9 vs 0.3)
+    assert ("memorized idioms vs non-memorized idioms: fewer than 5 probes of each set share a stratum: not tested."
+            in phases.summary_text)
+    # a wide caliper matches everything (final probabilities 0.9 vs 0.45)
     wide = analyse_phases(result, n_boot=50, n_permutations=2000, caliper=1.0)
-    assert wide.matching["n_matched"].tolist() == [6, 6] and wide.holds_confidence_matched is True
-    # 6 pairs each, but 7 required: matched, reported, not tested
-    strict = analyse_phases(result, n_boot=50, n_permutations=2000, caliper=1.0, min_matched=7)
+    assert wide.matching["n_matched"].tolist() == [12, 12]
+    assert wide.holds_confidence_matched is True and wide.holds is True
+    # 12 pairs each, but 13 required: matched, reported, not tested
+    strict = analyse_phases(result, n_boot=50, n_permutations=2000, caliper=1.0, min_matched=13)
     assert strict.matching["tested"].tolist() == [False, False] and strict.holds_confidence_matched is None
-    assert "6 of 6 memorized idioms matched with non-memorized idioms, fewer than 7: not tested." in strict.summary_text
+    assert strict.holds is False
+    assert ("12 of 12 memorized idioms matched with 12 of 12 non-memorized idioms, fewer than 13: not tested."
+            in strict.summary_text)
+
+
+# final probability level -> promotion layer of every probe at that level, and probes per level
+LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+LEVEL_LAYERS = (6, 5, 4, 3, 2)
+MEMORIZED_PER_LEVEL, OTHERS_PER_LEVEL = (1, 2, 3, 4, 6), (7, 6, 5, 4, 2)  # 8 per level when pooled
+
+
+def _stratified_case(*, memorized_shift: int) -> list[tuple]:
+    """Promotion set by final confidence alone (5 levels), memorized idioms mostly confident, others
+    mostly not; memorized idioms are promoted `memorized_shift` layers earlier than others at their level."""
+    probes: list[tuple] = []
+    for level, layer, n_mem, n_other in zip(LEVELS, LEVEL_LAYERS, MEMORIZED_PER_LEVEL, OTHERS_PER_LEVEL, strict=True):
+        probes += [("idiom", True, _ranks(layer - memorized_shift), level)] * n_mem
+        probes += [("idiom", False, _ranks(layer), level)] * n_other
+        probes += [("text", False, _ranks(layer), level)] * n_other
+    return probes
+
+
+def test_confidence_stratified_control_by_hand() -> None:
+    """Raw difference 108/24 - 52/16 = +1.25 layers, all from confidence: within each of the 5
+    quintile strata (one level each: 8 probes per level pooled) the difference is 0, so the
+    stratified difference is 0 with p = 1. With memorized idioms 2 layers earlier within their
+    level, it is +2 exactly."""
+    phases = analyse_phases(synthetic_result(_stratified_case(memorized_shift=0)), n_boot=100, n_permutations=1000)
+    raw = _test_row(phases, "non-memorized idioms")
+    assert raw.mean_diff == pytest.approx(108 / 24 - 52 / 16)  # float64: default approx
+    strat = _test_row(phases, "non-memorized idioms", control="confidence-stratified")
+    assert (strat.n_a, strat.n_b, strat.n_a_total, strat.n_b_total, strat.n_strata) == (16, 24, 16, 24, 5)
+    assert (strat.mean_diff, strat.mean_diff_low, strat.mean_diff_high, strat.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert strat.test == "set labels permuted within 5 quantile strata of the final probability"
+    assert phases.holds is False
+    shifted = analyse_phases(synthetic_result(_stratified_case(memorized_shift=2)), n_boot=100, n_permutations=1000)
+    strat = _test_row(shifted, "non-memorized idioms", control="confidence-stratified")
+    assert strat.mean_diff == pytest.approx(2.0) and strat.p_value == 1 / 1001  # float64: default approx
+    assert "Stratified permutation test (two-sided, 1000 relabellings): mean +2.0 layers" in shifted.summary_text
+
+
+def _verdict_table(*rows: tuple[str, str, float, float]) -> pd.DataFrame:
+    return pd.DataFrame([{"control": c, "group": "memorized idioms", "versus": v, "mean_diff": d, "p_adjusted": p}
+                         for c, v, d, p in rows])
+
+
+def test_verdict_rule_reads_the_confidence_controls_only() -> None:
+    """`two_phase_verdict` on hand-made tables: the all-probes comparison never decides; every tested
+    confidence control must be earlier at Holm-adjusted p < alpha, for each comparison set present."""
+    nm, text = "non-memorized idioms", "ordinary text"
+    base = [("all probes", nm, 3.0, 0.001)]
+    assert two_phase_verdict(_verdict_table(*base), boosted=True, alpha=0.05) == VERDICT_FAILS  # no control tested
+    matched = ("confidence-matched", nm, 1.0, 0.01)
+    assert two_phase_verdict(_verdict_table(*base, matched), boosted=True, alpha=0.05) == VERDICT_HOLDS
+    assert two_phase_verdict(_verdict_table(*base, matched), boosted=False, alpha=0.05) == VERDICT_FAILS
+    assert two_phase_verdict(_verdict_table(*base, matched), boosted=True, alpha=0.005) == VERDICT_FAILS
+    # the unmatched comparison saying "later" does not matter, the controls do
+    assert two_phase_verdict(_verdict_table(("all probes", nm, -1.0, 0.001), matched),
+                             boosted=True, alpha=0.05) == VERDICT_HOLDS
+    # every tested control must agree
+    for stratified in (("confidence-stratified", nm, 1.0, 0.2), ("confidence-stratified", nm, -1.0, 0.01)):
+        assert two_phase_verdict(_verdict_table(*base, matched, stratified), boosted=True,
+                                 alpha=0.05) == VERDICT_FAILS
+    # ordinary text present (an all-probes row) but no control tested against it
+    assert two_phase_verdict(_verdict_table(*base, matched, ("all probes", text, 3.0, 0.001)),
+                             boosted=True, alpha=0.05) == VERDICT_FAILS
+    assert two_phase_verdict(_verdict_table(*base, matched, ("all probes", text, 3.0, 0.001),
+                                            ("confidence-stratified", text, 2.0, 0.04)),
+                             boosted=True, alpha=0.05) == VERDICT_HOLDS
+    assert two_phase_verdict(_verdict_table(), boosted=True, alpha=0.05) == VERDICT_FAILS
