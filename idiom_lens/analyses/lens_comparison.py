@@ -55,12 +55,14 @@ class LensComparison(Saved):
     def summary_text(self) -> str:
         lines = []
         for row in self.boundaries.itertuples(index=False):
-            tests = self.tests[(self.tests["lens"] == row.lens) & (self.tests["control"] == "all probes")]
-            parts = [f"{t.versus}: {t.mean_diff:+.2f} layers [{t.mean_diff_low:+.2f}, {t.mean_diff_high:+.2f}], "
-                     f"p = {t.p_value:.3g}" for t in tests.itertuples(index=False)]
+            # The verdict is `phases.two_phase_verdict`'s: the confidence controls, Holm-adjusted.
+            tests = self.tests[(self.tests["lens"] == row.lens) & (self.tests["control"] != "all probes")]
+            parts = [f"{t.versus}, {t.control}: {t.mean_diff:+.2f} layers [{t.mean_diff_low:+.2f}, "
+                     f"{t.mean_diff_high:+.2f}], Holm-adjusted p = {getattr(t, 'p_adjusted', t.p_value):.3g}"
+                     for t in tests.itertuples(index=False)]
             verdict = "survives" if row.holds else "does not survive"
             lines.append(f"{row.lens} lens: boundary at layer {row.boundary_layer}; 'memorized idioms are promoted "
-                         f"earlier' {verdict} ({'; '.join(parts) or 'no comparison set'})")
+                         f"earlier, at equal confidence' {verdict} ({'; '.join(parts) or 'no comparison set'})")
         return "\n".join(lines)
 
 
@@ -92,8 +94,9 @@ def compare_lenses(
                               "mean_promotion_layer_low": float(low[0]), "mean_promotion_layer_high": float(high[0]),
                               "median_promotion_layer": float(np.median(layers))})
         if analysis.promotion_tests is not None and len(analysis.promotion_tests):
-            keep = ["control", "group", "versus", "n_a", "n_b", "mean_diff", "mean_diff_low", "mean_diff_high",
-                    "p_value", "significant", "earlier"]
+            keep = ["control", "test", "group", "versus", "n_a", "n_b", "n_a_total", "n_b_total", "n_pairs",
+                    "mean_diff", "mean_diff_low", "mean_diff_high", "p_value", "p_adjusted", "correction", "family",
+                    "significant", "earlier"]
             tests.append(analysis.promotion_tests[[c for c in keep if c in analysis.promotion_tests]]
                          .assign(lens=name))
         boundaries.append({"lens": name, "boundary_layer": analysis.boundary_layer,

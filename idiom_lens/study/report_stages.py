@@ -47,8 +47,10 @@ def _trajectory_text(stage: Stage) -> str:
 
 # The phase statistics the trajectory stage writes, shown under its summary (name, caption).
 _PHASE_TABLES = (
-    ("promotion_tests", "Are memorized probes promoted earlier? Permutation tests, bootstrap intervals "
-                               "and Cliff's delta on promotion layers"),
+    ("promotion_tests", "Are memorized probes promoted earlier? On all probes (permutation test), on "
+                        "confidence-matched pairs (paired sign-flip test) and stratified by final confidence; "
+                        "bootstrap intervals; p Holm-adjusted over the family of every promotion test of this "
+                        "model and lens (p_adjusted)"),
     ("matching", "Confidence-matched control: memorized vs non-memorized probes of the same final "
                         "probability (greedy 1:1 matching within a caliper)"),
     ("boundary_sensitivity", "The boundary layer as its top-1 share threshold moves from 0.3 to 0.8"),
