@@ -1,6 +1,6 @@
 """Sweeps on Ray workers vs one process, on the embedded model (needs the `distributed` extra).
 
-    python benchmarks/ray_bench.py [--trajectory N] [--knockout N] [--repeats R]
+    python benchmarks/ray_bench.py [--trajectory N] [--knockout N] [--repeats R (default 5)]
 
 Three ways to run the same sweep, each timed R times on fresh output folders (nothing reused),
 the workers started and holding the model before the clock starts:
@@ -12,10 +12,15 @@ seeded idioms in parts of 32 (the parts are the workers' tasks), and the knockou
 `idiom-lens run` (top-100 per layer, windows of one layer, random, matched and whole-MLP
 controls: 72 configurations per probe, plus layer skipping) on N seeded idioms.
 
-Prints, per sweep, the median time and spread (min-max), probes per second, the ratio 2x1 over
-1x2 (throughput), Ray's overhead per probe (1x2 minus plain, per probe: tasks, transfers, the
-driver writing parts, each task's self-check), the round trip of an empty task, and each
-worker's resident memory. Run it on an otherwise idle machine.
+Prints, per sweep, the median time and spread (min-max), probes per second, the speed-ups 2x1
+over 1x2 (throughput) and 2x1 over plain, each as the ratio of the median times with a 95%
+percentile-bootstrap interval over the repeats (each way's runs resampled on their own, 2,000
+resamples) and the range over every pair of runs (slowest over fastest and back), Ray's overhead
+per probe (1x2 minus plain, per probe: tasks, transfers, the driver writing parts, each task's
+self-check), the round trip of an empty task, and each worker's resident memory. Every figure is
+of the runs measured here, on this machine's cores and these sweep sizes: nothing is scaled to
+other core counts, worker counts or sweep sizes. Run it on an otherwise idle machine, with at
+least 5 repeats (the default) for an interval worth reading.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _empty(model: Any, probes: list) -> int:
@@ -45,6 +53,42 @@ def _timed(fn: Callable[[Path], Any], repeats: int) -> list[float]:
     return times
 
 
+@dataclass(frozen=True)
+class Speedup:
+    """How much faster `fast` ran than `slow`: the ratio of their median times, its 95% percentile-
+    bootstrap interval over the repeats (ratio_low, ratio_high), and the range over every pair of
+    one run of each (pair_min = min(slow) / max(fast), pair_max = max(slow) / min(fast))."""
+
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    pair_min: float
+    pair_max: float
+    n_slow: int
+    n_fast: int
+
+    def text(self) -> str:
+        return (f"{self.ratio:.2f}x (95% bootstrap [{self.ratio_low:.2f}, {self.ratio_high:.2f}] over "
+                f"{self.n_slow} and {self.n_fast} runs; every pair of runs [{self.pair_min:.2f}, {self.pair_max:.2f}])")
+
+
+def speedup(slow: list[float], fast: list[float], *, n_boot: int = 2000, seed: int = 0) -> Speedup:
+    """`Speedup` of the runs `fast` over the runs `slow` (seconds each; each way resampled on its
+    own, as the repeats of two ways are not paired). With one run each the interval is the ratio."""
+    from idiom_lens.analyses.stats import bootstrap
+
+    if not slow or not fast or min(slow) <= 0 or min(fast) <= 0:
+        raise ValueError(f"speedup needs positive times of at least one run each, got {slow} and {fast}")
+    a, b = np.asarray(slow, dtype=np.float64), np.asarray(fast, dtype=np.float64)
+
+    def ratio_of_medians(boot_a: np.ndarray, boot_b: np.ndarray) -> np.ndarray:
+        return np.median(boot_a, axis=1) / np.median(boot_b, axis=1)
+
+    low, high = bootstrap((a, b), ratio_of_medians, n_boot=n_boot, rng=seed, paired=False)
+    return Speedup(ratio=float(np.median(a) / np.median(b)), ratio_low=float(low), ratio_high=float(high),
+                   pair_min=float(a.min() / b.max()), pair_max=float(a.max() / b.min()), n_slow=len(a), n_fast=len(b))
+
+
 def _line(name: str, times: list[float], n: int) -> str:
     med = statistics.median(times)
     return (f"  {name:<6} median {med:7.2f} s (min {min(times):.2f}, max {max(times):.2f}, n={len(times)}), "
@@ -55,9 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trajectory", type=int, default=128, help="idioms in the trajectory sweep (default 128)")
     parser.add_argument("--knockout", type=int, default=6, help="idioms in the knockout sweep (default 6)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per way (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per way and sweep (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
     import ray
     import torch
@@ -118,10 +164,12 @@ def main() -> None:
         for name in ("plain", "1x2", "2x1"):
             print(_line(name, timings[(sweep, name)], n))
         med = {name: statistics.median(timings[(sweep, name)]) for name in ("plain", "1x2", "2x1")}
-        print(f"  throughput 2 workers x 1 thread / 1 worker x 2 threads: {med['1x2'] / med['2x1']:.2f}x")
-        print(f"  2 workers x 1 thread vs the plain loop (2 threads): {med['plain'] / med['2x1']:.2f}x")
-        print(f"  Ray overhead per probe (1x2 - plain): {1000 * (med['1x2'] - med['plain']) / n:+.1f} ms "
-              f"({100 * (med['1x2'] / med['plain'] - 1):+.1f}%)")
+        workers = speedup(timings[(sweep, "1x2")], timings[(sweep, "2x1")], seed=args.seed)
+        plain = speedup(timings[(sweep, "plain")], timings[(sweep, "2x1")], seed=args.seed)
+        print(f"  speed-up 2 workers x 1 thread over 1 worker x 2 threads: {workers.text()}")
+        print(f"  speed-up 2 workers x 1 thread over the plain loop (2 threads): {plain.text()}")
+        print(f"  Ray overhead per probe (median 1x2 - median plain, over these {n} probes): "
+              f"{1000 * (med['1x2'] - med['plain']) / n:+.1f} ms ({100 * (med['1x2'] / med['plain'] - 1):+.1f}%)")
     print(f"empty task round trip: {empty_ms:.2f} ms per task")
     print("worker resident memory: " + ", ".join(f"{m / 2**30:.2f} GiB" for m in memory))
 

@@ -26,7 +26,9 @@ Sources (details and licences in docs/datasets.md)
   another answer); see `fact_sources`. The id is `fact-{relation}-{subject}` and `source` starts
   with the relation.
 
-Flag rules (method.md section 1): `idiom_lens.datasets.flags`, applied the same way to every set.
+Flag rules (method.md section 1): `idiom_lens.datasets.flags`, applied the same way to every set;
+a fact is also not `hard_to_guess` when its answer is guessable from its relation alone
+(`flags.answer_guessable`, over the bundled facts: e.g. "English" for `language`).
 `single_target` (criterion 1, not one of the authors' four flags) is True for every record: each
 set drops prompts with more than one target (see Sources), and the loader checks it again.
 """
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from idiom_lens.datasets import fact_sources, wikipedia
-from idiom_lens.datasets.flags import CompositionalityRef, bare, flags, is_stop_word
+from idiom_lens.datasets.flags import CompositionalityRef, answer_guessable, bare, flags, is_stop_word
 from idiom_lens.io import write_text
 
 MIN_IDIOM_WORDS = 4
@@ -262,13 +264,18 @@ def build_facts(ref: CompositionalityRef | None = None) -> list[dict]:
 
     The id is `fact-{relation}-{subject}` and `source` starts with the relation name
     (`"capital countryinfo==1.0.1"`), so memorization can be reported per relation
-    (`idiom_lens.datasets.relations`).
+    (`idiom_lens.datasets.relations`). A fact whose answer is guessable from its relation alone
+    (`flags.answer_guessable` over these facts) is not `hard_to_guess`.
     """
     ref = ref or compositionality_ref()
+    facts = fact_sources.all_facts()
+    guessable = answer_guessable([f.relation for f in facts], [f.target for f in facts])
     records = [
         _record(f"fact-{f.relation}-{f.slug}", "fact", f.prompt, f.target, f"{f.relation} {f.provenance}", ref)
-        for f in fact_sources.all_facts()
+        for f in facts
     ]
+    for record, guess in zip(records, guessable):
+        record["hard_to_guess"] = record["hard_to_guess"] and not guess
     ids = Counter(r["id"] for r in records)
     duplicated = sorted(i for i, n in ids.items() if n > 1)
     if duplicated:

@@ -3,8 +3,14 @@
 `obtain_lens(model, "tuned")` returns the cached lens for these settings or trains it (with a
 progress bar; an interrupted training resumes from its work folder) and stores it under
 `<cache>/lenses/<model>/<kind>-<key>.pt` beside its held-out KL table (`.heldout.parquet`) and a
-readable description (`.json`). The key digests the model's settings, the kind, the corpus, every
-training setting and the probe prompts kept out of the corpus, so a changed setting trains anew.
+readable description (`.json`). The held-out KL is measured on a seeded selection of about
+`heldout_tokens` positions of the corpus's held-out pool (`lenses.corpus`: lee.cor and the
+held-out model samples by default); the lens's settings say what it was measured on
+(`heldout_pool`: the pool's sentences per origin; `heldout_used`: the selection's sentences per
+origin and its token count). A tuned lens also records its training curve (`train.training_curve`;
+a lens cached before curves were recorded loads as before, with an empty curve). The key digests
+the model's settings, the kind, the corpus, every training setting and the probe prompts kept out
+of the corpus, so a changed setting trains anew.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from idiom_lens.errors import InputError
 from idiom_lens.io import key_digest, write_parquet
-from idiom_lens.lenses.corpus import build_corpus, check_disjoint, tokenize_sentences
+from idiom_lens.lenses.corpus import build_corpus, check_disjoint, heldout_counts, tokenize_sentences
 from idiom_lens.lenses.lens import KINDS, Lens, logit_lens
 from idiom_lens.lenses.settings import LensSettings
 from idiom_lens.lenses.train import collect_residuals, fit_jacobian_lens, heldout_kl, train_tuned_lens
@@ -66,14 +72,19 @@ def bundled_prompts() -> list[str]:
 
 def _take(sequences: list[list[int]], n_tokens: int, seed: int) -> list[list[int]]:
     """A seeded selection of sequences holding about `n_tokens` non-BOS positions."""
-    order = list(range(len(sequences)))
+    return [sequences[i] for i in _take_indices([len(s) for s in sequences], n_tokens, seed)]
+
+
+def _take_indices(lengths: Sequence[int], n_tokens: int, seed: int) -> list[int]:
+    """The indices `_take` selects from sequences of these lengths (in the order taken)."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     out, total = [], 0
     for i in order:
         if total >= n_tokens:
             break
-        out.append(sequences[i])
-        total += len(sequences[i]) - 1
+        out.append(i)
+        total += lengths[i] - 1
     return out
 
 
@@ -160,8 +171,18 @@ def _train_lens(model: Any, kind: str, path: Path, *, settings: LensSettings, pr
     seconds = time.perf_counter() - started
     lens = dataclasses.replace(lens, settings={**lens.settings, "train_seconds": round(seconds, 1),
                                                "torch_threads": torch.get_num_threads()})
-    heldout_seqs = _take(tokenize_sentences(model, corpus.heldout, max_tokens=settings.max_tokens),
-                         settings.heldout_tokens, settings.seed)
+    # the held-out sentences with their origins (a sentence of under 3 tokens is left out, as in
+    # `tokenize_sentences`), then the same seeded selection as ever
+    origins = corpus.heldout_origins or ("unknown",) * len(corpus.heldout)
+    pairs = [(ids, origin) for sentence, origin in zip(corpus.heldout, origins)
+             for ids in tokenize_sentences(model, [sentence], max_tokens=settings.max_tokens)]
+    chosen = _take_indices([len(ids) for ids, _ in pairs], settings.heldout_tokens, settings.seed)
+    heldout_seqs = [pairs[i][0] for i in chosen]
+    used = {"n_sentences": len(chosen), "n_tokens": sum(len(s) - 1 for s in heldout_seqs),
+            "from": heldout_counts([pairs[i][1] for i in chosen])}
+    lens = dataclasses.replace(lens, settings={**lens.settings, "heldout_used": used})
+    log(f"  held-out KL on {used['n_tokens']} positions of {used['n_sentences']} sentences: "
+        + ", ".join(f"{n} from {origin}" for origin, n in used["from"].items()))
     residuals, owner = collect_residuals(model, heldout_seqs)
     table = heldout_kl(model, [logit_lens(model), lens], residuals, owner, seed=settings.seed)
     write_parquet(path.with_suffix(".heldout.parquet"), table.assign(model=model.name))

@@ -13,6 +13,13 @@ No hub and no web corpus are reachable, so the default corpus installs from a pa
 Every document is split into sentences; one training sequence is BOS + one sentence (truncated),
 the regime of our probes (short prompts right after BOS). Any sentence that contains a probe's
 prompt (case and spacing ignored) is dropped, and `check_disjoint` proves none is left.
+
+The held-out pool (`LensCorpus.heldout`) is, per corpus: `lee` the sentences of lee.cor;
+`samples` max(8, n_samples // 8) model samples written with seed `seed + 1_000_003`; `lee+samples`
+both (lee.cor first); a text file its every 10th sentence. `LensCorpus.heldout_origins` names the
+origin of each held-out sentence, so that what a held-out KL was measured on can be stated
+exactly (`heldout_counts`): the lens cache measures it on a seeded selection of about
+`LensSettings.heldout_tokens` positions of this pool and records the selection's counts.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ import torch
 from idiom_lens.errors import InputError
 
 GENSIM_VERSION = "4.4.0"
+# Names of where held-out sentences come from (`LensCorpus.heldout_origins`).
+LEE_HELDOUT = "lee.cor (gensim test data: 50 news articles, none in the training file lee_background.cor)"
+SAMPLES_HELDOUT = "model samples (from BOS, temperature 1, 40 new tokens, seed + 1000003)"
+TEXT_FILE_HELDOUT = "the text file's every 10th sentence"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 CORPORA = ("lee", "samples", "lee+samples")
 
@@ -43,10 +54,25 @@ class LensCorpus:
     train: tuple[str, ...]
     heldout: tuple[str, ...]
     dropped: int  # sentences removed because they contain a probe prompt
+    heldout_origins: tuple[str, ...] = ()  # where each held-out sentence comes from (empty: not known)
+
+    def __post_init__(self) -> None:
+        if self.heldout_origins and len(self.heldout_origins) != len(self.heldout):
+            raise InputError(f"{len(self.heldout_origins)} held-out origins for {len(self.heldout)} held-out sentences")
 
     def describe(self) -> dict[str, Any]:
+        """Counts recorded with a lens; `heldout_pool`: held-out sentences per origin."""
         return {"corpus": self.name, "n_train_sentences": len(self.train),
-                "n_heldout_sentences": len(self.heldout), "n_dropped_probe_sentences": self.dropped}
+                "n_heldout_sentences": len(self.heldout), "n_dropped_probe_sentences": self.dropped,
+                "heldout_pool": heldout_counts(self.heldout_origins)}
+
+
+def heldout_counts(origins: Sequence[str]) -> dict[str, int]:
+    """How many held-out sentences come from each origin, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for origin in origins:
+        counts[origin] = counts.get(origin, 0) + 1
+    return counts
 
 
 def split_sentences(text: str, *, min_words: int = 4) -> list[str]:
@@ -64,9 +90,15 @@ def _normal(text: str) -> str:
 
 def drop_probe_sentences(sentences: Sequence[str], prompts: Sequence[str]) -> tuple[list[str], int]:
     """`sentences` without any that contains one of `prompts` (case and spacing ignored)."""
+    hit = probe_sentence_indices(sentences, prompts)
+    return [s for k, s in enumerate(sentences) if k not in hit], len(hit)
+
+
+def probe_sentence_indices(sentences: Sequence[str], prompts: Sequence[str]) -> set[int]:
+    """Indices of the `sentences` that contain one of `prompts` (case and spacing ignored)."""
     needles = sorted({_normal(p) for p in prompts if p.strip()})
     if not needles:
-        return list(sentences), 0
+        return set()
     # One text of the normalised sentences, one `str.find` scan per prompt (a regex alternation of
     # thousands of prompts took seconds); "\n" never occurs in a normalised sentence or prompt,
     # so a match never spans two sentences.
@@ -80,8 +112,7 @@ def drop_probe_sentences(sentences: Sequence[str], prompts: Sequence[str]) -> tu
             k = bisect.bisect_right(starts, at) - 1
             hit.add(k)
             at = text.find(needle, starts[k + 1])  # on to the next sentence
-    kept = [s for k, s in enumerate(sentences) if k not in hit]
-    return kept, len(hit)
+    return hit
 
 
 def check_disjoint(corpus: LensCorpus, prompts: Sequence[str]) -> None:
@@ -140,6 +171,7 @@ def build_corpus(
     with every sentence containing one of `probe_prompts` dropped."""
     train: list[str] = []
     heldout: list[str] = []
+    origins: list[str] = []
     if text_file is not None:
         path = Path(text_file)
         if not path.is_file():
@@ -149,6 +181,7 @@ def build_corpus(
         if len(sentences) < 20:
             raise InputError(f"--text-file {path} has {len(sentences)} sentences of 4+ words: expected at least 20")
         heldout, train = sentences[::10], [s for i, s in enumerate(sentences) if i % 10]
+        origins = [TEXT_FILE_HELDOUT] * len(heldout)
         name = f"file:{path.name}"
     else:
         if corpus not in CORPORA:
@@ -158,14 +191,21 @@ def build_corpus(
             lee_train, lee_heldout = lee_sentences()
             train += lee_train
             heldout += lee_heldout
+            origins += [LEE_HELDOUT] * len(lee_heldout)
         if "samples" in corpus:
             train += model_samples(model, n=n_samples, seed=seed)
-            heldout += model_samples(model, n=max(8, n_samples // 8), seed=seed + 1_000_003)
+            samples = model_samples(model, n=max(8, n_samples // 8), seed=seed + 1_000_003)
+            heldout += samples
+            origins += [SAMPLES_HELDOUT] * len(samples)
     train, dropped_train = drop_probe_sentences(train, probe_prompts)
-    heldout, dropped_heldout = drop_probe_sentences(heldout, probe_prompts)
+    hit = probe_sentence_indices(heldout, probe_prompts)
+    heldout = [s for k, s in enumerate(heldout) if k not in hit]
+    origins = [o for k, o in enumerate(origins) if k not in hit]
+    dropped_heldout = len(hit)
     if not train or not heldout:
         raise InputError(f"lens corpus {name!r} has no training or held-out sentences left")
-    return LensCorpus(name=name, train=tuple(train), heldout=tuple(heldout), dropped=dropped_train + dropped_heldout)
+    return LensCorpus(name=name, train=tuple(train), heldout=tuple(heldout), dropped=dropped_train + dropped_heldout,
+                      heldout_origins=tuple(origins))
 
 
 def tokenize_sentences(model: Any, sentences: Sequence[str], *, max_tokens: int = 48) -> list[list[int]]:

@@ -10,10 +10,17 @@
   elsewhere; the lens records which. The held-out evaluation is always fp32. A checkpoint is
   written atomically every `checkpoint_every` steps; a rerun resumes from it with the same batches (the batch order is a
   function of the seed and the step), so an interrupted and a straight run give the same lens.
+  The lens records its training curve (`training_curve`): each step's training loss and, when
+  held-out rows are given, the held-out KL every `heldout_every` steps.
 - `fit_jacobian_lens`: TransformerLens's `JacobianLens.fit` over slices of sentences; each finished
   slice is saved, a rerun fits only the missing ones, and `JacobianLens.merge` averages them.
 - `heldout_kl`: per lens and layer, the mean KL(final || lens) over held-out tokens in fp32,
-  with a bootstrap 95% interval over held-out sentences.
+  with a bootstrap 95% interval over held-out sentences. Which held-out text: whatever rows the
+  caller gives; the lens cache gives a seeded selection of about `LensSettings.heldout_tokens`
+  positions of the corpus's held-out pool (by default lee.cor and the held-out model samples)
+  and records the selection's sentences per origin (`heldout_used` in the lens's settings).
+- `probe_kl`: the same KL where the analyses read the lens, at the last prompt token of each
+  probe, per layer, for the logit lens and a learned lens side by side.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import atomic_write
-from idiom_lens.lenses.lens import Lens, identity_tuned_lens
+from idiom_lens.lenses.lens import Lens, identity_tuned_lens, logit_lens
 from idiom_lens.models.precision import PrecisionChoice, matmul_precision
 from idiom_lens.models.tokenization import pad_id, right_pad
 from idiom_lens.models.vocab import valid_mask
@@ -46,27 +54,45 @@ def collect_residuals(
 ) -> tuple[Float[Tensor, "token layer d_model"], Int[Tensor, " token"]]:
     """`resid_post` of every layer at every position but the first (BOS) of each sequence, and the
     index of the sequence each row came from."""
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
     rows: list[Tensor] = []
     owner: list[Tensor] = []
     for start in range(0, len(sequences), batch_size):
-        batch = [list(s) for s in sequences[start : start + batch_size]]
-        tokens, last = right_pad(batch, pad_id=pad_id(model.tokenizer))
-        captured: dict[str, Tensor] = {}
-
-        def keeper(name: str) -> Callable[[Tensor, Any], None]:
-            def keep(act: Tensor, hook: Any) -> None:
-                captured[name] = act.detach()  # noqa: B023 (called within this iteration)
-            return keep
-
-        with torch.no_grad():
-            model.bridge.run_with_hooks(tokens.to(model.device), return_type=None,
-                                        fwd_hooks=[(n, keeper(n)) for n in names])
-        stacked = torch.stack([captured[n] for n in names], dim=2).float().cpu()  # [b, pos, layer, d]
+        stacked, last = _resid_post(model, sequences[start : start + batch_size])
         for i, length in enumerate((last + 1).tolist()):
             rows.append(stacked[i, 1:length])
             owner.append(torch.full((length - 1,), start + i, dtype=torch.long))
     return torch.cat(rows), torch.cat(owner)
+
+
+def last_position_residuals(
+    model: Any, sequences: Sequence[Sequence[int]], *, batch_size: int = 32
+) -> Float[Tensor, "sequence layer d_model"]:
+    """`resid_post` of every layer at the last position of each sequence (fp32, on the CPU)."""
+    rows = []
+    for start in range(0, len(sequences), batch_size):
+        stacked, last = _resid_post(model, sequences[start : start + batch_size])
+        rows.append(stacked[torch.arange(len(last)), last])
+    return torch.cat(rows)
+
+
+def _resid_post(
+    model: Any, sequences: Sequence[Sequence[int]]
+) -> tuple[Float[Tensor, "batch pos layer d_model"], Int[Tensor, " batch"]]:
+    """One right-padded forward of `sequences`: `resid_post` of every layer (fp32, CPU) and each
+    sequence's last index."""
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+    tokens, last = right_pad([list(s) for s in sequences], pad_id=pad_id(model.tokenizer))
+    captured: dict[str, Tensor] = {}
+
+    def keeper(name: str) -> Callable[[Tensor, Any], None]:
+        def keep(act: Tensor, hook: Any) -> None:
+            captured[name] = act.detach()
+        return keep
+
+    with torch.no_grad():
+        model.bridge.run_with_hooks(tokens.to(model.device), return_type=None,
+                                    fwd_hooks=[(n, keeper(n)) for n in names])
+    return torch.stack([captured[n] for n in names], dim=2).float().cpu(), last.cpu()
 
 
 def lens_logits(model: Any, x: Float[Tensor, "n d_model"], *, dtype: torch.dtype = torch.float32,
@@ -142,16 +168,25 @@ def train_tuned_lens(
     checkpoint_every: int = 10,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    heldout: Float[Tensor, "heldout_token layer d_model"] | None = None,
+    heldout_every: int = 10,
     log: Callable[[str], None] = print,
 ) -> Lens:
     """A tuned lens trained on `residuals` (from `collect_residuals`); resumes from `checkpoint`.
     `matmul_dtype` None: the dtype `matmul_precision` chooses for the model's device. The lens's
-    settings record the dtype used and why (`matmul_dtype`, `matmul_dtype_reason`)."""
-    if steps < 1 or batch_tokens < 1:
-        raise InputError(f"steps and batch_tokens must be >= 1, got {steps} and {batch_tokens}")
+    settings record the dtype used and why (`matmul_dtype`, `matmul_dtype_reason`) and the
+    training curve (`training_curve` reads it): the training loss of every step and, when
+    `heldout` rows are given (from `collect_residuals` on held-out text), the held-out KL in fp32
+    before the first step, every `heldout_every` steps and after the last (each evaluation costs
+    about as much as a step on as many rows, so give a few hundred rows)."""
+    if steps < 1 or batch_tokens < 1 or heldout_every < 1:
+        raise InputError(f"steps, batch_tokens and heldout_every must be >= 1, got {steps}, {batch_tokens} "
+                         f"and {heldout_every}")
     n_layers, d = model.n_layers, model.d_model
     if residuals.ndim != 3 or residuals.shape[1:] != (n_layers, d):
         raise InputError(f"residuals must be [token, {n_layers}, {d}], got {tuple(residuals.shape)}")
+    if heldout is not None and (heldout.ndim != 3 or heldout.shape[1:] != (n_layers, d) or not len(heldout)):
+        raise InputError(f"heldout must be [token, {n_layers}, {d}] with a token, got {tuple(heldout.shape)}")
     if matmul_dtype is None:
         precision = matmul_precision(model.device, log=log)
     else:
@@ -161,6 +196,7 @@ def train_tuned_lens(
     bias = torch.zeros(n_layers - 1, d, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     done = 0
+    curve = _Curve(train_kl=[], heldout={})
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         with torch.no_grad():
@@ -168,6 +204,11 @@ def train_tuned_lens(
             bias.copy_(state["bias"])
         optimizer.load_state_dict(state["optimizer"])
         done = int(state["step"])
+        # checkpoints written before the curve was recorded: the earlier steps' losses are unknown
+        train_kl = [float(v) for v in state.get("train_kl", [])]
+        curve = _Curve(train_kl=train_kl + [math.nan] * (done - len(train_kl)),
+                       heldout={int(k): float(v) for k, v in zip(state.get("heldout_step", []),
+                                                                 state.get("heldout_kl", []))})
         log(f"  tuned lens: resuming at step {done}/{steps} from {checkpoint}")
         earlier = state.get("matmul_dtype", "bfloat16")  # checkpoints before the choice were bf16
         if earlier != precision.name:
@@ -184,11 +225,14 @@ def train_tuned_lens(
     try:
         weight, bias = _train_steps(model, residuals, weight, bias, optimizer, precision=precision, W_U=W_U, done=done,
                                     steps=steps, batch_tokens=batch_tokens, lr=lr, seed=seed, checkpoint=checkpoint,
-                                    checkpoint_every=checkpoint_every, progress=progress)
+                                    checkpoint_every=checkpoint_every, progress=progress, curve=curve,
+                                    heldout=heldout, heldout_every=heldout_every)
+        if heldout is not None and steps not in curve.heldout:
+            curve.heldout[steps] = _mean_heldout_kl(model, weight, bias, heldout)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    lens = identity_tuned_lens(model, **(settings or {}), **precision.describe())
+    lens = identity_tuned_lens(model, **(settings or {}), **precision.describe(), training_curve=curve.describe())
     assert lens.translators is not None
     lens.translators["weight"][: n_layers - 1] = weight.detach()
     lens.translators["bias"][: n_layers - 1] = bias.detach()
@@ -198,13 +242,17 @@ def train_tuned_lens(
 def _train_steps(
     model: Any, residuals: Tensor, weight: Tensor, bias: Tensor, optimizer: torch.optim.Optimizer, *,
     precision: PrecisionChoice, W_U: Tensor, done: int, steps: int, batch_tokens: int, lr: float, seed: int,
-    checkpoint: Path | None, checkpoint_every: int, progress: bool,
+    checkpoint: Path | None, checkpoint_every: int, progress: bool, curve: _Curve,
+    heldout: Tensor | None, heldout_every: int,
 ) -> tuple[Tensor, Tensor]:
-    """Steps `done`..`steps` of `train_tuned_lens` on the frozen model; the trained (weight, bias)."""
+    """Steps `done`..`steps` of `train_tuned_lens` on the frozen model; the trained (weight, bias).
+    Appends each step's training loss to `curve` (and the held-out KL every `heldout_every` steps)."""
     n_layers = model.n_layers
     buffers: dict[str, Tensor] = {}
     bar = tqdm(total=steps, initial=done, desc="tuned lens", unit="step", disable=not progress)
     for step in range(done, steps):
+        if heldout is not None and step % heldout_every == 0 and step not in curve.heldout:
+            curve.heldout[step] = _mean_heldout_kl(model, weight, bias, heldout)
         rows = _batch_rows(residuals.shape[0], batch_tokens, step, seed)
         h = residuals[rows].to(model.device)
         with torch.no_grad():
@@ -221,15 +269,69 @@ def _train_steps(
             normed.backward(grad_normed)
             total += kl
         optimizer.step()
+        curve.train_kl.append(total / (n_layers - 1))
         bar.update(1)
         bar.set_postfix(kl=f"{total / (n_layers - 1):.3f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             state = {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
-                     "optimizer": optimizer.state_dict(), "step": step + 1, "matmul_dtype": precision.name}
+                     "optimizer": optimizer.state_dict(), "step": step + 1, "matmul_dtype": precision.name,
+                     "train_kl": list(curve.train_kl), "heldout_step": list(curve.heldout),
+                     "heldout_kl": list(curve.heldout.values())}
             atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # noqa: B023 (called within this iteration)
             maybe_fail("lens.checkpoint")
     bar.close()
     return weight, bias
+
+
+@dataclasses.dataclass(frozen=True)
+class _Curve:
+    """The training curve while it grows: `train_kl[k]` is the mean KL over the trained layers on
+    step k's batch, before step k's update (NaN: not recorded); `heldout[k]` the held-out KL after
+    k updates."""
+
+    train_kl: list[float]
+    heldout: dict[int, float]
+
+    def describe(self) -> dict[str, list]:
+        """JSON-exact (an unknown loss is None), as stored in the lens's settings."""
+        return {"train_kl": [None if math.isnan(v) else v for v in self.train_kl],
+                "heldout_step": sorted(self.heldout), "heldout_kl": [self.heldout[k] for k in sorted(self.heldout)]}
+
+
+@torch.no_grad()
+def _mean_heldout_kl(model: Any, weight: Tensor, bias: Tensor, heldout: Tensor, *, chunk: int = 256) -> float:
+    """Mean KL(final || tuned read-out) in fp32 over `heldout` rows and the trained layers (all but
+    the last): the mean of `heldout_kl`'s rows for those layers, with the translators as they are now."""
+    total, n_layers = 0.0, model.n_layers
+    for start in range(0, heldout.shape[0], chunk):
+        h = heldout[start : start + chunk].to(model.device)
+        target = lens_logits(model, h[:, -1]).log_softmax(-1)
+        for layer in range(n_layers - 1):
+            x = h[:, layer]
+            logq = lens_logits(model, x + x @ weight[layer].detach() + bias[layer].detach()).log_softmax(-1)
+            total += float(F.kl_div(logq, target, log_target=True, reduction="none").sum(-1).double().sum())
+    return total / (heldout.shape[0] * (n_layers - 1))
+
+
+def training_curve(lens: Lens) -> pd.DataFrame:
+    """The training curve a tuned lens recorded, to plot: step, train_kl, heldout_kl.
+
+    Row `step` k: `train_kl` the mean KL(final || lens) over the trained layers on step k's batch,
+    before step k's update (so step 0 is the logit lens's loss); `heldout_kl` the same mean on the
+    held-out rows after k updates, where it was measured (NaN elsewhere). The last row (k = the
+    number of steps) has only the final held-out KL. Empty for a lens without a curve: the logit
+    and Jacobian lenses and tuned lenses trained before curves were recorded.
+    """
+    columns = ["step", "train_kl", "heldout_kl"]
+    recorded = lens.settings.get("training_curve") if lens.settings else None
+    if not recorded or not recorded.get("train_kl"):
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "train_kl": pd.Series(dtype="float64"),
+                             "heldout_kl": pd.Series(dtype="float64")})
+    train = [math.nan if v is None else float(v) for v in recorded["train_kl"]]
+    heldout = dict(zip(recorded.get("heldout_step", []), recorded.get("heldout_kl", [])))
+    steps = range(len(train) + 1)
+    return pd.DataFrame({"step": list(steps), "train_kl": [*train, math.nan],
+                         "heldout_kl": [float(heldout.get(k, math.nan)) for k in steps]}, columns=columns)
 
 
 def fit_jacobian_lens(
@@ -290,7 +392,10 @@ def heldout_kl(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """lens, layer, kl (mean nats per token), kl_low, kl_high (bootstrap over sentences), n_tokens."""
+    """lens, layer, kl (mean nats per token), kl_low, kl_high (bootstrap over sentences), n_tokens,
+    n_sentences. The KL is KL(final || lens) at every row of `residuals` (the rows the caller
+    gives: see the module docstring for the cache's held-out text); `owner` groups rows into the
+    sentences the bootstrap resamples."""
     n_layers = model.n_layers
     per_token: dict[tuple[str, int], list[Tensor]] = {}
     with torch.no_grad():
@@ -318,3 +423,34 @@ def heldout_kl(
                      "kl_low": float(np.quantile(boot, 0.025)), "kl_high": float(np.quantile(boot, 0.975)),
                      "n_tokens": int(values.size), "n_sentences": int(len(groups))})
     return pd.DataFrame(rows)
+
+
+def probe_kl(
+    model: Any,
+    lens: Lens,
+    probes: Sequence[Probe],
+    *,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per layer, the mean KL(model's final distribution || lens read-out) at the last prompt token
+    of each probe, for the logit lens and `lens` side by side (once when `lens` is the logit lens).
+
+    Why: the held-out KL is measured on running text, while the analyses read the lens at the
+    probes' last prompt token; this measures the lens where it is used. The probes' prompts are
+    never in the lens corpus, so this is held out too. Columns: lens, layer, kl, kl_low, kl_high
+    (percentile-bootstrap 95% interval over probes, `n_boot` resamples, one set for every lens and
+    layer), n_probes. fp32, like `heldout_kl`.
+    """
+    from idiom_lens.models.forward import tokenize_probes
+
+    probes = list(probes)
+    if not probes:
+        raise InputError("probe_kl needs at least one probe")
+    lens.check_model(model)
+    sequences = [t.prompt_ids for t in tokenize_probes(model, probes)]
+    residuals = last_position_residuals(model, sequences, batch_size=batch_size)
+    lenses = [logit_lens(model)] + ([lens] if lens.kind != "logit" else [])
+    table = heldout_kl(model, lenses, residuals, torch.arange(len(probes)), n_boot=n_boot, seed=seed)
+    return table.drop(columns=["n_tokens"]).rename(columns={"n_sentences": "n_probes"})

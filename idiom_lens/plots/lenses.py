@@ -1,10 +1,12 @@
 """Figures of the lens comparison (`analyses.lens_comparison.LensComparison`): the trajectory under
-each lens side by side, and the held-out KL to the model's output per layer and lens."""
+each lens side by side, and the held-out KL to the model's output per layer and lens; and a tuned
+lens's training curve."""
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -68,4 +70,22 @@ def heldout_kl_figure(comparison: LensComparison, *, title: str = "") -> go.Figu
     fig.update_xaxes(title_text="layer (block output)", dtick=1)
     fig.update_layout(title=title or "How far each lens's read-out is from the model's output (held-out text)",
                       template="plotly_white", height=450, width=900, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def training_curve_figure(curve: pd.DataFrame, *, title: str = "") -> go.Figure:
+    """A tuned lens's training curve (`lenses.train.training_curve`): the training loss per step and,
+    where measured, the held-out KL, both mean KL(model output || lens) over the trained layers (log axis)."""
+    fig = go.Figure()
+    train = curve.dropna(subset=["train_kl"])
+    fig.add_trace(go.Scatter(x=train["step"], y=train["train_kl"], mode="lines", name="training batch",
+                             line={"color": LENS_COLORS["tuned"]}))
+    heldout = curve.dropna(subset=["heldout_kl"])
+    if len(heldout):
+        fig.add_trace(go.Scatter(x=heldout["step"], y=heldout["heldout_kl"], mode="lines+markers", name="held-out",
+                                 line={"color": LENS_COLORS["logit"], "dash": "dash"}))
+    fig.update_yaxes(type="log", title_text="mean KL over the trained layers (nats)")
+    fig.update_xaxes(title_text="step (updates done)")
+    fig.update_layout(title=title or "Tuned-lens training curve", template="plotly_white", height=400, width=700,
+                      legend={"orientation": "h", "y": -0.25})
     return fig

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from records import memorization_of  # tests/records.py
 from tolerances import logit_atol, prob_atol, probes_prob_atol, rank_slack  # tests/tolerances.py
 
-from idiom_lens.analyses.memorization import MemorizationRecord, probe_group, score_memorization
+from idiom_lens.analyses.memorization import (
+    MemorizationRecord,
+    MemorizationResult,
+    is_function_token,
+    probe_group,
+    score_memorization,
+)
 from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
@@ -145,3 +152,104 @@ def test_by_relation_rejects_foreign_records() -> None:
     result = memorization_of([*probes, _fact("fact-capital-z")], {"fact-capital-a": True, "fact-capital-z": False})
     with pytest.raises(InputError, match="not in the probe list"):
         result.by_relation(probes)
+
+
+def test_by_relation_gives_wilson_intervals() -> None:
+    probes = [_fact("fact-capital-a"), _fact("fact-capital-b", hard=False), _fact("fact-element-c")]
+    result = memorization_of(probes, {"fact-capital-a": True, "fact-capital-b": False, "fact-element-c": False})
+    table = result.by_relation(probes).set_index("relation")
+    # Wilson 95% for 1 of 2, by hand: z = 1.959964, centre (0.5 + z^2/4) / (1 + z^2/2) = 0.5,
+    # half z sqrt(0.125 + z^2/16) / (1 + z^2/2) = 0.4056
+    assert table.loc["capital", "fraction_low"] == pytest.approx(0.0945, abs=1e-4)
+    assert table.loc["capital", "fraction_high"] == pytest.approx(0.9055, abs=1e-4)
+    assert table.loc["element", ["fraction_low", "fraction_hard_to_guess_low"]].tolist() == [0.0, 0.0]
+    assert table.loc["capital", "fraction_hard_to_guess_high"] == 1.0  # 1 of 1 hard: exact upper bound
+
+
+@pytest.mark.parametrize(
+    "token, expected",
+    [(" the", True), (" The", True), (" a", True), (" of", True), (" it's", True), ("'s", True), (",", True),
+     (" 1990", True), ("\n", True), (" ", True), ("<eos>", True), (" Paris", False), (" Kab", False),
+     ("English", False), (" Guinea-Bissau", False), (" théâtre", False)],
+)
+def test_function_tokens(token: str, expected: bool) -> None:
+    assert is_function_token(token) is expected
+
+
+def _scored(probe: Probe, pred_token: str) -> MemorizationRecord:
+    """A record of `probe` whose prediction is `pred_token`: memorized when it is " " + target."""
+    memorized = pred_token == f" {probe.target}"
+    return MemorizationRecord(
+        probe_id=probe.id, kind=probe.kind, group=probe_group(probe.kind, memorized), hard_to_guess=True,
+        prompt=probe.prompt, target=probe.target, target_id=1, target_token=f" {probe.target}", n_target_tokens=1,
+        pred_id=1 if memorized else 2, pred_token=pred_token, memorized=memorized, pred_prob=0.5,
+        target_rank=0 if memorized else 1, target_prob=0.5, full_target_match=memorized)
+
+
+def _language_facts() -> tuple[list[Probe], MemorizationResult]:
+    """5 language facts ("English" x3, "French", "Thai"), 2 element facts, 1 idiom; predictions:
+    language: English memorized twice, " the" once (English), " French" memorized, " Lao" (Thai);
+    element: " iron" memorized, " a" (gold); idiom: " moon" memorized."""
+    answers = [("lang-1", "English", " English"), ("lang-2", "English", " English"), ("lang-3", "English", " the"),
+               ("lang-4", "French", " French"), ("lang-5", "Thai", " Lao")]
+    probes = [Probe(id=f"fact-language-{i}", prompt="The official language of X is", target=t, kind="fact")
+              for i, t, _ in answers]
+    preds = [p for _, _, p in answers]
+    probes += [Probe(id="fact-element-fe", prompt="The chemical element Fe is", target="iron", kind="fact"),
+               Probe(id="fact-element-au", prompt="The chemical element Au is", target="gold", kind="fact"),
+               Probe(id="idiom-1", prompt="once in a blue", target="moon", kind="idiom")]
+    preds += [" iron", " a", " moon"]
+    return probes, MemorizationResult(records=tuple(_scored(p, t) for p, t in zip(probes, preds)), settings={})
+
+
+def test_pred_is_function_word_column_and_content_predictions() -> None:
+    probes, result = _language_facts()
+    frame = result.to_dataframe()
+    assert list(frame.columns) == [*MemorizationRecord.__dataclass_fields__, "pred_is_function_word"]
+    assert frame["pred_is_function_word"].tolist() == [False, False, True, False, False, False, True, False]
+    content = result.content_predictions()
+    assert content["probe_id"].tolist() == [p.id for p in probes if p.id not in ("fact-language-lang-3",
+                                                                                  "fact-element-au")]
+    # the derived column does not stop a saved table from loading
+    again = MemorizationResult.from_dataframe(frame, {})
+    assert again.records == result.records
+
+
+def test_function_word_shares_per_group() -> None:
+    _, result = _language_facts()
+    table = result.function_word_shares().set_index("group")
+    # non-memorized facts: lang-3 (" the"), lang-5 (" Lao"), element gold (" a"): 2 of 3
+    assert table.loc["non-memorized facts", ["n", "n_function_word"]].tolist() == [3, 2]
+    assert table.loc["non-memorized facts", "share"] == pytest.approx(2 / 3)
+    assert table.loc["memorized facts", ["n", "n_function_word", "share"]].tolist() == [4, 0, 0.0]
+    assert table.loc["memorized facts", "share_low"] == 0.0 and table.loc["memorized idioms", "share"] == 0.0
+    assert 0 < table.loc["non-memorized facts", "share_low"] < 2 / 3 < table.loc["non-memorized facts", "share_high"]
+
+
+def test_relation_baselines_by_hand() -> None:
+    probes, result = _language_facts()
+    table = result.relation_baselines(probes).set_index("relation")
+    assert list(table.index) == ["language", "element", "all"]
+    lang = table.loc["language"]
+    assert (lang.n, lang.majority_target, lang.majority_count) == (5, "English", 3)
+    assert lang.majority_share == pytest.approx(0.6)  # always answering "English": 3 of 5
+    assert (lang.memorized, lang.fraction) == (3, pytest.approx(0.6))  # English x2, French
+    # within content-word predictions: lang-3 (" the") left out: 3 of 4
+    assert (lang.n_function_word, lang.n_content, lang.memorized_content) == (1, 4, 3)
+    assert lang.fraction_content == pytest.approx(0.75)
+    # Wilson 95% of 3 of 5 by hand: centre (0.6 + z^2/10) / (1 + z^2/5) = 0.5657,
+    # half z sqrt(0.048 + z^2/100) / (1 + z^2/5) = 0.3188
+    assert (lang.majority_share_low, lang.majority_share_high) == (pytest.approx(0.2307, abs=1e-4),
+                                                                  pytest.approx(0.8824, abs=1e-4))
+    assert (lang.fraction_low, lang.fraction_high) == (lang.majority_share_low, lang.majority_share_high)
+    element = table.loc["element"]
+    # a tie (iron, gold once each): the first in sorted order, a share of 1 in 2
+    assert (element.majority_target, element.majority_count, element.majority_share) == ("gold", 1, 0.5)
+    assert (element.n_content, element.memorized_content, element.fraction_content) == (1, 1, 1.0)
+    everything = table.loc["all"]
+    assert pd.isna(everything.majority_target)
+    assert (everything.n, everything.majority_count, everything.memorized) == (7, 4, 4)
+    assert everything.majority_share == pytest.approx(4 / 7)
+    assert (everything.n_content, everything.memorized_content) == (5, 4)
+    with pytest.raises(InputError, match="not in the probe list"):
+        result.relation_baselines(probes[:3])

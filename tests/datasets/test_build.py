@@ -16,7 +16,7 @@ import pytest
 
 from idiom_lens.datasets import FACT_RELATIONS, bundled_names, bundled_path, fact_relation, load_probes
 from idiom_lens.datasets.build import BUILD_PACKAGES, SLOT_WORDS, build_all, missing_build_packages
-from idiom_lens.datasets.flags import STOP_WORDS, bare
+from idiom_lens.datasets.flags import STOP_WORDS, answer_guessable, bare
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,22 @@ def test_unique_ids_and_prompts(name: str) -> None:
     probes = load_probes(name)
     assert len({p.id for p in probes}) == len(probes)
     assert len({p.prompt.lower() for p in probes}) == len(probes)  # one target per prompt
-    assert all(p.hard_to_guess == (not p.prompt_comp_ind and not p.similarity_ind) for p in probes)
+    guessable = (answer_guessable([fact_relation(p) for p in probes], [p.target for p in probes])
+                 if name == "facts" else [False] * len(probes))
+    assert all(p.hard_to_guess == (not p.prompt_comp_ind and not p.similarity_ind and not g)
+               for p, g in zip(probes, guessable))
     assert all(None not in (p.similarity_ind, p.prompt_comp_ind, p.frequent_target_ind) for p in probes)
+
+
+def test_bundled_facts_with_a_guessable_answer_are_not_hard_to_guess() -> None:
+    """The rule recomputed from the bundled facts themselves: "English" is the answer of 35 of the
+    90 language facts (0.39 >= 0.2); "India", "China" and "Pakistan" share city_country's majority
+    (5 of 34 each); every other answer stays hard to guess (a capital is the answer of one fact)."""
+    facts = load_probes("facts")
+    easy = Counter((fact_relation(p), p.target) for p in facts if not p.hard_to_guess)
+    assert easy == {("language", "English"): 35, ("city_country", "India"): 5, ("city_country", "China"): 5,
+                    ("city_country", "Pakistan"): 5}
+    assert sum(bool(p.hard_to_guess) for p in facts) == len(facts) - 50
 
 
 def test_runtime_import_needs_no_build_package() -> None:

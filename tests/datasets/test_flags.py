@@ -8,7 +8,14 @@ import pytest
 
 from idiom_lens.datasets import build
 from idiom_lens.datasets import flags as rules
-from idiom_lens.datasets.flags import CompositionalityRef, flags, frequent_target_ind, prompt_comp_ind, similarity_ind
+from idiom_lens.datasets.flags import (
+    CompositionalityRef,
+    answer_guessable,
+    flags,
+    frequent_target_ind,
+    prompt_comp_ind,
+    similarity_ind,
+)
 
 # A tiny reference: "give up" is a short dictionary phrase; "long time" a frequent corpus bigram.
 REF = CompositionalityRef(
@@ -121,6 +128,25 @@ def test_hard_to_guess_combines_the_others() -> None:
         "frequent_target_ind": False,
         "hard_to_guess": False,
     }
+
+
+def test_a_relation_s_majority_answer_is_guessable_and_a_rare_one_is_not() -> None:
+    # language: 10 facts; "English" 4 (the majority, 0.4), "French" 2 (0.2: at the threshold),
+    # 4 answers once each; element: 5 different answers (no majority); tie: 2 x "a", 2 x "b" in 9
+    relations = ["language"] * 10 + ["element"] * 5 + ["tie"] * 9
+    targets = (["English"] * 3 + ["english."] + ["French"] * 2 + ["Thai", "Lao", "Khmer", "Malay"]
+               + ["iron", "gold", "tin", "lead", "zinc"]
+               + ["a", "a", "b", "b", "c", "d", "e", "f", "g"])
+    got = answer_guessable(relations, targets)
+    assert got[:10] == [True] * 6 + [False] * 4  # "english." is "English" compared bare
+    assert got[10:15] == [False] * 5  # every answer once: no majority, each share 0.2 but n = 1
+    assert got[15:] == [True] * 4 + [False] * 5  # tied majority (2 of 9 = 0.22 each, and the most common)
+    # below the threshold and not the majority: 2 of 11 "b" beside 3 "a"
+    assert answer_guessable(["r"] * 11, ["a"] * 3 + ["b"] * 2 + list("cdefgh")) == [True] * 3 + [False] * 8
+    # one fact per relation: never guessable, whatever the share
+    assert answer_guessable(["x", "y"], ["Paris", "Paris"]) == [False, False]
+    with pytest.raises(ValueError, match="one relation per target"):
+        answer_guessable(["x"], [])
 
 
 def test_bundled_idioms_carry_the_expected_flags() -> None:

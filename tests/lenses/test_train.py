@@ -8,20 +8,27 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from tolerances import logit_atol, prob_atol  # tests/tolerances.py: why each bound
+from tolerances import logit_atol, prob_atol, probes_prob_atol  # tests/tolerances.py: why each bound
 
+from idiom_lens.errors import InputError
 from idiom_lens.lenses.corpus import tokenize_sentences
 from idiom_lens.lenses.lens import Lens, logit_lens
 from idiom_lens.lenses.train import (
+    _batch_rows,
     _kl_and_grad,
     collect_residuals,
     fit_jacobian_lens,
     heldout_kl,
     lens_logits,
+    probe_kl,
     train_tuned_lens,
+    training_curve,
 )
+from idiom_lens.models.forward import tokenize_probes
+from idiom_lens.models.vocab import mask_logits, valid_mask
 
 SENTENCES = ["the cat sat on the mat", "she walked to the market", "he read a long book about history",
              "once in a blue moon", "the elephant in the room", "kill two birds with one stone",
@@ -124,6 +131,9 @@ def test_an_interrupted_training_resumes_to_the_same_lens(tiny_model_dir, tmp_pa
     a, b = Lens.load(tmp_path / "straight.pt"), Lens.load(tmp_path / "resumed.pt")
     for name in ("weight", "bias"):
         assert torch.equal(a.translators[name], b.translators[name])
+    # the curve too: the first 4 losses from the checkpoint, the rest computed again
+    assert len(a.settings["training_curve"]["train_kl"]) == 12
+    assert a.settings["training_curve"] == b.settings["training_curve"]
 
 
 def test_jacobian_lens_is_transformer_lens_s_fit_and_resumes_by_slice(tiny_model, tmp_path, monkeypatch):
@@ -160,3 +170,82 @@ def test_training_gives_the_model_back_as_it_was(tiny_model, residuals):
     train_tuned_lens(tiny_model, residuals[0], steps=2, batch_tokens=8, progress=False, log=lambda s: None,
                      matmul_dtype=torch.float32)
     assert [p.requires_grad for p in tiny_model.bridge.parameters()] == before
+
+
+def _mean_kl_below_last(model, lens, rows) -> float:
+    """Mean of `heldout_kl` over every layer but the last (the trained ones), over all `rows`."""
+    table = heldout_kl(model, [lens], rows, torch.zeros(len(rows), dtype=torch.long), n_boot=10)
+    return float(table[table.layer < model.n_layers - 1].kl.mean())
+
+
+def test_training_curve_is_recorded_and_checks_by_hand(tiny_model, residuals):
+    rows, _ = residuals
+    train, held = rows[: len(rows) // 2], rows[len(rows) // 2 :]
+    lens = train_tuned_lens(tiny_model, train, steps=12, batch_tokens=8, lr=3e-3, seed=3, progress=False,
+                            log=lambda s: None, matmul_dtype=torch.float32, heldout=held, heldout_every=5)
+    curve = training_curve(lens)
+    assert list(curve.columns) == ["step", "train_kl", "heldout_kl"]
+    assert curve.step.tolist() == list(range(13)) and np.isnan(curve.train_kl.iloc[-1])
+    assert curve.train_kl.iloc[:12].notna().all()
+    assert curve.dropna(subset=["heldout_kl"]).step.tolist() == [0, 5, 10, 12]
+    noise = prob_atol(tiny_model, lens_logits(tiny_model, rows[:, -1]), n_layers=1)
+    # step 0: the logit lens's loss on step 0's batch and on the held-out rows, by `heldout_kl`
+    batch = train[_batch_rows(len(train), 8, 0, 3)]
+    assert curve.train_kl[0] == pytest.approx(_mean_kl_below_last(tiny_model, logit_lens(tiny_model), batch), abs=noise)
+    assert curve.heldout_kl[0] == pytest.approx(_mean_kl_below_last(tiny_model, logit_lens(tiny_model), held),
+                                                abs=noise)
+    # the last row: the trained lens on the held-out rows; training lowered both curves
+    assert curve.heldout_kl[12] == pytest.approx(_mean_kl_below_last(tiny_model, lens, held), abs=noise)
+    assert curve.heldout_kl[12] < curve.heldout_kl[0]
+    assert curve.train_kl.iloc[9:12].mean() < curve.train_kl.iloc[:3].mean()
+    # without held-out rows: the training losses only
+    plain = training_curve(train_tuned_lens(tiny_model, train, steps=3, batch_tokens=8, progress=False,
+                                            log=lambda s: None, matmul_dtype=torch.float32))
+    assert len(plain) == 4 and plain.heldout_kl.isna().all()
+    with pytest.raises(InputError, match="heldout must be"):
+        train_tuned_lens(tiny_model, train, steps=1, heldout=held[:, :2], progress=False, log=lambda s: None)
+
+
+def test_a_lens_without_a_curve_has_an_empty_one(tiny_model, tmp_path):
+    """Lenses cached before curves were recorded, and the logit and Jacobian lenses."""
+    old = Lens(kind="tuned", model_name=tiny_model.name, n_layers=tiny_model.n_layers, d_model=tiny_model.d_model,
+               translators={"weight": torch.zeros(tiny_model.n_layers, tiny_model.d_model, tiny_model.d_model),
+                            "bias": torch.zeros(tiny_model.n_layers, tiny_model.d_model)},
+               settings={"steps": 120})
+    old.save(tmp_path / "old.pt")
+    for lens in (Lens.load(tmp_path / "old.pt"), logit_lens(tiny_model)):
+        curve = training_curve(lens)
+        assert curve.empty and list(curve.columns) == ["step", "train_kl", "heldout_kl"]
+
+
+def test_probe_kl_is_the_kl_at_the_last_prompt_token(tiny_model, probes, residuals):
+    """By hand per probe: a plain forward with a cache; the final distribution (masked) against the
+    logit lens's read-out of each layer at the last prompt token, and a trained lens beside it."""
+    lens = train_tuned_lens(tiny_model, residuals[0], steps=4, batch_tokens=8, progress=False, log=lambda s: None,
+                            matmul_dtype=torch.float32)
+    table = probe_kl(tiny_model, lens, probes, batch_size=3, n_boot=200)
+    assert list(table.columns) == ["lens", "layer", "kl", "kl_low", "kl_high", "n_probes"]
+    assert table.lens.tolist() == ["logit"] * tiny_model.n_layers + ["tuned"] * tiny_model.n_layers
+    assert (table.n_probes == len(probes)).all()
+    mask = valid_mask(tiny_model)
+    by_hand = np.zeros((len(probes), tiny_model.n_layers))
+    for i, toks in enumerate(tokenize_probes(tiny_model, probes)):
+        with torch.no_grad():
+            logits, cache = tiny_model.bridge.run_with_cache(torch.tensor([toks.prompt_ids]))
+            logp = mask_logits(logits[0, -1], mask).double().log_softmax(-1)
+            for layer in range(tiny_model.n_layers):
+                h = cache[f"blocks.{layer}.hook_resid_post"][0, -1]
+                x = tiny_model.bridge.ln_final(h[None, None])[0, 0]
+                logq = mask_logits(x @ tiny_model.bridge.W_U + tiny_model.bridge.b_U, mask).double().log_softmax(-1)
+                p = logp.exp()
+                by_hand[i, layer] = float((p * (logp - logq)).nan_to_num().sum())  # 0 log 0 = 0 off the vocabulary
+    logit = table[table.lens == "logit"].set_index("layer")
+    noise = 2 * probes_prob_atol(tiny_model, probes)  # a KL sums p x a log-probability difference
+    np.testing.assert_allclose(logit.kl.to_numpy(), by_hand.mean(0), atol=noise, rtol=1e-4)
+    assert logit.kl.iloc[-1] == pytest.approx(0, abs=noise)  # the last layer is the model's own output
+    assert (logit.kl_low <= logit.kl + noise).all() and (logit.kl <= logit.kl_high + noise).all()
+    assert (logit.kl_low < logit.kl_high).iloc[:-1].all()
+    # the logit lens alone once; no probe refused
+    assert probe_kl(tiny_model, logit_lens(tiny_model), probes[:2], n_boot=10).lens.unique().tolist() == ["logit"]
+    with pytest.raises(InputError, match="at least one probe"):
+        probe_kl(tiny_model, lens, [])
