@@ -1,114 +1,222 @@
-"""Where recall lives (issue 14): every causal method and the direct logit attribution on the same
-memorized and non-memorized idioms, per layer, in one figure.
+"""Where recall lives (issues 14, 29): every causal method and the direct logit attribution on the
+same seeded sets, per layer, compared fairly between sets, in one table and one figure.
 
-    python experiments/where_recall_lives.py --out out/recall [--per-group 15] [--window 5]
+    python experiments/where_recall_lives.py --out out/recall [--per-set 50] [--seeds 0 1] [--window 5]
 
-Probes: the bundled idioms scored for memorization, then a seeded sample of `--per-group` memorized
-and as many non-memorized idioms. On that one sample:
-1. MLP knockouts: top-100 neurons of one layer at every position (the authors'), beside the
-   magnitude-matched control;
-2. causal tracing: noise on every prompt token but the BOS and the last (3x the embeddings' std),
-   the residual stream restored at one layer, MLP and attention outputs in windows of `--window`
-   layers, `--samples` noise draws;
-3. attention knockout: the last position cut from the idiom's earlier words in windows of
-   `--window` layers;
-4. direct logit attribution (compatibility mode): the share of the logit each MLP layer writes.
+Sets, per seed (`idiom_lens.study.sets.comparison_sets`): `--per-set` memorized idioms,
+non-memorized idioms and text windows, seeded, and the non-memorized idioms matched to the
+memorized sample on the final probability of their prediction (confidence-matched, paired). Each
+seed draws its own sample and its own noise; the seeds are pooled (distinct probes) for the
+published table and compared for replication. Per seed, on the union of its sets:
+1. MLP knockouts: the top-100 neurons of one layer (`--rank-by`, default effective) zeroed at
+   every position, post-MLP norm frozen (primary) and live (secondary), beside a random control
+   matched on the norm of the vector it removes;
+2. causal tracing: noise on every prompt token but the BOS and the last (3x the embeddings' std,
+   `--samples` draws), MLP and attention outputs restored in windows of `--window` layers at the
+   last noised and the last token; normalized by each probe's total effect (floor
+   `--min-total-effect`);
+3. noise designs (no restoration): one word noised at a time, every word but the last, every
+   word but the last two;
+4. attention knockout: the last position cut from the earlier words in windows of `--window`
+   layers and of 1 layer; change in log-probability;
+5. direct logit attribution (compatibility mode): the share of the logit each MLP layer writes.
 
-Writes under --out: each result in its own folder (knockouts/, tracing/, attention_knockout/,
-attribution/), recall_profile.parquet (measure x set x layer with n and 95% intervals),
-recall_peaks.md, the figure where_recall_lives (HTML + PNG), and settings.json with timings.
+Writes under --out: seed<s>/<method>/ (each a resumable stage: a killed run resumes), seed<s>/
+sets.json, recall_profile.parquet and recall_per_probe.parquet (pooled), recall_comparisons
+.parquet (reference: memorized idioms; per layer max-T adjusted, per band Holm),
+recall_replication.parquet (the comparisons per seed), recall_peaks.md, recall_comparisons.md,
+noise_effects.md, the figure where_recall_lives (HTML + PNG) and settings.json with timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 
 def main() -> None:
-    from idiom_lens.analyses.attribution import attribute_probes
-    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, TracingOptions, knockout_grid
-    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions, attention_knockout
-    from idiom_lens.analyses.interventions.tracing import causal_trace
-    from idiom_lens.analyses.memorization import score_memorization
-    from idiom_lens.datasets import load_probes
-    from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS
-    from idiom_lens.io import write_json
-    from idiom_lens.models.loading import load_model
-    from idiom_lens.study.run import sample_by_group
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--dataset", default="idioms")
-    parser.add_argument("--per-group", type=int, default=15,
-                        help="memorized and non-memorized idioms each (default 15)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-set", type=int, default=50, help="probes per sampled set and seed (default 50)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sample and noise seeds (default 0 1)")
     parser.add_argument("--window", type=int, default=5, help="tracing and attention-knockout window (default 5)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per probe (default 10)")
+    parser.add_argument("--min-total-effect", type=float, default=0.05,
+                        help="tracing floor: probes whose noise removes less probability are not normalized")
+    parser.add_argument("--rank-by", default="effective", help="knockout neuron ranking (default effective)")
+    parser.add_argument("--no-live", action="store_true", help="skip the live-norm knockouts (secondary)")
     parser.add_argument("--no-png", action="store_true")
     parser.add_argument("--redraw", action="store_true",
-                        help="no model: read the four results saved under --out and redraw the table and figure")
+                        help="no model: read the results saved under --out and redraw the tables and figure")
     args = parser.parse_args()
     if args.redraw:
         return _draw(args.out, png=not args.no_png)
 
+    from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.io import write_json
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.study.sets import comparison_sets
+
     started, seconds = time.perf_counter(), {}
     model = load_model(args.model)
-    pool = list(load_probes(args.dataset))
+    compat = None
+    pool = list(load_probes("idioms")) + list(load_probes("text"))
     memo = score_memorization(model, pool, batch_size=32)
-    group_of = {r.probe_id: r.group for r in memo.records}
-    probes = [p for p in sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed)
-              if group_of[p.id] in (MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS)]
-    png = not args.no_png
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        result = fn()
-        seconds[name] = round(time.perf_counter() - t, 1)
-        result.save(args.out / name)
-        print(f"{name}: {seconds[name]:.0f} s")
-        return result
-
-    knockouts = KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all", seed=args.seed)
-    timed("knockouts", lambda: knockout_grid(model, probes, knockouts, progress=True))
-    timed("attention_knockout", lambda: attention_knockout(
-        model, probes, AttentionKnockoutOptions(window=args.window), progress=True))
-    tracing = TracingOptions(windows=(args.window,), noise_samples=args.samples, seed=args.seed)
-    trace = timed("tracing", lambda: causal_trace(model, probes, tracing, progress=True))
-    compat = load_model(args.model, mode="compat")
-    timed("attribution", lambda: attribute_probes(compat, probes, progress=True))
-
-    write_json(args.out / "settings.json", {"model": model.settings(), "per_group": args.per_group, "seed": args.seed,
-                                            "window": args.window, "samples": args.samples, "seconds": seconds,
-                                            "n": {g: int(n) for g, n in trace.probes["group"].value_counts().items()}})
-    _draw(args.out, png=png)
+    n = {}
+    for seed in args.seeds:
+        sets = comparison_sets(memo, pool, per_set=args.per_set, seed=seed)
+        folder = args.out / f"seed{seed}"
+        write_json(folder / "sets.json", {"sets": {k: list(v) for k, v in sets.sets.items()},
+                                          "matching": sets.matching})
+        n[f"seed{seed}"] = sets.sizes() | {"union": len(sets.probes)}
+        for name, fn, model_of, options in _methods(args, seed):
+            if model_of == "compat" and compat is None:
+                compat = load_model(args.model, mode="compat")
+            t = time.perf_counter()
+            _run(name, fn, compat if model_of == "compat" else model, list(sets.probes), folder / name, options)
+            seconds[f"seed{seed}/{name}"] = round(time.perf_counter() - t, 1)
+            print(f"seed {seed} {name}: {seconds[f'seed{seed}/{name}']:.0f} s", flush=True)
+    write_json(args.out / "settings.json", {
+        "model": model.settings(), "per_set": args.per_set, "seeds": args.seeds, "window": args.window,
+        "samples": args.samples, "min_total_effect": args.min_total_effect, "rank_by": args.rank_by,
+        "live": not args.no_live, "seconds": seconds, "n": n,
+        "total_seconds": round(time.perf_counter() - started, 1)})
+    _draw(args.out, png=not args.no_png)
     print(f"total {time.perf_counter() - started:.0f} s -> {args.out}")
 
 
-def _draw(out: Path, *, png: bool) -> None:
-    """The profile table, its peaks and the figure, from the results saved under `out`."""
-    import json
+def _methods(args: argparse.Namespace, seed: int) -> list[tuple]:
+    """(folder name, stage function, which model, options) of every method, for one seed."""
+    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, TracingOptions
+    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+    from idiom_lens.study.stages.attention_knockout import run_attention_knockout
+    from idiom_lens.study.stages.attribution import run_attribution
+    from idiom_lens.study.stages.knockouts import run_knockouts
+    from idiom_lens.study.stages.tracing import run_tracing
 
+    png = {"png": False}
+    knock = {"compare_positions": False, "value_vector_ks": (), "skip": False} | png
+    norms = ("frozen",) if args.no_live else ("frozen", "live")
+    methods = [(f"knockouts_{norm}", run_knockouts, "model",
+                {"options": KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all",
+                                            norm=norm, rank_by=args.rank_by, seed=seed)} | knock)
+               for norm in norms]
+    methods.append(("tracing", run_tracing, "model",
+                    {"options": TracingOptions(sites=("mlp", "attn"), windows=(args.window,),
+                                               noise_samples=args.samples, positions="key", seed=seed)} | png))
+    methods.append(("noise_effects", _noise_effects_stage, "model",
+                    {"noise_samples": args.samples, "seed": seed}))
+    for window in sorted({args.window, 1}):
+        methods.append((f"attention_knockout_w{window}", run_attention_knockout, "model",
+                        {"options": AttentionKnockoutOptions(window=window)} | png))
+    methods.append(("attribution", run_attribution, "compat", {"progress": False} | png))
+    return methods
+
+
+def _noise_effects_stage(model, probes, out: Path, *, noise_samples: int, seed: int) -> None:
+    """The noise designs of `noise_effects` (one word at a time, all but the last, all but the last two)."""
+    from idiom_lens.analyses.interventions.noise_designs import noise_effects
+
+    noise_effects(model, probes, noise_samples=noise_samples, seed=seed).save(out)
+
+
+def _run(name, fn, model, probes, folder: Path, options: dict) -> None:
+    from idiom_lens.study.parts import run_stage
+
+    run_stage(name, fn, model, probes, folder, options, log=print)
+
+
+# --------------------------------------------------------------------------------------
+# Tables and figure from the saved results
+# --------------------------------------------------------------------------------------
+
+
+def _profiles(out: Path) -> tuple[list, dict]:
+    """Per seed: its `RecallProfile` over its sets; and the matched pairs of every seed."""
     from idiom_lens.analyses.attribution import AttributionResult
     from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
     from idiom_lens.analyses.recall import recall_profile
-    from idiom_lens.io import write_text
+
+    settings = json.loads((out / "settings.json").read_text())
+    profiles, pairs = [], {}
+    for seed in settings["seeds"]:
+        folder = out / f"seed{seed}"
+        sets = json.loads((folder / "sets.json").read_text())
+        knock = [KnockoutResult.load(folder / f"knockouts_{norm}") for norm in ("frozen", "live")
+                 if (folder / f"knockouts_{norm}").is_dir()]
+        profile = recall_profile(
+            knockouts=KnockoutResult.stack_runs(knock) if len(knock) > 1 else knock[0],
+            tracing=TracingResult.load(folder / "tracing"),
+            attention=AttentionKnockoutResult.load(folder / f"attention_knockout_w{settings['window']}"),
+            attribution=AttributionResult.load(folder / "attribution"),
+            sets=sets["sets"], min_total_effect=settings["min_total_effect"], seed=seed)
+        profiles.append((seed, profile))
+        for a, b in sets["matching"].get("pairs", {}).items():
+            pairs.setdefault(a, b)
+    return profiles, pairs
+
+
+def _draw(out: Path, *, png: bool) -> None:
+    """The pooled profile, its comparisons, the replication per seed, the noise designs and the
+    figure, from the results saved under `out`."""
+    import pandas as pd
+
+    from idiom_lens.analyses.recall import PER_PROBE_COLUMNS, RecallProfile, compare_sets, profile_from_per_probe
+    from idiom_lens.io import write_parquet, write_text
     from idiom_lens.plots.export import save_figure
     from idiom_lens.plots.recall import where_recall_lives
+    from idiom_lens.study.sets import MATCHED_NON_MEMORIZED
     from idiom_lens.study.text import markdown_table
 
-    profile = recall_profile(knockouts=KnockoutResult.load(out / "knockouts"),
-                             tracing=TracingResult.load(out / "tracing"),
-                             attention=AttentionKnockoutResult.load(out / "attention_knockout"),
-                             attribution=AttributionResult.load(out / "attribution"))
-    profile.save(out)
-    write_text(out / "recall_peaks.md", markdown_table(profile.peaks()) + "\n")
-    model_name = json.loads((out / "settings.json").read_text())["model"]["model_name"]
-    save_figure(where_recall_lives(profile, title=f"Where recall lives, {model_name}"), out / "where_recall_lives",
-                png=png, width=1100, height=1160)
-    print(markdown_table(profile.peaks()))
+    settings = json.loads((out / "settings.json").read_text())
+    profiles, pairs = _profiles(out)
+    per_probe = (pd.concat([p.per_probe for _, p in profiles], ignore_index=True)
+                 .drop_duplicates(["measure", "group", "probe_id", "layer"], keep="first"))[PER_PROBE_COLUMNS]
+    pooled = RecallProfile(profile_from_per_probe(per_probe), profiles[0][1].settings | {"seeds": settings["seeds"]},
+                           per_probe.reset_index(drop=True))
+    pooled.save(out)
+    comparisons = compare_sets(pooled, pairs={MATCHED_NON_MEMORIZED: pairs})
+    write_parquet(out / "recall_comparisons.parquet", comparisons)
+    replication = pd.concat([compare_sets(p, pairs={MATCHED_NON_MEMORIZED: pairs}, seed=seed).assign(seed=seed)
+                             for seed, p in profiles], ignore_index=True)
+    write_parquet(out / "recall_replication.parquet", replication)
+    write_text(out / "recall_peaks.md", markdown_table(pooled.peaks()) + "\n")
+    bands = comparisons[comparisons["scope"] == "band"].drop(columns=["layer", "scope"])
+    write_text(out / "recall_comparisons.md", markdown_table(bands) + "\n")
+    effects = _noise_summary(out, settings)
+    if effects is not None:
+        write_parquet(out / "noise_effects_summary.parquet", effects)
+        write_text(out / "noise_effects.md", markdown_table(effects) + "\n")
+    model_name = settings["model"]["model_name"]
+    save_figure(where_recall_lives(pooled, title=f"Where recall lives, {model_name}"), out / "where_recall_lives",
+                png=png, width=1100, height=1400)
+    print(markdown_table(bands))
+
+
+def _noise_summary(out: Path, settings: dict):
+    """The noise designs' summary over the pooled sets (distinct probes), or None without results."""
+    import pandas as pd
+
+    from idiom_lens.analyses.interventions.noise_designs import NoiseEffectsResult
+
+    results = []
+    for seed in settings["seeds"]:
+        folder = out / f"seed{seed}"
+        if not (folder / "noise_effects").is_dir():
+            return None
+        sets = json.loads((folder / "sets.json").read_text())["sets"]
+        results.append(NoiseEffectsResult.load(folder / "noise_effects").in_sets(sets))
+    probes = pd.concat([r.probes for r in results], ignore_index=True).drop_duplicates(["probe_id", "group"])
+    first: dict[str, int] = {}  # a probe drawn by several seeds counts once, with its first seed's noise
+    for i, r in enumerate(results):
+        for pid in r.probes["probe_id"]:
+            first.setdefault(pid, i)
+    rows = pd.concat([r.rows[r.rows["probe_id"].map(first) == i] for i, r in enumerate(results)], ignore_index=True)
+    return NoiseEffectsResult(rows=rows, probes=probes, settings=results[0].settings).summary()
 
 
 if __name__ == "__main__":

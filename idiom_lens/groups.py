@@ -13,6 +13,9 @@ NON_MEMORIZED_IDIOMS = "non-memorized idioms"
 ORDINARY_TEXT = "ordinary text"
 MEMORIZED_FACTS = "memorized facts"
 NON_MEMORIZED_FACTS = "non-memorized facts"
+# Not a memorization group: the non-memorized idioms matched to a memorized sample on final
+# confidence (`study.sets`), a comparison set of the causal analyses.
+MATCHED_NON_MEMORIZED_IDIOMS = "matched non-memorized idioms"
 
 # The sets the paper compares, in plotting (and table) order.
 GROUPS: tuple[str, ...] = (
@@ -30,6 +33,7 @@ COLOR: dict[str, str] = {
     ORDINARY_TEXT: "#7f7f7f",
     MEMORIZED_FACTS: "#ff7f0e",
     NON_MEMORIZED_FACTS: "#17becf",
+    MATCHED_NON_MEMORIZED_IDIOMS: "#9467bd",
 }
 OTHER_COLOR = "#2ca02c"
 

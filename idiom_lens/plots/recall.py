@@ -12,19 +12,19 @@ from idiom_lens.groups import group_color, ordered
 from idiom_lens.metrics import METRICS
 from idiom_lens.plots.style import rgba
 
-# Panels top to bottom: (title, [(measure, dash, legend label)], y-axis title). The recall profile's
-# `value` is the measure's own metric, except for the attention knockout (minus its relative change)
-# and the DLA share (of one MLP layer), which have their own short titles here.
+# Panels top to bottom: (title, [(measure, dash, legend label)], y-axis title): the primary
+# measures of `analyses.recall` (normalized, frozen norm, log-probability), one panel per method.
 _PANELS = (
-    ("MLP neuron knockouts (top-100 of one layer, every position)",
-     [("knockout top-100", "solid", "top-100"), ("knockout matched", "dot", "matched control")],
+    ("MLP neuron knockouts (top-100 of one layer, every position, post-MLP norm frozen)",
+     [("knockout top-100", "solid", "top-100"), ("knockout matched", "dot", "control matched on removed norm")],
      METRICS["changed"].short_label),
-    ("Causal tracing (restore a window of layers)",
-     [("tracing MLP (last noised)", "solid", "MLP, last noised token"),
-      ("tracing MLP (last)", "dash", "MLP, last token"), ("tracing attention (last)", "dot", "attention, last token")],
-     METRICS["aie"].label),
+    ("Causal tracing, restored share of the total effect (a window of layers restored)",
+     [("tracing MLP share (last noised)", "solid", "MLP, last noised token"),
+      ("tracing MLP share (last)", "dash", "MLP, last token"),
+      ("tracing attention share (last)", "dot", "attention, last token")],
+     "IE / total effect"),
     ("Attention knockout (last token cut from the earlier words)",
-     [("attention knockout", "solid", "context -> last")], "relative prob. drop"),
+     [("attention knockout", "solid", "context -> last")], "median drop in log p (nats)"),
     ("Direct logit attribution", [("DLA MLP share", "solid", "MLP layer")], "MLP share of logit"),
 )
 
@@ -54,7 +54,7 @@ def where_recall_lives(profile: RecallProfile, *, title: str = "") -> go.Figure:
                               row=row, col=1)
         fig.update_yaxes(title_text=ytitle, row=row, col=1)
     fig.update_xaxes(title_text="layer", row=len(panels), col=1)
-    fig.update_layout(title=title or "Where recall lives: memorized vs non-memorized idioms, per layer",
+    fig.update_layout(title=title or "Where recall lives: memorized idioms against the comparison sets, per layer",
                       template="plotly_white", height=260 * len(panels) + 120, width=1100,
                       legend={"font": {"size": 10}})
     return fig

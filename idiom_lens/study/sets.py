@@ -24,9 +24,9 @@ from idiom_lens.analyses.memorization import MemorizationResult
 from idiom_lens.analyses.stats import match_nearest
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
-from idiom_lens.groups import MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS, ORDINARY_TEXT
+from idiom_lens.groups import MATCHED_NON_MEMORIZED_IDIOMS, MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS, ORDINARY_TEXT
 
-MATCHED_NON_MEMORIZED = "matched non-memorized idioms"
+MATCHED_NON_MEMORIZED = MATCHED_NON_MEMORIZED_IDIOMS
 SAMPLED_SETS: tuple[str, ...] = (MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS, ORDINARY_TEXT)
 MATCHING_RULE = ("for each sampled memorized idiom, the non-memorized idiom (of all) with the nearest final "
                  "probability of its prediction, greedy 1:1 without replacement within the caliper, "
