@@ -322,6 +322,15 @@ class NoiseEffectsResult(ProbeRowsResult):
         ).reset_index(drop=True)
 
 
+def _span_words(design: str, word: int, words: Sequence[str]) -> str:
+    """The noised words of a span, as text (a row's `words`)."""
+    if word >= 0:
+        return words[word]
+    if design in DESIGN_WORDS:
+        return " ".join(words[slice(*DESIGN_WORDS[design])])
+    return "every token but the BOS and the last"
+
+
 def noise_effects(
     model: LoadedModel,
     probes: Sequence[Probe],
@@ -388,11 +397,9 @@ def noise_effects(
         clean_prob = float(clean_logp[pred].exp())
         for j, (design, word, noised) in enumerate(spans):
             corrupted = float(p_pred[j].mean())
-            span_words = words[word : word + 1] if word >= 0 else words[slice(*DESIGN_WORDS.get(design, (None, None)))]
             rows.append({
                 "probe_id": probe.id, "design": design, "word": word,
-                "word_from_end": word - len(words) if word >= 0 else pd.NA,
-                "words": " ".join(span_words) if word >= 0 or design in DESIGN_WORDS else "every token but the last",
+                "word_from_end": word - len(words) if word >= 0 else pd.NA, "words": _span_words(design, word, words),
                 "noised": " ".join(str(p) for p in noised), "n_noised": len(noised),
                 "clean_prob": clean_prob, "corrupted_prob": corrupted,
                 "corrupted_prob_sd": float(p_pred[j].std()) if noise_samples > 1 else 0.0,

@@ -277,7 +277,7 @@ class TracingResult(ProbeRowsResult):
     (`analyses.saved`)."""
 
     default_name: ClassVar[str] = "tracing"
-    CELL: ClassVar[list[str]] = ["group", "site", "window", "position", "layer"]  # what a summary row is
+    CELL: ClassVar[tuple[str, ...]] = ("group", "site", "window", "position", "layer")  # what a summary row is
 
     def _probe_ie(self) -> pd.Series:
         """IE per (group, site, window, position class, layer, probe): the positions of one class
@@ -346,7 +346,7 @@ class TracingResult(ProbeRowsResult):
                    "ie_mean", "te_mean", "share", "share_low", "share_high"]
         per_probe = self.per_probe(min_total_effect=min_total_effect)
         out = []
-        for (group, site, window, position), part in per_probe.groupby(self.CELL[:4], sort=False):
+        for (group, site, window, position), part in per_probe.groupby(list(self.CELL[:4]), sort=False):
             table = part.pivot(index="probe_id", columns="layer", values="ie")  # probe x layer
             te = part.groupby("probe_id")["total_effect"].first().reindex(table.index)
             kept = (te >= min_total_effect).to_numpy()
