@@ -3,18 +3,31 @@ memorized prediction back into a corrupted run.
 
 - **Corrupt**: Gaussian noise is added to the input embeddings (the residual stream entering
   block 0, i.e. after the model's own embedding scaling: Gemma multiplies by sqrt(d_model)) at
-  the noised positions: by default every prompt token but the BOS and the last; `noise_words`
-  chooses a word span instead. The noise standard deviation is `multiplier` (3, as ROME) times the
-  standard deviation of the model's input embeddings over the bundled ordinary-text set
-  (`noise_scale`), recorded with the result. `noise_samples` draws per probe (default 10), seeded by
-  (seed, probe id).
+  the noised positions, chosen by the noise design (`noise_designs`, which says what each design
+  tests): by default every prompt token but the BOS and the last (``all_but_last``, ROME's: it
+  tests whether the last token plus the restored site *suffices*); ``all_but_last_two`` leaves
+  the last two words clean; `noise_words` chooses any word span instead. The noise standard
+  deviation is `multiplier` (3, as ROME) times the standard deviation of the model's input
+  embeddings over the bundled ordinary-text set (`noise_scale`), recorded with the result.
+  `noise_samples` draws per probe (default 10), seeded by (seed, probe id).
 - **Restore** the clean activation at one position, in one layer or in a window of consecutive
   layers centered on it and clipped at the edges (ROME's windows), for three sites: ``resid``
   (the block's output: the residual stream after layer l), ``mlp`` and ``attn`` (what the MLP and
   attention add to the residual, after Gemma's post-norms).
+- **Restored positions**: every position (``positions="all"``), or only the two the recall
+  profile reads (``positions="key"``: the last noised token and the last token): two restored
+  positions instead of every one from the first noised token on, for the n = 50 per set runs.
+  With "key" the result has rows for those two positions only, so its
+  summaries have only the position classes "last noised" and "last" (one class, "last", when the
+  last token is itself noised).
 - **Metric**: the probability of the clean prediction (masked softmax over real vocabulary
-  tokens). Indirect effect (IE) = restored - corrupted; total effect = clean - corrupted; both
-  averaged over the noise samples.
+  tokens). Indirect effect (IE) = restored - corrupted; total effect (TE) = clean - corrupted;
+  both averaged over the noise samples.
+- **Comparing sets**: sets whose total effects differ (memorized idioms lose much more to the
+  noise than non-memorized ones) are not compared on raw IE alone: `TracingResult.restored_share`
+  gives the share of the total effect a site restores, mean IE / mean TE over the probes whose TE
+  reaches a stated floor (a ratio of means, with a bootstrap interval over probes), and
+  `TracingResult.per_probe` every probe's IE, TE and IE / TE.
 
 Speed: the corrupted run of every noise sample runs once and records the residual stream
 entering every block; a restored row resumes at the window's first layer from it
@@ -28,7 +41,6 @@ full forward per (sample, layer, position) (`tests/reference.py`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,16 +53,29 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from idiom_lens.analyses.interventions.noise_designs import (
+    TRACE_DESIGNS,
+    NoiseScale,
+    check_design,
+    noise_scale,
+    noised_span,
+    plain_forward,
+    trace_noise,
+)
+
+# Re-exported: the noise primitives lived here before `noise_designs` (the benchmarks import them from here).
+from idiom_lens.analyses.interventions.noise_designs import default_noised as default_noised
+from idiom_lens.analyses.interventions.noise_designs import word_positions as word_positions
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import ProbeRowsResult
-from idiom_lens.analyses.stats import bootstrap_mean_ci
+from idiom_lens.analyses.stats import bootstrap, bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import SuffixRunner
 from idiom_lens.models.selfcheck import check_close
-from idiom_lens.models.tokenization import pad_id, right_pad, split_probe
+from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
 
 Site = Literal["resid", "mlp", "attn"]
@@ -59,107 +84,17 @@ HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_o
 POSITION_CLASSES: tuple[str, ...] = ("before", "first noised", "mid noised", "last noised", "after noised", "last")
 
 
-# --------------------------------------------------------------------------------------
-# Noise
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NoiseScale:
-    """The noise's standard deviation: `multiplier` x the std of the input embeddings (`std`),
-    measured over `n_tokens` tokens of `source`."""
-
-    std: float
-    multiplier: float
-    n_tokens: int
-    source: str
-
-    @property
-    def sigma(self) -> float:
-        return self.std * self.multiplier
-
-    def settings(self) -> dict[str, Any]:
-        return {"noise_std_embeddings": self.std, "noise_multiplier": self.multiplier, "noise_sigma": self.sigma,
-                "noise_std_tokens": self.n_tokens, "noise_std_source": self.source}
-
-
-def noise_scale(
-    model: LoadedModel, texts: Sequence[str] | None = None, *, multiplier: float = 3.0, batch_size: int = 32,
-) -> NoiseScale:
-    """`multiplier` x the standard deviation of the input embeddings (the residual stream entering
-    block 0, after the model's embedding scaling) over every non-BOS token of `texts`; by default
-    the prompts of the bundled ordinary-text set (ROME measures it over its subjects)."""
-    if not multiplier >= 0:
-        raise InputError(f"noise multiplier must be >= 0, got {multiplier}")
-    source = "given texts"
-    if texts is None:
-        from idiom_lens.datasets import load_probes
-
-        texts = [p.prompt for p in load_probes("text")]
-        source = "bundled text set (prompts)"
-    if not texts:
-        raise InputError("noise_scale needs at least one text")
-    tok = model.tokenizer
-    seqs = [split_probe(tok, t, "x") for t in texts]  # the prompt's tokens as a probe would see them
-    values: list[Tensor] = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        tokens, _ = right_pad([s.prompt_ids for s in chunk], pad_id=pad_id(tok))
-        got: dict[str, Tensor] = {}
-
-        def keep(x: Tensor, hook: Any) -> None:
-            got["x"] = x.detach()  # noqa: B023 (called within this iteration)
-
-        with torch.no_grad():
-            model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[("blocks.0.hook_resid_pre", keep)],
-                                        stop_at_layer=1)
-        for row, s in enumerate(chunk):
-            values.append(got["x"][row, int(s.has_bos) : len(s.prompt_ids)].float().reshape(-1))
-    flat = torch.cat(values)
-    n_tokens = flat.numel() // model.d_model
-    return NoiseScale(float(flat.std()), float(multiplier), int(n_tokens), source)
-
-
-def trace_noise(
-    key: str, *, seed: int, samples: int, n_positions: int, d_model: int, sigma: float,
-) -> Float[Tensor, "sample noised d_model"]:
-    """The noise of one probe: seeded by (seed, key), the same on every machine and call."""
-    digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.randn((samples, n_positions, d_model), generator=generator) * sigma
-
-
-def word_positions(tokenizer: Any, prompt: str, target: str, words: tuple[int, int]) -> tuple[int, ...]:
-    """Token positions (BOS counted) of the prompt words words[0]..words[1]-1 (negative counts
-    from the end, Python slice rules)."""
-    parts = prompt.split()
-    chosen = range(len(parts))[slice(*words)]
-    if not chosen:
-        raise InputError(f"noise_words {words} select no word of the {len(parts)}-word prompt {prompt!r}")
-    starts, pos = [], 0
-    for w in parts:
-        pos = prompt.index(w, pos)
-        starts.append((pos, pos + len(w)))
-        pos += len(w)
-    lo, hi = starts[chosen[0]][0], starts[chosen[-1]][1]
-    encoded = tokenizer(f"{prompt} {target}", return_offsets_mapping=True, add_special_tokens=True)
-    ids = split_probe(tokenizer, prompt, target).prompt_ids
-    if list(encoded["input_ids"][: len(ids)]) != list(ids):
-        raise InputError(f"cannot map words to tokens in {prompt!r}: the prompt tokens differ from the text's")
-    offsets = [tuple(o) for o in encoded["offset_mapping"][: len(ids)]]
-    return tuple(i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo)
-
-
-def default_noised(n_tokens: int, has_bos: bool) -> tuple[int, ...]:
-    """Every prompt token but the BOS and the last."""
-    return tuple(range(int(has_bos), n_tokens - 1))
-
-
 def layer_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
     """`window` consecutive layers centered on `layer`, clipped at the model's edges (ROME's rule)."""
     if window < 1:
         raise InputError(f"window must be >= 1, got {window}")
     return tuple(range(max(0, layer - window // 2), min(n_layers, layer - window // 2 + window)))
+
+
+def key_positions(noised: Sequence[int], n_pos: int) -> tuple[int, ...]:
+    """The positions ``positions="key"`` restores: the last noised token and the last token (one
+    position when the last token is noised)."""
+    return tuple(sorted({int(noised[-1]), n_pos - 1}))
 
 
 def position_class(pos: int, noised: Sequence[int], n_pos: int) -> str:
@@ -183,17 +118,19 @@ def position_class(pos: int, noised: Sequence[int], n_pos: int) -> str:
 @dataclass(frozen=True)
 class PromptTrace:
     """Causal tracing of one prompt: the probability of the clean prediction per restored cell,
-    per noise sample."""
+    per noise sample. Column k of `restored` is the restored position `positions[k]` (by
+    default every position of the prompt, so column = position)."""
 
     specs: tuple[tuple[str, int], ...]  # (site, window) per row of `restored`
-    restored: Float[Tensor, "spec layer pos sample"]
+    restored: Float[Tensor, "spec layer position sample"]
     corrupted: Float[Tensor, " sample"]
     clean_prob: float
     clean_pred_id: int
     noised: tuple[int, ...]
+    positions: tuple[int, ...]
 
     @property
-    def indirect_effect(self) -> Float[Tensor, "spec layer pos"]:
+    def indirect_effect(self) -> Float[Tensor, "spec layer position"]:
         """Mean over noise samples of restored - corrupted."""
         return (self.restored - self.corrupted).mean(-1)
 
@@ -220,17 +157,22 @@ def trace_prompt(
     noised: Sequence[int],
     noise: Float[Tensor, "sample noised d_model"],
     specs: Sequence[tuple[str, int]],
+    positions: Sequence[int] | None = None,
     batch_size: int = 128,
     check: str | None = None,
 ) -> PromptTrace:
     """Restore every (site, window, layer, position) cell of one prompt under each noise sample.
 
-    `noise` is added at the `noised` positions of the input embeddings. `check` (a probe name)
+    `noise` is added at the `noised` positions of the input embeddings. `positions` are the
+    restored positions (default: every one; e.g. `key_positions`). `check` (a probe name)
     compares the clean and one noised run with plain full forwards first (`FastPathError`)."""
     n_layers, n_pos = model.n_layers, len(prompt_ids)
     noised = tuple(int(p) for p in noised)
     if not noised or sorted(set(noised)) != list(noised) or noised[0] < 0 or noised[-1] >= n_pos:
         raise InputError(f"noised positions must be sorted, unique and in 0..{n_pos - 1}, got {list(noised)}")
+    positions = tuple(range(n_pos)) if positions is None else tuple(int(p) for p in positions)
+    if not positions or sorted(set(positions)) != list(positions) or positions[0] < 0 or positions[-1] >= n_pos:
+        raise InputError(f"restored positions must be sorted, unique and in 0..{n_pos - 1}, got {list(positions)}")
     if noise.shape[1:] != (len(noised), model.d_model) or noise.shape[0] < 1:
         raise InputError(f"noise must have shape [samples, {len(noised)}, {model.d_model}], got {tuple(noise.shape)}")
     if batch_size < 1:
@@ -268,21 +210,23 @@ def trace_prompt(
     corrupted_logits = runner.run(n_samples, [(f"blocks.{l}.hook_resid_pre", enter(l)) for l in range(n_layers)],
                                   start=0, resid=x0)
     if check is not None:
-        check_close(runner.run(1, [], start=0)[0], _plain(model, prompt_ids), what="causal tracing (clean)",
+        check_close(runner.run(1, [], start=0)[0], plain_forward(model, prompt_ids), what="causal tracing (clean)",
                     probe=check)
-        check_close(corrupted_logits[0], _plain(model, prompt_ids, noised=noised_t, noise=noise[0]),
+        check_close(corrupted_logits[0], plain_forward(model, prompt_ids, noised=noised_t, noise=noise[0]),
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
 
     # Every restored row: (spec, layer, position, sample), grouped by the layer it resumes at.
+    # Cells are (spec, layer, column of `restored`, position, restored layers).
     first_pos = noised[0]
-    restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, n_pos, 1)  # unrun cells: IE 0
-    rows_by_start: dict[int, list[tuple[int, int, int, tuple[int, ...]]]] = {}
+    restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, len(positions), 1)  # unrun cells: IE 0
+    rows_by_start: dict[int, list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
     for si, (_site, window) in enumerate(specs):
         for layer in range(n_layers):
             layers = layer_window(layer, window, n_layers)
-            for pos in range(first_pos, n_pos):
-                rows_by_start.setdefault(layers[0], []).append((si, layer, pos, layers))
+            for col, pos in enumerate(positions):
+                if pos >= first_pos:
+                    rows_by_start.setdefault(layers[0], []).append((si, layer, col, pos, layers))
     for start in sorted(rows_by_start):
         cells = rows_by_start[start]
         per_batch = max(1, batch_size // n_samples)
@@ -291,18 +235,18 @@ def trace_prompt(
             logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples),
                                 start=start, resid=entering[start].repeat(len(chunk), 1, 1))
             probs = prob_of_pred(logits).reshape(len(chunk), n_samples)
-            for (si, layer, pos, _), p in zip(chunk, probs):
-                restored[si, layer, pos] = p
-    return PromptTrace(tuple(specs), restored, corrupted, float(clean_logp[pred].exp()), pred, noised)
+            for (si, layer, col, _, _), p in zip(chunk, probs):
+                restored[si, layer, col] = p
+    return PromptTrace(tuple(specs), restored, corrupted, float(clean_logp[pred].exp()), pred, noised, positions)
 
 
 def _restore_hooks(
-    cells: Sequence[tuple[int, int, int, tuple[int, ...]]], specs: Sequence[tuple[str, int]],
+    cells: Sequence[tuple[int, int, int, int, tuple[int, ...]]], specs: Sequence[tuple[str, int]],
     clean: dict[tuple[str, int], Tensor], n_samples: int,
 ) -> list[tuple[str, Any]]:
     """Hooks writing the clean activation into rows (cell c, sample s) = row c * n_samples + s."""
     targets: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    for c, (si, _, pos, layers) in enumerate(cells):
+    for c, (si, _, _, pos, layers) in enumerate(cells):
         for layer in layers:
             targets.setdefault((specs[si][0], layer), []).extend((c * n_samples + s, pos) for s in range(n_samples))
     hooks = []
@@ -320,23 +264,6 @@ def _restore_hooks(
     return hooks
 
 
-def _plain(
-    model: LoadedModel, prompt_ids: Sequence[int], *, noised: Tensor | None = None, noise: Tensor | None = None,
-) -> Float[Tensor, " d_vocab"]:
-    """A plain full forward through the bridge, the noise (if any) added by a hook."""
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-    hooks = []
-    if noise is not None:
-        def add(x: Tensor, hook: Any) -> Tensor:
-            x = x.clone()
-            x[0, noised] += noise.to(x.dtype)
-            return x
-
-        hooks.append(("blocks.0.hook_resid_pre", add))
-    with torch.no_grad():
-        return model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float()
-
-
 # --------------------------------------------------------------------------------------
 # A probe set
 # --------------------------------------------------------------------------------------
@@ -346,30 +273,103 @@ def _plain(
 class TracingResult(ProbeRowsResult):
     """Causal tracing of a probe set: rows per (probe, site, window, layer, position) with the
     mean restored probability of the clean prediction and its indirect effect; one row per probe
-    with the clean and corrupted probabilities. Saved like the knockouts (`analyses.saved`)."""
+    with the clean and corrupted probabilities and the total effect. Saved like the knockouts
+    (`analyses.saved`)."""
 
     default_name: ClassVar[str] = "tracing"
+    CELL: ClassVar[tuple[str, ...]] = ("group", "site", "window", "position", "layer")  # what a summary row is
 
-    def summary(self, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-        """Average indirect effect per set, site, window, layer and position class (positions of a
-        class averaged within a probe first), with a 95% percentile-bootstrap interval over probes."""
+    def _probe_ie(self) -> pd.Series:
+        """IE per (group, site, window, position class, layer, probe): the positions of one class
+        averaged within the probe."""
         frame = self.to_dataframe()
-        if frame.empty:
-            return pd.DataFrame(columns=["group", "site", "window", "layer", "position", "n", "aie", "aie_low",
-                                         "aie_high"])
-        per_probe = frame.groupby(["group", "site", "window", "position", "layer", "probe_id"], sort=False)["ie"].mean()
-        out = []
-        for (group, site, window, position), part in per_probe.groupby(level=[0, 1, 2, 3], sort=False):
-            table = part.unstack("layer")  # probe x layer
-            mean, low, high = bootstrap_mean_ci(table.to_numpy(), n_boot=n_boot, seed=seed)
-            for j, layer in enumerate(table.columns):
-                out.append({"group": group, "site": site, "window": int(window), "layer": int(layer),
-                            "position": position, "n": int(table.shape[0]),
-                            "aie": float(mean[j]), "aie_low": float(low[j]), "aie_high": float(high[j])})
-        summary = pd.DataFrame(out)
+        return frame.groupby([*self.CELL, "probe_id"], sort=False)["ie"].mean()
+
+    @staticmethod
+    def _sorted(summary: pd.DataFrame) -> pd.DataFrame:
         order = {c: i for i, c in enumerate(POSITION_CLASSES)}
         return summary.sort_values(["group", "site", "window", "position", "layer"],
                                    key=lambda s: s.map(order) if s.name == "position" else s).reset_index(drop=True)
+
+    def summary(self, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """Average indirect effect per set, site, window, layer and position class (positions of a
+        class averaged within a probe first), with a 95% percentile-bootstrap interval over probes
+        (`aie_low`, `aie_high`), and the median and quartiles of the probes' IE (`aie_median`,
+        `aie_q25`, `aie_q75`). Raw IE: compare sets whose total effects differ with
+        `restored_share`."""
+        columns = ["group", "site", "window", "layer", "position", "n", "aie", "aie_low", "aie_high",
+                   "aie_median", "aie_q25", "aie_q75"]
+        if self.rows.empty:
+            return pd.DataFrame(columns=columns)
+        out = []
+        for (group, site, window, position), part in self._probe_ie().groupby(level=[0, 1, 2, 3], sort=False):
+            table = part.unstack("layer")  # probe x layer
+            values = table.to_numpy()
+            mean, low, high = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
+            q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], axis=0)
+            for j, layer in enumerate(table.columns):
+                out.append({"group": group, "site": site, "window": int(window), "layer": int(layer),
+                            "position": position, "n": int(table.shape[0]),
+                            "aie": float(mean[j]), "aie_low": float(low[j]), "aie_high": float(high[j]),
+                            "aie_median": float(median[j]), "aie_q25": float(q25[j]), "aie_q75": float(q75[j])})
+        return self._sorted(pd.DataFrame(out, columns=columns))
+
+    def per_probe(self, *, min_total_effect: float = 0.05) -> pd.DataFrame:
+        """Every probe's IE (positions of a class averaged), its total effect and IE / TE, per
+        (site, window, layer, position class): for plotting distributions. `share` is missing
+        where TE <= 0 (no effect to restore); `kept` says whether TE reaches `min_total_effect`,
+        the floor `restored_share` applies."""
+        _check_floor(min_total_effect)
+        columns = ["probe_id", *self.CELL, "ie", "total_effect", "share", "kept"]
+        if self.rows.empty:
+            return pd.DataFrame(columns=columns)
+        frame = self._probe_ie().reset_index()
+        frame = frame.merge(self.probes[["probe_id", "total_effect"]], on="probe_id", how="left")
+        te = frame["total_effect"]
+        frame["share"] = (frame["ie"] / te).where(te > 0)
+        frame["kept"] = te >= min_total_effect
+        return frame[columns]
+
+    def restored_share(self, *, min_total_effect: float = 0.05, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """The share of the total effect restored, per set, site, window, layer and position class:
+        `share` = mean IE / mean TE over the probes whose total effect reaches `min_total_effect`
+        (a ratio of means: a probe counts by its effect, and a probe with almost no effect cannot
+        blow the ratio up), with a 95% percentile-bootstrap interval over probes (`share_low`,
+        `share_high`; numerator and denominator resampled together). Positions of one class are
+        averaged within a probe first, as in `summary`.
+
+        Columns also give `n` (probes kept), `n_dropped` (probes below the floor), `ie_mean` and
+        `te_mean` (the ratio's terms) and `min_total_effect`, which is also in the frame's
+        `attrs`. With one probe kept the interval is that probe's ratio; with none, missing."""
+        _check_floor(min_total_effect)
+        columns = ["group", "site", "window", "layer", "position", "n", "n_dropped", "min_total_effect",
+                   "ie_mean", "te_mean", "share", "share_low", "share_high"]
+        per_probe = self.per_probe(min_total_effect=min_total_effect)
+        out = []
+        for (group, site, window, position), part in per_probe.groupby(list(self.CELL[:4]), sort=False):
+            table = part.pivot(index="probe_id", columns="layer", values="ie")  # probe x layer
+            te = part.groupby("probe_id")["total_effect"].first().reindex(table.index)
+            kept = (te >= min_total_effect).to_numpy()
+            ie_kept, te_kept = table.to_numpy()[kept], te.to_numpy()[kept]
+            n = len(te_kept)
+            if n:
+                ie_mean, te_mean = ie_kept.mean(axis=0), float(te_kept.mean())
+                share = ie_mean / te_mean
+            else:
+                ie_mean, te_mean, share = np.full(table.shape[1], np.nan), np.nan, np.full(table.shape[1], np.nan)
+            if n >= 2:
+                low, high = bootstrap((ie_kept, te_kept[:, None]), _ratio_of_means, n_boot=n_boot, rng=seed)
+            else:
+                low, high = share.copy(), share.copy()
+            for j, layer in enumerate(table.columns):
+                out.append({"group": group, "site": site, "window": int(window), "layer": int(layer),
+                            "position": position, "n": n, "n_dropped": int(len(kept) - n),
+                            "min_total_effect": float(min_total_effect), "ie_mean": float(ie_mean[j]),
+                            "te_mean": te_mean, "share": float(share[j]), "share_low": float(low[j]),
+                            "share_high": float(high[j])})
+        share_frame = self._sorted(pd.DataFrame(out, columns=columns))
+        share_frame.attrs["min_total_effect"] = float(min_total_effect)
+        return share_frame
 
     def heatmap(self, *, site: str, window: int, group: str | None = None) -> pd.DataFrame:
         """Mean indirect effect, layer x position counted from the end (-1 = the last token)."""
@@ -380,18 +380,38 @@ class TracingResult(ProbeRowsResult):
         return frame.pivot_table(index="layer", columns="pos_from_end", values="ie", aggfunc="mean")
 
 
+def _check_floor(min_total_effect: float) -> None:
+    if not min_total_effect > 0:
+        raise InputError(f"min_total_effect must be > 0 (a share of a total effect near 0 is undefined), "
+                         f"got {min_total_effect}")
+
+
+def _ratio_of_means(ie: Float[np.ndarray, "boot probe layer"], te: Float[np.ndarray, "boot probe 1"]) -> np.ndarray:
+    """Per resample and layer: mean IE / mean TE over the resampled probes."""
+    return ie.mean(axis=1) / te.mean(axis=1)
+
+
+Positions = Literal["all", "key"]
+RESTORED_POSITIONS: tuple[str, ...] = ("all", "key")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TracingOptions:
     """What `causal_trace` runs: the restored `sites` (`TRACE_SITES`), the window sizes for mlp and
     attn (resid is one layer), `noise_samples` draws per probe, the noise std as a `multiplier` of
-    the input embeddings' std, the noised words (`noise_words` = (first, stop) word indices; None:
-    every token but the BOS and the last) and the noise `seed`. Raises `InputError` for a bad value."""
+    the input embeddings' std, the noised tokens (`noise_design`, one of `TRACE_DESIGNS`: what each
+    tests is in `noise_designs`; or `noise_words` = (first, stop) word indices, which replaces the
+    design and is given only with the default design), the restored `positions` ("all", or "key":
+    the last noised token and the last token only, see the module docstring) and the noise `seed`.
+    Raises `InputError` for a bad value."""
 
     sites: tuple[str, ...] = TRACE_SITES
     windows: tuple[int, ...] = (1, 10)
     noise_samples: int = 10
     multiplier: float = 3.0
+    noise_design: str = "all_but_last"
     noise_words: tuple[int, int] | None = None
+    positions: Positions = "all"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -404,10 +424,24 @@ class TracingOptions:
             raise InputError(f"noise_samples must be >= 1, got {self.noise_samples}")
         if self.multiplier < 0:
             raise InputError(f"multiplier must be >= 0, got {self.multiplier}")
+        check_design(self.noise_design, TRACE_DESIGNS)
         if self.noise_words is not None:
             if len(self.noise_words) != 2:
                 raise InputError(f"noise_words must be (first, stop) word indices, got {self.noise_words!r}")
+            if self.noise_design != "all_but_last":
+                raise InputError(f"give noise_words or noise_design, not both (noise_design {self.noise_design!r}, "
+                                 f"noise_words {self.noise_words!r})")
             object.__setattr__(self, "noise_words", (int(self.noise_words[0]), int(self.noise_words[1])))
+        if self.positions not in RESTORED_POSITIONS:
+            raise InputError(f"positions must be one of {', '.join(RESTORED_POSITIONS)}, got {self.positions!r}")
+
+    def noised_description(self) -> str:
+        """What is noised, in words (recorded in the result's settings)."""
+        if self.noise_words is not None:
+            return f"words {list(self.noise_words)}"
+        if self.noise_design == "all_but_last_two":
+            return "every prompt word but the last two (words [0, -2])"
+        return "every prompt token but the BOS and the last"
 
 
 def causal_trace(
@@ -430,7 +464,7 @@ def causal_trace(
     if not isinstance(options, TracingOptions):
         raise InputError(f"options must be a TracingOptions, got {type(options).__name__}")
     sites, windows, samples = options.sites, options.windows, options.noise_samples
-    noise_words, seed = options.noise_words, options.seed
+    seed = options.seed
     probes = check_probes(probes)
     specs = trace_specs(sites, windows)
     scale = scale if scale is not None else noise_scale(model, multiplier=options.multiplier)
@@ -440,19 +474,21 @@ def causal_trace(
     for i, probe in enumerate(tqdm(probes, desc="causal tracing", unit="probe", disable=not progress)):
         tokens = split_probe(model.tokenizer, probe.prompt, probe.target)
         ids = tokens.prompt_ids
-        if noise_words is None:
-            noised = default_noised(len(ids), tokens.has_bos)
-        else:
-            noised = word_positions(model.tokenizer, probe.prompt, probe.target, noise_words)
-        if not noised:
-            raise InputError(f"probe {probe.id!r}: nothing to noise in {probe.prompt!r} (a one-token prompt)")
+        try:
+            noised = noised_span(model.tokenizer, probe.prompt, probe.target, design=options.noise_design,
+                                 words=options.noise_words)
+        except InputError as err:
+            raise InputError(f"probe {probe.id!r}: {err}") from None
+        positions = key_positions(noised, len(ids)) if options.positions == "key" else None
         noise = trace_noise(probe.id, seed=seed, samples=samples, n_positions=len(noised), d_model=model.d_model,
                             sigma=scale.sigma)
-        trace = trace_prompt(model, ids, noised=noised, noise=noise, specs=specs, batch_size=batch_size,
-                             check=probe.id if i == 0 else None)
-        n_spec, n_layers, n_pos = trace.restored.shape[:3]
-        s_idx, l_idx, p_idx = np.meshgrid(np.arange(n_spec), np.arange(n_layers), np.arange(n_pos), indexing="ij")
-        s_idx, l_idx, p_idx = s_idx.ravel(), l_idx.ravel(), p_idx.ravel()
+        trace = trace_prompt(model, ids, noised=noised, noise=noise, specs=specs, positions=positions,
+                             batch_size=batch_size, check=probe.id if i == 0 else None)
+        n_spec, n_layers, n_cols = trace.restored.shape[:3]
+        s_idx, l_idx, c_idx = np.meshgrid(np.arange(n_spec), np.arange(n_layers), np.arange(n_cols), indexing="ij")
+        s_idx, l_idx = s_idx.ravel(), l_idx.ravel()
+        p_idx = np.asarray(trace.positions)[c_idx.ravel()]
+        n_pos = len(ids)
         classes = [position_class(p, noised, n_pos) for p in range(n_pos)]
         words = [decode([t]) for t in ids]
         corrupted = float(trace.corrupted.mean())
@@ -479,8 +515,10 @@ def causal_trace(
         "analysis": "causal_tracing", "metric": "probability of the clean prediction (masked softmax)",
         "sites": list(sites), "windows": [int(w) for w in windows], "specs": [list(s) for s in specs],
         "samples": samples, "seed": seed,
-        "noised": ("every prompt token but the BOS and the last" if noise_words is None
-                   else f"words {list(noise_words)}"),
+        "noise_design": "words" if options.noise_words is not None else options.noise_design,
+        "noised": options.noised_description(),
+        "restored_positions": ("every position from the first noised token" if options.positions == "all"
+                               else "the last noised token and the last token"),
         "noise_site": "blocks.0.hook_resid_pre (after the embedding scale)",
         "restored_site": {s: HOOKS[s] for s in sites}, "n_probes": len(probes),
         "seconds": round(time.perf_counter() - started, 2),

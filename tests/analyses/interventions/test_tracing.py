@@ -1,18 +1,23 @@
 """Causal tracing: the batched, resumed fast path against a naive loop of full Hugging Face
-forwards, and the invariants (zero noise, restoring the whole last layer)."""
+forwards, the invariants (zero noise, restoring the whole last layer), restoring the key positions
+only, the noise designs, and the summaries (restored share) on a result built by hand."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
-from tolerances import logit_scale, prob_atol, sum_atol  # tests/tolerances.py: why each bound
+from tolerances import logit_scale, prob_atol, probes_prob_atol, sum_atol  # tests/tolerances.py: why each bound
 
 from idiom_lens.analyses.interventions import TracingOptions
 from idiom_lens.analyses.interventions.tracing import (
     TracingResult,
     causal_trace,
+    key_positions,
     layer_window,
     noise_scale,
     trace_noise,
@@ -166,3 +171,161 @@ def test_bad_input_is_named(tiny_model, probes):
         trace_prompt(tiny_model, ids, noised=(1, 2), noise=torch.zeros(2, 3, tiny_model.d_model), specs=SPECS)
     with pytest.raises(InputError, match="noised positions"):
         trace_prompt(tiny_model, ids, noised=(len(ids),), noise=torch.zeros(1, 1, tiny_model.d_model), specs=SPECS)
+
+
+# --------------------------------------------------------------------------------------
+# Restoring the key positions only
+# --------------------------------------------------------------------------------------
+
+
+def test_key_positions_are_the_last_noised_and_the_last_token():
+    assert key_positions((1, 2, 3), 6) == (3, 5)
+    assert key_positions((1, 3), 6) == (3, 5)
+    assert key_positions((2, 4), 5) == (4,)  # the last token itself noised: one position
+
+
+def test_key_positions_equal_the_cells_of_a_full_run(tiny_model, probes):
+    """Every cell of a positions="key" run equals the same cell of the positions="all" run (other
+    batches: fp32), and the key run has the last noised and the last token only."""
+    options = TracingOptions(sites=("resid", "mlp", "attn"), windows=(1, 2), noise_samples=2)
+    chosen = probes[:3]
+    scale = noise_scale(tiny_model, ["the cat sat on the mat"])
+    full = causal_trace(tiny_model, chosen, options, scale=scale, batch_size=64)
+    key = causal_trace(tiny_model, chosen, dataclasses.replace(options, positions="key"), scale=scale, batch_size=64)
+    cell = ["probe_id", "site", "window", "layer", "pos"]
+    both = key.rows.merge(full.rows, on=cell, suffixes=("_key", "_all"), how="left", validate="one_to_one")
+    assert both["prob_all"].notna().all()
+    atol = probes_prob_atol(tiny_model, chosen)
+    np.testing.assert_allclose(both["prob_key"], both["prob_all"], atol=atol, rtol=0)
+    np.testing.assert_allclose(both["ie_key"], both["ie_all"], atol=atol, rtol=0)
+    assert (both["position_key"] == both["position_all"]).all() and (both["token_key"] == both["token_all"]).all()
+    for _, probe in key.probes.iterrows():
+        got = set(key.rows.loc[key.rows["probe_id"] == probe["probe_id"], "pos"])
+        assert got == {probe["noised_last"], probe["n_tokens"] - 1}
+    n_cells = len(full.settings["specs"]) * tiny_model.n_layers * 2
+    assert len(key.rows) == n_cells * len(chosen) < len(full.rows)
+    assert key.probes[["corrupted_prob", "total_effect"]].equals(full.probes[["corrupted_prob", "total_effect"]])
+    # the summaries hold the two classes the recall profile reads, equal to the full run's
+    key_summary, full_summary = key.summary(), full.summary()
+    assert set(key_summary["position"]) == {"last noised", "last"}
+    at = full_summary[full_summary["position"].isin(["last noised", "last"])].reset_index(drop=True)
+    np.testing.assert_allclose(key_summary["aie"], at["aie"], atol=atol, rtol=0)
+    assert set(key.restored_share()["position"]) == {"last noised", "last"}
+    assert key.settings["restored_positions"] == "the last noised token and the last token"
+
+
+# --------------------------------------------------------------------------------------
+# Noise designs in tracing
+# --------------------------------------------------------------------------------------
+
+
+def test_all_but_last_two_noises_the_words_but_the_last_two(tiny_model, probes):
+    chosen = [p for p in probes if len(p.prompt.split()) >= 3][:2]
+    options = TracingOptions(sites=("resid",), noise_samples=2, positions="key")
+    scale = noise_scale(tiny_model, ["the cat sat on the mat"])
+    design = causal_trace(tiny_model, chosen, dataclasses.replace(options, noise_design="all_but_last_two"),
+                          scale=scale)
+    words = causal_trace(tiny_model, chosen, dataclasses.replace(options, noise_words=(0, -2)), scale=scale)
+    assert design.rows.equals(words.rows)
+    tok = tiny_model.tokenizer
+    for probe, (_, row) in zip(chosen, design.probes.iterrows()):
+        span = word_positions(tok, probe.prompt, probe.target, (0, len(probe.prompt.split()) - 2))
+        assert (row["noised_first"], row["noised_last"], row["n_noised"]) == (span[0], span[-1], len(span))
+    assert design.settings["noise_design"] == "all_but_last_two" and words.settings["noise_design"] == "words"
+    assert "last two" in design.settings["noised"]
+
+
+# --------------------------------------------------------------------------------------
+# Summaries on a result built by hand
+# --------------------------------------------------------------------------------------
+
+# probe: (group, total effect, IE at the two "mid noised" positions at layer 0, IE at the last token
+# at layer 0); layer 1 has half of each IE
+HAND = {
+    "a": ("memorized idioms", 0.5, (0.1, 0.3), 0.25),
+    "b": ("memorized idioms", 0.1, (0.0, 0.1), 0.08),
+    "c": ("memorized idioms", -0.02, (0.0, 0.02), 0.01),  # below any floor: nothing to restore
+    "d": ("ordinary text", 0.2, (0.1, 0.1), 0.05),
+    "e": ("ordinary text", 0.04, (0.02, 0.04), 0.03),
+}
+
+
+def _hand_result() -> TracingResult:
+    rows, probe_rows = [], []
+    for pid, (group, te, mid, last) in HAND.items():
+        for layer, factor in ((0, 1.0), (1, 0.5)):
+            for pos, position, ie in ((2, "mid noised", mid[0]), (3, "mid noised", mid[1]), (4, "last", last)):
+                rows.append({"probe_id": pid, "site": "mlp", "window": 1, "layer": layer, "pos": pos,
+                             "pos_from_end": pos - 5, "position": position, "ie": ie * factor})
+        probe_rows.append({"probe_id": pid, "kind": "idiom" if group.startswith("memorized") else "text",
+                           "group": group, "total_effect": te})
+    return TracingResult(rows=pd.DataFrame(rows), probes=pd.DataFrame(probe_rows), settings={})
+
+
+def _at(frame: pd.DataFrame, group: str, position: str, layer: int) -> pd.Series:
+    row = frame[(frame["group"] == group) & (frame["position"] == position) & (frame["layer"] == layer)]
+    assert len(row) == 1
+    return row.iloc[0]
+
+
+def test_restored_share_is_a_ratio_of_means_over_probes_above_the_floor():
+    share = _hand_result().restored_share(min_total_effect=0.05, n_boot=1000, seed=0)
+    assert share.attrs["min_total_effect"] == 0.05 and (share["min_total_effect"] == 0.05).all()
+    last = _at(share, "memorized idioms", "last", 0)
+    # c (TE -0.02) is dropped; (0.25 + 0.08) / 2 over (0.5 + 0.1) / 2 = 0.55, not the mean of the
+    # ratios 0.5 and 0.8 (0.65)
+    assert (last["n"], last["n_dropped"]) == (2, 1)
+    assert last["ie_mean"] == pytest.approx(0.165) and last["te_mean"] == pytest.approx(0.3)
+    assert last["share"] == pytest.approx(0.55)
+    # two probes: the resamples are {a, a} (0.5), {b, b} (0.8) and {a, b} (0.55), each pair at
+    # least a quarter of the time, so the 2.5% and 97.5% percentiles are 0.5 and 0.8
+    assert last["share_low"] == pytest.approx(0.5) and last["share_high"] == pytest.approx(0.8)
+    # positions of a class averaged within a probe first: (0.2 + 0.05) / 2 / 0.3
+    assert _at(share, "memorized idioms", "mid noised", 0)["share"] == pytest.approx(0.125 / 0.3)
+    assert _at(share, "memorized idioms", "last", 1)["share"] == pytest.approx(0.275)
+    text = _at(share, "ordinary text", "last", 0)  # e (TE 0.04) below the floor: d alone, 0.05 / 0.2
+    assert (text["n"], text["n_dropped"]) == (1, 1)
+    assert text["share"] == text["share_low"] == text["share_high"] == pytest.approx(0.25)
+
+
+def test_the_floor_is_a_parameter():
+    result = _hand_result()
+    high = result.restored_share(min_total_effect=0.2)
+    assert (_at(high, "memorized idioms", "last", 0)[["n", "n_dropped"]] == [1, 2]).all()
+    assert _at(high, "memorized idioms", "last", 0)["share"] == pytest.approx(0.5)
+    assert _at(high, "ordinary text", "last", 0)["n"] == 1  # TE 0.2 reaches a floor of 0.2
+    none = _at(result.restored_share(min_total_effect=0.6), "memorized idioms", "last", 0)
+    assert (none["n"], none["n_dropped"]) == (0, 3) and math.isnan(none["share"]) and math.isnan(none["share_low"])
+    with pytest.raises(InputError, match="min_total_effect"):
+        result.restored_share(min_total_effect=0)
+
+
+def test_per_probe_gives_every_probes_ratio():
+    table = _hand_result().per_probe(min_total_effect=0.05)
+    assert {"probe_id", "group", "site", "window", "layer", "position", "ie", "total_effect", "share",
+            "kept"} <= set(table.columns)
+    assert len(table) == len(HAND) * 2 * 2  # probes x layers x position classes
+    row = table[(table["probe_id"] == "b") & (table["position"] == "mid noised") & (table["layer"] == 0)].iloc[0]
+    assert row["ie"] == pytest.approx(0.05) and row["share"] == pytest.approx(0.5) and row["kept"]
+    c = table[table["probe_id"] == "c"]
+    assert c["share"].isna().all() and not c["kept"].any()  # TE <= 0: no share
+    assert not table.loc[table["probe_id"] == "e", "kept"].any()
+
+
+def test_summary_keeps_its_columns_and_adds_the_quartiles():
+    summary = _hand_result().summary(n_boot=200)
+    assert list(summary.columns[:9]) == ["group", "site", "window", "layer", "position", "n", "aie", "aie_low",
+                                         "aie_high"]
+    last = _at(summary, "memorized idioms", "last", 0)  # every probe counts here: 0.25, 0.08, 0.01
+    assert last["n"] == 3 and last["aie"] == pytest.approx(0.34 / 3)
+    assert last["aie_median"] == pytest.approx(0.08)
+    assert last["aie_q25"] == pytest.approx(0.045) and last["aie_q75"] == pytest.approx(0.165)
+
+
+def test_options_name_their_bad_values():
+    with pytest.raises(InputError, match="noise design"):
+        TracingOptions(noise_design="each_word")  # not one span: noise_effects only
+    with pytest.raises(InputError, match="not both"):
+        TracingOptions(noise_design="all_but_last_two", noise_words=(0, 2))
+    with pytest.raises(InputError, match="positions"):
+        TracingOptions(positions="last")
