@@ -58,12 +58,16 @@ _API: dict[str, str] = {
     "causal_trace": "idiom_lens.analyses.interventions.tracing",
     "TracingResult": "idiom_lens.analyses.interventions.tracing",
     "TracingOptions": "idiom_lens.analyses.interventions.tracing",
+    "noise_effects": "idiom_lens.analyses.interventions.noise_designs",
+    "NoiseEffectsResult": "idiom_lens.analyses.interventions.noise_designs",
     "attention_knockout": "idiom_lens.analyses.interventions.attention_knockouts",
     "AttentionKnockoutResult": "idiom_lens.analyses.interventions.attention_knockouts",
     "AttentionKnockoutOptions": "idiom_lens.analyses.interventions.attention_knockouts",
     "attribution_patch_probes": "idiom_lens.analyses.interventions.attribution_patching",
     "patching_agreement": "idiom_lens.analyses.interventions.attribution_patching",
     "recall_profile": "idiom_lens.analyses.recall",
+    "compare_sets": "idiom_lens.analyses.recall",
+    "comparison_sets": "idiom_lens.study.sets",
     "compare_lenses": "idiom_lens.analyses.lens_comparison",
     "LensComparison": "idiom_lens.analyses.lens_comparison",
     # the study
@@ -86,6 +90,9 @@ _API: dict[str, str] = {
     "where_recall_lives": "idiom_lens.plots.recall",
     "lens_trajectories_figure": "idiom_lens.plots.lenses",
     "heldout_kl_figure": "idiom_lens.plots.lenses",
+    "training_curve_figure": "idiom_lens.plots.lenses",
+    "probe_kl": "idiom_lens.lenses.train",
+    "training_curve": "idiom_lens.lenses.train",
     "save_figure": "idiom_lens.plots.export",
 }
 

@@ -23,6 +23,7 @@ from idiom_lens.analyses.interventions.knockouts import (
     knockout_grid,
     rank_neurons,
 )
+from idiom_lens.analyses.interventions.noise_designs import NoiseEffectsResult, noise_effects
 from idiom_lens.analyses.interventions.patching import (
     CorruptionOptions,
     PatchingOptions,
@@ -37,8 +38,8 @@ from idiom_lens.analyses.interventions.value_vectors import ValueVectorRanks, va
 
 __all__ = [
     "AttentionKnockoutOptions", "AttentionKnockoutResult", "CorruptionOptions", "KnockoutCell", "KnockoutGrid",
-    "KnockoutOptions", "KnockoutResult", "NeuronRanking", "PatchingOptions", "PatchingResult", "SkipOptions",
+    "KnockoutOptions", "KnockoutResult", "NeuronRanking", "NoiseEffectsResult", "PatchingOptions", "PatchingResult", "SkipOptions",
     "SkipResult", "TracingOptions", "TracingResult", "ValueVectorRanks", "attention_knockout",
-    "attribution_patch_probes", "causal_trace", "knockout_grid", "make_corruptions", "patch", "patch_pair",
+    "attribution_patch_probes", "causal_trace", "knockout_grid", "make_corruptions", "noise_effects", "patch", "patch_pair",
     "patch_probes", "patching_agreement", "rank_neurons", "skip_layers", "value_vector_ranks",
 ]
