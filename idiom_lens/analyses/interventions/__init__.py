@@ -38,8 +38,9 @@ from idiom_lens.analyses.interventions.value_vectors import ValueVectorRanks, va
 
 __all__ = [
     "AttentionKnockoutOptions", "AttentionKnockoutResult", "CorruptionOptions", "KnockoutCell", "KnockoutGrid",
-    "KnockoutOptions", "KnockoutResult", "NeuronRanking", "NoiseEffectsResult", "PatchingOptions", "PatchingResult", "SkipOptions",
-    "SkipResult", "TracingOptions", "TracingResult", "ValueVectorRanks", "attention_knockout",
-    "attribution_patch_probes", "causal_trace", "knockout_grid", "make_corruptions", "noise_effects", "patch", "patch_pair",
-    "patch_probes", "patching_agreement", "rank_neurons", "skip_layers", "value_vector_ranks",
+    "KnockoutOptions", "KnockoutResult", "NeuronRanking", "NoiseEffectsResult", "PatchingOptions",
+    "PatchingResult", "SkipOptions", "SkipResult", "TracingOptions", "TracingResult", "ValueVectorRanks",
+    "attention_knockout", "attribution_patch_probes", "causal_trace", "knockout_grid", "make_corruptions",
+    "noise_effects", "patch", "patch_pair", "patch_probes", "patching_agreement", "rank_neurons", "skip_layers",
+    "value_vector_ranks",
 ]
