@@ -400,7 +400,7 @@ def compare_sets(
     have = list(dict.fromkeys(per_probe["measure"]))
     measures = [m for m in have if measure_info(m).primary] if measures is None else list(measures)
     n_layers = n_layers if n_layers is not None else int(per_probe["layer"].max()) + 1
-    bands = depth_bands(n_layers)
+    bands = depth_bands(n_layers) if n_layers >= 3 else {}  # thirds of the depth
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     for measure in measures:

@@ -1,8 +1,12 @@
-"""The "where recall lives" table takes each measure's numbers from its own result, unchanged."""
+"""The "where recall lives" table takes each measure from its own result; set comparisons are
+tested on hand-built per-probe tables whose answer is known."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from idiom_lens.analyses.attribution import attribute_probes
@@ -15,7 +19,14 @@ from idiom_lens.analyses.interventions import (
 )
 from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
-from idiom_lens.analyses.recall import MEASURES, recall_profile
+from idiom_lens.analyses.recall import (
+    MEASURES,
+    PER_PROBE_COLUMNS,
+    RecallProfile,
+    compare_sets,
+    profile_from_per_probe,
+    recall_profile,
+)
 from idiom_lens.errors import InputError
 from idiom_lens.plots.recall import where_recall_lives
 
@@ -25,10 +36,11 @@ GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 @pytest.fixture(scope="module")
 def results(tiny_model, tiny_model_compat, probes):
     sample = probes[:4]
+    grid = KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",))
+    frozen = knockout_grid(tiny_model, sample, KnockoutOptions(grid=grid, controls=("matched",), positions="all",
+                                                               norm="frozen"))
     return {
-        "knockouts": knockout_grid(tiny_model, sample,
-                                   KnockoutOptions(grid=KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",)),
-                                                   controls=("matched",), positions="all")),
+        "knockouts": frozen,
         "tracing": causal_trace(tiny_model, sample, TracingOptions(windows=(1, 2), noise_samples=2)),
         "attention": attention_knockout(tiny_model, sample, AttentionKnockoutOptions(window=2)),
         "attribution": attribute_probes(tiny_model_compat, sample),
@@ -42,9 +54,12 @@ def _at(frame, measure, group, layer):
 
 
 def test_each_measure_is_read_from_its_result(results, tiny_model):
-    profile = recall_profile(**results, groups=GROUPS)
+    profile = recall_profile(**results, groups=GROUPS, min_total_effect=1e-9)
     frame = profile.to_dataframe()
-    assert set(frame["measure"]) == set(MEASURES)
+    present = set(frame["measure"])
+    assert present <= set(MEASURES)
+    assert {"knockout top-100", "knockout matched", "tracing MLP share (last)", "attention knockout",
+            "DLA MLP share"} <= present
     assert profile.settings["tracing"]["window"] == 2  # the largest window by default
     layer = tiny_model.n_layers - 1
     group = frame.loc[frame["measure"] == "tracing MLP (last noised)", "group"].iloc[0]
@@ -53,40 +68,72 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     want = s[(s["site"] == "mlp") & (s["window"] == 2) & (s["position"] == "last noised") & (s["group"] == group)
              & (s["layer"] == layer)].iloc[0]
     got = _at(frame, "tracing MLP (last noised)", group, layer)
-    assert ((got["value"], got["value_low"], got["value_high"], got["n"])
-            == (want["aie"], want["aie_low"], want["aie_high"], want["n"]))
-    want = s[(s["site"] == "attn") & (s["window"] == 2) & (s["position"] == "last") & (s["group"] == group)
-             & (s["layer"] == 0)].iloc[0]
-    assert _at(frame, "tracing attention (last)", group, 0)["value"] == want["aie"]
+    assert (got["value"], got["n"]) == (pytest.approx(want["aie"]), want["n"])
 
-    a = results["attention"].summary()
-    want = a[(a["source"] == "context") & (a["group"] == group) & (a["layer"] == 0)].iloc[0]
-    got = _at(frame, "attention knockout", group, 0)
-    assert got["value"] == -want["rel_change"] and got["value_low"] == -want["rel_change_high"]
+    # the restored share: the ratio of means tracing computes itself
+    share = results["tracing"].restored_share(min_total_effect=1e-9)
+    want = share[(share["site"] == "mlp") & (share["window"] == 2) & (share["position"] == "last")
+                 & (share["group"] == group) & (share["layer"] == layer)].iloc[0]
+    got = _at(frame, "tracing MLP share (last)", group, layer)
+    assert (got["value"], got["n"]) == (pytest.approx(want["share"]), want["n"])
+
+    # the attention knockout: the median over probes of -(log p_cut - log p_clean), by hand
+    rows = results["attention"].to_dataframe()
+    rows = rows[(rows["source"] == "context") & (rows["group"] == group) & (rows["layer"] == 0) & (rows["reason"] == "")]
+    drop = np.log(rows["clean_prob"].to_numpy()) - np.log(rows["prob"].to_numpy())
+    assert _at(frame, "attention knockout", group, 0)["value"] == pytest.approx(np.median(drop), rel=1e-5)
 
     k = results["knockouts"].layer_table(k=100, window=1)
     want = k[(k["control"] == "matched") & (k["group"] == group) & (k["layer"] == layer)].iloc[0]
-    assert _at(frame, "knockout matched", group, layer)["value"] == want["changed"]
+    got = _at(frame, "knockout matched", group, layer)
+    assert (got["value"], got["value_low"], got["value_high"]) == pytest.approx(
+        (want["changed"], want["changed_low"], want["changed_high"]))
 
     # the DLA share of an MLP layer: mean contribution over mean final logit (bias excluded)
     attrib = results["attribution"]
     probes = [p for p in attrib.probes if p.group == group]
     mlp = np.array([float(p.mlp[layer, 0]) for p in probes])
     total = np.array([p.logit - float(p.unembed_bias[0]) for p in probes])
-    # float64: default approx
     assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())
+
+
+def test_sets_regroup_every_result_and_may_share_probes(results):
+    ids = list(results["knockouts"].probes["probe_id"])
+    sets = {"A": ids[:3], "B": ids[1:]}  # two probes in both sets
+    profile = recall_profile(**results, sets=sets, min_total_effect=1e-9)
+    assert set(profile.frame["group"]) == {"A", "B"}
+    per = profile.per_probe
+    for measure in ("knockout top-100", "DLA MLP share", "attention knockout"):
+        got = per[(per["measure"] == measure)].groupby("group")["probe_id"].nunique().to_dict()
+        assert got == {"A": 3, "B": 3}, measure
+    # a set's value is the value of its probes alone
+    alone = recall_profile(attribution=results["attribution"], sets={"A": ids[:3]})
+    assert (alone.frame["value"].to_numpy() == pytest.approx(
+        profile.frame[(profile.frame["measure"] == "DLA MLP share") & (profile.frame["group"] == "A")]
+        ["value"].to_numpy()))
+    with pytest.raises(InputError, match="does not have"):
+        recall_profile(knockouts=results["knockouts"], sets={"A": ["no-such-probe"]})
 
 
 def test_peaks_and_figure(results):
     profile = recall_profile(**results, groups=GROUPS)
     peaks = profile.peaks()
     for (measure, group), part in profile.frame.groupby(["measure", "group"]):
-        row = peaks[(peaks["measure"] == measure) & (peaks["group"] == group)].iloc[0]
-        assert row["value"] == part["value"].max()
+        row = peaks[(peaks["measure"] == measure) & (peaks["group"] == group)]
+        if part["value"].notna().any():
+            assert row.iloc[0]["value"] == part["value"].max()
     fig = where_recall_lives(profile)
     assert len(fig.layout.annotations) == 4  # one title per panel: knockouts, tracing, attention, DLA
     only_tracing = where_recall_lives(recall_profile(tracing=results["tracing"], groups=GROUPS))
     assert len(only_tracing.layout.annotations) == 1
+
+
+def test_saved_profile_round_trips(results, tmp_path):
+    profile = recall_profile(**results, groups=GROUPS)
+    profile.save(tmp_path)
+    back = RecallProfile.load(tmp_path)
+    pd.testing.assert_frame_equal(back.frame, profile.frame)
+    pd.testing.assert_frame_equal(back.per_probe, profile.per_probe)
 
 
 def test_bad_input_is_named(results):
@@ -94,3 +141,75 @@ def test_bad_input_is_named(results):
         recall_profile()
     with pytest.raises(InputError, match="tracing_window 7"):
         recall_profile(tracing=results["tracing"], tracing_window=7)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics on hand-built per-probe tables
+# --------------------------------------------------------------------------------------
+
+
+def _per_probe(measure: str, values: dict[str, np.ndarray], den: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    rows = []
+    for group, table in values.items():
+        for i, row in enumerate(table):
+            for layer, v in enumerate(row):
+                d = 1.0 if den is None else float(den[group][i])
+                rows.append({"measure": measure, "group": group, "probe_id": f"{group}-{i}", "layer": layer,
+                             "num": float(v), "den": d})
+    return pd.DataFrame(rows, columns=PER_PROBE_COLUMNS)
+
+
+def test_ratio_of_means_and_median_by_hand():
+    ie = {"a": np.array([[0.1, 0.4], [0.3, 0.0]])}
+    te = {"a": np.array([0.2, 0.6])}
+    frame = profile_from_per_probe(_per_probe("tracing MLP share (last)", ie, te))
+    # (0.1 + 0.3) / (0.2 + 0.6) = 0.5, not the mean of ratios (0.5 + 0.5) / 2 ... at layer 1: 0.4 / 0.8
+    assert frame["value"].tolist() == pytest.approx([0.5, 0.5])
+    frame = profile_from_per_probe(_per_probe("attention knockout", {"a": np.array([[1.0], [5.0], [2.0]])}))
+    assert frame["value"].tolist() == [2.0]
+
+
+def test_compare_sets_finds_the_one_layer_that_differs():
+    ref = np.zeros((6, 5))
+    ref[:, 2] = 1.0  # every reference probe changed at layer 2 only
+    other = np.zeros((6, 5))
+    profile = RecallProfile(pd.DataFrame(), per_probe=_per_probe("knockout top-100", {"m": ref, "o": other}))
+    table = compare_sets(profile, reference="m", n_permutations=4000, seed=1)
+    layers = table[table["scope"] == "layer"].set_index("layer")
+    assert layers.loc[2, "diff"] == 1.0
+    # exact permutation p: only the 2 of C(12, 6) = 924 labelings that split the ones off reach |diff| = 1
+    assert layers.loc[2, "p_value"] == pytest.approx(2 / 924, abs=0.004)
+    assert layers.loc[2, "p_adjusted"] < 0.01  # max-T over layers: the others never differ
+    assert (layers.drop(index=2)["p_adjusted"] == 1.0).all()
+    bands = table[table["scope"] == "band"]
+    assert len(bands) == 3 and bands["correction"].eq("holm").all()
+    # Holm over the three bands: the smallest p times 3, then monotone
+    order = np.sort(bands["p_value"].to_numpy())
+    assert np.sort(bands["p_adjusted"].to_numpy())[0] == pytest.approx(min(1.0, 3 * order[0]))
+
+
+def test_paired_comparison_uses_the_pairs():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 5, size=(10, 1))  # large between-pair spread, a constant +1 within pairs
+    ref, other = base + 1.0, base.copy()
+    profile = RecallProfile(pd.DataFrame(), per_probe=_per_probe("tracing MLP (last)", {"m": ref, "o": other}))
+    pairs = {f"m-{i}": f"o-{i}" for i in range(10)}
+    paired = compare_sets(profile, reference="m", pairs={"o": pairs}, measures=["tracing MLP (last)"],
+                          n_permutations=2000)
+    unpaired = compare_sets(profile, reference="m", measures=["tracing MLP (last)"], n_permutations=2000)
+    p_paired = paired[paired["scope"] == "layer"]["p_value"].iloc[0]
+    p_unpaired = unpaired[unpaired["scope"] == "layer"]["p_value"].iloc[0]
+    assert paired["paired"].all() and not unpaired["paired"].any()
+    # every within-pair difference is +1: only the all-unswapped and all-swapped draws reach |mean diff| 1
+    assert p_paired < 0.01 < p_unpaired
+    assert paired[paired["scope"] == "layer"]["diff"].iloc[0] == pytest.approx(1.0)
+
+
+def test_compare_sets_names_bad_sets():
+    profile = RecallProfile(pd.DataFrame(), per_probe=_per_probe("DLA MLP share", {"m": np.ones((3, 2))},
+                                                                  {"m": np.ones(3)}))
+    with pytest.raises(InputError, match="reference set"):
+        compare_sets(profile, reference="x")
+    with pytest.raises(InputError, match="not in the profile"):
+        compare_sets(profile, reference="m", versus=["y"])
+    assert math.isclose(profile_from_per_probe(profile.per_probe)["value"].iloc[0], 1.0)

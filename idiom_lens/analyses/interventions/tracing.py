@@ -324,7 +324,7 @@ class TracingResult(ProbeRowsResult):
         if self.rows.empty:
             return pd.DataFrame(columns=columns)
         frame = self._probe_ie().reset_index()
-        frame = frame.merge(self.probes[["probe_id", "total_effect"]], on="probe_id", how="left")
+        frame = frame.merge(self.probes[["probe_id", "group", "total_effect"]], on=["probe_id", "group"], how="left")
         te = frame["total_effect"]
         frame["share"] = (frame["ie"] / te).where(te > 0)
         frame["kept"] = te >= min_total_effect
