@@ -79,7 +79,8 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
 
     # the attention knockout: the median over probes of -(log p_cut - log p_clean), by hand
     rows = results["attention"].to_dataframe()
-    rows = rows[(rows["source"] == "context") & (rows["group"] == group) & (rows["layer"] == 0) & (rows["reason"] == "")]
+    rows = rows[(rows["source"] == "context") & (rows["group"] == group) & (rows["layer"] == 0)
+                & (rows["reason"] == "")]
     drop = np.log(rows["clean_prob"].to_numpy()) - np.log(rows["prob"].to_numpy())
     assert _at(frame, "attention knockout", group, 0)["value"] == pytest.approx(np.median(drop), rel=1e-5)
 
