@@ -166,8 +166,17 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
                    n=row.n_a, interval=(row.mean_diff_low, row.mean_diff_high), what="bootstrap 95%",
                    command=command, source=rel(tests_path))
         claims.add(f"{base}.p", value=row.p_value, text=p_text(row.p_value), command=command, source=rel(tests_path))
+        claims.add(f"{base}.p_adjusted", value=row.p_adjusted, text=p_text(row.p_adjusted), command=command,
+                   source=rel(tests_path), what=f"{row.correction} over {row.family}")
         claims.add(f"{base}.n_a", value=row.n_a, text=f"{int(row.n_a):,}", command=command, source=rel(tests_path))
         claims.add(f"{base}.n_b", value=row.n_b, text=f"{int(row.n_b):,}", command=command, source=rel(tests_path))
+        for total in ("n_a_total", "n_b_total"):
+            claims.add(f"{base}.{total}", value=int(getattr(row, total)), text=f"{int(getattr(row, total)):,}",
+                       command=command, source=rel(tests_path))
+    family = _table(tests_path)["family_size"]
+    claims.add(f"{model}.promotion_test.family_size", value=int(family.max()), text=str(int(family.max())),
+               command=command, source=rel(tests_path))
+    fact_claims(claims, out, model, command)
 
     lens_tests_path = root / "lenses" / "lens_tests.parquet"
     for row in _table(lens_tests_path).itertuples():
@@ -177,6 +186,9 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
                    source=rel(lens_tests_path))
         claims.add(f"{base}.p", value=row.p_value, text=p_text(row.p_value), command=command,
                    source=rel(lens_tests_path))
+        if "p_adjusted" in kl_or_tests_columns(lens_tests_path):
+            claims.add(f"{base}.p_adjusted", value=row.p_adjusted, text=p_text(row.p_adjusted), command=command,
+                       source=rel(lens_tests_path))
     bounds_path = root / "lenses" / "lens_boundaries.parquet"
     for row in _table(bounds_path).itertuples():
         value = None if pd.isna(row.boundary_layer) else int(row.boundary_layer)
@@ -210,6 +222,59 @@ def study_claims(claims: Claims, out: Path, model: str, command: str) -> None:
                    source=rel(attribution_path))
         claims.add(f"{base}.half_built_at_layer", value=row["half_built_at_layer"],
                    text=str(row["half_built_at_layer"]), command=command, source=rel(attribution_path))
+
+
+def kl_or_tests_columns(path: Path) -> list[str]:
+    return list(_table(path).columns)
+
+
+def fact_claims(claims: Claims, out: Path, model: str, command: str) -> None:
+    """Facts within content-word predictions and against each relation's majority answer: the
+    non-memorized facts mostly predict a function word (" the"), so the plain comparison of
+    memorized with non-memorized facts compares content answers with function words."""
+    from idiom_lens.analyses.stats import compare_samples
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.io import write_parquet
+    from idiom_lens.study.layout import StudyFolder
+
+    root = out / "study" / model / "trajectory"
+    memo = StudyFolder.open(out / "study").model(model).memorization()
+    source = str(root.relative_to(out))
+    shares = memo.function_word_shares()
+    for row in shares.itertuples():
+        claims.add(f"{model}.function_word.{slug(row.group)}", value=row.share, n=row.n,
+                   text=short_ci(row.share, row.share_low, row.share_high), interval=(row.share_low, row.share_high),
+                   what="Wilson 95%", command=command, source=source)
+    baselines = memo.relation_baselines(load_probes("facts"))
+    write_parquet(out / "study" / model / "fact_baselines.parquet", baselines)
+    for row in baselines.itertuples():
+        base = f"{model}.facts.{slug(row.relation)}"
+        claims.add(f"{base}.majority_share", value=row.majority_share, n=row.n, what="Wilson 95%",
+                   text=short_ci(row.majority_share, row.majority_share_low, row.majority_share_high),
+                   interval=(row.majority_share_low, row.majority_share_high), command=command, source=source)
+        claims.add(f"{base}.memorized", value=row.fraction, n=row.n, what="Wilson 95%",
+                   text=short_ci(row.fraction, row.fraction_low, row.fraction_high),
+                   interval=(row.fraction_low, row.fraction_high), command=command, source=source)
+        claims.add(f"{base}.memorized_content", value=row.fraction_content, n=row.n_content, what="Wilson 95%",
+                   text=short_ci(row.fraction_content, row.fraction_content_low, row.fraction_content_high),
+                   interval=(row.fraction_content_low, row.fraction_content_high), command=command, source=source)
+        claims.add(f"{base}.n", value=int(row.n), text=str(int(row.n)), command=command, source=source)
+    # promotion of memorized vs non-memorized facts, both predicting a content word
+    per_probe = _table(root / "phases_per_probe.parquet")
+    content = memo.to_dataframe()[["probe_id", "pred_is_function_word"]]
+    per_probe = per_probe.merge(content, on="probe_id")
+    per_probe = per_probe[~per_probe["pred_is_function_word"].astype(bool)]
+    a = per_probe.loc[per_probe["group"] == "memorized facts", "promotion_layer"].to_numpy(float)
+    b = per_probe.loc[per_probe["group"] == "non-memorized facts", "promotion_layer"].to_numpy(float)
+    if len(a) >= 2 and len(b) >= 2:
+        test = compare_samples(a, b, n_permutations=10_000, seed=0)  # b - a: positive, memorized earlier
+        base = f"{model}.promotion_test.content_words.memorized_facts.vs.non_memorized_facts"
+        claims.add(base, value=test.mean_diff, n=len(a), interval=(test.mean_diff_low, test.mean_diff_high),
+                   text=signed_ci(test.mean_diff, test.mean_diff_low, test.mean_diff_high), what="bootstrap 95%",
+                   command=command, source=source)
+        claims.add(f"{base}.p", value=test.p_value, text=p_text(test.p_value), command=command, source=source)
+        claims.add(f"{base}.n_a", value=len(a), text=str(len(a)), command=command, source=source)
+        claims.add(f"{base}.n_b", value=len(b), text=str(len(b)), command=command, source=source)
 
 
 def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
