@@ -1,27 +1,40 @@
 """Knockout figures and tables (method.md section 4) from the library: the paper's figure with the
 authors' positions (every prompt position), ours (last position only) beside it, the controls
-(random, magnitude-matched, whole-MLP ceiling) and the specificity table per set.
+(random, norm-matched, score-matched, whole-MLP ceiling) and the specificity table per set.
 
     python experiments/knockouts.py --out out/knockouts [--per-group 50] [--whole "memorized idioms"]
-        [--positions all] [--full-grid] [--demo]
+        [--positions all] [--norms frozen live] [--ablations zero mean] [--rank-by effective magnitude]
+        [--full-grid] [--demo]
 
 Probes: the bundled idioms and ordinary text (`--dataset`), scored for memorization first, then a
 seeded sample of `--per-group` probes of each set (memorized idioms, non-memorized idioms, ordinary
 text); the sets named by `--whole` are kept entire. `--demo` uses 24 common idioms and 6 ordinary
 sentences written below instead.
 
-Writes under --out: knockouts_all*.parquet and knockouts_last*.parquet (rows, probes, summaries),
-knockout_layers.parquet/.md (share changed per set x control x layer for --table-k, windows of one
-layer, n and 95% Wilson intervals, both positions), value_vectors*.parquet, skipping*.parquet,
-figures: paper_<mode>_k<k> (authors' positions, memorized idioms, every control and the ceiling),
+Variants: the first of `--norms`, `--ablations` and `--rank-by` make the PRIMARY variant (by
+default the post-MLP norm frozen, so a knockout removes exactly its neurons' contributions; zero
+ablation; our effective ranking); each other value of one option, the others kept at the primary's,
+is a secondary variant, run once (by default the live norm). `--rank-by effective magnitude`
+adds the authors' ranking (magnitude, |m| x ||v||) once. Every variant runs at every `--positions`.
+
+Writes under --out: knockouts_<positions>*.parquet (primary) and knockouts_<positions>_<value>*.parquet
+(secondary: the value that differs, e.g. knockouts_all_live), each with rows, probes, summaries;
+knockout_layers.parquet/.md (the primary variant: share changed per set x control x layer for
+--table-k, windows of one layer, n and 95% Wilson intervals, the mean output diagnostics, every
+positions), knockout_layers_<value>.parquet/.md per secondary variant, knockout_layers_variants.parquet
+(all of them, a `primary` column), value_vectors*.parquet, skipping*.parquet, figures (primary):
+paper_<mode>_k<k> (authors' positions, memorized idioms, every control and the ceiling),
 knockout_<mode>_k<k> (every set), positions_k<k> (every vs last position, side by side),
-layers_<positions>_k<k> (specificity curves), skip_curves; and settings.json.
+layers_<positions>_k<k> (specificity curves; layers_<positions>_k<k>_<value> per secondary
+variant), skip_curves; and settings.json. Each table's Markdown file and the printed summary say
+which variant is primary.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from idiom_lens.datasets.probes import Probe
@@ -51,8 +64,57 @@ def demo_probes() -> list[Probe]:
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One (norm, ablation, rank_by) combination the experiment runs at every positions: the primary
+    (the first value of each option) or a secondary one, which differs from it in one option."""
+
+    norm: str
+    ablation: str
+    rank_by: str
+    differs: str | None = None  # the secondary variant's value that differs from the primary's
+
+    @property
+    def primary(self) -> bool:
+        return self.differs is None
+
+    @property
+    def suffix(self) -> str:
+        """'' for the primary variant, '_<value>' for a secondary one (file names)."""
+        return "" if self.differs is None else f"_{self.differs}"
+
+    def describe(self) -> str:
+        rank = {"effective": "effective (ours)", "magnitude": "magnitude |m| x ||v|| (the authors')"}
+        return (f"{'PRIMARY' if self.primary else 'secondary'}: post-MLP norm {self.norm}, {self.ablation} ablation, "
+                f"ranked by {rank.get(self.rank_by, self.rank_by)}")
+
+
+def variants(norms: list[str], ablations: list[str], rank_by: list[str]) -> list[Variant]:
+    """The primary variant (first of each list), then one secondary variant per other value of each
+    option (the others at the primary's), in the order given; duplicates dropped."""
+    norms, ablations, rank_by = (list(dict.fromkeys(v)) for v in (norms, ablations, rank_by))
+    primary = Variant(norms[0], ablations[0], rank_by[0])
+    out = [primary]
+    out += [Variant(n, primary.ablation, primary.rank_by, differs=n) for n in norms[1:]]
+    out += [Variant(primary.norm, a, primary.rank_by, differs=a) for a in ablations[1:]]
+    out += [Variant(primary.norm, primary.ablation, r, differs=r) for r in rank_by[1:]]
+    return out
+
+
+def compact(layers, variant: Variant) -> str:
+    """The printed summary of one variant's layer table: per positions, set and control, the means
+    over layers of the share changed and of the output diagnostics."""
+    from idiom_lens.study.text import markdown_table
+
+    cols = ["changed", "n_zeroed", "removed_norm", "out_cosine", "out_norm_ratio", "matched_norm_ratio"]
+    table = layers.groupby(["positions", "group", "control"], sort=True)[cols].mean().reset_index()
+    return f"{variant.describe()} (means over layers)\n" + markdown_table(table, digits=2)
+
+
 def main() -> None:
     import dataclasses
+
+    import pandas as pd
 
     from idiom_lens.analyses.interventions import (
         KnockoutGrid,
@@ -63,7 +125,7 @@ def main() -> None:
         skip_layers,
         value_vector_ranks,
     )
-    from idiom_lens.analyses.interventions.knockouts import CONTROLS, MODES, NORMS, POSITIONS, RANKINGS
+    from idiom_lens.analyses.interventions.knockouts import ABLATIONS, CONTROLS, MODES, NORMS, POSITIONS, RANKINGS
     from idiom_lens.analyses.interventions.value_vectors import VALUE_VECTOR_KS
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
@@ -91,15 +153,22 @@ def main() -> None:
     parser.add_argument("--whole", nargs="*", default=[], metavar="SET",
                         help='sets kept entire instead of sampled, e.g. --whole "memorized idioms"')
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
-                        help="where neurons are zeroed: all (the authors'), last (ours); default both")
+                        help="where neurons are knocked out: all (the authors'), last (ours); default both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-grid", action="store_true", help="the paper's grid (else --k, --windows, --modes)")
     parser.add_argument("--k", type=int, nargs="+", default=list(grid.ks))
     parser.add_argument("--windows", type=int, nargs="+", default=list(grid.windows))
     parser.add_argument("--modes", nargs="+", default=list(grid.modes), choices=MODES)
-    parser.add_argument("--controls", nargs="*", default=list(defaults.controls), choices=CONTROLS)
-    parser.add_argument("--rank-by", default=defaults.rank_by, choices=RANKINGS)
-    parser.add_argument("--norm", default=defaults.norm, choices=NORMS)
+    parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=CONTROLS,
+                        help="default: all (random, norm-matched, score-matched, whole MLP)")
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS,
+                        help="post-MLP norm handling, the first one primary: frozen (a knockout removes exactly its "
+                             "neurons' contributions), live (the norm rescales what remains); default frozen live")
+    parser.add_argument("--ablations", nargs="+", default=[defaults.ablation], choices=ABLATIONS,
+                        help="zero, or mean (the ordinary-text mean); the first one primary; default zero")
+    parser.add_argument("--rank-by", nargs="+", default=[defaults.rank_by], choices=RANKINGS,
+                        help="neuron rankings, the first one primary: effective (ours), magnitude (the authors', "
+                             "|m| x ||v||), dla; default effective")
     parser.add_argument("--table-k", type=int, default=100, help="k of the specificity table (default 100)")
     parser.add_argument("--value-vector-k", type=int, nargs="*", default=list(VALUE_VECTOR_KS),
                         help="the authors' value-vector statistic for these k (default 1 10; none to skip)")
@@ -117,14 +186,19 @@ def main() -> None:
         probes = sample_by_group(memo, pool, per_group=args.per_group, seed=args.seed, whole=args.whole)
     grid = KnockoutGrid.PAPER if args.full_grid else dataclasses.replace(
         grid, ks=tuple(args.k), windows=tuple(args.windows), modes=tuple(args.modes))
-    options = KnockoutOptions(grid=grid, controls=tuple(args.controls), rank_by=args.rank_by, norm=args.norm,
-                              seed=args.seed)
-    runs = {positions: knockout_grid(model, probes, dataclasses.replace(options, positions=positions), progress=True)
-            for positions in dict.fromkeys(args.positions)}
-    for positions, result in runs.items():
-        result.save(args.out, name=f"knockouts_{positions}")
-    shown = runs["all"] if "all" in runs else runs["last"]  # figures: the authors' variant where it was run
-    both = KnockoutResult.stack_runs(list(runs.values()))
+    base = KnockoutOptions(grid=grid, controls=tuple(args.controls), seed=args.seed)
+    runs: dict[tuple[Variant, str], KnockoutResult] = {}
+    for variant in variants(args.norms, args.ablations, args.rank_by):
+        for positions in dict.fromkeys(args.positions):
+            options = dataclasses.replace(base, positions=positions, norm=variant.norm, ablation=variant.ablation,
+                                          rank_by=variant.rank_by)
+            result = knockout_grid(model, probes, options, progress=True)
+            result.save(args.out, name=f"knockouts_{positions}{variant.suffix}")
+            runs[(variant, positions)] = result
+    primary = next(v for v, _ in runs if v.primary)
+    primary_runs = {positions: r for (v, positions), r in runs.items() if v.primary}
+    shown = primary_runs["all"] if "all" in primary_runs else primary_runs["last"]  # the authors' variant if run
+    both = KnockoutResult.stack_runs(list(primary_runs.values()))
 
     groups = list(dict.fromkeys(shown.probes["group"]))
     table = shown.summary()
@@ -134,23 +208,34 @@ def main() -> None:
                 save_figure(knockout_heatmaps(shown, k=k, mode=mode, groups=["memorized idioms"]),
                             args.out / f"paper_{mode}_k{k}", height=450)
             save_figure(knockout_heatmaps(shown, k=k, mode=mode), args.out / f"knockout_{mode}_k{k}", height=900)
-            if mode == "zero_top" and "memorized idioms" in groups and len(runs) == 2:
+            if mode == "zero_top" and "memorized idioms" in groups and len(primary_runs) == 2:
                 save_figure(knockout_positions_heatmaps(both, k=k, group="memorized idioms"),
                             args.out / f"positions_k{k}", height=480)
     targeted_ks = set(table.loc[(table["mode"] == "zero_top") & (table["control"] == "targeted"), "k"])
+    summaries = []
     if args.table_k in targeted_ks and 1 in set(table["window"]):
-        layers = both.layer_table(k=args.table_k, window=1)
-        write_parquet(args.out / "knockout_layers.parquet", layers)
-        md = layers.assign(interval=[f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(layers["changed_low"],
-                                                                             layers["changed_high"])])
-        md = md[["positions", "group", "control", "layer", "n", "changed", "interval", "zeroed_share", "score_ratio"]]
-        write_text(args.out / "knockout_layers.md", markdown_table(md, digits=2) + "\n")
-        for positions, result in runs.items():
-            save_figure(knockout_layer_curves(result, k=args.table_k, window=1),
-                        args.out / f"layers_{positions}_k{args.table_k}", height=500)
-    settings = {f"knockouts_{positions}": result.settings for positions, result in runs.items()}
+        every_variant = []
+        for variant in dict.fromkeys(v for v, _ in runs):
+            results = [r for (v, _), r in runs.items() if v == variant]
+            layers = KnockoutResult.stack_runs(results).layer_table(k=args.table_k, window=1)
+            every_variant.append(layers.assign(primary=variant.primary))
+            write_parquet(args.out / f"knockout_layers{variant.suffix}.parquet", layers)
+            md = layers.assign(interval=[f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(layers["changed_low"],
+                                                                                 layers["changed_high"])])
+            md = md[["positions", "group", "control", "layer", "n", "changed", "interval", "n_zeroed", "removed_norm",
+                     "out_cosine", "out_norm_ratio", "matched_norm_ratio", "score_ratio"]]
+            write_text(args.out / f"knockout_layers{variant.suffix}.md",
+                       f"{variant.describe()}\n\n" + markdown_table(md, digits=2) + "\n")
+            for positions, result in ((p, r) for (v, p), r in runs.items() if v == variant):
+                save_figure(knockout_layer_curves(result, k=args.table_k, window=1),
+                            args.out / f"layers_{positions}_k{args.table_k}{variant.suffix}", height=500)
+            summaries.append(compact(layers, variant))
+        write_parquet(args.out / "knockout_layers_variants.parquet", pd.concat(every_variant, ignore_index=True))
+    settings = {f"knockouts_{positions}{v.suffix}": r.settings for (v, positions), r in runs.items()}
+    settings["variants"] = [{"norm": v.norm, "ablation": v.ablation, "rank_by": v.rank_by, "primary": v.primary,
+                             "files": f"knockouts_<positions>{v.suffix}"} for v in dict.fromkeys(v for v, _ in runs)]
     if args.value_vector_k:
-        vv = value_vector_ranks(model, probes, ks=args.value_vector_k, rank_by=args.rank_by)
+        vv = value_vector_ranks(model, probes, ks=args.value_vector_k, rank_by=primary.rank_by)
         vv.save(args.out)
         settings["value_vectors"] = vv.settings
     if not args.no_skip:
@@ -160,10 +245,13 @@ def main() -> None:
         save_figure(skip_curves(skip), args.out / "skip_curves", height=550)
         settings["skipping"] = skip.settings
     write_json(args.out / "settings.json", settings)
+    for text in summaries:
+        print(text + "\n")
     n_group = shown.probes["group"].value_counts().to_dict()
-    times = ", ".join(f"positions {p} {r.settings['seconds']:.0f} s" for p, r in runs.items())
+    times = ", ".join(f"{v.norm}/{v.ablation}/{v.rank_by} positions {p} {r.settings['seconds']:.0f} s"
+                      for (v, p), r in runs.items())
     print(f"{len(probes)} probes {n_group}, {shown.settings['n_configs']} configurations each: {times}; "
-          f"total {time.perf_counter() - started:.0f} s -> {args.out}")
+          f"total {time.perf_counter() - started:.0f} s -> {args.out}; primary: {primary.describe()}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 Writes (each as soon as its step completes, atomically) knockouts*.parquet (rows, probes, summary
 with n and 95% intervals per set), knockout_layers.parquet (share changed per set x control x
-layer), value_vectors*.parquet, skipping*.parquet, heatmaps, layer curves and skip curves
-(HTML + PNG) and summary.json with the settings (positions, ranking, norm handling, controls,
-masked tokens) and timings.
+layer, with the mean output diagnostics: neurons zeroed, removed norm, output cosine and norm
+ratio, removed-norm ratio to the targeted set), value_vectors*.parquet, skipping*.parquet,
+heatmaps, layer curves and skip curves (HTML + PNG) and summary.json with the settings
+(positions, ranking, norm handling, ablation, controls, masked tokens) and timings.
+
+Defaults: the post-MLP norm frozen (`--norm frozen`: a knockout removes exactly its neurons'
+contributions; `--norm live` is the secondary variant), zero ablation, our effective ranking
+(`--rank-by magnitude` is the authors', |m| x ||v||).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def _up_to(n: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from idiom_lens.analyses.interventions.knockouts import (
+        ABLATIONS,
         CONTROLS,
         MODES,
         NORMS,
@@ -63,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and layer skipping",
         description="Zero the top-k MLP neurons of every layer in windows of consecutive layers (or all but the "
         "top-k), at every prompt position (the authors') or the last one (ours), next to seeded controls: k random "
-        "neurons, random neurons matching the top-k's summed score, and the whole MLP (ceiling); and skip layers. "
+        "neurons, k neurons from outside the top-k whose removed vector matches the top-k's in norm, and the whole "
+        "MLP (ceiling); and skip layers. "
         "Metrics per set (memorized idioms, non-memorized idioms, ordinary text, ...): share of predictions changed "
         "with n and a 95% interval, mean probability drop, share still on target. Predictions range over real "
         "vocabulary tokens (special, placeholder and control tokens masked).",
@@ -96,19 +103,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-positions", action="store_true",
                    help="also run the other --positions and draw both side by side")
     p.add_argument("--controls", nargs="+", choices=(*CONTROLS, "none"), default=list(defaults.controls),
-                   help="random: k random neurons; matched: random neurons matching the top-k's summed effective "
-                        "score (zero_top); whole_mlp: the whole MLP of the window (ceiling); none (default: "
-                        f"{_words(defaults.controls)})")
+                   help="random: k random neurons; matched: k neurons from outside the top-k whose removed vector "
+                        "(last position, through the clean post-MLP norm scale) matches the top-k's in norm "
+                        "(zero_top; rows report matched_norm_ratio); matched_score: random neurons matching the "
+                        "top-k's summed effective score (zero_top; the earlier control, to compare); whole_mlp: the "
+                        f"whole MLP of the window (ceiling); none (default: {_words(defaults.controls)})")
     p.add_argument("--no-control", action="store_true", help="same as --controls none")
     p.add_argument("--rank-by", choices=RANKINGS, default=defaults.rank_by,
-                   help="effective: |act| x ||W_out row x post-MLP norm gain|| / clean post-norm RMS, the "
-                        "neuron's actual contribution (= magnitude without a post-MLP norm); magnitude: |act| x "
-                        "||W_out row||; dla: direct push on the prediction (final norm ignored: approximate); "
-                        f"default {defaults.rank_by}")
+                   help="effective (ours): |act| x ||W_out row x post-MLP norm gain|| / clean post-norm RMS, the "
+                        "neuron's actual contribution (= magnitude without a post-MLP norm); magnitude (the "
+                        "authors', Haviv et al. 2023): |m| x ||v||, activation x ||W_out row||; dla: direct push on "
+                        f"the prediction (final norm ignored: approximate); default {defaults.rank_by}")
     p.add_argument("--norm", choices=NORMS, default=defaults.norm,
-                   help="post-MLP norm (Gemma's ln2_post): live renormalises the knocked-out output; frozen "
-                        "keeps its clean scale so zeroing removes exactly the neurons' contributions; default "
-                        f"{defaults.norm}")
+                   help="post-MLP norm (Gemma's ln2_post): frozen (the primary result) keeps its clean scale so a "
+                        "knockout removes exactly the neurons' contributions; live renormalises the knocked-out "
+                        f"output, scaling what remains back up (secondary); default {defaults.norm}")
+    p.add_argument("--ablation", choices=ABLATIONS, default=defaults.ablation,
+                   help="zero: set the knocked-out activations to 0; mean: to their mean over the bundled "
+                        f"ordinary text (every position but BOS); default {defaults.ablation}")
     p.add_argument("--value-vector-k", type=int, nargs="*", default=list(VALUE_VECTOR_KS),
                    help=f"the authors' value-vector statistic for these k (default {_words(VALUE_VECTOR_KS)}; "
                         "none to skip)")
@@ -122,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def knockout_options(args: argparse.Namespace) -> KnockoutOptions:
     """The `KnockoutOptions` of the command line: the grid options given over `KnockoutGrid.DEFAULT`
     (or `--full-grid`, `KnockoutGrid.PAPER`, which excludes them), the controls, ranking,
-    positions, norm handling and seed."""
+    positions, norm handling, ablation and seed."""
     from idiom_lens.analyses.interventions.knockouts import KnockoutGrid, KnockoutOptions
 
     given = {field: tuple(getattr(args, name)) for name, field in _GRID_OPTIONS.items()
@@ -137,7 +149,7 @@ def knockout_options(args: argparse.Namespace) -> KnockoutOptions:
                              {field: f"--{name.replace('_', '-')}" for name, field in _GRID_OPTIONS.items()})
     controls = () if args.no_control or "none" in args.controls else tuple(args.controls)
     return KnockoutOptions(grid=grid, controls=controls, rank_by=args.rank_by, positions=args.positions,
-                           norm=args.norm, seed=args.seed)
+                           norm=args.norm, ablation=args.ablation, seed=args.seed)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,12 +1,14 @@
 """Figures of the interventions, drawn from result objects only (nothing is recomputed).
 
 - `knockout_heatmaps`: start layer x end layer, share of predictions changed, one row per set,
-  one column per control (targeted, random, matched) and the whole-MLP ceiling (same color scale);
-  the title says which positions, ranking and norm handling the result used.
+  one column per control (targeted, random, norm-matched, score-matched) and the whole-MLP
+  ceiling (same color scale); the title says which positions, ranking (ours or the authors'),
+  norm handling and ablation the result used.
 - `knockout_positions_heatmaps`: the same configurations with the knockout at every position (the
   authors') and at the last position (ours), side by side with their difference.
 - `knockout_layer_curves`: share changed per layer (windows of one layer) with 95% intervals, one
-  panel per set, one line per control and the ceiling: the specificity figure.
+  panel per set, one line per control and the ceiling: the specificity figure; the hover gives
+  each point's output diagnostics (removed norm, output cosine and norm ratio, removed-norm ratio).
 - `skip_curves`: share changed and mean probability drop per skipped layer (or window), per set.
 - `patching_heatmaps`: restored share of the target logit, layer x position (from the end),
   one panel per site; one probe (token labels) or the mean over a set.
@@ -28,10 +30,22 @@ from idiom_lens.errors import InputError
 from idiom_lens.groups import MEMORIZED_IDIOMS, group_color, ordered
 from idiom_lens.metrics import INTERVENTION_METRICS, METRICS, Metric
 
-_CONTROL_LABEL = {"targeted": "targeted top-k", "random": "random k", "matched": "magnitude-matched",
-                  "whole_mlp": "whole MLP (ceiling)"}
-_CONTROL_COLORS = {"targeted": "#d62728", "random": "#7f7f7f", "matched": "#1f77b4", "whole_mlp": "#000000"}
+_CONTROLS = ("targeted", "random", "matched", "matched_score", "whole_mlp")  # the order of columns and lines
+_CONTROL_LABEL = {"targeted": "targeted top-k", "random": "random k", "matched": "norm-matched k",
+                  "matched_score": "score-matched", "whole_mlp": "whole MLP (ceiling)"}
+_CONTROL_COLORS = {"targeted": "#d62728", "random": "#7f7f7f", "matched": "#1f77b4", "matched_score": "#17becf",
+                   "whole_mlp": "#000000"}
 _POSITIONS_LABEL = {"all": "every position (authors')", "last": "last position only (ours)"}
+_RANK_LABEL = {"effective": "effective (ours)", "magnitude": "magnitude |m| x ||v|| (authors')", "dla": "dla"}
+_VARIANT = ["positions", "rank_by", "norm", "ablation"]
+
+
+def _variant_caption(v: pd.Series, *, positions: bool = True) -> str:
+    """How a result was computed, in words: positions, ranking, norm handling, ablation."""
+    parts = [f"knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}"] if positions else []
+    parts += [f"ranked by {_RANK_LABEL.get(v.rank_by, v.rank_by)}", f"post-MLP norm {v.norm}",
+              f"{v.ablation} ablation"]
+    return "; ".join(parts)
 
 
 def _groups_in(frame, groups: Sequence[str] | None) -> list[str]:
@@ -45,17 +59,16 @@ def _metric(name: str) -> Metric:
 
 
 def _one_variant(summary: pd.DataFrame, positions: str | None) -> tuple[pd.DataFrame, str]:
-    """The rows of one (positions, rank_by, norm) variant and a caption naming it."""
+    """The rows of one (positions, rank_by, norm, ablation) variant and a caption naming it."""
     if positions is not None:
         summary = summary[summary["positions"] == positions]
         if summary.empty:
             raise InputError(f"no knockout results with positions={positions!r}")
-    variants = summary[["positions", "rank_by", "norm"]].drop_duplicates()
+    variants = summary[_VARIANT].drop_duplicates()
     if len(variants) != 1:
-        raise InputError("the result holds several variants (positions, ranking, norm): pick one with positions=")
-    v = variants.iloc[0]
-    return summary, (f"knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}; ranked by {v.rank_by}; "
-                     f"post-MLP norm {v.norm}")
+        raise InputError("the result holds several variants (positions, ranking, norm, ablation): pick one with "
+                         "positions= or draw each run on its own")
+    return summary, _variant_caption(variants.iloc[0])
 
 
 def _triangle(cell: pd.DataFrame, n_layers: int, metric: str) -> np.ndarray:
@@ -83,7 +96,7 @@ def knockout_heatmaps(
     ceil = summary[(summary["control"] == "whole_mlp") & summary["window"].isin(windows)] if ceiling else sub[:0]
     cells = pd.concat([sub, ceil], ignore_index=True)
     group_list = _groups_in(sub, groups)
-    controls = [c for c in ("targeted", "random", "matched", "whole_mlp") if c in set(cells["control"])]
+    controls = [c for c in _CONTROLS if c in set(cells["control"])]
     n_layers = int(result.settings.get("n_layers") or cells["end"].max() + 1)
     n_of = cells.groupby("group")["n"].max()
     titles = [f"{g} (n={int(n_of.get(g, 0))}): {_CONTROL_LABEL[c]}" for g in group_list for c in controls]
@@ -146,10 +159,13 @@ def knockout_positions_heatmaps(
     for c in (1, 2, 3):
         fig.update_yaxes(autorange="reversed", title_text="start layer" if c == 1 else None, row=1, col=c)
         fig.update_xaxes(title_text="end layer", row=1, col=c)
-    variant = sub[["rank_by", "norm"]].drop_duplicates().iloc[0]
+    variants = sub[["rank_by", "norm", "ablation"]].drop_duplicates()
+    if len(variants) != 1:
+        raise InputError("the result holds several variants (ranking, norm, ablation) per positions: stack one each")
+    variant = variants.iloc[0]
     fig.update_layout(
         title=f"{group} (n={n}): {_CONTROL_LABEL[control]}, {'zero the top' if mode == 'zero_top' else 'keep the top'} "
-        f"{k} ({described.label})<br><sup>ranked by {variant.rank_by}; post-MLP norm {variant.norm}</sup>",
+        f"{k} ({described.label})<br><sup>{_variant_caption(variant, positions=False)}</sup>",
         title_font_size=15, template="plotly_white",
     )
     return fig
@@ -168,16 +184,20 @@ def knockout_layer_curves(
     table = result.layer_table(k=k, window=window, mode=mode)
     if positions is not None:
         table = table[table["positions"] == positions]
-    variants = table[["positions", "rank_by", "norm"]].drop_duplicates()
+    variants = table[_VARIANT].drop_duplicates()
     if len(variants) != 1:
-        raise InputError("the result holds several variants (positions, ranking, norm): pick one with positions=")
+        raise InputError("the result holds several variants (positions, ranking, norm, ablation): pick one with "
+                         "positions= or draw each run on its own")
     v = variants.iloc[0]
     group_list = _groups_in(table, groups)
     n_of = table.groupby("group")["n"].max()
     fig = make_subplots(rows=1, cols=len(group_list), shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[f"{g}<br>(n={int(n_of[g])})" for g in group_list])
+    hover = ("layer %{x}: %{y:.2f} changed<br>removed norm %{customdata[0]:.3g}, output cosine %{customdata[1]:.2f}, "
+             "norm ratio %{customdata[2]:.2f}<br>removed norm / targeted %{customdata[3]:.2f}<extra>%{fullData.name}"
+             "</extra>")
     for c, g in enumerate(group_list, start=1):
-        for control in ("targeted", "matched", "random", "whole_mlp"):
+        for control in _CONTROLS:
             part = table[(table["group"] == g) & (table["control"] == control)].sort_values("layer")
             if part.empty:
                 continue
@@ -187,13 +207,14 @@ def knockout_layer_curves(
                 line={"color": _CONTROL_COLORS[control], "dash": "dot" if control == "whole_mlp" else "solid"},
                 error_y={"type": "data", "symmetric": False, "array": part["changed_high"] - part["changed"],
                          "arrayminus": part["changed"] - part["changed_low"], "thickness": 1},
+                customdata=part[["removed_norm", "out_cosine", "out_norm_ratio", "matched_norm_ratio"]].to_numpy(),
+                hovertemplate=hover,
             ), row=1, col=c)
         fig.update_xaxes(title_text="layer" if window == 1 else "first layer of the window", dtick=2, row=1, col=c)
     fig.update_yaxes(range=[0, 1.02], title_text=INTERVENTION_METRICS["changed"].axis_title(), row=1, col=1)
     fig.update_layout(
         title=f"Knockouts of {k} neurons ({mode}), windows of {window} layer{'s' if window > 1 else ''}: "
-        f"targeted vs controls, 95% intervals<br><sup>knocked out at {_POSITIONS_LABEL.get(v.positions, v.positions)}; "
-        f"ranked by {v.rank_by}; post-MLP norm {v.norm}</sup>",
+        f"targeted vs controls, 95% intervals<br><sup>{_variant_caption(v)}</sup>",
         template="plotly_white", legend={"orientation": "h", "y": -0.2}, title_font_size=15,
     )
     return fig

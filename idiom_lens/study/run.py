@@ -8,8 +8,9 @@ rerun when finished with the same settings:
 1. trajectory: memorization and the logit-lens trajectory of every probe, its phases;
    lenses (with `lenses`): the same under the tuned and/or Jacobian lens, compared;
 2. interventions: neuron knockouts at every position (the authors'), top-100 neurons of each layer
-   (windows of one layer) beside a random, a magnitude-matched and a whole-MLP control, the
-   value-vector statistic (top-1), and layer skipping, on a seeded sample per set;
+   (windows of one layer, the post-MLP norm frozen) beside a random, a norm-matched and a
+   whole-MLP control, the value-vector statistic (top-1), and layer skipping, on a seeded sample
+   per set;
 3. patching: activation patching of a sample of memorized and non-memorized idioms;
 4. attribution: direct logit attribution (compatibility mode) of a seeded sample per set;
 5. tracing: causal tracing (ROME) of a sample of memorized and non-memorized idioms;
@@ -79,9 +80,10 @@ class StudyOptions:
     attn_knockout_sample: int = 10  # probes per set for the attention knockout (0 skips)
     seed: int = 0  # of every per-set sample and random control (replaces the stage options' seed)
     # Knockouts: the authors' positions (every position), k = 100 in windows of one layer, with the random,
-    # magnitude-matched and whole-MLP controls (4 x 18 configurations per probe on Gemma 3 270M, ~1 min for
-    # 30 probes on one core); `idiom-lens knockout --full-grid` runs the paper's whole grid.
-    knockouts: KnockoutOptions = KnockoutOptions(grid=KnockoutGrid.STUDY)
+    # norm-matched and whole-MLP controls (4 x 18 configurations per probe on Gemma 3 270M, ~1 min for
+    # 30 probes on one core), the post-MLP norm frozen (KnockoutOptions' default: a knockout removes exactly
+    # its neurons' contributions), zero ablation; `idiom-lens knockout --full-grid` runs the paper's whole grid.
+    knockouts: KnockoutOptions = KnockoutOptions(grid=KnockoutGrid.STUDY, norm="frozen")
     value_vector_ks: tuple[int, ...] = (1,)  # the authors' value-vector statistic for these k
     patching: PatchingOptions = PatchingOptions()
     # Causal tracing: the residual stream at one layer, MLP and attention outputs in windows of 5 layers

@@ -12,8 +12,10 @@ COMMANDS = ("knockout", "patch")  # registered by the `commands` fixture (tests/
 
 
 def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_path, capsys):
-    """Defaults: the authors' positions (every position), effective ranking, live norm, the random,
-    matched and whole-MLP controls; tables with n and intervals per set, figures, value vectors."""
+    """Defaults: the authors' positions (every position), effective ranking, frozen norm (live
+    before: the frozen norm is now the primary result), zero ablation, the random, matched and
+    whole-MLP controls; tables with n, intervals and the output diagnostics per set, figures,
+    value vectors."""
     out = tmp_path / "ko"
     code = main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "1", "5",
                  "--windows", "1", "2", "--sample", "6", "--seed", "1", "--no-png", "--out", str(out)])
@@ -22,11 +24,13 @@ def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_p
     assert frame["probe_id"].nunique() == 6 and set(frame.loc[frame["control"] != "whole_mlp", "k"]) == {1, 5, 100}
     assert set(frame["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert set(frame["positions"]) == {"all"} and set(frame["rank_by"]) == {"effective"}
-    assert set(frame["norm"]) == {"live"}
+    assert set(frame["norm"]) == {"frozen"} and set(frame["ablation"]) == {"zero"}
     summary_table = pd.read_parquet(out / "knockouts_summary.parquet")
     assert {"n", "changed", "changed_low", "changed_high", "score_ratio", "zeroed_share"} <= set(summary_table.columns)
     layers = pd.read_parquet(out / "knockout_layers.parquet")
     assert set(layers["control"]) == {"targeted", "random", "matched", "whole_mlp"} and (layers["n"] > 0).all()
+    assert {"norm", "ablation", "rank_by", "n_zeroed", "removed_norm", "out_cosine", "out_norm_ratio",
+            "matched_norm_ratio"} <= set(layers.columns)
     assert (out / "skipping.parquet").exists() and (out / "skip_curves.html").exists()
     assert (out / "knockout_zero_top_k5.html").exists() and (out / "knockout_layers_k5.html").exists()
     assert set(pd.read_parquet(out / "value_vectors.parquet")["k"]) == {1, 10}
@@ -39,8 +43,8 @@ def test_knockout_cmd_writes_results(commands, tiny_model_dir, probe_file, tmp_p
 
 
 def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
-    """--full-grid (the paper's), --positions last with --compare-positions, --norm frozen,
-    --rank-by magnitude, --controls, recorded in the rows and the settings."""
+    """--full-grid (the paper's), --positions last with --compare-positions, --norm live,
+    --ablation mean, --rank-by magnitude, --controls, recorded in the rows and the settings."""
     out = tmp_path / "paper"
     assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--full-grid",
                  "--limit", "2", "--controls", "none", "--value-vector-k", "--no-skip", "--no-png",
@@ -54,12 +58,14 @@ def test_knockout_cmd_variants(commands, tiny_model_dir, probe_file, tmp_path):
     out = tmp_path / "ours"
     assert main(["knockout", "--dataset", str(probe_file), "--model", str(tiny_model_dir), "--k", "5",
                  "--windows", "1", "--modes", "zero_top", "--limit", "3", "--positions", "last",
-                 "--compare-positions", "--norm", "frozen", "--rank-by", "magnitude", "--controls", "matched",
-                 "--no-skip", "--no-png", "--out", str(out)]) == 0
+                 "--compare-positions", "--norm", "live", "--ablation", "mean", "--rank-by", "magnitude",
+                 "--controls", "matched", "matched_score", "--no-skip", "--no-png", "--out", str(out)]) == 0
     last, every = pd.read_parquet(out / "knockouts.parquet"), pd.read_parquet(out / "knockouts_all.parquet")
     assert set(last["positions"]) == {"last"} and set(every["positions"]) == {"all"}
-    assert set(last["norm"]) == {"frozen"} and set(last["rank_by"]) == {"magnitude"}
-    assert set(last["control"]) == {"targeted", "matched"}
+    assert set(last["norm"]) == {"live"} and set(last["rank_by"]) == {"magnitude"} and set(last["ablation"]) == {"mean"}
+    assert set(last["control"]) == {"targeted", "matched", "matched_score"}
+    settings = json.loads((out / "summary.json").read_text())["knockouts"]
+    assert settings["mean_reference"]["reference"] == "text" and "the authors'" in settings["rank_by_note"]
     assert any(p.name.startswith("knockout_positions_") and p.suffix == ".html" for p in out.iterdir())
 
 

@@ -41,9 +41,11 @@ def test_knockout_heatmaps(results, tmp_path):
     n_groups = knock.probes["group"].nunique()
     assert len(fig.data) == 4 * n_groups  # targeted, random, matched and the whole-MLP ceiling per set
     titles = [a.text for a in fig.layout.annotations]
-    assert any("whole MLP (ceiling)" in t for t in titles) and any("magnitude-matched" in t for t in titles)
+    assert any("whole MLP (ceiling)" in t for t in titles) and any("norm-matched" in t for t in titles)
     assert all("(n=" in t for t in titles)
-    assert "every position (authors')" in fig.layout.title.text and "ranked by effective" in fig.layout.title.text
+    title = fig.layout.title.text
+    assert "every position (authors')" in title and "ranked by effective (ours)" in title
+    assert "post-MLP norm frozen" in title and "zero ablation" in title
     z = fig.data[0].z
     assert z.shape == (3, 3) and z[2, 0] != z[2, 0]  # end < start is empty (NaN)
     paths = save_figure(fig, tmp_path / "knock", png=True, width=600, height=500)
@@ -73,6 +75,16 @@ def test_knockout_positions_and_layer_curves(results, tiny_model, probes, tmp_pa
     n_groups = both.probes["group"].nunique()
     assert len(curves.data) == 4 * n_groups  # targeted, matched, random, ceiling per set
     assert all(tr.error_y.array is not None for tr in curves.data)
+    # each point's hover carries the layer table's diagnostics for that set, control and layer
+    table = every.layer_table(k=5, window=1)
+    first = curves.data[0]
+    group = curves.layout.annotations[0].text.split("<br>")[0]
+    row = table[(table["control"] == "targeted") & (table["group"] == group)]
+    assert list(first.customdata[:, 1]) == list(row.sort_values("layer")["out_cosine"])
+    live = knockout_grid(tiny_model, probes[:3], KnockoutOptions(grid=KnockoutGrid(ks=(5,), windows=(1,)), norm="live"))
+    with pytest.raises(InputError, match="several variants"):
+        knockout_layer_curves(KnockoutResult.stack_runs([every, live]), k=5, window=1, positions="all")
+    assert "post-MLP norm live" in knockout_layer_curves(live, k=5, window=1).layout.title.text
     save_figure(curves, tmp_path / "curves", png=False)
     assert (tmp_path / "curves.html").exists()
 

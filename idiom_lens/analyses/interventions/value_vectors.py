@@ -2,16 +2,18 @@
 projection of the dominant neurons' value vectors, per layer.
 
 Per probe and layer, the neurons are ranked as for the knockouts (clean pass, last prompt
-position, `knockouts.rank_neurons`). Each of the top-k value vectors (a row of W_out) is projected
+position, `knockouts.rank_neurons`; ``rank_by="effective"``, ours, by default; the authors rank by
+``"magnitude"``, |m| x ||v||). Each of the top-k value vectors (a row of W_out) is projected
 onto the vocabulary (value vector @ W_U, as the authors' `get_all_projected_value_vectors` does:
 no final norm) and the model's prediction's rank in it is read (0 = the token the vector promotes
 most). The authors report the rank in the top-1 neuron's projection and the min / mean / max
 rank over the top-k (lm_debugger_utils.py: `top_vv_stats`, `agg_rank_in_top_values_per_layer`).
 
-Ours differ in two recorded ways: predictions and ranks range over real vocabulary tokens only
-(`idiom_lens.models.vocab`), and ``weights="effective"`` optionally projects the value vector as the model
-reads it out (times the post-MLP norm's gain and the final norm's gain, RMS-type norms only;
-the per-position RMS scales do not change a rank). ``weights="raw"`` (default) is the authors'.
+Ours differ in two recorded ways besides the default ranking: predictions and ranks range over
+real vocabulary tokens only (`idiom_lens.models.vocab`), and ``weights="effective"`` optionally
+projects the value vector as the model reads it out (times the post-MLP norm's gain and the final
+norm's gain, RMS-type norms only; the per-position RMS scales do not change a rank).
+``weights="raw"`` (default) is the authors'.
 """
 
 from __future__ import annotations

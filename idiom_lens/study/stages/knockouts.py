@@ -37,9 +37,12 @@ def run_knockouts(
     log: Callable[[str], None] = print,
     executor: Executor | None = None,
 ) -> dict:
-    """Neuron knockouts (`options`: the grid, targeted, random and magnitude-matched controls,
-    whole-MLP ceiling), the value-vector statistic and layer skipping of `probes`; parquet,
-    figures and summary.json under `out`, each written as soon as its step completes.
+    """Neuron knockouts (`options`: the grid, targeted, random and norm-matched controls,
+    whole-MLP ceiling; by default the post-MLP norm frozen, the primary result), the value-vector
+    statistic and layer skipping of `probes`; parquet, figures and summary.json under `out`, each
+    written as soon as its step completes. knockout_layers.parquet holds, per set, control and
+    layer, the share changed and the mean output diagnostics (neurons zeroed, removed norm, output
+    cosine and norm ratio, removed-norm ratio to the targeted set).
 
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
@@ -78,7 +81,8 @@ def run_knockouts(
     summary["knockouts"] = knock.settings
     write_json(out / "summary.json", summary)
     maybe_fail("knockouts.written")
-    log(f"  knockouts ({positions} positions): {len(probes)} probes x {knock.settings['n_configs']} configurations in "
+    log(f"  knockouts ({positions} positions, post-MLP norm {options.norm}, {options.ablation} ablation, ranked by "
+        f"{options.rank_by}): {len(probes)} probes x {knock.settings['n_configs']} configurations in "
         f"{knock.settings['seconds']:.1f} s ({1000 * knock.settings['seconds'] / max(1, len(knock.rows)):.1f} ms "
         "per configuration)")
     table = knock.summary()

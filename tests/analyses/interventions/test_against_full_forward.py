@@ -23,7 +23,12 @@ from idiom_lens.analyses.interventions import (
     rank_neurons,
     skip_layers,
 )
-from idiom_lens.analyses.interventions.knockouts import matched_neurons, random_neurons
+from idiom_lens.analyses.interventions.knockouts import (
+    CONTROLS,
+    matched_neurons,
+    random_neurons,
+    score_matched_neurons,
+)
 from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import FastPathError
@@ -90,16 +95,15 @@ def prediction(model, logits: torch.Tensor) -> int:
     return int(masked(model, logits).argmax())
 
 
-def zero_neurons(neurons: torch.Tensor | None, positions: str, last: int):
-    """A hook zeroing `neurons` (all when None) of `mlp.hook_post` at the last or every position."""
+def zero_neurons(neurons: torch.Tensor | None, positions: str, last: int, fill: torch.Tensor | None = None):
+    """A hook zeroing `neurons` (all when None) of `mlp.hook_post` at the last or every position, or
+    setting them to their values in `fill` ([d_mlp], a mean ablation's means)."""
 
     def hook(x, hook):
         x = x.clone()
         pos = slice(last, last + 1) if positions == "last" else slice(None)
-        if neurons is None:
-            x[:, pos] = 0
-        else:
-            x[:, pos, neurons] = 0
+        which = slice(None) if neurons is None else neurons
+        x[:, pos, which] = 0 if fill is None else fill[which].to(x.dtype)
         return x
 
     return hook
@@ -164,6 +168,18 @@ def frozen_norm_hooks(layer: int, gain: torch.Tensor, s_clean: torch.Tensor, pos
     return [(f"blocks.{layer}.ln2_post.hook_in", keep), (f"blocks.{layer}.ln2_post.hook_out", put)]
 
 
+def contributions_by_hand(model, acts, post, layer: int, means=None) -> torch.Tensor:
+    """[d_mlp, d_model]: what knocking out each neuron of `layer` removes from the layer's output at
+    the last position, (a_i - fill_i) x W_out[i] x (1 + w) / s_clean (Gemma's post-MLP norm written
+    out; W_out[i] alone without one), fill 0 (zero ablation) or the neuron's mean (`means`)."""
+    w_out = model.bridge.blocks[layer].mlp.out.original_component.weight.detach().float().T  # [d_mlp, d_model]
+    coef = acts[layer] - (0.0 if means is None else means[layer])
+    if post is None:
+        return coef[:, None] * w_out
+    gain, s = post[layer]
+    return coef[:, None] * w_out * gain / s[-1]
+
+
 def reference_state(model, prompt_ids) -> dict:
     """What the slow reference needs of a probe's clean pass, from plain `run_with_cache` calls."""
     acts = plain_activations(model, prompt_ids)
@@ -172,16 +188,19 @@ def reference_state(model, prompt_ids) -> dict:
             "scores": {r: scores_by_hand(model, prompt_ids, r, acts, post) for r in ("effective", "magnitude")}}
 
 
-def reference_knockout_logits(model, prompt_ids, row, *, positions: str, seed: int = 0, ref=None) -> torch.Tensor:
-    """The logits a knockout row (mode, control, k, start, end, rank_by, norm) must have, computed the
-    slow way: neurons ranked from a plain `run_with_cache` by hand (targeted), drawn by
-    `random_neurons` / `matched_neurons` (their own tests check them), or all (whole_mlp); zeroed
-    by hand in one full forward, with the post-MLP norm frozen by hand when row.norm is frozen.
-    `ref` = `reference_state(model, prompt_ids)` (computed here when not given)."""
+def reference_knockout_logits(model, prompt_ids, row, *, positions: str, seed: int = 0, ref=None,
+                              means=None) -> torch.Tensor:
+    """The logits a knockout row (mode, control, k, start, end, rank_by, norm, ablation) must have,
+    computed the slow way: neurons ranked from a plain `run_with_cache` by hand (targeted), drawn by
+    `random_neurons` / `matched_neurons` (on contributions written out by hand) /
+    `score_matched_neurons` (their own tests check them), or all (whole_mlp); zeroed (or set to
+    `means`, a mean-ablation row) by hand in one full forward, with the post-MLP norm frozen by hand
+    when row.norm is frozen. `ref` = `reference_state(model, prompt_ids)` (computed here when not given)."""
     d_mlp = int(model.bridge.cfg.d_mlp)
     ref = reference_state(model, prompt_ids) if ref is None else ref
     scores = ref["scores"][getattr(row, "rank_by", "magnitude")]
     effective, post = ref["scores"]["effective"], ref["post"]
+    assert (getattr(row, "ablation", "zero") == "mean") == (means is not None), "mean-ablation rows need means"
     last = len(prompt_ids) - 1
     hooks = []
     for layer in range(row.start, row.end + 1):
@@ -192,7 +211,10 @@ def reference_knockout_logits(model, prompt_ids, row, *, positions: str, seed: i
         elif row.control == "random":
             chosen = random_neurons(probe_id=row.probe_id, layer=layer, k=k, d_mlp=d_mlp, seed=seed)
         elif row.control == "matched":
-            chosen = matched_neurons(effective[layer], top, probe_id=row.probe_id, layer=layer, k=k, seed=seed)
+            chosen = matched_neurons(contributions_by_hand(model, ref["acts"], post, layer, means), top,
+                                     probe_id=row.probe_id, layer=layer, k=k, seed=seed)
+        elif row.control == "matched_score":
+            chosen = score_matched_neurons(effective[layer], top, probe_id=row.probe_id, layer=layer, k=k, seed=seed)
         else:
             chosen = torch.arange(d_mlp)
         if row.mode == "keep_top" and row.control != "whole_mlp":
@@ -201,7 +223,8 @@ def reference_knockout_logits(model, prompt_ids, row, *, positions: str, seed: i
             chosen = (~keep).nonzero().flatten()
         if len(chosen) == 0:
             continue
-        hooks.append((f"blocks.{layer}.mlp.hook_post", zero_neurons(chosen, positions, last)))
+        fill = None if means is None else means[layer]
+        hooks.append((f"blocks.{layer}.mlp.hook_post", zero_neurons(chosen, positions, last, fill)))
         if getattr(row, "norm", "live") == "frozen" and post is not None:
             hooks += frozen_norm_hooks(layer, *post[layer], positions, last)
     return full_forward(model, prompt_ids, hooks)
@@ -275,16 +298,17 @@ def test_whole_mlp_knockout_is_the_full_forward_with_hook_post_zeroed(case, posi
 
 @options("positions, norm", [(p, n) for p in ("last", "all") for n in ("live", "frozen")], embedded=("all", "frozen"))
 def test_top_k_and_every_control_are_full_forwards(case, positions, norm):
-    """Targeted top-k (effective ranking, by hand from a plain cache), the random and the matched
-    controls and the whole-MLP ceiling, zero_top and keep_top, windows of 1 and 2 layers, the post-MLP
+    """Targeted top-k (effective ranking, by hand from a plain cache), the random, matched and
+    score-matched controls and the whole-MLP ceiling, zero_top and keep_top, windows of 1 and 2 layers, the post-MLP
     norm live or frozen (by hand): each row equals one full forward with those neurons zeroed by hand."""
     model, probes = case
     probes = probes[: n_checked_probes(model)]
     grid = KnockoutGrid(ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
                         keep_top_windows=None)
-    result = knockout_grid(model, probes, KnockoutOptions(grid=grid, positions=positions, norm=norm, seed=3))
+    result = knockout_grid(model, probes, KnockoutOptions(grid=grid, positions=positions, norm=norm, seed=3,
+                                                          controls=CONTROLS))
     rows = with_targets(result)
-    assert set(rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
+    assert set(rows["control"]) == {"targeted", "random", "matched", "matched_score", "whole_mlp"}
     assert set(rows.loc[rows["mode"] == "keep_top", "control"]) == {"targeted", "random"}
     assert (rows["norm"] == norm).all() and (rows["positions"] == positions).all()
     for probe, toks in zip(probes, tokenize_probes(model, probes)):

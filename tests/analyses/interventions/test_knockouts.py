@@ -7,6 +7,7 @@ effective contribution by hand, the value-vector statistic by hand, summaries an
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -21,10 +22,21 @@ from idiom_lens.analyses.interventions import (
     rank_neurons,
     value_vector_ranks,
 )
-from idiom_lens.analyses.interventions.knockouts import KnockoutCell, knockout_cells, knockout_hooks, matched_neurons
+from idiom_lens.analyses.interventions.knockouts import (
+    CONTROLS,
+    MATCH_TOLERANCE,
+    KnockoutCell,
+    knockout_cells,
+    knockout_hooks,
+    matched_neurons,
+    mean_activations,
+    random_neurons,
+    score_matched_neurons,
+)
 from idiom_lens.analyses.interventions.knockouts.controls import _ProbeNeurons
 from idiom_lens.analyses.interventions.knockouts.scores import _clean_state
 from idiom_lens.analyses.stats import wilson_interval
+from idiom_lens.datasets import load_probes
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
@@ -34,6 +46,7 @@ from idiom_lens.models.vocab import MASK_RULE, valid_mask
 from .test_against_full_forward import (
     assert_row_matches,
     clean_post_norm,
+    contributions_by_hand,
     full_forward,
     masked,
     prediction,
@@ -56,15 +69,24 @@ def with_targets(result):
     return result.to_dataframe().merge(result.probes[["probe_id", "target_id"]], on="probe_id")
 
 
-def test_defaults_are_the_authors_positions_and_the_matched_controls(tiny_model, probes):
+def test_defaults_are_the_authors_positions_the_frozen_norm_and_the_matched_controls(tiny_model, probes):
+    """Defaults: every position (the authors'), our effective ranking, the post-MLP norm frozen (the
+    primary result; it was live before), zero ablation, the random, norm-matched and whole-MLP controls."""
     result = knockout_grid(tiny_model, probes[:2],
                            KnockoutOptions(grid=KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",))))
     s = result.settings
-    assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "live"
+    assert s["positions"] == "all" and s["rank_by"] == "effective" and s["norm"] == "frozen"
+    assert s["ablation"] == "zero" and s["mean_reference"] is None
     assert s["controls"] == ["random", "matched", "whole_mlp"]
     assert s["n_masked_tokens"] == 3 and s["masked_tokens"] == MASK_RULE  # <pad> <bos> <eos>
     assert set(result.rows["control"]) == {"targeted", "random", "matched", "whole_mlp"}
-    assert {"positions", "rank_by", "norm", "zeroed_share", "score_ratio", "n_zeroed"} <= set(result.rows.columns)
+    assert {"positions", "rank_by", "norm", "ablation", "zeroed_share", "score_ratio", "n_zeroed", "removed_norm",
+            "out_cosine", "out_norm_ratio", "matched_norm_ratio"} <= set(result.rows.columns)
+    assert "authors'" in s["rank_by_note"] or "ours" in s["rank_by_note"]
+    magnitude = knockout_grid(tiny_model, probes[:1], KnockoutOptions(
+        grid=KnockoutGrid(ks=(1,), windows=(1,), modes=("zero_top",)), rank_by="magnitude", controls=()))
+    assert "the authors'" in magnitude.settings["rank_by_note"] and "ours" in s["rank_by_note"]
+    assert set(magnitude.rows["rank_by"]) == {"magnitude"}
 
 
 def test_empty_knockout_and_keep_all_change_nothing(tiny_model, probes):
@@ -168,18 +190,18 @@ def test_batched_equals_unbatched_equals_full_forward(tiny_model, probes, batch_
             assert_row_matches(row, expected, clean_pred, tiny_model)
 
 
-def test_matched_neurons_by_hand():
-    """The matched set lies outside the top-k, depends only on (seed, probe, layer, k), is the
+def test_score_matched_neurons_by_hand():
+    """The score-matched set lies outside the top-k, depends only on (seed, probe, layer, k), is the
     shortest draw that reaches the top-k's summed score (or one neuron less, when closer), so it
     lands within one neuron's score of it; when everything else sums to less, it is everything else."""
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(200, generator=gen) ** 4  # heavy-tailed, like activations
     top = scores.argsort(descending=True)[:10]
-    chosen = matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0)
+    chosen = score_matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0)
     assert not set(chosen.tolist()) & set(top.tolist())
-    assert torch.equal(chosen, matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0))
-    assert not torch.equal(chosen, matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=1))
-    assert not torch.equal(chosen, matched_neurons(scores, top, probe_id="q", layer=3, k=10, seed=0))
+    assert torch.equal(chosen, score_matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=0))
+    assert not torch.equal(chosen, score_matched_neurons(scores, top, probe_id="p", layer=3, k=10, seed=1))
+    assert not torch.equal(chosen, score_matched_neurons(scores, top, probe_id="q", layer=3, k=10, seed=0))
     goal, got = float(scores[top].sum()), float(scores[chosen].sum())
     outside = torch.ones(200, dtype=torch.bool)
     outside[top] = False
@@ -188,21 +210,97 @@ def test_matched_neurons_by_hand():
     assert len(chosen) > 10  # the top-10 are the largest: it takes more neurons to match them
     # unreachable: the top carries more than everything else
     big = torch.cat([torch.full((5,), 100.0), torch.ones(20)])
-    everything_else = matched_neurons(big, torch.arange(5), probe_id="p", layer=0, k=5, seed=0)
+    everything_else = score_matched_neurons(big, torch.arange(5), probe_id="p", layer=0, k=5, seed=0)
     assert sorted(everything_else.tolist()) == list(range(5, 25))
 
 
+def cancelling_layer(n_small: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy layer's contributions [d_mlp, d_model] (what knocking each neuron out removes) and its
+    top set: neurons 0 and 1 both remove e0 (together 2 e0: norm 2, summed score 2); neurons 2 and
+    3 remove (1, 1.5) and (1, -1.5) (norm 1.803 each; together (2, 0): norm 2); neurons 4.. remove
+    0.25 e_i, each along its own axis (any m of them: norm 0.25 sqrt(m))."""
+    d_model = 2 + n_small
+    contributions = torch.zeros(4 + n_small, d_model)
+    contributions[0, 0] = contributions[1, 0] = 1.0
+    contributions[2, :2] = torch.tensor([1.0, 1.5])
+    contributions[3, :2] = torch.tensor([1.0, -1.5])
+    for i in range(n_small):
+        contributions[4 + i, 2 + i] = 0.25
+    return contributions, torch.tensor([0, 1])
+
+
+def test_matched_neurons_match_the_removed_norm_where_score_matching_cannot():
+    """On the toy layer, the only pair outside the top whose removed vector is within 1% of the top's
+    norm (2) is {2, 3}: their contributions cancel across e1 and add to exactly 2 e0. The
+    score-matched set never holds both (the prefix that first reaches the summed score 2 ends at the
+    first of them, or stops before it), and holds at most 4 small neurons beside one of them (5 x
+    0.25 + 1.803 = 3.05 lies farther from 2 than 1.25), so its removed norm is at most
+    sqrt(1.803^2 + 4 x 0.25^2) = 1.871 (orthogonal parts), or 0.25 sqrt(9) = 0.75 with small neurons
+    only: at least 6% short, for every seed. Both are deterministic per (seed, probe, layer)."""
+    contributions, top = cancelling_layer()
+    scores = contributions.norm(dim=-1)  # the effective score is the contribution's norm
+    target = float(contributions[top].sum(0).norm())
+    assert target == 2.0
+    for seed in range(5):
+        for probe_id in ("p", "q"):
+            matched = matched_neurons(contributions, top, probe_id=probe_id, layer=0, k=2, seed=seed)
+            assert sorted(matched.tolist()) == [2, 3]
+            matched_norm = float(contributions[matched].sum(0).norm())
+            assert abs(matched_norm / target - 1) <= MATCH_TOLERANCE
+            by_score = score_matched_neurons(scores, top, probe_id=probe_id, layer=0, k=2, seed=seed)
+            score_norm = float(contributions[by_score].sum(0).norm())
+            assert not {2, 3} <= set(by_score.tolist())
+            assert score_norm <= math.sqrt(float(scores[2]) ** 2 + 4 * 0.25**2) + 1e-6  # 1.871
+            assert abs(score_norm - target) > abs(matched_norm - target)
+            assert torch.equal(matched, matched_neurons(contributions, top, probe_id=probe_id, layer=0, k=2,
+                                                        seed=seed))
+    # the same size as the top and outside it; what is left when fewer than k neurons are
+    assert matched_neurons(contributions, torch.arange(33), probe_id="p", layer=0, k=33, seed=0).tolist() == [33]
+    assert len(matched_neurons(contributions, torch.arange(0), probe_id="p", layer=0, k=0, seed=0)) == 0
+
+
+def test_matched_neurons_reach_a_reachable_norm_and_say_when_they_cannot():
+    """Random toy contributions in 16 dimensions, a top of 10 aligned vectors removing `scale` x
+    what the first 10 outside neurons remove together: from 0.3 x (a random set is too long) to
+    3 x (it takes exchanges towards aligned neurons), a set of 10 from outside the top lands within
+    the tolerance. At 6 x no set of 10 gets there (the largest removed norm this search finds is
+    about 3.6 x; the 10 largest contributions' norms sum to 6.8 x): the set falls short, and is
+    still closer than any of the random candidates it started from."""
+    gen = torch.Generator().manual_seed(0)
+    outside = torch.randn(300, 16, generator=gen) * (torch.rand(300, 1, generator=gen) + 0.5)
+    typical = float(outside[:10].sum(0).norm())
+
+    def layer_for(scale: float) -> torch.Tensor:
+        top_vectors = torch.zeros(10, 16)
+        top_vectors[:, 0] = scale * typical / 10  # aligned: their removed norm is scale x typical
+        return torch.cat([top_vectors, outside])
+
+    for scale in (0.3, 1.0, 2.0, 3.0):
+        layer = layer_for(scale)
+        chosen = matched_neurons(layer, torch.arange(10), probe_id="p", layer=0, k=10, seed=0)
+        assert len(chosen) == 10 and int(chosen.min()) >= 10 and len(set(chosen.tolist())) == 10
+        assert abs(float(layer[chosen].sum(0).norm()) / (scale * typical) - 1) <= MATCH_TOLERANCE, scale
+    layer = layer_for(6.0)
+    short = float(layer[matched_neurons(layer, torch.arange(10), probe_id="p", layer=0, k=10, seed=0)].sum(0).norm())
+    assert short / (6.0 * typical) < 1 - MATCH_TOLERANCE
+    random_sets = [outside[torch.randperm(300, generator=gen)[:10]].sum(0).norm() for _ in range(256)]
+    assert short > float(max(random_sets))
+
+
 def test_matched_rows_report_how_close_the_match_is(tiny_model, probes):
+    """score_ratio (summed score / the top-k's) and matched_norm_ratio (removed norm / the top-k's),
+    over the window; the targeted rows are 1 by definition, the whole-MLP ceiling has no ratio."""
     result = knockout_grid(tiny_model, probes[:4],
-                           KnockoutOptions(grid=KnockoutGrid(ks=(1, 5, 32), windows=(1,), modes=("zero_top",))))
+                           KnockoutOptions(grid=KnockoutGrid(ks=(1, 5, 32), windows=(1,), modes=("zero_top",)),
+                                           controls=CONTROLS))
     rows = result.rows
     targ = rows[rows["control"] == "targeted"]
-    assert np.allclose(targ["score_ratio"], 1.0)  # a sum over itself: 1 up to float64 rounding
-    matched = rows[rows["control"] == "matched"]
+    assert np.allclose(targ["score_ratio"], 1.0) and np.allclose(targ["matched_norm_ratio"], 1.0)  # float64 x / x
+    matched = rows[rows["control"] == "matched_score"]
     # reachable (the top carries less than the rest): the closest prefix lands within one neuron's score
     small = matched[matched["k"] == 1]
     assert (small["score_ratio"].between(0.5, 1.5)).all()
-    # the matched set zeroes as much of the window's score as the targeted set, where reachable
+    # the score-matched set zeroes as much of the window's score as the targeted set, where reachable
     merged = matched.merge(targ, on=["probe_id", "k", "start"], suffixes=("_m", "_t"))
     reachable = merged[merged["score_ratio_m"].between(0.9, 1.1)]
     assert len(reachable) > 0
@@ -212,6 +310,15 @@ def test_matched_rows_report_how_close_the_match_is(tiny_model, probes):
     rand = rows[(rows["control"] == "random") & (rows["k"] == 5)]
     assert rand["score_ratio"].mean() < 1.0
     assert (rows.loc[rows["control"] == "whole_mlp", "zeroed_share"] == 1.0).all()
+    assert rows.loc[rows["control"] == "whole_mlp", "matched_norm_ratio"].isna().all()  # no counterpart
+    # the norm-matched set (k neurons from outside the top-k) removes more than k random neurons, but on
+    # this 64-neuron model rarely all of what the top-k remove: the rows say how much (k = 32 of 64:
+    # exactly k neurons lie outside the top, so the matched set is all of them)
+    below = rows[(rows["k"] < 32) & rows["control"].isin(["matched", "random"])]
+    mean_ratio = below.groupby("control")["matched_norm_ratio"].mean()
+    assert mean_ratio["random"] < mean_ratio["matched"] <= 1 + MATCH_TOLERANCE
+    norm_matched = rows[rows["control"] == "matched"]
+    assert (norm_matched["n_zeroed"] == norm_matched["k"]).all()  # same size as the top-k
 
 
 def test_effective_contribution_by_hand(tiny_gemma_post, probes):
@@ -268,6 +375,122 @@ def test_frozen_norm_knockout_by_hand(tiny_gemma_post, probes):
         assert_row_matches(row, expected, clean_pred, model)
 
 
+@pytest.mark.parametrize("norm", ["frozen", "live"])
+def test_output_diagnostics_frozen_and_live_by_hand(tiny_gemma_post, probes, norm):
+    """Gemma's post-MLP RMSNorm written out, y = m x (1 + w) / s, s = sqrt(mean(m^2) + eps), at the
+    last position of a window of one layer (its input there is clean). Knocking out the set S takes
+    r = sum_S a_i W_out[i] from m. Frozen: y' = (m - r) x (1 + w) / s_clean, so y - y' is exactly
+    the neurons' contributions r x (1 + w) / s_clean; live: y' = (m - r) x (1 + w) / s(m - r), the
+    same direction rescaled by s_clean / s(m - r). n_zeroed, removed_norm = ||y - y'||, out_cosine,
+    out_norm_ratio and matched_norm_ratio (||what S removes|| / ||what the top-k remove||, through
+    s_clean) by hand for the targeted, random and matched sets."""
+    model = tiny_gemma_post
+    grid = KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",))
+    result = knockout_grid(model, probes[:2], KnockoutOptions(grid=grid, controls=("random", "matched"), norm=norm,
+                                                              seed=2))
+    rows = result.rows
+    assert (rows["n_zeroed"] == 5).all() and (rows["norm"] == norm).all()
+    checked = 0
+    for probe, t in zip(probes[:2], tokenize_probes(model, probes[:2])):
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
+        ref = reference_state(model, t.prompt_ids)
+        for layer, block in enumerate(model.bridge.blocks):
+            m = cache[f"blocks.{layer}.ln2_post.hook_in"][0, -1].float()
+            clean = cache[f"blocks.{layer}.ln2_post.hook_out"][0, -1].float()
+            gain, s = ref["post"][layer]
+            eps = block.ln2_post.original_component.eps
+            w_out = block.mlp.out.original_component.weight.detach().float().T  # [d_mlp, d_model]
+            a = ref["acts"][layer]
+            contributions = contributions_by_hand(model, ref["acts"], ref["post"], layer)
+            top = ref["scores"]["effective"][layer].argsort(descending=True, stable=True)[:5]
+            sets = {"targeted": top,
+                    "random": random_neurons(probe_id=probe.id, layer=layer, k=5, d_mlp=64, seed=2),
+                    "matched": matched_neurons(contributions, top, probe_id=probe.id, layer=layer, k=5, seed=2)}
+            for control, chosen in sets.items():
+                row = rows[(rows["probe_id"] == probe.id) & (rows["start"] == layer)
+                           & (rows["control"] == control)].iloc[0]
+                r = a[chosen] @ w_out[chosen]
+                frozen_out = (m - r) * gain / s[-1]
+                rescale = s[-1] / ((m - r).pow(2).mean() + eps).sqrt()
+                knocked = frozen_out if norm == "frozen" else frozen_out * rescale
+                atol = logit_atol(model, clean, n_layers=layer + 1)  # another forward through layer + 1 blocks
+                assert row.removed_norm == pytest.approx(float((clean - knocked).norm()), abs=atol)
+                assert row.out_norm_ratio == pytest.approx(float(knocked.norm() / clean.norm()),
+                                                           abs=atol / float(clean.norm()))
+                cosine = float(knocked @ clean / (knocked.norm() * clean.norm()))
+                assert row.out_cosine == pytest.approx(cosine, abs=atol / float(clean.norm()))
+                removed = contributions[chosen].sum(0)  # (a_S W_out[S]) x (1 + w) / s_clean
+                assert row.matched_norm_ratio == pytest.approx(
+                    float(removed.norm() / contributions[top].sum(0).norm()), abs=atol / float(removed.norm()))
+                if norm == "frozen":  # exactly the neurons' contributions
+                    assert row.removed_norm == pytest.approx(float(removed.norm()), abs=atol)
+                checked += 1
+    assert checked == 2 * 3 * 3
+    if norm == "live":  # the norm scales the remainder back up: nothing of the kind under frozen
+        targeted = rows[rows["control"] == "targeted"]
+        assert (targeted["out_norm_ratio"] > 0.8).mean() > 0.5
+
+
+def test_live_and_frozen_differ_in_scale_only(tiny_gemma_post, probes):
+    """Windows of one layer: the knocked output's direction is the same (an RMSNorm multiplies each
+    position by one number), its norm is not; the clean output is the same."""
+    kw = dict(grid=KnockoutGrid(ks=(5,), windows=(1,), modes=("zero_top",)), controls=("random",))
+    frozen = knockout_grid(tiny_gemma_post, probes[:3], KnockoutOptions(norm="frozen", **kw)).rows
+    live = knockout_grid(tiny_gemma_post, probes[:3], KnockoutOptions(norm="live", **kw)).rows
+    scale = 1e-4  # fp32 cosines of two forwards of a 3-layer model, values of order 1
+    assert np.allclose(frozen["out_cosine"], live["out_cosine"], atol=scale)
+    assert np.abs(frozen["out_norm_ratio"] - live["out_norm_ratio"]).max() > 0.05
+    assert (frozen["out_norm_ratio"] < live["out_norm_ratio"]).mean() > 0.5  # frozen removes; live scales back
+
+
+def test_mean_activations_by_hand(tiny_model, probes):
+    """The mean of `mlp.hook_post` over every position but BOS of each prompt, from one plain
+    forward per prompt; the default reference is the bundled ordinary text, computed once."""
+    means = mean_activations(tiny_model, probes[:5], batch_size=2)
+    toks = tokenize_probes(tiny_model, probes[:5])
+    total, count = torch.zeros(tiny_model.n_layers, 64, dtype=torch.float64), 0
+    for t in toks:
+        assert t.prompt_ids[0] == tiny_model.tokenizer.bos_token_id
+        with torch.no_grad():
+            _, cache = tiny_model.bridge.run_with_cache(torch.tensor([t.prompt_ids]))
+        for layer in range(tiny_model.n_layers):
+            total[layer] += cache[f"blocks.{layer}.mlp.hook_post"][0, 1:].double().sum(0)
+        count += len(t.prompt_ids) - 1
+    assert means.n_positions == count and means.n_prompts == 5 and means.reference == "custom"
+    by_hand = (total / count).float()
+    torch.testing.assert_close(means.means, by_hand, atol=logit_atol(tiny_model, by_hand), rtol=0)
+    assert len(means.to_dataframe()) == tiny_model.n_layers * 64
+    text = mean_activations(tiny_model)
+    assert text.reference == "text" and text.n_prompts == len(load_probes("text"))
+    assert mean_activations(tiny_model) is text  # once per model
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_mean_ablation_is_a_hook_setting_the_means(tiny_gemma_post, probes, positions):
+    """ablation="mean": every row equals one full forward whose hook sets the knocked-out
+    activations to their reference means (written out by hand), the post-MLP norm frozen by hand;
+    rows differ from zero ablation; the settings name the reference."""
+    model = tiny_gemma_post
+    grid = KnockoutGrid(ks=(5,), windows=(1, 2), modes=("zero_top", "keep_top"), keep_top_ks=None,
+                        keep_top_windows=None)
+    options = KnockoutOptions(grid=grid, controls=CONTROLS, positions=positions, ablation="mean", seed=1)
+    result = knockout_grid(model, probes[:2], options)
+    means = mean_activations(model).means
+    assert result.settings["ablation"] == "mean" and result.settings["mean_reference"]["reference"] == "text"
+    assert (result.rows["ablation"] == "mean").all()
+    frame = with_targets(result)
+    for probe, t in zip(probes[:2], tokenize_probes(model, probes[:2])):
+        clean_pred = prediction(model, full_forward(model, t.prompt_ids))
+        ref = reference_state(model, t.prompt_ids)
+        for row in frame[frame["probe_id"] == probe.id].itertuples():
+            expected = reference_knockout_logits(model, t.prompt_ids, row, positions=positions, seed=1, ref=ref,
+                                                 means=means)
+            assert_row_matches(row, expected, clean_pred, model)
+    zero = knockout_grid(model, probes[:2], dataclasses.replace(options, ablation="zero")).rows
+    assert (zero["prob_of_clean_pred"].to_numpy() != result.rows["prob_of_clean_pred"].to_numpy()).any()
+
+
 def test_value_vector_ranks_by_hand(tiny_gemma_post, probes):
     """The prediction's rank in W_out[neuron] @ W_U over real tokens (0 = top), for the top-k
     neurons of every layer; top-1, min, mean and max as the authors report them."""
@@ -321,8 +544,23 @@ def test_grid_shape_summary_intervals_and_groups(tiny_model, probes, tmp_path):
     table = result.layer_table(k=5, window=1)
     assert set(table["control"]) == {"targeted", "random", "matched", "whole_mlp"}
     assert {"group", "layer", "n", "changed", "changed_low", "changed_high"} <= set(table.columns)
+    # the layer table's diagnostics are the means of the rows of that set, control and layer
+    frame = result.to_dataframe()
+    for row in table.itertuples():
+        rows = frame[(frame["group"] == row.group) & (frame["control"] == row.control) & (frame["start"] == row.layer)
+                     & (frame["window"] == 1) & ((frame["k"] == 5) | (frame["control"] == "whole_mlp"))]
+        assert len(rows) == row.n
+        for name in ("n_zeroed", "removed_norm", "out_norm_ratio", "matched_norm_ratio"):
+            assert getattr(row, name) == pytest.approx(rows[name].mean(), nan_ok=True)  # float64 means
     paths = result.save(tmp_path)
     assert all((tmp_path / p).exists() for p in paths)
+    # a result saved before the ablation option and the diagnostics: zero ablation, NaN diagnostics
+    old = KnockoutResult(rows=result.rows.drop(columns=["ablation", "removed_norm", "out_cosine", "out_norm_ratio",
+                                                        "matched_norm_ratio"]),
+                         probes=result.probes, settings=result.settings)
+    old_table = old.layer_table(k=5, window=1)
+    assert set(old_table["ablation"]) == {"zero"} and old_table["removed_norm"].isna().all()
+    assert np.array_equal(old_table["changed"], table["changed"])
 
 
 def test_wilson_interval_by_hand():
@@ -372,6 +610,11 @@ def test_options_are_validated_on_creation():
             KnockoutGrid(**bad)
     assert KnockoutGrid(ks=[1, 2], windows=[1]).ks == (1, 2)  # lists become tuples: hashable, keyable
     assert KnockoutOptions(controls=["random"]).controls == ("random",)
+    assert KnockoutOptions(controls=["matched_score"]).controls == ("matched_score",)
+    with pytest.raises(InputError, match="ablation must be 'zero' or 'mean', got 'median'"):
+        KnockoutOptions(ablation="median")
+    with pytest.raises(InputError, match="norm must be 'frozen' or 'live'"):
+        KnockoutOptions(norm="fixed")
     assert KnockoutGrid.PAPER.modes == ("zero_top", "keep_top") and KnockoutGrid.STUDY.keep_top_ks is None
 
 
@@ -410,13 +653,15 @@ MEMORIZED = [
 
 @pytest.mark.embedded
 def test_early_top_neurons_matter_more_than_random(embedded_model):
-    """Authors' positions (every position): zeroing the top-100 neurons of 3 early layers changes
-    memorized predictions much more than 100 random neurons; the matched control zeroes more of
-    the score than the random one (the rows say how much)."""
+    """Authors' positions (every position), the post-MLP norm frozen: zeroing the top-100 neurons of
+    3 early layers changes memorized predictions much more than 100 random neurons; the norm-matched
+    control zeroes more of the score than the random one and removes a vector much closer in norm
+    to the top-100's than the score-matched control (whose contributions cancel), as the rows say."""
     probes = [Probe(id=f"m{i}", prompt=t.rsplit(" ", 1)[0], target=t.rsplit(" ", 1)[1], kind="idiom")
               for i, t in enumerate(MEMORIZED)]
     grid = KnockoutGrid(ks=(100,), windows=(3,), modes=("zero_top",))
-    result = knockout_grid(embedded_model, probes, KnockoutOptions(grid=grid, controls=("random", "matched"), seed=0))
+    result = knockout_grid(embedded_model, probes, KnockoutOptions(
+        grid=grid, controls=("random", "matched", "matched_score"), seed=0))
     frame = result.to_dataframe()
     frame = frame[(frame["group"] == "memorized idioms") & (frame["start"] <= 2)]  # layers 0..4
     assert frame["probe_id"].nunique() >= 10
@@ -426,3 +671,5 @@ def test_early_top_neurons_matter_more_than_random(embedded_model):
     assert share["targeted"] > share["random"] + 0.2, share
     assert drop["targeted"] > drop["random"] + 0.2, drop
     assert zeroed["random"] < zeroed["matched"] <= zeroed["targeted"] + 1e-9, zeroed
+    ratio = frame.groupby("control")["matched_norm_ratio"].median()
+    assert ratio["random"] < ratio["matched_score"] < ratio["matched"] <= 1 + MATCH_TOLERANCE, ratio

@@ -13,14 +13,18 @@ from idiom_lens.errors import InputError
 
 RankBy = Literal["effective", "magnitude", "dla"]
 Positions = Literal["all", "last"]
-NormHandling = Literal["live", "frozen"]
+NormHandling = Literal["frozen", "live"]
+Ablation = Literal["zero", "mean"]
 
 MODES: tuple[str, ...] = ("zero_top", "keep_top")
-CONTROLS: tuple[str, ...] = ("random", "matched", "whole_mlp")  # besides "targeted"
-RANKINGS: tuple[str, ...] = ("effective", "magnitude", "dla")
+# every control a sweep accepts (besides "targeted"): "matched" matches the removed vector's norm,
+# "matched_score" the summed scalar score (the earlier definition, kept for comparison)
+CONTROLS: tuple[str, ...] = ("random", "matched", "matched_score", "whole_mlp")
+DEFAULT_CONTROLS: tuple[str, ...] = ("random", "matched", "whole_mlp")  # `KnockoutOptions`' default
+RANKINGS: tuple[str, ...] = ("effective", "magnitude", "dla")  # effective: ours; magnitude: the authors'
 POSITIONS: tuple[str, ...] = ("all", "last")
-NORMS: tuple[str, ...] = ("live", "frozen")
-
+NORMS: tuple[str, ...] = ("frozen", "live")  # frozen: the primary result; live: the secondary
+ABLATIONS: tuple[str, ...] = ("zero", "mean")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,16 +94,21 @@ KnockoutGrid.STUDY = KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",), 
 
 @dataclass(frozen=True, kw_only=True)
 class KnockoutOptions:
-    """What `knockout_grid` runs (see the module docstring for each option): the `grid`, the
-    `controls` beside each targeted configuration (() for none), the neuron ranking, the positions
-    knocked out, the post-MLP norm handling and the `seed` of the random controls. Raises
-    `InputError` for an unknown value."""
+    """What `knockout_grid` runs (see the package docstring for each option): the `grid`, the
+    `controls` beside each targeted configuration (() for none; `CONTROLS` lists them all), the
+    neuron ranking (``effective``, ours, by default; ``magnitude`` = |m| x ||v||, the authors'),
+    the positions knocked out, the post-MLP norm handling (``frozen`` by default: a knockout
+    removes exactly its neurons' contributions; ``live``: the norm rescales what remains), the
+    ablation (``zero`` the knocked neurons' activations, or set them to their ``mean`` over the
+    ordinary-text reference set) and the `seed` of the random controls. Raises `InputError` for an
+    unknown value."""
 
     grid: KnockoutGrid = KnockoutGrid.DEFAULT
-    controls: tuple[str, ...] = CONTROLS
+    controls: tuple[str, ...] = DEFAULT_CONTROLS
     rank_by: RankBy = "effective"
     positions: Positions = "all"
-    norm: NormHandling = "live"
+    norm: NormHandling = "frozen"
+    ablation: Ablation = "zero"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,7 +124,9 @@ class KnockoutOptions:
         if self.positions not in POSITIONS:
             raise InputError(f"positions must be 'all' or 'last', got {self.positions!r}")
         if self.norm not in NORMS:
-            raise InputError(f"norm must be 'live' or 'frozen', got {self.norm!r}")
+            raise InputError(f"norm must be 'frozen' or 'live', got {self.norm!r}")
+        if self.ablation not in ABLATIONS:
+            raise InputError(f"ablation must be 'zero' or 'mean', got {self.ablation!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise InputError(f"seed must be a whole number, got {self.seed!r}")
 
@@ -125,7 +136,7 @@ class KnockoutCell:
     """One intervention: which neurons (mode, control, k) in which layers (start..end)."""
 
     mode: str  # zero_top | keep_top
-    control: str  # targeted | random | matched | whole_mlp
+    control: str  # targeted | random | matched | matched_score | whole_mlp
     k: int
     start: int
     end: int  # inclusive
@@ -144,12 +155,14 @@ def knockout_cells(
     n_layers: int,
     grid: KnockoutGrid = KnockoutGrid.DEFAULT,
     *,
-    controls: Sequence[str] = CONTROLS,
+    controls: Sequence[str] = DEFAULT_CONTROLS,
     d_mlp: int | None = None,
 ) -> list[KnockoutCell]:
     """Every cell of `grid`: windows of each length at every start layer.
 
-    Each targeted cell comes with its `controls` (random for both modes, matched for zero_top),
+    Each targeted cell comes with its `controls` (random for both modes, matched and matched_score
+    for zero_top only: for keep_top, a matched set drawn outside the top-k would be the complement
+    that keep_top already zeroes),
     and ``whole_mlp`` adds one cell per window (k = `d_mlp`). Raises `InputError` for a window
     longer than the model or an unknown control.
     """
@@ -169,7 +182,8 @@ def knockout_cells(
     for mode in modes:
         mode_ks = ks if mode == "zero_top" else keep_top_ks
         mode_windows = windows if mode == "zero_top" else keep_top_windows
-        mode_controls = ["targeted"] + [c for c in controls if c == "random" or (c == "matched" and mode == "zero_top")]
+        mode_controls = ["targeted"] + [c for c in controls
+                                        if c == "random" or (c in ("matched", "matched_score") and mode == "zero_top")]
         all_windows |= {int(w) for w in mode_windows}
         for k in sorted(dict.fromkeys(int(k) for k in mode_ks)):
             for w in sorted(set(int(w) for w in mode_windows)):

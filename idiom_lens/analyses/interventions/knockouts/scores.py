@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -21,8 +22,12 @@ from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import PromptRunner, SuffixRunner, masked_prediction
+from idiom_lens.models.selfcheck import check_against_full_forward
+from idiom_lens.models.tokenization import pad_id, right_pad
 from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
+
+MEAN_REFERENCE = "text"  # the bundled ordinary-text set: the reference of a mean ablation
 
 
 def value_vector_norms(model: LoadedModel) -> Float[Tensor, "layer d_mlp"]:
@@ -66,12 +71,18 @@ def post_norm_gains(model: LoadedModel) -> Float[Tensor, "layer d_model"] | None
     return _GAINS[bridge]
 
 
-def effective_value_norms(model: LoadedModel) -> Float[Tensor, "layer d_mlp"]:
-    """||W_out row * g|| per neuron (the post-MLP norm's gain g; plain ||W_out row|| without one)."""
+def effective_value_vectors(model: LoadedModel) -> Float[Tensor, "layer d_mlp d_model"]:
+    """W_out row * g per neuron (the post-MLP norm's gain g; plain W_out rows without one): what a
+    unit of activation writes into the residual stream, before the post-norm's 1 / s."""
     gains = post_norm_gains(model)
     with torch.no_grad():
         w_out = model.bridge.W_out.float()
-        return (w_out if gains is None else w_out * gains[:, None, :]).norm(dim=-1)
+        return w_out if gains is None else w_out * gains[:, None, :]
+
+
+def effective_value_norms(model: LoadedModel) -> Float[Tensor, "layer d_mlp"]:
+    """||W_out row * g|| per neuron (the post-MLP norm's gain g; plain ||W_out row|| without one)."""
+    return effective_value_vectors(model).norm(dim=-1)
 
 
 def neuron_scores(
@@ -85,8 +96,10 @@ def neuron_scores(
 ) -> Float[Tensor, "layer d_mlp"]:
     """Importance of every neuron at one position; higher = knocked out first.
 
-    ``effective``: |activation| x ||value vector * g|| / s (s = `scale`, the post-norm's clean RMS per
-    layer at that position; 1 without a post norm). ``magnitude``: |activation| x ||W_out row||.
+    ``effective`` (ours): |activation| x ||value vector * g|| / s (s = `scale`, the post-norm's clean
+    RMS per layer at that position; 1 without a post norm), the norm of what the neuron writes into
+    the residual stream. ``magnitude`` (the authors', Haviv et al. 2023): |m| x ||v||, activation
+    times the raw value vector's norm ||W_out row||, the post-MLP norm ignored.
     ``dla``: activation x (value vector * g / s) . W_U[:, pred] (final norm ignored: approximate).
     `norms` may pass precomputed `effective_value_norms` (effective) or `value_vector_norms` (magnitude).
     """
@@ -113,13 +126,16 @@ def neuron_scores(
 @dataclass(frozen=True)
 class _CleanState:
     """One probe's clean pass: the runner to replay it, the last-position activations, the post-norm
-    scale (RMS of the MLP output) per layer at every position of a run, and the prediction."""
+    scale (RMS of the MLP output) per layer at every position of a run, each MLP layer's output as
+    written into the residual stream (`hook_mlp_out`: after the post-MLP norm where there is one)
+    at the last position, and the prediction."""
 
     runner: PromptRunner | SuffixRunner
     activations: Float[Tensor, "layer d_mlp"]
     scale: Float[Tensor, "layer pos"]  # positions of the runner's rows (1 with a prefix cache)
     pred_id: int
     pred_prob: float
+    outputs: Float[Tensor, "layer d_model"]
 
     @property
     def last_scale(self) -> Float[Tensor, " layer"]:
@@ -131,12 +147,19 @@ def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Po
     n_layers = model.n_layers
     gains = post_norm_gains(model)
     acts: dict[int, Tensor] = {}
+    outs: dict[int, Tensor] = {}
     norm_in: dict[int, Tensor] = {}
     scale: dict[int, Tensor] = {}
 
     def capture_act(layer: int) -> HookFn:
         def hook(x: Tensor, hook: Any) -> None:
             acts[layer] = x[0, -1].detach().float().clone()
+
+        return hook
+
+    def capture_output(layer: int) -> HookFn:
+        def hook(x: Tensor, hook: Any) -> None:
+            outs[layer] = x[0, -1].detach().float().clone()
 
         return hook
 
@@ -154,6 +177,7 @@ def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Po
         return hook
 
     hooks = [(f"blocks.{i}.mlp.hook_post", capture_act(i)) for i in range(n_layers)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", capture_output(i)) for i in range(n_layers)]
     if gains is not None:
         hooks += [(f"blocks.{i}.ln2_post.hook_in", capture_in(i)) for i in range(n_layers)]
         hooks += [(f"blocks.{i}.ln2_post.hook_out", capture_out(i)) for i in range(n_layers)]
@@ -169,7 +193,8 @@ def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Po
         scales = torch.ones(n_layers, runner.n_pos)
     else:
         scales = torch.stack([scale[i] for i in range(n_layers)])
-    return _CleanState(runner, activations, scales, pred, prob)
+    outputs = torch.stack([outs[i] for i in range(n_layers)])
+    return _CleanState(runner, activations, scales, pred, prob, outputs)
 
 
 @dataclass(frozen=True)
@@ -224,3 +249,82 @@ def rank_neurons(
         tuple(p.id for p in probes), rank_by, torch.stack(acts), torch.stack(scores), tuple(preds),
         settings=model.settings() | mask_summary(model) | {"rank_by": rank_by},
     )
+
+
+@dataclass(frozen=True)
+class MeanActivations:
+    """Each MLP neuron's mean activation (`mlp.hook_post`) over a reference set of prompts, every
+    position but the BOS token's: the values a mean ablation (``ablation="mean"``) sets knocked-out
+    neurons to, so that a knockout removes what the neurons carry beyond their usual level."""
+
+    means: Float[Tensor, "layer d_mlp"]
+    reference: str  # "text" (`load_probes("text")`) or "custom"
+    n_prompts: int
+    n_positions: int
+
+    def describe(self) -> dict[str, Any]:
+        """The reference as plain values (settings)."""
+        return {"reference": self.reference, "n_prompts": self.n_prompts, "n_positions": self.n_positions,
+                "positions": "every position but BOS", "site": "mlp.hook_post"}
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per layer and neuron: the mean activation."""
+        n_layers, d_mlp = self.means.shape
+        return pd.DataFrame({"layer": np.repeat(np.arange(n_layers), d_mlp), "neuron": np.tile(np.arange(d_mlp),
+                             n_layers), "mean": self.means.double().flatten().numpy()})
+
+
+_MEANS: weakref.WeakKeyDictionary[object, MeanActivations] = weakref.WeakKeyDictionary()
+
+
+def mean_activations(
+    model: LoadedModel, probes: Sequence[Probe] | None = None, *, batch_size: int = 32,
+) -> MeanActivations:
+    """Mean `mlp.hook_post` of every layer over the prompts of `probes` (None: the bundled ordinary
+    text, `load_probes("text")`), every position but the first when it is the BOS token.
+
+    Prompts run right-padded in batches of `batch_size` (causal attention: padding never reaches
+    a real position); the first batch's shortest and longest rows are checked against a plain full
+    forward (`FastPathError`). The default reference is computed once per model and kept in memory
+    while the model lives (a mean ablation in several calls or parts reuses it)."""
+    from idiom_lens.datasets import load_probes
+
+    bridge = model.bridge
+    if probes is None and bridge in _MEANS:
+        return _MEANS[bridge]
+    reference = MEAN_REFERENCE if probes is None else "custom"
+    probes = check_probes(load_probes(MEAN_REFERENCE) if probes is None else probes)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    bos = model.tokenizer.bos_token_id
+    prompts = sorted((t.prompt_ids for t in tokenize_probes(model, probes)), key=len)
+    n_layers, d_mlp = model.n_layers, int(bridge.cfg.d_mlp)
+    sums = torch.zeros(n_layers, d_mlp, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        tokens, last = right_pad(batch, pad_id=pad_id(model.tokenizer))
+        keep = torch.arange(tokens.shape[1])[None, :] <= last[:, None]  # real positions
+        if bos is not None:
+            keep[:, 0] &= tokens[:, 0] != bos  # not the BOS token
+        count += int(keep.sum())
+
+        def add(layer: int, keep: Tensor = keep) -> HookFn:
+            def hook(x: Tensor, hook: Any) -> None:
+                sums[layer] += x.detach().double().cpu()[keep].sum(0)
+
+            return hook
+
+        hooks = [(f"blocks.{i}.mlp.hook_post", add(i)) for i in range(n_layers)]
+        with torch.no_grad():
+            logits = bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+        if start == 0:
+            for row in sorted({0, len(batch) - 1}):
+                check_against_full_forward(model, batch[row], logits[row, last[row]],
+                                           what="mean activations (batched, padded)", probe=f"#{row}")
+    if count == 0:
+        raise InputError("the reference prompts have no position besides BOS")
+    result = MeanActivations((sums / count).float(), reference, len(prompts), count)
+    if reference == MEAN_REFERENCE:
+        _MEANS[bridge] = result
+    return result
