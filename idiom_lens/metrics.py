@@ -64,11 +64,12 @@ INTERVENTION_METRICS: dict[str, Metric] = _metrics(
 )
 
 # Per layer (or cell) and set: tracing summaries (`aie`), attention-knockout summaries
-# (`rel_change`), patching rows (`restored`), held-out KL of the lenses (`kl`), direct logit
+# (`rel_change`, `logp_change`), patching rows (`restored`), held-out KL of the lenses (`kl`), direct logit
 # attribution per measure (`logit`, `logit_diff`, and the `share` of the final value).
 EFFECT_METRICS: dict[str, Metric] = _metrics(
     Metric("aie", "average indirect effect", limits=(-1, 1), short="AIE"),  # on the clean prediction's probability
     Metric("rel_change", "relative change of p(clean prediction)", limits=(-1, None)),
+    Metric("logp_change", "change of log p(clean prediction)", "nats"),
     Metric("restored", "restored share of the target logit", short="restored"),
     Metric("kl", "KL(output || lens) on held-out text", "nats", (0, None), lower_is_better=True),
     Metric("logit", "contribution to the predicted token's logit"),

@@ -2,14 +2,19 @@
 
 `idiom-lens attn-knockout --dataset idioms --sample 20 --out DIR` writes the result
 (attention_knockout*.parquet and its descriptor), the summary per set, source and layer as
-attention_knockout_summary.csv (and .parquet) and the figure attention_knockout.html/.png;
+attention_knockout_summary.csv (and .parquet), the same over confidence-matched memorized and
+non-memorized idioms as attention_knockout_matched.csv, and the figure attention_knockout.html/.png;
 `idiom-lens attn-knockout "once in a blue moon"` knocks out one sequence (its last word is the
 target) and prints the effect per layer.
+
+The effect is the change of the clean prediction's log probability (natural log; -0.69 halves
+it), mean and median over probes; the relative change (p - p0) / p0 is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from idiom_lens.cli.common import (
@@ -36,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention knockout: cut the last position's attention to the context (or last word, BOS) layer by layer",
         description="Block the attention from the last prompt position to chosen source positions (the pre-softmax "
         "scores of those edges set to -inf, so the other weights renormalize) in a window of consecutive layers "
-        "centred on each layer, and report the relative change of the probability of the model's clean prediction, "
-        "per set (memorized idioms, non-memorized idioms, ...) with 95% bootstrap intervals over probes "
-        "(after Geva et al. 2023). Predictions range over real vocabulary tokens.",
+        "centred on each layer, and report the change of the log probability of the model's clean prediction "
+        "(mean and median; the relative change beside it) and the share of changed predictions, per set "
+        "(memorized idioms, non-memorized idioms, ...) with 95% intervals over probes (after Geva et al. 2023). "
+        "Predictions range over real vocabulary tokens.",
     )
     p.add_argument("text", nargs="?", default=None, help="one sequence to knock out; its last word is the target")
     add_probe_options(p, required=False)
@@ -69,8 +75,22 @@ def attention_knockout_options(args: argparse.Namespace) -> Any:
                          {"window": "--windows", "sources": "--sources"})
 
 
+def print_strongest(summary: Any) -> None:
+    """One line per set and source: the window with the largest mean drop of log p(clean
+    prediction), with its interval, the median, the share changed and the relative change."""
+    for (group, source), part in summary.groupby(["group", "source"], sort=False):
+        if part["n"].max() == 0:
+            continue
+        worst = part.loc[part["logp_change"].idxmin()]
+        print(f"{group} (n={int(part['n'].max())}), {source}: strongest drop at layers "
+              f"{int(worst['window_first'])}-{int(worst['window_last'])}: log p {worst['logp_change']:+.2f} "
+              f"[{worst['logp_change_low']:+.2f}, {worst['logp_change_high']:+.2f}], median "
+              f"{worst['logp_change_median']:+.2f}; changed {worst['changed']:.0%} [{worst['changed_low']:.0%}, "
+              f"{worst['changed_high']:.0%}]; relative change {worst['rel_change']:+.1%}")
+
+
 def _run(args: argparse.Namespace) -> int:
-    from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
+    from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout, confidence_matched
 
     options = attention_knockout_options(args)  # InputError before the model loads
     probes = text_or_dataset_probes(args)
@@ -84,14 +104,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         result = attention_knockout(model, probes, options, batch_size=args.batch_size)
     if args.text is None:
-        summary = result.summary()
-        for (group, source), part in summary.groupby(["group", "source"], sort=False):
-            if part["n"].max() == 0:
-                continue
-            worst = part.loc[part["rel_change"].idxmin()]
-            print(f"{group} (n={int(part['n'].max())}), {source}: strongest drop {worst['rel_change']:+.1%} "
-                  f"[{worst['rel_change_low']:+.1%}, {worst['rel_change_high']:+.1%}] at layers "
-                  f"{int(worst['window_first'])}-{int(worst['window_last'])}")
+        print_strongest(result.summary())
+        matched = confidence_matched(result)
+        if matched.n_group and matched.n_candidates:
+            print(f"confidence-matched ({matched.group} with {matched.versus} whose clean prediction is as probable "
+                  f"within a factor of {math.exp(matched.caliper):g}): {matched.n_pairs} pairs of "
+                  f"{matched.n_group} {matched.group}")
+            print_strongest(matched.summary)
         print(f"{len(probes)} probes in {result.settings['seconds']:.1f} s; results in {args.out}")
         return 0
     tok = model.tokenizer
@@ -109,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         for row in part.itertuples():
             new = "" if not row.changed else f", now predicts {tok.decode([int(row.new_pred_id)])!r}"
             print(f"    layer {row.layer:2d} (layers {row.window_first}-{row.window_last}): p={row.prob:.3f} "
-                  f"({row.rel_change:+.1%}){new}")
+                  f"(log p {row.logp_change:+.2f}, relative {row.rel_change:+.1%}){new}")
     if args.out is not None:
         print(f"results in {args.out}")
     return 0

@@ -40,11 +40,20 @@ def test_dataset_mode_writes_result_summary_and_figure(commands, tiny_model_dir,
             "clean_pred_id", "clean_prob", "prob", "rel_change", "changed"} <= set(frame.columns)
     summary = pd.read_csv(out / "attention_knockout_summary.csv")
     assert {"group", "source", "layer", "n", "rel_change", "rel_change_low", "rel_change_high"} <= set(summary.columns)
+    assert {"logp_change", "logp_change_low", "logp_change_median", "changed_low", "changed_high"} \
+        <= set(summary.columns)
+    assert "logp_change" in frame.columns
+    matched = pd.read_csv(out / "attention_knockout_matched.csv")
+    assert {"group", "n_pairs", "logp_change"} <= set(matched.columns)
+    pairs = pd.read_csv(out / "attention_knockout_matched_pairs.csv")
+    assert list(pairs.columns) == ["probe_id", "matched_id", "clean_prob", "matched_clean_prob", "log_ratio"]
+    assert json.loads((out / "summary.json").read_text())["matching"]["n_pairs"] == len(pairs)
     assert (out / "attention_knockout_summary.parquet").exists()
     assert (out / "attention_knockout.html").exists() and (out / "attention_knockout.fig.json").exists()
     figure = json.loads((out / "attention_knockout.fig.json").read_text())
     assert len(figure["data"]) >= 2  # a band and a line per set and source
-    assert "6 probes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 probes" in printed and "strongest drop at layers" in printed and "log p " in printed
 
 
 def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, capsys):
@@ -53,7 +62,7 @@ def test_text_mode_prints_per_layer_effect(commands, tiny_model_dir, tmp_path, c
     assert code == 0
     printed = capsys.readouterr().out
     assert "context (3 positions blocked)" in printed and "last_word (" in printed
-    assert printed.count("layer ") >= 6 and "p=" in printed
+    assert printed.count("layer ") >= 6 and "p=" in printed and "log p " in printed and "relative " in printed
     out = tmp_path / "one"
     assert main(["attn-knockout", "break ice", "--model", str(tiny_model_dir), "--sources", "context", "last_word",
                  "--no-png", "--out", str(out)]) == 0

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+from idiom_lens.analyses.interventions.attention_knockouts import MATCHING_RULE, AttentionKnockoutOptions
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.io import write_json, write_text
 from idiom_lens.models.loading import LoadedModel
@@ -28,9 +28,15 @@ def run_attention_knockout(
     executor: Executor | None = None,
 ) -> Any:
     """Attention knockout of `probes` (`options`: the last position cut from each source in windows
-    of `options.window` layers); result, summary CSV, figure and summary.json under `out`. On
-    `executor`'s workers when given: the same files."""
-    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutResult, attention_knockout
+    of `options.window` layers); result, summary CSV, the summary over confidence-matched memorized
+    and non-memorized idioms (attention_knockout_matched.csv, its pairs in
+    attention_knockout_matched_pairs.csv), figure and summary.json under `out`. On `executor`'s
+    workers when given: the same files."""
+    from idiom_lens.analyses.interventions.attention_knockouts import (
+        AttentionKnockoutResult,
+        attention_knockout,
+        confidence_matched,
+    )
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.attention_knockout import attention_knockout_curves
 
@@ -40,6 +46,11 @@ def run_attention_knockout(
                     join=AttentionKnockoutResult.join_parts, load=AttentionKnockoutResult.load)
     result.save(out)
     write_text(out / "attention_knockout_summary.csv", result.summary().to_csv(index=False))
+    matched = confidence_matched(result)
+    write_text(out / "attention_knockout_matched.csv", matched.to_dataframe().to_csv(index=False))
+    write_text(out / "attention_knockout_matched_pairs.csv", matched.pairs.to_csv(index=False))
     save_figure(attention_knockout_curves(result), out / "attention_knockout", png=png, width=1300, height=520)
-    write_json(out / "summary.json", {"settings": result.settings})
+    write_json(out / "summary.json", {"settings": result.settings, "matching": {
+        "group": matched.group, "versus": matched.versus, "caliper": matched.caliper, "n_group": matched.n_group,
+        "n_candidates": matched.n_candidates, "n_pairs": matched.n_pairs, "rule": MATCHING_RULE}})
     return result

@@ -122,13 +122,15 @@ def test_matches_hf_reference(case, probes):
         positions = source_positions(model.tokenizer, by_id[probe_id], toks)
         for row in part.itertuples():
             if not positions[row.source]:
-                assert np.isnan(row.prob) and np.isnan(row.rel_change) and row.reason
+                assert np.isnan(row.prob) and np.isnan(row.rel_change) and np.isnan(row.logp_change) and row.reason
                 continue
             logits = hf_blocked_logits(hf_model, toks.prompt_ids, range(row.window_first, row.window_last + 1),
                                        positions[row.source])
             probs = masked_probs(model, logits)
             assert row.prob == pytest.approx(float(probs[pred]), abs=prob_atol(model, logits)), (
                 probe_id, row.source, row.layer)
+            logp_change = float(probs[pred].log() - clean_probs[pred].log())  # natural log, by hand
+            assert row.logp_change == pytest.approx(logp_change, abs=prob_atol(model, logits) + prob_atol(model, clean))
             top = int(probs.argmax())
             near_tie = float(logits[top] - logits[pred]) <= logit_atol(model, logits)  # either answer is right
             assert row.changed == (top != pred) or near_tie
@@ -194,6 +196,57 @@ def test_nothing_to_block_equals_clean(which, request, probes):
         torch.testing.assert_close(logits[row], logits[0], atol=atol, rtol=0)
     torch.testing.assert_close(logits[0], clean, atol=atol, rtol=0)  # batch shape: fp32 noise only
     assert float((logits[5] - clean).abs().max()) > 0.1
+
+
+# Ordinary text: the same sources as an idiom (kind plays no part), punctuation inside words.
+TEXT_PROBES = [
+    Probe(id="text-market", prompt="she walked to the", target="market", kind="text"),
+    Probe(id="text-animal", prompt="the animal's primary protection is its", target="tough", kind="text",
+          source="wikipedia 'Aardvark' sentence 26"),
+]
+
+
+def test_text_probes_and_one_layer_windows(case):
+    """Text probes with window=1: the context is the tokens of every earlier word, context and
+    last word together are every position between the BOS and the last, and each one-layer row
+    equals the HF model with only that layer's mask edited."""
+    model, hf_model = case
+    result = attention_knockout(model, TEXT_PROBES, AttentionKnockoutOptions(sources=ALL_SOURCES, window=1))
+    n = model.n_layers
+    rows = result.rows
+    assert len(rows) == len(TEXT_PROBES) * len(ALL_SOURCES) * n and result.settings["n_configs"] == 3 * n
+    assert (rows["layer"] == rows["window_first"]).all() and (rows["layer"] == rows["window_last"]).all()
+    assert set(result.probes["group"]) == {"ordinary text"} and set(result.probes["kind"]) == {"text"}
+    decode = model.tokenizer.decode
+    for probe, toks in zip(TEXT_PROBES, tokenize_probes(model, TEXT_PROBES)):
+        positions = source_positions(model.tokenizer, probe, toks)
+        last = len(toks.prompt_ids) - 1
+        earlier, last_word = probe.prompt.rsplit(" ", 1)
+        assert decode([toks.prompt_ids[i] for i in positions["context"]]) == earlier
+        assert decode([toks.prompt_ids[i] for i in (*positions["last_word"], last)]) == f" {last_word}"
+        assert sorted(positions["context"] + positions["last_word"]) == list(range(1, last))
+        part = rows[rows["probe_id"] == probe.id]
+        clean = hf_blocked_logits(hf_model, toks.prompt_ids, [], ())
+        pred = int(part["clean_pred_id"].iloc[0])
+        for row in part[part["source"] == "context"].itertuples():
+            assert row.n_blocked == len(positions["context"]) > 0 and row.reason == ""
+            logits = hf_blocked_logits(hf_model, toks.prompt_ids, [row.layer], positions["context"])
+            assert row.prob == pytest.approx(float(masked_probs(model, logits)[pred]), abs=prob_atol(model, logits))
+            want = float(masked_probs(model, logits)[pred].log() - masked_probs(model, clean)[pred].log())
+            assert row.logp_change == pytest.approx(want, abs=prob_atol(model, logits) + prob_atol(model, clean))
+    assert rows["logp_change"].abs().max() > 0.01  # one layer's block moves something
+    summary = result.summary()
+    assert set(summary["group"]) == {"ordinary text"} and (summary["n"] > 0).any()
+    assert {"logp_change", "logp_change_median", "changed_low", "changed_high"} <= set(summary.columns)
+
+
+def test_logp_change_is_the_log_ratio_of_the_probabilities(tiny_model, probes):
+    """logp_change (from the log-softmax) and the relative change agree with prob and clean_prob."""
+    result = attention_knockout(tiny_model, probes, AttentionKnockoutOptions(sources=("context",), window=1))
+    rows = result.rows[result.rows["reason"] == ""]
+    np.testing.assert_allclose(rows["logp_change"], np.log(rows["prob"]) - np.log(rows["clean_prob"]),
+                               rtol=0, atol=1e-5)  # fp32 log-softmax against the log of its exp
+    np.testing.assert_allclose(rows["rel_change"], np.expm1(rows["logp_change"]), rtol=1e-4, atol=1e-6)
 
 
 def test_empty_source_gets_nan_with_reason(tiny_model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -189,8 +190,21 @@ def test_agreement_of_a_result_with_itself_is_perfect(both):
     exact, _ = both
     agreement = patching_agreement(exact, exact)
     rows = agreement.to_dataframe()  # float64 correlations of a column with itself: 1 up to rounding
-    assert rows["correlation"].to_numpy() == pytest.approx(1.0, abs=1e-9)
-    assert (rows["overlap"] == 1.0).all()
+    # NaN only where the kept cells have no spread: a swapped last prompt word leaves resid_pre only
+    # the last position, whose patching restores everything in every layer
+    defined = rows["correlation"].notna()
+    assert defined.mean() > 0.5
+    for row in rows[~defined].itertuples():
+        kept = exact.rows[(exact.rows["probe_id"] == row.probe_id) & (exact.rows["variant"] == row.variant)
+                          & (exact.rows["pos"] >= row.swap_pos)
+                          & ((exact.rows["site"] == row.site) | (row.site == "all"))]
+        assert len(kept) == row.n_cells > 0 and np.ptp(kept["restored"]) < 1e-3  # the default atol
+        assert math.isnan(row.overlap) and math.isnan(row.recall) and math.isnan(row.spearman)
+    assert rows.loc[defined, "correlation"].to_numpy() == pytest.approx(1.0, abs=1e-9)
+    assert rows.loc[defined, "spearman"].to_numpy() == pytest.approx(1.0, abs=1e-9)
+    assert rows["correlation_all_cells"].to_numpy() == pytest.approx(1.0, abs=1e-9)
+    assert (rows.loc[defined, "overlap"] == 1.0).all() and (rows.loc[defined, "recall"] == 1.0).all()
+    assert (rows["largest_rank"] == 1).all()
     table = agreement.summary()
     assert table["correlation"].to_numpy() == pytest.approx(1.0, abs=1e-9)
     assert table["pooled_correlation"].to_numpy() == pytest.approx(1.0, abs=1e-9)
@@ -236,3 +250,133 @@ def test_pearson_and_overlap_edge_cases():
     assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
     assert top_overlap([5.0, -4.0, 0.1, 0.2], [-5.0, 0.0, 3.0, 0.1], 2) == 0.5  # by magnitude: {0, 1} vs {0, 2}
     assert top_overlap([1.0, 2.0], [2.0, 1.0], 5) == 1.0  # k capped at the number of cells
+
+
+# --------------------------------------------------------------------------------------
+# The comparison measures on a hand-built pair
+# --------------------------------------------------------------------------------------
+
+# One pair, one site, 2 layers x 4 positions; the word at position 2 is swapped (position 3 is the
+# last), so positions 0 and 1 are structural zeros: 0 in both grids. The swapped word's early
+# residual (layer 0, position 2) restores everything exactly and is estimated at 0.09.
+TOKENS_CLEAN = ["<bos>", "kill", " two", " one"]
+TOKENS_CORRUPTED = ["<bos>", "kill", " cat", " one"]
+EXACT = [[0.0, 0.0, 1.0, 0.1], [0.0, 0.0, 0.6, 0.3]]  # [layer][pos]
+APPROX = [[0.0, 0.0, 0.09, 0.05], [0.0, 0.0, 0.5, 0.4]]
+
+
+def toy_patching(grid, method: str, *, probe_id: str = "k") -> PatchingResult:
+    rows = [{"probe_id": probe_id, "variant": "word_swap", "site": "resid_pre", "layer": layer, "pos": pos,
+             "pos_from_end": pos - 4, "patched_logit": 0.0, "restored": value,
+             "clean_token": TOKENS_CLEAN[pos], "corrupted_token": TOKENS_CORRUPTED[pos]}
+            for layer, values in enumerate(grid) for pos, value in enumerate(values)]
+    pairs = pd.DataFrame({"probe_id": [probe_id], "variant": ["word_swap"], "group": ["memorized idioms"],
+                          "valid": [True]})
+    return PatchingResult(rows=pd.DataFrame(rows), pairs=pairs, skipped=pd.DataFrame(columns=["probe_id"]),
+                          settings={"method": method})
+
+
+def test_structural_zeros_are_excluded_by_default():
+    agreement = patching_agreement(toy_patching(EXACT, "exact"), toy_patching(APPROX, "attribution"), top=2,
+                                   shortlist=3)
+    row = agreement.to_dataframe().set_index("site").loc["resid_pre"]
+    assert row["swap_pos"] == 2 and row["n_cells"] == 4 and row["n_excluded"] == 4
+    # kept cells (layer, pos) (0,2), (0,3), (1,2), (1,3): exact 1.0, 0.1, 0.6, 0.3; estimate 0.09, 0.05, 0.5, 0.4
+    # exact deviations from 0.5: .5, -.4, .1, -.2; estimate deviations from 0.26: -.17, -.21, .24, .14
+    assert row["correlation"] == pytest.approx(-0.005 / math.sqrt(0.46 * 0.1502))  # -0.019
+    # every cell: sum xy 0.515, means 0.25 and 0.13, sums of squares 1.46 and 0.4206 over n = 8
+    assert row["correlation_all_cells"] == pytest.approx(
+        (0.515 - 8 * 0.25 * 0.13) / math.sqrt((1.46 - 8 * 0.25**2) * (0.4206 - 8 * 0.13**2)))  # +0.49: the zeros
+    table = agreement.summary().set_index("site")
+    assert table.loc["resid_pre", "n_cells"] == 4 and table.loc["resid_pre", "n_excluded"] == 4
+    assert table.loc["resid_pre", "correlation"] == pytest.approx(row["correlation"])  # one pair: its value
+    assert table.loc["resid_pre", "pooled_correlation"] == pytest.approx(row["correlation"])
+    assert table.loc["resid_pre", "pooled_correlation_all_cells"] == pytest.approx(row["correlation_all_cells"])
+    assert agreement.settings["n_excluded"] == 4 and agreement.settings["n_cells"] == 4  # each cell once
+    kept_all = patching_agreement(toy_patching(EXACT, "exact"), toy_patching(APPROX, "attribution"), top=2,
+                                  shortlist=3, exclude_structural_zeros=False)
+    old = kept_all.to_dataframe().set_index("site").loc["resid_pre"]
+    assert old["n_cells"] == 8 and old["n_excluded"] == 0 and old["swap_pos"] == 0
+    assert old["correlation"] == pytest.approx(row["correlation_all_cells"])
+
+
+def test_rank_recall_and_largest_cell_by_hand():
+    agreement = patching_agreement(toy_patching(EXACT, "exact"), toy_patching(APPROX, "attribution"), top=2,
+                                   shortlist=3)
+    row = agreement.to_dataframe().set_index("site").loc["resid_pre"]
+    # ranks: exact 4, 1, 3, 2; estimate 2, 1, 4, 3; d = 2, 0, -1, -1: 1 - 6 * 6 / (4 * 15) = 0.4
+    assert row["spearman"] == pytest.approx(0.4)
+    # exact top 2: (0,2), (1,2); estimate top 2: (1,2), (1,3); estimate top 3 adds (0,2)
+    assert row["overlap"] == pytest.approx(0.5) and row["recall"] == pytest.approx(1.0)
+    assert (row["largest_site"], row["largest_layer"], row["largest_pos"]) == ("resid_pre", 0, 2)
+    assert row["largest_exact"] == 1.0 and row["largest_approx"] == pytest.approx(0.09)
+    assert row["largest_rank"] == 3  # 0.5 and 0.4 are estimated larger
+    table = agreement.summary().set_index("site").loc["resid_pre"]
+    assert table["largest_rank"] == 3 and table["largest_rank_low"] == 3 and table["largest_rank_median"] == 3
+    assert table["recall"] == 1.0 and table["spearman"] == pytest.approx(0.4)
+
+
+def test_measures_average_over_pairs():
+    """Two pairs: the table's means are the means of the two rows (the second pair is perfect)."""
+    def both(grid_b):
+        exact = toy_patching(EXACT, "exact")
+        approx = toy_patching(APPROX, "attribution")
+        other_e, other_a = toy_patching(EXACT, "exact", probe_id="m"), toy_patching(grid_b, "attribution",
+                                                                                      probe_id="m")
+        join = lambda x, y: PatchingResult(rows=pd.concat([x.rows, y.rows], ignore_index=True),  # noqa: E731
+                                           pairs=pd.concat([x.pairs, y.pairs], ignore_index=True),
+                                           skipped=x.skipped, settings=x.settings)
+        return patching_agreement(join(exact, other_e), join(approx, other_a), top=2, shortlist=3)
+
+    agreement = both(EXACT)
+    table = agreement.summary().set_index("site").loc["resid_pre"]
+    assert table["n_pairs"] == 2 and table["n_excluded"] == 8
+    assert table["largest_rank"] == pytest.approx((3 + 1) / 2) and table["largest_rank_median"] == 2.0
+    assert table["spearman"] == pytest.approx((0.4 + 1.0) / 2)
+    assert table["largest_approx"] == pytest.approx((0.09 + 1.0) / 2)
+    assert table["largest_rank_low"] <= table["largest_rank"] <= table["largest_rank_high"]
+
+
+def test_compare_cells_edge_cases():
+    from idiom_lens.analyses.interventions.attribution_patching import (
+        compare_cells,
+        first_difference,
+        spearman,
+        top_recall,
+    )
+
+    # ties share their average rank: x ranks 1.5, 1.5, 3 against 1, 2, 3 -> 1.5 / sqrt(1.5 * 2)
+    assert spearman([1.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(1.5 / math.sqrt(3.0))
+    assert spearman([1.0, 2.0, 3.0], [10.0, 100.0, 1000.0]) == pytest.approx(1.0)  # monotone, not linear
+    assert math.isnan(spearman([1.0, 1.0], [1.0, 2.0]))
+    assert top_recall([5.0, -4.0, 0.1, 0.2], [-5.0, 0.0, 3.0, 0.1], 2, 2) == 0.5  # = top_overlap
+    assert top_recall([5.0, -4.0, 0.1, 0.2], [-5.0, 0.0, 3.0, 0.1], 2, 4) == 1.0
+    assert first_difference(["a", "b", "c"], ["a", "x", "c"]) == 1
+    assert first_difference(["a", "b"], ["a", "b"]) == 0  # nothing differs: nothing to exclude
+    empty = compare_cells([], [])
+    assert empty.n_cells == 0 and empty.largest == -1 and math.isnan(empty.correlation)
+    negative = compare_cells([0.2, -0.9, 0.5], [0.3, -0.3, 0.3])
+    assert negative.largest == 1 and negative.largest_exact == -0.9 and negative.largest_rank == 1  # ties favour it
+    with pytest.raises(InputError, match="same cells"):
+        compare_cells([1.0], [1.0, 2.0])
+
+
+def test_exact_values_equal_up_to_rounding_are_ties():
+    """A word swapped at the last prompt position: resid_pre keeps only that position, and every
+    layer restores everything (1 up to fp32 noise). No cell matters more than another, so the
+    correlations, overlap and recall are NaN; the largest cell is the first, the earliest layer."""
+    from idiom_lens.analyses.interventions.attribution_patching import compare_cells, top_overlap
+
+    exact = [1.000004, 1.000001, 0.999998, 1.000002]  # layers 0..3 at the last position
+    approx = [0.08, 0.9, 1.1, 0.95]
+    flat = compare_cells(exact, approx, top=2, shortlist=2)
+    assert not flat.spread and all(math.isnan(v) for v in (flat.correlation, flat.spearman, flat.overlap, flat.recall))
+    assert flat.largest == 0 and flat.largest_exact == 1.000004 and flat.largest_approx == 0.08
+    assert flat.largest_rank == 4  # the three later layers are estimated larger
+    loose = compare_cells(exact, approx, top=2, shortlist=2, atol=0.0)  # noise taken at its word
+    assert loose.spread and loose.largest == 0 and not math.isnan(loose.correlation)
+    # near ties rank by cell order: the exact top 2 are cells 0 and 1, not the noisier 3
+    assert top_overlap([1.000004, 1.0, 0.2, 1.000009], [1.0, 1.0, 0.0, 0.0], 2, atol=1e-3) == 1.0
+    assert top_overlap([1.000004, 1.0, 0.2, 1.000009], [1.0, 1.0, 0.0, 0.0], 2) == 0.5  # without: cells 3 and 0
+    spread = compare_cells([1.0, 0.5, 0.9996], [0.1, 0.2, 0.3], top=1, shortlist=1)
+    assert spread.spread and spread.largest == 0 and spread.largest_rank == 3
