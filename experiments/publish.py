@@ -278,49 +278,119 @@ def fact_claims(claims: Claims, out: Path, model: str, command: str) -> None:
 
 
 def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
-    """Share of predictions changed per (group, positions, control, layer), Wilson 95%."""
-    path = out / name / "knockout_layers.parquet"
-    for row in _table(path).itertuples():
-        base = f"{name}.{slug(row.group)}.{row.positions}.{slug(row.control)}.layer{row.layer}"
+    """Share of predictions changed per (group, positions, control, layer), Wilson 95%, for the
+    primary variant (frozen post-MLP norm, zero ablation, effective ranking) and, named by the value
+    that differs, each secondary variant (live, mean, magnitude); with the removed vector's norm."""
+    primary = out / name / "knockout_layers.parquet"
+    variants = out / name / "knockout_layers_variants.parquet"
+    path = variants if variants.is_file() else primary
+    table = _table(path)
+    if "primary" not in table:
+        table = table.assign(primary=True, variant="")
+    for row in table.itertuples():
+        variant = "" if row.primary else f"{row.variant}."
+        base = f"{name}.{variant}{slug(row.group)}.{row.positions}.{slug(row.control)}.layer{row.layer}"
         claims.add(base, value=row.changed, text=short_ci(row.changed, row.changed_low, row.changed_high), n=row.n,
                    interval=(row.changed_low, row.changed_high), what="Wilson 95%", command=command,
                    source=str(path.relative_to(out)))
+        for column in ("removed_norm", "out_cosine", "out_norm_ratio", "matched_norm_ratio"):
+            value = getattr(row, column, None)
+            if value is not None and not pd.isna(value):
+                claims.add(f"{base}.{column}", value=float(value), text=f"{value:.2f}", n=row.n, command=command,
+                           source=str(path.relative_to(out)))
 
 
 def recall_claims(claims: Claims, out: Path, name: str, command: str) -> None:
-    """Every method's value per layer and group (`recall_profile`), and each peak."""
+    """Every method's value per layer and set (`recall_profile`, the seeds pooled), each descriptive
+    peak, the comparisons with the memorized idioms (per layer max-T adjusted, per band Holm), their
+    replication per seed, the noise designs and the sets' sizes."""
     profile_path = out / name / "recall_profile.parquet"
     profile = _table(profile_path)
+    source = str(profile_path.relative_to(out))
     for row in profile.itertuples():
+        if pd.isna(row.value):
+            continue
         claims.add(f"{name}.{slug(row.measure)}.{slug(row.group)}.layer{row.layer}", value=row.value, n=row.n,
                    text=short_ci(row.value, row.value_low, row.value_high), interval=(row.value_low, row.value_high),
-                   command=command,
-                   source=str(profile_path.relative_to(out)))
-    for (measure, group), frame in profile.groupby(["measure", "group"], sort=True):  # as RecallProfile.peaks
-        top = frame.loc[frame["value"].idxmax()]
+                   command=command, source=source)
+    for (measure, group), frame in profile.dropna(subset=["value"]).groupby(["measure", "group"], sort=True):
+        top = frame.loc[frame["value"].idxmax()]  # as RecallProfile.peaks: descriptive, selection-biased
         claims.add(f"{name}.{slug(measure)}.{slug(group)}.peak_layer", value=int(top["layer"]),
-                   text=str(int(top["layer"])), command=command, source=str(profile_path.relative_to(out)))
+                   text=str(int(top["layer"])), command=command, source=source)
+        claims.add(f"{name}.{slug(measure)}.{slug(group)}.n", value=int(frame["n"].max()),
+                   text=str(int(frame["n"].max())), command=command, source=source)
+    cmp_path = out / name / "recall_comparisons.parquet"
+    for row in _table(cmp_path).itertuples():
+        where = f"layer{row.layer}" if row.scope == "layer" else str(row.band).split(" ")[0]
+        base = f"{name}.cmp.{slug(row.measure)}.{slug(row.versus)}.{where}"
+        claims.add(base, value=row.diff, n=row.n_reference, interval=(row.diff_low, row.diff_high),
+                   text=signed_ci(row.diff, row.diff_low, row.diff_high), what="bootstrap 95%", command=command,
+                   source=str(cmp_path.relative_to(out)))
+        claims.add(f"{base}.p", value=row.p_adjusted, text=p_text(row.p_adjusted), what=f"{row.correction}: "
+                   f"{row.family}", command=command, source=str(cmp_path.relative_to(out)))
+    rep_path = out / name / "recall_replication.parquet"
+    replication = _table(rep_path)
+    bands = replication[replication["scope"] == "band"]
+    for (measure, versus, band), part in bands.groupby(["measure", "versus", "band"], sort=True):
+        texts = " / ".join(f"{d:+.2f}" for d in part.sort_values("seed")["diff"])
+        claims.add(f"{name}.replication.{slug(measure)}.{slug(versus)}.{str(band).split(' ')[0]}",
+                   value=[float(d) for d in part.sort_values("seed")["diff"]], text=texts, command=command,
+                   source=str(rep_path.relative_to(out)))
+    noise_path = out / name / "noise_effects_summary.parquet"
+    if noise_path.is_file():
+        for row in _table(noise_path).itertuples():
+            if row.unit == "word":
+                continue
+            unit = "most_necessary_word" if row.unit == "most necessary word" else row.design
+            base = f"{name}.noise.{slug(row.group)}.{unit}"
+            claims.add(f"{base}.total_effect", value=row.total_effect, n=row.n, what="bootstrap 95%",
+                       text=short_ci(row.total_effect, row.total_effect_low, row.total_effect_high),
+                       interval=(row.total_effect_low, row.total_effect_high), command=command,
+                       source=str(noise_path.relative_to(out)))
+            claims.add(f"{base}.pred_changed", value=row.pred_changed, n=row.n, what="bootstrap 95%",
+                       text=short_ci(row.pred_changed, row.pred_changed_low, row.pred_changed_high),
+                       interval=(row.pred_changed_low, row.pred_changed_high), command=command,
+                       source=str(noise_path.relative_to(out)))
     settings_path = out / name / "settings.json"
-    for group, n in _json(settings_path)["n"].items():
-        claims.add(f"{name}.n.{slug(group)}", value=n, text=str(n), command=command,
+    settings = _json(settings_path)
+    for seed, sizes in settings["n"].items():
+        for group, n in sizes.items():
+            claims.add(f"{name}.n.{seed}.{slug(group)}", value=n, text=str(n), command=command,
+                       source=str(settings_path.relative_to(out)))
+    for key in ("per_set", "min_total_effect", "window", "samples"):
+        claims.add(f"{name}.{key}", value=settings[key], text=f"{settings[key]:g}", command=command,
                    source=str(settings_path.relative_to(out)))
+    claims.add(f"{name}.seeds", value=settings["seeds"], text=str(len(settings["seeds"])), command=command,
+               source=str(settings_path.relative_to(out)))
 
 
 def patching_claims(claims: Claims, out: Path, command: str) -> None:
+    """Attribution against exact patching per site, structural zeros (cells before the swapped word)
+    left out: Pearson and Spearman correlation, top-5 overlap, recall of the exact top-5 in the
+    attribution top-20, the rank attribution gives the largest exact cell."""
     path = out / "attribution-patching" / "agreement.parquet"
     bench = _json(out / "attribution-patching" / "bench.json")
+    source = str(path.relative_to(out))
     for row in _table(path).itertuples():
         base = f"attribution_patching.{slug(row.site)}"
-        claims.add(f"{base}.correlation", value=row.correlation, n=bench["n_valid_pairs"],
-                   text=short_ci(row.correlation, row.correlation_low, row.correlation_high),
-                   interval=(row.correlation_low, row.correlation_high), what="bootstrap 95% over pairs",
-                   command=command, source=str(path.relative_to(out)))
-        claims.add(f"{base}.overlap", value=row.overlap, n=bench["n_valid_pairs"],
-                   text=short_ci(row.overlap, row.overlap_low, row.overlap_high),
-                   interval=(row.overlap_low, row.overlap_high), what="bootstrap 95% over pairs",
-                   command=command, source=str(path.relative_to(out)))
-        claims.add(f"{base}.pooled_correlation", value=row.pooled_correlation, text=f"{row.pooled_correlation:.2f}",
-                   command=command, source=str(path.relative_to(out)))
+        for measure in ("correlation", "spearman", "overlap", "recall"):
+            value = getattr(row, measure, None)
+            if value is None or pd.isna(value):
+                continue
+            low, high = getattr(row, f"{measure}_low"), getattr(row, f"{measure}_high")
+            claims.add(f"{base}.{measure}", value=value, n=getattr(row, "n_correlated", bench["n_valid_pairs"]),
+                       text=short_ci(value, low, high), interval=(low, high), what="bootstrap 95% over pairs",
+                       command=command, source=source)
+        for column in ("pooled_correlation", "pooled_correlation_all_cells", "largest_rank_median"):
+            value = getattr(row, column, None)
+            if value is not None and not pd.isna(value):
+                claims.add(f"{base}.{column}", value=float(value), text=f"{value:.2f}" if "corr" in column
+                           else f"{value:g}", command=command, source=source)
+        for column in ("n_correlated", "n_cells", "n_excluded"):
+            value = getattr(row, column, None)
+            if value is not None and not pd.isna(value):
+                claims.add(f"{base}.{column}", value=int(value), text=f"{int(value):,}", command=command,
+                           source=source)
     claims.add("attribution_patching.n_valid_pairs", value=bench["n_valid_pairs"], text=str(bench["n_valid_pairs"]),
                command=command, source="attribution-patching/bench.json")
 
@@ -391,16 +461,26 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
               + _demote((root / "lenses" / "summary.md").read_text()) + "\n\n## Figures\n\n" + figures)
     comparison = out / "study" / "comparison" / "comparison.md"
     _page(results / "comparison.md", "Models compared", shown["compare"], _demote(comparison.read_text()))
+    knock = out / "knockouts-gemma-3-270m"
+    secondary = "".join("\n" + p.read_text() for p in sorted(knock.glob("knockout_layers_*.md")))
     _page(results / "knockouts.md", "Knockouts, n = 50 per set (Gemma 3 270M)", shown["knockouts-gemma-3-270m"],
-          (out / "knockouts-gemma-3-270m" / "knockout_layers.md").read_text())
+          (knock / "knockout_layers.md").read_text() + secondary)
     for model in MODELS:
         name = f"recall-{model}"
+        noise = out / name / "noise_effects.md"
         _page(results / f"recall_{model}.md", f"Where recall lives: {model}", shown[name],
-              "Peak layer of each method and set (value with its 95% interval):\n\n"
-              + (out / name / "recall_peaks.md").read_text())
+              "Memorized idioms against each comparison set, per pre-specified depth band (thirds of the "
+              "depth); diff = memorized minus the other set, 95% bootstrap interval, p Holm-adjusted over "
+              "every band test of the table; matched sets compared in pairs:\n\n"
+              + (out / name / "recall_comparisons.md").read_text()
+              + "\nPeak layer of each method and set (descriptive: a peak chosen by argmax is selection-biased; "
+              "the per-layer tests in recall_comparisons.parquet are max-T adjusted over the layers):\n\n"
+              + (out / name / "recall_peaks.md").read_text()
+              + ("\nNoise designs (no restoration; total effect = clean - noised probability):\n\n"
+                 + noise.read_text() if noise.is_file() else ""))
     agreement = pd.read_parquet(out / "attribution-patching" / "agreement.parquet")
     _page(results / "attribution_patching.md", "Attribution patching against exact patching",
-          shown["attribution-patching"], markdown_table(agreement, digits=3))
+          shown["attribution-patching"], markdown_table(agreement.set_index("site").T.reset_index(names="measure"), digits=3))
 
 
 def copy_figures(out: Path, docs: Path) -> None:
