@@ -277,6 +277,15 @@ def fact_claims(claims: Claims, out: Path, model: str, command: str) -> None:
         claims.add(f"{base}.n_b", value=len(b), text=str(len(b)), command=command, source=source)
 
 
+def lens_kl_claims(claims: Claims, out: Path, model: str, command: str) -> None:
+    """KL(output || lens) at the probes' last prompt token, per lens and layer."""
+    path = out / f"lens-probe-kl-{model}" / "probe_kl.parquet"
+    for row in _table(path).itertuples():
+        claims.add(f"{model}.probe_kl.{row.lens}.layer{row.layer}", value=row.kl, n=row.n_probes,
+                   text=f"{row.kl:.1f}" if row.kl >= 10 else f"{row.kl:.2f}", interval=(row.kl_low, row.kl_high),
+                   what="bootstrap 95% over probes", command=command, source=str(path.relative_to(out)))
+
+
 def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
     """Share of predictions changed per (group, positions, control, layer), Wilson 95%, for the
     primary variant (frozen post-MLP norm, zero ablation, effective ranking) and, named by the value
@@ -456,9 +465,13 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
         figures = "\n\n".join(f"![{what}](../figures/{model}_{name}.png)" for what, name in (
             ("trajectory", "trajectory"), ("promotion layers", "promotion_layers"),
             ("lenses", "lens_trajectories"), ("held-out KL", "heldout_kl"), ("attribution", "attribution_layers")))
+        probe_kl = out / f"lens-probe-kl-{model}" / "probe_kl.md"
         _page(results / f"{model}.md", f"Study: {model}", command,
               _demote((root / "trajectory" / "summary.md").read_text()) + "\n\n"
-              + _demote((root / "lenses" / "summary.md").read_text()) + "\n\n## Figures\n\n" + figures)
+              + _demote((root / "lenses" / "summary.md").read_text())
+              + f"\n\n## The lenses at the probes' last prompt token\n\nFrom `{shown[f'lens-probe-kl-{model}']}`: "
+              "KL(output || lens) per layer, 95% bootstrap intervals over probes.\n\n" + probe_kl.read_text()
+              + "\n\n## Figures\n\n" + figures)
     comparison = out / "study" / "comparison" / "comparison.md"
     _page(results / "comparison.md", "Models compared", shown["compare"], _demote(comparison.read_text()))
     knock = out / "knockouts-gemma-3-270m"
@@ -531,6 +544,8 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
     claims = Claims()
     for model in MODELS:
         study_claims(claims, out, model, shown[f"study-{model}"])
+    for model in MODELS:
+        lens_kl_claims(claims, out, model, shown[f"lens-probe-kl-{model}"])
     knockout_claims(claims, out, "knockouts-gemma-3-270m", shown["knockouts-gemma-3-270m"])
     for model in MODELS:
         recall_claims(claims, out, f"recall-{model}", shown[f"recall-{model}"])
