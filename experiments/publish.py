@@ -493,7 +493,8 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
                  + noise.read_text() if noise.is_file() else ""))
     agreement = pd.read_parquet(out / "attribution-patching" / "agreement.parquet")
     _page(results / "attribution_patching.md", "Attribution patching against exact patching",
-          shown["attribution-patching"], markdown_table(agreement.set_index("site").T.reset_index(names="measure"), digits=3))
+          shown["attribution-patching"],
+          markdown_table(agreement.set_index("site").T.reset_index(names="measure"), digits=3))
 
 
 def copy_figures(out: Path, docs: Path) -> None:
