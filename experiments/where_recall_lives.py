@@ -194,7 +194,35 @@ def _draw(out: Path, *, png: bool) -> None:
     model_name = settings["model"]["model_name"]
     save_figure(where_recall_lives(pooled, title=f"Where recall lives, {model_name}"), out / "where_recall_lives",
                 png=png, width=1100, height=1400)
+    save_figure(_distributions(pooled, title=f"Per-probe distributions by depth band, {model_name}"),
+                out / "recall_distributions", png=png, width=1200, height=1300)
     print(markdown_table(bands))
+
+
+def _distributions(profile, *, title: str):
+    """Per probe, each primary measure's value per depth band (thirds): num / den averaged over
+    the band's layers (the restored share IE / TE for tracing), as box plots per set."""
+    import numpy as np
+    import plotly.express as px
+
+    from idiom_lens.analyses.recall import measure_info
+    from idiom_lens.analyses.stats import depth_bands
+    from idiom_lens.groups import group_color
+
+    per = profile.per_probe
+    per = per[[measure_info(m).primary for m in per["measure"]]]
+    bands = depth_bands(int(per["layer"].max()) + 1)
+    band_of = {layer: f"{name} ({span[0]}-{span[-1]})" for name, span in bands.items() for layer in span}
+    per = per.assign(band=per["layer"].map(band_of))
+    values = (per.groupby(["measure", "group", "probe_id", "band"], sort=False)[["num", "den"]].mean()
+              .reset_index())
+    values["value"] = values["num"] / values["den"].where(values["den"] != 0, np.nan)
+    fig = px.box(values, x="band", y="value", color="group", facet_col="measure", facet_col_wrap=2,
+                 facet_row_spacing=0.08, points="all", title=title,
+                 color_discrete_map={g: group_color(g) for g in values["group"].unique()},
+                 category_orders={"band": list(dict.fromkeys(band_of.values()))})
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    return fig.update_yaxes(matches=None, showticklabels=True).update_xaxes(showticklabels=True)
 
 
 def _noise_summary(out: Path, settings: dict):
