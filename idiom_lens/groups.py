@@ -16,6 +16,7 @@ NON_MEMORIZED_FACTS = "non-memorized facts"
 # Not a memorization group: the non-memorized idioms matched to a memorized sample on final
 # confidence (`study.sets`), a comparison set of the causal analyses.
 MATCHED_NON_MEMORIZED_IDIOMS = "matched non-memorized idioms"
+COMPARISON_SETS: tuple[str, ...] = (MATCHED_NON_MEMORIZED_IDIOMS,)  # coloured after `GROUPS`
 
 # The sets the paper compares, in plotting (and table) order.
 GROUPS: tuple[str, ...] = (

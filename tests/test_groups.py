@@ -11,12 +11,13 @@ from idiom_lens.plots import style
 
 def test_every_group_has_exactly_one_colour() -> None:
     assert len(set(groups.GROUPS)) == len(groups.GROUPS) == 5
-    assert list(groups.COLOR) == list(groups.GROUPS)  # one entry per set, in the sets' order, nothing else
+    # one entry per set, in the sets' order, then the comparison-only sets, nothing else
+    assert list(groups.COLOR) == [*groups.GROUPS, *groups.COMPARISON_SETS]
     colours = list(groups.COLOR.values())
     assert len(set(colours)) == len(colours)  # no two sets share a colour
     assert groups.OTHER_COLOR not in colours
     assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in [*colours, groups.OTHER_COLOR])
-    assert [groups.group_color(g) for g in groups.GROUPS] == colours
+    assert [groups.group_color(g) for g in (*groups.GROUPS, *groups.COMPARISON_SETS)] == colours
     assert groups.group_color("some other set") == groups.OTHER_COLOR
 
 

@@ -35,9 +35,11 @@ def test_python_and_cli_write_the_same_folder(tiny_model_dir, tmp_path):
     assert len(model.attention_knockout().probes) >= 2
     # the recall figure's table is what the stages hold, read back through the layout
     profile = model.recall_profile().to_dataframe()
-    from idiom_lens.analyses.recall import MEASURES
+    from idiom_lens.analyses.recall import MEASURES, PRIMARY
 
-    assert set(profile["measure"]) == set(MEASURES)
+    # every primary measure; the live-norm knockouts are not in the study (its knockouts are frozen only)
+    assert set(PRIMARY) <= set(profile["measure"]) <= set(MEASURES)
+    assert not any(m.endswith("(live norm)") for m in profile["measure"])
     import pandas as pd
     pd.testing.assert_frame_equal(pd.read_parquet(model.stage_path("recall") / "recall_profile.parquet"), profile)
 
