@@ -136,7 +136,7 @@ def _run(name, fn, model, probes, folder: Path, options: dict) -> None:
 
 
 def _profiles(out: Path) -> tuple[list, dict]:
-    """Per seed: its `RecallProfile` over its sets; and the matched pairs of every seed."""
+    """Per seed: (seed, its `RecallProfile` over its sets, its matched pairs); and the pooled pairs."""
     from idiom_lens.analyses.attribution import AttributionResult
     from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
     from idiom_lens.analyses.recall import recall_profile
@@ -154,8 +154,9 @@ def _profiles(out: Path) -> tuple[list, dict]:
             attention=AttentionKnockoutResult.load(folder / f"attention_knockout_w{settings['window']}"),
             attribution=AttributionResult.load(folder / "attribution"),
             sets=sets["sets"], min_total_effect=settings["min_total_effect"], seed=seed)
-        profiles.append((seed, profile))
-        for a, b in sets["matching"].get("pairs", {}).items():
+        seed_pairs = sets["matching"].get("pairs", {})
+        profiles.append((seed, profile, seed_pairs))
+        for a, b in seed_pairs.items():  # pooled: a memorized idiom drawn twice keeps its first seed's pair
             pairs.setdefault(a, b)
     return profiles, pairs
 
@@ -174,15 +175,15 @@ def _draw(out: Path, *, png: bool) -> None:
 
     settings = json.loads((out / "settings.json").read_text())
     profiles, pairs = _profiles(out)
-    per_probe = (pd.concat([p.per_probe for _, p in profiles], ignore_index=True)
+    per_probe = (pd.concat([p.per_probe for _, p, _ in profiles], ignore_index=True)
                  .drop_duplicates(["measure", "group", "probe_id", "layer"], keep="first"))[PER_PROBE_COLUMNS]
     pooled = RecallProfile(profile_from_per_probe(per_probe), profiles[0][1].settings | {"seeds": settings["seeds"]},
                            per_probe.reset_index(drop=True))
     pooled.save(out)
     comparisons = compare_sets(pooled, pairs={MATCHED_NON_MEMORIZED: pairs})
     write_parquet(out / "recall_comparisons.parquet", comparisons)
-    replication = pd.concat([compare_sets(p, pairs={MATCHED_NON_MEMORIZED: pairs}, seed=seed).assign(seed=seed)
-                             for seed, p in profiles], ignore_index=True)
+    replication = pd.concat([compare_sets(p, pairs={MATCHED_NON_MEMORIZED: own}, seed=seed).assign(seed=seed)
+                             for seed, p, own in profiles], ignore_index=True)
     write_parquet(out / "recall_replication.parquet", replication)
     write_text(out / "recall_peaks.md", markdown_table(pooled.peaks()) + "\n")
     bands = comparisons[comparisons["scope"] == "band"].drop(columns=["layer", "scope"])
