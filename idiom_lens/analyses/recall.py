@@ -93,7 +93,8 @@ MEASURES: dict[str, Measure] = {
     "knockout whole MLP log-p drop (live norm)": Measure("median", False, "the whole-MLP log-p drop, live norm"),
     "logit lens gain": Measure("mean", False, "logit lens: mean increase of the target's log-probability through "
                                "the block, log p read after block l minus after block l - 1 (resid_post); layer 0 has "
-                               "no value (the trajectory does not read the embedding)"),
+                               "no value (the trajectory does not read the embedding), nor has a probe whose "
+                               "probability underflows float32 at either read-out"),
     "logit lens MLP gain": Measure("mean", False, "logit lens: mean increase of the target's log-probability "
                                    "through the layer's MLP alone, read after the block minus after its attention "
                                    "(resid_post - resid_mid), every layer"),
@@ -238,7 +239,10 @@ def _attention_rows(attention: Any, source: str) -> tuple[list[pd.DataFrame], di
                    "metric": "median of -(log p_cut - log p_clean) over probes"}
 
 
-LOG_P_FLOOR = 1e-30  # probabilities read out as 0 (float32 underflow) count as this in log-probability gains
+# The smallest probability a trajectory (float32 probabilities) resolves: below it (subnormal or 0,
+# as the logit lens often reads the target at Gemma's first layers) its log is unknown, and the gains
+# that would use it have no value (no row), rather than a value made by a floor.
+LOG_P_RESOLVED = float(np.finfo(np.float32).tiny)
 
 
 def _lens_rows(trajectory: Any, kind: str, sets: Mapping[str, Sequence[str]] | None
@@ -249,7 +253,8 @@ def _lens_rows(trajectory: Any, kind: str, sets: Mapping[str, Sequence[str]] | N
     if trajectory.lens_kind != kind:
         raise InputError(f"the {kind} lens gain needs a trajectory read through the {kind} lens, got the "
                          f"{trajectory.lens_kind} lens")
-    logp = np.log(np.clip(np.asarray(trajectory.target_prob, dtype=np.float64), LOG_P_FLOOR, None))
+    prob = np.asarray(trajectory.target_prob, dtype=np.float64)
+    logp = np.where(prob >= LOG_P_RESOLVED, np.log(np.maximum(prob, LOG_P_RESOLVED)), np.nan)
     post = logp[:, trajectory.site("resid_post")]  # [probe, layer]
     n_layers = post.shape[1]
     gains = {f"{kind} lens gain": (post[:, 1:] - post[:, :-1], np.arange(1, n_layers))}
@@ -268,12 +273,13 @@ def _lens_rows(trajectory: Any, kind: str, sets: Mapping[str, Sequence[str]] | N
     rows = [i for i, _ in members]
     parts = []
     for measure, (gain, layers) in gains.items():
-        parts.append(_rows(measure, np.repeat([g for _, g in members], len(layers)),
-                           np.repeat([ids[i] for i in rows], len(layers)), np.tile(layers, len(rows)),
-                           gain[rows].reshape(-1)))
+        part = _rows(measure, np.repeat([g for _, g in members], len(layers)),
+                     np.repeat([ids[i] for i in rows], len(layers)), np.tile(layers, len(rows)), gain[rows].reshape(-1))
+        parts.append(part[part["num"].notna()])
     return parts, {"lens": trajectory.lens, "measures": list(gains), "site": "resid_post",
                    "metric": "log p(target) after the block minus before it (the previous block's resid_post); "
-                             f"probabilities floored at {LOG_P_FLOOR}", "layer_0": "no value (no embedding read)"}
+                             f"no value where a probability is below {LOG_P_RESOLVED:.3g} (float32 underflow)",
+                   "layer_0": "no value (no embedding read)"}
 
 
 def _attribution_rows(attribution: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:

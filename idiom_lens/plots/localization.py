@@ -60,12 +60,12 @@ def localization_heatmap(
                                                 "ticktext": ["0: last", "0.5: chance", "1: first"]},
         hovertemplate="%{y}, implant in %{x}<br>%{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title_text="method (per-layer measure)")
-    fig.update_xaxes(title_text="implanted layer", side="top")
+    fig.update_xaxes(title_text="implanted layer")
     fig.update_layout(
         title=title or "Does each method rank the implanted layer first?<br><sup>mean score of the true layer "
         "over the implanted idioms (1 = first, 0.5 = chance, 0 = last), 95% interval, n probes</sup>",
         template="plotly_white",
-        height=120 + 38 * len(rows), width=320 + 170 * len(depths), margin={"l": 260})
+        height=180 + 50 * len(rows), width=360 + 170 * len(depths), margin={"l": 260, "t": 110})
     return fig
 
 

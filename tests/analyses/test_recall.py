@@ -3,6 +3,7 @@ tested on hand-built per-probe tables whose answer is known."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from idiom_lens.analyses.interventions import (
 from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import (
-    LOG_P_FLOOR,
+    LOG_P_RESOLVED,
     MEASURES,
     PER_PROBE_COLUMNS,
     RecallProfile,
@@ -132,7 +133,8 @@ def test_lens_gains_are_log_probability_steps(tiny_model, probes):
     profile = recall_profile(trajectory=trajectory, sets={"A": ids[:3], "B": ids[1:]})
     per = profile.per_probe
     assert set(per["measure"]) == {"logit lens gain", "logit lens MLP gain"}
-    logp = np.log(np.clip(trajectory.target_prob.astype(np.float64), LOG_P_FLOOR, None))
+    assert (trajectory.target_prob >= LOG_P_RESOLVED).all()  # the tiny model resolves every probability
+    logp = np.log(trajectory.target_prob.astype(np.float64))
     post, mid = logp[:, trajectory.site("resid_post")], logp[:, trajectory.site("resid_mid")]
     gain = per[(per["measure"] == "logit lens gain") & (per["group"] == "A")]
     assert sorted(set(gain["layer"])) == list(range(1, tiny_model.n_layers))  # no embedding read: no layer 0
@@ -148,6 +150,12 @@ def test_lens_gains_are_log_probability_steps(tiny_model, probes):
     # the set's value is the mean over its probes
     want = np.mean([post[ids.index(p), 2] - post[ids.index(p), 1] for p in ids[:3]])
     assert _at(profile.frame, "logit lens gain", "A", 2)["value"] == pytest.approx(want)
+    # a probability that underflows float32 has no log: the gains into and out of it have no value
+    prob = trajectory.target_prob.copy()
+    prob[0, trajectory.site("resid_post"), 2] = 1e-40
+    lost = recall_profile(trajectory=dataclasses.replace(trajectory, target_prob=prob), sets={"A": ids}).per_probe
+    lost = lost[(lost["measure"] == "logit lens gain") & (lost["probe_id"] == ids[0])]
+    assert sorted(lost["layer"]) == [x for x in range(1, tiny_model.n_layers) if x not in (2, 3)]
     with pytest.raises(InputError, match="tuned lens"):
         recall_profile(tuned_trajectory=trajectory)
     with pytest.raises(InputError, match="does not have"):
