@@ -12,8 +12,11 @@ layer, num, den), and each set's value per layer is one statistic of it (`MEASUR
 The primary measures (`PRIMARY`) are the ones a comparison between sets of unequal confidence
 can rest on: the knockouts with a frozen post-MLP norm and a control matched on the removed
 vector, tracing normalized by each set's total effect, the attention knockout as a change in
-log-probability (median), and the DLA share. The raw tracing AIE and the live-norm knockouts are
-kept beside them as secondary measures.
+log-probability (median), and the DLA share. Kept beside them as secondary measures: the raw
+tracing AIE, the live-norm knockouts, the whole-MLP knockout (the ceiling), every knockout's
+median drop in the log-probability of the clean prediction (continuous, where a share over few
+probes ties many layers) and the lens gains (how much a block raises the target's
+log-probability read through the logit lens or a tuned lens).
 
 `compare_sets` tests, per measure, a reference set against another: per layer, the difference
 of the statistic with a bootstrap interval and a permutation p-value adjusted over the layers of
@@ -74,6 +77,29 @@ MEASURES: dict[str, Measure] = {
     "attention knockout changed": Measure("share", False, "attention knockout: share of predictions changed"),
     "DLA MLP share": Measure("ratio", True, "direct logit attribution: mean logit the layer's MLP writes / mean "
                              "final logit (compatibility mode)"),
+    "knockout top-100 log-p drop": Measure("median", False, "top-100 knockout (frozen norm): median drop in the "
+                                           "log-probability of the clean prediction (log p_clean - log p_knocked, "
+                                           "nats); continuous where a share over few probes ties many layers"),
+    "knockout matched log-p drop": Measure("median", False, "the same for the matched control (frozen norm)"),
+    "knockout top-100 log-p drop (live norm)": Measure("median", False, "the top-100 log-p drop, live norm"),
+    "knockout matched log-p drop (live norm)": Measure("median", False, "the matched log-p drop, live norm"),
+    "knockout whole MLP": Measure("share", False, "share of predictions changed when every neuron of the layer's "
+                                  "MLP is zeroed at every position (the whole_mlp control: k = d_mlp, window 1; the "
+                                  "ceiling of the top-k knockouts), post-MLP norm frozen"),
+    "knockout whole MLP log-p drop": Measure("median", False, "whole-MLP knockout: median drop in the "
+                                             "log-probability of the clean prediction (nats), frozen norm"),
+    "knockout whole MLP (live norm)": Measure("share", False, "whole-MLP knockout under the live post-MLP norm "
+                                              "(a zeroed output stays zero: as the frozen norm)"),
+    "knockout whole MLP log-p drop (live norm)": Measure("median", False, "the whole-MLP log-p drop, live norm"),
+    "logit lens gain": Measure("mean", False, "logit lens: mean increase of the target's log-probability through "
+                               "the block, log p read after block l minus after block l - 1 (resid_post); layer 0 has "
+                               "no value (the trajectory does not read the embedding), nor has a probe whose "
+                               "probability underflows float32 at either read-out"),
+    "logit lens MLP gain": Measure("mean", False, "logit lens: mean increase of the target's log-probability "
+                                   "through the layer's MLP alone, read after the block minus after its attention "
+                                   "(resid_post - resid_mid), every layer"),
+    "tuned lens gain": Measure("mean", False, "the logit lens gain read through a tuned lens (resid_post; no "
+                               "value at layer 0)"),
 }
 PRIMARY: tuple[str, ...] = tuple(name for name, m in MEASURES.items() if m.primary)
 
@@ -83,7 +109,8 @@ def measure_info(name: str) -> Measure:
     if name in MEASURES:
         return MEASURES[name]
     if name.startswith("knockout top-"):
-        return MEASURES["knockout top-100" + (" (live norm)" if name.endswith("(live norm)") else "")]
+        drop = " log-p drop" if " log-p drop" in name else ""
+        return MEASURES["knockout top-100" + drop + (" (live norm)" if name.endswith("(live norm)") else "")]
     raise InputError(f"unknown recall measure {name!r}; known: {', '.join(MEASURES)}")
 COLUMNS = ["measure", "group", "layer", "n", "value", "value_low", "value_high"]
 PER_PROBE_COLUMNS = ["measure", "group", "probe_id", "layer", "num", "den"]
@@ -141,24 +168,41 @@ def _rows(measure: str, group: Any, probe_id: Any, layer: Any, num: Any, den: An
 
 def _knockout_rows(knockouts: Any, k: int) -> tuple[list[pd.DataFrame], dict[str, Any]]:
     frame = knockouts.to_dataframe()
-    keep = (frame["window"] == 1) & (frame["mode"] == "zero_top") & (frame["k"] == k)
+    keep = (frame["window"] == 1) & (frame["mode"] == "zero_top") & ((frame["k"] == k)
+                                                                    | (frame["control"] == "whole_mlp"))
     if "positions" in frame:
         keep &= frame["positions"] == "all"
     if "ablation" in frame:
         keep &= frame["ablation"] == "zero"
     frame = frame[keep]
+    drop = _logp_drop(frame, knockouts.probes)
     norms = sorted(set(frame["norm"])) if "norm" in frame else ["live"]
     parts = []
     for norm in norms:
         sub = frame[frame["norm"] == norm] if "norm" in frame else frame
         suffix = "" if norm == "frozen" else " (live norm)"
-        for control, name in (("targeted", f"knockout top-{k}"), ("matched", "knockout matched")):
+        for control, name in (("targeted", f"knockout top-{k}"), ("matched", "knockout matched"),
+                              ("whole_mlp", "knockout whole MLP")):
             rows = sub[sub["control"] == control]
-            measure = f"{name}{suffix}"
-            parts.append(_rows(measure, rows["group"], rows["probe_id"], rows["start"], rows["changed"]))
+            parts.append(_rows(f"{name}{suffix}", rows["group"], rows["probe_id"], rows["start"], rows["changed"]))
+            if drop is not None:
+                parts.append(_rows(f"{name} log-p drop{suffix}", rows["group"], rows["probe_id"], rows["start"],
+                                   drop[rows.index]))
     ranks = sorted(set(frame["rank_by"])) if "rank_by" in frame else []
     return parts, {"k": k, "window": 1, "positions": "all", "ablation": "zero", "norms": norms, "rank_by": ranks,
-                   "matched_on": knockouts.settings.get("matched_on", "see the knockout settings")}
+                   "matched_on": knockouts.settings.get("matched_on", "see the knockout settings"),
+                   "log_p_drop": "log p_clean - log p_knocked of the clean prediction" if drop is not None
+                   else "not measured (rows without prob_of_clean_pred)"}
+
+
+def _logp_drop(frame: pd.DataFrame, probes: pd.DataFrame) -> pd.Series | None:
+    """Per knockout row, log p_clean - log p_knocked of the clean prediction (nats; knocked
+    probabilities floored at 1e-30), or None for rows saved without the probabilities."""
+    if "prob_of_clean_pred" not in frame or "clean_pred_prob" not in probes:
+        return None
+    clean = frame["probe_id"].map(probes.drop_duplicates("probe_id").set_index("probe_id")["clean_pred_prob"])
+    knocked = frame["prob_of_clean_pred"].astype(np.float64).clip(lower=1e-30)
+    return np.log(clean.astype(np.float64)) - np.log(knocked)
 
 
 def _tracing_rows(tracing: Any, window: int | None, floor: float) -> tuple[list[pd.DataFrame], dict[str, Any]]:
@@ -193,6 +237,49 @@ def _attention_rows(attention: Any, source: str) -> tuple[list[pd.DataFrame], di
              _rows("attention knockout changed", frame["group"], frame["probe_id"], frame["layer"], frame["changed"])]
     return parts, {"source": source, "window": attention.settings.get("window"),
                    "metric": "median of -(log p_cut - log p_clean) over probes"}
+
+
+# The smallest probability a trajectory (float32 probabilities) resolves: below it (subnormal or 0,
+# as the logit lens often reads the target at Gemma's first layers) its log is unknown, and the gains
+# that would use it have no value (no row), rather than a value made by a floor.
+LOG_P_RESOLVED = float(np.finfo(np.float32).tiny)
+
+
+def _lens_rows(trajectory: Any, kind: str, sets: Mapping[str, Sequence[str]] | None
+               ) -> tuple[list[pd.DataFrame], dict[str, Any]]:
+    """Per probe and layer, how much the block (and, for the logit lens with `resid_mid`, its MLP
+    alone) raises the lens's log-probability of the target: "<kind> lens gain" (layer 0 has no
+    value: the trajectory does not read the embedding) and "logit lens MLP gain"."""
+    if trajectory.lens_kind != kind:
+        raise InputError(f"the {kind} lens gain needs a trajectory read through the {kind} lens, got the "
+                         f"{trajectory.lens_kind} lens")
+    prob = np.asarray(trajectory.target_prob, dtype=np.float64)
+    logp = np.where(prob >= LOG_P_RESOLVED, np.log(np.maximum(prob, LOG_P_RESOLVED)), np.nan)
+    post = logp[:, trajectory.site("resid_post")]  # [probe, layer]
+    n_layers = post.shape[1]
+    gains = {f"{kind} lens gain": (post[:, 1:] - post[:, :-1], np.arange(1, n_layers))}
+    if kind == "logit" and "resid_mid" in trajectory.sites:
+        gains["logit lens MLP gain"] = (post - logp[:, trajectory.site("resid_mid")], np.arange(n_layers))
+    memo = trajectory.memorization.to_dataframe()
+    ids, groups = memo["probe_id"].tolist(), memo["group"].tolist()
+    if sets is None:
+        members = list(enumerate(groups))
+    else:
+        index = {pid: i for i, pid in enumerate(ids)}
+        missing = sorted({pid for names in sets.values() for pid in names} - set(index))
+        if missing:
+            raise InputError(f"sets name probes the trajectory result does not have: {missing[:5]}")
+        members = [(index[pid], name) for name, names in sets.items() for pid in names]
+    rows = [i for i, _ in members]
+    parts = []
+    for measure, (gain, layers) in gains.items():
+        part = _rows(measure, np.repeat([g for _, g in members], len(layers)),
+                     np.repeat([ids[i] for i in rows], len(layers)), np.tile(layers, len(rows)), gain[rows].reshape(-1))
+        parts.append(part[part["num"].notna()])
+    return parts, {"lens": trajectory.lens, "measures": list(gains), "site": "resid_post",
+                   "metric": "log p(target) after the block minus before it (the previous block's resid_post); "
+                             f"no value where a probability is below {LOG_P_RESOLVED:.3g} (float32 underflow)",
+                   "layer_0": "no value (no embedding read)"}
 
 
 def _attribution_rows(attribution: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:
@@ -270,6 +357,8 @@ def recall_profile(
     tracing: Any | None = None,
     attention: Any | None = None,
     attribution: Any | None = None,
+    trajectory: Any | None = None,
+    tuned_trajectory: Any | None = None,
     groups: Sequence[str] = (MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS),
     sets: Mapping[str, Sequence[str]] | None = None,
     k: int = 100,
@@ -280,7 +369,9 @@ def recall_profile(
     seed: int = 0,
 ) -> RecallProfile:
     """The per-layer table from whichever results are given (a `KnockoutResult`, a
-    `TracingResult`, an `AttentionKnockoutResult`, an `AttributionResult`).
+    `TracingResult`, an `AttentionKnockoutResult`, an `AttributionResult`, a `TrajectoryResult`
+    read through the logit lens as `trajectory` and one read through a tuned lens as
+    `tuned_trajectory`: the lens gains).
 
     Sets: the results' own groups among `groups`, or, with `sets` ({name: probe ids}, e.g. a
     confidence-matched sample, `study.sets`), those sets (which may share probes). `tracing_window`
@@ -306,8 +397,13 @@ def recall_profile(
         more, settings["attribution"] = _attribution_rows(_attribution_in_sets(attribution, sets) if sets
                                                           else attribution)
         parts += more
+    for name, result, kind in (("logit_lens", trajectory, "logit"), ("tuned_lens", tuned_trajectory, "tuned")):
+        if result is not None:
+            more, settings[name] = _lens_rows(result, kind, sets)
+            parts += more
     if not parts:
-        raise InputError("recall_profile needs at least one result (knockouts, tracing, attention, attribution)")
+        raise InputError("recall_profile needs at least one result (knockouts, tracing, attention, attribution, "
+                         "trajectory, tuned_trajectory)")
     per_probe = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
         pd.DataFrame(columns=PER_PROBE_COLUMNS)
     if sets is None:

@@ -3,6 +3,7 @@ tested on hand-built per-probe tables whose answer is known."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from idiom_lens.analyses.interventions import (
 from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 from idiom_lens.analyses.interventions.tracing import causal_trace
 from idiom_lens.analyses.recall import (
+    LOG_P_RESOLVED,
     MEASURES,
     PER_PROBE_COLUMNS,
     RecallProfile,
@@ -27,6 +29,7 @@ from idiom_lens.analyses.recall import (
     profile_from_per_probe,
     recall_profile,
 )
+from idiom_lens.analyses.trajectory import layer_trajectory
 from idiom_lens.errors import InputError
 from idiom_lens.plots.recall import where_recall_lives
 
@@ -37,8 +40,8 @@ GROUPS = ("memorized idioms", "non-memorized idioms", "ordinary text")
 def results(tiny_model, tiny_model_compat, probes):
     sample = probes[:4]
     grid = KnockoutGrid(ks=(100,), windows=(1,), modes=("zero_top",))
-    frozen = knockout_grid(tiny_model, sample, KnockoutOptions(grid=grid, controls=("matched",), positions="all",
-                                                               norm="frozen"))
+    frozen = knockout_grid(tiny_model, sample, KnockoutOptions(grid=grid, controls=("matched", "whole_mlp"),
+                                                               positions="all", norm="frozen"))
     return {
         "knockouts": frozen,
         "tracing": causal_trace(tiny_model, sample, TracingOptions(windows=(1, 2), noise_samples=2)),
@@ -96,6 +99,67 @@ def test_each_measure_is_read_from_its_result(results, tiny_model):
     mlp = np.array([float(p.mlp[layer, 0]) for p in probes])
     total = np.array([p.logit - float(p.unembed_bias[0]) for p in probes])
     assert _at(frame, "DLA MLP share", group, layer)["value"] == pytest.approx(mlp.mean() / total.mean())
+
+
+def test_whole_mlp_and_log_p_drops_come_from_the_knockout_rows(results):
+    knock = results["knockouts"]
+    profile = recall_profile(knockouts=knock, groups=GROUPS)
+    frame, per = profile.frame, profile.per_probe
+    assert {"knockout whole MLP", "knockout whole MLP log-p drop", "knockout top-100 log-p drop",
+            "knockout matched log-p drop"} <= set(frame["measure"])
+    table = knock.layer_table(k=100, window=1)
+    for row in table[table["control"] == "whole_mlp"].itertuples():
+        got = _at(frame, "knockout whole MLP", row.group, row.layer)
+        assert (got["value"], got["n"]) == (pytest.approx(row.changed), row.n)
+    # the log-p drop of each row, by hand: log p_clean - log p_knocked of the clean prediction
+    rows = knock.to_dataframe()
+    clean = rows["probe_id"].map(knock.probes.set_index("probe_id")["clean_pred_prob"])
+    rows["drop"] = np.log(clean) - np.log(rows["prob_of_clean_pred"])
+    for control, measure in (("whole_mlp", "knockout whole MLP log-p drop"),
+                             ("targeted", "knockout top-100 log-p drop")):
+        mine = rows[rows["control"] == control]
+        want = mine.set_index(["probe_id", "start"])["drop"].sort_index()
+        got = per[per["measure"] == measure].set_index(["probe_id", "layer"])["num"].sort_index()
+        assert got.index.equals(want.index) and got.to_numpy() == pytest.approx(want.to_numpy())
+        # the set's value is the median over its probes
+        for (group, layer), part in mine.groupby(["group", "start"]):
+            assert _at(frame, measure, group, layer)["value"] == pytest.approx(np.median(part["drop"]))
+
+
+def test_lens_gains_are_log_probability_steps(tiny_model, probes):
+    sample = probes[:4]
+    trajectory = layer_trajectory(tiny_model, sample, sites=("resid_post", "resid_mid"))
+    ids = [p.id for p in sample]
+    profile = recall_profile(trajectory=trajectory, sets={"A": ids[:3], "B": ids[1:]})
+    per = profile.per_probe
+    assert set(per["measure"]) == {"logit lens gain", "logit lens MLP gain"}
+    assert (trajectory.target_prob >= LOG_P_RESOLVED).all()  # the tiny model resolves every probability
+    logp = np.log(trajectory.target_prob.astype(np.float64))
+    post, mid = logp[:, trajectory.site("resid_post")], logp[:, trajectory.site("resid_mid")]
+    gain = per[(per["measure"] == "logit lens gain") & (per["group"] == "A")]
+    assert sorted(set(gain["layer"])) == list(range(1, tiny_model.n_layers))  # no embedding read: no layer 0
+    for row in gain.itertuples():
+        i = ids.index(row.probe_id)
+        assert row.num == pytest.approx(post[i, row.layer] - post[i, row.layer - 1])
+    # the gains telescope: their sum over layers is the last read-out's log p minus the first's
+    total = gain.groupby("probe_id")["num"].sum()
+    assert total.to_numpy() == pytest.approx([post[ids.index(p), -1] - post[ids.index(p), 0] for p in total.index])
+    mlp = per[(per["measure"] == "logit lens MLP gain") & (per["group"] == "B") & (per["layer"] == 0)]
+    assert mlp.set_index("probe_id")["num"].to_dict() == pytest.approx(
+        {p: post[ids.index(p), 0] - mid[ids.index(p), 0] for p in ids[1:]})
+    # the set's value is the mean over its probes
+    want = np.mean([post[ids.index(p), 2] - post[ids.index(p), 1] for p in ids[:3]])
+    assert _at(profile.frame, "logit lens gain", "A", 2)["value"] == pytest.approx(want)
+    # a probability that underflows float32 has no log: the gains into and out of it have no value
+    prob = trajectory.target_prob.copy()
+    prob[0, trajectory.site("resid_post"), 2] = 1e-40
+    lost = recall_profile(trajectory=dataclasses.replace(trajectory, target_prob=prob), sets={"A": ids}).per_probe
+    lost = lost[(lost["measure"] == "logit lens gain") & (lost["probe_id"] == ids[0])]
+    assert sorted(lost["layer"]) == [x for x in range(1, tiny_model.n_layers) if x not in (2, 3)]
+    with pytest.raises(InputError, match="tuned lens"):
+        recall_profile(tuned_trajectory=trajectory)
+    with pytest.raises(InputError, match="does not have"):
+        recall_profile(trajectory=trajectory, sets={"A": ["no-such-probe"]})
 
 
 def test_sets_regroup_every_result_and_may_share_probes(results):
