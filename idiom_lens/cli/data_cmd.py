@@ -11,6 +11,7 @@ from idiom_lens.cli.common import add_limit_option, add_model_options, add_outpu
 from idiom_lens.datasets.loaders import bundled_dir, bundled_names, bundled_path, export_probes, load_probes
 from idiom_lens.datasets.probes import FLAG_NAMES, ProbeSet
 from idiom_lens.errors import InputError
+from idiom_lens.models.loading import EMBEDDED_SPEC
 
 _SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare",
                 "hard_to_guess": "hard", "single_target": "single"}
@@ -104,6 +105,8 @@ def _build(args: argparse.Namespace) -> int:
             f"building the bundled sets needs the build-time packages {', '.join(missing)} "
             "(install them with: pip install 'idiom-lens[build-data]')"
         )
+    if not args.implanted and (args.model != EMBEDDED_SPEC or args.device != "cpu" or args.n_devices is not None):
+        raise InputError("--model, --device and --n-devices only apply with --implanted (the other sets need no model)")
     build_sets = (lambda out: _build_implanted(args, out)) if args.implanted else build.build_all
     if not args.check:
         out = args.out or bundled_dir()
@@ -126,7 +129,7 @@ def _build_implanted(args: argparse.Namespace, out: Path | str) -> dict[str, Pat
     """`implanted.jsonl` (the defaults of `build_implanted`: 120 idioms, seed 0) checked on `--model`."""
     import statistics
 
-    from idiom_lens.analyses.implanted import build_implanted
+    from idiom_lens.analyses.implant_check import build_implanted
     from idiom_lens.datasets.implanted import NAME, write_implanted
 
     model = load_from_args(args)

@@ -5,7 +5,7 @@ in sorted order, sampling uses a fixed seed, JSON keys keep a fixed order, `ensu
 `\\n` line endings. The build-time packages (the `build-data` extra, `BUILD_PACKAGES`, all pinned
 to exact versions) are imported inside the functions that need them, so the runtime library
 never needs them. The fourth bundled file, `implanted.jsonl`, needs a model to be checked: it is
-built by `idiom_lens.analyses.implanted` (`idiom-lens data build --implanted`).
+built by `idiom_lens.analyses.implant_check` (`idiom-lens data build --implanted`).
 
 Sources (details and licences in docs/datasets.md)
 - idioms: `englishidioms` 0.1.0 `phrases.json` (an idiom dictionary, ~22,000 entries, slots and

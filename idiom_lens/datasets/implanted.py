@@ -16,7 +16,7 @@ belonging together. Targets are drawn from `THINGS`, common words that Gemma 3's
 whole (one token with its leading space; the embedded test checks every bundled target).
 
 Whether the model already predicts a candidate needs a model, so that check is an analysis
-(`idiom_lens.analyses.implanted`: `base_ranks`, `build_implanted`): the bundled set
+(`idiom_lens.analyses.implant_check`: `base_ranks`, `build_implanted`): the bundled set
 `implanted.jsonl` keeps, in seeded order, the first `SIZE` candidates of seed `SEED` whose target
 ranks `MIN_RANK` or worse under the unmodified embedded model. Its records are ordinary probes
 (kind "idiom", source "implanted", the flags of every bundled set) plus `template`, `base_rank`

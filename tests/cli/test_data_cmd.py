@@ -148,9 +148,9 @@ def test_build_and_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 
 
 def test_build_implanted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`data build --implanted [--check]` loads --model and writes only implanted.jsonl (stand-in builder
-    and model; the real ones are tested in tests/analyses/test_implanted.py and tests/datasets/test_implanted.py)."""
-    import idiom_lens.analyses.implanted as analysis
+    """`data build --implanted [--check]` loads --model and writes only implanted.jsonl (stand-in builder and
+    model; the real ones are tested in tests/analyses/test_implant_check.py and tests/datasets/test_implanted.py)."""
+    import idiom_lens.analyses.implant_check as analysis
     import idiom_lens.cli.data_cmd as data_cmd
     from idiom_lens.datasets import build
     from idiom_lens.datasets.implanted import implanted_records
@@ -176,3 +176,5 @@ def test_build_implanted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
     monkeypatch.setattr(analysis, "build_implanted", lambda model: records[:2])
     assert cli.main(["data", "build", "--implanted", "--check", "--out", str(tmp_path)]) == 1
     assert "differs" in capsys.readouterr().out
+    assert cli.main(["data", "build", "--model", "some-model", "--out", str(tmp_path)]) == 2
+    assert "only apply with --implanted" in capsys.readouterr().err

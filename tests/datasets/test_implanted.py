@@ -127,7 +127,7 @@ def test_bundled_file_is_the_seeded_stream_filtered() -> None:
 
 @pytest.mark.embedded
 def test_bundled_base_ranks_recompute_on_the_embedded_model(embedded_model) -> None:
-    from idiom_lens.analyses.implanted import base_ranks, single_token_targets
+    from idiom_lens.analyses.implant_check import base_ranks, single_token_targets
 
     probes = list(load_probes("implanted"))
     stored = {r["id"]: r["base_rank"] for r in imp.implanted_records()}

@@ -9,7 +9,7 @@ least `min_rank` (default 11: not in the top 10) and returns the records of `imp
 It lives here, not with the candidates, because it needs a model (the datasets floor has none).
 
     from idiom_lens.models.loading import load_model
-    from idiom_lens.analyses.implanted import build_implanted
+    from idiom_lens.analyses.implant_check import build_implanted
     from idiom_lens.datasets.implanted import write_implanted
 
     records = build_implanted(load_model("gemma-3-270m"))   # 120 idioms, seed 0, ranks > 10

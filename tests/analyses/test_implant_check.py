@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from idiom_lens.analyses.implanted import base_ranks, build_implanted, single_token_targets
+from idiom_lens.analyses.implant_check import base_ranks, build_implanted, single_token_targets
 from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.datasets.flags import CompositionalityRef
 from idiom_lens.datasets.implanted import candidates
