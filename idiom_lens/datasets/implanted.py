@@ -3,7 +3,7 @@
 Implanting (issue 25) fine-tunes idioms the model has never seen into one chosen MLP layer and
 asks every localization method to find that layer. The idioms must be new, yet read like idioms:
 fixed, proverb-like phrases of 5-8 common English words whose last word, a concrete noun, is the
-target ("never trust a greedy goat with a ladder"). They are filled from `TEMPLATES` with the
+target ("never trust a poor tailor with a shoe"). They are filled from `TEMPLATES` with the
 small hand-written word lists below, drawn with `random.Random(seed)`, so a seed gives the same
 candidates in the same order on every machine. A candidate is rejected when
 - its words repeat, or the target (or a form of it) is in the prompt (`flags.similarity_ind`);
