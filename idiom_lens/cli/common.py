@@ -41,8 +41,8 @@ from typing import Any
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import EMBEDDED_SPEC
 
-DATASET_HELP = ("probe sets: bundled names (idioms, text, facts) or probe files (our JSONL/CSV, or the authors' "
-                "IdioMem JSONL as published); several are joined, ids must be unique across them")
+DATASET_HELP = ("probe sets: bundled names (idioms, text, facts, implanted) or probe files (our JSONL/CSV, or the "
+                "authors' IdioMem JSONL as published); several are joined, ids must be unique across them")
 LIMIT_HELP = "only the first N probes of each set (N >= 1; default: all)"
 SAMPLE_HELP = ("a seeded sample of N probes of each set (each --dataset entry), taken after --limit, kept in "
                "file order (N >= 1; default: all)")

@@ -7,10 +7,11 @@ import filecmp
 import tempfile
 from pathlib import Path
 
-from idiom_lens.cli.common import add_limit_option, add_output_options
+from idiom_lens.cli.common import add_limit_option, add_model_options, add_output_options, load_from_args
 from idiom_lens.datasets.loaders import bundled_dir, bundled_names, bundled_path, export_probes, load_probes
 from idiom_lens.datasets.probes import FLAG_NAMES, ProbeSet
 from idiom_lens.errors import InputError
+from idiom_lens.models.loading import EMBEDDED_SPEC
 
 _SHORT_FLAGS = {"similarity_ind": "sim", "prompt_comp_ind": "comp", "frequent_target_ind": "rare",
                 "hard_to_guess": "hard", "single_target": "single"}
@@ -42,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        note="default: the package's data folder; with --check, the folder compared with")
     p.add_argument("--check", action="store_true",
                    help="build into a temporary folder and compare with the bundled files")
+    p.add_argument("--implanted", action="store_true",
+                   help="build the implanted idioms (implanted.jsonl) instead: new idioms whose target is not in "
+                        "the top 10 of --model before implanting (loads the model)")
+    add_model_options(p)
     p.set_defaults(handler=_build)
 
 
@@ -100,13 +105,16 @@ def _build(args: argparse.Namespace) -> int:
             f"building the bundled sets needs the build-time packages {', '.join(missing)} "
             "(install them with: pip install 'idiom-lens[build-data]')"
         )
+    if not args.implanted and (args.model != EMBEDDED_SPEC or args.device != "cpu" or args.n_devices is not None):
+        raise InputError("--model, --device and --n-devices only apply with --implanted (the other sets need no model)")
+    build_sets = (lambda out: _build_implanted(args, out)) if args.implanted else build.build_all
     if not args.check:
         out = args.out or bundled_dir()
-        for name, path in build.build_all(out).items():
+        for name, path in build_sets(out).items():
             print(f"wrote {name}: {path}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        built = build.build_all(tmp)
+        built = build_sets(tmp)
         reference = args.out or bundled_dir()
         differ = [name for name, path in built.items() if not (reference / path.name).is_file()
                   or not filecmp.cmp(path, reference / path.name, shallow=False)]
@@ -115,3 +123,18 @@ def _build(args: argparse.Namespace) -> int:
         return 1
     print(f"bundled sets in {reference} are reproduced byte for byte: {', '.join(built)}")
     return 0
+
+
+def _build_implanted(args: argparse.Namespace, out: Path | str) -> dict[str, Path]:
+    """`implanted.jsonl` (the defaults of `build_implanted`: 120 idioms, seed 0) checked on `--model`."""
+    import statistics
+
+    from idiom_lens.analyses.implant_check import build_implanted
+    from idiom_lens.datasets.implanted import NAME, write_implanted
+
+    model = load_from_args(args)
+    records = build_implanted(model)
+    ranks = [r["base_rank"] for r in records]
+    print(f"{len(records)} implanted idioms; base rank on {model.spec}: min {min(ranks)}, "
+          f"median {statistics.median(ranks):g}")
+    return {NAME: write_implanted(records, out)}

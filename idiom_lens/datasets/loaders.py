@@ -1,12 +1,13 @@
 """Load, validate and export probe files.
 
-`load_probes(spec)` takes a bundled set name ("idioms", "text", "facts") or a path and returns a
-`ProbeSet`. Accepted files (UTF-8; the format is picked from the extension and, for JSON Lines,
+`load_probes(spec)` takes a bundled set name ("idioms", "text", "facts", "implanted") or a path and
+returns a `ProbeSet`. Accepted files (UTF-8; the format is picked from the extension and, for JSON Lines,
 from the first record):
 - the authors' IdioMem JSONL, as published: `{"idiom": ..., "id": ..., "source": ..., flags}` per
   line (recognised by its `idiom` field); prompt = all words but the last, target = the last word;
 - our JSONL (`.jsonl`, `.ndjson`, `.json` with one object per line) and CSV (`.csv`, header row):
   a `text` column, or `prompt` + `target` columns; optional `id`, `kind`, `source` and flags.
+  Other keys are ignored (the implanted idioms' `template`, `base_rank`, `base_rank_model`).
 
 Every row is validated and a bad row raises `InputError` naming the file and line; with
 `on_error="skip"` bad rows are left out instead, listed in `ProbeSet.skipped` and summarised in a
@@ -68,7 +69,7 @@ def bundled_names() -> list[str]:
 
 
 def bundled_path(name: str) -> Path:
-    """Path of the bundled file `name` ("idioms", "text", "facts")."""
+    """Path of the bundled file `name` ("idioms", "text", "facts", "implanted")."""
     path = bundled_dir() / f"{name}.jsonl"
     if not path.is_file():
         known = ", ".join(bundled_names()) or "none"

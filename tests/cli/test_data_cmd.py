@@ -32,7 +32,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     header = out.splitlines()[0].split()
     assert header[:3] == ["name", "probes", "similarity_ind"]
     column = header.index("not_single_target")
-    for name in ("idioms", "text", "facts"):
+    for name in ("idioms", "text", "facts", "implanted"):
         row = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert int(row.split()[1]) == len(load_probes(name))
         assert int(row.split()[column]) == 0
@@ -108,7 +108,7 @@ def test_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_input_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["data", "show", "idiomz"]) == 2
-    assert "known sets are facts, idioms, text" in capsys.readouterr().err
+    assert "known sets are facts, idioms, implanted, text" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ice"}\n', encoding="utf-8")
     assert cli.main(["data", "show", str(bad)]) == 2
@@ -145,3 +145,36 @@ def test_build_and_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
     (tmp_path / "idioms.jsonl").write_text("changed\n", encoding="utf-8")
     assert cli.main(["data", "build", "--check", "--out", str(tmp_path)]) == 1
     assert "differs" in capsys.readouterr().out
+
+
+def test_build_implanted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data build --implanted [--check]` loads --model and writes only implanted.jsonl (stand-in builder and
+    model; the real ones are tested in tests/analyses/test_implant_check.py and tests/datasets/test_implanted.py)."""
+    import idiom_lens.analyses.implant_check as analysis
+    import idiom_lens.cli.data_cmd as data_cmd
+    from idiom_lens.datasets import build
+    from idiom_lens.datasets.implanted import implanted_records
+
+    records = implanted_records()[:3]
+    models: list[str] = []
+
+    def fake_load(args: SimpleNamespace) -> SimpleNamespace:
+        models.append(args.model)
+        return SimpleNamespace(spec=args.model)
+
+    monkeypatch.setattr(build, "missing_build_packages", lambda: [])
+    monkeypatch.setattr(build, "build_all", lambda out: pytest.fail("the model-free sets were built"))
+    monkeypatch.setattr(data_cmd, "load_from_args", fake_load)
+    monkeypatch.setattr(analysis, "build_implanted", lambda model: records)
+    assert cli.main(["data", "build", "--implanted", "--model", "some-model", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert models == ["some-model"] and "wrote implanted" in out and "3 implanted idioms" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["implanted.jsonl"]
+    assert implanted_records(tmp_path / "implanted.jsonl") == records
+    assert cli.main(["data", "build", "--implanted", "--check", "--out", str(tmp_path)]) == 0
+    assert "byte for byte: implanted" in capsys.readouterr().out
+    monkeypatch.setattr(analysis, "build_implanted", lambda model: records[:2])
+    assert cli.main(["data", "build", "--implanted", "--check", "--out", str(tmp_path)]) == 1
+    assert "differs" in capsys.readouterr().out
+    assert cli.main(["data", "build", "--model", "some-model", "--out", str(tmp_path)]) == 2
+    assert "only apply with --implanted" in capsys.readouterr().err

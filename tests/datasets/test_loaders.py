@@ -208,9 +208,9 @@ def test_prompt_target_jsonl_with_kind_column(tmp_path: Path) -> None:
 
 
 def test_bundled_names_and_unknown_name() -> None:
-    assert bundled_names() == ["facts", "idioms", "text"]
+    assert bundled_names() == ["facts", "idioms", "implanted", "text"]
     assert bundled_path("idioms").name == "idioms.jsonl"
-    with pytest.raises(InputError, match="known sets are facts, idioms, text"):
+    with pytest.raises(InputError, match="known sets are facts, idioms, implanted, text"):
         load_probes("idiomz")
 
 
