@@ -59,11 +59,18 @@ def main() -> None:
     from idiom_lens.datasets import load_probes
     from idiom_lens.io import write_json
     from idiom_lens.models.loading import load_model
+    from idiom_lens.study.localizers import LocalizerOptions, run_localizers
     from idiom_lens.study.sets import comparison_sets
 
     started, seconds = time.perf_counter(), {}
     model = load_model(args.model)
-    compat = None
+    compat = []  # the compatibility-mode model, loaded once when a stage first needs it
+
+    def compat_model():
+        if not compat:
+            compat.append(load_model(args.model, mode="compat"))
+        return compat[0]
+
     pool = list(load_probes("idioms")) + list(load_probes("text"))
     memo = score_memorization(model, pool, batch_size=32)
     n = {}
@@ -73,13 +80,10 @@ def main() -> None:
         write_json(folder / "sets.json", {"sets": {k: list(v) for k, v in sets.sets.items()},
                                           "matching": sets.matching})
         n[f"seed{seed}"] = sets.sizes() | {"union": len(sets.probes)}
-        for name, fn, model_of, options in _methods(args, seed):
-            if model_of == "compat" and compat is None:
-                compat = load_model(args.model, mode="compat")
-            t = time.perf_counter()
-            _run(name, fn, compat if model_of == "compat" else model, list(sets.probes), folder / name, options)
-            seconds[f"seed{seed}/{name}"] = round(time.perf_counter() - t, 1)
-            print(f"seed {seed} {name}: {seconds[f'seed{seed}/{name}']:.0f} s", flush=True)
+        options = LocalizerOptions(norms=("frozen",) if args.no_live else ("frozen", "live"), rank_by=args.rank_by,
+                                   window=args.window, noise_samples=args.samples, seed=seed)
+        spent = run_localizers(model, list(sets.probes), folder, options, compat=compat_model)
+        seconds |= {f"seed{seed}/{name}": s for name, s in spent.items()}
     write_json(args.out / "settings.json", {
         "model": model.settings(), "per_set": args.per_set, "seeds": args.seeds, "window": args.window,
         "samples": args.samples, "min_total_effect": args.min_total_effect, "rank_by": args.rank_by,
@@ -89,47 +93,6 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s -> {args.out}")
 
 
-def _methods(args: argparse.Namespace, seed: int) -> list[tuple]:
-    """(folder name, stage function, which model, options) of every method, for one seed."""
-    from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, TracingOptions
-    from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
-    from idiom_lens.study.stages.attention_knockout import run_attention_knockout
-    from idiom_lens.study.stages.attribution import run_attribution
-    from idiom_lens.study.stages.knockouts import run_knockouts
-    from idiom_lens.study.stages.tracing import run_tracing
-
-    png = {"png": False}
-    knock = {"compare_positions": False, "value_vector_ks": (), "skip": False} | png
-    norms = ("frozen",) if args.no_live else ("frozen", "live")
-    methods = [(f"knockouts_{norm}", run_knockouts, "model",
-                {"options": KnockoutOptions(grid=KnockoutGrid.STUDY, controls=("matched",), positions="all",
-                                            norm=norm, rank_by=args.rank_by, seed=seed)} | knock)
-               for norm in norms]
-    methods.append(("tracing", run_tracing, "model",
-                    {"options": TracingOptions(sites=("mlp", "attn"), windows=(args.window,),
-                                               noise_samples=args.samples, positions="key", seed=seed)} | png))
-    methods.append(("noise_effects", _noise_effects_stage, "model",
-                    {"noise_samples": args.samples, "seed": seed}))
-    for window in sorted({args.window, 1}):
-        methods.append((f"attention_knockout_w{window}", run_attention_knockout, "model",
-                        {"options": AttentionKnockoutOptions(window=window)} | png))
-    methods.append(("attribution", run_attribution, "compat", {"progress": False} | png))
-    return methods
-
-
-def _noise_effects_stage(model, probes, out: Path, *, noise_samples: int, seed: int) -> None:
-    """The noise designs of `noise_effects` (one word at a time, all but the last, all but the last two)."""
-    from idiom_lens.analyses.interventions.noise_designs import noise_effects
-
-    noise_effects(model, probes, noise_samples=noise_samples, seed=seed).save(out)
-
-
-def _run(name, fn, model, probes, folder: Path, options: dict) -> None:
-    from idiom_lens.study.parts import run_stage
-
-    run_stage(name, fn, model, probes, folder, options, log=print)
-
-
 # --------------------------------------------------------------------------------------
 # Tables and figure from the saved results
 # --------------------------------------------------------------------------------------
@@ -137,23 +100,15 @@ def _run(name, fn, model, probes, folder: Path, options: dict) -> None:
 
 def _profiles(out: Path) -> tuple[list, dict]:
     """Per seed: (seed, its `RecallProfile` over its sets, its matched pairs); and the pooled pairs."""
-    from idiom_lens.analyses.attribution import AttributionResult
-    from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
-    from idiom_lens.analyses.recall import recall_profile
+    from idiom_lens.study.localizers import localizer_profile
 
     settings = json.loads((out / "settings.json").read_text())
     profiles, pairs = [], {}
     for seed in settings["seeds"]:
         folder = out / f"seed{seed}"
         sets = json.loads((folder / "sets.json").read_text())
-        knock = [KnockoutResult.load(folder / f"knockouts_{norm}") for norm in ("frozen", "live")
-                 if (folder / f"knockouts_{norm}").is_dir()]
-        profile = recall_profile(
-            knockouts=KnockoutResult.stack_runs(knock) if len(knock) > 1 else knock[0],
-            tracing=TracingResult.load(folder / "tracing"),
-            attention=AttentionKnockoutResult.load(folder / f"attention_knockout_w{settings['window']}"),
-            attribution=AttributionResult.load(folder / "attribution"),
-            sets=sets["sets"], min_total_effect=settings["min_total_effect"], seed=seed)
+        profile = localizer_profile(folder, sets=sets["sets"], window=settings["window"],
+                                    min_total_effect=settings["min_total_effect"], seed=seed)
         seed_pairs = sets["matching"].get("pairs", {})
         profiles.append((seed, profile, seed_pairs))
         for a, b in seed_pairs.items():  # pooled: a memorized idiom drawn twice keeps its first seed's pair
