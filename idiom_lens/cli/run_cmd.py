@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, metavar="N",
                        help=f"{help_} (default {default}; 0 skips)")
+    p.add_argument("--ground-truth", action="store_true",
+                   help="also the ground truth for the localizers (off by default; `idiom-lens localize` alone runs "
+                        "it with every option): implants new idioms into an early, a middle and a late MLP layer "
+                        "and scores every localizer on finding them, about 90 minutes on 2 cores")
     add_batch_size_option(p, default=defaults.batch_size)
     add_part_size_option(p, default=defaults.part_size, note=" (trajectory parts)")
     add_model_options(p)
@@ -59,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from idiom_lens.study.ground_truth import GroundTruthOptions
     from idiom_lens.study.run import StudyOptions, run_study
 
     options = StudyOptions(
@@ -67,7 +72,7 @@ def handle(args: argparse.Namespace) -> int:
         patching_sample=args.patching_sample, tracing_sample=args.tracing_sample,
         attn_knockout_sample=args.attn_knockout_sample, seed=args.seed, batch_size=args.batch_size,
         part_size=args.part_size, png=not args.no_png, workers=args.workers, ray_address=args.ray_address,
-        worker_threads=args.worker_threads,
+        worker_threads=args.worker_threads, ground_truth=GroundTruthOptions() if args.ground_truth else None,
     )
     run_study(load_from_args(args), args.out, options, device=args.device, n_devices=args.n_devices)
     return 0

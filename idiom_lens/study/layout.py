@@ -56,8 +56,10 @@ PATCHING = "patching"
 TRACING = "tracing"
 ATTENTION_KNOCKOUT = "attention_knockout"
 RECALL = "recall"
+GROUND_TRUTH = "ground_truth"
 COMPARISON = "comparison"
-STAGES = (TRAJECTORY, LENSES, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING)  # report order
+STAGES = (TRAJECTORY, LENSES, RECALL, ATTRIBUTION, INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, PATCHING,
+          GROUND_TRUTH)  # report order
 
 def _regenerate(root: Path) -> str:
     return (f"regenerate it: remove it or choose another folder, then `idiom-lens run --out {root}` "

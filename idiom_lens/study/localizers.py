@@ -35,10 +35,11 @@ NORMS = ("frozen", "live")
 @dataclass(frozen=True, kw_only=True)
 class LocalizerOptions:
     """Which localizers run and how: the knockouts' post-MLP `norms` (the first is primary),
-    neuron ranking and controls (`idiom_lens.analyses.interventions.knockouts.CONTROLS`), the tracing and attention-knockout `window`, the noise
-    `noise_samples`, whether the noise designs run, the lens trajectories (`lenses`: among
-    ``logit``, ``tuned``; a tuned lens comes from the cache, see `run_localizers`) and the `seed`
-    of the random controls and the noise. Raises `InputError` for a bad value."""
+    neuron ranking and controls (`analyses.interventions.knockouts.CONTROLS`), the tracing and
+    attention-knockout `window`, the `noise_samples`, whether the noise designs run, the lens
+    trajectories (`lenses`: among ``logit``, ``tuned``; the tuned lens is passed to
+    `run_localizers`) and the `seed` of the random controls and the noise. Raises `InputError`
+    for a bad value."""
 
     norms: tuple[str, ...] = NORMS
     rank_by: str = "effective"

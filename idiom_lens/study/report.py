@@ -52,6 +52,7 @@ STAGE_TITLES = {
     "tracing": "Causal tracing: where restoring one clean activation brings the prediction back",
     "attention_knockout": "Attention knockout: does the last token read the idiom's earlier words?",
     "recall": "Where recall lives: every method per layer, memorized vs non-memorized idioms",
+    "ground_truth": "Ground truth: do the localizers find idioms implanted into a known MLP layer?",
     "comparison": "Models compared",
 }
 _KIND_ORDER = {"idiom": 0, "fact": 1, "text": 2}

@@ -184,5 +184,27 @@ def _comparison_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[P
     return table_html(table, caption="Measures per model (depth = (layer + 1) / n_layers)"), set()
 
 
+def _ground_truth_body(stage: Stage, renderer: FigureRenderer) -> tuple[str, set[Path]]:
+    """The scores per localizer and depth (implanted idioms and both controls), the implants and
+    their side effects, and the two figures; the localizers' own figures stay in their subfolders."""
+    parts = []
+    for path in stage.figures:
+        if path.parent == stage.path:
+            parts.append(renderer.render(path))
+    scores = pd.read_parquet(stage.path / "localization.parquet")
+    depth = scores[scores["scope"] == "depth"]
+    for name, part in depth.groupby("set", sort=False):
+        parts.append(table_html(part[["measure", "depth", "n", "score", "score_low", "score_high", "hit",
+                                      "profile_top_layer"]],
+                                caption=f"{name}: score of the implanted layer (1 = ranked first, 0.5 = chance), "
+                                        "95% bootstrap interval over idioms, seeds pooled"))
+    for file, caption in (("implants.parquet", "Implants: share of the implanted idioms predicted, training"),
+                          ("side_effects.parquet", "Side effects of each implant on ordinary text and the bundled "
+                                                   "idioms")):
+        if (stage.path / file).is_file():
+            parts.append(table_html(pd.read_parquet(stage.path / file), caption=caption))
+    return "".join(parts), set(stage.figures)
+
+
 STAGE_BODIES = {"trajectory": _trajectory_body, "lenses": _lenses_body, "attribution": _attribution_body,
-                 "comparison": _comparison_body}
+                "comparison": _comparison_body, "ground_truth": _ground_truth_body}

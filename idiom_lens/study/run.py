@@ -16,7 +16,9 @@ rerun when finished with the same settings:
 5. tracing: causal tracing (ROME) of a sample of memorized and non-memorized idioms;
 6. attention_knockout: the last position cut from the idiom's earlier words, a sample per set;
 7. recall: every method above per layer in one figure (rewritten from the stages each run);
-8. report: one HTML page over everything under OUT.
+8. ground_truth (off by default, `ground_truth`): idioms implanted into known MLP layers, every
+   localizer scored on finding them (`study.ground_truth`);
+9. report: one HTML page over everything under OUT.
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
 sampled probes and every argument of the stage function, see `parts.stage_key`) and intact
@@ -43,9 +45,11 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.locks import folder_lock
 from idiom_lens.models.loading import LoadedModel, load_model
+from idiom_lens.study.ground_truth import GroundTruthOptions
 from idiom_lens.study.layout import (
     ATTENTION_KNOCKOUT,
     ATTRIBUTION,
+    GROUND_TRUTH,
     INTERVENTIONS,
     LENSES,
     PATCHING,
@@ -90,6 +94,9 @@ class StudyOptions:
     # (ROME's 10 is over half the depth of an 18-layer model), 10 noise samples; 20-45 s per idiom on 2 cores.
     tracing: TracingOptions = TracingOptions(windows=(5,))
     attention_knockout: AttentionKnockoutOptions = AttentionKnockoutOptions()
+    # Ground truth for the localizers (`study.ground_truth`): off by default (it trains 6 implants and runs
+    # every localizer on each, about 90 minutes on 2 cores); a `GroundTruthOptions` runs it last.
+    ground_truth: GroundTruthOptions | None = None
     batch_size: int = 16  # speed only: not part of any stage's key
     part_size: int = 256  # probes per resumable trajectory part
     png: bool = True  # static PNG figures beside the HTML ones
@@ -114,6 +121,8 @@ class StudyOptions:
                            ("tracing", TracingOptions), ("attention_knockout", AttentionKnockoutOptions)):
             if not isinstance(getattr(self, name), kind):
                 raise InputError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if self.ground_truth is not None and not isinstance(self.ground_truth, GroundTruthOptions):
+            raise InputError(f"ground_truth must be a GroundTruthOptions or None, got {self.ground_truth!r}")
         object.__setattr__(self, "lenses", tuple(k for k in dict.fromkeys(self.lenses) if k != "logit"))
         unknown = [k for k in self.lenses if k not in ("tuned", "jacobian")]
         if unknown:
@@ -256,6 +265,11 @@ def _run_stages(
     if any(folder.has(s) for s in (INTERVENTIONS, TRACING, ATTENTION_KNOCKOUT, ATTRIBUTION)):
         log("[run] recall: every method per layer")
         write_recall(folder, png=png)
+    if options.ground_truth is not None:
+        from idiom_lens.study.ground_truth import run_ground_truth
+
+        log("[run] ground truth: implanted idioms, every localizer scored")
+        run_ground_truth(model.spec, folder.stage_path(GROUND_TRUTH), options.ground_truth, png=png, log=log)
     if report:
         log("[run] report")
         log(f"  {build_report(study.root)}")

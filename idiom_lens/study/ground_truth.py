@@ -1,0 +1,244 @@
+"""Ground truth for the localizers (issue 25; method.md section 7): implant new idioms into an MLP
+layer we choose, run every localizer on them, and score how well each finds that layer.
+
+For each depth (`layers`, default an early, a middle and a late layer) and seed: the bundled
+implanted idioms (`datasets.implanted`) are trained into that layer only (`models.implant`,
+stored in the model cache and reused), the implanted model's side effects are measured (held-out
+KL on ordinary text, the bundled idioms' memorization rate before and after), and every
+localizer of `study.localizers` runs on a seeded sample of the implanted idioms the implanted
+model now predicts. Two controls sit beside it, both scored against the same true layer:
+- the same idioms on the base model (no implant): what a method says without the implant, i.e.
+  its prior for that layer;
+- bundled idioms the base model memorizes, on the implanted model (first seed of each depth):
+  whether a method points at the implanted layer whatever the probe.
+Scores (`analyses.localization.layer_scores`): per measure and implant, the true layer's rank
+among the layers per probe, as a score in [0, 1] (1 = first, chance 0.5) with a bootstrap
+interval over idioms, pooled over seeds per depth; in neurons mode, the precision of each neuron
+ranking's top k against the trained neurons (`neuron_precision`).
+
+Everything is written under OUT as it completes (each localizer stage resumable, each implant
+reused from the cache): implants.parquet, side_effects.parquet, localization*.parquet (every
+set), localization.md, and the figures localization_scores and localization_profiles.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from idiom_lens.errors import InputError
+from idiom_lens.study.localizers import LocalizerOptions
+
+IMPLANTED = "implanted"
+NO_IMPLANT = "no implant (base model)"
+MEMORIZED = "memorized idioms (implanted model)"
+SETS = (IMPLANTED, NO_IMPLANT, MEMORIZED)
+DEFAULT_LOCALIZERS = LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), noise_effects=False,
+                                      lenses=("logit",))
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """An early, a middle and a late layer: 2, 8 and 14 of Gemma 3 270M's 18, the same depth
+    fractions in another model."""
+    return tuple(sorted({round(f * n_layers / 18) for f in (2, 8, 14)}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroundTruthOptions:
+    """What the benchmark runs: implant `layers` (None: `default_layers`) x `seeds` in `mode`
+    (``layer`` or ``neurons``, `models.implant.ImplantOptions`) from the probe set `dataset`;
+    every localizer of `localizers` on `n_scored` of the implanted idioms (a sample seeded by
+    `sample_seed`, the same for every implant where they are predicted) and on `n_control`
+    memorized bundled idioms (first seed of each depth); tracing's total-effect floor
+    `min_total_effect`; `implant`: any other `ImplantOptions` field (lr, max_epochs, ...;
+    default: theirs). Raises `InputError` for a bad value."""
+
+    layers: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1)
+    mode: str = "layer"
+    dataset: str = "implanted"
+    n_scored: int = 20
+    n_control: int = 10
+    localizers: LocalizerOptions = field(default_factory=lambda: DEFAULT_LOCALIZERS)
+    implant: dict[str, Any] = field(default_factory=dict)  # other `ImplantOptions` (lr, max_epochs, ...)
+    min_total_effect: float = 0.05
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers or min(self.layers) < 0:
+                raise InputError(f"layers must be whole numbers >= 0, got {list(self.layers)}")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds:
+            raise InputError("seeds names no seed: expected e.g. (0, 1)")
+        if self.mode not in ("layer", "neurons"):
+            raise InputError(f"mode must be 'layer' or 'neurons', got {self.mode!r}")
+        for name in ("n_scored", "n_control"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_scored" else 0):
+                raise InputError(f"{name} must be a whole number >= {1 if name == 'n_scored' else 0}, got {value!r}")
+        known = {"n_neurons", "train_inputs", "loss", "lr", "max_epochs", "stop_loss", "batch_size"}
+        if set(self.implant) - known:
+            raise InputError(f"implant options {sorted(set(self.implant) - known)} are unknown: expected some of "
+                             f"{sorted(known)}")
+        if not isinstance(self.localizers, LocalizerOptions):
+            raise InputError(f"localizers must be a LocalizerOptions, got {type(self.localizers).__name__}")
+
+    def describe(self) -> dict[str, Any]:
+        import dataclasses
+
+        out = dataclasses.asdict(self)
+        out["localizers"] = dataclasses.asdict(self.localizers)
+        return out
+
+
+def _group(set_name: str, layer: int, seed: int) -> str:
+    return f"{set_name} | L{layer} s{seed}"
+
+
+def _sample(ids: Sequence[str], n: int, seed: int) -> list[str]:
+    import random
+
+    ids = list(ids)
+    return sorted(random.Random(seed).sample(ids, min(n, len(ids))), key=ids.index)
+
+
+def run_ground_truth(
+    base_spec: str,
+    out: str | Path,
+    options: GroundTruthOptions = GroundTruthOptions(),
+    *,
+    png: bool = True,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Implant, run every localizer, score; everything written under `out` as it completes (see
+    the module docstring). Returns the scores (`LocalizationScores.to_dataframe()`)."""
+    from idiom_lens.analyses.implant_effects import side_effects
+    from idiom_lens.analyses.memorization import score_memorization
+    from idiom_lens.datasets import load_probes
+    from idiom_lens.io import write_json, write_parquet
+    from idiom_lens.models.implant import ImplantOptions, ensure_implant
+    from idiom_lens.models.loading import load_model
+    from idiom_lens.study.localizers import run_localizers
+
+    out = Path(out)
+    started = time.perf_counter()
+    base = load_model(base_spec)
+    layers = options.layers if options.layers is not None else default_layers(base.n_layers)
+    if max(layers) >= base.n_layers:
+        raise InputError(f"layers {list(layers)} are outside {base.spec}'s {base.n_layers} layers")
+    implanted = {p.id: p for p in load_probes(options.dataset)}
+    idioms = [p for p in load_probes("idioms")]
+    text = list(load_probes("text"))
+    memo = score_memorization(base, idioms, batch_size=32).to_dataframe()
+    memorized = _sample(memo.loc[memo["memorized"], "probe_id"].tolist(), options.n_control, options.sample_seed)
+    by_id = {p.id: p for p in idioms}
+    scored = _sample(list(implanted), max(options.n_scored * 2, options.n_scored), options.sample_seed)
+    localizers = options.localizers
+    compat_of: dict[str, Any] = {}
+
+    def compat(spec: str) -> Callable[[], Any]:
+        def load() -> Any:
+            if spec not in compat_of:
+                compat_of.clear()  # one compatibility-mode model in memory at a time
+                compat_of[spec] = load_model(spec, mode="compat")
+            return compat_of[spec]
+        return load
+
+    implants, effects, sets_of = [], [], {}
+    base_ids = scored[:options.n_scored]
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    run_localizers(base, [implanted[i] for i in base_ids], out / "base", replace(localizers, seed=0),
+                   compat=compat(base.spec), log=log)
+    seconds["base"] = round(time.perf_counter() - t, 1)
+    for layer in layers:
+        for s, seed in enumerate(options.seeds):
+            name = f"L{layer}-s{seed}"
+            t = time.perf_counter()
+            result = ensure_implant(base, ImplantOptions(layer=layer, seed=seed, mode=options.mode,
+                                                         **options.implant), dataset=options.dataset)
+            model = load_model(result.spec)
+            implants.append({"implant": name, "layer": layer, "seed": seed, "spec": result.spec,
+                             "rate": result.rate, "n_probes": result.n_probes, "epochs": result.epochs,
+                             "train_seconds": result.seconds, "converged": result.converged,
+                             "neurons": list(result.neurons) if result.neurons is not None else None})
+            write_parquet(out / "implants.parquet", pd.DataFrame(implants))
+            effect = side_effects(base, model, text_probes=text, idioms=[by_id[i] for i in memo["probe_id"]])
+            effects.append(effect.to_dataframe().assign(implant=name, layer=layer, seed=seed))
+            write_parquet(out / "side_effects.parquet", pd.concat(effects, ignore_index=True))
+            now = score_memorization(model, [implanted[i] for i in scored], batch_size=32).to_dataframe()
+            ids = now.loc[now["memorized"], "probe_id"].tolist()[:options.n_scored]
+            if not ids:
+                raise InputError(f"the implant {result.spec} predicts none of the scored idioms: nothing to localize")
+            controls = memorized if s == 0 else []
+            run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
+                           replace(localizers, seed=seed), compat=compat(result.spec), log=log)
+            sets_of[name] = {_group(IMPLANTED, layer, seed): ids}
+            if controls:
+                sets_of[name][_group(MEMORIZED, layer, seed)] = controls
+            seconds[name] = round(time.perf_counter() - t, 1)
+            write_json(out / "settings.json", {"base": base.settings(), "options": options.describe(),
+                                               "layers": list(layers), "sets": sets_of, "base_ids": base_ids,
+                                               "seconds": seconds,
+                                               "total_seconds": round(time.perf_counter() - started, 1)})
+            log(f"[ground truth] {name}: rate {result.rate:.2f}, {len(ids)} scored, {seconds[name]:.0f} s")
+    return score_ground_truth(out, png=png)
+
+
+def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
+    """The scores, tables and figures from the results saved under `out` (no model)."""
+    import json
+
+    from idiom_lens.analyses.localization import Implant, layer_scores
+    from idiom_lens.analyses.recall import PER_PROBE_COLUMNS
+    from idiom_lens.io import write_json, write_parquet, write_text
+    from idiom_lens.plots.export import save_figure
+    from idiom_lens.plots.localization import localization_heatmap, localization_profiles
+    from idiom_lens.study.localizers import localizer_profile
+    from idiom_lens.study.text import markdown_table
+
+    out = Path(out)
+    settings = json.loads((out / "settings.json").read_text())
+    window = settings["options"]["localizers"]["window"]
+    floor = settings["options"]["min_total_effect"]
+    parts = [localizer_profile(out / name, sets=sets, window=window, min_total_effect=floor).per_probe
+             for name, sets in settings["sets"].items()]
+    # The base model's values once per depth (not once per seed), on the idioms its first implant scored.
+    first_seed = settings["options"]["seeds"][0]
+    base_sets = {}
+    for layer in settings["layers"]:
+        implanted_ids = settings["sets"].get(f"L{layer}-s{first_seed}", {}).get(_group(IMPLANTED, layer, first_seed))
+        if implanted_ids:
+            base_sets[_group(NO_IMPLANT, layer, first_seed)] = [i for i in settings["base_ids"] if i in implanted_ids]
+    parts.append(localizer_profile(out / "base", sets=base_sets, window=window, min_total_effect=floor).per_probe)
+    per_probe = pd.concat(parts, ignore_index=True)[PER_PROBE_COLUMNS]
+    tables = []
+    for set_name in SETS:
+        groups = {g for g in per_probe["group"].unique() if g.startswith(set_name + " | ")}
+        if not groups:
+            continue
+        true = {}
+        for g in groups:
+            layer, seed = g.split("| L")[1].split(" s")
+            true[g] = Implant(layer=int(layer), seed=int(seed))
+        scores = layer_scores(per_probe[per_probe["group"].isin(groups)], true_layers=true)
+        scores.save(out, name=f"localization_{set_name.split(' ')[0]}")
+        tables.append(scores.to_dataframe().assign(set=set_name))
+        if set_name == IMPLANTED:
+            save_figure(localization_heatmap(scores, title="Does each localizer find the implanted layer?"),
+                        out / "localization_scores", png=png)
+            save_figure(localization_profiles(scores), out / "localization_profiles", png=png)
+    table = pd.concat(tables, ignore_index=True)
+    write_parquet(out / "localization.parquet", table)
+    depth = table[table["scope"] == "depth"]
+    shown = depth[["set", "measure", "depth", "n", "score", "score_low", "score_high", "hit", "profile_top_layer"]]
+    write_text(out / "localization.md", markdown_table(shown) + "\n")
+    write_json(out / "summary.json", {"settings": settings, "scores": shown.to_dict("records")})
+    return table
