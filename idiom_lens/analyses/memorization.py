@@ -32,7 +32,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.relations import FACT_RELATIONS, UNKNOWN_RELATION, fact_relation
 from idiom_lens.errors import InputError
 from idiom_lens.groups import GROUPS  # noqa: F401  (re-exported: the sets, defined in idiom_lens.groups)
-from idiom_lens.models.forward import ForwardBatch, iterate_forward, tokenize_probes
+from idiom_lens.models.forward import ForwardBatch, greedy_at_last, iterate_forward, tokenize_probes
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens
 
@@ -287,7 +287,7 @@ def records_from_batch(
     rows = torch.arange(len(batch.indices), device=batch.logits.device)
     final = batch.logits[rows, batch.last].float()
     log_probs = final.log_softmax(dim=-1)
-    pred = final.argmax(dim=-1)
+    pred = greedy_at_last(batch)
     decode = model.tokenizer.decode
     out = []
     for row, index in enumerate(batch.indices):

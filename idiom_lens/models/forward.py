@@ -107,3 +107,22 @@ def iterate_forward(
         bar.update(len(indices))
     if bar is not None:
         bar.close()
+
+
+def greedy_at_last(batch: ForwardBatch) -> Int[Tensor, " batch"]:
+    """The greedy next token at each row's last prompt position over real vocabulary tokens
+    (`batch.logits` is masked): the prediction of method.md section 2, shared by
+    `analyses.memorization` and the implant's stopping rule."""
+    rows = torch.arange(len(batch.indices), device=batch.logits.device)
+    return batch.logits[rows, batch.last].argmax(dim=-1)
+
+
+def greedy_predictions(
+    model: LoadedModel, probe_tokens: Sequence[ProbeTokens], *, batch_size: int = 16
+) -> Int[Tensor, " probe"]:
+    """`greedy_at_last` for every probe, in the given order (a probe is memorized when it equals
+    the probe's target token)."""
+    out = torch.empty(len(probe_tokens), dtype=torch.long)
+    for batch in iterate_forward(model, probe_tokens, batch_size=batch_size, desc="greedy predictions"):
+        out[torch.tensor(batch.indices)] = greedy_at_last(batch).cpu()
+    return out

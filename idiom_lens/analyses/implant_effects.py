@@ -1,0 +1,105 @@
+"""What an implant did besides the implanted idioms: its side effects on the base model.
+
+An implant (`idiom_lens.models.implant`) should teach the new idioms and change little else; a
+ground truth for localizers is only clean when the implanted layer does not also rewrite the
+model's ordinary behaviour. `side_effects` measures, between the base and the implanted model:
+- KL(base || implanted) of the next-token distributions on ordinary text (the bundled `text`
+  set, held out from the implant): mean per token over every position of every sequence, and at
+  the probes' last prompt token, with the share of those last-token predictions that changed;
+- the memorization rate of an idiom set (the bundled idioms minus the implanted ones) on both
+  models, and how many idioms were lost and gained.
+Distributions range over real vocabulary tokens (`models.vocab`), as every prediction of the toolkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from idiom_lens.analyses.memorization import score_memorization
+from idiom_lens.datasets.probes import Probe
+from idiom_lens.datasets.selection import check_probes
+from idiom_lens.errors import InputError
+from idiom_lens.models.forward import iterate_forward, tokenize_probes
+from idiom_lens.models.loading import LoadedModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class SideEffects:
+    """Side effects of an implant (see the module docstring); KL in nats."""
+
+    kl_per_token: float  # mean over every position of the text sequences
+    kl_last: float  # mean at the text probes' last prompt token
+    kl_last_max: float  # the largest one there
+    text_changed: float  # share of text probes whose greedy next token at the last prompt token changed
+    n_texts: int
+    n_tokens: int
+    idioms_rate_before: float
+    idioms_rate_after: float
+    n_idioms: int
+    n_lost: int  # idioms memorized by the base model, not by the implanted one
+    n_gained: int  # the reverse
+    settings: dict[str, Any]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per measure: measure, value, n (the count it is over)."""
+        rows = [
+            ("kl_per_token", self.kl_per_token, self.n_tokens),
+            ("kl_last", self.kl_last, self.n_texts),
+            ("kl_last_max", self.kl_last_max, self.n_texts),
+            ("text_changed", self.text_changed, self.n_texts),
+            ("idioms_rate_before", self.idioms_rate_before, self.n_idioms),
+            ("idioms_rate_after", self.idioms_rate_after, self.n_idioms),
+            ("idioms_lost", float(self.n_lost), self.n_idioms),
+            ("idioms_gained", float(self.n_gained), self.n_idioms),
+        ]
+        return pd.DataFrame(rows, columns=["measure", "value", "n"])
+
+
+def side_effects(
+    base_model: LoadedModel,
+    implanted_model: LoadedModel,
+    *,
+    text_probes: Sequence[Probe],
+    idioms: Sequence[Probe],
+    batch_size: int = 16,
+) -> SideEffects:
+    """Held-out KL(base || implanted) on `text_probes` (every position of prompt + target, and the
+    last prompt token) and the memorization of `idioms` on both models (leave the implanted idioms
+    out of `idioms`). The two models must share a tokenizer (an implant and its base do)."""
+    text_probes, idioms = check_probes(text_probes), check_probes(idioms)
+    if base_model.d_vocab != implanted_model.d_vocab or base_model.n_layers != implanted_model.n_layers:
+        raise InputError(f"side_effects compares a model with its implant: {base_model.spec!r} and "
+                         f"{implanted_model.spec!r} differ in shape")
+    probe_tokens = tokenize_probes(base_model, text_probes)
+    if probe_tokens != tokenize_probes(implanted_model, text_probes):
+        raise InputError(f"{base_model.spec!r} and {implanted_model.spec!r} tokenize the text differently")
+    per_token, last, changed = [], [], []
+    batches = zip(iterate_forward(base_model, probe_tokens, batch_size=batch_size, desc="side effects (base)"),
+                  iterate_forward(implanted_model, probe_tokens, batch_size=batch_size,
+                                  desc="side effects (implanted)"))
+    for base, implanted in batches:
+        logp = base.logits.float().log_softmax(dim=-1)
+        logq = implanted.logits.float().log_softmax(dim=-1)
+        kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(dim=-1)  # [batch, pos]
+        rows = torch.arange(len(base.indices))
+        for row, index in enumerate(base.indices):
+            length = len(probe_tokens[index].prompt_ids) + len(probe_tokens[index].target_ids)
+            per_token.append(kl[row, :length])
+        last.append(kl[rows, base.last])
+        changed.append(base.logits[rows, base.last].argmax(-1) != implanted.logits[rows, implanted.last].argmax(-1))
+    tokens, at_last, flips = torch.cat(per_token), torch.cat(last), torch.cat(changed)
+    before = score_memorization(base_model, idioms, batch_size=batch_size).to_dataframe()["memorized"].to_numpy()
+    after = score_memorization(implanted_model, idioms, batch_size=batch_size).to_dataframe()["memorized"].to_numpy()
+    return SideEffects(
+        kl_per_token=float(tokens.mean()), kl_last=float(at_last.mean()), kl_last_max=float(at_last.max()),
+        text_changed=float(flips.float().mean()), n_texts=len(text_probes), n_tokens=int(tokens.numel()),
+        idioms_rate_before=float(before.mean()), idioms_rate_after=float(after.mean()), n_idioms=len(idioms),
+        n_lost=int((before & ~after).sum()), n_gained=int((~before & after).sum()),
+        settings={"base": base_model.settings(), "implanted": implanted_model.settings(), "batch_size": batch_size},
+    )
