@@ -151,6 +151,26 @@ def tiny_model_compat(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def strong_mlp_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Gemma 3 with layer 1's post-MLP norm gain at 4 (the fixture's is 1), so that
+    training that layer alone can make the model predict every tiny probe: Gemma's post-MLP norm
+    fixes the norm of an MLP's output, and at unit gain it is too small against the residual
+    stream for an implant into one layer (`idiom_lens.models.implant`) to carry them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-gemma3-strong-mlp1")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    weights = load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.post_feedforward_layernorm.weight"
+    weights[name] = torch.full_like(weights[name], 3.0)  # Gemma norms scale by 1 + weight
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def probes() -> list[Probe]:
     return tiny_probes()
 

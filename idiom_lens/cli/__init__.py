@@ -30,7 +30,7 @@ from idiom_lens.errors import FastPathError, InputError
 # Subcommand modules (idiom_lens.cli.<name>_cmd), in the order `idiom-lens --help` lists them. Module names
 # are not command names: attribute_cmd registers `attribute-prompt`, attribution_cmd `attribute-set`.
 _COMMANDS = ("models", "predict", "data", "trajectory", "lens", "attribute", "attribution", "knockout", "patch",
-             "trace", "attn_knockout", "implant", "run", "compare", "report", "selfcheck")
+             "trace", "attn_knockout", "implant", "localize", "run", "compare", "report", "selfcheck")
 
 
 def build_parser() -> argparse.ArgumentParser:

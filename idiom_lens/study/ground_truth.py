@@ -205,6 +205,9 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
     from idiom_lens.study.text import markdown_table
 
     out = Path(out)
+    if not (out / "settings.json").is_file():
+        raise InputError(f"{str(out)!r} holds no ground-truth results (no settings.json): run `idiom-lens localize "
+                         f"--out {out}` first")
     settings = json.loads((out / "settings.json").read_text())
     window = settings["options"]["localizers"]["window"]
     floor = settings["options"]["min_total_effect"]

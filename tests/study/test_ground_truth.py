@@ -1,0 +1,111 @@
+"""The ground-truth benchmark end to end on the tiny Gemma 3: implant into layer 1, run the
+localizers, score; the whole-MLP knockout must find the implanted layer."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from idiom_lens.errors import InputError
+from idiom_lens.study.ground_truth import (
+    IMPLANTED,
+    NO_IMPLANT,
+    GroundTruthOptions,
+    default_layers,
+    run_ground_truth,
+    score_ground_truth,
+)
+from idiom_lens.study.localizers import LocalizerOptions
+
+FAST = {"lr": 0.03, "max_epochs": 150, "stop_loss": 0.5, "batch_size": 10}  # converge on the tiny model
+
+
+def test_default_layers_scale_with_depth():
+    assert default_layers(18) == (2, 8, 14)
+    assert default_layers(30) == (3, 13, 23)
+    assert default_layers(3) == (0, 1, 2)
+
+
+def test_options_are_checked():
+    with pytest.raises(InputError, match="mode"):
+        GroundTruthOptions(mode="everything")
+    with pytest.raises(InputError, match="n_scored"):
+        GroundTruthOptions(n_scored=0)
+    with pytest.raises(InputError, match="seeds"):
+        GroundTruthOptions(seeds=())
+    with pytest.raises(InputError, match="implant options"):
+        GroundTruthOptions(implant={"learning_rate": 1.0})
+
+
+@pytest.fixture(scope="module")
+def benchmark(strong_mlp_dir, probes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ground-truth")
+    probe_file = root / "implanted.jsonl"
+    probe_file.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": "idiom"})
+                                  + "\n" for p in probes))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(root / "cache"))
+    options = GroundTruthOptions(
+        layers=(1,), seeds=(0,), dataset=str(probe_file), n_scored=4, n_control=2, implant=FAST,
+        localizers=LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), window=1, noise_samples=2,
+                                    noise_effects=False, lenses=("logit",)))
+    table = run_ground_truth(str(strong_mlp_dir), root / "out", options, png=False, log=lambda line: None)
+    yield root / "out", table, options
+    monkeypatch.undo()
+
+
+def test_benchmark_writes_every_table(benchmark):
+    out, table, _ = benchmark
+    for name in ("implants.parquet", "side_effects.parquet", "localization.parquet", "localization.md",
+                 "summary.json", "localization_scores.html", "localization_profiles.html"):
+        assert (out / name).is_file(), name
+    implants = pd.read_parquet(out / "implants.parquet")
+    assert implants["rate"].iloc[0] == 1.0 and implants["layer"].iloc[0] == 1
+    effects = pd.read_parquet(out / "side_effects.parquet")
+    assert {"kl_per_token", "idioms_rate_before", "idioms_rate_after"} <= set(effects["measure"])
+    assert {IMPLANTED, NO_IMPLANT} <= set(table["set"])
+    pd.testing.assert_frame_equal(score_ground_truth(out, png=False), table)  # rescoring reads the same results
+
+
+def test_whole_mlp_knockout_finds_the_implanted_layer(benchmark):
+    _, table, _ = benchmark
+    row = table[(table["set"] == IMPLANTED) & (table["scope"] == "depth")
+                & (table["measure"] == "knockout whole MLP log-p drop")].iloc[0]
+    assert row["depth"] == 1 and row["n"] == 4
+    assert row["score"] == 1.0  # the implanted layer ranked first for every idiom
+    assert row["profile_top_layer"] == 1
+
+
+def test_a_rerun_reuses_the_implant_and_every_stage(benchmark, strong_mlp_dir, monkeypatch):
+    out, table, options = benchmark
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(out.parent / "cache"))
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["layers"] == [1] and set(settings["sets"]) == {"L1-s0"}
+    logged: list[str] = []
+    again = run_ground_truth(str(strong_mlp_dir), out, options, png=False, log=logged.append)
+    stages = [line for line in logged if line.startswith("[run] ")]
+    assert stages and all("already done" in line for line in stages)
+    implants = pd.read_parquet(out / "implants.parquet")
+    assert implants["train_seconds"].iloc[0] == settings_seconds(out)  # the stored implant, not a new one
+    pd.testing.assert_frame_equal(again, table)
+
+
+def settings_seconds(out) -> float:
+    from idiom_lens.models.loading import cache_dir
+
+    stored = [json.loads(p.read_text()) for p in (cache_dir() / "implants").rglob("*.json")
+              if "seconds" in json.loads(p.read_text())]
+    assert len(stored) == 1, stored
+    return float(stored[0]["seconds"])
+
+
+def test_cli_rescores_a_folder(benchmark, capsys):
+    from idiom_lens.cli import main
+
+    out, table, _ = benchmark
+    assert main(["localize", "--out", str(out), "--rescore", "--no-png"]) == 0
+    printed = capsys.readouterr().out
+    assert "knockout whole MLP" in printed and f"wrote the scores and figures to {out}" in printed
+    assert main(["localize", "--out", str(out / "missing"), "--rescore"]) == 2  # no results there: one line, exit 2
