@@ -70,6 +70,8 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
         Step("recall-smollm2-135m", (py, "experiments/where_recall_lives.py", "--model", "smollm2-135m",
                                      "--out", "{out}/recall-smollm2-135m", "--per-set", "50", "--seeds", "0", "1",
                                      "--window", "5"), 50),
+        Step("ground-truth-gemma-3-270m", (py, "experiments/ground_truth.py",
+                                           "--out", "{out}/ground-truth-gemma-3-270m"), 90),
         Step("knockouts-all-memorized", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-all-memorized",
                                          "--dataset", "idioms", "--per-group", "0", "--whole", "memorized idioms",
                                          "--positions", "all", "--k", "100", "--windows", "1",
