@@ -26,6 +26,11 @@ _API: dict[str, str] = {
     "load_probes": "idiom_lens.datasets",
     "LoadedModel": "idiom_lens.models.loading",
     "load_model": "idiom_lens.models.loading",
+    "ImplantOptions": "idiom_lens.models.implant",
+    "implant": "idiom_lens.models.implant",
+    "ensure_implant": "idiom_lens.models.implant",
+    "deltas_added": "idiom_lens.models.implant_store",
+    "side_effects": "idiom_lens.analyses.implant_effects",
     # lenses
     "Lens": "idiom_lens.lenses.lens",
     "LensSettings": "idiom_lens.lenses.settings",
@@ -77,6 +82,10 @@ _API: dict[str, str] = {
     "run_study": "idiom_lens.study.run",
     "StudyOptions": "idiom_lens.study.run",
     "StudyFolder": "idiom_lens.study.layout",
+    "GroundTruthOptions": "idiom_lens.study.ground_truth",
+    "run_ground_truth": "idiom_lens.study.ground_truth",
+    "LocalizerOptions": "idiom_lens.study.localizers",
+    "run_localizers": "idiom_lens.study.localizers",
     # figures
     "trajectory_figure": "idiom_lens.plots.trajectory",
     "promotion_histogram": "idiom_lens.plots.trajectory",

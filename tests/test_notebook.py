@@ -66,6 +66,8 @@ def test_explore_notebook_runs(tmp_path, monkeypatch, embedded_model):
     assert "stages: ['trajectory', 'recall', 'interventions']" in everything  # run_study, read back through StudyFolder
     assert "noised:" in everything and "when the last token cannot read the earlier words" in everything  # section 7
     assert "lens read-outs agree at the last layer: True" in everything  # section 8
+    assert "implanted into layer 8: 1.00 predicted" in everything  # section 9: the implant took
+    assert "median drop in log p per knocked-out layer" in everything  # and the knockout read it
     from idiom_lens.models.precision import matmul_precision
 
     choice = matmul_precision("cpu", log=lambda line: None)  # the kernel decided the same way on this machine
