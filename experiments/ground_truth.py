@@ -4,7 +4,7 @@ finds the implanted layer, beside two controls (the same idioms on the base mode
 bundled idioms on the implanted model).
 
     python experiments/ground_truth.py --out out/ground-truth [--model gemma-3-270m] [--layers 2 8 14]
-        [--seeds 0 1] [--n-scored 20] [--n-control 10] [--mode layer]
+        [--seeds 0 1] [--n-scored 20] [--n-control 10] [--implant-mode layer]
 
 The library does the work (`idiom_lens.study.ground_truth`; `idiom-lens localize` is the same from
 the command line). Resumable: each implant is stored in the model cache and reused, each
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: 2 8 14 of 18 (same depths)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    parser.add_argument("--mode", choices=("layer", "neurons"), default=defaults.mode)
+    parser.add_argument("--implant-mode", choices=("layer", "neurons"), default=defaults.mode)
     parser.add_argument("--n-scored", type=int, default=defaults.n_scored)
     parser.add_argument("--n-control", type=int, default=defaults.n_control)
     parser.add_argument("--no-png", action="store_true")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         table = score_ground_truth(args.out, png=not args.no_png)
     else:
-        options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.mode,
+        options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.implant_mode,
                                      n_scored=args.n_scored, n_control=args.n_control)
         table = run_ground_truth(args.model, args.out, options, png=not args.no_png)
     depth = table[table["scope"] == "depth"]

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the implanted layers (default: an early, a middle and a late one: 2 8 14 of 18)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds), metavar="S",
                    help=f"implant seeds per layer (default {' '.join(map(str, defaults.seeds))})")
-    p.add_argument("--mode", choices=("layer", "neurons"), default=defaults.mode,
+    p.add_argument("--implant-mode", choices=("layer", "neurons"), default=defaults.mode,
                    help="train the whole MLP of the layer, or a seeded subset of its neurons (default layer)")
     p.add_argument("--implant-set", default=defaults.dataset, metavar="NAME|PATH",
                    help=f"the probe set implanted (default {defaults.dataset})")
@@ -42,7 +42,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.rescore:
         table = score_ground_truth(args.out, png=not args.no_png)
     else:
-        options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.mode,
+        options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.implant_mode,
                                      dataset=args.implant_set, n_scored=args.n_scored, n_control=args.n_control)
         table = run_ground_truth(args.model, args.out, options, png=not args.no_png)
     shown = table[(table["scope"] == "depth") & (table["set"] == "implanted")]
