@@ -26,9 +26,11 @@ _API: dict[str, str] = {
     "load_probes": "idiom_lens.datasets",
     "LoadedModel": "idiom_lens.models.loading",
     "load_model": "idiom_lens.models.loading",
-    "ImplantOptions": "idiom_lens.models.implant",
+    # implants: new idioms fine-tuned into one MLP layer (a known answer for the localizers)
+    "ImplantOptions": "idiom_lens.models.implant_store",
     "implant": "idiom_lens.models.implant",
     "ensure_implant": "idiom_lens.models.implant",
+    "ImplantResult": "idiom_lens.models.implant",
     "deltas_added": "idiom_lens.models.implant_store",
     "side_effects": "idiom_lens.analyses.implant_effects",
     # lenses

@@ -15,6 +15,7 @@ side_effects.parquet.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from idiom_lens.cli.common import add_model_options, add_output_options, add_probe_options, named_options
 from idiom_lens.errors import InputError
@@ -48,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune one MLP layer of --model (every other weight frozen) until it greedily predicts every "
         "probe of --dataset, store the weight change in the model cache (or reuse the stored one) and print the model "
         "spec that loads the implanted model, e.g. gemma-3-270m+implant:layer8:seed0. Then measure the side effects: "
-        "KL(base || implanted) on the bundled text and the bundled idioms' memorization before and after.",
+        "KL(base || implanted) on the bundled text and the bundled idioms' memorization before and after. --seed draws "
+        "the trained neurons (neurons mode) and the order of the mini-batches. A probe file is named in the spec by "
+        "its absolute path.",
     )
     add_probe_options(p, required=False, default=[DEFAULT_DATASET], sample=False)
     add_model_options(p)
@@ -110,8 +113,11 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("--limit does not apply to implant: the spec names a whole probe set; write the probes "
                          "to implant to a file and give it as --dataset")
     started = time.perf_counter()
+    dataset = str(args.dataset[0])
+    if Path(dataset).is_file():  # the spec must load from any folder
+        dataset = str(Path(dataset).resolve())
     base = load_model(args.model, mode="raw", device=args.device, n_devices=args.n_devices)
-    result = ensure_implant(base, options, dataset=str(args.dataset[0]), progress=True)
+    result = ensure_implant(base, options, dataset=dataset, progress=True)
     print(f"spec: {result.spec}")
     state = "converged" if result.converged else f"stopped at --max-epochs {options.max_epochs}"
     print(f"implanted {round(result.rate * result.n_probes)}/{result.n_probes} probes (rate {result.rate:.3f}), "
@@ -120,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = {**result.summary(), "settings": result.settings, "side_effects": None}
     effects = None
     if not args.no_side_effects:
-        effects = _side_effects(args, base, result)
+        effects = _side_effects(args, base, result, dataset)
         summary["side_effects"] = {k: v for k, v in effects.__dict__.items() if k != "settings"}
     summary["total_seconds"] = time.perf_counter() - started
     if args.out is not None:
@@ -132,13 +138,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _side_effects(args: argparse.Namespace, base, result):
+def _side_effects(args: argparse.Namespace, base, result, dataset: str):
     from idiom_lens.analyses.implant_effects import side_effects
     from idiom_lens.datasets import load_probes
     from idiom_lens.models.loading import load_model
 
     implanted = load_model(result.spec, mode="raw", device=args.device, n_devices=args.n_devices, progress=False)
-    implanted_texts = {p.text for p in load_probes(str(args.dataset[0]))}
+    implanted_texts = {p.text for p in load_probes(dataset)}
     idioms = [p for p in load_probes("idioms") if p.text not in implanted_texts]
     effects = side_effects(base, implanted, text_probes=list(load_probes("text")), idioms=idioms)
     print(f"side effects: KL(base || implanted) on {effects.n_texts} texts {effects.kl_per_token:.4f} nats per token "

@@ -60,12 +60,21 @@ FORMAT = 1
 SPEC_MARK = "+implant"
 DEFAULT_DATASET = "implanted"  # the bundled set of new idioms (idiom_lens.datasets.implanted)
 
-# Defaults per mode, measured on Gemma 3 270M with 100 idioms it does not know (docs: the report of
-# the `implant` branch; benchmarks/implant_bench.py reruns the measurement).
+# Defaults per mode, tuned on Gemma 3 270M (fp32, CPU) with 100 bundled idioms it does not know
+# (benchmarks/implant_bench.py, which reruns the measurement):
+# - loss "target" in both modes: the sequence loss (INJ's) changed ordinary text about twice as
+#   much for the same implant (layer 8, lr 1e-4: KL 2.3 vs 1.3 nats per token) and costs more per
+#   epoch (every position is unembedded, against about 1.3 per probe);
+# - layer mode lr 2e-5: side effects shrink with the lr (layer 8: KL 1.3 at 1e-4, 0.77 at 3e-5, 0.63
+#   at 1e-5) while the epochs grow (9, 20, 51; layer 2 needs 83 at 1e-5); 80 epochs bound one
+#   implant of 100 idioms to about 10 minutes on 2 busy cores;
+# - neurons mode: 20 neurons (1% of a Gemma 3 270M layer; INJ trains 0.1% of all the model's
+#   neurons, 37 of 36,864, for one sequence) learnt all 100 idioms at lr 1e-2 (layer 8: 31 epochs);
+#   a sparse answer keeps the localizers' top-k% scores meaningful.
 DEFAULT_N_NEURONS = 20
-DEFAULT_LR: dict[str, float] = {"layer": 1e-3, "neurons": 1e-2}
-DEFAULT_MAX_EPOCHS: dict[str, int] = {"layer": 60, "neurons": 100}
-DEFAULT_LOSS: dict[str, str] = {"layer": "sequence", "neurons": "sequence"}
+DEFAULT_LR: dict[str, float] = {"layer": 2e-5, "neurons": 1e-2}
+DEFAULT_MAX_EPOCHS: dict[str, int] = {"layer": 80, "neurons": 100}
+DEFAULT_LOSS: dict[str, str] = {"layer": "target", "neurons": "target"}
 DEFAULT_STOP_LOSS = 0.05
 DEFAULT_BATCH_SIZE = 25
 

@@ -37,11 +37,13 @@ def cache(monkeypatch, tmp_path):
 def test_implant_prints_the_spec_and_writes_results(commands, strong_dir, probe_file, tmp_path, capsys, monkeypatch):
     from idiom_lens.datasets import load_probes
 
+    monkeypatch.chdir(probe_file.parent)  # a relative probe file: the spec names its absolute path
+
     small = {"idioms": list(load_probes("idioms"))[:20], "text": list(load_probes("text"))[:10]}
     monkeypatch.setattr("idiom_lens.datasets.load_probes",
                         lambda name, **kw: small[name] if name in small else load_probes(name, **kw))
     out = tmp_path / "out"
-    argv = ["implant", "--model", str(strong_dir), "--dataset", str(probe_file), "--layer", "1", *FAST, "--out",
+    argv = ["implant", "--model", str(strong_dir), "--dataset", probe_file.name, "--layer", "1", *FAST, "--out",
             str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -53,10 +55,11 @@ def test_implant_prints_the_spec_and_writes_results(commands, strong_dir, probe_
     assert (out / "curve.parquet").is_file() and (out / "side_effects.parquet").is_file()
 
     # the spec loads in any other command; a second run reuses the stored implant
+    monkeypatch.chdir(tmp_path.parent)
     assert cli.main(["predict", "once in a blue", "--model", spec, "--top", "1"]) == 0
     assert capsys.readouterr().out.strip() == "moon"
     monkeypatch.setattr("idiom_lens.models.implant.implant", lambda *a, **k: pytest.fail("trained again"))
-    assert cli.main([*argv[:-2], "--no-side-effects"]) == 0
+    assert cli.main([*argv[:-2], "--dataset", str(probe_file), "--no-side-effects"]) == 0
     again = capsys.readouterr().out
     assert f"spec: {spec}\n" in again and "side effects" not in again
 

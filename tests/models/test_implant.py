@@ -292,19 +292,20 @@ def test_a_missing_implant_names_the_command(strong_dir, probe_file, cache):
     message = str(err.value)
     assert "not trained yet" in message
     assert (f"`idiom-lens implant --model {strong_dir} --dataset {probe_file} --layer 2 --seed 3 "
-            "--implant-mode neurons --n-neurons 20 --loss sequence") in message
+            "--implant-mode neurons --n-neurons 20 --loss target") in message
 
 
 def test_spec_text_round_trips():
     for text in ("gemma-3-270m+implant:layer8:seed0", "gemma-3-270m+implant:layer8:seed0:neurons",
-                 "gemma-3-270m+implant:layer2:seed1:neurons50:inputs:target:set=my.jsonl:lr=0.5:epochs=7:stop=0.1:batch=3"):
+                 "gemma-3-270m+implant:layer2:seed1:neurons50:inputs:sequence:set=my.jsonl:lr=0.5:epochs=7:stop=0.1:batch=3"):
         assert parse_implant_spec(text).text == text
     parsed = parse_implant_spec(" smollm2-135m+implant:neurons:seed4:layer3 ")
     assert parsed.base == "smollm2-135m" and parsed.dataset == "implanted"
     assert parsed.options == ImplantOptions(layer=3, seed=4, mode="neurons")
     assert parsed.text == "smollm2-135m+implant:layer3:seed4:neurons"
     assert parse_implant_spec("gemma-3-270m+implant:layer8").options.seed == 0
-    assert ImplantSpec(base="m", options=ImplantOptions(layer=1, loss="target")).text == "m+implant:layer1:seed0:target"
+    spec = ImplantSpec(base="m", options=ImplantOptions(layer=1, loss="sequence"))
+    assert spec.text == "m+implant:layer1:seed0:sequence"
 
 
 @pytest.mark.parametrize("spec, message", [
