@@ -2,14 +2,14 @@
 
 The tiny model's MLPs are weak: Gemma's post-MLP norm fixes the norm of an MLP's output (5.7 at
 the fixture's unit gain) against a residual stream of norm 10 to 18, and no training of layer 1
-alone then makes it predict all ten tiny probes (the loss stalls). `strong_dir` gives layer 1's
-post-MLP norm a gain of 4, so that the layer can carry them; every other weight is the fixture's.
+alone then makes it predict all ten tiny probes (the loss stalls). `strong_mlp_dir` (conftest)
+gives layer 1's post-MLP norm a gain of 4, so that the layer can carry them; every other weight
+is the fixture's.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -31,22 +31,8 @@ FAST = {"lr": 0.03, "max_epochs": 150, "stop_loss": 0.5, "batch_size": 10}  # sm
 
 
 @pytest.fixture(scope="module")
-def strong_dir(tiny_model_dir, tmp_path_factory):
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("tiny-gemma3-strong-mlp1")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, out / file.name)
-    weights = load_file(str(out / "model.safetensors"))
-    name = "model.layers.1.post_feedforward_layernorm.weight"
-    weights[name] = torch.full_like(weights[name], 3.0)  # Gemma norms scale by 1 + weight
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def strong(strong_dir):
-    return load_model(str(strong_dir), progress=False)
+def strong(strong_mlp_dir):
+    return load_model(str(strong_mlp_dir), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +90,8 @@ def test_layer_implant_makes_every_probe_predicted(strong, implanted_probes, lay
     assert curve["loss"].iloc[-1] < curve["loss"].iloc[0]
 
 
-def test_implant_leaves_the_model_as_it_came(strong_dir, implanted_probes):
-    model = load_model(str(strong_dir), progress=False)
+def test_implant_leaves_the_model_as_it_came(strong_mlp_dir, implanted_probes):
+    model = load_model(str(strong_mlp_dir), progress=False)
     params = hf_parameters(model.bridge)
     params["model.norm.weight"].requires_grad_(False)  # a flag of the caller's, to be kept
     flags = {name: p.requires_grad for name, p in params.items()}
@@ -117,9 +103,9 @@ def test_implant_leaves_the_model_as_it_came(strong_dir, implanted_probes):
         assert p.grad is None and p.requires_grad == flags[name], name
 
 
-def test_only_the_trained_tensors_change(strong, strong_dir, layer_implant):
+def test_only_the_trained_tensors_change(strong, strong_mlp_dir, layer_implant):
     base = _snapshot(strong)
-    fresh = load_model(str(strong_dir), progress=False)
+    fresh = load_model(str(strong_mlp_dir), progress=False)
     with deltas_added(fresh.bridge, layer_implant.deltas):
         changed = {name for name, p in hf_parameters(fresh.bridge).items() if not torch.equal(p, base[name])}
     assert changed == set(layer_implant.deltas)
@@ -212,10 +198,10 @@ def test_a_wrong_fast_path_stops_the_run(strong, implanted_probes, monkeypatch):
     assert all(torch.equal(p, before[name]) for name, p in hf_parameters(strong.bridge).items())
 
 
-def test_models_it_cannot_train(strong, strong_dir, implanted_probes):
+def test_models_it_cannot_train(strong, strong_mlp_dir, implanted_probes):
     with pytest.raises(InputError, match="out of range: this model has layers 0 to 2"):
         implant(strong, implanted_probes, ImplantOptions(layer=3))
-    compat = load_model(str(strong_dir), mode="compat", progress=False)
+    compat = load_model(str(strong_mlp_dir), mode="compat", progress=False)
     with pytest.raises(InputError, match="raw numerics"):
         implant(compat, implanted_probes, ImplantOptions(layer=1))
     with pytest.raises(InputError, match="n_neurons 100 exceeds the layer's 64 neurons"):
@@ -227,14 +213,14 @@ def test_models_it_cannot_train(strong, strong_dir, implanted_probes):
 # --------------------------------------------------------------------------------------
 
 
-def test_stored_deltas_load_through_the_spec(strong, strong_dir, probe_file, implanted_probes, cache, monkeypatch):
+def test_stored_deltas_load_through_the_spec(strong, strong_mlp_dir, probe_file, implanted_probes, cache, monkeypatch):
     options = ImplantOptions(layer=1, **FAST)
     result = ensure_implant(strong, options, dataset=str(probe_file))
-    assert result.spec == f"{strong_dir}+implant:layer1:seed0:set={probe_file}:lr=0.03:epochs=150:stop=0.5:batch=10"
-    assert result.rate == 1.0 and (cache / "implants" / strong_dir.name).is_dir()
+    assert result.spec == f"{strong_mlp_dir}+implant:layer1:seed0:set={probe_file}:lr=0.03:epochs=150:stop=0.5:batch=10"
+    assert result.rate == 1.0 and (cache / "implants" / strong_mlp_dir.name).is_dir()
 
     loaded = load_model(result.spec, progress=False)
-    assert loaded.spec == result.spec and loaded.name == strong_dir.name + result.spec[len(str(strong_dir)):]
+    assert loaded.spec == result.spec and loaded.name == strong_mlp_dir.name + result.spec[len(str(strong_mlp_dir)):]
     recorded = loaded.settings()["implant"]
     assert recorded["layer"] == 1 and recorded["mode"] == "layer" and recorded["rate"] == 1.0
     assert "implant" not in strong.settings()
@@ -285,13 +271,13 @@ def test_stored_deltas_that_do_not_reproduce_the_model_are_not_kept(strong, prob
     assert not list((cache / "implants").rglob("deltas.safetensors"))
 
 
-def test_a_missing_implant_names_the_command(strong_dir, probe_file, cache):
-    spec = f"{strong_dir}+implant:layer2:seed3:neurons:set={probe_file}"
+def test_a_missing_implant_names_the_command(strong_mlp_dir, probe_file, cache):
+    spec = f"{strong_mlp_dir}+implant:layer2:seed3:neurons:set={probe_file}"
     with pytest.raises(InputError) as err:
         load_model(spec, progress=False)
     message = str(err.value)
     assert "not trained yet" in message
-    assert (f"`idiom-lens implant --model {strong_dir} --dataset {probe_file} --layer 2 --seed 3 "
+    assert (f"`idiom-lens implant --model {strong_mlp_dir} --dataset {probe_file} --layer 2 --seed 3 "
             "--implant-mode neurons --n-neurons 20 --loss target") in message
 
 
@@ -328,11 +314,11 @@ def test_spec_errors_name_the_bad_part(spec, message):
         parse_implant_spec(spec)
 
 
-def test_load_model_reports_spec_errors(strong_dir):
+def test_load_model_reports_spec_errors(strong_mlp_dir):
     with pytest.raises(InputError, match="part 'blue' is not understood"):
-        load_model(f"{strong_dir}+implant:layer1:blue", progress=False)
+        load_model(f"{strong_mlp_dir}+implant:layer1:blue", progress=False)
     with pytest.raises(InputError, match="layer 7 is out of range"):
-        load_model(f"{strong_dir}+implant:layer7", progress=False)
+        load_model(f"{strong_mlp_dir}+implant:layer7", progress=False)
 
 
 @pytest.mark.parametrize("given, message", [
