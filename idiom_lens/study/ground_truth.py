@@ -134,12 +134,13 @@ def run_ground_truth(
     if max(layers) >= base.n_layers:
         raise InputError(f"layers {list(layers)} are outside {base.spec}'s {base.n_layers} layers")
     implanted = {p.id: p for p in load_probes(options.dataset)}
-    idioms = [p for p in load_probes("idioms")]
+    idioms = list(load_probes("idioms"))
     text = list(load_probes("text"))
     memo = score_memorization(base, idioms, batch_size=32).to_dataframe()
     memorized = _sample(memo.loc[memo["memorized"], "probe_id"].tolist(), options.n_control, options.sample_seed)
     by_id = {p.id: p for p in idioms}
-    scored = _sample(list(implanted), max(options.n_scored * 2, options.n_scored), options.sample_seed)
+    # Candidates to score: twice as many as scored, so that n_scored remain where an implant misses some.
+    scored = _sample(list(implanted), 2 * options.n_scored, options.sample_seed)
     localizers = options.localizers
     compat_of: dict[str, Any] = {}
 
