@@ -51,8 +51,8 @@ def benchmark(strong_mlp_dir, probes, tmp_path_factory):
         layers=(1,), seeds=(0,), dataset=str(probe_file), n_scored=4, n_control=2, implant=FAST,
         localizers=LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), window=1, noise_samples=2,
                                     noise_effects=False, lenses=("logit",)))
-    table = run_ground_truth(str(strong_mlp_dir), root / "out", options, png=False, log=lambda line: None)
-    yield root / "out", table, options
+    table = run_ground_truth(str(strong_mlp_dir), root / "ground_truth", options, png=False, log=lambda line: None)
+    yield root / "ground_truth", table, options
     monkeypatch.undo()
 
 
@@ -109,3 +109,18 @@ def test_cli_rescores_a_folder(benchmark, capsys):
     printed = capsys.readouterr().out
     assert "knockout whole MLP" in printed and f"wrote the scores and figures to {out}" in printed
     assert main(["localize", "--out", str(out / "missing"), "--rescore"]) == 2  # no results there: one line, exit 2
+
+
+def test_the_report_shows_the_ground_truth_stage(benchmark):
+    from idiom_lens.study.html import FigureRenderer
+    from idiom_lens.study.layout import read_stage
+    from idiom_lens.study.report import _stage_section
+
+    out, _, _ = benchmark
+    stage = read_stage(out)  # a study's OUT/<model>/ground_truth/ folder is this one
+    section = _stage_section(stage, "ground-truth", FigureRenderer())
+    assert section.title == "Ground truth: do the localizers find idioms implanted into a known MLP layer?"
+    assert "score of the implanted layer" in section.body and "Side effects of each implant" in section.body
+    assert section.body.count("<div") >= 2  # the two figures, and none of the localizers' own figures
+    inner = [p for p in stage.figures if p.parent != out]
+    assert inner and not any(p.stem in section.body for p in inner)
