@@ -101,6 +101,39 @@ def variants(norms: list[str], ablations: list[str], rank_by: list[str]) -> list
     return out
 
 
+# The settings a saved variant must share with this run to be reused instead of recomputed.
+RESUME_KEYS = ("positions", "norm", "ablation", "rank_by", "seed", "controls", "ks", "windows", "modes",
+               "keep_top_ks", "keep_top_windows", "model_spec")
+
+
+def saved_run(folder: Path, name: str, probes: list[Probe], options, *, model_spec: str):
+    """The variant `name` already saved in `folder` by an earlier, interrupted run, if it used the
+    same probes (ids, in order) and the same settings (`RESUME_KEYS`); else None (it is recomputed
+    and overwritten). Each variant takes about 25 minutes on 2 cores, so the experiment resumes per
+    variant: `make results` reruns it after an interruption."""
+    from idiom_lens.analyses.interventions import KnockoutResult
+
+    if not (folder / f"{name}.result.json").exists():
+        return None
+    saved = KnockoutResult.load(folder, name=name)
+    grid = options.grid
+    wanted = {"positions": options.positions, "norm": options.norm, "ablation": options.ablation,
+              "rank_by": options.rank_by, "seed": options.seed, "controls": list(options.controls),
+              "ks": list(grid.ks), "windows": list(grid.windows), "modes": list(grid.modes),
+              "keep_top_ks": None if grid.keep_top_ks is None else list(grid.keep_top_ks),
+              "keep_top_windows": None if grid.keep_top_windows is None else list(grid.keep_top_windows),
+              "model_spec": model_spec}
+    have = {key: saved.settings.get(key) for key in RESUME_KEYS}
+    have = {key: list(value) if isinstance(value, tuple) else value for key, value in have.items()}
+    same_probes = list(saved.probes["probe_id"]) == [p.id for p in probes]
+    if have != wanted or not same_probes:
+        differs = [key for key in RESUME_KEYS if have[key] != wanted[key]] + ([] if same_probes else ["probes"])
+        print(f"{name}: saved run differs in {', '.join(differs)}; recomputing")
+        return None
+    print(f"{name}: reusing the saved run ({saved.settings['seconds']:.0f} s when computed)")
+    return saved
+
+
 def compact(layers, variant: Variant) -> str:
     """The printed summary of one variant's layer table: per positions, set and control, the means
     over layers of the share changed and of the output diagnostics."""
@@ -192,8 +225,11 @@ def main() -> None:
         for positions in dict.fromkeys(args.positions):
             options = dataclasses.replace(base, positions=positions, norm=variant.norm, ablation=variant.ablation,
                                           rank_by=variant.rank_by)
-            result = knockout_grid(model, probes, options, progress=True)
-            result.save(args.out, name=f"knockouts_{positions}{variant.suffix}")
+            name = f"knockouts_{positions}{variant.suffix}"
+            result = saved_run(args.out, name, probes, options, model_spec=args.model)
+            if result is None:
+                result = knockout_grid(model, probes, options, progress=True)
+                result.save(args.out, name=name)
             runs[(variant, positions)] = result
     primary = next(v for v, _ in runs if v.primary)
     primary_runs = {positions: r for (v, positions), r in runs.items() if v.primary}

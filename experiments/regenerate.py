@@ -56,13 +56,13 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
         Step("compare", ("idiom-lens", "compare", "--results", "{out}/study"), 0.5),
         Step("report", ("idiom-lens", "report", "--results", "{out}/study"), 0.5),
         *(Step(f"lens-probe-kl-{m}", (py, "experiments/lens_probe_kl.py", "--model", m,
-                                      "--out", f"{{out}}/lens-probe-kl-{m}", "--per-set", "100"), 3)
+                                      "--out", f"{{out}}/lens-probe-kl-{m}", "--per-set", "100"), 18)
           for m in ("gemma-3-270m", "smollm2-135m")),
         Step("knockouts-gemma-3-270m", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-gemma-3-270m",
                                         "--per-group", "50", "--k", "100", "--windows", "1", "--positions", "all",
                                         "--modes", "zero_top", "--no-skip", "--value-vector-k", "1",
                                         "--norms", "frozen", "live", "--ablations", "zero", "mean",
-                                        "--rank-by", "effective", "magnitude"), 30),
+                                        "--rank-by", "effective", "magnitude"), 100),
         Step("attribution-patching", (py, "benchmarks/attribution_patching_bench.py", "--n", "20",
                                       "--out", "{out}/attribution-patching"), 3),
         Step("recall-gemma-3-270m", (py, "experiments/where_recall_lives.py", "--out", "{out}/recall-gemma-3-270m",
