@@ -346,3 +346,21 @@ def test_options_fill_in_the_mode_defaults():
                                                                   DEFAULT_LOSS[mode])
     assert ImplantOptions(layer=0, mode="neurons").n_neurons == DEFAULT_N_NEURONS
     assert "n_neurons" not in ImplantOptions(layer=0).key()
+
+
+@pytest.mark.embedded
+def test_frozen_prefix_on_gemma_3_270m(embedded_model):
+    """The frozen prefix (layers below 8 run once) against the plain forward, on the embedded model:
+    the speed-up the tuning relies on, and the MLP weights found by their Hugging Face names."""
+    from idiom_lens.datasets import load_probes
+
+    probes = list(load_probes("idioms"))[:6]
+    assert set(mlp_parameters(embedded_model.bridge, 8)) == {f"model.layers.8.mlp.{p}_proj.weight"
+                                                             for p in ("gate", "up", "down")}
+    runner = _Runner(embedded_model, 8)
+    for loss in ("target", "sequence"):
+        batch = _make_batches(embedded_model, tokenize_probes(embedded_model, probes),
+                              ImplantOptions(layer=8, loss=loss, batch_size=6))[0]
+        with torch.no_grad():
+            fast, plain = runner.logits(batch), embedded_model.bridge(batch.tokens)[batch.rows, batch.cols]
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-3)  # logits reach 30; fp32 noise ~1e-4
