@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--n-neurons", type=int, default=None)
     parser.add_argument("--train-inputs", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preserve", type=float, default=None, help="weight of the preservation term (0: none)")
+    parser.add_argument("--preserve-sentences", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-side-effects", action="store_true")
     parser.add_argument("--side-idioms", type=int, default=None, metavar="N",
@@ -107,6 +109,10 @@ def main() -> None:
     given = {"loss": args.loss, "lr": args.lr, "max_epochs": args.max_epochs}
     if args.batch_size:
         given["batch_size"] = args.batch_size
+    if args.preserve is not None:
+        given["preserve"] = args.preserve
+    if args.preserve_sentences is not None:
+        given["preserve_sentences"] = args.preserve_sentences
     if args.mode == "neurons":
         given.update(n_neurons=args.n_neurons, train_inputs=args.train_inputs)
     for layer in args.layers:
@@ -118,7 +124,7 @@ def main() -> None:
                "rate": result.rate, "converged": result.converged, "epochs": result.epochs,
                "seconds": round(result.seconds, 1), "seconds_per_epoch": round(float(curve.seconds.diff().median()), 2)
                if len(curve) > 1 else None, "final_loss": result.final_loss,
-               "final_target_loss": result.final_target_loss, "prefix_speedup": speed,
+               "final_target_loss": result.final_target_loss, "final_kl": result.final_kl, "prefix_speedup": speed,
                "loadavg_1min": Path("/proc/loadavg").read_text().split()[0]}
         if not args.no_side_effects:
             implanted = load_model("gemma-3-270m", progress=False)

@@ -23,7 +23,8 @@ from idiom_lens.errors import InputError
 # --option -> ImplantOptions field, for messages in the user's words
 _FLAGS = {"layer": "--layer", "seed": "--seed", "mode": "--implant-mode", "n_neurons": "--n-neurons",
           "train_inputs": "--train-inputs", "loss": "--loss", "lr": "--lr", "max_epochs": "--max-epochs",
-          "stop_loss": "--stop-loss", "batch_size": "--train-batch-size"}
+          "stop_loss": "--stop-loss", "batch_size": "--train-batch-size",
+          "preserve": "--preserve", "preserve_sentences": "--preserve-sentences"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         DEFAULT_LR,
         DEFAULT_MAX_EPOCHS,
         DEFAULT_N_NEURONS,
+        DEFAULT_PRESERVE,
+        DEFAULT_PRESERVE_SENTENCES,
         DEFAULT_STOP_LOSS,
         LOSSES,
         MODES,
@@ -78,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help="probes per Adam step (a training setting: it changes the result; default "
                         f"{DEFAULT_BATCH_SIZE})")
+    p.add_argument("--preserve", type=float, default=DEFAULT_PRESERVE, metavar="X",
+                   help="weight of the preservation term, KL(base || implanted) on ordinary sentences of the Lee "
+                        f"news corpus, added to the loss; 0: plain fine-tuning, as INJ (default {DEFAULT_PRESERVE:g})")
+    p.add_argument("--preserve-sentences", type=int, default=DEFAULT_PRESERVE_SENTENCES, metavar="N",
+                   help=f"sentences the preservation term covers (default {DEFAULT_PRESERVE_SENTENCES})")
     p.add_argument("--no-side-effects", action="store_true", help="skip the side effects (minutes on Gemma 3 270M)")
     add_output_options(p, required=False, png=False, note="optional: summary.json, curve.parquet, "
                                                           "side_effects.parquet")
@@ -91,7 +99,8 @@ def implant_options(args: argparse.Namespace):
     if args.layer is None:
         raise InputError("--layer L is required: the MLP layer to implant into (0-based)")
     given = {"layer": args.layer, "seed": args.seed, "mode": args.implant_mode, "loss": args.loss, "lr": args.lr,
-             "max_epochs": args.max_epochs, "stop_loss": args.stop_loss, "batch_size": args.train_batch_size}
+             "max_epochs": args.max_epochs, "stop_loss": args.stop_loss, "batch_size": args.train_batch_size,
+             "preserve": args.preserve, "preserve_sentences": args.preserve_sentences}
     if args.n_neurons is not None:
         given["n_neurons"] = args.n_neurons
     if args.train_inputs:

@@ -17,6 +17,11 @@ How (`ImplantOptions` for the settings):
   never changes; it is computed once per mini-batch and the layers below are skipped (compared
   with a plain forward of the bridge before training starts: `FastPathError`). Only the
   positions the loss reads are unembedded;
+- preservation (ours; `options.preserve` > 0): each step adds the weighted mean KL(base || implanted)
+  of the next-token distributions (over real vocabulary tokens) at every position of one batch of
+  ordinary sentences (`preserve_sentences`, the Lee news corpus; the base model's distributions are
+  computed once before training), so that the layer learns the idioms and keeps doing what it did
+  on other text. INJ fine-tunes without it, one sequence into a few weights at a time;
 - stop when every probe's target is the greedy prediction (`models.forward.greedy_predictions`, the
   rule of `score_memorization`, through the bridge) and the mean loss on the target tokens is
   below `stop_loss`, or after `max_epochs`. The training pass's own numbers (before each step)
@@ -82,6 +87,7 @@ class EpochRecord:
     loss: float  # the trained loss (`options.loss`), mean per token
     target_loss: float  # mean loss on the target tokens (the stopping rule's)
     n_predicted: int  # probes whose target was the greedy prediction
+    kl: float  # mean KL(base || implanted) on the preservation sentences (nats per position; 0 without)
     seconds: float
 
 
@@ -93,7 +99,8 @@ class ImplantResult:
     tensors; in neurons mode nonzero only in the chosen neurons' rows and columns); `neurons` the
     trained neurons (neurons mode; None in layer mode); `rate` the share of the implanted probes
     greedily predicted after training, `converged` whether the stopping rule was met (else
-    `max_epochs` ran out); `final_loss` and `final_target_loss` are measured after training.
+    `max_epochs` ran out); `final_loss`, `final_target_loss` and `final_kl`
+    (on every preservation sentence; 0 without the term) are measured after training.
     `spec` is the model spec that loads the implant (set by `ensure_implant`; "" in memory only).
     """
 
@@ -103,6 +110,7 @@ class ImplantResult:
     seconds: float
     final_loss: float
     final_target_loss: float
+    final_kl: float
     rate: float
     n_probes: int
     converged: bool
@@ -118,7 +126,7 @@ class ImplantResult:
         """The numbers a report prints (everything but the deltas and the curve)."""
         return {"spec": self.spec, "rate": self.rate, "n_probes": self.n_probes, "converged": self.converged,
                 "epochs": self.epochs, "seconds": self.seconds, "final_loss": self.final_loss,
-                "final_target_loss": self.final_target_loss,
+                "final_target_loss": self.final_target_loss, "final_kl": self.final_kl,
                 "neurons": list(self.neurons) if self.neurons is not None else None}
 
 
@@ -169,6 +177,45 @@ def _make_batches(model: LoadedModel, probe_tokens: Sequence[ProbeTokens], optio
             is_target=torch.tensor(is_target, device=model.device),
             first_target=torch.tensor(first_target, device=model.device),
             target_ids=torch.tensor([probe_tokens[i].target_id for i in indices], device=model.device),
+        ))
+    return batches
+
+
+PRESERVE_TOKENS = 16  # each preservation sentence: BOS + up to 15 tokens (the probes' regime)
+PRESERVE_BATCH = 4  # sentences per step
+
+
+def preserve_sentences(n: int, seed: int) -> list[str]:
+    """`n` sentences of the Lee news corpus's training part (`lenses.corpus`), drawn with `seed`."""
+    from idiom_lens.lenses.corpus import lee_sentences
+
+    train, _ = lee_sentences()
+    if n > len(train):
+        raise InputError(f"preserve_sentences {n} exceeds the {len(train)} sentences of the Lee corpus")
+    return random.Random(seed).sample(train, n)
+
+
+def _make_preserve_batches(model: LoadedModel, sentences: Sequence[str]) -> list[_Batch]:
+    """`PRESERVE_BATCH` sentences per batch; read: every position after BOS (no labels: the
+    preservation term compares whole distributions)."""
+    from idiom_lens.lenses.corpus import tokenize_sentences
+
+    seqs = tokenize_sentences(model, sentences, max_tokens=PRESERVE_TOKENS)
+    bos = model.tokenizer.bos_token_id
+    empty = torch.zeros(0, dtype=torch.long, device=model.device)
+    batches = []
+    for start in range(0, len(seqs), PRESERVE_BATCH):
+        part = seqs[start : start + PRESERVE_BATCH]
+        tokens, _ = right_pad(part, pad_id=pad_id(model.tokenizer))
+        firsts = [int(bos is not None and seq[:1] == [bos]) for seq in part]
+        rows = [row for row, seq in enumerate(part) for _ in range(firsts[row], len(seq))]
+        cols = [col for row, seq in enumerate(part) for col in range(firsts[row], len(seq))]
+        batches.append(_Batch(
+            indices=list(range(start, start + len(part))), tokens=tokens.to(model.device),
+            rows=torch.tensor(rows, device=model.device), cols=torch.tensor(cols, device=model.device),
+            labels=torch.zeros(len(rows), dtype=torch.long, device=model.device),
+            is_target=torch.zeros(len(rows), dtype=torch.bool, device=model.device),
+            first_target=empty, target_ids=empty,
         ))
     return batches
 
@@ -276,6 +323,8 @@ class _Totals:
     target: float = 0.0
     n_target: int = 0
     predicted: int = 0
+    kl: float = 0.0
+    n_kl: int = 0
 
     def add(self, nll: Tensor, batch: _Batch, predicted: Tensor) -> None:
         nll = nll.detach()
@@ -293,6 +342,31 @@ def _step_numbers(runner: _Runner, batch: _Batch, valid: Tensor) -> tuple[Tensor
     with torch.no_grad():
         greedy = mask_logits(logits[batch.first_target].detach(), valid).argmax(dim=-1)
     return nll, greedy == batch.target_ids
+
+
+class _Preserver:
+    """The preservation term: KL(base || implanted) per read position of a preservation batch, the
+    base model's log-probabilities (real tokens only, fp16 to halve their memory: a regularizer's
+    precision) computed once, before any step."""
+
+    def __init__(self, runner: _Runner, batches: Sequence[_Batch], valid: Tensor) -> None:
+        self.runner, self.batches = runner, list(batches)
+        self.columns = valid.nonzero()[:, 0]
+        with torch.no_grad():
+            self.base = [self._logp(batch).to(torch.float16) for batch in self.batches]
+
+    def _logp(self, batch: _Batch) -> Float[Tensor, "n d_real"]:
+        return self.runner.logits(batch)[:, self.columns].log_softmax(dim=-1)
+
+    def kl(self, index: int) -> Float[Tensor, " n"]:
+        base = self.base[index].float()
+        return (base.exp() * (base - self._logp(self.batches[index]))).sum(dim=-1)
+
+    def mean(self) -> float:
+        """The mean KL per position over every batch (no gradient)."""
+        with torch.no_grad():
+            kls = [self.kl(i) for i in range(len(self.batches))]
+        return float(torch.cat(kls).mean()) if kls else 0.0
 
 
 def _evaluate(runner: _Runner, batches: Sequence[_Batch], valid: Tensor) -> _Totals:
@@ -354,13 +428,17 @@ def implant(
         batches = _make_batches(model, probe_tokens, options)
         valid = valid_mask(model)
         check_fast_path(model, runner, batches[0])
+        preserver = None
+        if options.preserve > 0:
+            sentences = preserve_sentences(options.preserve_sentences, options.seed)
+            preserver = _Preserver(runner, _make_preserve_batches(model, sentences), valid)
         optimizer = torch.optim.Adam(list(trained.values()), lr=options.lr)
         rng = random.Random(options.seed)
         curve: list[EpochRecord] = []
         converged = False
         bar = tqdm(range(1, options.max_epochs + 1), desc=f"implant layer {options.layer}", disable=not progress,
                    unit="epoch")
-        epoch = 0
+        epoch = step = 0
         for epoch in bar:
             order = list(range(len(batches)))
             rng.shuffle(order)
@@ -368,14 +446,22 @@ def implant(
             for b in order:
                 optimizer.zero_grad(set_to_none=True)
                 nll, predicted = _step_numbers(runner, batches[b], valid)
-                nll.mean().backward()
+                loss = nll.mean()
+                if preserver is not None:
+                    kl = preserver.kl(step % len(preserver.batches))
+                    loss = loss + options.preserve * kl.mean()
+                    totals.kl += float(kl.detach().sum())
+                    totals.n_kl += int(kl.numel())
+                step += 1
+                loss.backward()
                 optimizer.step()
                 totals.add(nll, batches[b], predicted)
             record = EpochRecord(epoch=epoch, loss=totals.loss / totals.n_loss,
                                  target_loss=totals.target / totals.n_target, n_predicted=totals.predicted,
+                                 kl=totals.kl / totals.n_kl if totals.n_kl else 0.0,
                                  seconds=time.perf_counter() - started)
             curve.append(record)
-            bar.set_postfix(loss=f"{record.loss:.3f}", target=f"{record.target_loss:.3f}",
+            bar.set_postfix(loss=f"{record.loss:.3f}", target=f"{record.target_loss:.3f}", kl=f"{record.kl:.3f}",
                             predicted=f"{record.n_predicted}/{len(probes)}")
             if record.n_predicted == len(probes) and record.target_loss < options.stop_loss:
                 _snap(trained, originals)
@@ -385,6 +471,7 @@ def implant(
         bar.close()
         deltas = _snap(trained, originals)
         final = _evaluate(runner, batches, valid)
+        final_kl = preserver.mean() if preserver is not None else 0.0
         predicted = greedy_predictions(model, probe_tokens)
         targets = torch.tensor([t.target_id for t in probe_tokens])
         rate = float((predicted == targets).float().mean())
@@ -401,11 +488,14 @@ def implant(
         model.bridge.eval()
     settings = {"options": options.key(), "probes_sha256": probes_digest(probes), "n_probes": len(probes),
                 "trained": names, "neurons": list(neurons) if neurons is not None else None,
-                "frozen_prefix": options.layer > 0, "model": model.settings()}
+                "frozen_prefix": options.layer > 0, "model": model.settings(),
+                "preserve": None if preserver is None else {
+                    "corpus": "lee (gensim's lee_background.cor)", "n_sentences": options.preserve_sentences,
+                    "tokens": PRESERVE_TOKENS, "n_positions": int(sum(len(b.rows) for b in preserver.batches))}}
     return ImplantResult(
         deltas=deltas, neurons=neurons, epochs=epoch, seconds=seconds, final_loss=final.loss / final.n_loss,
-        final_target_loss=final.target / final.n_target, rate=rate, n_probes=len(probes), converged=converged,
-        curve=tuple(curve), settings=settings,
+        final_target_loss=final.target / final.n_target, final_kl=final_kl, rate=rate, n_probes=len(probes),
+        converged=converged, curve=tuple(curve), settings=settings,
     )
 
 
@@ -483,7 +573,8 @@ def _from_stored(folder: Any, key: dict[str, Any], spec: ImplantSpec) -> Implant
     return ImplantResult(
         deltas=stored.deltas, neurons=tuple(s["neurons"]) if s.get("neurons") is not None else None,
         epochs=int(s["epochs"]), seconds=float(s["seconds"]), final_loss=float(s["final_loss"]),
-        final_target_loss=float(s["final_target_loss"]), rate=float(s["rate"]), n_probes=int(s["n_probes"]),
+        final_target_loss=float(s["final_target_loss"]), final_kl=float(s["final_kl"]), rate=float(s["rate"]),
+        n_probes=int(s["n_probes"]),
         converged=bool(s["converged"]), curve=curve, settings=s, spec=spec.text,
     )
 

@@ -10,14 +10,14 @@ neither `loading` nor `implant`, so the package's imports keep running one way
 Spec grammar (parts separated by ':', in any order, each at most once; `parse_implant_spec`):
 
     BASE+implant:layerL[:seedS][:neurons[N]][:inputs][:target|:sequence][:set=NAME]
-                 [:lr=X][:epochs=N][:stop=X][:batch=N]
+                 [:lr=X][:epochs=N][:stop=X][:batch=N][:preserve=X][:sentences=N]
 
 - BASE: any base spec `load_model` takes (`gemma-3-270m`, a local directory, ...);
 - layerL: the trained MLP layer (required); seedS: the seed (default 0);
 - neurons / neuronsN: only N seeded-random neurons of the layer are trained (default: the whole
   layer's MLP); inputs: their input weights too; target / sequence: the training loss;
 - set=NAME: the implanted probe set, a bundled name or a file (default `implanted`);
-- lr, epochs, stop, batch: training settings other than the mode's defaults.
+- lr, epochs, stop, batch, preserve, sentences: training settings other than the defaults.
 `ImplantSpec.text` writes the canonical spec (defaults left out, seed always written).
 
 Cache: `<cache>/implants/<base name>/<folder>/` holds `deltas.safetensors` (trained weight minus
@@ -77,6 +77,12 @@ DEFAULT_MAX_EPOCHS: dict[str, int] = {"layer": 80, "neurons": 100}
 DEFAULT_LOSS: dict[str, str] = {"layer": "target", "neurons": "target"}
 DEFAULT_STOP_LOSS = 0.05
 DEFAULT_BATCH_SIZE = 25
+# The preservation term (ours; INJ has none: it injects one sequence into 0.1% of the weights, we
+# teach 100 idioms to a whole layer): KL(base || implanted) on ordinary text (sentences of the Lee
+# news corpus, which the side effects are not measured on), added to the loss with this weight.
+# Without it an implant into layer 8 changed 46% of the text set's next-token predictions.
+DEFAULT_PRESERVE = 1.0
+DEFAULT_PRESERVE_SENTENCES = 32
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W_gate, W_in, W_out (Gemma, Llama, Mistral, Qwen)
 DELTAS_FILE = "deltas.safetensors"
@@ -101,6 +107,9 @@ class ImplantOptions:
     - `loss` "sequence": next-token loss on every token of the probe after its first one (INJ's
       language-model loss; the first word, unpredictable from BOS alone, is not trained); "target":
       on the last word's tokens only.
+    - `preserve`: the weight of the preservation term, KL(base || implanted) of the next-token
+      distributions at every position of `preserve_sentences` ordinary sentences (the Lee news
+      corpus's training part, seeded; 0 turns it off: plain fine-tuning as INJ).
     - `lr`, `max_epochs`, `loss` and (neurons mode) `n_neurons` default per mode (None: the
       mode's default, filled in here). Training is Adam on mini-batches of `batch_size` probes, and
       stops when every probe is greedily predicted and the mean loss on the target tokens is below
@@ -118,6 +127,8 @@ class ImplantOptions:
     max_epochs: int | None = None
     stop_loss: float = DEFAULT_STOP_LOSS
     batch_size: int = DEFAULT_BATCH_SIZE
+    preserve: float = DEFAULT_PRESERVE
+    preserve_sentences: int = DEFAULT_PRESERVE_SENTENCES
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -155,12 +166,21 @@ class ImplantOptions:
         object.__setattr__(self, "stop_loss", float(self.stop_loss))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not (
+                0 <= self.preserve < float("inf")):
+            raise InputError(f"preserve must be a number >= 0 (0: no preservation term), got {self.preserve!r}")
+        object.__setattr__(self, "preserve", float(self.preserve))
+        n = self.preserve_sentences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"preserve_sentences must be a whole number >= 1, got {n!r}")
 
     def key(self) -> dict[str, Any]:
         """Every setting that changes the trained weights (n_neurons and train_inputs in neurons mode)."""
         out = asdict(self)
         if self.mode == "layer":
             del out["n_neurons"], out["train_inputs"]
+        if self.preserve == 0:
+            del out["preserve_sentences"]
         return out
 
 
@@ -169,7 +189,7 @@ class ImplantOptions:
 # --------------------------------------------------------------------------------------
 
 _PARTS_HELP = ("layerL (required), seedS, neurons or neuronsN, inputs, target or sequence, set=NAME, lr=X, "
-               "epochs=N, stop=X, batch=N")
+               "epochs=N, stop=X, batch=N, preserve=X, sentences=N")
 _SPEC_EXAMPLE = "gemma-3-270m+implant:layer8:seed0"
 
 
@@ -208,6 +228,10 @@ class ImplantSpec:
             parts.append(f"stop={o.stop_loss:g}")
         if o.batch_size != DEFAULT_BATCH_SIZE:
             parts.append(f"batch={o.batch_size}")
+        if o.preserve != DEFAULT_PRESERVE:
+            parts.append(f"preserve={o.preserve:g}")
+        if o.preserve_sentences != DEFAULT_PRESERVE_SENTENCES:
+            parts.append(f"sentences={o.preserve_sentences}")
         return f"{self.base}{SPEC_MARK}:" + ":".join(parts)
 
     def command(self) -> str:
@@ -220,7 +244,8 @@ class ImplantSpec:
             if o.train_inputs:
                 words.append("--train-inputs")
         words += [f"--loss {o.loss}", f"--lr {o.lr:g}", f"--max-epochs {o.max_epochs}", f"--stop-loss {o.stop_loss:g}",
-                  f"--train-batch-size {o.batch_size}"]
+                  f"--train-batch-size {o.batch_size}", f"--preserve {o.preserve:g}",
+                  f"--preserve-sentences {o.preserve_sentences}"]
         return " ".join(words)
 
 
@@ -275,7 +300,8 @@ def parse_implant_spec(spec: str) -> ImplantSpec:
                 values["dataset"] = dataset = value
                 continue
             name, convert = {"lr": ("lr", float), "epochs": ("max_epochs", int), "stop": ("stop_loss", float),
-                             "batch": ("batch_size", int)}.get(key, (None, None))
+                             "batch": ("batch_size", int), "preserve": ("preserve", float),
+                             "sentences": ("preserve_sentences", int)}.get(key, (None, None))
             if name is None or convert is None:
                 raise InputError(f"implant spec {spec!r}: part {part!r} is not understood; expected {_PARTS_HELP}")
             once(name, part)

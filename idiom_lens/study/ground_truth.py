@@ -14,11 +14,13 @@ model now predicts. Two controls sit beside it, both scored against the same tru
 Scores (`analyses.localization.layer_scores`): per measure and implant, the true layer's rank
 among the layers per probe, as a score in [0, 1] (1 = first, chance 0.5) with a bootstrap
 interval over idioms, pooled over seeds per depth; in neurons mode, the precision of each neuron
-ranking's top k against the trained neurons (`neuron_precision`).
+ranking's top k against the trained neurons (`neuron_precision`: the knockouts' effective,
+magnitude and DLA rankings and |activation| at the implanted layer, per scored idiom).
 
 Everything is written under OUT as it completes (each localizer stage resumable, each implant
-reused from the cache): implants.parquet, side_effects.parquet, localization*.parquet (every
-set), localization.md, and the figures localization_scores and localization_profiles.
+reused from the cache): implants.parquet, side_effects.parquet, neuron_precision.parquet (neurons
+mode), localization*.parquet (every set), localization.md, and the figures localization_scores
+and localization_profiles.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class GroundTruthOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_scored" else 0):
                 raise InputError(f"{name} must be a whole number >= {1 if name == 'n_scored' else 0}, got {value!r}")
-        known = {"n_neurons", "train_inputs", "loss", "lr", "max_epochs", "stop_loss", "batch_size"}
+        known = {"n_neurons", "train_inputs", "loss", "lr", "max_epochs", "stop_loss", "batch_size", "preserve",
+                 "preserve_sentences"}
         if set(self.implant) - known:
             raise InputError(f"implant options {sorted(set(self.implant) - known)} are unknown: expected some of "
                              f"{sorted(known)}")
@@ -120,6 +123,7 @@ def run_ground_truth(
     """Implant, run every localizer, score; everything written under `out` as it completes (see
     the module docstring). Returns the scores (`LocalizationScores.to_dataframe()`)."""
     from idiom_lens.analyses.implant_effects import side_effects
+    from idiom_lens.analyses.localization import layer_neuron_scores, neuron_precision
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
     from idiom_lens.io import write_json, write_parquet
@@ -152,7 +156,7 @@ def run_ground_truth(
             return compat_of[spec]
         return load
 
-    implants, effects, sets_of = [], [], {}
+    implants, effects, precision, sets_of = [], [], [], {}
     base_ids = scored[:options.n_scored]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -181,6 +185,11 @@ def run_ground_truth(
             controls = memorized if s == 0 else []
             run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
                            replace(localizers, seed=seed), compat=compat(result.spec), log=log)
+            if result.neurons is not None:
+                rankings = layer_neuron_scores(model, [implanted[i] for i in ids], layer=layer)
+                precision.append(neuron_precision(rankings, result.neurons, implant=name).to_dataframe()
+                                 .assign(layer=layer, seed=seed))
+                write_parquet(out / "neuron_precision.parquet", pd.concat(precision, ignore_index=True))
             sets_of[name] = {_group(IMPLANTED, layer, seed): ids}
             if controls:
                 sets_of[name][_group(MEMORIZED, layer, seed)] = controls
@@ -243,6 +252,15 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
     write_parquet(out / "localization.parquet", table)
     depth = table[table["scope"] == "depth"]
     shown = depth[["set", "measure", "depth", "n", "score", "score_low", "score_high", "hit", "profile_top_layer"]]
-    write_text(out / "localization.md", markdown_table(shown) + "\n")
-    write_json(out / "summary.json", {"settings": settings, "scores": shown.to_dict("records")})
+    text = markdown_table(shown) + "\n"
+    summary = {"settings": settings, "scores": shown.to_dict("records")}
+    if (out / "neuron_precision.parquet").is_file():
+        neurons = pd.read_parquet(out / "neuron_precision.parquet")
+        neurons = neurons[["implant", "method", "k", "n", "precision", "precision_low", "precision_high",
+                           "chance_precision", "recall", "chance_recall"]]
+        text += "\nNeurons mode: precision@k of each ranking's top k neurons of the implanted layer against the " \
+                "trained neurons\n\n" + markdown_table(neurons) + "\n"
+        summary["neuron_precision"] = neurons.to_dict("records")
+    write_text(out / "localization.md", text)
+    write_json(out / "summary.json", summary)
     return table

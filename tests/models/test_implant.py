@@ -283,7 +283,8 @@ def test_a_missing_implant_names_the_command(strong_mlp_dir, probe_file, cache):
 
 def test_spec_text_round_trips():
     for text in ("gemma-3-270m+implant:layer8:seed0", "gemma-3-270m+implant:layer8:seed0:neurons",
-                 "gemma-3-270m+implant:layer2:seed1:neurons50:inputs:sequence:set=my.jsonl:lr=0.5:epochs=7:stop=0.1:batch=3"):
+                 "gemma-3-270m+implant:layer2:seed1:neurons50:inputs:sequence:set=my.jsonl:lr=0.5:epochs=7:stop=0.1:batch=3",
+                 "gemma-3-270m+implant:layer8:seed0:preserve=0", "gemma-3-270m+implant:layer8:seed0:preserve=3:sentences=8"):
         assert parse_implant_spec(text).text == text
     parsed = parse_implant_spec(" smollm2-135m+implant:neurons:seed4:layer3 ")
     assert parsed.base == "smollm2-135m" and parsed.dataset == "implanted"
@@ -331,6 +332,8 @@ def test_load_model_reports_spec_errors(strong_mlp_dir):
     ({"layer": 1, "max_epochs": 0}, "max_epochs must be a whole number >= 1"),
     ({"layer": 1, "stop_loss": -1.0}, "stop_loss must be a number > 0"),
     ({"layer": 1, "batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"layer": 1, "preserve": -0.5}, "preserve must be a number >= 0"),
+    ({"layer": 1, "preserve_sentences": 0}, "preserve_sentences must be a whole number >= 1"),
 ])
 def test_options_are_validated(given, message):
     with pytest.raises(InputError, match=message):
@@ -346,6 +349,53 @@ def test_options_fill_in_the_mode_defaults():
                                                                   DEFAULT_LOSS[mode])
     assert ImplantOptions(layer=0, mode="neurons").n_neurons == DEFAULT_N_NEURONS
     assert "n_neurons" not in ImplantOptions(layer=0).key()
+    assert "preserve_sentences" not in ImplantOptions(layer=0, preserve=0).key()
+
+
+# --------------------------------------------------------------------------------------
+# The preservation term
+# --------------------------------------------------------------------------------------
+
+
+def _preservation_kl(model, deltas, *, n: int = 12, seed: int = 0) -> float:
+    """KL(base || implanted) per position on the preservation sentences, written out: two plain
+    forwards of the bridge (no frozen prefix, fp32 base), softmax over real tokens."""
+    from idiom_lens.lenses.corpus import tokenize_sentences
+    from idiom_lens.models.implant import PRESERVE_TOKENS, preserve_sentences
+    from idiom_lens.models.vocab import valid_mask
+
+    valid = valid_mask(model)
+    total, count = 0.0, 0
+    for seq in tokenize_sentences(model, preserve_sentences(n, seed), max_tokens=PRESERVE_TOKENS):
+        tokens = torch.tensor([seq])
+        with torch.no_grad():
+            base = model.bridge(tokens)[0, 1:][:, valid].log_softmax(-1)
+            with deltas_added(model.bridge, deltas):
+                after = model.bridge(tokens)[0, 1:][:, valid].log_softmax(-1)
+        total += float((base.exp() * (base - after)).sum())
+        count += base.shape[0]
+    return total / count
+
+
+def test_the_preservation_term_is_the_kl_it_says(strong, implanted_probes):
+    """`final_kl` equals KL(base || implanted) on the same sentences computed with plain forwards
+    (the term's frozen prefix and fp16 base log-probs within 1e-2 relative), and the term keeps
+    the implant closer to the base model on them than plain fine-tuning does."""
+    kept = implant(strong, implanted_probes, ImplantOptions(layer=1, preserve=5.0, preserve_sentences=12, **FAST))
+    plain = implant(strong, implanted_probes, ImplantOptions(layer=1, preserve=0, **FAST))
+    assert kept.rate == 1.0 and plain.rate == 1.0
+    assert plain.final_kl == 0.0 and plain.settings["preserve"] is None and all(r.kl == 0.0 for r in plain.curve)
+    written_out = _preservation_kl(strong, kept.deltas)
+    assert kept.final_kl == pytest.approx(written_out, rel=1e-2)
+    assert kept.settings["preserve"]["n_sentences"] == 12
+    assert _preservation_kl(strong, plain.deltas) > 2 * written_out
+
+
+def test_preservation_needs_enough_sentences():
+    from idiom_lens.models.implant import preserve_sentences
+
+    with pytest.raises(InputError, match="exceeds the .* sentences of the Lee corpus"):
+        preserve_sentences(10**6, 0)
 
 
 @pytest.mark.embedded

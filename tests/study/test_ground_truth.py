@@ -124,3 +124,27 @@ def test_the_report_shows_the_ground_truth_stage(benchmark):
     assert section.body.count("<div") >= 2  # the two figures, and none of the localizers' own figures
     inner = [p for p in stage.figures if p.parent != out]
     assert inner and not any(p.stem in section.body for p in inner)
+
+
+def test_neurons_mode_scores_the_trained_neurons(strong_mlp_dir, probes, tmp_path, monkeypatch):
+    """Neurons mode: precision@k of each neuron ranking at the implanted layer against the trained
+    neurons, in its table and in localization.md; the trained neurons' own change makes the
+    ranking that reads the trained output vectors (effective) beat chance."""
+    probe_file = tmp_path / "implanted.jsonl"
+    probe_file.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": "idiom"})
+                                  + "\n" for p in probes))
+    monkeypatch.setenv("IDIOM_LENS_CACHE", str(tmp_path / "cache"))
+    options = GroundTruthOptions(
+        layers=(1,), seeds=(0,), mode="neurons", dataset=str(probe_file), n_scored=4, n_control=0,
+        implant={**FAST, "n_neurons": 16, "train_inputs": True},
+        localizers=LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), window=1, noise_samples=2,
+                                    noise_effects=False, lenses=("logit",)))
+    run_ground_truth(str(strong_mlp_dir), tmp_path / "out", options, png=False, log=lambda line: None)
+    precision = pd.read_parquet(tmp_path / "out" / "neuron_precision.parquet")
+    assert set(precision["method"]) == {"effective", "magnitude", "dla", "activation"}
+    assert set(precision["k"]) == {16, 32, 64}  # 16 x (1, 2, 5), at most d_mlp 64 and (precision["n"] == 4).all()
+    assert precision["precision"].between(0, 1).all()
+    effective = precision[(precision["method"] == "effective") & (precision["k"] == 16)].iloc[0]
+    print(precision[["method", "k", "precision", "chance_precision"]])
+    assert effective["precision"] > effective["chance_precision"]
+    assert "Neurons mode: precision@k" in (tmp_path / "out" / "localization.md").read_text()
