@@ -148,3 +148,28 @@ def test_neurons_mode_scores_the_trained_neurons(strong_mlp_dir, probes, tmp_pat
     print(precision[["method", "k", "precision", "chance_precision"]])
     assert effective["precision"] > effective["chance_precision"]
     assert "Neurons mode: precision@k" in (tmp_path / "out" / "localization.md").read_text()
+
+
+def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
+    """`make results` publishes the benchmark's numbers from its own tables (experiments/publish.py)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    import publish  # noqa: E402  (experiments/publish.py)
+
+    out, table, _ = benchmark
+    shutil.copytree(out, tmp_path / publish.GROUND_TRUTH)
+    claims = publish.Claims()
+    publish.ground_truth_claims(claims, tmp_path, "python experiments/ground_truth.py")
+    row = table[(table["set"] == IMPLANTED) & (table["scope"] == "depth")
+                & (table["measure"] == "knockout whole MLP log-p drop")].iloc[0]
+    claim = claims.items[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.score"]
+    assert claim["value"] == row["score"] and claim["n"] == row["n"] == 4
+    assert claim["interval"] == [row["score_low"], row["score_high"]]
+    assert claims.items[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.top_layer"]["text"] == "1"
+    effects = pd.read_parquet(out / "side_effects.parquet").set_index("measure")
+    kl = claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.kl_per_token"]
+    assert kl["value"] == pytest.approx(effects.loc["kl_per_token", "value"]) and kl["text"] == f"{kl['value']:.2f}"
+    assert claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.rate"]["value"] == 1.0
