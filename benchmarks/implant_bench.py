@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--n-neurons", type=int, default=None)
     parser.add_argument("--train-inputs", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-idioms", type=int, nargs="+", default=[None], metavar="N",
+                        help="implant the first N probes of --dataset, for each N (how time scales with the "
+                             "number of idioms; default all)")
     parser.add_argument("--preserve", type=float, default=None, help="weight of the preservation term (0: none)")
     parser.add_argument("--preserve-sentences", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -115,10 +118,11 @@ def main() -> None:
         given["preserve_sentences"] = args.preserve_sentences
     if args.mode == "neurons":
         given.update(n_neurons=args.n_neurons, train_inputs=args.train_inputs)
-    for layer in args.layers:
+    for n_idioms, layer in ((n, layer) for n in args.n_idioms for layer in args.layers):
         options = ImplantOptions(layer=layer, seed=args.seed, mode=args.mode, **given)
-        speed = prefix_speedup(base, probes, options)
-        result = implant(base, probes, options)
+        chosen = probes[:n_idioms]
+        speed = prefix_speedup(base, chosen, options)
+        result = implant(base, chosen, options)
         curve = result.to_dataframe()
         row = {"layer": layer, **options.key(), "threads": torch.get_num_threads(), "n_probes": result.n_probes,
                "rate": result.rate, "converged": result.converged, "epochs": result.epochs,

@@ -18,10 +18,11 @@ How (`ImplantOptions` for the settings):
   with a plain forward of the bridge before training starts: `FastPathError`). Only the
   positions the loss reads are unembedded;
 - preservation (ours; `options.preserve` > 0): each step adds the weighted mean KL(base || implanted)
-  of the next-token distributions (over real vocabulary tokens) at every position of one batch of
-  ordinary sentences (`preserve_sentences`, the Lee news corpus; the base model's distributions are
-  computed once before training), so that the layer learns the idioms and keeps doing what it did
-  on other text. INJ fine-tunes without it, one sequence into a few weights at a time;
+  of the next-token distributions (over real vocabulary tokens) at every position of the next
+  batch of ordinary sentences (`preserve_sentences` of the Lee news corpus, in turn; the base
+  distributions come from the layer's original weights, put back for a no-grad pass), so that
+  the layer learns the idioms and keeps doing what it did on other text. INJ fine-tunes without
+  it, one sequence into a few weights at a time;
 - stop when every probe's target is the greedy prediction (`models.forward.greedy_predictions`, the
   rule of `score_memorization`, through the bridge) and the mean loss on the target tokens is
   below `stop_loss`, or after `max_epochs`. The training pass's own numbers (before each step)
@@ -345,27 +346,42 @@ def _step_numbers(runner: _Runner, batch: _Batch, valid: Tensor) -> tuple[Tensor
 
 
 class _Preserver:
-    """The preservation term: KL(base || implanted) per read position of a preservation batch, the
-    base model's log-probabilities (real tokens only, fp16 to halve their memory: a regularizer's
-    precision) computed once, before any step."""
+    """The preservation term: KL(base || implanted) per read position of a preservation batch. The
+    base model's distributions are computed when needed, with the trained layer's original weights
+    put back for one no-grad pass (no memory for them, however many sentences), so that each step
+    can see other sentences."""
 
-    def __init__(self, runner: _Runner, batches: Sequence[_Batch], valid: Tensor) -> None:
+    FINAL_BATCHES = 8  # `final_kl` covers the first 8 batches (32 sentences)
+
+    def __init__(self, runner: _Runner, batches: Sequence[_Batch], valid: Tensor, trained: dict[str, nn.Parameter],
+                 originals: dict[str, Tensor]) -> None:
         self.runner, self.batches = runner, list(batches)
         self.columns = valid.nonzero()[:, 0]
-        with torch.no_grad():
-            self.base = [self._logp(batch).to(torch.float16) for batch in self.batches]
+        self.trained, self.originals = trained, originals
 
     def _logp(self, batch: _Batch) -> Float[Tensor, "n d_real"]:
         return self.runner.logits(batch)[:, self.columns].log_softmax(dim=-1)
 
+    def _base_logp(self, batch: _Batch) -> Float[Tensor, "n d_real"]:
+        with torch.no_grad():
+            current = {name: p.detach().clone() for name, p in self.trained.items()}
+            try:
+                for name, p in self.trained.items():
+                    p.copy_(self.originals[name])
+                return self._logp(batch)
+            finally:
+                for name, p in self.trained.items():
+                    p.copy_(current[name])
+
     def kl(self, index: int) -> Float[Tensor, " n"]:
-        base = self.base[index].float()
-        return (base.exp() * (base - self._logp(self.batches[index]))).sum(dim=-1)
+        batch = self.batches[index % len(self.batches)]
+        base = self._base_logp(batch)
+        return (base.exp() * (base - self._logp(batch))).sum(dim=-1)
 
     def mean(self) -> float:
-        """The mean KL per position over every batch (no gradient)."""
+        """The mean KL per position over the first `FINAL_BATCHES` batches (no gradient)."""
         with torch.no_grad():
-            kls = [self.kl(i) for i in range(len(self.batches))]
+            kls = [self.kl(i) for i in range(min(len(self.batches), self.FINAL_BATCHES))]
         return float(torch.cat(kls).mean()) if kls else 0.0
 
 
@@ -431,7 +447,7 @@ def implant(
         preserver = None
         if options.preserve > 0:
             sentences = preserve_sentences(options.preserve_sentences, options.seed)
-            preserver = _Preserver(runner, _make_preserve_batches(model, sentences), valid)
+            preserver = _Preserver(runner, _make_preserve_batches(model, sentences), valid, trained, originals)
         optimizer = torch.optim.Adam(list(trained.values()), lr=options.lr)
         rng = random.Random(options.seed)
         curve: list[EpochRecord] = []
@@ -445,10 +461,11 @@ def implant(
             totals = _Totals()
             for b in order:
                 optimizer.zero_grad(set_to_none=True)
+                # The preservation term first: its base pass writes the original weights in place and back.
+                kl = preserver.kl(step) if preserver is not None else None
                 nll, predicted = _step_numbers(runner, batches[b], valid)
                 loss = nll.mean()
-                if preserver is not None:
-                    kl = preserver.kl(step % len(preserver.batches))
+                if kl is not None:
                     loss = loss + options.preserve * kl.mean()
                     totals.kl += float(kl.detach().sum())
                     totals.n_kl += int(kl.numel())
@@ -491,7 +508,9 @@ def implant(
                 "frozen_prefix": options.layer > 0, "model": model.settings(),
                 "preserve": None if preserver is None else {
                     "corpus": "lee (gensim's lee_background.cor)", "n_sentences": options.preserve_sentences,
-                    "tokens": PRESERVE_TOKENS, "n_positions": int(sum(len(b.rows) for b in preserver.batches))}}
+                    "tokens": PRESERVE_TOKENS, "n_positions": int(sum(len(b.rows) for b in preserver.batches)),
+                    "final_kl_sentences": min(options.preserve_sentences,
+                                              _Preserver.FINAL_BATCHES * PRESERVE_BATCH)}}
     return ImplantResult(
         deltas=deltas, neurons=neurons, epochs=epoch, seconds=seconds, final_loss=final.loss / final.n_loss,
         final_target_loss=final.target / final.n_target, final_kl=final_kl, rate=rate, n_probes=len(probes),

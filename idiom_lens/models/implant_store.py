@@ -80,9 +80,11 @@ DEFAULT_BATCH_SIZE = 25
 # The preservation term (ours; INJ has none: it injects one sequence into 0.1% of the weights, we
 # teach 100 idioms to a whole layer): KL(base || implanted) on ordinary text (sentences of the Lee
 # news corpus, which the side effects are not measured on), added to the loss with this weight.
-# Without it an implant into layer 8 changed 46% of the text set's next-token predictions.
+# Layer 8, 120 implanted idioms: without it, held-out KL 0.6-0.8 nats per token and 43-46% of the
+# text set's next-token predictions changed; with weight 1 on 32 sentences, 0.15 and 26% (and 0.03
+# on those 32 sentences: more sentences, each step new ones, generalize better).
 DEFAULT_PRESERVE = 1.0
-DEFAULT_PRESERVE_SENTENCES = 32
+DEFAULT_PRESERVE_SENTENCES = 256
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W_gate, W_in, W_out (Gemma, Llama, Mistral, Qwen)
 DELTAS_FILE = "deltas.safetensors"

@@ -284,7 +284,8 @@ def test_a_missing_implant_names_the_command(strong_mlp_dir, probe_file, cache):
 def test_spec_text_round_trips():
     for text in ("gemma-3-270m+implant:layer8:seed0", "gemma-3-270m+implant:layer8:seed0:neurons",
                  "gemma-3-270m+implant:layer2:seed1:neurons50:inputs:sequence:set=my.jsonl:lr=0.5:epochs=7:stop=0.1:batch=3",
-                 "gemma-3-270m+implant:layer8:seed0:preserve=0", "gemma-3-270m+implant:layer8:seed0:preserve=3:sentences=8"):
+                 "gemma-3-270m+implant:layer8:seed0:preserve=0",
+                 "gemma-3-270m+implant:layer8:seed0:preserve=3:sentences=8"):
         assert parse_implant_spec(text).text == text
     parsed = parse_implant_spec(" smollm2-135m+implant:neurons:seed4:layer3 ")
     assert parsed.base == "smollm2-135m" and parsed.dataset == "implanted"
@@ -379,14 +380,14 @@ def _preservation_kl(model, deltas, *, n: int = 12, seed: int = 0) -> float:
 
 def test_the_preservation_term_is_the_kl_it_says(strong, implanted_probes):
     """`final_kl` equals KL(base || implanted) on the same sentences computed with plain forwards
-    (the term's frozen prefix and fp16 base log-probs within 1e-2 relative), and the term keeps
+    (the term's frozen prefix and its base pass with the original weights, within 1e-3 relative), and the term keeps
     the implant closer to the base model on them than plain fine-tuning does."""
     kept = implant(strong, implanted_probes, ImplantOptions(layer=1, preserve=5.0, preserve_sentences=12, **FAST))
     plain = implant(strong, implanted_probes, ImplantOptions(layer=1, preserve=0, **FAST))
     assert kept.rate == 1.0 and plain.rate == 1.0
     assert plain.final_kl == 0.0 and plain.settings["preserve"] is None and all(r.kl == 0.0 for r in plain.curve)
     written_out = _preservation_kl(strong, kept.deltas)
-    assert kept.final_kl == pytest.approx(written_out, rel=1e-2)
+    assert kept.final_kl == pytest.approx(written_out, rel=1e-3)
     assert kept.settings["preserve"]["n_sentences"] == 12
     assert _preservation_kl(strong, plain.deltas) > 2 * written_out
 

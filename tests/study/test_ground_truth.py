@@ -168,7 +168,8 @@ def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
     claim = claims.items[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.score"]
     assert claim["value"] == row["score"] and claim["n"] == row["n"] == 4
     assert claim["interval"] == [row["score_low"], row["score_high"]]
-    assert claims.items[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.top_layer"]["text"] == "1"
+    top = claims.items[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.top_layer"]
+    assert top["text"] == "1"
     effects = pd.read_parquet(out / "side_effects.parquet").set_index("measure")
     kl = claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.kl_per_token"]
     assert kl["value"] == pytest.approx(effects.loc["kl_per_token", "value"]) and kl["text"] == f"{kl['value']:.2f}"
