@@ -4,7 +4,9 @@
     states, final norm + unembedding per layer, softmax and a full argsort (`tests/reference.py`);
 (b) TransformerLens `tools.analysis.logit_lens`, called per probe;
 (c) idiom_lens `layer_trajectory` (batched, one pass over the vocabulary for both tokens);
-(d) the floor: one batched forward pass plus one projection of all layers (matmul only).
+(d) the floor: the blocks' batched forward, the unembedding of the rows the memorization score
+    reads (last prompt token and target tokens: `iterate_forward`'s read="target"), and one
+    projection of every layer's row (matmul only); no softmax, no ranks.
 All read the residual after every block at the last prompt position. Prints times and ratios,
 and the peak memory of (c) measured in a fresh subprocess.
 
@@ -30,7 +32,7 @@ def _sync(device: str) -> None:
 
 
 def floor_pass(model, probe_tokens, *, batch_size: int) -> float:
-    """(d): batched forward + ln_final + unembed of every layer; no softmax, no ranks."""
+    """(d): batched forward (read positions unembedded only) + ln_final + unembed of every layer."""
     from idiom_lens.models.forward import iterate_forward
 
     hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.n_layers)]

@@ -80,8 +80,9 @@ def side_effects(
     if probe_tokens != tokenize_probes(implanted_model, text_probes):
         raise InputError(f"{base_model.spec!r} and {implanted_model.spec!r} tokenize the text differently")
     per_token, last, changed = [], [], []
-    batches = zip(iterate_forward(base_model, probe_tokens, batch_size=batch_size, desc="side effects (base)"),
-                  iterate_forward(implanted_model, probe_tokens, batch_size=batch_size,
+    batches = zip(iterate_forward(base_model, probe_tokens, batch_size=batch_size, read="all",
+                                  desc="side effects (base)"),
+                  iterate_forward(implanted_model, probe_tokens, batch_size=batch_size, read="all",
                                   desc="side effects (implanted)"))
     for base, implanted in batches:
         logp = base.logits.float().log_softmax(dim=-1)

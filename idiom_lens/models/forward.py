@@ -8,12 +8,19 @@ position, so memory is [batch, d_model] per hook rather than [batch, pos, d_mode
 Sequences are fed as prompt + target tokens: by causality the logits at the last prompt
 position are exactly those of the prompt alone, and the later positions give the teacher-forced
 check of the full (multi-token) target in the same pass.
+
+Only what is read is unembedded (`read="target"`, the default): the last prompt position and the
+target's positions after it, not the prompt's earlier positions. With Gemma's 262,144-token
+vocabulary the unembedding costs 0.34 GFLOP per row, more than a block's forward for the row, so
+unembedding every position of prompt and target (about 12 rows per probe) took a third of a
+trajectory. The first batch's self-check still compares with a plain full forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -26,7 +33,7 @@ from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward
 from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_probe
 from idiom_lens.models.vocab import mask_logits, valid_mask
-from idiom_lens.types import HookFn, Logits, Tokens
+from idiom_lens.types import HookFn, Tokens
 
 
 def tokenize_probes(model: LoadedModel, probes: Sequence[Probe]) -> list[ProbeTokens]:
@@ -46,10 +53,13 @@ class ForwardBatch:
 
     indices: list[int]  # positions of these probes in the caller's list
     tokens: Tokens
-    last: Int[Tensor, " batch"]  # index of the last prompt token of each row
-    logits: Logits
-    captured: dict[str, Float[Tensor, "batch d_model"]]  # hook name -> value at `last`
-    # `logits` has non-text tokens at the lowest float (`idiom_lens.models.vocab`)
+    last: Int[Tensor, " batch"]  # column of `logits` holding each row's last prompt token
+    logits: Float[Tensor, "batch read d_vocab"]  # at the read positions (`positions`), in order
+    captured: dict[str, Float[Tensor, "batch d_model"]]  # hook name -> value at the last prompt token
+    positions: Int[Tensor, "batch read"]  # the token position of each column of `logits`
+    # `logits` has non-text tokens at the lowest float (`idiom_lens.models.vocab`). With read="all"
+    # the columns are every position (`last` = the last prompt token's position); with "target"
+    # column 0 is the last prompt token and column j the j-th position after it (`last` = 0).
 
 
 def iterate_forward(
@@ -59,10 +69,14 @@ def iterate_forward(
     hook_names: Sequence[str] = (),
     batch_size: int = 16,
     include_target: bool = True,
+    read: Literal["target", "all"] = "target",
     progress: bool = False,
     desc: str = "forward",
 ) -> Iterator[ForwardBatch]:
     """Yield one `ForwardBatch` per batch of probes, in length-sorted order.
+
+    `read`: which positions are unembedded: "target" the last prompt token and the target's
+    tokens after it (all the memorization score reads), "all" every position.
 
     Self-check: the first batch's shortest and longest rows (the most and
     the least padded) are compared with a plain full forward of each prompt alone; a difference
@@ -70,6 +84,8 @@ def iterate_forward(
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if read not in ("target", "all"):
+        raise InputError(f"read must be 'target' or 'all', got {read!r}")
     valid = valid_mask(model)
     order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].prompt_ids))
     bar = None  # opened after the first batch's self-check, so that a failure prints one clean line
@@ -87,26 +103,49 @@ def iterate_forward(
 
         def make_hook(name: str) -> HookFn:
             def hook(act: Tensor, hook: object) -> None:
-                captured[name] = act[rows, last].detach()  # noqa: B023 (called within this iteration)
+                # after the final norm's gather (unembed.*) a row's last prompt token is its column 0
+                at = column if name.startswith("unembed.") else last  # noqa: B023
+                captured[name] = act[rows, at].detach()  # noqa: B023 (called within this iteration)
 
             return hook
 
         hooks = [(n, make_hook(n)) for n in hook_names]
+        if read == "all":
+            positions = torch.arange(tokens.shape[1], device=model.device).expand(len(indices), -1)
+            column = last
+        else:
+            # The last prompt token and each target token but the last (the one after it is not scored).
+            n_read = max(1, max(len(seq) - 1 - int(last[r]) for r, seq in enumerate(seqs)))
+            offsets = torch.arange(n_read, device=model.device)
+            positions = (last[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # beyond a row's end: unread
+            column = torch.zeros_like(last)
+            hooks.append(("ln_final.hook_out", _gather_hook(positions)))
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
         if start == 0:
             for row in sorted({0, len(indices) - 1}):
                 check_against_full_forward(
-                    model, probe_tokens[indices[row]].prompt_ids, logits[row, last[row]],
-                    what=f"{desc} (batched, padded)", probe=f"#{indices[row]}",
+                    model, probe_tokens[indices[row]].prompt_ids, logits[row, column[row]],
+                    what=f"{desc} (batched, padded, read positions only)", probe=f"#{indices[row]}",
                 )
         logits = mask_logits(logits, valid)  # predictions range over real vocabulary tokens only
         if bar is None:
             bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="probe")
-        yield ForwardBatch(indices=indices, tokens=tokens, last=last, logits=logits, captured=captured)
+        yield ForwardBatch(indices=indices, tokens=tokens, last=column, logits=logits, captured=captured,
+                           positions=positions)
         bar.update(len(indices))
     if bar is not None:
         bar.close()
+
+
+def _gather_hook(positions: Int[Tensor, "batch read"]) -> HookFn:
+    """A hook on the final norm's output keeping only `positions` of each row: the unembedding then
+    runs on those rows alone."""
+
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
+
+    return hook
 
 
 def greedy_at_last(batch: ForwardBatch) -> Int[Tensor, " batch"]:
