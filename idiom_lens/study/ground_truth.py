@@ -41,7 +41,7 @@ NO_IMPLANT = "no implant (base model)"
 MEMORIZED = "memorized idioms (implanted model)"
 SETS = (IMPLANTED, NO_IMPLANT, MEMORIZED)
 DEFAULT_LOCALIZERS = LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), noise_effects=False,
-                                      lenses=("logit",))
+                                      lenses=("logit", "tuned"))
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -118,10 +118,16 @@ def run_ground_truth(
     options: GroundTruthOptions = GroundTruthOptions(),
     *,
     png: bool = True,
+    tuned_lens: Any | None = None,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Implant, run every localizer, score; everything written under `out` as it completes (see
-    the module docstring). Returns the scores (`LocalizationScores.to_dataframe()`)."""
+    the module docstring). Returns the scores (`LocalizationScores.to_dataframe()`).
+
+    The tuned-lens gains (``tuned`` among the localizers' lenses) read every model, implanted or
+    not, through the BASE model's tuned lens (`tuned_lens`, default: the cached one,
+    `lenses.cache.obtain_lens`, trained first if missing): the implant changes one layer, and a lens
+    per implanted model would cost a lens training (about 10 minutes) per implant."""
     from idiom_lens.analyses.implant_effects import side_effects
     from idiom_lens.analyses.localization import layer_neuron_scores, neuron_precision
     from idiom_lens.analyses.memorization import score_memorization
@@ -146,6 +152,18 @@ def run_ground_truth(
     # Candidates to score: twice as many as scored, so that n_scored remain where an implant misses some.
     scored = _sample(list(implanted), 2 * options.n_scored, options.sample_seed)
     localizers = options.localizers
+    if "tuned" in localizers.lenses and tuned_lens is None:
+        from idiom_lens.lenses.cache import obtain_lens
+
+        tuned_lens = obtain_lens(base, "tuned", log=log)
+
+    def lens_for(model: Any) -> Any:
+        """The base model's tuned lens, named for `model` (its layers and width are the base's)."""
+        if tuned_lens is None or "tuned" not in localizers.lenses:
+            return None
+        tuned_lens.check_model(base)
+        return replace(tuned_lens, model_name=model.name)
+
     compat_of: dict[str, Any] = {}
 
     def compat(spec: str) -> Callable[[], Any]:
@@ -161,7 +179,7 @@ def run_ground_truth(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     run_localizers(base, [implanted[i] for i in base_ids], out / "base", replace(localizers, seed=0),
-                   compat=compat(base.spec), log=log)
+                   compat=compat(base.spec), tuned_lens=lens_for(base), log=log)
     seconds["base"] = round(time.perf_counter() - t, 1)
     for layer in layers:
         for s, seed in enumerate(options.seeds):
@@ -184,7 +202,8 @@ def run_ground_truth(
                 raise InputError(f"the implant {result.spec} predicts none of the scored idioms: nothing to localize")
             controls = memorized if s == 0 else []
             run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
-                           replace(localizers, seed=seed), compat=compat(result.spec), log=log)
+                           replace(localizers, seed=seed), compat=compat(result.spec), tuned_lens=lens_for(model),
+                           log=log)
             if result.neurons is not None:
                 rankings = layer_neuron_scores(model, [implanted[i] for i in ids], layer=layer)
                 precision.append(neuron_precision(rankings, result.neurons, implant=name).to_dataframe()
@@ -196,6 +215,9 @@ def run_ground_truth(
             seconds[name] = round(time.perf_counter() - t, 1)
             write_json(out / "settings.json", {"base": base.settings(), "options": options.describe(),
                                                "layers": list(layers), "sets": sets_of, "base_ids": base_ids,
+                                               "tuned_lens": None if lens_for(base) is None else
+                                               {**tuned_lens.describe(), "note": "the base model's tuned lens, "
+                                                "read on every implanted model"},
                                                "seconds": seconds,
                                                "total_seconds": round(time.perf_counter() - started, 1)})
             log(f"[ground truth] {name}: rate {result.rate:.2f}, {len(ids)} scored, {seconds[name]:.0f} s")

@@ -9,6 +9,9 @@ import pandas as pd
 import pytest
 
 from idiom_lens.errors import InputError
+from idiom_lens.lenses.cache import obtain_lens
+from idiom_lens.lenses.settings import LensSettings
+from idiom_lens.models.loading import load_model
 from idiom_lens.study.ground_truth import (
     IMPLANTED,
     NO_IMPLANT,
@@ -40,7 +43,18 @@ def test_options_are_checked():
 
 
 @pytest.fixture(scope="module")
-def benchmark(strong_mlp_dir, probes, tmp_path_factory):
+def tuned(strong_mlp_dir, tmp_path_factory):
+    """A tuned lens of the base model, trained in seconds (the benchmark's default trains a real one)."""
+    base = load_model(str(strong_mlp_dir), progress=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("IDIOM_LENS_CACHE", str(tmp_path_factory.mktemp("lens-cache")))
+        return obtain_lens(base, "tuned", settings=LensSettings(corpus="samples", n_samples=16, train_tokens=64,
+                                                                heldout_tokens=40, steps=3, batch_tokens=8),
+                           prompts=[], train=True, progress=False, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def benchmark(strong_mlp_dir, probes, tmp_path_factory, tuned):
     root = tmp_path_factory.mktemp("ground-truth")
     probe_file = root / "implanted.jsonl"
     probe_file.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "target": p.target, "kind": "idiom"})
@@ -50,8 +64,9 @@ def benchmark(strong_mlp_dir, probes, tmp_path_factory):
     options = GroundTruthOptions(
         layers=(1,), seeds=(0,), dataset=str(probe_file), n_scored=4, n_control=2, implant=FAST,
         localizers=LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), window=1, noise_samples=2,
-                                    noise_effects=False, lenses=("logit",)))
-    table = run_ground_truth(str(strong_mlp_dir), root / "ground_truth", options, png=False, log=lambda line: None)
+                                    noise_effects=False, lenses=("logit", "tuned")))
+    table = run_ground_truth(str(strong_mlp_dir), root / "ground_truth", options, png=False, tuned_lens=tuned,
+                             log=lambda line: None)
     yield root / "ground_truth", table, options
     monkeypatch.undo()
 
@@ -69,6 +84,13 @@ def test_benchmark_writes_every_table(benchmark):
     pd.testing.assert_frame_equal(score_ground_truth(out, png=False), table)  # rescoring reads the same results
 
 
+def test_every_model_is_read_through_the_base_models_tuned_lens(benchmark):
+    out, table, _ = benchmark
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["tuned_lens"]["kind"] == "tuned" and "base model's tuned lens" in settings["tuned_lens"]["note"]
+    assert any(measure.startswith("tuned lens") for measure in table["measure"])
+
+
 def test_whole_mlp_knockout_finds_the_implanted_layer(benchmark):
     _, table, _ = benchmark
     row = table[(table["set"] == IMPLANTED) & (table["scope"] == "depth")
@@ -78,13 +100,13 @@ def test_whole_mlp_knockout_finds_the_implanted_layer(benchmark):
     assert row["profile_top_layer"] == 1
 
 
-def test_a_rerun_reuses_the_implant_and_every_stage(benchmark, strong_mlp_dir, monkeypatch):
+def test_a_rerun_reuses_the_implant_and_every_stage(benchmark, strong_mlp_dir, monkeypatch, tuned):
     out, table, options = benchmark
     monkeypatch.setenv("IDIOM_LENS_CACHE", str(out.parent / "cache"))
     settings = json.loads((out / "settings.json").read_text())
     assert settings["layers"] == [1] and set(settings["sets"]) == {"L1-s0"}
     logged: list[str] = []
-    again = run_ground_truth(str(strong_mlp_dir), out, options, png=False, log=logged.append)
+    again = run_ground_truth(str(strong_mlp_dir), out, options, png=False, tuned_lens=tuned, log=logged.append)
     stages = [line for line in logged if line.startswith("[run] ")]
     assert stages and all("already done" in line for line in stages)
     implants = pd.read_parquet(out / "implants.parquet")
