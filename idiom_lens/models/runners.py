@@ -6,7 +6,10 @@ are forward passes; the probe checks and sampling are in `idiom_lens.datasets.se
 - `PromptRunner`: the prefix's key/value cache reused, only the last token recomputed (for hooks
   that touch the last position only), or the whole prompt.
 - `SuffixRunner`: the whole prompt, resumed at a layer from the clean residual stream (for hooks
-  at every position that touch no layer below the resume layer: the layers below run once).
+  at every position that touch no layer below the resume layer: the layers below run once); or
+  only the positions from one on, the earlier ones' keys and values given (`PrefixKV`, recorded
+  in an earlier run by `KVRecorder`): causal tracing reuses its corrupted runs' keys and values
+  below the restored position.
 
 Predictions range over real vocabulary tokens (`idiom_lens.models.vocab`): every argmax and probability
 here is taken on masked logits."""
@@ -128,25 +131,35 @@ class SuffixRunner:
 
     def run(
         self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0,
-        resid: Float[Tensor, "row pos d_model"] | None = None,
+        resid: Float[Tensor, "row pos d_model"] | None = None, from_pos: int = 0,
+        past: PrefixKV | KVRecorder | None = None,
     ) -> Float[Tensor, "row d_vocab"]:
         """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active.
 
         `resid` is the residual stream entering `start`, one per row (default: the clean one):
-        causal tracing resumes corrupted runs this way."""
+        causal tracing resumes corrupted runs this way. With `from_pos` > 0 only the positions
+        from `from_pos` on run (`resid` holds those; hooks see them at index position -
+        `from_pos`), the earlier positions' keys and values coming from `past` (a `PrefixKV`
+        holding every layer from `start` on); a `KVRecorder` as `past` records a run's keys and
+        values instead."""
         bridge = self.model.bridge
         if not 0 <= start < self.model.n_layers:
             raise InputError(f"start layer must be in 0..{self.model.n_layers - 1}, got {start}")
+        if not 0 <= from_pos < self.n_pos:
+            raise InputError(f"from_pos must be in 0..{self.n_pos - 1}, got {from_pos}")
+        if from_pos and not isinstance(past, PrefixKV):
+            raise InputError(f"from_pos {from_pos} needs the earlier positions' keys and values (past=PrefixKV)")
+        width = self.resid[start].shape[1:]
+        expected = (n_rows, width[0] - from_pos, width[1])
         if resid is None:
-            x = self.resid[start].expand(n_rows, -1, -1).contiguous()
-        elif resid.shape != (n_rows, *self.resid[start].shape[1:]):
-            raise InputError(f"resid must have shape {(n_rows, *self.resid[start].shape[1:])}, "
-                             f"got {tuple(resid.shape)}")
+            x = self.resid[start][:, from_pos:].expand(n_rows, -1, -1).contiguous()
+        elif resid.shape != expected:
+            raise InputError(f"resid must have shape {expected}, got {tuple(resid.shape)}")
         else:
             x = resid
         with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):
             for layer in range(start, self.model.n_layers):
-                out = bridge.blocks[layer](x, **self.block_kwargs[layer])
+                out = bridge.blocks[layer](x, **_suffix_kwargs(self.block_kwargs[layer], from_pos, past))
                 x = out[0] if isinstance(out, tuple) else out
             logits = bridge.unembed(bridge.ln_final(x[:, -1:]))
         if self.softcap:
@@ -160,6 +173,51 @@ class SuffixRunner:
         for start in sorted({0, self.model.n_layers // 2, self.model.n_layers - 1}):
             check_against_full_forward(self.model, self.prompt_ids, self.run(2, [], start=start),
                                        what=f"{what} (resumed at layer {start})", probe=probe)
+
+
+class KVRecorder:
+    """Passed as the blocks' `past_key_values`: keeps each layer's keys and values (after RoPE, as
+    attention reads them; [row, kv_head, pos, d_head]) and hands them back unchanged. TransformerBridge's
+    attention calls `update(keys, values, layer_idx)` on whatever cache it is given."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self.keys[layer_idx], self.values[layer_idx] = keys.detach(), values.detach()
+        return keys, values
+
+
+class PrefixKV:
+    """Passed as the blocks' `past_key_values` in a suffix run: each layer's keys and values of the
+    positions before the suffix (one per row), put before the suffix's own."""
+
+    def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return (torch.cat([self.keys[layer_idx].to(keys.dtype), keys], dim=2),
+                torch.cat([self.values[layer_idx].to(values.dtype), values], dim=2))
+
+
+def _suffix_kwargs(kwargs: dict[str, Any], from_pos: int, past: Any) -> dict[str, Any]:
+    """A block's recorded keyword arguments for the positions from `from_pos` on: the attention
+    mask's query rows, the rotary embeddings and position ids of those positions (the keys keep
+    every position), and the cache `past`. Every architecture the toolkit loads passes exactly
+    these (the self-checks compare with a plain forward)."""
+    out = dict(kwargs)
+    if from_pos:
+        if out.get("attention_mask") is not None:
+            out["attention_mask"] = out["attention_mask"][..., from_pos:, :]
+        if out.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(t[:, from_pos:] for t in out["position_embeddings"])
+        if out.get("position_ids") is not None:
+            out["position_ids"] = out["position_ids"][:, from_pos:]
+        if out.get("cache_position") is not None:
+            out["cache_position"] = out["cache_position"][from_pos:]
+    out["past_key_values"] = past
+    return out
 
 
 def masked_prediction(logits: Float[Tensor, " d_vocab"], valid: Bool[Tensor, " d_vocab"]) -> tuple[int, float]:

@@ -30,8 +30,11 @@ memorized prediction back into a corrupted run.
   `TracingResult.per_probe` every probe's IE, TE and IE / TE.
 
 Speed: the corrupted run of every noise sample runs once and records the residual stream
-entering every block; a restored row resumes at the window's first layer from it
-(`SuffixRunner`), so the layers below run once per sample, not once per cell. Rows = (cell,
+entering every block and every layer's keys and values; a restored row resumes at the window's
+first layer from it (`SuffixRunner`), so the layers below run once per sample, not once per
+cell, and runs only the positions from the restored one on, attending to the corrupted run's
+keys and values before it (the same numbers: causal attention leaves those positions as in the
+corrupted run). Rows = (cell,
 noise sample), in batches. Positions before the first noised token are not run: clean and
 corrupted activations there are identical (causal attention), so restoring them changes nothing
 and their IE is exactly 0. The first probe is checked at run time against plain full forwards
@@ -73,7 +76,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
-from idiom_lens.models.runners import SuffixRunner
+from idiom_lens.models.runners import KVRecorder, PrefixKV, SuffixRunner
 from idiom_lens.models.selfcheck import check_close
 from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
@@ -207,8 +210,9 @@ def trace_prompt(
 
         return hook
 
+    recorded = KVRecorder()  # the corrupted runs' keys and values: a restored row reuses them below its position
     corrupted_logits = runner.run(n_samples, [(f"blocks.{l}.hook_resid_pre", enter(l)) for l in range(n_layers)],
-                                  start=0, resid=x0)
+                                  start=0, resid=x0, past=recorded)
     if check is not None:
         check_close(runner.run(1, [], start=0)[0], plain_forward(model, prompt_ids), what="causal tracing (clean)",
                     probe=check)
@@ -216,24 +220,37 @@ def trace_prompt(
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
 
-    # Every restored row: (spec, layer, position, sample), grouped by the layer it resumes at.
+    # Every restored row: (spec, layer, position, sample), grouped by the layer it resumes at and
+    # the restored position: positions before it are the corrupted run's (causal attention), so a
+    # row runs the positions from it on only, with the corrupted run's keys and values before it.
     # Cells are (spec, layer, column of `restored`, position, restored layers).
     first_pos = noised[0]
     restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, len(positions), 1)  # unrun cells: IE 0
-    rows_by_start: dict[int, list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
+    rows_by_run: dict[tuple[int, int], list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
     for si, (_site, window) in enumerate(specs):
         for layer in range(n_layers):
             layers = layer_window(layer, window, n_layers)
             for col, pos in enumerate(positions):
                 if pos >= first_pos:
-                    rows_by_start.setdefault(layers[0], []).append((si, layer, col, pos, layers))
-    for start in sorted(rows_by_start):
-        cells = rows_by_start[start]
+                    rows_by_run.setdefault((layers[0], pos), []).append((si, layer, col, pos, layers))
+    reuse_checked = False
+    for start, pos in sorted(rows_by_run):
+        cells = rows_by_run[(start, pos)]
         per_batch = max(1, batch_size // n_samples)
         for i in range(0, len(cells), per_batch):
             chunk = cells[i : i + per_batch]
-            logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples),
-                                start=start, resid=entering[start].repeat(len(chunk), 1, 1))
+            later = range(start, n_layers)
+            past = PrefixKV({l: recorded.keys[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later},
+                            {l: recorded.values[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later})
+            logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=pos),
+                                start=start, resid=entering[start][:, pos:].repeat(len(chunk), 1, 1), from_pos=pos,
+                                past=past)
+            if check is not None and not reuse_checked:  # the reused keys and values against a whole-prompt row
+                whole = runner.run(n_samples, _restore_hooks(chunk[:1], specs, clean, n_samples), start=start,
+                                   resid=entering[start])
+                check_close(logits[:n_samples], whole, what="causal tracing (restored, earlier keys and values reused)",
+                            probe=check)
+                reuse_checked = True
             probs = prob_of_pred(logits).reshape(len(chunk), n_samples)
             for (si, layer, col, _, _), p in zip(chunk, probs):
                 restored[si, layer, col] = p
@@ -242,9 +259,10 @@ def trace_prompt(
 
 def _restore_hooks(
     cells: Sequence[tuple[int, int, int, int, tuple[int, ...]]], specs: Sequence[tuple[str, int]],
-    clean: dict[tuple[str, int], Tensor], n_samples: int,
+    clean: dict[tuple[str, int], Tensor], n_samples: int, *, offset: int = 0,
 ) -> list[tuple[str, Any]]:
-    """Hooks writing the clean activation into rows (cell c, sample s) = row c * n_samples + s."""
+    """Hooks writing the clean activation into rows (cell c, sample s) = row c * n_samples + s, at
+    index position - `offset` (a run of the positions from `offset` on)."""
     targets: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for c, (si, _, _, pos, layers) in enumerate(cells):
         for layer in layers:
@@ -252,8 +270,8 @@ def _restore_hooks(
     hooks = []
     for (site, layer), pairs in sorted(targets.items()):
         rows = torch.tensor([r for r, _ in pairs])
-        pos = torch.tensor([p for _, p in pairs])
-        value = clean[(site, layer)][pos]
+        value = clean[(site, layer)][torch.tensor([p for _, p in pairs])]
+        pos = torch.tensor([p - offset for _, p in pairs])
 
         def hook(x: Tensor, hook: Any, rows: Tensor = rows, pos: Tensor = pos, value: Tensor = value) -> Tensor:
             x = x.clone()

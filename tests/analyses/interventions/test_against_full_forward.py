@@ -31,7 +31,7 @@ from idiom_lens.analyses.interventions.knockouts import (
 )
 from idiom_lens.analyses.interventions.patching import patch_cells, site_activations
 from idiom_lens.datasets.probes import Probe
-from idiom_lens.errors import FastPathError
+from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
 from idiom_lens.models.runners import PromptRunner, SuffixRunner
 from idiom_lens.models.selfcheck import plain_last_logits, relative_error
@@ -459,6 +459,43 @@ def test_suffix_runner_resumed_at_any_layer_is_the_full_forward(case):
             by_hand = full_forward(model, toks.prompt_ids, [hook])
             assert relative_error(runner.run(1, [hook], start=start)[0], by_hand) < rtol
             assert relative_error(by_hand, plain) > 10 * rtol
+
+
+def test_suffix_runner_from_a_position_with_recorded_keys_is_the_full_forward(case):
+    """Rows running only the positions from p on, the earlier positions' keys and values recorded
+    in a first run (`KVRecorder` -> `PrefixKV`), equal a plain full forward, unhooked and with the
+    MLP of the resume layer zeroed at position p (hook index 0 in the suffix run); without the
+    recorded keys a suffix run is refused."""
+    from idiom_lens.models.runners import KVRecorder, PrefixKV
+
+    model, probes = case
+    toks = next(t for t in tokenize_probes(model, probes) if len(t.prompt_ids) >= 4)
+    plain = plain_last_logits(model, toks.prompt_ids)
+    runner = SuffixRunner(model, toks.prompt_ids)
+    recorded = KVRecorder()
+    runner.run(1, [], start=0, past=recorded)
+    rtol = forward_rtol(model)
+    n = len(toks.prompt_ids)
+    for start in sorted(checked_layers(model)):
+        for pos in (1, n - 2, n - 1):
+            later = range(start, model.n_layers)
+            past = PrefixKV({l: recorded.keys[l][:, :, :pos].repeat(2, 1, 1, 1) for l in later},
+                            {l: recorded.values[l][:, :, :pos].repeat(2, 1, 1, 1) for l in later})
+            for row in runner.run(2, [], start=start, from_pos=pos, past=past):
+                assert relative_error(row, plain) < rtol
+
+            def zero_at(x, hook, index=0):
+                x = x.clone()
+                x[:, index] = 0
+                return x
+
+            by_hand = full_forward(model, toks.prompt_ids, [(f"blocks.{start}.hook_mlp_out",
+                                                            lambda x, hook, p=pos: zero_at(x, hook, p))])
+            past_one = PrefixKV({l: v[:1] for l, v in past.keys.items()}, {l: v[:1] for l, v in past.values.items()})
+            row = runner.run(1, [(f"blocks.{start}.hook_mlp_out", zero_at)], start=start, from_pos=pos, past=past_one)
+            assert relative_error(row[0], by_hand) < rtol
+    with pytest.raises(InputError, match="needs the earlier positions' keys and values"):
+        runner.run(1, [], start=0, from_pos=1)
 
 
 def test_self_check_stops_a_wrong_fast_path_and_nothing_is_written(tiny_model, tiny_model_dir, probes, tmp_path,

@@ -329,3 +329,18 @@ def test_options_name_their_bad_values():
         TracingOptions(noise_design="all_but_last_two", noise_words=(0, 2))
     with pytest.raises(InputError, match="positions"):
         TracingOptions(positions="last")
+
+
+def test_wrong_reused_keys_stop_the_run(tiny_model, probes, monkeypatch):
+    """The run-time check of the first probe compares a restored row that reuses the corrupted
+    run's earlier keys and values with the same row run over the whole prompt: keys dropped by a
+    faulty cache stop the run."""
+    from idiom_lens.errors import FastPathError
+    from idiom_lens.models import runners
+
+    _, ids = _ids(tiny_model, probes)
+    noised = tuple(range(1, len(ids) - 1))
+    noise = trace_noise("p", seed=0, samples=2, n_positions=len(noised), d_model=tiny_model.d_model, sigma=2.0)
+    monkeypatch.setattr(runners.PrefixKV, "update", lambda self, keys, values, layer_idx, *a, **k: (keys, values))
+    with pytest.raises(FastPathError, match="earlier keys and values reused"):
+        trace_prompt(tiny_model, ids, noised=noised, noise=noise, specs=SPECS, check="p")
