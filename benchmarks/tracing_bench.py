@@ -4,7 +4,10 @@
 
 1. The noise scale (std of the input embeddings over the bundled text set), untimed.
 2. `causal_trace` on a seeded sample of N bundled idioms (default 100) with the given settings,
-   timed per probe; printed: total, per probe, and the projection to 100 idioms.
+   timed per probe; printed: total, per probe, and the projection to 100 idioms. With
+   `--before K`, the first K of them also run with every restored row over the whole prompt
+   (`reuse_kv=False`, the code before the corrupted runs' keys and values were reused), and the
+   ratio of the two times on those K idioms is printed, with their largest cell difference.
 3. The naive loop on the first `--naive` of those probes: one full Hugging Face forward per
    (noise sample, site/window, layer, position) (`tests/reference.py`), timed, against the fast
    path on the same probes with the same settings, at `--naive-samples` noise draws (default:
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--naive-samples", type=int, default=None, help="noise draws for the naive comparison")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the reference machine)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--before", type=int, default=0, metavar="K",
+                        help="also time the first K idioms with whole-prompt rows (no key/value reuse): the ratio")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"command: {' '.join(sys.argv)}; torch threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
@@ -75,6 +80,18 @@ def main() -> None:
     print(f"fast: {len(probes)} idioms in {total:.1f} s = {total / len(probes):.2f} s per idiom "
           f"(mean {sum(n_tokens) / len(n_tokens):.1f} prompt tokens; specs {trace_specs(args.sites, args.windows)}, "
           f"{args.samples} samples) -> 100 idioms in {100 * total / len(probes) / 60:.1f} min")
+
+    if args.before > 0:
+        before = after = 0.0
+        worst = 0.0
+        for probe, fast in zip(probes[: args.before], results):
+            t = time.perf_counter()
+            whole = causal_trace(model, [probe], options, reuse_kv=False, **kw)
+            before += time.perf_counter() - t
+            after += per_probe[probes.index(probe)]
+            worst = max(worst, float((whole.rows["prob"] - fast.rows["prob"]).abs().max()))
+        print(f"before (whole-prompt rows): {before:.1f} s on {args.before} idioms; after (keys and values reused): "
+              f"{after:.1f} s; speed-up {before / after:.2f}x; largest cell difference {worst:.2e}")
 
     if args.naive > 0:
         hf = load_hf_model(str(model.source_path))

@@ -163,12 +163,15 @@ def trace_prompt(
     positions: Sequence[int] | None = None,
     batch_size: int = 128,
     check: str | None = None,
+    reuse_kv: bool = True,
 ) -> PromptTrace:
     """Restore every (site, window, layer, position) cell of one prompt under each noise sample.
 
     `noise` is added at the `noised` positions of the input embeddings. `positions` are the
     restored positions (default: every one; e.g. `key_positions`). `check` (a probe name)
-    compares the clean and one noised run with plain full forwards first (`FastPathError`)."""
+    compares the clean and one noised run with plain full forwards first (`FastPathError`).
+    `reuse_kv=False` runs every restored row over the whole prompt (the same numbers, slower: the
+    speed benchmark's "before")."""
     n_layers, n_pos = model.n_layers, len(prompt_ids)
     noised = tuple(int(p) for p in noised)
     if not noised or sorted(set(noised)) != list(noised) or noised[0] < 0 or noised[-1] >= n_pos:
@@ -232,20 +235,23 @@ def trace_prompt(
             layers = layer_window(layer, window, n_layers)
             for col, pos in enumerate(positions):
                 if pos >= first_pos:
-                    rows_by_run.setdefault((layers[0], pos), []).append((si, layer, col, pos, layers))
+                    run = (layers[0], pos if reuse_kv else 0)
+                    rows_by_run.setdefault(run, []).append((si, layer, col, pos, layers))
     reuse_checked = False
-    for start, pos in sorted(rows_by_run):
+    for start, pos in sorted(rows_by_run):  # pos 0: whole-prompt rows (reuse_kv=False)
         cells = rows_by_run[(start, pos)]
         per_batch = max(1, batch_size // n_samples)
         for i in range(0, len(cells), per_batch):
             chunk = cells[i : i + per_batch]
-            later = range(start, n_layers)
-            past = PrefixKV({l: recorded.keys[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later},
-                            {l: recorded.values[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later})
+            past = None
+            if pos:
+                later = range(start, n_layers)
+                past = PrefixKV({l: recorded.keys[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later},
+                                {l: recorded.values[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later})
             logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=pos),
                                 start=start, resid=entering[start][:, pos:].repeat(len(chunk), 1, 1), from_pos=pos,
                                 past=past)
-            if check is not None and not reuse_checked:  # the reused keys and values against a whole-prompt row
+            if check is not None and pos and not reuse_checked:  # the reused keys and values against a whole-prompt row
                 whole = runner.run(n_samples, _restore_hooks(chunk[:1], specs, clean, n_samples), start=start,
                                    resid=entering[start])
                 check_close(logits[:n_samples], whole, what="causal tracing (restored, earlier keys and values reused)",
@@ -469,6 +475,7 @@ def causal_trace(
     *,
     scale: NoiseScale | None = None,
     batch_size: int = 128,
+    reuse_kv: bool = True,
     progress: bool = False,
 ) -> TracingResult:
     """Causal tracing of every probe (see the module docstring): per (site, window, layer,
@@ -476,8 +483,9 @@ def causal_trace(
     into the noised run, averaged over `options.noise_samples` noise draws.
 
     `scale` reuses a measured `NoiseScale` (default: `noise_scale(model, multiplier=options.multiplier)`).
-    `batch_size` (rows per forward) changes speed and memory only. Raises `FastPathError` when the
-    fast path disagrees with a full forward.
+    `batch_size` (rows per forward) and `reuse_kv` (False: every restored row over the whole
+    prompt, `trace_prompt`) change speed and memory only. Raises `FastPathError` when the fast path
+    disagrees with a full forward.
     """
     if not isinstance(options, TracingOptions):
         raise InputError(f"options must be a TracingOptions, got {type(options).__name__}")
@@ -501,7 +509,7 @@ def causal_trace(
         noise = trace_noise(probe.id, seed=seed, samples=samples, n_positions=len(noised), d_model=model.d_model,
                             sigma=scale.sigma)
         trace = trace_prompt(model, ids, noised=noised, noise=noise, specs=specs, positions=positions,
-                             batch_size=batch_size, check=probe.id if i == 0 else None)
+                             batch_size=batch_size, check=probe.id if i == 0 else None, reuse_kv=reuse_kv)
         n_spec, n_layers, n_cols = trace.restored.shape[:3]
         s_idx, l_idx, c_idx = np.meshgrid(np.arange(n_spec), np.arange(n_layers), np.arange(n_cols), indexing="ij")
         s_idx, l_idx = s_idx.ravel(), l_idx.ravel()
@@ -539,6 +547,8 @@ def causal_trace(
                                else "the last noised token and the last token"),
         "noise_site": "blocks.0.hook_resid_pre (after the embedding scale)",
         "restored_site": {s: HOOKS[s] for s in sites}, "n_probes": len(probes),
+        "fast_path": ("restored rows run from the restored position on, the corrupted runs' earlier keys and values "
+                      "reused" if reuse_kv else "restored rows run over the whole prompt"),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return TracingResult(rows=rows, probes=pd.DataFrame(probe_rows), settings=settings)

@@ -54,6 +54,8 @@ def test_every_cell_equals_a_naive_full_forward(arch, probes):
     noised = tuple(range(1, len(ids) - 1))
     noise = trace_noise("p", seed=0, samples=3, n_positions=len(noised), d_model=model.d_model, sigma=2.0)
     fast = trace_prompt(model, ids, noised=noised, noise=noise, specs=SPECS, batch_size=16, check="p")
+    whole = trace_prompt(model, ids, noised=noised, noise=noise, specs=SPECS, batch_size=16, reuse_kv=False)
+    torch.testing.assert_close(fast.restored, whole.restored, atol=1e-6, rtol=0)  # the speed-up's "before"
     slow = reference_causal_trace(hf, ids, noised=noised, noise=noise, specs=SPECS,
                                   masked_ids=masked_token_ids(model.tokenizer, model.d_vocab))
     assert fast.clean_pred_id == slow["pred"]
