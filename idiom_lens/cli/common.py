@@ -65,6 +65,7 @@ _POSITIVE = {
     "batch_size": ("--batch-size", "sequences per forward pass"),
     "workers": ("--workers", "Ray workers, each holding the model"),
     "worker_threads": ("--worker-threads", "torch threads per worker"),
+    "probes_per_task": ("--probes-per-task", "probes per Ray task"),
     "part_size": ("--part-size", "probes per resumable part"),
 }
 # When the old spellings of renamed options (`add_old_spelling`) go.
@@ -174,6 +175,9 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
     parser.add_argument("--ray-address", default=None, metavar="ADDR", help=RAY_ADDRESS_HELP)
     parser.add_argument("--worker-threads", type=int, default=None, metavar="N", help=WORKER_THREADS_HELP)
+    parser.add_argument("--probes-per-task", type=int, default=None, metavar="N",
+                        help="probes per Ray task of the per-probe sweeps (default: two tasks per worker and part); "
+                             "on a cluster, enough for a task to last a few seconds")
 
 
 def worker_options(args: argparse.Namespace) -> Any:
@@ -182,7 +186,8 @@ def worker_options(args: argparse.Namespace) -> Any:
     from idiom_lens.study.workers import WorkerOptions
 
     return WorkerOptions(workers=getattr(args, "workers", None), address=getattr(args, "ray_address", None),
-                         threads=getattr(args, "worker_threads", None))
+                         threads=getattr(args, "worker_threads", None),
+                         probes_per_task=getattr(args, "probes_per_task", None))
 
 
 def executor(args: argparse.Namespace, model: Any) -> Any:

@@ -72,7 +72,8 @@ def handle(args: argparse.Namespace) -> int:
         patching_sample=args.patching_sample, tracing_sample=args.tracing_sample,
         attn_knockout_sample=args.attn_knockout_sample, seed=args.seed, batch_size=args.batch_size,
         part_size=args.part_size, png=not args.no_png, workers=args.workers, ray_address=args.ray_address,
-        worker_threads=args.worker_threads, ground_truth=GroundTruthOptions() if args.ground_truth else None,
+        worker_threads=args.worker_threads, probes_per_task=args.probes_per_task,
+        ground_truth=GroundTruthOptions() if args.ground_truth else None,
     )
     run_study(load_from_args(args), args.out, options, device=args.device, n_devices=args.n_devices)
     return 0

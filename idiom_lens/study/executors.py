@@ -13,9 +13,12 @@ saying what to install.
   spec, device and numerics as the driver's model), pins its torch threads and, on GPUs, is
   given its own device(s) by Ray (`num_gpus`); a model larger than one GPU combines with
   `n_devices` inside the actor.
-- A part goes to the workers in units: one probe each for an analysis that treats every probe
-  on its own (`Sweep.per_probe`), else the whole part (the trajectory, whose forward batches
-  are sorted by length within the call).
+- A part goes to the workers in units: for an analysis that treats every probe on its own
+  (`Sweep.per_probe`) tasks of `WorkerOptions.task_size` probes (default two per worker and
+  part; one-probe tasks repeated each call's set-up and made knockouts on 2 workers slower than
+  one process), else the whole part (the trajectory, whose forward batches are sorted by length
+  within the call). On a cluster, give `--probes-per-task` so that a task lasts at least a few
+  seconds and the parts have several tasks per worker.
 - Faults: the actors are restarted by Ray when their process dies (`max_restarts`) and their
   calls retried (`max_task_retries`); a unit whose actor is gone for good is resubmitted here.
   Units write nothing, so a retried unit recomputes only itself; a killed driver leaves the
@@ -285,7 +288,8 @@ class RayExecutor:
         pieces: dict[int, list[int]] = {}  # part -> its units
         for i, probes in todo:
             pieces[i] = []
-            for unit_probes in ([(p,) for p in probes] if per_probe else [tuple(probes)]):
+            size = self.options.task_size(len(probes)) if per_probe else len(probes)
+            for unit_probes in (tuple(probes[k : k + size]) for k in range(0, len(probes), size)):
                 pieces[i].append(len(units))
                 owner.append(i)
                 units.append(Unit(quiet, tuple(unit_probes)))

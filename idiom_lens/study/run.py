@@ -105,6 +105,7 @@ class StudyOptions:
     workers: int | None = None
     ray_address: str | None = None
     worker_threads: int | None = None  # torch threads per worker (default: the cores divided among them)
+    probes_per_task: int | None = None  # per Ray task of the per-probe sweeps (default: two tasks per worker and part)
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str) or not self.datasets:
@@ -141,7 +142,8 @@ class StudyOptions:
     def worker_options(self) -> Any:
         from idiom_lens.study.workers import WorkerOptions
 
-        return WorkerOptions(workers=self.workers, address=self.ray_address, threads=self.worker_threads)
+        return WorkerOptions(workers=self.workers, address=self.ray_address, threads=self.worker_threads,
+                             probes_per_task=self.probes_per_task)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,17 +27,23 @@ class WorkerOptions:
     `workers` None or 1 with no `address`: this process, no Ray. `address`: an existing Ray
     cluster ("auto" finds the one on this machine, or "HOST:PORT"); otherwise a local Ray is
     started and stopped for the run. `threads`: torch threads per worker (default: this
-    machine's cores divided among the workers, at least 1)."""
+    machine's cores divided among the workers, at least 1). `probes_per_task`: probes per task
+    of an analysis that treats every probe on its own (default `task_size`: a part cut into two
+    tasks per worker, so that each task's set-up, e.g. the first probe's self-check, is paid
+    once for many probes while every worker stays busy)."""
 
     workers: int | None = None
     address: str | None = None
     threads: int | None = None
+    probes_per_task: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise InputError(f"workers must be a whole number >= 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"worker threads must be a whole number >= 1, got {self.threads}")
+        if self.probes_per_task is not None and self.probes_per_task < 1:
+            raise InputError(f"probes per task must be a whole number >= 1, got {self.probes_per_task}")
         if self.address is not None and not str(self.address).strip():
             raise InputError("ray address is empty: give 'auto' or HOST:PORT of a running Ray head")
         if self.distributed and not ray_available():
@@ -57,6 +63,12 @@ class WorkerOptions:
         if self.threads is not None:
             return self.threads
         return max(1, (os.cpu_count() or 1) // self.n_workers)
+
+    def task_size(self, n_probes: int) -> int:
+        """Probes per task for a part of `n_probes`: `probes_per_task`, else two tasks per worker."""
+        if self.probes_per_task is not None:
+            return self.probes_per_task
+        return max(1, -(-n_probes // (2 * self.n_workers)))
 
     def describe(self) -> str:
         where = f" on the Ray cluster at {self.address}" if self.address else ""

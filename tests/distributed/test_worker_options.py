@@ -47,6 +47,7 @@ def test_one_worker_needs_no_ray(no_ray):
 @pytest.mark.parametrize("option, value, message", [
     ("--workers", "0", "--workers must be a whole number >= 1 (Ray workers, each holding the model), got 0"),
     ("--worker-threads", "0", "--worker-threads must be a whole number >= 1 (torch threads per worker), got 0"),
+    ("--probes-per-task", "0", "--probes-per-task must be a whole number >= 1 (probes per Ray task), got 0"),
 ])
 def test_bad_worker_values(option, value, message, tmp_path, capsys):
     assert cli.main(["trajectory", "--dataset", "idioms", "--out", str(tmp_path), option, value]) == 2
@@ -58,6 +59,14 @@ def test_indexed_cuda_device_with_workers(monkeypatch, tmp_path, capsys):
     assert cli.main(["knockout", "--dataset", "idioms", "--out", str(tmp_path), "--workers", "2",
                      "--device", "cuda:1"]) == 2
     assert "--device cuda:1: with --workers give --device cuda" in capsys.readouterr().err
+
+
+def test_task_size_is_two_tasks_per_worker_unless_given(no_ray):
+    assert workers.WorkerOptions(workers=1).task_size(10) == 5
+    assert workers.WorkerOptions(workers=1).task_size(1) == 1
+    options = workers.WorkerOptions(workers=1, probes_per_task=3)
+    assert options.task_size(10) == 3 and options.task_size(2) == 3  # a part shorter than a task: one task
+    assert StudyOptions(probes_per_task=4).worker_options().probes_per_task == 4
 
 
 def test_workers_are_in_no_stage_key():
