@@ -223,35 +223,36 @@ def trace_prompt(
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
 
-    # Every restored row: (spec, layer, position, sample), grouped by the layer it resumes at and
-    # the restored position: positions before it are the corrupted run's (causal attention), so a
-    # row runs the positions from it on only, with the corrupted run's keys and values before it.
+    # Every restored row: (spec, layer, position, sample), grouped by the layer it resumes at, in
+    # batches of cells sorted by restored position. The positions before a batch's first restored
+    # position are the corrupted run's (causal attention), so the batch runs the positions from
+    # there on only, attending to the corrupted run's keys and values before it (`reuse_kv`).
     # Cells are (spec, layer, column of `restored`, position, restored layers).
     first_pos = noised[0]
     restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, len(positions), 1)  # unrun cells: IE 0
-    rows_by_run: dict[tuple[int, int], list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
+    rows_by_start: dict[int, list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
     for si, (_site, window) in enumerate(specs):
         for layer in range(n_layers):
             layers = layer_window(layer, window, n_layers)
             for col, pos in enumerate(positions):
                 if pos >= first_pos:
-                    run = (layers[0], pos if reuse_kv else 0)
-                    rows_by_run.setdefault(run, []).append((si, layer, col, pos, layers))
+                    rows_by_start.setdefault(layers[0], []).append((si, layer, col, pos, layers))
     reuse_checked = False
-    for start, pos in sorted(rows_by_run):  # pos 0: whole-prompt rows (reuse_kv=False)
-        cells = rows_by_run[(start, pos)]
+    for start in sorted(rows_by_start):
+        cells = sorted(rows_by_start[start], key=lambda cell: cell[3])
         per_batch = max(1, batch_size // n_samples)
         for i in range(0, len(cells), per_batch):
             chunk = cells[i : i + per_batch]
+            from_pos = chunk[0][3] if reuse_kv else 0  # the batch's first restored position
             past = None
-            if pos:
+            if from_pos:
                 later = range(start, n_layers)
-                past = PrefixKV({l: recorded.keys[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later},
-                                {l: recorded.values[l][:, :, :pos].repeat(len(chunk), 1, 1, 1) for l in later})
-            logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=pos),
-                                start=start, resid=entering[start][:, pos:].repeat(len(chunk), 1, 1), from_pos=pos,
-                                past=past)
-            if check is not None and pos and not reuse_checked:  # the reused keys and values against a whole-prompt row
+                past = PrefixKV({l: recorded.keys[l][:, :, :from_pos].repeat(len(chunk), 1, 1, 1) for l in later},
+                                {l: recorded.values[l][:, :, :from_pos].repeat(len(chunk), 1, 1, 1) for l in later})
+            logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=from_pos),
+                                start=start, resid=entering[start][:, from_pos:].repeat(len(chunk), 1, 1),
+                                from_pos=from_pos, past=past)
+            if check is not None and from_pos and not reuse_checked:  # reused keys and values vs whole-prompt rows
                 whole = runner.run(n_samples, _restore_hooks(chunk[:1], specs, clean, n_samples), start=start,
                                    resid=entering[start])
                 check_close(logits[:n_samples], whole, what="causal tracing (restored, earlier keys and values reused)",
