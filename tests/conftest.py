@@ -69,25 +69,31 @@ def tiny_probes() -> list[Probe]:
     return probes
 
 
-def _train_tokenizer(out_dir: Path) -> None:
+def _train_tokenizer(out_dir: Path, *, gpt2: bool = False) -> None:
+    """A byte-level BPE on the tiny corpus: with <pad>, <bos>, <eos> and BOS prepended (Gemma,
+    Llama); or GPT-2's way (`gpt2`): one special token, <|endoftext|>, and no BOS prepended."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
+        special_tokens=["<|endoftext|>"] if gpt2 else ["<pad>", "<bos>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
+    if gpt2:
+        fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                 unk_token="<|endoftext|>")
+    else:
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+        )
     fast.save_pretrained(str(out_dir))
 
 
@@ -95,10 +101,16 @@ def _build_tiny(out_dir: Path, arch: str) -> Path:
     from transformers import AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer(out_dir)
+    _train_tokenizer(out_dir, gpt2=arch == "gpt2")
     vocab = len(AutoTokenizer.from_pretrained(str(out_dir)))
     torch.manual_seed(0)
-    if arch == "gemma3":
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=512, bos_token_id=0,
+                            eos_token_id=0)
+        model = GPT2LMHeadModel(config)
+    elif arch == "gemma3":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
         config = Gemma3TextConfig(
@@ -129,6 +141,13 @@ def _build_tiny(out_dir: Path, arch: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return _build_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings) with a GPT-2-style
+    tokenizer that prepends no BOS, as the paper ran GPT-2."""
+    return _build_tiny(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
 
 
 @pytest.fixture(scope="session")

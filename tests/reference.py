@@ -82,11 +82,12 @@ def reference_trajectory(
 def _site_modules(hf_model: Any, site: str) -> list[Any]:
     """Per layer, the Hugging Face module whose output is the site (`resid`: the decoder layer;
     `attn` / `mlp`: what is added to the residual, after Gemma's post-norms when it has them)."""
-    layers = hf_model.model.layers
+    gpt2 = hasattr(hf_model, "transformer")  # GPT-2: transformer.h[i].attn / .mlp
+    layers = hf_model.transformer.h if gpt2 else hf_model.model.layers
     if site == "resid":
         return list(layers)
     post = "post_attention_layernorm" if site == "attn" else "post_feedforward_layernorm"
-    inner = "self_attn" if site == "attn" else "mlp"
+    inner = ("attn" if gpt2 else "self_attn") if site == "attn" else "mlp"
     if hasattr(layers[0], "post_feedforward_layernorm"):  # Gemma: sandwich norms
         return [getattr(layer, post) for layer in layers]
     return [getattr(layer, inner) for layer in layers]

@@ -103,7 +103,7 @@ def iterate_forward(
 
         def make_hook(name: str) -> HookFn:
             def hook(act: Tensor, hook: object) -> None:
-                # after the final norm's gather (unembed.*) a row's last prompt token is its column 0
+                # after the gather at the unembedding's input (unembed.*) the last prompt token is column 0
                 at = column if name.startswith("unembed.") else last  # noqa: B023
                 captured[name] = act[rows, at].detach()  # noqa: B023 (called within this iteration)
 
@@ -119,7 +119,9 @@ def iterate_forward(
             offsets = torch.arange(n_read, device=model.device)
             positions = (last[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # beyond a row's end: unread
             column = torch.zeros_like(last)
-            hooks.append(("ln_final.hook_out", _gather_hook(positions)))
+            # First among the hooks, so that every unembed.* capture sees the gathered rows; at the
+            # unembedding's input, after the model's own reshapes (GPT-2 views the final norm's output).
+            hooks.insert(0, ("unembed.hook_in", _gather_hook(positions)))
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
         if start == 0:
@@ -139,7 +141,7 @@ def iterate_forward(
 
 
 def _gather_hook(positions: Int[Tensor, "batch read"]) -> HookFn:
-    """A hook on the final norm's output keeping only `positions` of each row: the unembedding then
+    """A hook on the unembedding's input keeping only `positions` of each row: the unembedding then
     runs on those rows alone."""
 
     def hook(x: Tensor, hook: Any) -> Tensor:

@@ -71,7 +71,7 @@ class PromptRunner:
             kwargs["past_key_values"] = cache
         with torch.no_grad():
             logits = self.model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[*hooks, ("ln_final.hook_out", only_last)], **kwargs
+                tokens, fwd_hooks=[*hooks, ("unembed.hook_in", only_last)], **kwargs
             )
         return logits[:, -1].float()
 

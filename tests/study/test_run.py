@@ -105,3 +105,18 @@ def test_the_lenses_stage_compares_the_phases_under_each_lens(tiny_model_dir, tm
     assert any("lenses: already done" in line for line in lines)
     with pytest.raises(InputError, match="lenses \\['sharp'\\] are unknown"):
         StudyOptions(lenses=("sharp",))
+
+
+def test_the_whole_study_runs_on_gpt2(tiny_gpt2_dir, tmp_path):
+    """`idiom-lens run --model DIR` on a GPT-2 directory (the paper's model family: learned positions,
+    LayerNorm, GELU MLP, tied embeddings) runs every stage; no BOS is prepended, as the authors ran
+    GPT-2, and every result records it."""
+    out = tmp_path / "gpt2"
+    run_here(run_args(tiny_gpt2_dir, out))
+    study = StudyFolder(out)
+    (model,) = study.models()
+    assert [s.name for s in model.stages()] == ["trajectory", "recall", "attribution", "interventions", "tracing",
+                                                "attention_knockout", "patching"]
+    for result in (model.trajectory(), model.knockouts(), model.tracing()):
+        assert result.settings["prepend_bos"] is False
+    assert (out / "report.html").is_file()

@@ -248,7 +248,7 @@ def noised_forwards(
 
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens.expand(chunk.shape[0], -1).contiguous(),
-                                                 fwd_hooks=[(NOISE_SITE, add), ("ln_final.hook_out", only_last)])
+                                                 fwd_hooks=[(NOISE_SITE, add), ("unembed.hook_in", only_last)])
         out.append(logits[:, -1].float())
     return torch.cat(out)
 

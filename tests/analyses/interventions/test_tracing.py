@@ -34,9 +34,9 @@ from tests.reference import load_hf_model, reference_causal_trace
 SPECS = (("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3))
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama"])
-def arch(request, tiny_model_dir, tiny_llama_dir):
-    path = tiny_model_dir if request.param == "gemma3" else tiny_llama_dir
+@pytest.fixture(scope="module", params=["gemma3", "llama", "gpt2"])
+def arch(request, tiny_model_dir, tiny_llama_dir, tiny_gpt2_dir):
+    path = {"gemma3": tiny_model_dir, "llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[request.param]
     model = load_model(str(path), mode="raw", progress=False)
     return model, load_hf_model(str(path))
 
