@@ -1,8 +1,8 @@
 """Training text for learned lenses, offline, never containing a probe.
 
 No hub and no web corpus are reachable, so the default corpus installs from a package:
-- `lee`: the Lee news corpus that the PyPI package `gensim` (4.4.0, already a `build-data`
-  dependency) ships as test data: `lee_background.cor` (300 Australian news articles, about 75k
+- `lee`: the Lee news corpus (`datasets.lee`) that the PyPI package `gensim` (4.4.0, already a
+  `build-data` dependency) ships as test data: `lee_background.cor` (300 Australian news articles, about 75k
   tokens) for training and the separate `lee.cor` (50 articles) held out. It is running English
   prose like the text baseline, but from other documents than the Wikipedia excerpt the text probes
   come from, so no text probe is trained on.
@@ -25,9 +25,7 @@ exactly (`heldout_counts`): the lens cache measures it on a seeded selection of 
 from __future__ import annotations
 
 import bisect
-import importlib.util
 import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +33,14 @@ from typing import Any
 
 import torch
 
+from idiom_lens.datasets.lee import GENSIM_VERSION, lee_sentences, split_sentences  # noqa: F401 (re-exported)
 from idiom_lens.errors import InputError
+from idiom_lens.models.tokenization import tokenize_sentences  # noqa: F401 (re-exported)
 
-GENSIM_VERSION = "4.4.0"
 # Names of where held-out sentences come from (`LensCorpus.heldout_origins`).
 LEE_HELDOUT = "lee.cor (gensim test data: 50 news articles, none in the training file lee_background.cor)"
 SAMPLES_HELDOUT = "model samples (from BOS, temperature 1, 40 new tokens, seed + 1000003)"
 TEXT_FILE_HELDOUT = "the text file's every 10th sentence"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 CORPORA = ("lee", "samples", "lee+samples")
 
 
@@ -73,15 +71,6 @@ def heldout_counts(origins: Sequence[str]) -> dict[str, int]:
     for origin in origins:
         counts[origin] = counts.get(origin, 0) + 1
     return counts
-
-
-def split_sentences(text: str, *, min_words: int = 4) -> list[str]:
-    """Sentences of `text` (paragraph lines joined), each of at least `min_words` words."""
-    out = []
-    for paragraph in re.split(r"\n\s*\n|\n", text):
-        paragraph = " ".join(paragraph.split())
-        out += [s for s in _SENTENCE_END.split(paragraph) if len(s.split()) >= min_words]
-    return out
 
 
 def _normal(text: str) -> str:
@@ -120,23 +109,6 @@ def check_disjoint(corpus: LensCorpus, prompts: Sequence[str]) -> None:
     _, hits = drop_probe_sentences(corpus.train + corpus.heldout, prompts)
     if hits:
         raise InputError(f"{hits} sentences of lens corpus {corpus.name!r} contain a probe prompt")
-
-
-def _gensim_file(name: str) -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the lens corpus 'lee' needs `gensim` (pip install gensim=={GENSIM_VERSION}), whose "
-                         "wheel ships the Lee news corpus; or train on --text-file FILE or --corpus samples")
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
-    if not path.is_file():
-        raise InputError(f"{path} is missing: install gensim=={GENSIM_VERSION}, whose wheel ships it")
-    return path
-
-
-def lee_sentences() -> tuple[list[str], list[str]]:
-    """(train, held-out) sentences of the Lee corpus: lee_background.cor and lee.cor."""
-    return (split_sentences(_gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace")),
-            split_sentences(_gensim_file("lee.cor").read_text(encoding="utf-8", errors="replace")))
 
 
 def model_samples(model: Any, *, n: int, max_new_tokens: int = 40, seed: int = 0, batch: int = 32) -> list[str]:
@@ -206,15 +178,3 @@ def build_corpus(
         raise InputError(f"lens corpus {name!r} has no training or held-out sentences left")
     return LensCorpus(name=name, train=tuple(train), heldout=tuple(heldout), dropped=dropped_train + dropped_heldout,
                       heldout_origins=tuple(origins))
-
-
-def tokenize_sentences(model: Any, sentences: Sequence[str], *, max_tokens: int = 48) -> list[list[int]]:
-    """Each sentence as BOS (when the model uses one) + up to `max_tokens - 1` tokens."""
-    out = []
-    for sentence in sentences:
-        ids = list(model.tokenizer(sentence, add_special_tokens=False)["input_ids"])
-        if model.prepend_bos and model.tokenizer.bos_token_id is not None:
-            ids = [model.tokenizer.bos_token_id, *ids]
-        if len(ids) >= 3:
-            out.append(ids[:max_tokens])
-    return out

@@ -188,7 +188,7 @@ PRESERVE_BATCH = 4  # sentences per step
 
 def preserve_sentences(n: int, seed: int) -> list[str]:
     """`n` sentences of the Lee news corpus's training part (`lenses.corpus`), drawn with `seed`."""
-    from idiom_lens.lenses.corpus import lee_sentences
+    from idiom_lens.datasets.lee import lee_sentences
 
     train, _ = lee_sentences()
     if n > len(train):
@@ -199,7 +199,7 @@ def preserve_sentences(n: int, seed: int) -> list[str]:
 def _make_preserve_batches(model: LoadedModel, sentences: Sequence[str]) -> list[_Batch]:
     """`PRESERVE_BATCH` sentences per batch; read: every position after BOS (no labels: the
     preservation term compares whole distributions)."""
-    from idiom_lens.lenses.corpus import tokenize_sentences
+    from idiom_lens.models.tokenization import tokenize_sentences
 
     seqs = tokenize_sentences(model, sentences, max_tokens=PRESERVE_TOKENS)
     bos = model.tokenizer.bos_token_id

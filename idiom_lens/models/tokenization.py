@@ -109,3 +109,16 @@ def pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0  # pragma: no cover
+
+
+def tokenize_sentences(model: Any, sentences: Sequence[str], *, max_tokens: int = 48) -> list[list[int]]:
+    """Each sentence as BOS (when the model uses one) + up to `max_tokens - 1` tokens; sentences
+    of fewer than 3 tokens are left out (the lens corpus, the implant's preservation sentences)."""
+    out = []
+    for sentence in sentences:
+        ids = list(model.tokenizer(sentence, add_special_tokens=False)["input_ids"])
+        if model.prepend_bos and model.tokenizer.bos_token_id is not None:
+            ids = [model.tokenizer.bos_token_id, *ids]
+        if len(ids) >= 3:
+            out.append(ids[:max_tokens])
+    return out
