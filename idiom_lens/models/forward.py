@@ -11,9 +11,9 @@ check of the full (multi-token) target in the same pass.
 
 Only what is read is unembedded (`read="target"`, the default): the last prompt position and the
 target's positions after it, not the prompt's earlier positions. With Gemma's 262,144-token
-vocabulary the unembedding costs 0.34 GFLOP per row, more than a block's forward for the row, so
-unembedding every position of prompt and target (about 12 rows per probe) took a third of a
-trajectory. The first batch's self-check still compares with a plain full forward.
+vocabulary the unembedding costs 0.34 GFLOP per row, more than all 18 blocks' forward for the row,
+and a probe has about 12 positions of which the score reads 1 or 2. The first batch's self-check
+still compares with a plain full forward.
 """
 
 from __future__ import annotations
