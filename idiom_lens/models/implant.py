@@ -101,7 +101,7 @@ class ImplantResult:
     trained neurons (neurons mode; None in layer mode); `rate` the share of the implanted probes
     greedily predicted after training, `converged` whether the stopping rule was met (else
     `max_epochs` ran out); `final_loss`, `final_target_loss` and `final_kl`
-    (on every preservation sentence; 0 without the term) are measured after training.
+    (on the first 32 preservation sentences; 0 without the term) are measured after training.
     `spec` is the model spec that loads the implant (set by `ensure_implant`; "" in memory only).
     """
 
@@ -187,7 +187,7 @@ PRESERVE_BATCH = 4  # sentences per step
 
 
 def preserve_sentences(n: int, seed: int) -> list[str]:
-    """`n` sentences of the Lee news corpus's training part (`lenses.corpus`), drawn with `seed`."""
+    """`n` sentences of the Lee news corpus's training part (`datasets.lee`), drawn with `seed`."""
     from idiom_lens.datasets.lee import lee_sentences
 
     train, _ = lee_sentences()
