@@ -9,13 +9,11 @@ its files are found through the package's location.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
-from idiom_lens.errors import InputError
+from idiom_lens.datasets.gensim_data import GENSIM_VERSION, gensim_file  # noqa: F401 (GENSIM_VERSION re-exported)
 
-GENSIM_VERSION = "4.4.0"
+_LEE = "the Lee news corpus (or train lenses on --text-file FILE or --corpus samples)"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 
@@ -28,19 +26,9 @@ def split_sentences(text: str, *, min_words: int = 4) -> list[str]:
     return out
 
 
-def gensim_file(name: str) -> Path:
-    """The path of one of gensim's test-data files (`InputError` naming the install when missing)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the Lee news corpus needs `gensim` (pip install gensim=={GENSIM_VERSION}), whose "
-                         "wheel ships it; or train lenses on --text-file FILE or --corpus samples")
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
-    if not path.is_file():
-        raise InputError(f"{path} is missing: install gensim=={GENSIM_VERSION}, whose wheel ships it")
-    return path
-
-
 def lee_sentences() -> tuple[list[str], list[str]]:
     """(train, held-out) sentences of the Lee corpus: lee_background.cor and lee.cor."""
-    return (split_sentences(gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace")),
-            split_sentences(gensim_file("lee.cor").read_text(encoding="utf-8", errors="replace")))
+    def read(name: str) -> list[str]:
+        return split_sentences(gensim_file(name, needed_for=_LEE).read_text(encoding="utf-8", errors="replace"))
+
+    return read("lee_background.cor"), read("lee.cor")

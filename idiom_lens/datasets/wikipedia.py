@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import bz2
 import html
-import importlib.util
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
-GENSIM_VERSION = "4.4.0"
+from idiom_lens.datasets.gensim_data import GENSIM_VERSION, gensim_file  # noqa: F401 (GENSIM_VERSION re-exported)
+
 DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LICENCE = "CC BY-SA 3.0"
 
@@ -51,15 +51,8 @@ _ABBREVIATIONS = frozenset(
 
 
 def dump_path() -> Path:
-    """The bundled Wikipedia excerpt inside the installed `gensim` (found without importing it)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the text builder needs `gensim` (pip install gensim=={GENSIM_VERSION}) "
-                          "for its Wikipedia excerpt")
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / DUMP_NAME
-    if not path.is_file():
-        raise ImportError(f"{path} is missing: install gensim=={GENSIM_VERSION}, whose wheel ships it")
-    return path
+    """The bundled Wikipedia excerpt inside the installed `gensim`."""
+    return gensim_file(DUMP_NAME, needed_for="the text builder's Wikipedia excerpt")
 
 
 def articles(path: Path | None = None) -> Iterator[tuple[str, str]]:
