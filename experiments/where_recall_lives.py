@@ -48,6 +48,8 @@ def main() -> None:
                         help="tracing floor: probes whose noise removes less probability are not normalized")
     parser.add_argument("--rank-by", default="effective", help="knockout neuron ranking (default effective)")
     parser.add_argument("--no-live", action="store_true", help="skip the live-norm knockouts (secondary)")
+    parser.add_argument("--patching", action="store_true",
+                        help="also attribution patching of the MLP and attention outputs (a secondary measure)")
     parser.add_argument("--no-png", action="store_true")
     parser.add_argument("--redraw", action="store_true",
                         help="no model: read the results saved under --out and redraw the tables and figure")
@@ -81,13 +83,14 @@ def main() -> None:
                                           "matching": sets.matching})
         n[f"seed{seed}"] = sets.sizes() | {"union": len(sets.probes)}
         options = LocalizerOptions(norms=("frozen",) if args.no_live else ("frozen", "live"), rank_by=args.rank_by,
-                                   window=args.window, noise_samples=args.samples, seed=seed)
+                                   window=args.window, noise_samples=args.samples, patching=args.patching,
+                                   seed=seed)
         spent = run_localizers(model, list(sets.probes), folder, options, compat=compat_model)
         seconds |= {f"seed{seed}/{name}": s for name, s in spent.items()}
     write_json(args.out / "settings.json", {
         "model": model.settings(), "per_set": args.per_set, "seeds": args.seeds, "window": args.window,
         "samples": args.samples, "min_total_effect": args.min_total_effect, "rank_by": args.rank_by,
-        "live": not args.no_live, "seconds": seconds, "n": n,
+        "live": not args.no_live, "patching": args.patching, "seconds": seconds, "n": n,
         "total_seconds": round(time.perf_counter() - started, 1)})
     _draw(args.out, png=not args.no_png)
     print(f"total {time.perf_counter() - started:.0f} s -> {args.out}")

@@ -16,7 +16,8 @@ log-probability (median), and the DLA share. Kept beside them as secondary measu
 tracing AIE, the live-norm knockouts, the whole-MLP knockout (the ceiling), every knockout's
 median drop in the log-probability of the clean prediction (continuous, where a share over few
 probes ties many layers) and the lens gains (how much a block raises the target's
-log-probability read through the logit lens or a tuned lens).
+log-probability read through the logit lens or a tuned lens), and the restored shares that
+attribution patching estimates (MLP and attention outputs, clean prompt into corrupted ones).
 
 `compare_sets` tests, per measure, a reference set against another: per layer, the difference
 of the statistic with a bootstrap interval and a permutation p-value adjusted over the layers of
@@ -100,6 +101,17 @@ MEASURES: dict[str, Measure] = {
                                    "(resid_post - resid_mid), every layer"),
     "tuned lens gain": Measure("mean", False, "the logit lens gain read through a tuned lens (resid_post; no "
                                "value at layer 0)"),
+    "attribution patching MLP share (last)": Measure("ratio", False, "attribution patching (a first-order estimate "
+                                                     "of activation patching, clean prompt into a corrupted one): the "
+                                                     "estimated restored target logit of the layer's MLP output at "
+                                                     "the last token / the clean-minus-corrupted logit gap, summed "
+                                                     "over a probe's corruptions, over pairs whose gap reaches "
+                                                     "min_gap"),
+    "attribution patching MLP share (all positions)": Measure("ratio", False, "the same, summed over every "
+                                                              "position of the layer's MLP output (first order: the "
+                                                              "whole layer's output patched)"),
+    "attribution patching attention share (last)": Measure("ratio", False, "the same for the attention output at "
+                                                           "the last token"),
 }
 PRIMARY: tuple[str, ...] = tuple(name for name, m in MEASURES.items() if m.primary)
 
@@ -282,6 +294,37 @@ def _lens_rows(trajectory: Any, kind: str, sets: Mapping[str, Sequence[str]] | N
                    "layer_0": "no value (no embedding read)"}
 
 
+def _patching_rows(patching: Any, sets: Mapping[str, Sequence[str]] | None) -> tuple[list[pd.DataFrame],
+                                                                                       dict[str, Any]]:
+    """Per probe and layer: the estimated restored logit (patched - corrupted) and the gap (clean -
+    corrupted), each summed over the probe's pairs whose gap is at least min_gap (a corruption that
+    raises the target's logit has nothing to restore)."""
+    min_gap = float(patching.settings.get("min_gap", 0.0))
+    pairs = patching.pairs[patching.pairs["valid"] & (patching.pairs["gap"] >= min_gap)]
+    pairs = pairs[["probe_id", "variant", "group", "corrupted_logit", "gap"]]
+    if sets is not None:  # one copy of a pair per set naming its probe
+        pairs = pd.concat([pairs[pairs["probe_id"].isin(list(ids))].assign(group=name) for name, ids in sets.items()],
+                          ignore_index=True)
+    rows = patching.rows.merge(pairs, on=["probe_id", "variant"])
+    rows = rows.assign(restored_logit=rows["patched_logit"] - rows["corrupted_logit"])
+    gaps = pairs.groupby(["group", "probe_id"], sort=False)["gap"].sum()
+    parts = []
+    for site, position, name in (("mlp_out", "last", "MLP share (last)"),
+                                 ("mlp_out", "all", "MLP share (all positions)"),
+                                 ("attn_out", "last", "attention share (last)")):
+        sub = rows[rows["site"] == site]
+        if position == "last":
+            sub = sub[sub["pos_from_end"] == -1]
+        summed = sub.groupby(["group", "probe_id", "layer"], sort=False)["restored_logit"].sum().reset_index()
+        den = gaps.loc[list(zip(summed["group"], summed["probe_id"]))].to_numpy()
+        parts.append(_rows(f"attribution patching {name}", summed["group"], summed["probe_id"], summed["layer"],
+                           summed["restored_logit"], den))
+    return parts, {"method": patching.settings.get("method"), "variants": patching.settings.get("variants"),
+                   "min_gap": min_gap, "n_pairs": int(len(pairs)),
+                   "metric": "sum over a probe's pairs of (patched - corrupted target logit) / sum of (clean - "
+                             "corrupted), at the last token or summed over positions"}
+
+
 def _attribution_rows(attribution: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:
     parts = []
     for p in attribution.probes:
@@ -359,6 +402,7 @@ def recall_profile(
     attribution: Any | None = None,
     trajectory: Any | None = None,
     tuned_trajectory: Any | None = None,
+    patching: Any | None = None,
     groups: Sequence[str] = (MEMORIZED_IDIOMS, NON_MEMORIZED_IDIOMS),
     sets: Mapping[str, Sequence[str]] | None = None,
     k: int = 100,
@@ -371,7 +415,8 @@ def recall_profile(
     """The per-layer table from whichever results are given (a `KnockoutResult`, a
     `TracingResult`, an `AttentionKnockoutResult`, an `AttributionResult`, a `TrajectoryResult`
     read through the logit lens as `trajectory` and one read through a tuned lens as
-    `tuned_trajectory`: the lens gains).
+    `tuned_trajectory`: the lens gains; a `PatchingResult`, usually of attribution patching, as
+    `patching`).
 
     Sets: the results' own groups among `groups`, or, with `sets` ({name: probe ids}, e.g. a
     confidence-matched sample, `study.sets`), those sets (which may share probes). `tracing_window`
@@ -397,13 +442,16 @@ def recall_profile(
         more, settings["attribution"] = _attribution_rows(_attribution_in_sets(attribution, sets) if sets
                                                           else attribution)
         parts += more
+    if patching is not None:
+        more, settings["attribution_patching"] = _patching_rows(patching, sets)
+        parts += more
     for name, result, kind in (("logit_lens", trajectory, "logit"), ("tuned_lens", tuned_trajectory, "tuned")):
         if result is not None:
             more, settings[name] = _lens_rows(result, kind, sets)
             parts += more
     if not parts:
         raise InputError("recall_profile needs at least one result (knockouts, tracing, attention, attribution, "
-                         "trajectory, tuned_trajectory)")
+                         "trajectory, tuned_trajectory, patching)")
     per_probe = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
         pd.DataFrame(columns=PER_PROBE_COLUMNS)
     if sets is None:

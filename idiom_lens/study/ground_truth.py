@@ -41,7 +41,7 @@ NO_IMPLANT = "no implant (base model)"
 MEMORIZED = "memorized idioms (implanted model)"
 SETS = (IMPLANTED, NO_IMPLANT, MEMORIZED)
 DEFAULT_LOCALIZERS = LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), noise_effects=False,
-                                      lenses=("logit", "tuned"))
+                                      lenses=("logit", "tuned"), patching=True)
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:

@@ -12,7 +12,9 @@ that both score exactly the same methods with the same settings:
 - the noise designs without restoration (`noise_effects`);
 - attention knockout: the last position cut from the earlier words, windows of `window` and 1;
 - direct logit attribution (compatibility mode);
-- (`lenses`) the layer trajectory read through the logit lens (and a tuned lens): the lens gains.
+- (`lenses`) the layer trajectory read through the logit lens (and a tuned lens): the lens gains;
+- (`patching`) attribution patching of the MLP and attention outputs, each prompt patched into
+  its corrupted versions (`analyses.interventions.patching`'s word and prefix swaps).
 Each stage writes under FOLDER/<stage>/ and is reused when its key (model, probes, options) is
 unchanged (`study.parts.run_stage`).
 """
@@ -38,8 +40,8 @@ class LocalizerOptions:
     neuron ranking and controls (`analyses.interventions.knockouts.CONTROLS`), the tracing and
     attention-knockout `window`, the `noise_samples`, whether the noise designs run, the lens
     trajectories (`lenses`: among ``logit``, ``tuned``; the tuned lens is passed to
-    `run_localizers`) and the `seed` of the random controls and the noise. Raises `InputError`
-    for a bad value."""
+    `run_localizers`), whether attribution patching runs (`patching`) and the `seed` of the random
+    controls, the noise and the corruptions. Raises `InputError` for a bad value."""
 
     norms: tuple[str, ...] = NORMS
     rank_by: str = "effective"
@@ -48,6 +50,7 @@ class LocalizerOptions:
     noise_samples: int = 10
     noise_effects: bool = True
     lenses: tuple[str, ...] = ()
+    patching: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,9 +82,11 @@ def localizer_stages(options: LocalizerOptions, *, tuned_lens: Any | None = None
     trajectory reads through, needed when ``tuned`` is among `options.lenses`)."""
     from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, TracingOptions
     from idiom_lens.analyses.interventions.attention_knockouts import AttentionKnockoutOptions
+    from idiom_lens.analyses.interventions.patching import CorruptionOptions, PatchingOptions
     from idiom_lens.study.stages.attention_knockout import run_attention_knockout
     from idiom_lens.study.stages.attribution import run_attribution
     from idiom_lens.study.stages.knockouts import run_knockouts
+    from idiom_lens.study.stages.patching import run_patching
     from idiom_lens.study.stages.tracing import run_noise_effects, run_tracing
 
     png = {"png": False}
@@ -103,6 +108,11 @@ def localizer_stages(options: LocalizerOptions, *, tuned_lens: Any | None = None
         stages.append(LocalizerStage(f"attention_knockout_w{window}", run_attention_knockout, "model",
                                      {"options": AttentionKnockoutOptions(window=window)} | png))
     stages.append(LocalizerStage("attribution", run_attribution, "compat", {"progress": False} | png))
+    if options.patching:
+        stages.append(LocalizerStage("patching_attribution", run_patching, "model",
+                                     {"options": PatchingOptions(method="attribution", sites=("attn_out", "mlp_out"),
+                                                                 corruption=CorruptionOptions(seed=options.seed))}
+                                     | png))
     for kind in options.lenses:
         if kind == "tuned" and tuned_lens is None:
             raise InputError("the tuned-lens trajectory needs a tuned lens (tuned_lens=...)")
@@ -159,6 +169,7 @@ def localizer_profile(folder: Path, *, sets: Mapping[str, Sequence[str]], window
     `sets` ({set name: probe ids})."""
     from idiom_lens.analyses.attribution import AttributionResult
     from idiom_lens.analyses.interventions import AttentionKnockoutResult, KnockoutResult, TracingResult
+    from idiom_lens.analyses.interventions.patching import PatchingResult
     from idiom_lens.analyses.recall import recall_profile
     from idiom_lens.analyses.trajectory import load_trajectory
 
@@ -173,4 +184,6 @@ def localizer_profile(folder: Path, *, sets: Mapping[str, Sequence[str]], window
         if (folder / f"attention_knockout_w{window}").is_dir() else None,
         attribution=AttributionResult.load(folder / "attribution") if (folder / "attribution").is_dir() else None,
         trajectory=lenses.get("logit"), tuned_trajectory=lenses.get("tuned"),
+        patching=PatchingResult.load(folder / "patching_attribution")
+        if (folder / "patching_attribution").is_dir() else None,
         sets=sets, min_total_effect=min_total_effect, seed=seed)

@@ -278,3 +278,38 @@ def test_compare_sets_names_bad_sets():
     with pytest.raises(InputError, match="not in the profile"):
         compare_sets(profile, reference="m", versus=["y"])
     assert math.isclose(profile_from_per_probe(profile.per_probe)["value"].iloc[0], 1.0)
+
+
+def test_attribution_patching_shares_are_summed_over_a_probes_pairs(tiny_model, probes):
+    from idiom_lens.analyses.interventions.attribution_patching import attribution_patch_probes
+    from idiom_lens.analyses.interventions.patching import PatchingOptions
+
+    result = attribution_patch_probes(tiny_model, probes[:6],
+                                      PatchingOptions(method="attribution", sites=("attn_out", "mlp_out")))
+    kept = result.pairs[result.pairs["valid"] & (result.pairs["gap"] >= result.settings["min_gap"])]
+    assert len(kept) >= 2 and (~result.pairs["valid"] | (result.pairs["gap"] < 0)).any()  # both kinds of pair
+    sets = {"a": sorted(set(kept["probe_id"])), "b": [kept["probe_id"].iloc[0]]}
+    profile = recall_profile(patching=result, sets=sets)
+    per_probe = profile.per_probe
+    # by hand, pair by pair
+    for probe_id in sets["a"]:
+        pairs = kept[kept["probe_id"] == probe_id]
+        for layer in range(tiny_model.n_layers):
+            for site, last, name in (("mlp_out", True, "MLP share (last)"),
+                                     ("mlp_out", False, "MLP share (all positions)"),
+                                     ("attn_out", True, "attention share (last)")):
+                num = 0.0
+                for _, pair in pairs.iterrows():
+                    rows = result.rows
+                    rows = rows[(rows["probe_id"] == probe_id) & (rows["variant"] == pair["variant"])
+                                & (rows["site"] == site) & (rows["layer"] == layer)]
+                    if last:
+                        rows = rows[rows["pos_from_end"] == -1]
+                    num += float((rows["patched_logit"] - pair["corrupted_logit"]).sum())
+                row = per_probe[(per_probe["measure"] == f"attribution patching {name}") & (per_probe["group"] == "a")
+                                & (per_probe["probe_id"] == probe_id) & (per_probe["layer"] == layer)]
+                assert len(row) == 1
+                assert row["num"].iloc[0] == pytest.approx(num, abs=1e-9)
+                assert row["den"].iloc[0] == pytest.approx(float(pairs["gap"].sum()), abs=1e-9)
+    assert set(per_probe.loc[per_probe["group"] == "b", "probe_id"]) == {sets["b"][0]}
+    assert profile.settings["attribution_patching"]["n_pairs"] == len(kept) + 1  # the shared probe's pair, twice

@@ -27,6 +27,10 @@ def test_stages_follow_the_options():
     names = [s.name for s in localizer_stages(LocalizerOptions(norms=("frozen",), noise_effects=False, window=1,
                                                                lenses=("logit",), knockout_controls=("whole_mlp",)))]
     assert names == ["knockouts_frozen", "tracing", "attention_knockout_w1", "attribution", "trajectory_logit"]
+    stages = localizer_stages(LocalizerOptions(patching=True, seed=3))
+    assert stages[-1].name == "patching_attribution"
+    patching = stages[-1].options["options"]
+    assert (patching.method, patching.sites, patching.corruption.seed) == ("attribution", ("attn_out", "mlp_out"), 3)
     knock = localizer_stages(LocalizerOptions(knockout_controls=("matched", "whole_mlp")))[0].options["options"]
     assert knock.controls == ("matched", "whole_mlp")
     with pytest.raises(InputError, match="controls"):
@@ -34,9 +38,9 @@ def test_stages_follow_the_options():
 
 
 def test_run_then_profile_then_resume(tiny_model, tiny_model_compat, probes, tmp_path):
-    sample = probes[:3]
+    sample = [probes[3], probes[5], probes[4]]  # the first two have corruptions attribution patching keeps
     options = LocalizerOptions(norms=("frozen",), window=2, noise_samples=2, noise_effects=False, lenses=("logit",),
-                               knockout_controls=("matched", "whole_mlp"))
+                               knockout_controls=("matched", "whole_mlp"), patching=True)
     loads = []
 
     def compat():
@@ -52,7 +56,8 @@ def test_run_then_profile_then_resume(tiny_model, tiny_model_compat, probes, tmp
     assert isinstance(profile, RecallProfile)
     measures = set(profile.per_probe["measure"])
     assert {"knockout top-100", "knockout whole MLP", "tracing MLP share (last)", "attention knockout",
-            "DLA MLP share", "logit lens gain", "logit lens MLP gain"} <= measures
+            "DLA MLP share", "logit lens gain", "logit lens MLP gain", "attribution patching MLP share (last)"} \
+        <= measures
     assert set(profile.per_probe["group"]) == {"implant", "control"}
     # a second run reuses every stage
     logged.clear()
