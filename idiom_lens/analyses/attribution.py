@@ -45,7 +45,7 @@ from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_a
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.tokenization import ProbeTokens, encode_prompt
 
 Measure = Literal["logit", "logit_diff"]
@@ -291,6 +291,7 @@ def attribute_probe(
     With `target` (one word), the contrast token is the target's first sub-word when the
     prediction misses it, else the runner-up; without it, always the runner-up.
     """
+    require_causal(model, "direct logit attribution")
     _check_model(model)
     if target is None:
         toks = ProbeTokens(prompt_ids=encode_prompt(model.tokenizer, prompt), target_ids=(), has_bos=False)
@@ -324,6 +325,7 @@ def attribute_probes(
 
     Raises `InputError` when `probes` is empty.
     """
+    require_causal(model, "direct logit attribution")
     _check_model(model)
     probes = list(probes)
     if not probes:

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.tokenization import encode_prompt
 from idiom_lens.models.vocab import mask_logits, valid_mask
 
@@ -34,6 +34,7 @@ def predict_next(model: LoadedModel, text: str, *, top: int = 5) -> NextTokenPre
 
     Raises `InputError` when `top` is below 1.
     """
+    require_causal(model, "next-token prediction")
     if top < 1:
         raise InputError(f"top must be >= 1, got {top}")
     ids = encode_prompt(model.tokenizer, text)

@@ -9,6 +9,9 @@ probability, plus the entropy and the argmax of the read-out distribution.
 One batched forward pass per batch gives both the trajectory and the memorization records
 (the last layer's read-out is the model's own output, which the tests check).
 
+A masked LM (BERT) is read at its mask, block outputs only, through its MLM head (dense, GELU,
+LayerNorm, decoder: `models.readout.final_transform`): Hugging Face's hidden states through `cls`.
+
 `lens` picks how a layer is read (`idiom_lens.lenses`): the logit lens (the default, the paper's)
 or a learned lens (tuned, Jacobian) that first maps each block's output into the last block's
 basis. A learned lens is trained on block outputs, so it reads `resid_post` only. The result
@@ -36,6 +39,7 @@ from idiom_lens.models.forward import iterate_forward, tokenize_probes
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.readout import Readout, read_out, release_workspace
 from idiom_lens.models.selfcheck import check_close, plain_last_logits
+from idiom_lens.models.tokenization import ProbeTokens
 from idiom_lens.models.vocab import mask_logits, valid_mask
 
 TRAJECTORY_SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
@@ -173,6 +177,11 @@ def layer_trajectory(
     if unknown or not sites:
         raise InputError(f"unknown sites {unknown or '(none given)'}: expected some of {list(TRAJECTORY_SITES)}")
     sites = tuple(sites)
+    if model.masked and (sites != ("resid_post",) or (lens is not None and lens.kind != "logit")):
+        raise InputError(f"{model.spec!r} is a masked LM: its trajectory reads block outputs (resid_post) through "
+                         "its MLM head, the logit lens (BERT normalizes after each sublayer, so no other site is a "
+                         f"point of a normalized residual stream), not sites {list(sites)}"
+                         + (f" with a {lens.kind} lens" if lens is not None and lens.kind != "logit" else ""))
     if lens is not None:
         lens.check_model(model)
         if lens.kind != "logit" and sites != ("resid_post",):
@@ -211,7 +220,7 @@ def layer_trajectory(
             "top_id": ro.top_id,
         }
         if first_batch and "resid_post" in sites:
-            _check_last_layer(model, probe_tokens[batch.indices[0]].prompt_ids, batch_records[0], ro,
+            _check_last_layer(model, probe_tokens[batch.indices[0]], batch_records[0], ro,
                               row=sites.index("resid_post") * n_layers + n_layers - 1,
                               probe=probes[batch.indices[0]].id)
         first_batch = False
@@ -226,12 +235,12 @@ def layer_trajectory(
 
 
 def _check_last_layer(
-    model: LoadedModel, prompt_ids: Sequence[int], record: MemorizationRecord, ro: Readout, *, row: int, probe: str
+    model: LoadedModel, toks: ProbeTokens, record: MemorizationRecord, ro: Readout, *, row: int, probe: str
 ) -> None:
     """Self-check of the read-out kernel (buffers, chunking, fused bias): the last layer's read of
     the first probe must give a plain full forward's log-probabilities of the predicted and the
     target token (`selfcheck.FastPathError` otherwise)."""
-    plain = mask_logits(plain_last_logits(model, prompt_ids), valid_mask(model)).log_softmax(-1)
+    plain = mask_logits(plain_last_logits(model, toks.prompt_ids, toks.suffix_ids), valid_mask(model)).log_softmax(-1)
     expected = plain[[record.pred_id, record.target_id]]
     check_close(ro.logprob[row], expected, what="trajectory read-out (last layer)", probe=probe)
 

@@ -44,6 +44,7 @@ from idiom_lens.errors import InputError
 from idiom_lens.faults import maybe_fail
 from idiom_lens.io import atomic_write
 from idiom_lens.lenses.lens import Lens, identity_tuned_lens, logit_lens
+from idiom_lens.models.loading import require_causal
 from idiom_lens.models.precision import PrecisionChoice, matmul_precision
 from idiom_lens.models.tokenization import pad_id, right_pad
 from idiom_lens.models.vocab import valid_mask
@@ -54,6 +55,7 @@ def collect_residuals(
 ) -> tuple[Float[Tensor, "token layer d_model"], Int[Tensor, " token"]]:
     """`resid_post` of every layer at every position but the first (BOS) of each sequence, and the
     index of the sequence each row came from."""
+    require_causal(model, "learned-lens training")
     rows: list[Tensor] = []
     owner: list[Tensor] = []
     for start in range(0, len(sequences), batch_size):
@@ -68,6 +70,7 @@ def last_position_residuals(
     model: Any, sequences: Sequence[Sequence[int]], *, batch_size: int = 32
 ) -> Float[Tensor, "sequence layer d_model"]:
     """`resid_post` of every layer at the last position of each sequence (fp32, on the CPU)."""
+    require_causal(model, "learned-lens training")
     rows = []
     for start in range(0, len(sequences), batch_size):
         stacked, last = _resid_post(model, sequences[start : start + batch_size])

@@ -9,6 +9,11 @@ Sequences are fed as prompt + target tokens: by causality the logits at the last
 position are exactly those of the prompt alone, and the later positions give the teacher-forced
 check of the full (multi-token) target in the same pass.
 
+A masked LM (BERT, `LoadedModel.masked`) reads each probe as ``[CLS] prompt [MASK] [SEP]``
+(`tokenization.split_masked_probe`), never its target (attention goes both ways), and is read at
+the mask; its batches hold sequences of one length, so that no padding exists for its
+bidirectional attention to see.
+
 Only what is read is unembedded (`read="target"`, the default): the last prompt position and the
 target's positions after it, not the prompt's earlier positions. With Gemma's 262,144-token
 vocabulary the unembedding costs 0.34 GFLOP per row, more than all 18 blocks' forward for the row,
@@ -31,7 +36,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.selfcheck import check_against_full_forward
-from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_probe
+from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad, split_masked_probe, split_probe
 from idiom_lens.models.vocab import mask_logits, valid_mask
 from idiom_lens.types import HookFn, Tokens
 
@@ -39,9 +44,10 @@ from idiom_lens.types import HookFn, Tokens
 def tokenize_probes(model: LoadedModel, probes: Sequence[Probe]) -> list[ProbeTokens]:
     """Split every probe into prompt and target tokens with the model's tokenizer."""
     out = []
+    split = split_masked_probe if model.masked else split_probe
     for probe in probes:
         try:
-            out.append(split_probe(model.tokenizer, probe.prompt, probe.target))
+            out.append(split(model.tokenizer, probe.prompt, probe.target))
         except InputError as err:
             raise InputError(f"probe {probe.id!r}: {err}") from None
     return out
@@ -87,12 +93,13 @@ def iterate_forward(
     if read not in ("target", "all"):
         raise InputError(f"read must be 'target' or 'all', got {read!r}")
     valid = valid_mask(model)
-    order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].prompt_ids))
+    masked = model.masked
+    order = sorted(range(len(probe_tokens)), key=lambda i: len(probe_tokens[i].input_ids))
     bar = None  # opened after the first batch's self-check, so that a failure prints one clean line
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
+    for number, indices in enumerate(_batches(order, probe_tokens, batch_size, equal_length=masked)):
         seqs = [
-            probe_tokens[i].prompt_ids + (probe_tokens[i].target_ids if include_target else ())
+            probe_tokens[i].input_ids if masked
+            else probe_tokens[i].prompt_ids + (probe_tokens[i].target_ids if include_target else ())
             for i in indices
         ]
         tokens, _ = right_pad(seqs, pad_id=pad_id(model.tokenizer))
@@ -115,7 +122,7 @@ def iterate_forward(
             column = last
         else:
             # The last prompt token and each target token but the last (the one after it is not scored).
-            n_read = max(1, max(len(seq) - 1 - int(last[r]) for r, seq in enumerate(seqs)))
+            n_read = 1 if masked else max(1, max(len(seq) - 1 - int(last[r]) for r, seq in enumerate(seqs)))
             offsets = torch.arange(n_read, device=model.device)
             positions = (last[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # beyond a row's end: unread
             column = torch.zeros_like(last)
@@ -124,11 +131,12 @@ def iterate_forward(
             hooks.insert(0, ("unembed.hook_in", _gather_hook(positions)))
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model.bridge(tokens)
-        if start == 0:
+        if number == 0:
             for row in sorted({0, len(indices) - 1}):
                 check_against_full_forward(
                     model, probe_tokens[indices[row]].prompt_ids, logits[row, column[row]],
                     what=f"{desc} (batched, padded, read positions only)", probe=f"#{indices[row]}",
+                    suffix_ids=probe_tokens[indices[row]].suffix_ids,
                 )
         logits = mask_logits(logits, valid)  # predictions range over real vocabulary tokens only
         if bar is None:
@@ -138,6 +146,19 @@ def iterate_forward(
         bar.update(len(indices))
     if bar is not None:
         bar.close()
+
+
+def _batches(order: Sequence[int], probe_tokens: Sequence[ProbeTokens], batch_size: int, *,
+             equal_length: bool) -> list[list[int]]:
+    """`order` cut into batches of at most `batch_size`; with `equal_length`, a batch also ends
+    where the input length changes (no padding: a bidirectional model would attend to it)."""
+    out: list[list[int]] = []
+    for i in order:
+        if not out or len(out[-1]) == batch_size or (
+                equal_length and len(probe_tokens[i].input_ids) != len(probe_tokens[out[-1][0]].input_ids)):
+            out.append([])
+        out[-1].append(i)
+    return out
 
 
 def _gather_hook(positions: Int[Tensor, "batch read"]) -> HookFn:

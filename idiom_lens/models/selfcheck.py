@@ -46,11 +46,14 @@ def versions_text() -> str:
     return ", ".join(f"{name} {version}" for name, version in package_versions().items())
 
 
-def plain_last_logits(model: LoadedModel, prompt_ids: Sequence[int]) -> Float[Tensor, " d_vocab"]:
-    """The obvious computation: one full forward of the prompt alone, logits at its last token."""
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
+def plain_last_logits(
+    model: LoadedModel, prompt_ids: Sequence[int], suffix_ids: Sequence[int] = ()
+) -> Float[Tensor, " d_vocab"]:
+    """The obvious computation: one full forward of the prompt alone (and a masked LM's closing
+    tokens, `suffix_ids`), logits at the prompt's last token."""
+    tokens = torch.tensor([[*prompt_ids, *suffix_ids]], dtype=torch.long, device=model.device)
     with torch.no_grad():
-        return model.bridge(tokens)[0, -1].float()
+        return model.bridge(tokens)[0, len(prompt_ids) - 1].float()
 
 
 def relative_error(fast: Tensor, plain: Tensor) -> float:
@@ -82,11 +85,12 @@ def check_close(
 
 
 def check_against_full_forward(
-    model: LoadedModel, prompt_ids: Sequence[int], fast: Tensor, *, what: str, probe: str
+    model: LoadedModel, prompt_ids: Sequence[int], fast: Tensor, *, what: str, probe: str,
+    suffix_ids: Sequence[int] = (),
 ) -> float:
     """Compare `fast` (one row of last-position logits, or several rows of the same prompt)
-    with the plain full forward of `prompt_ids`."""
-    plain = plain_last_logits(model, prompt_ids)
+    with the plain full forward of `prompt_ids` (+ `suffix_ids`, a masked LM's closing tokens)."""
+    plain = plain_last_logits(model, prompt_ids, suffix_ids)
     rows = fast if fast.ndim == 2 else fast[None]
     return max(check_close(row, plain, what=what, probe=probe) for row in rows)
 

@@ -5,6 +5,10 @@ the last word (with its leading space); the model runs on the prompt tokens only
 whole-sequence tokenization at the character where the last word's leading space begins, so the
 prompt tokens are exactly those of the full text (no re-tokenization drift). BOS follows the
 tokenizer's own setting unless `prepend_bos` is given, and is recorded on every `ProbeTokens`.
+
+A masked LM (BERT) reads ``[CLS] prompt [MASK] [SEP]``: the same split of the whole sequence's
+tokens, the last word's tokens replaced by one mask token, the tokenizer's closing special tokens
+kept after it (`split_masked_probe`); the prediction is read at the mask.
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ from idiom_lens.types import Tokens
 class ProbeTokens:
     """Token ids of one probe: what the model reads and what it should predict."""
 
-    prompt_ids: tuple[int, ...]
+    prompt_ids: tuple[int, ...]  # up to the read position: a masked LM's ends with its mask token
     target_ids: tuple[int, ...]  # every sub-word token of the last word; [0] is the target
     has_bos: bool
+    suffix_ids: tuple[int, ...] = ()  # read after the prompt by a masked LM ([SEP]); causal LMs: none
 
     @property
     def target_id(self) -> int:
         return self.target_ids[0]
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        """What the model reads for the prediction: the prompt, and a masked LM's closing tokens."""
+        return self.prompt_ids + self.suffix_ids
 
 
 def split_probe(
@@ -70,6 +80,36 @@ def split_probe(
     if len(prompt_ids) == int(has_bos):
         raise InputError(f"probe prompt {prompt!r} produced no tokens")
     return ProbeTokens(prompt_ids=prompt_ids, target_ids=target_ids, has_bos=has_bos)
+
+
+def split_masked_probe(tokenizer: Any, prompt: str, target: str) -> ProbeTokens:
+    """Tokenize ``prompt + " " + target`` with the tokenizer's special tokens and put one mask
+    token in place of the last word: prompt_ids = [CLS] + the prompt's tokens + [MASK], suffix_ids
+    = the closing special tokens ([SEP]), target_ids = the last word's tokens."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise InputError("the tokenizer has no mask token: a masked LM reads the last word as one")
+    if not prompt or not prompt.strip():
+        raise InputError(f"probe prompt is empty (target {target!r}): expected at least one word")
+    if not target or not target.strip() or any(c.isspace() for c in target):
+        raise InputError(f"probe target {target!r} must be a single non-empty word (prompt {prompt!r})")
+    text = f"{prompt} {target}"
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids: list[int] = list(encoded["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    real = [end > start for start, end in offsets]  # special tokens span no characters
+    boundary = len(prompt)
+    first_target = next((i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None)
+    if first_target is None:
+        raise InputError(f"could not locate target {target!r} in the tokenization of {text!r}")
+    if offsets[first_target][0] < boundary:
+        raise InputError(f"the tokenizer merges the end of the prompt with the target in {text!r}: "
+                         "no token boundary before the last word")
+    end = max(i for i, r in enumerate(real) if r) + 1
+    if not any(real[:first_target]):
+        raise InputError(f"probe prompt {prompt!r} produced no tokens")
+    return ProbeTokens(prompt_ids=(*ids[:first_target], int(mask_id)), target_ids=tuple(ids[first_target:end]),
+                       has_bos=False, suffix_ids=tuple(ids[end:]))
 
 
 def encode_prompt(tokenizer: Any, text: str, *, prepend_bos: bool | None = None) -> tuple[int, ...]:

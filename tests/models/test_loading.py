@@ -51,9 +51,9 @@ def test_bad_mode_is_an_error(tiny_model_dir):
         load_model(str(tiny_model_dir), mode="folded", progress=False)  # type: ignore[arg-type]
 
 
-def test_directory_that_is_not_a_causal_lm(tmp_path):
+def test_directory_that_is_not_a_language_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    with pytest.raises(InputError, match="not a causal language model"):
+    with pytest.raises(InputError, match="not a language model idiom_lens reads.*BertForMaskedLM"):
         load_model(str(tmp_path), progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()

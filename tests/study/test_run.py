@@ -120,3 +120,26 @@ def test_the_whole_study_runs_on_gpt2(tiny_gpt2_dir, tmp_path):
     for result in (model.trajectory(), model.knockouts(), model.tracing()):
         assert result.settings["prepend_bos"] is False
     assert (out / "report.html").is_file()
+
+
+def test_the_study_runs_on_bert_and_says_what_it_did_not_run(tiny_bert_dir, tmp_path):
+    """`idiom-lens run --model DIR` on a BERT masked LM runs the trajectory (memorization at the
+    mask, the logit lens through the MLM head) and names every other stage with the reason it did
+    not run, in the log and in not_run.json."""
+    from idiom_lens.study.run import MASKED_LM_REASONS
+
+    out = tmp_path / "bert"
+    log = run_here(run_args(tiny_bert_dir, out))
+    study = StudyFolder(out)
+    (model,) = study.models()
+    assert [s.name for s in model.stages()] == ["trajectory"]
+    trajectory = model.trajectory()
+    assert trajectory.settings["objective"] == "masked"
+    assert len(trajectory.memorization.records) > 0
+    not_run = json.loads((model.path / "not_run.json").read_text())
+    assert not_run["objective"] == "masked"
+    assert set(not_run["stages"]) == {"interventions", "patching", "attribution", "tracing", "attention_knockout"}
+    for stage, reason in not_run["stages"].items():
+        assert reason == MASKED_LM_REASONS[stage]
+        assert f"[run] {stage}: not run on a masked LM: {reason}" in log
+    assert (out / "report.html").is_file()

@@ -79,7 +79,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.models.selfcheck import versions_text
 from idiom_lens.models.tokenization import ProbeTokens
@@ -542,6 +542,7 @@ def attention_knockout(
     probes or a batch size below 1; `FastPathError` when a shortcut disagrees with a full forward
     or the block does not reach the attention weights.
     """
+    require_causal(model, "the attention knockout")
     if not isinstance(options, AttentionKnockoutOptions):
         raise InputError(f"options must be an AttentionKnockoutOptions, got {type(options).__name__}")
     sources, window = options.sources, options.window

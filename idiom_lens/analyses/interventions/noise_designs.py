@@ -59,7 +59,7 @@ from idiom_lens.analyses.stats import bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.selfcheck import check_close
 from idiom_lens.models.tokenization import pad_id, right_pad, split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
@@ -352,6 +352,7 @@ def noise_effects(
     memory only). Raises `InputError` for bad options or a probe a design cannot noise, and
     `FastPathError` when the first probe's batched rows disagree with an unbatched plain forward.
     """
+    require_causal(model, "the noise designs")
     designs = (designs,) if isinstance(designs, str) else tuple(dict.fromkeys(designs))
     if not designs:
         raise InputError(f"designs must name at least one of {', '.join(NOISE_DESIGNS)}")

@@ -40,7 +40,7 @@ from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import PromptRunner, masked_prediction
 from idiom_lens.models.tokenization import split_probe
 from idiom_lens.models.vocab import mask_summary, valid_mask
@@ -308,6 +308,7 @@ def patch_pair(
     The default (clean into corrupted) measures restoration; sender == receiver is a no-op
     used as an invariant (restores 1.0 into clean, 0.0 into corrupted).
     """
+    require_causal(model, "activation patching")
     _check_pair(clean_ids, corrupted_ids, sites)
     clean_acts, clean_logits = site_activations(model, clean_ids, sites)
     corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
@@ -454,6 +455,7 @@ def _patch_set(
 ) -> PatchingResult:
     """Corrupt `probes`, run `kernel` on every pair and tabulate: exact and attribution patching
     differ only in their kernel (and the `notes` their settings add)."""
+    require_causal(model, "activation patching")
     if not isinstance(options, PatchingOptions):
         raise InputError(f"options must be a PatchingOptions, got {type(options).__name__}")
     corruption = options.corruption

@@ -30,7 +30,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
@@ -118,6 +118,7 @@ def skip_layers(
     Raises `InputError` for a batch size below 1 or a span outside the model's layers;
     `FastPathError` when its fast path disagrees with a full forward.
     """
+    require_causal(model, "layer skipping")
     probes = check_probes(probes)
     if not isinstance(options, SkipOptions):
         raise InputError(f"options must be a SkipOptions, got {type(options).__name__}")

@@ -75,7 +75,7 @@ from idiom_lens.analyses.stats import bootstrap, bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import KVRecorder, PrefixKV, SuffixRunner
 from idiom_lens.models.selfcheck import check_close
 from idiom_lens.models.tokenization import split_probe
@@ -488,6 +488,7 @@ def causal_trace(
     prompt, `trace_prompt`) change speed and memory only. Raises `FastPathError` when the fast path
     disagrees with a full forward.
     """
+    require_causal(model, "causal tracing")
     if not isinstance(options, TracingOptions):
         raise InputError(f"options must be a TracingOptions, got {type(options).__name__}")
     sites, windows, samples = options.sites, options.windows, options.noise_samples

@@ -35,7 +35,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
 Weights = Literal["raw", "effective"]
@@ -132,6 +132,7 @@ def value_vector_ranks(
 
     Raises `InputError` for a k outside 1..d_mlp, unknown weights or a chunk below 1.
     """
+    require_causal(model, "the value-vector statistic")
     probes = check_probes(probes)
     ks = tuple(sorted(set(int(k) for k in ks)))
     d_mlp = int(model.bridge.cfg.d_mlp)

@@ -42,7 +42,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import PromptRunner, SuffixRunner, last_metrics
 from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
@@ -239,6 +239,7 @@ def knockout_grid(
     `FastPathError` when its fast path disagrees with a full forward (checked before any row is
     kept).
     """
+    require_causal(model, "neuron knockouts")
     probes = check_probes(probes)
     if not isinstance(options, KnockoutOptions):
         raise InputError(f"options must be a KnockoutOptions, got {type(options).__name__}")
