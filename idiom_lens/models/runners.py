@@ -11,6 +11,10 @@ are forward passes; the probe checks and sampling are in `idiom_lens.datasets.se
   in an earlier run by `KVRecorder`): causal tracing reuses its corrupted runs' keys and values
   below the restored position.
 
+A masked LM's closing tokens (`suffix_ids`, BERT's [SEP]) run after the prompt, and the read
+position stays the prompt's last token (the mask): no prefix cache then (bidirectional attention:
+earlier positions read later ones).
+
 Predictions range over real vocabulary tokens (`idiom_lens.models.vocab`): every argmax and probability
 here is taken on masked logits."""
 
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.readout import final_transform
 from idiom_lens.models.selfcheck import check_against_full_forward, prefix_cache_works
 from idiom_lens.models.vocab import mask_logits
 from idiom_lens.types import HookFn
@@ -39,14 +44,18 @@ class PromptRunner:
     cache is copied into every batch, so only the last token is recomputed: valid exactly when
     the hooks touch the last position only. Where the installed versions make the bridge ignore
     the cache (`selfcheck.prefix_cache_works`), whole prompts run instead: same numbers, slower.
-    The unembedding runs on the last position only.
+    The unembedding runs on the last position only. A masked LM runs the whole sequence, prompt
+    and `suffix_ids`, and is read at the prompt's last token (its mask).
     """
 
-    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool):
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, use_kv: bool,
+                 suffix_ids: Sequence[int] = ()):
         self.model = model
         self.prompt_ids = tuple(int(i) for i in prompt_ids)
-        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
-        self.use_kv = bool(use_kv and ids.shape[1] >= 2 and prefix_cache_works(model))
+        self.suffix_ids = tuple(int(i) for i in suffix_ids)
+        ids = torch.tensor([[*self.prompt_ids, *self.suffix_ids]], dtype=torch.long, device=model.device)
+        self.use_kv = bool(use_kv and not model.masked and not self.suffix_ids and ids.shape[1] >= 2
+                           and prefix_cache_works(model))
         self.cache = None
         if self.use_kv:
             with torch.no_grad():
@@ -55,7 +64,7 @@ class PromptRunner:
         else:
             self.tokens = ids
         self.n_pos = int(self.tokens.shape[1])  # positions in each run
-        self.last = self.n_pos - 1  # index of the last prompt position within a run
+        self.last = self.n_pos - 1 - len(self.suffix_ids)  # the read position (the prompt's last) in a run
 
     def run(self, n_rows: int, hooks: Sequence[tuple[str, HookFn]]) -> Float[Tensor, "row d_vocab"]:
         tokens = self.tokens.expand(n_rows, -1).contiguous()
@@ -79,7 +88,8 @@ class PromptRunner:
         """Stop (`FastPathError`) unless two unhooked rows of this runner equal a plain full
         forward of the prompt: the prefix cache, its copy per row and the last-position
         unembedding, checked under the installed versions."""
-        check_against_full_forward(self.model, self.prompt_ids, self.run(2, []), what=what, probe=probe)
+        check_against_full_forward(self.model, self.prompt_ids, self.run(2, []), what=what, probe=probe,
+                                   suffix_ids=self.suffix_ids)
 
 
 class SuffixRunner:
@@ -92,14 +102,17 @@ class SuffixRunner:
     one after the other with those arguments, under `bridge.hooks(...)`; then the final norm and
     the unembedding of the last position. Valid exactly when no hook touches a layer below
     `start` (those layers would compute the clean values again). TransformerBridge's own
-    `start_at_layer` still executes the lower blocks (its docs say so), so it saves nothing.
+    `start_at_layer` still executes the lower blocks (its docs say so), so it saves nothing. A
+    masked LM's `suffix_ids` run after the prompt; the read position is the prompt's last token.
     """
 
-    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, capture: Sequence[tuple[str, HookFn]] = ()):
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], *, capture: Sequence[tuple[str, HookFn]] = (),
+                 suffix_ids: Sequence[int] = ()):
         self.model = model
         self.prompt_ids = tuple(int(i) for i in prompt_ids)
+        self.suffix_ids = tuple(int(i) for i in suffix_ids)
         bridge = model.bridge
-        ids = torch.tensor([list(self.prompt_ids)], dtype=torch.long, device=model.device)
+        ids = torch.tensor([[*self.prompt_ids, *self.suffix_ids]], dtype=torch.long, device=model.device)
         self.resid: list[Tensor] = [torch.empty(0)] * model.n_layers  # [1, pos, d_model] entering each block
         self.block_kwargs: list[dict[str, Any]] = [{}] * model.n_layers
 
@@ -123,9 +136,9 @@ class SuffixRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        self.clean_logits: Float[Tensor, " d_vocab"] = logits[0, -1].float()
-        self.n_pos = len(self.prompt_ids)
-        self.last = self.n_pos - 1
+        self.n_pos = len(self.prompt_ids) + len(self.suffix_ids)
+        self.last = len(self.prompt_ids) - 1  # the read position
+        self.clean_logits: Float[Tensor, " d_vocab"] = logits[0, self.last].float()
         config = getattr(getattr(bridge, "original_model", None), "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
@@ -134,7 +147,7 @@ class SuffixRunner:
         resid: Float[Tensor, "row pos d_model"] | None = None, from_pos: int = 0,
         past: PrefixKV | KVRecorder | None = None,
     ) -> Float[Tensor, "row d_vocab"]:
-        """Last-position logits of `n_rows` rows resumed at block `start` with `hooks` active.
+        """Read-position logits of `n_rows` rows resumed at block `start` with `hooks` active.
 
         `resid` is the residual stream entering `start`, one per row (default: the clean one):
         causal tracing resumes corrupted runs this way. With `from_pos` > 0 only the positions
@@ -145,8 +158,8 @@ class SuffixRunner:
         bridge = self.model.bridge
         if not 0 <= start < self.model.n_layers:
             raise InputError(f"start layer must be in 0..{self.model.n_layers - 1}, got {start}")
-        if not 0 <= from_pos < self.n_pos:
-            raise InputError(f"from_pos must be in 0..{self.n_pos - 1}, got {from_pos}")
+        if not 0 <= from_pos <= self.last:
+            raise InputError(f"from_pos must be in 0..{self.last}, got {from_pos}")
         if from_pos and not isinstance(past, PrefixKV):
             raise InputError(f"from_pos {from_pos} needs the earlier positions' keys and values (past=PrefixKV)")
         width = self.resid[start].shape[1:]
@@ -161,7 +174,8 @@ class SuffixRunner:
             for layer in range(start, self.model.n_layers):
                 out = bridge.blocks[layer](x, **_suffix_kwargs(self.block_kwargs[layer], from_pos, past))
                 x = out[0] if isinstance(out, tuple) else out
-            logits = bridge.unembed(bridge.ln_final(x[:, -1:]))
+            at = self.last - from_pos
+            logits = bridge.unembed(final_transform(self.model, x[:, at : at + 1]))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1].float()
@@ -172,7 +186,8 @@ class SuffixRunner:
         block calls, the last-position unembedding), under the installed versions."""
         for start in sorted({0, self.model.n_layers // 2, self.model.n_layers - 1}):
             check_against_full_forward(self.model, self.prompt_ids, self.run(2, [], start=start),
-                                       what=f"{what} (resumed at layer {start})", probe=probe)
+                                       what=f"{what} (resumed at layer {start})", probe=probe,
+                                       suffix_ids=self.suffix_ids)
 
 
 class KVRecorder:

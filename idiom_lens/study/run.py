@@ -20,9 +20,10 @@ rerun when finished with the same settings:
    localizer scored on finding them (`study.ground_truth`);
 9. report: one HTML page over everything under OUT.
 
-On a masked LM (BERT) the trajectory stage runs (memorization at the mask, the logit lens read
-through the MLM head) and every other stage is not run, with its one-line reason in the log and
-in OUT/<model>/not_run.json (`MASKED_LM_REASONS`).
+On a masked LM (BERT) the trajectory (memorization at the mask, the logit lens read through the
+MLM head), the interventions (knockouts, layer skipping; not the value-vector statistic) and
+activation patching run; the other stages are not run, each with its one-line reason in the log and in
+OUT/<model>/not_run.json (`MASKED_LM_REASONS`).
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
 sampled probes and every argument of the stage function, see `parts.stage_key`) and intact
@@ -65,10 +66,6 @@ from idiom_lens.study.layout import (
 # Why a stage does not run on a masked LM, in one line each (the issue 27 work that remains).
 MASKED_LM_REASONS: dict[str, str] = {
     LENSES: "learned lenses are trained to predict the next token's distribution; a masked LM predicts its mask",
-    INTERVENTIONS: "neuron knockouts and layer skipping are built for causal LMs only (their batches are "
-                   "right-padded, which bidirectional attention would see); not built for masked LMs yet",
-    PATCHING: "activation patching is built for causal LMs only (a key/value prefix, right-padded batches); "
-              "not built for masked LMs yet",
     ATTRIBUTION: "direct logit attribution splits a pre-norm residual stream that sums to the logit; BERT "
                  "normalizes after every sublayer (post-LN), so a split needs every norm frozen; not built for "
                  "masked LMs yet",

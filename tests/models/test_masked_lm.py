@@ -91,8 +91,8 @@ def test_batched_equals_unbatched_without_padding(bert, probes):
 def test_what_a_masked_lm_cannot_do_is_refused_with_the_reason(bert, probes):
     from idiom_lens.analyses.interventions import KnockoutOptions, TracingOptions, causal_trace, knockout_grid
 
-    with pytest.raises(InputError, match="neuron knockouts is built for causal LMs.*masked LM"):
-        knockout_grid(bert, probes[:2], KnockoutOptions())
+    with pytest.raises(InputError, match="mean ablation .* is built for causal LMs.*masked LM"):
+        knockout_grid(bert, probes[:2], KnockoutOptions(ablation="mean"))
     with pytest.raises(InputError, match="causal tracing"):
         causal_trace(bert, probes[:2], TracingOptions())
     with pytest.raises(InputError, match="resid_post"):

@@ -71,20 +71,23 @@ ALL = "all"  # the site (or variant) label of every site (variant) taken togethe
 
 
 def _capture(
-    model: LoadedModel, ids: Sequence[int], target_id: int, names: list[str], *, gradient: bool
+    model: LoadedModel, ids: Sequence[int], target_id: int, names: list[str], *, gradient: bool,
+    suffix_ids: Sequence[int] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, " d_vocab"]]:
-    """One forward of `ids` (and, with `gradient`, one backward of the target logit at the last
-    position): each hook's activation [pos, d_model], its gradient (empty without `gradient`), and
-    the last-position logits."""
+    """One forward of `ids` (+ a masked LM's `suffix_ids`) and, with `gradient`, one backward of the
+    target logit at the read position (the last of `ids`): each hook's activation [pos, d_model] at
+    the positions of `ids`, its gradient (empty without `gradient`), and the read-position logits."""
     from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
 
     seen: dict[str, Tensor] = {}
 
-    def metric(logits: Tensor) -> Tensor:
-        seen["logits"] = logits[0, -1].detach().float()
-        return logits[0, -1, target_id]
+    read = len(ids) - 1
 
-    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+    def metric(logits: Tensor) -> Tensor:
+        seen["logits"] = logits[0, read].detach().float()
+        return logits[0, read, target_id]
+
+    tokens = torch.tensor([[*ids, *suffix_ids]], dtype=torch.long, device=model.device)
     with torch.enable_grad():
         cache = cache_activation_and_gradient(model.bridge, tokens, metric, names_filter=names,
                                               compute_gradient=gradient)
@@ -94,21 +97,22 @@ def _capture(
             f"attribution patching: the bridge gave no {'gradient' if gradient else 'activation'} at "
             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} ({versions_text()}); nothing was written"
         )
-    acts = {n: cache.activations[n][0].float() for n in names}
-    grads = {n: cache.gradients[n][0].float() for n in names} if gradient else {}  # type: ignore[index]
+    acts = {n: cache.activations[n][0, : len(ids)].float() for n in names}
+    grads = {n: cache.gradients[n][0, : len(ids)].float() for n in names} if gradient else {}  # type: ignore[index]
     return acts, grads, seen["logits"]
 
 
 def _attribute(
     model: LoadedModel, *, clean_ids: Sequence[int], corrupted_ids: Sequence[int], target_id: int,
-    sites: Sequence[str],
+    sites: Sequence[str], suffix_ids: Sequence[int] = (),
 ) -> tuple[PairPatching, Float[Tensor, " d_vocab"], Float[Tensor, " d_vocab"]]:
     """The estimate of one pair, with the clean and corrupted last-position logits it used."""
     _check_pair(clean_ids, corrupted_ids, sites)
     n_layers = model.n_layers
     names = [f"blocks.{l}.{SITE_HOOKS[s]}" for s in sites for l in range(n_layers)]
-    clean_acts, _, clean_logits = _capture(model, clean_ids, target_id, names, gradient=False)
-    corr_acts, corr_grads, corr_logits = _capture(model, corrupted_ids, target_id, names, gradient=True)
+    clean_acts, _, clean_logits = _capture(model, clean_ids, target_id, names, gradient=False, suffix_ids=suffix_ids)
+    corr_acts, corr_grads, corr_logits = _capture(model, corrupted_ids, target_id, names, gradient=True,
+                                                  suffix_ids=suffix_ids)
     change = torch.stack([((clean_acts[n] - corr_acts[n]) * corr_grads[n]).sum(-1) for n in names])  # [site*layer, pos]
     corrupted_logit = float(corr_logits[target_id])
     patched = (corrupted_logit + change.double()).float().reshape(len(sites), n_layers, len(clean_ids))
@@ -128,21 +132,24 @@ def attribution_patch_pair(
     target_id: int,
     sites: Sequence[str] = PATCH_SITES,
     check: bool = True,
+    suffix_ids: Sequence[int] = (),
 ) -> PairPatching:
     """Attribution-patching estimate of patching clean into corrupted at every (site, layer, position).
 
     `patched` is corrupted_logit + (clean_act - corrupted_act) . d(target_logit)/d(act), the
     gradient taken on the corrupted run, so `.restored` is the estimated restored share. With
     `check` (default) the clean and corrupted logits used are compared with a plain full forward
-    (`FastPathError` when they differ); a probe set checks its first pair only.
+    (`FastPathError` when they differ); a probe set checks its first pair only. A masked LM's prompts
+    end with the mask and are both followed by `suffix_ids` ([SEP]).
     """
     result, clean_logits, corr_logits = _attribute(
-        model, clean_ids=clean_ids, corrupted_ids=corrupted_ids, target_id=target_id, sites=sites)
+        model, clean_ids=clean_ids, corrupted_ids=corrupted_ids, target_id=target_id, sites=sites,
+        suffix_ids=suffix_ids)
     if check:
         check_against_full_forward(model, clean_ids, clean_logits, what="attribution patching (clean run)",
-                                   probe="pair")
+                                   probe="pair", suffix_ids=suffix_ids)
         check_against_full_forward(model, corrupted_ids, corr_logits, what="attribution patching (corrupted run)",
-                                   probe="pair")
+                                   probe="pair", suffix_ids=suffix_ids)
     return result
 
 
@@ -173,11 +180,11 @@ def attribution_patch_probes(
     def attribution(model: LoadedModel, pair: Corruption, first: bool) -> PairPatching:
         result, clean_logits, corr_logits = _attribute(
             model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id,
-            sites=options.sites)
+            sites=options.sites, suffix_ids=pair.suffix_ids)
         if first:  # the hooked, grad-enabled runs under the installed versions, against a plain full forward
-            check_against_full_forward(model, pair.clean_ids, clean_logits,
+            check_against_full_forward(model, pair.clean_ids, clean_logits, suffix_ids=pair.suffix_ids,
                                        what="attribution patching (clean run)", probe=pair.probe_id)
-            check_against_full_forward(model, pair.corrupted_ids, corr_logits,
+            check_against_full_forward(model, pair.corrupted_ids, corr_logits, suffix_ids=pair.suffix_ids,
                                        what="attribution patching (corrupted run)", probe=pair.probe_id)
         return result
 
@@ -459,7 +466,9 @@ def patching_agreement(
     cells = cells[cells["valid"]].assign(site_order=lambda f: f["site"].map(sites.index))
     # cell order (ties go to the first): the results' site order, then layer, then position
     cells = cells.sort_values(["probe_id", "variant", "site_order", "layer", "pos"], kind="stable")
-    swap = _swap_positions(exact.rows) if exclude_structural_zeros and len(cells) else {}
+    # a masked LM attends both ways: no cell is zero by construction there
+    bidirectional = exact.settings.get("objective") == "masked"
+    swap = _swap_positions(exact.rows) if exclude_structural_zeros and len(cells) and not bidirectional else {}
     swap_pos = np.array([swap.get(key, 0) for key in zip(cells["probe_id"], cells["variant"])], dtype=np.int64)
     cells = cells.assign(swap_pos=swap_pos, kept=cells["pos"].to_numpy() >= swap_pos)
 

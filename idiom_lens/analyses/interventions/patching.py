@@ -40,9 +40,9 @@ from idiom_lens.analyses.saved import Saved, SavedTables, rows_from_merged
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel, require_causal
+from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import PromptRunner, masked_prediction
-from idiom_lens.models.tokenization import split_probe
+from idiom_lens.models.tokenization import split_masked_probe, split_probe
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
 Variant = Literal["word_swap", "prefix_swap"]
@@ -79,6 +79,7 @@ class Corruption:
     target: str
     target_id: int
     kind: str
+    suffix_ids: tuple[int, ...] = ()  # a masked LM's closing tokens ([SEP]), after both prompts
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,15 @@ def make_corruptions(
     pairs: list[Corruption] = []
     skipped: list[tuple[str, str, str]] = []
     tok = model.tokenizer
+    split = split_masked_probe if model.masked else split_probe
     for probe in probes:
-        clean = split_probe(tok, probe.prompt, probe.target)
+        clean = split(tok, probe.prompt, probe.target)
         words = probe.prompt.split()
         n = len(clean.prompt_ids)
 
         def fits(prompt: str) -> tuple[int, ...] | None:
             try:
-                ids = split_probe(tok, prompt, probe.target).prompt_ids  # noqa: B023 (called within this iteration)
+                ids = split(tok, prompt, probe.target).prompt_ids  # noqa: B023 (called within this iteration)
             except InputError:
                 return None
             return ids if len(ids) == n and ids != clean.prompt_ids else None  # noqa: B023 (called within this iteration)
@@ -214,7 +216,7 @@ def make_corruptions(
             prompt, replaced, ids = found
             pairs.append(Corruption(
                 probe.id, variant, probe.prompt, prompt, replaced, tuple(clean.prompt_ids), tuple(ids),
-                probe.target, clean.target_id, probe.kind,
+                probe.target, clean.target_id, probe.kind, tuple(clean.suffix_ids),
             ))
     return CorruptionSet(tuple(pairs), tuple(skipped))
 
@@ -224,9 +226,12 @@ def make_corruptions(
 # --------------------------------------------------------------------------------------
 
 
-def site_activations(model: LoadedModel, ids: Sequence[int], sites: Sequence[str]) -> tuple[dict, Tensor]:
-    """Every site's activation at every layer and position, and the last-position logits."""
-    runner = PromptRunner(model, ids, use_kv=False)
+def site_activations(
+    model: LoadedModel, ids: Sequence[int], sites: Sequence[str], *, suffix_ids: Sequence[int] = ()
+) -> tuple[dict, Tensor]:
+    """Every site's activation at every layer and position (a masked LM's `suffix_ids` too), and the
+    read-position logits."""
+    runner = PromptRunner(model, ids, use_kv=False, suffix_ids=suffix_ids)
     acts: dict[tuple[str, int], Tensor] = {}
 
     def capture(key: tuple[str, int]):
@@ -302,18 +307,20 @@ def patch_pair(
     sender: Literal["clean", "corrupted"] = "clean",
     receiver: Literal["clean", "corrupted"] = "corrupted",
     batch_size: int = 64,
+    suffix_ids: Sequence[int] = (),
 ) -> PairPatching:
     """Patch `sender`'s activation into `receiver`'s run at every (site, layer, position).
 
     The default (clean into corrupted) measures restoration; sender == receiver is a no-op
-    used as an invariant (restores 1.0 into clean, 0.0 into corrupted).
+    used as an invariant (restores 1.0 into clean, 0.0 into corrupted). A masked LM's prompts end
+    with the mask, both followed by `suffix_ids` ([SEP], never patched).
     """
-    require_causal(model, "activation patching")
     _check_pair(clean_ids, corrupted_ids, sites)
-    clean_acts, clean_logits = site_activations(model, clean_ids, sites)
-    corr_acts, corr_logits = site_activations(model, corrupted_ids, sites)
+    clean_acts, clean_logits = site_activations(model, clean_ids, sites, suffix_ids=suffix_ids)
+    corr_acts, corr_logits = site_activations(model, corrupted_ids, sites, suffix_ids=suffix_ids)
     source = clean_acts if sender == "clean" else corr_acts
-    runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False)
+    runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False,
+                          suffix_ids=suffix_ids)
     n_layers, n_pos = model.n_layers, len(clean_ids)
     cells = [((s, l, p),) for s in sites for l in range(n_layers) for p in range(n_pos)]
     values = [patch_cells(runner, source, cells[i : i + batch_size])[:, target_id]
@@ -455,7 +462,6 @@ def _patch_set(
 ) -> PatchingResult:
     """Corrupt `probes`, run `kernel` on every pair and tabulate: exact and attribution patching
     differ only in their kernel (and the `notes` their settings add)."""
-    require_causal(model, "activation patching")
     if not isinstance(options, PatchingOptions):
         raise InputError(f"options must be a PatchingOptions, got {type(options).__name__}")
     corruption = options.corruption
@@ -495,8 +501,10 @@ def patch_probes(
     """
     def exact(model: LoadedModel, pair: Corruption, first: bool) -> PairPatching:
         if first:  # the shortcuts under the installed versions, against a plain full forward
-            PromptRunner(model, pair.corrupted_ids, use_kv=False).self_check(what="patching", probe=pair.probe_id)
+            PromptRunner(model, pair.corrupted_ids, use_kv=False, suffix_ids=pair.suffix_ids).self_check(
+                what="patching", probe=pair.probe_id)
         return patch_pair(model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids,
-                          target_id=pair.target_id, sites=options.sites, batch_size=batch_size)
+                          target_id=pair.target_id, sites=options.sites, batch_size=batch_size,
+                          suffix_ids=pair.suffix_ids)
 
     return _patch_set(model, probes, options, exact, method="exact", notes={}, progress=progress)

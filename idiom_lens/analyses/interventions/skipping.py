@@ -30,7 +30,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel, require_causal
+from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import PromptRunner, last_metrics, masked_prediction
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
@@ -118,7 +118,6 @@ def skip_layers(
     Raises `InputError` for a batch size below 1 or a span outside the model's layers;
     `FastPathError` when its fast path disagrees with a full forward.
     """
-    require_causal(model, "layer skipping")
     probes = check_probes(probes)
     if not isinstance(options, SkipOptions):
         raise InputError(f"options must be a SkipOptions, got {type(options).__name__}")
@@ -137,14 +136,15 @@ def skip_layers(
                 raise InputError(f"span {s} has layers outside 0..{n_layers - 1}")
     probe_tokens = tokenize_probes(model, probes)
     # the shortcuts under the installed versions, against a plain full forward (before any output)
-    PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=positions == "last").self_check(
+    first = probe_tokens[0]
+    PromptRunner(model, first.prompt_ids, use_kv=positions == "last", suffix_ids=first.suffix_ids).self_check(
         what="layer skipping", probe=probes[0].id)
     started = time.perf_counter()
     valid = valid_mask(model)
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(span_list), desc="layer skipping", unit="span", disable=not progress)
     for probe, toks in zip(probes, probe_tokens):
-        runner = PromptRunner(model, toks.prompt_ids, use_kv=positions == "last")
+        runner = PromptRunner(model, toks.prompt_ids, use_kv=positions == "last", suffix_ids=toks.suffix_ids)
         pred, prob = masked_prediction(runner.run(1, [])[0], valid)
         parts = []
         for start in range(0, len(span_list), batch_size):

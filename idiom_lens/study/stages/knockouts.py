@@ -110,7 +110,12 @@ def run_knockouts(
                 save_figure(knockout_positions_heatmaps(both, k=k, group=group),
                             out / f"knockout_positions_{slug(group)}_k{k}", png=png, height=500)
         log(f"  knockouts ({other} positions): {second.settings['seconds']:.1f} s")
-    if value_vector_ks:
+    if value_vector_ks and model.masked:
+        summary["value_vectors"] = {"not_run": "the value-vector statistic projects W_out rows through the "
+                                              "unembedding; a masked LM reads through its MLM head's nonlinear "
+                                              "transform first, so the projection is not its read-out"}
+        log(f"  value vectors: not run on a masked LM: {summary['value_vectors']['not_run']}")
+    elif value_vector_ks:
         vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=options.rank_by)
         vv.save(out)
         summary["value_vectors"] = vv.settings

@@ -237,7 +237,7 @@ def test_input_checks_and_self_check(tiny_model, probes, monkeypatch):
     import idiom_lens.models.selfcheck as selfcheck
 
     plain = selfcheck.plain_last_logits
-    monkeypatch.setattr(selfcheck, "plain_last_logits", lambda model, ids: plain(model, ids) + 1.0)
+    monkeypatch.setattr(selfcheck, "plain_last_logits", lambda model, ids, *rest: plain(model, ids, *rest) + 1.0)
     with pytest.raises(FastPathError, match="attribution patching"):
         attribution_patch_probes(tiny_model, probes[:3], PatchingOptions(corruption=CorruptionOptions(bank=BANK)))
 

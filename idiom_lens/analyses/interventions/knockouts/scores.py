@@ -20,10 +20,10 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel
+from idiom_lens.models.loading import LoadedModel, require_causal
 from idiom_lens.models.runners import PromptRunner, SuffixRunner, masked_prediction
 from idiom_lens.models.selfcheck import check_against_full_forward
-from idiom_lens.models.tokenization import pad_id, right_pad
+from idiom_lens.models.tokenization import ProbeTokens, pad_id, right_pad
 from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
 
@@ -142,8 +142,9 @@ class _CleanState:
         return self.scale[:, self.runner.last]
 
 
-def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Positions) -> _CleanState:
-    """One clean run: activations at the last prompt position, post-norm scales, masked prediction."""
+def _clean_state(model: LoadedModel, toks: ProbeTokens, *, positions: Positions) -> _CleanState:
+    """One clean run: activations at the read position (the last prompt token; a masked LM's mask),
+    post-norm scales, masked prediction."""
     n_layers = model.n_layers
     gains = post_norm_gains(model)
     acts: dict[int, Tensor] = {}
@@ -151,15 +152,17 @@ def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Po
     norm_in: dict[int, Tensor] = {}
     scale: dict[int, Tensor] = {}
 
+    read = -1 - len(toks.suffix_ids)  # the read position, counted from the end of a run
+
     def capture_act(layer: int) -> HookFn:
         def hook(x: Tensor, hook: Any) -> None:
-            acts[layer] = x[0, -1].detach().float().clone()
+            acts[layer] = x[0, read].detach().float().clone()
 
         return hook
 
     def capture_output(layer: int) -> HookFn:
         def hook(x: Tensor, hook: Any) -> None:
-            outs[layer] = x[0, -1].detach().float().clone()
+            outs[layer] = x[0, read].detach().float().clone()
 
         return hook
 
@@ -182,10 +185,11 @@ def _clean_state(model: LoadedModel, prompt_ids: Sequence[int], *, positions: Po
         hooks += [(f"blocks.{i}.ln2_post.hook_in", capture_in(i)) for i in range(n_layers)]
         hooks += [(f"blocks.{i}.ln2_post.hook_out", capture_out(i)) for i in range(n_layers)]
     if positions == "all":
-        runner: PromptRunner | SuffixRunner = SuffixRunner(model, prompt_ids, capture=hooks)
+        runner: PromptRunner | SuffixRunner = SuffixRunner(model, toks.prompt_ids, capture=hooks,
+                                                           suffix_ids=toks.suffix_ids)
         logits = runner.clean_logits
     else:
-        runner = PromptRunner(model, prompt_ids, use_kv=True)
+        runner = PromptRunner(model, toks.prompt_ids, use_kv=True, suffix_ids=toks.suffix_ids)
         logits = runner.run(1, hooks)[0]
     pred, prob = masked_prediction(logits, valid_mask(model))
     activations = torch.stack([acts[i] for i in range(n_layers)])
@@ -238,9 +242,11 @@ def rank_neurons(
     norms = effective_value_norms(model) if rank_by == "effective" else value_vector_norms(model)
     acts, scores, preds = [], [], []
     probe_tokens = tokenize_probes(model, probes)
-    PromptRunner(model, probe_tokens[0].prompt_ids, use_kv=True).self_check(what="neuron ranking", probe=probes[0].id)
+    first = probe_tokens[0]
+    PromptRunner(model, first.prompt_ids, use_kv=True, suffix_ids=first.suffix_ids).self_check(
+        what="neuron ranking", probe=probes[0].id)
     for toks in tqdm(probe_tokens, desc="rank neurons", disable=not progress):
-        state = _clean_state(model, toks.prompt_ids, positions="last")
+        state = _clean_state(model, toks, positions="last")
         acts.append(state.activations)
         scores.append(neuron_scores(state.activations, model, by=rank_by, pred_id=state.pred_id,
                                     scale=state.last_scale, norms=norms if rank_by != "dla" else None))
@@ -289,6 +295,7 @@ def mean_activations(
     while the model lives (a mean ablation in several calls or parts reuses it)."""
     from idiom_lens.datasets import load_probes
 
+    require_causal(model, "mean ablation (its reference means run right-padded batches)")
     bridge = model.bridge
     if probes is None and bridge in _MEANS:
         return _MEANS[bridge]

@@ -42,7 +42,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import LoadedModel, require_causal
+from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import PromptRunner, SuffixRunner, last_metrics
 from idiom_lens.models.vocab import mask_summary, valid_mask
 from idiom_lens.types import HookFn
@@ -239,7 +239,6 @@ def knockout_grid(
     `FastPathError` when its fast path disagrees with a full forward (checked before any row is
     kept).
     """
-    require_causal(model, "neuron knockouts")
     probes = check_probes(probes)
     if not isinstance(options, KnockoutOptions):
         raise InputError(f"options must be a KnockoutOptions, got {type(options).__name__}")
@@ -262,16 +261,18 @@ def knockout_grid(
     })
     cfg_frame["window"] = cfg_frame["end"] - cfg_frame["start"] + 1
     # the shortcuts under the installed versions, against a plain full forward (before any output)
-    first = probe_tokens[0].prompt_ids
+    first = probe_tokens[0]
     if positions == "all":
-        SuffixRunner(model, first).self_check(what="knockouts", probe=probes[0].id)
+        SuffixRunner(model, first.prompt_ids, suffix_ids=first.suffix_ids).self_check(what="knockouts",
+                                                                                      probe=probes[0].id)
     else:
-        PromptRunner(model, first, use_kv=True).self_check(what="knockouts", probe=probes[0].id)
+        PromptRunner(model, first.prompt_ids, use_kv=True, suffix_ids=first.suffix_ids).self_check(
+            what="knockouts", probe=probes[0].id)
     started = time.perf_counter()
     frames, probe_rows = [], []
     bar = tqdm(total=len(probes) * len(configs), desc="knockouts", unit="config", disable=not progress)
     for probe, toks in zip(probes, probe_tokens):
-        state = _clean_state(model, toks.prompt_ids, positions=positions)
+        state = _clean_state(model, toks, positions=positions)
         scores = neuron_scores(state.activations, model, by=rank_by, pred_id=state.pred_id,
                                scale=state.last_scale, norms=rank_norms if rank_by != "dla" else None)
         effective = neuron_scores(state.activations, model, by="effective", scale=state.last_scale, norms=eff_norms)
