@@ -113,7 +113,9 @@ class LoadedModel:
             "model_name": self.name,
             "numerics_mode": self.mode,
             "prepend_bos": self.prepend_bos,
-            "objective": self.objective,
+            # a masked LM says so; a causal LM's settings stay as they were before masked LMs loaded, so
+            # that the results (and resumable stages, whose keys hold these settings) of earlier runs stay valid
+            **({"objective": self.objective} if self.masked else {}),
             "device": self.device,
             "dtype": str(self.bridge.cfg.dtype).removeprefix("torch."),
             "n_layers": self.n_layers,

@@ -40,6 +40,12 @@ def _hf_at_mask(hf_bert, bert, toks):
     return rows.masked_fill(~valid_mask(bert), torch.finfo(rows.dtype).min).log_softmax(-1)
 
 
+def test_only_a_masked_lm_records_its_objective(tiny_model):
+    """A causal LM's settings are those it had before masked LMs loaded: every resumable stage's key
+    holds them, and a new key would redo every earlier run."""
+    assert tiny_model.objective == "causal" and "objective" not in tiny_model.settings()
+
+
 def test_a_bert_directory_loads_as_a_masked_lm(bert):
     assert bert.masked and bert.objective == "masked"
     assert bert.settings()["objective"] == "masked"

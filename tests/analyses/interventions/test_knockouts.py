@@ -121,7 +121,7 @@ def test_noop_configurations_give_identical_logits(tiny_model, probes, positions
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).expand(3, 64)
     neurons = _ProbeNeurons(order, torch.rand(3, 64, generator=torch.Generator().manual_seed(1)), "x", 0)
     for t in tokenize_probes(tiny_model, probes[:3]):
-        runner = _clean_state(tiny_model, t.prompt_ids, positions=positions).runner
+        runner = _clean_state(tiny_model, t, positions=positions).runner
         kw = dict(positions=positions, last=runner.last, n_pos=runner.n_pos)
         assert knockout_hooks(configs, neurons, **kw) == []  # nothing to touch
         mixed = configs + [KnockoutCell("zero_top", "targeted", 5, 0, 0)]
