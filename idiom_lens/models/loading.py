@@ -133,14 +133,14 @@ class LoadedModel:
 
 def require_causal(model: LoadedModel, what: str) -> None:
     """`InputError` naming `what` when `model` is a masked LM: of the analyses, memorization, the
-    logit-lens trajectory, neuron knockouts, layer skipping and activation patching (exact and by
-    attribution) read masked LMs; the others assume
+    logit-lens trajectory, neuron knockouts, layer skipping, activation patching (exact and by
+    attribution) and causal tracing read masked LMs; the others assume
     causal attention (right-padded batches, a key/value prefix, appended targets) and would give
     wrong numbers rather than fail."""
     if model.masked:
         raise InputError(f"{what} is built for causal LMs; {model.spec!r} is a masked LM, which idiom_lens reads "
-                         "for memorization, the logit-lens trajectory, neuron knockouts, layer skipping and "
-                         "activation patching only")
+                         "for memorization, the logit-lens trajectory, neuron knockouts, layer skipping, "
+                         "activation patching and causal tracing only")
 
 
 # --------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ rerun when finished with the same settings:
 9. report: one HTML page over everything under OUT.
 
 On a masked LM (BERT) the trajectory (memorization at the mask, the logit lens read through the
-MLM head), the interventions (knockouts, layer skipping; not the value-vector statistic) and
-activation patching run; the other stages are not run, each with its one-line reason in the log and in
-OUT/<model>/not_run.json (`MASKED_LM_REASONS`).
+MLM head), the interventions (knockouts, layer skipping; not the value-vector statistic),
+activation patching and causal tracing run; the other stages are not run, each with its one-line
+reason in the log and in OUT/<model>/not_run.json (`MASKED_LM_REASONS`).
 
 A stage is reused only when its completion marker verifies: same key (the model's settings, the
 sampled probes and every argument of the stage function, see `parts.stage_key`) and intact
@@ -69,8 +69,6 @@ MASKED_LM_REASONS: dict[str, str] = {
     ATTRIBUTION: "direct logit attribution splits a pre-norm residual stream that sums to the logit; BERT "
                  "normalizes after every sublayer (post-LN), so a split needs every norm frozen; not built for "
                  "masked LMs yet",
-    TRACING: "causal tracing is built for causal LMs only (it reuses a key/value prefix); not built for masked "
-             "LMs yet",
     ATTENTION_KNOCKOUT: "the knockout cuts the last token's attention to the earlier words; in a bidirectional "
                         "model the words also read the mask, so the cut means something else",
     GROUND_TRUTH: "implants are trained on next-token prediction",

@@ -95,11 +95,15 @@ def test_batched_equals_unbatched_without_padding(bert, probes):
 
 
 def test_what_a_masked_lm_cannot_do_is_refused_with_the_reason(bert, probes):
-    from idiom_lens.analyses.interventions import KnockoutOptions, TracingOptions, causal_trace, knockout_grid
+    from idiom_lens.analyses.attribution import attribute_probes
+    from idiom_lens.analyses.interventions import AttentionKnockoutOptions, KnockoutOptions, knockout_grid
+    from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 
     with pytest.raises(InputError, match="mean ablation .* is built for causal LMs.*masked LM"):
         knockout_grid(bert, probes[:2], KnockoutOptions(ablation="mean"))
-    with pytest.raises(InputError, match="causal tracing"):
-        causal_trace(bert, probes[:2], TracingOptions())
+    with pytest.raises(InputError, match="the attention knockout is built for causal LMs"):
+        attention_knockout(bert, probes[:2], AttentionKnockoutOptions())
+    with pytest.raises(InputError, match="direct logit attribution is built for causal LMs"):
+        attribute_probes(bert, probes[:2])
     with pytest.raises(InputError, match="resid_post"):
         layer_trajectory(bert, probes, sites=("resid_mid",))

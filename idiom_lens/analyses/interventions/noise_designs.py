@@ -124,7 +124,8 @@ def noise_scale(
         with torch.no_grad():
             model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(NOISE_SITE, keep)], stop_at_layer=1)
         for row, s in enumerate(chunk):
-            values.append(got["x"][row, int(s.has_bos) : len(s.prompt_ids)].float().reshape(-1))
+            first = int(s.has_bos or model.masked)  # not the BOS ([CLS] of a masked LM)
+            values.append(got["x"][row, first : len(s.prompt_ids)].float().reshape(-1))
     flat = torch.cat(values)
     n_tokens = flat.numel() // model.d_model
     return NoiseScale(float(flat.std()), float(multiplier), int(n_tokens), source)
@@ -179,16 +180,18 @@ def check_design(design: str, designs: Sequence[str] = NOISE_DESIGNS) -> str:
 
 def noised_span(
     tokenizer: Any, prompt: str, target: str, *, design: str = "all_but_last",
-    words: tuple[int | None, int | None] | None = None,
+    words: tuple[int | None, int | None] | None = None, masked: bool = False,
 ) -> tuple[int, ...]:
     """The noised token positions of one prompt under a one-span design (`TRACE_DESIGNS`), or of
     the prompt words `words` = (first, stop) when given (then `design` is not read). `InputError`
-    when nothing is noised (a one-token prompt; a word span that selects no word)."""
+    when nothing is noised (a one-token prompt; a word span that selects no word). A masked LM
+    (`masked`) reads [CLS] prompt [MASK]: [CLS] is never noised (as a BOS), nor is the mask,
+    which comes after every prompt token."""
     if words is None:
         words = DESIGN_WORDS.get(check_design(design, TRACE_DESIGNS))
     if words is None:
         tokens = split_probe(tokenizer, prompt, target)
-        noised = default_noised(len(tokens.prompt_ids), tokens.has_bos)
+        noised = default_noised(len(tokens.prompt_ids), tokens.has_bos or masked)
     else:
         noised = word_positions(tokenizer, prompt, target, words)
     if not noised:
@@ -213,10 +216,12 @@ def design_spans(
 
 def plain_forward(
     model: LoadedModel, prompt_ids: Sequence[int], *, noised: Tensor | None = None, noise: Tensor | None = None,
+    suffix_ids: Sequence[int] = (),
 ) -> Float[Tensor, " d_vocab"]:
-    """Last-token logits of a plain full forward through the bridge, `noise` (if any, [noised,
-    d_model]) added at the `noised` positions of the input embeddings by a hook."""
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
+    """Last-prompt-token logits of a plain full forward through the bridge (a masked LM's
+    `suffix_ids` after the prompt), `noise` (if any, [noised, d_model]) added at the `noised`
+    positions of the input embeddings by a hook."""
+    tokens = torch.tensor([[*prompt_ids, *suffix_ids]], dtype=torch.long, device=model.device)
     hooks = []
     if noise is not None:
         def add(x: Tensor, hook: Any) -> Tensor:
@@ -226,7 +231,7 @@ def plain_forward(
 
         hooks.append((NOISE_SITE, add))
     with torch.no_grad():
-        return model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float()
+        return model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[0, len(prompt_ids) - 1].float()
 
 
 def noised_forwards(

@@ -37,7 +37,9 @@ keys and values before it (the same numbers: causal attention leaves those posit
 corrupted run). Rows = (cell,
 noise sample), in batches. Positions before the first noised token are not run: clean and
 corrupted activations there are identical (causal attention), so restoring them changes nothing
-and their IE is exactly 0. The first probe is checked at run time against plain full forwards
+and their IE is exactly 0. A masked LM (BERT) attends both ways: every position is run and restored (none is as in the
+corrupted run by construction), each restored row over the whole sequence, [SEP] included, and
+the prediction is read at the mask ("last"). The first probe is checked at run time against plain full forwards
 (clean, and noised through `run_with_hooks`); tests compare every cell with a naive loop of one
 full forward per (sample, layer, position) (`tests/reference.py`).
 """
@@ -75,10 +77,10 @@ from idiom_lens.analyses.stats import bootstrap, bootstrap_mean_ci
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
-from idiom_lens.models.loading import LoadedModel, require_causal
+from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.runners import KVRecorder, PrefixKV, SuffixRunner
 from idiom_lens.models.selfcheck import check_close
-from idiom_lens.models.tokenization import split_probe
+from idiom_lens.models.tokenization import split_masked_probe, split_probe
 from idiom_lens.models.vocab import mask_logits, mask_summary, valid_mask
 
 Site = Literal["resid", "mlp", "attn"]
@@ -164,6 +166,7 @@ def trace_prompt(
     batch_size: int = 128,
     check: str | None = None,
     reuse_kv: bool = True,
+    suffix_ids: Sequence[int] = (),
 ) -> PromptTrace:
     """Restore every (site, window, layer, position) cell of one prompt under each noise sample.
 
@@ -171,7 +174,8 @@ def trace_prompt(
     restored positions (default: every one; e.g. `key_positions`). `check` (a probe name)
     compares the clean and one noised run with plain full forwards first (`FastPathError`).
     `reuse_kv=False` runs every restored row over the whole prompt (the same numbers, slower: the
-    speed benchmark's "before")."""
+    speed benchmark's "before"). A masked LM's `suffix_ids` run after the prompt; its rows run
+    whole, every position restorable."""
     n_layers, n_pos = model.n_layers, len(prompt_ids)
     noised = tuple(int(p) for p in noised)
     if not noised or sorted(set(noised)) != list(noised) or noised[0] < 0 or noised[-1] >= n_pos:
@@ -194,7 +198,10 @@ def trace_prompt(
 
         return hook
 
-    runner = SuffixRunner(model, prompt_ids, capture=[(f"blocks.{l}.{HOOKS[s]}", keep((s, l))) for s, l in needed])
+    bidirectional = model.masked
+    reuse_kv = reuse_kv and not bidirectional
+    runner = SuffixRunner(model, prompt_ids, capture=[(f"blocks.{l}.{HOOKS[s]}", keep((s, l))) for s, l in needed],
+                          suffix_ids=suffix_ids)
     clean_logp = mask_logits(runner.clean_logits[None], valid).log_softmax(-1)[0]
     pred = int(clean_logp.argmax())
 
@@ -217,9 +224,10 @@ def trace_prompt(
     corrupted_logits = runner.run(n_samples, [(f"blocks.{l}.hook_resid_pre", enter(l)) for l in range(n_layers)],
                                   start=0, resid=x0, past=recorded)
     if check is not None:
-        check_close(runner.run(1, [], start=0)[0], plain_forward(model, prompt_ids), what="causal tracing (clean)",
-                    probe=check)
-        check_close(corrupted_logits[0], plain_forward(model, prompt_ids, noised=noised_t, noise=noise[0]),
+        check_close(runner.run(1, [], start=0)[0], plain_forward(model, prompt_ids, suffix_ids=suffix_ids),
+                    what="causal tracing (clean)", probe=check)
+        check_close(corrupted_logits[0], plain_forward(model, prompt_ids, noised=noised_t, noise=noise[0],
+                                                       suffix_ids=suffix_ids),
                     what="causal tracing (noised, resumed)", probe=check)
     corrupted = prob_of_pred(corrupted_logits)
 
@@ -228,7 +236,7 @@ def trace_prompt(
     # position are the corrupted run's (causal attention), so the batch runs the positions from
     # there on only, attending to the corrupted run's keys and values before it (`reuse_kv`).
     # Cells are (spec, layer, column of `restored`, position, restored layers).
-    first_pos = noised[0]
+    first_pos = 0 if bidirectional else noised[0]  # before it, a causal LM's positions are the corrupted run's
     restored = corrupted.reshape(1, 1, 1, -1).repeat(len(specs), n_layers, len(positions), 1)  # unrun cells: IE 0
     rows_by_start: dict[int, list[tuple[int, int, int, int, tuple[int, ...]]]] = {}
     for si, (_site, window) in enumerate(specs):
@@ -488,7 +496,6 @@ def causal_trace(
     prompt, `trace_prompt`) change speed and memory only. Raises `FastPathError` when the fast path
     disagrees with a full forward.
     """
-    require_causal(model, "causal tracing")
     if not isinstance(options, TracingOptions):
         raise InputError(f"options must be a TracingOptions, got {type(options).__name__}")
     sites, windows, samples = options.sites, options.windows, options.noise_samples
@@ -500,18 +507,19 @@ def causal_trace(
     decode = model.tokenizer.decode
     frames, probe_rows = [], []
     for i, probe in enumerate(tqdm(probes, desc="causal tracing", unit="probe", disable=not progress)):
-        tokens = split_probe(model.tokenizer, probe.prompt, probe.target)
+        tokens = (split_masked_probe if model.masked else split_probe)(model.tokenizer, probe.prompt, probe.target)
         ids = tokens.prompt_ids
         try:
             noised = noised_span(model.tokenizer, probe.prompt, probe.target, design=options.noise_design,
-                                 words=options.noise_words)
+                                 words=options.noise_words, masked=model.masked)
         except InputError as err:
             raise InputError(f"probe {probe.id!r}: {err}") from None
         positions = key_positions(noised, len(ids)) if options.positions == "key" else None
         noise = trace_noise(probe.id, seed=seed, samples=samples, n_positions=len(noised), d_model=model.d_model,
                             sigma=scale.sigma)
         trace = trace_prompt(model, ids, noised=noised, noise=noise, specs=specs, positions=positions,
-                             batch_size=batch_size, check=probe.id if i == 0 else None, reuse_kv=reuse_kv)
+                             batch_size=batch_size, check=probe.id if i == 0 else None, reuse_kv=reuse_kv,
+                             suffix_ids=tokens.suffix_ids)
         n_spec, n_layers, n_cols = trace.restored.shape[:3]
         s_idx, l_idx, c_idx = np.meshgrid(np.arange(n_spec), np.arange(n_layers), np.arange(n_cols), indexing="ij")
         s_idx, l_idx = s_idx.ravel(), l_idx.ravel()
@@ -545,12 +553,12 @@ def causal_trace(
         "samples": samples, "seed": seed,
         "noise_design": "words" if options.noise_words is not None else options.noise_design,
         "noised": options.noised_description(),
-        "restored_positions": ("every position from the first noised token" if options.positions == "all"
-                               else "the last noised token and the last token"),
+        "restored_positions": (("every position" if model.masked else "every position from the first noised token")
+                               if options.positions == "all" else "the last noised token and the last token"),
         "noise_site": "blocks.0.hook_resid_pre (after the embedding scale)",
         "restored_site": {s: HOOKS[s] for s in sites}, "n_probes": len(probes),
         "fast_path": ("restored rows run from the restored position on, the corrupted runs' earlier keys and values "
-                      "reused" if reuse_kv else "restored rows run over the whole prompt"),
+                      "reused" if reuse_kv and not model.masked else "restored rows run over the whole prompt"),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return TracingResult(rows=rows, probes=pd.DataFrame(probe_rows), settings=settings)

@@ -1,9 +1,10 @@
-"""Neuron knockouts and layer skipping on a BERT masked LM, row by row against a plain Hugging Face
-`BertForMaskedLM` forward with the same neurons zeroed (or the same layer passed through) by
-PyTorch hooks on its own modules: no bridge, no runner, no shared code."""
+"""Neuron knockouts, layer skipping, activation patching and causal tracing on a BERT masked LM,
+cell by cell against a plain Hugging Face `BertForMaskedLM` forward with the same intervention
+made by PyTorch hooks on its own modules: no bridge, no runner."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,69 @@ def test_exact_and_attribution_patching_equal_a_plain_forward(bert, hf_bert, pro
             assert float(exact.patched[0, layer, pos]) == pytest.approx(float(patched), rel=1e-4, abs=1e-5)
             estimate = corr_logit + ((value - corr["x"][0, pos].detach()) * corr["x"].grad[0, pos]).sum()
             assert float(approx.patched[0, layer, pos]) == pytest.approx(float(estimate.detach()), rel=1e-4, abs=1e-4)
+
+
+def test_causal_tracing_equals_noise_and_restoration_in_a_plain_forward(bert, hf_bert, probes):
+    """Every restored cell (resid, mlp, attn; windows of one layer; every position, none skipped:
+    attention goes both ways) against a plain forward with the noise added to the embeddings'
+    output and the clean activation written back, per noise sample."""
+    from idiom_lens.analyses.interventions import TracingOptions, causal_trace
+    from idiom_lens.analyses.interventions.noise_designs import noise_scale, trace_noise
+
+    probe = next(p for p in probes if len(p.prompt.split()) >= 3)
+    options = TracingOptions(windows=(1,), noise_samples=2)
+    result = causal_trace(bert, [probe], options)
+    toks = tokenize_probes(bert, [probe])[0]
+    sigma = noise_scale(bert, multiplier=options.multiplier).sigma
+    noised = [p for p in range(1, len(toks.prompt_ids) - 2)]  # every word token but the last: not [CLS], not the mask
+    rows = result.rows
+    assert sorted(set(rows.loc[rows["noised"], "pos"])) == noised
+    assert sorted(set(rows["pos"])) == list(range(len(toks.prompt_ids)))  # every position, [CLS] included
+    noise = trace_noise(probe.id, seed=0, samples=2, n_positions=len(noised), d_model=bert.d_model, sigma=sigma)
+    ids = torch.tensor([toks.input_ids])
+    at = len(toks.prompt_ids) - 1
+    layers = hf_bert.bert.encoder.layer
+    modules = {"resid": lambda l: layers[l], "mlp": lambda l: layers[l].output.dense,
+               "attn": lambda l: layers[l].attention}
+
+    def run(sample=None, site=None, layer=None, pos=None, value=None, keep=None):
+        handles = []
+        if sample is not None:
+            def add(m, a, out):
+                out = out.clone()
+                out[0, noised] += noise[sample]
+                return out
+            handles.append(hf_bert.bert.embeddings.register_forward_hook(add))
+        if site is not None:
+            def put(m, a, out):
+                x = (out[0] if isinstance(out, tuple) else out).clone()
+                if keep is not None:
+                    keep[(site, layer)] = x[0].detach().clone()
+                if value is not None:
+                    x[0, pos] = value
+                return (x, *out[1:]) if isinstance(out, tuple) else x
+            handles.append(modules[site](layer).register_forward_hook(put))
+        try:
+            with torch.no_grad():
+                logits = hf_bert(ids).logits[0, at]
+        finally:
+            for h in handles:
+                h.remove()
+        return logits.masked_fill(~valid_mask(bert), torch.finfo(logits.dtype).min).softmax(-1)
+
+    clean = run()
+    pred = int(clean.argmax())
+    assert result.probes["clean_prob"].iloc[0] == pytest.approx(float(clean[pred]), rel=1e-4)
+    corrupted = np.mean([float(run(sample=s)[pred]) for s in range(2)])
+    assert result.probes["corrupted_prob"].iloc[0] == pytest.approx(corrupted, rel=1e-4, abs=1e-6)
+    for site in ("resid", "mlp", "attn"):
+        for layer in range(bert.n_layers):
+            kept: dict = {}
+            run(site=site, layer=layer, keep=kept)
+            for pos in range(len(toks.prompt_ids)):
+                value = kept[(site, layer)][pos]
+                expected = np.mean([float(run(sample=s, site=site, layer=layer, pos=pos, value=value)[pred])
+                                    for s in range(2)])
+                row = rows[(rows["site"] == site) & (rows["layer"] == layer) & (rows["pos"] == pos)]
+                assert len(row) == 1
+                assert row["prob"].iloc[0] == pytest.approx(expected, rel=1e-4, abs=1e-6), (site, layer, pos)
