@@ -190,6 +190,22 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert(tiny_bert_dir):
+    """The tiny BERT, loaded (a masked LM)."""
+    from idiom_lens.models.loading import load_model
+
+    return load_model(str(tiny_bert_dir), progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_bert(tiny_bert_dir):
+    """The same tiny BERT as a plain Hugging Face `BertForMaskedLM`: the reference of every BERT test."""
+    from transformers import BertForMaskedLM
+
+    return BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return _build_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
 

@@ -42,19 +42,36 @@ class ProbeTokens:
         return self.prompt_ids + self.suffix_ids
 
 
-def split_probe(
-    tokenizer: Any, prompt: str, target: str, *, prepend_bos: bool | None = None
-) -> ProbeTokens:
-    """Tokenize ``prompt + " " + target`` and split it at the start of the last word."""
+def _encode(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``prompt + " " + target`` with the tokenizer's special
+    tokens; `InputError` for an empty prompt or a target that is not one word."""
     if not prompt or not prompt.strip():
         raise InputError(f"probe prompt is empty (target {target!r}): expected at least one word")
     if not target or not target.strip() or any(c.isspace() for c in target):
         raise InputError(f"probe target {target!r} must be a single non-empty word (prompt {prompt!r})")
-    text = f"{prompt} {target}"
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids: list[int] = list(encoded["input_ids"])
-    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    encoded = tokenizer(f"{prompt} {target}", return_offsets_mapping=True, add_special_tokens=True)
+    return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
+
+def _first_target(offsets: Sequence[tuple[int, int]], prompt: str, target: str) -> int:
+    """Index of the target word's first token: the first real token ending after the space before
+    it; `InputError` when there is none or it starts inside the prompt (merged with it)."""
+    boundary = len(prompt)  # the space before the target word
+    text = f"{prompt} {target}"
+    first = next((i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None)
+    if first is None:
+        raise InputError(f"could not locate target {target!r} in the tokenization of {text!r}")
+    if offsets[first][0] < boundary:
+        raise InputError(f"the tokenizer merges the end of the prompt with the target in {text!r}: "
+                         "no token boundary before the last word")
+    return first
+
+
+def split_probe(
+    tokenizer: Any, prompt: str, target: str, *, prepend_bos: bool | None = None
+) -> ProbeTokens:
+    """Tokenize ``prompt + " " + target`` and split it at the start of the last word."""
+    ids, offsets = _encode(tokenizer, prompt, target)
     bos_id = tokenizer.bos_token_id
     has_bos = bool(ids) and bos_id is not None and ids[0] == bos_id and offsets[0] == (0, 0)
     if has_bos and prepend_bos is False:
@@ -64,17 +81,7 @@ def split_probe(
             raise InputError("prepend_bos=True but the tokenizer has no BOS token")
         ids, offsets, has_bos = [bos_id, *ids], [(0, 0), *offsets], True
 
-    boundary = len(prompt)  # the space before the target word
-    first_target = next(
-        (i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None
-    )
-    if first_target is None:
-        raise InputError(f"could not locate target {target!r} in the tokenization of {text!r}")
-    if offsets[first_target][0] < boundary:
-        raise InputError(
-            f"the tokenizer merges the end of the prompt with the target in {text!r}: "
-            "no token boundary before the last word"
-        )
+    first_target = _first_target(offsets, prompt, target)
     prompt_ids = tuple(ids[:first_target])
     target_ids = tuple(ids[first_target:])
     if len(prompt_ids) == int(has_bos):
@@ -89,22 +96,9 @@ def split_masked_probe(tokenizer: Any, prompt: str, target: str) -> ProbeTokens:
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
         raise InputError("the tokenizer has no mask token: a masked LM reads the last word as one")
-    if not prompt or not prompt.strip():
-        raise InputError(f"probe prompt is empty (target {target!r}): expected at least one word")
-    if not target or not target.strip() or any(c.isspace() for c in target):
-        raise InputError(f"probe target {target!r} must be a single non-empty word (prompt {prompt!r})")
-    text = f"{prompt} {target}"
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids: list[int] = list(encoded["input_ids"])
-    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    ids, offsets = _encode(tokenizer, prompt, target)
     real = [end > start for start, end in offsets]  # special tokens span no characters
-    boundary = len(prompt)
-    first_target = next((i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None)
-    if first_target is None:
-        raise InputError(f"could not locate target {target!r} in the tokenization of {text!r}")
-    if offsets[first_target][0] < boundary:
-        raise InputError(f"the tokenizer merges the end of the prompt with the target in {text!r}: "
-                         "no token boundary before the last word")
+    first_target = _first_target(offsets, prompt, target)
     end = max(i for i, r in enumerate(real) if r) + 1
     if not any(real[:first_target]):
         raise InputError(f"probe prompt {prompt!r} produced no tokens")

@@ -12,20 +12,7 @@ from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.analyses.trajectory import layer_trajectory
 from idiom_lens.errors import InputError
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import load_model
 from idiom_lens.models.vocab import valid_mask
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_bert_dir):
-    return load_model(str(tiny_bert_dir), progress=False)
-
-
-@pytest.fixture(scope="module")
-def hf_bert(tiny_bert_dir):
-    from transformers import BertForMaskedLM
-
-    return BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).eval()
 
 
 def _hf_at_mask(hf_bert, bert, toks):

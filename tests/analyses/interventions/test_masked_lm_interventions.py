@@ -10,22 +10,9 @@ import torch
 
 from idiom_lens.analyses.interventions import KnockoutGrid, KnockoutOptions, SkipOptions, knockout_grid, skip_layers
 from idiom_lens.models.forward import tokenize_probes
-from idiom_lens.models.loading import load_model
 from idiom_lens.models.vocab import valid_mask
 
 K = 5
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_bert_dir):
-    return load_model(str(tiny_bert_dir), progress=False)
-
-
-@pytest.fixture(scope="module")
-def hf_bert(tiny_bert_dir):
-    from transformers import BertForMaskedLM
-
-    return BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).eval()
 
 
 def _probs_at_mask(hf_bert, bert, toks, handles=()) -> torch.Tensor:
