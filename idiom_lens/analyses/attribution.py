@@ -5,6 +5,8 @@ wrote: the embedding, every attention layer (a sum of heads, plus an output bias
 layer (a sum of neurons: activation x value vector, plus an output bias). With the final norm's
 scale frozen at its clean-run value (`ln_final.hook_scale`, as usual in DLA), the logit is linear
 in those pieces, so each piece's contribution is ``piece / scale_final . W_U[:, token]``.
+A post-LN masked LM (BERT) is read at the mask, in raw mode, with every norm frozen
+(`attribution_post_ln`); its results have the same shape.
 
 What "the logit" is: the model's own final logit of the predicted token in **compatibility
 mode** (`load_model(..., mode="compat")`: final-norm weight folded into ``W_U``, ``W_U`` centered
@@ -40,13 +42,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from idiom_lens.analyses.attribution_post_ln import (
+    attribute_post_ln_batch,
+    post_ln_hook_names,
+    post_ln_promoted,
+    post_ln_weights,
+)
 from idiom_lens.analyses.memorization import probe_group
 from idiom_lens.analyses.saved import Saved, SavedTables, decode_array, encode_array, records_from_frame
 from idiom_lens.datasets.probes import Probe
-from idiom_lens.errors import InputError
+from idiom_lens.errors import FastPathError, InputError
 from idiom_lens.models.forward import iterate_forward, tokenize_probes
-from idiom_lens.models.loading import LoadedModel, require_causal
+from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.tokenization import ProbeTokens, encode_prompt
+from idiom_lens.models.vocab import valid_mask
 
 Measure = Literal["logit", "logit_diff"]
 MEASURES: tuple[Measure, ...] = ("logit", "logit_diff")
@@ -291,9 +300,10 @@ def attribute_probe(
     With `target` (one word), the contrast token is the target's first sub-word when the
     prediction misses it, else the runner-up; without it, always the runner-up.
     """
-    require_causal(model, "direct logit attribution")
     _check_model(model)
     if target is None:
+        if model.masked:
+            raise InputError("a masked LM is read at a [MASK] in place of the last word: give `target`")
         toks = ProbeTokens(prompt_ids=encode_prompt(model.tokenizer, prompt), target_ids=(), has_bos=False)
         probe = Probe(id="probe", prompt=prompt, target="", kind="text")
         return _run(model, [probe], [toks], [None], batch_size=1, top_neurons=top_neurons,
@@ -325,7 +335,6 @@ def attribute_probes(
 
     Raises `InputError` when `probes` is empty.
     """
-    require_causal(model, "direct logit attribution")
     _check_model(model)
     probes = list(probes)
     if not probes:
@@ -343,6 +352,9 @@ def attribute_probes(
 
 
 def _check_model(model: LoadedModel) -> None:
+    if model.masked:  # post-LN BERT, read in raw mode (`attribution_post_ln`)
+        post_ln_weights(model)
+        return
     bridge = model.bridge
     if model.mode != "compat" or not getattr(bridge, "compatibility_mode", False):
         raise InputError(
@@ -517,9 +529,11 @@ def _run(
         raise InputError(f"top_neurons and promoted_tokens must be >= 0, got {top_neurons}, {promoted_tokens}")
     if rank_neurons_by not in ("logit", "logit_diff", "abs_logit"):
         raise InputError(f"rank_neurons_by must be 'logit', 'logit_diff' or 'abs_logit', got {rank_neurons_by!r}")
-    if not value_vector_final_norm and promoted_tokens:
+    if not value_vector_final_norm and promoted_tokens and not model.masked:
         final_norm_weight(model)  # fail before the forward passes
-    w = _weights(model)
+    w: Any = post_ln_weights(model) if model.masked else _weights(model)
+    hook_names = post_ln_hook_names(model) if model.masked else _hook_names(model, w)
+    attribute_batch = attribute_post_ln_batch if model.masked else _attribute_batch
     n_layers = model.n_layers
     d_mlp = w.W_out[0].shape[0]
     decode = model.tokenizer.decode
@@ -529,9 +543,11 @@ def _run(
     counts: dict[str, int] = {}
     checks = {"logit": 0.0, "heads_vs_attn": 0.0, "neurons_vs_mlp": 0.0, "resid": 0.0}
 
-    for batch in iterate_forward(model, probe_tokens, hook_names=_hook_names(model, w), batch_size=batch_size,
+    for batch in iterate_forward(model, probe_tokens, hook_names=hook_names, batch_size=batch_size,
                                  include_target=False, progress=progress, desc="attribution"):
-        out = _attribute_batch(model, w, batch, [target_ids[i] for i in batch.indices])
+        pred_other = contrast_tokens(batch, [target_ids[i] for i in batch.indices])
+        out = attribute_batch(model, w, batch, *pred_other)
+        _enforce_sums(out, batch.logits.dtype)
         for key in checks:
             checks[key] = max(checks[key], out["checks"][key])
         neuron = out["neuron"]  # [B, L, d_mlp, 2]
@@ -580,8 +596,12 @@ def _run(
     wanted = {(l, n, _sign(a)) for r in records if r for (l, n, a, *_rest) in r["top"]}
     wanted |= {(l, n, _sign(a)) for lst in set_top.values() for (l, n, a, *_rest) in lst}
     wanted_list = sorted(wanted)
-    promoted = promoted_tokens_of(model, [(l, n) for l, n, _ in wanted_list], signs=[s for *_, s in wanted_list],
-                                  k=promoted_tokens, final_norm=value_vector_final_norm)
+    if model.masked:
+        promoted = post_ln_promoted(w, wanted_list, promoted_tokens, decode, valid_mask(model))
+    else:
+        promoted = promoted_tokens_of(model, [(l, n) for l, n, _ in wanted_list],
+                                      signs=[s for *_, s in wanted_list], k=promoted_tokens,
+                                      final_norm=value_vector_final_norm)
 
     def neurons(items: list[tuple[int, int, float, float, float]]) -> tuple[NeuronAttribution, ...]:
         return tuple(NeuronAttribution(l, n, a, c, d, promoted.get((l, n, _sign(a)), ())) for l, n, a, c, d in items)
@@ -600,35 +620,64 @@ def _run(
         ))
     settings = model.settings() | {
         "analysis": "direct_logit_attribution",
-        "position": "last prompt token",
-        "logit": "compat-mode logit (final norm folded into W_U, W_U centered over the vocabulary)",
-        "final_norm_scale": "frozen from the clean run (ln_final.hook_scale)",
-        "post_norms": "per-head/per-neuron pieces scaled by the post-sublayer norm's frozen scale and weight",
         "contrast": "target if the prediction misses it, else the runner-up",
         "top_neurons": top_neurons,
         "rank_neurons_by": rank_neurons_by,
         "promoted_tokens": promoted_tokens,
         "value_vector_final_norm": value_vector_final_norm,
         "batch_size": batch_size,
-    }
+    } | (_MASKED_SETTINGS if model.masked else _CAUSAL_SETTINGS)
     return AttributionResult(
         probes=tuple(results), set_neurons={g: neurons(v) for g, v in set_top.items()},
         neuron_means=neuron_means, group_counts=dict(counts), checks=checks, settings=settings,
     )
 
 
-def _attribute_batch(
-    model: LoadedModel, w: _Weights, batch: Any, target_ids: Sequence[int | None]
-) -> dict[str, Any]:
+_CAUSAL_SETTINGS = {
+    "position": "last prompt token",
+    "logit": "compat-mode logit (final norm folded into W_U, W_U centered over the vocabulary)",
+    "final_norm_scale": "frozen from the clean run (ln_final.hook_scale)",
+    "post_norms": "per-head/per-neuron pieces scaled by the post-sublayer norm's frozen scale and weight",
+}
+_MASKED_SETTINGS = {
+    "position": "the mask",
+    "logit": "raw MLM logit (the head's dense, GELU, LayerNorm and decoder)",
+    "final_norm_scale": "every LayerNorm's scale and the head's GELU gate frozen from the clean run",
+    "post_norms": "each piece read through every later LayerNorm (attribution_post_ln)",
+    "promoted_tokens_read": "value vectors through the decoder (tied word embeddings) alone",
+}
+
+
+def _enforce_sums(out: dict[str, Any], dtype: torch.dtype) -> None:
+    """Stop the run when a sum invariant fails (the pieces must add up to the model's own logit,
+    heads to their layer, neurons to theirs, the captured stream to itself) beyond float noise:
+    1e-3 (or 100 epsilons of a coarser dtype) per unit of the batch's largest logit."""
+    scale = 1.0 + float(out["logit"].abs().max())
+    tolerance = max(1e-3, 100 * torch.finfo(dtype).eps) * scale
+    for name, error in out["checks"].items():
+        if not error <= tolerance:
+            raise FastPathError(f"direct logit attribution: the {name} sum is off by {error:.3g} "
+                                f"(tolerance {tolerance:.3g}): the split does not add up, nothing was written")
+
+
+def contrast_tokens(batch: Any, target_ids: Sequence[int | None]) -> tuple[Tensor, Tensor]:
+    """Each row's prediction and contrast token: the target when the prediction misses it, else
+    (and when the target is a masked token, such as BERT's [UNK], which has no logit) the runner-up."""
+    rows = torch.arange(len(target_ids), device=batch.logits.device)
+    final = batch.logits[rows, batch.last]
+    top2 = final.topk(2, dim=-1).indices
+    pred, runner = top2[:, 0], top2[:, 1]
+    target = torch.tensor([-1 if t is None else t for t in target_ids], device=pred.device)
+    has_logit = final.gather(1, target.clamp(min=0)[:, None])[:, 0] > torch.finfo(final.dtype).min
+    return pred, torch.where((target >= 0) & (target != pred) & has_logit, target, runner)
+
+
+def _attribute_batch(model: LoadedModel, w: _Weights, batch: Any, pred: Tensor, other: Tensor) -> dict[str, Any]:
     """All contributions of one forward batch; every output's last axis is (logit, logit_diff)."""
     cap = batch.captured
     n_layers = model.n_layers
     rows = torch.arange(len(batch.indices), device=batch.logits.device)
     final = batch.logits[rows, batch.last].float()  # [B, V]
-    top2 = final.topk(2, dim=-1).indices
-    pred, runner = top2[:, 0], top2[:, 1]
-    target = torch.tensor([-1 if t is None else t for t in target_ids], device=pred.device)
-    other = torch.where((target >= 0) & (target != pred), target, runner)
     W_U = w.W_U
     u_pred, u_other = W_U[:, pred].T, W_U[:, other].T  # [B, d]
     dirs: Float[Tensor, "B 2 d_model"] = torch.stack([u_pred, u_pred - u_other], dim=1)

@@ -38,8 +38,10 @@ def _attribute(args: argparse.Namespace) -> int:
         raise InputError(f"--rows must be >= 1, got {args.rows}")
     model = load_from_args(args, mode="compat")
     res = attribute_probe(model, args.text, args.target, top_neurons=args.rows, promoted_tokens=args.promoted)
-    print(f"prompt: {res.prompt!r}   model: {model.name} (compat mode)")
-    print(f"predicted {_tok(res.pred_token)} (logit {res.logit:.3f}, centered); contrast {_tok(res.other_token)} "
+    print(f"prompt: {res.prompt!r}   model: {model.name} ({model.mode} mode"
+          f"{', read at the mask, every norm frozen' if model.masked else ''})")
+    logit_kind = "raw" if model.masked else "centered"
+    print(f"predicted {_tok(res.pred_token)} (logit {res.logit:.3f}, {logit_kind}); contrast {_tok(res.other_token)} "
           f"({res.other_is.replace('_', '-')}), logit diff {res.logit_diff:.3f}")
     if res.memorized is not None:
         print(f"target {res.target!r}: {'predicted (memorized)' if res.memorized else 'not predicted'}")
@@ -54,8 +56,8 @@ def _attribute(args: argparse.Namespace) -> int:
     _table(["rank", "component", "to logit", "to logit diff"],
            [[str(i + 1), n, f"{c:+.3f}", f"{d:+.3f}"]
             for i, (n, c, d) in enumerate(zip(comps["name"], comps["contribution"], comps["contribution_diff"]))])
-    print("\ntop neurons by contribution to logit (promoted tokens: sign(activation) x value vector x W_U, "
-          "final norm weight applied):")
+    read = "the decoder alone" if model.masked else "W_U, final norm weight applied"
+    print(f"\ntop neurons by contribution to logit (promoted tokens: sign(activation) x value vector x {read}):")
     _table(["rank", "layer", "neuron", "activation", "to logit", "to logit diff", "promoted tokens"],
            [[str(i + 1), str(n.layer), str(n.neuron), f"{n.activation:.3f}", f"{n.contribution:+.3f}",
              f"{n.contribution_diff:+.3f}", " | ".join(repr(t) for t in n.promoted)]

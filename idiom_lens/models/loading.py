@@ -19,7 +19,9 @@ one that fails to load, is rebuilt.
 
 Numerics: ``mode="raw"`` matches Hugging Face exactly; ``mode="compat"`` calls
 ``enable_compatibility_mode()`` (folded norms, centered weights: HookedTransformer numerics),
-which direct logit attribution needs. The mode is recorded on the returned `LoadedModel`.
+which direct logit attribution needs. The mode is recorded on the returned `LoadedModel`. A
+masked LM always loads raw: its norms follow the sublayers (post-LN), which compatibility mode's
+folding does not handle, and its attribution freezes them instead (`attribution_post_ln`).
 """
 
 from __future__ import annotations
@@ -133,14 +135,14 @@ class LoadedModel:
 
 def require_causal(model: LoadedModel, what: str) -> None:
     """`InputError` naming `what` when `model` is a masked LM: of the analyses, memorization, the
-    logit-lens trajectory, neuron knockouts, layer skipping, activation patching (exact and by
-    attribution) and causal tracing read masked LMs; the others assume
+    logit-lens trajectory, direct logit attribution, neuron knockouts, layer skipping, activation
+    patching (exact and by attribution) and causal tracing read masked LMs; the others assume
     causal attention (right-padded batches, a key/value prefix, appended targets) and would give
     wrong numbers rather than fail."""
     if model.masked:
         raise InputError(f"{what} is built for causal LMs; {model.spec!r} is a masked LM, which idiom_lens reads "
-                         "for memorization, the logit-lens trajectory, neuron knockouts, layer skipping, "
-                         "activation patching and causal tracing only")
+                         "for memorization, the logit-lens trajectory, direct logit attribution, neuron knockouts, "
+                         "layer skipping, activation patching and causal tracing only")
 
 
 # --------------------------------------------------------------------------------------
@@ -297,13 +299,15 @@ def _finish(
     *, implant: dict[str, Any] | None = None,
 ) -> LoadedModel:
     bridge, tokenizer = booted
+    objective = _objective(bridge, tokenizer, spec)
+    if objective == "masked":
+        mode = "raw"  # compatibility mode folds pre-norms into the weights after them; BERT's norms follow
     if mode == "compat":
         with _quiet():
             bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     probe = tokenizer("a").input_ids
     prepend_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
-    objective = _objective(bridge, tokenizer, spec)
     return LoadedModel(
         bridge=bridge,
         tokenizer=tokenizer,

@@ -66,9 +66,6 @@ from idiom_lens.study.layout import (
 # Why a stage does not run on a masked LM, in one line each (the issue 27 work that remains).
 MASKED_LM_REASONS: dict[str, str] = {
     LENSES: "learned lenses are trained to predict the next token's distribution; a masked LM predicts its mask",
-    ATTRIBUTION: "direct logit attribution splits a pre-norm residual stream that sums to the logit; BERT "
-                 "normalizes after every sublayer (post-LN), so a split needs every norm frozen; not built for "
-                 "masked LMs yet",
     ATTENTION_KNOCKOUT: "the knockout cuts the last token's attention to the earlier words; in a bidirectional "
                         "model the words also read the mask, so the cut means something else",
     GROUND_TRUTH: "implants are trained on next-token prediction",
@@ -281,6 +278,8 @@ def _run_stages(
                "executor": executor},
               groups=PATCHING_GROUPS)
     if wanted(ATTRIBUTION):
+        if compat_model is None and model.masked:  # BERT's attribution reads it raw, its norms frozen
+            compat_model = model
         if compat_model is None:  # its settings are part of the stage's key
             compat_model = load_model(model.spec, mode="compat", device=device, n_devices=n_devices)
         digest = stage(ATTRIBUTION, run_attribution, compat_model, options.attribution_sample,

@@ -82,7 +82,6 @@ def test_batched_equals_unbatched_without_padding(bert, probes):
 
 
 def test_what_a_masked_lm_cannot_do_is_refused_with_the_reason(bert, probes):
-    from idiom_lens.analyses.attribution import attribute_probes
     from idiom_lens.analyses.interventions import AttentionKnockoutOptions, KnockoutOptions, knockout_grid
     from idiom_lens.analyses.interventions.attention_knockouts import attention_knockout
 
@@ -90,7 +89,5 @@ def test_what_a_masked_lm_cannot_do_is_refused_with_the_reason(bert, probes):
         knockout_grid(bert, probes[:2], KnockoutOptions(ablation="mean"))
     with pytest.raises(InputError, match="the attention knockout is built for causal LMs"):
         attention_knockout(bert, probes[:2], AttentionKnockoutOptions())
-    with pytest.raises(InputError, match="direct logit attribution is built for causal LMs"):
-        attribute_probes(bert, probes[:2])
     with pytest.raises(InputError, match="resid_post"):
         layer_trajectory(bert, probes, sites=("resid_mid",))

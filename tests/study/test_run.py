@@ -125,22 +125,24 @@ def test_the_whole_study_runs_on_gpt2(tiny_gpt2_dir, tmp_path):
 def test_the_study_runs_on_bert_and_says_what_it_did_not_run(tiny_bert_dir, tmp_path):
     """`idiom-lens run --model DIR` on a BERT masked LM runs the trajectory (memorization at the
     mask, the logit lens through the MLM head), the interventions (knockouts, layer skipping),
-    activation patching and causal tracing, and names every other stage with the reason it did
-    not run, in the log and in not_run.json."""
+    activation patching, direct logit attribution (norms frozen) and causal tracing, and names
+    every other stage with the reason it did not run, in the log and in not_run.json."""
     from idiom_lens.study.run import MASKED_LM_REASONS
 
     out = tmp_path / "bert"
     log = run_here(run_args(tiny_bert_dir, out))
     study = StudyFolder(out)
     (model,) = study.models()
-    assert [s.name for s in model.stages()] == ["trajectory", "recall", "interventions", "tracing", "patching"]
+    assert [s.name for s in model.stages()] == ["trajectory", "recall", "attribution", "interventions", "tracing",
+                                                "patching"]
     assert model.knockouts().settings["objective"] == "masked"
     trajectory = model.trajectory()
     assert trajectory.settings["objective"] == "masked"
     assert len(trajectory.memorization.records) > 0
     not_run = json.loads((model.path / "not_run.json").read_text())
     assert not_run["objective"] == "masked"
-    assert set(not_run["stages"]) == {"attribution", "attention_knockout"}
+    assert set(not_run["stages"]) == {"attention_knockout"}
+    assert model.attribution().settings["position"] == "the mask"
     for stage, reason in not_run["stages"].items():
         assert reason == MASKED_LM_REASONS[stage]
         assert f"[run] {stage}: not run on a masked LM: {reason}" in log
