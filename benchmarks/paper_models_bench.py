@@ -7,7 +7,8 @@ trained on the bundled probes' text (byte-level BPE with <|endoftext|> for GPT-2
 WordPiece with [CLS]/[SEP]/[MASK] for BERT); the model keeps its real vocabulary size, so the
 unembedding costs what it costs on the real model (ids the tokenizer lacks are masked like any
 non-text token). The study (`run_study`, default stages, no PNG export) runs on `--per-set`
-probes of each bundled set; a masked LM runs the trajectory and names the stages it does not run.
+probes of each bundled set; a masked LM runs every stage but the attention knockout, which it
+names with its reason.
 Random weights memorize nothing, so every sampled stage sees non-memorized sets only: these are
 times of the computation, not findings. Writes OUT/paper_models.json (per model: seconds per
 stage, total, probes, device, threads, CPU) and prints a table.
