@@ -295,9 +295,13 @@ def knockout_claims(claims: Claims, out: Path, name: str, command: str) -> None:
     path = variants if variants.is_file() else primary
     table = _table(path)
     if "primary" not in table:
-        table = table.assign(primary=True, variant="")
+        table = table.assign(primary=True)
+    settings = [c for c in ("norm", "ablation", "rank_by") if c in table]
+    first = table[table["primary"]].iloc[0]
     for row in table.itertuples():
-        variant = "" if row.primary else f"{row.variant}."
+        # a secondary variant is named by the setting that differs from the primary's: live, mean, magnitude
+        differs = [str(getattr(row, c)) for c in settings if getattr(row, c) != first[c]]
+        variant = "" if row.primary else f"{'_'.join(differs)}."
         base = f"{name}.{variant}{slug(row.group)}.{row.positions}.{slug(row.control)}.layer{row.layer}"
         claims.add(base, value=row.changed, text=short_ci(row.changed, row.changed_low, row.changed_high), n=row.n,
                    interval=(row.changed_low, row.changed_high), what="Wilson 95%", command=command,

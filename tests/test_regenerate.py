@@ -72,3 +72,23 @@ def test_claims_are_the_tables_numbers(tmp_path):
     assert claim["source"] == "study/m/trajectory/memorization_summary.parquet"
     with pytest.raises(ValueError, match="written twice"):
         claims.add("m.memorized.idiom.all", value=1, text="1", command="c", source="s")
+
+
+def test_knockout_claims_name_each_secondary_variant_by_the_setting_that_differs(tmp_path):
+    """The variants table (as experiments/knockouts.py writes it: no variant column) gives the
+    primary variant's claims plain names and each secondary one its differing value."""
+    root = tmp_path / "k"
+    root.mkdir()
+    row = {"group": "memorized idioms", "positions": "all", "control": "targeted", "layer": 3, "n": 50,
+           "changed": 0.5, "changed_low": 0.36, "changed_high": 0.64, "removed_norm": 12.0}
+    rows = [row | {"rank_by": "effective", "norm": "frozen", "ablation": "zero", "primary": True},
+            row | {"rank_by": "effective", "norm": "live", "ablation": "zero", "primary": False, "changed": 0.6},
+            row | {"rank_by": "effective", "norm": "frozen", "ablation": "mean", "primary": False},
+            row | {"rank_by": "magnitude", "norm": "frozen", "ablation": "zero", "primary": False}]
+    pd.DataFrame(rows).to_parquet(root / "knockout_layers_variants.parquet")
+    claims = publish.Claims()
+    publish.knockout_claims(claims, tmp_path, "k", "python experiments/knockouts.py")
+    names = {n for n in claims.items if not n.endswith("removed_norm")}
+    assert names == {f"k.{v}memorized_idioms.all.targeted.layer3" for v in ("", "live.", "mean.", "magnitude.")}
+    assert claims.items["k.live.memorized_idioms.all.targeted.layer3"]["text"] == "0.60 [0.36, 0.64]"
+    assert claims.items["k.memorized_idioms.all.targeted.layer3.removed_norm"]["text"] == "12.00"

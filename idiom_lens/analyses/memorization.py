@@ -216,13 +216,14 @@ class MemorizationResult(Saved):
 
     def _facts_by_relation(self, probes: Iterable[Probe]) -> tuple[pd.DataFrame, list[str]]:
         """The fact rows of `to_dataframe()` with a `relation` column, and the relations present in
-        report order; `InputError` when a record's probe is not in `probes`."""
+        report order; `InputError` when a fact record's probe is not in `probes` (the other kinds
+        are ignored: `probes` may be the facts alone)."""
         by_id = {p.id: p for p in probes}
         frame = self.to_dataframe()
+        frame = frame[frame["kind"] == "fact"].copy()
         unknown_ids = sorted(set(frame["probe_id"]) - set(by_id))
         if unknown_ids:
-            raise InputError(f"{len(unknown_ids)} scored probe(s) are not in the probe list, e.g. {unknown_ids[:3]}")
-        frame = frame[frame["kind"] == "fact"].copy()
+            raise InputError(f"{len(unknown_ids)} scored fact(s) are not in the probe list, e.g. {unknown_ids[:3]}")
         frame["relation"] = [fact_relation(by_id[i]) for i in frame["probe_id"]]
         order = [r for r in (*FACT_RELATIONS, UNKNOWN_RELATION) if r in set(frame["relation"])]
         return frame, order

@@ -147,10 +147,18 @@ def test_by_relation_counts() -> None:
     assert table.loc["all", ["n", "memorized"]].tolist() == [4, 3]
 
 
+def test_by_relation_takes_the_facts_alone_when_the_result_holds_other_kinds() -> None:
+    facts = [_fact("fact-capital-a"), _fact("fact-element-c")]
+    idiom = Probe(id="i", prompt="once in a blue", target="moon", kind="idiom")
+    result = memorization_of([*facts, idiom], {"fact-capital-a": True, "fact-element-c": False, "i": True})
+    assert result.by_relation(facts).equals(result.by_relation([*facts, idiom]))
+    assert result.relation_baselines(facts).set_index("relation").loc["all", "n"] == 2
+
+
 def test_by_relation_rejects_foreign_records() -> None:
     probes = [_fact("fact-capital-a")]
     result = memorization_of([*probes, _fact("fact-capital-z")], {"fact-capital-a": True, "fact-capital-z": False})
-    with pytest.raises(InputError, match="not in the probe list"):
+    with pytest.raises(InputError, match="fact.* not in the probe list"):
         result.by_relation(probes)
 
 
@@ -251,5 +259,5 @@ def test_relation_baselines_by_hand() -> None:
     assert (everything.n, everything.majority_count, everything.memorized) == (7, 4, 4)
     assert everything.majority_share == pytest.approx(4 / 7)
     assert (everything.n_content, everything.memorized_content) == (5, 4)
-    with pytest.raises(InputError, match="not in the probe list"):
+    with pytest.raises(InputError, match="fact.* not in the probe list"):
         result.relation_baselines(probes[:3])
