@@ -525,8 +525,12 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
             ("trajectory", "trajectory"), ("promotion layers", "promotion_layers"),
             ("lenses", "lens_trajectories"), ("held-out KL", "heldout_kl"), ("attribution", "attribution_layers")))
         probe_kl = out / f"lens-probe-kl-{model}" / "probe_kl.md"
+        baselines = pd.read_parquet(root / "fact_baselines.parquet")  # written by fact_claims
         _page(results / f"{model}.md", f"Study: {model}", command,
               _demote((root / "trajectory" / "summary.md").read_text()) + "\n\n"
+              + "## Facts per relation\n\nMemorization against the accuracy of always answering the relation's "
+              "most common target (majority_share, Wilson 95%), and among the facts whose prediction is a content "
+              "word (n_content, fraction_content):\n\n" + markdown_table(baselines, digits=3) + "\n\n"
               + _demote((root / "lenses" / "summary.md").read_text())
               + f"\n\n## The lenses at the probes' last prompt token\n\nFrom `{shown[f'lens-probe-kl-{model}']}`: "
               "KL(output || lens) per layer, 95% bootstrap intervals over probes.\n\n" + probe_kl.read_text()
