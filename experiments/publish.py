@@ -431,13 +431,14 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
 def patching_claims(claims: Claims, out: Path, command: str) -> None:
     """Attribution against exact patching per site, structural zeros (cells before the swapped word)
     left out: Pearson and Spearman correlation, top-5 overlap, recall of the exact top-5 in the
-    attribution top-20, the rank attribution gives the largest exact cell."""
+    attribution top-20, the largest exact cell's restored share, exact and as attribution estimates
+    it, and the rank attribution gives it."""
     path = out / "attribution-patching" / "agreement.parquet"
     bench = _json(out / "attribution-patching" / "bench.json")
     source = str(path.relative_to(out))
     for row in _table(path).itertuples():
         base = f"attribution_patching.{slug(row.site)}"
-        for measure in ("correlation", "spearman", "overlap", "recall"):
+        for measure in ("correlation", "spearman", "overlap", "recall", "largest_exact", "largest_approx"):
             value = getattr(row, measure, None)
             if value is None or pd.isna(value):
                 continue
