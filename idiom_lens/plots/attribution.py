@@ -61,8 +61,10 @@ def layer_contribution_figure(
                      row=1, col=3)
     model = result.settings.get("model_name", "")
     left_out = f"<br><sup>left out (n < {min_n}): {', '.join(small)}</sup>" if small else ""
+    masked = result.settings.get("objective") == "masked"
+    logits = "raw MLM logits at the mask, norms frozen" if masked else "compat logits"
     fig.update_layout(
-        title=dict(text=f"Direct logit attribution per layer: {model} (compat logits; bands: {INTERVAL}){left_out}",
+        title=dict(text=f"Direct logit attribution per layer: {model} ({logits}; bands: {INTERVAL}){left_out}",
                    font=dict(size=14)),
         template="plotly_white", legend=dict(orientation="h", yanchor="top", y=-0.15, x=0),
         margin=dict(t=80, b=110, l=70, r=20),

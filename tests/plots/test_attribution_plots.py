@@ -29,6 +29,12 @@ def test_layer_figure(result, measure):
     assert all(len(t.x) > 0 for t in lines)
 
 
+def test_the_layer_figure_names_the_logit_it_splits(result, bert, probes):
+    assert "compat logits" in layer_contribution_figure(result, min_n=1, n_boot=20).layout.title.text
+    masked = attribute_probes(bert, probes[:4], top_neurons=3, promoted_tokens=2)
+    assert "raw MLM logits at the mask" in layer_contribution_figure(masked, min_n=1, n_boot=20).layout.title.text
+
+
 def test_layer_figure_leaves_out_small_sets(result):
     fig = layer_contribution_figure(result, min_n=3, n_boot=50)
     assert "left out" in fig.layout.title.text
