@@ -2,9 +2,10 @@
 
     python benchmarks/ray_bench.py [--trajectory N] [--knockout N] [--repeats R (default 5)]
 
-Three ways to run the same sweep, each timed R times on fresh output folders (nothing reused),
+Four ways to run the same sweep, each timed R times on fresh output folders (nothing reused),
 the workers started and holding the model before the clock starts:
 - plain: this process, 2 torch threads, no Ray (`--workers` left out);
+- 1x1: one Ray worker with 1 thread (the unit the scaling is measured against);
 - 1x2: one Ray worker with 2 threads;
 - 2x1: two Ray workers with 1 thread each.
 Sweeps: the trajectory (memorization + logit lens at resid_post, as `idiom-lens run`) of N
@@ -13,7 +14,8 @@ seeded idioms in parts of 32 (the parts are the workers' tasks), and the knockou
 controls: 72 configurations per probe, plus layer skipping) on N seeded idioms.
 
 Prints, per sweep, the median time and spread (min-max), probes per second, the speed-ups 2x1
-over 1x2 (throughput) and 2x1 over plain, each as the ratio of the median times with a 95%
+over 1x1 (scaling with workers; goal >= 1.8), 2x1 over 1x2 (throughput) and 2x1 over plain
+(goal >= 1 for the knockouts), each as the ratio of the median times with a 95%
 percentile-bootstrap interval over the repeats (each way's runs resampled on their own, 2,000
 resamples) and the range over every pair of runs (slowest over fastest and back), Ray's overhead
 per probe (1x2 minus plain, per probe: tasks, transfers, the driver writing parts, each task's
@@ -95,6 +97,10 @@ def _line(name: str, times: list[float], n: int) -> str:
             f"{n / med:6.2f} probes/s")
 
 
+# (name, Ray workers or None for the plain loop, torch threads per worker)
+WAYS: tuple[tuple[str, int | None, int], ...] = (("plain", None, 2), ("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trajectory", type=int, default=128, help="idioms in the trajectory sweep (default 128)")
@@ -138,7 +144,7 @@ def main() -> None:
     timings: dict[tuple[str, str], list[float]] = {}
     memory: list[int] = []
     empty_ms = 0.0
-    for name, workers, threads in (("plain", None, 2), ("1x2", 1, 2), ("2x1", 2, 1)):
+    for name, workers, threads in WAYS:
         pool = None
         if workers is not None:
             options = WorkerOptions(workers=workers, threads=threads, address="auto")
@@ -161,13 +167,15 @@ def main() -> None:
     print(f"\nEmbedded model, {torch.get_num_threads()} driver threads; repeats={args.repeats}")
     for sweep, n in (("trajectory", len(traj_probes)), ("knockouts", len(ko_probes))):
         print(f"{sweep} ({n} idioms):")
-        for name in ("plain", "1x2", "2x1"):
+        for name, _, _ in WAYS:
             print(_line(name, timings[(sweep, name)], n))
-        med = {name: statistics.median(timings[(sweep, name)]) for name in ("plain", "1x2", "2x1")}
+        med = {name: statistics.median(timings[(sweep, name)]) for name, _, _ in WAYS}
+        scaling = speedup(timings[(sweep, "1x1")], timings[(sweep, "2x1")], seed=args.seed)
         workers = speedup(timings[(sweep, "1x2")], timings[(sweep, "2x1")], seed=args.seed)
         plain = speedup(timings[(sweep, "plain")], timings[(sweep, "2x1")], seed=args.seed)
+        print(f"  speed-up 2 workers x 1 thread over 1 worker x 1 thread (goal >= 1.8): {scaling.text()}")
         print(f"  speed-up 2 workers x 1 thread over 1 worker x 2 threads: {workers.text()}")
-        print(f"  speed-up 2 workers x 1 thread over the plain loop (2 threads): {plain.text()}")
+        print(f"  speed-up 2 workers x 1 thread over the plain loop, 2 threads (knockouts goal >= 1): {plain.text()}")
         print(f"  Ray overhead per probe (median 1x2 - median plain, over these {n} probes): "
               f"{1000 * (med['1x2'] - med['plain']) / n:+.1f} ms ({100 * (med['1x2'] / med['plain'] - 1):+.1f}%)")
     print(f"empty task round trip: {empty_ms:.2f} ms per task")
