@@ -520,6 +520,25 @@ def _demote(markdown: str) -> str:
     return re.sub(r"(?m)^(#+) ", lambda m: "#" + m.group(1) + " ", markdown)
 
 
+def write_ground_truth_page(out: Path, results: Path, command: str) -> None:
+    """docs/results/ground_truth.md from the benchmark's tables."""
+    from idiom_lens.study.text import markdown_table
+
+    root = out / GROUND_TRUTH
+    effects = pd.read_parquet(root / "side_effects.parquet").pivot(index="implant", columns="measure", values="value")
+    _page(results / "ground_truth.md", "Ground truth for the localizers (Gemma 3 270M)", command,
+          "Implanted idioms trained into one MLP layer per depth (2 seeds each); per localizer and depth, the score "
+          "of the true layer (1 = ranked first, chance 0.5; 95% bootstrap over idioms and seeds), the share of idioms "
+          "where it is first (hit), and the layer the pooled profile ranks first. Sets: the implanted idioms on the "
+          "implanted model; the same idioms on the base model (the method's prior for that layer); memorized bundled "
+          "idioms on the implanted model.\n\n" + (root / "localization.md").read_text()
+          + "\nImplants:\n\n" + markdown_table(pd.read_parquet(root / "implants.parquet").drop(columns=["neurons"]))
+          + "\n\nSide effects (KL in nats; text: the bundled text set; idioms: the bundled idioms):\n\n"
+          + markdown_table(effects.reset_index(), digits=3)
+          + "\n\n![scores](../figures/gemma-3-270m_localization_scores.png)\n\n"
+            "![profiles](../figures/gemma-3-270m_localization_profiles.png)")
+
+
 def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
     from idiom_lens.study.text import markdown_table
 
@@ -560,19 +579,7 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
               + (out / name / "recall_peaks.md").read_text()
               + ("\nNoise designs (no restoration; total effect = clean - noised probability):\n\n"
                  + noise.read_text() if noise.is_file() else ""))
-    root = out / GROUND_TRUTH
-    effects = pd.read_parquet(root / "side_effects.parquet").pivot(index="implant", columns="measure", values="value")
-    _page(results / "ground_truth.md", "Ground truth for the localizers (Gemma 3 270M)", shown[GROUND_TRUTH],
-          "Implanted idioms trained into one MLP layer per depth (2 seeds each); per localizer and depth, the score "
-          "of the true layer (1 = ranked first, chance 0.5; 95% bootstrap over idioms and seeds), the share of idioms "
-          "where it is first (hit), and the layer the pooled profile ranks first. Sets: the implanted idioms on the "
-          "implanted model; the same idioms on the base model (the method's prior for that layer); memorized bundled "
-          "idioms on the implanted model.\n\n" + (root / "localization.md").read_text()
-          + "\nImplants:\n\n" + markdown_table(pd.read_parquet(root / "implants.parquet").drop(columns=["neurons"]))
-          + "\n\nSide effects (KL in nats; text: the bundled text set; idioms: the bundled idioms):\n\n"
-          + markdown_table(effects.reset_index(), digits=3)
-          + "\n\n![scores](../figures/gemma-3-270m_localization_scores.png)\n\n"
-            "![profiles](../figures/gemma-3-270m_localization_profiles.png)")
+    write_ground_truth_page(out, results, shown[GROUND_TRUTH])
     agreement = pd.read_parquet(out / "attribution-patching" / "agreement.parquet")
     _page(results / "attribution_patching.md", "Attribution patching against exact patching",
           shown["attribution-patching"],
@@ -616,10 +623,11 @@ def write_regeneration(out: Path, docs: Path, steps: Iterable[Any]) -> None:
             "A number in the README or the findings is written `<!--claim:NAME-->TEXT<!--/claim-->` and "
             "`tests/test_docs.py` fails when TEXT differs from `docs/claims.json`: a regeneration that moves a "
             "number makes the prose be reread.\n\n"
-            f"Per step: the expected time of an uninterrupted run on 2 cores (estimated from measured runs; {expected_total:g} min for "
-            "`make results` in all), and the last regeneration's wall time of the run that finished the step, with "
-            "its commit. A step resumed after an interruption shows its last run only, and a step that ran beside "
-            "another heavy job ran slower, so that column is a record, not a benchmark.\n\n"
+            "Per step: the expected time of an uninterrupted run on 2 cores (estimated from measured runs; "
+            f"{expected_total:g} min for `make results` in all), and the last regeneration's wall time of the "
+            "run that finished the step, with its commit. A step resumed after an interruption shows its last "
+            "run only, and a step that ran beside another heavy job ran slower, so that column is a record, "
+            "not a benchmark.\n\n"
             "| step | command | expected | last run | commit | date |\n|---|---|---:|---:|---|---|\n"
             + "\n".join(rows) + "\n")
     write_text(docs / "regeneration.md", text)

@@ -196,3 +196,6 @@ def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
     kl = claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.kl_per_token"]
     assert kl["value"] == pytest.approx(effects.loc["kl_per_token", "value"]) and kl["text"] == f"{kl['value']:.2f}"
     assert claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.rate"]["value"] == 1.0
+    publish.write_ground_truth_page(tmp_path, tmp_path / "results", "python experiments/ground_truth.py")
+    page = (tmp_path / "results" / "ground_truth.md").read_text()
+    assert "Implants:" in page and "Side effects" in page and "kl_per_token" in page
