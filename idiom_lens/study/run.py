@@ -63,7 +63,7 @@ from idiom_lens.study.layout import (
     StudyFolder,
 )
 
-# Why a stage does not run on a masked LM, in one line each (the issue 27 work that remains).
+# Why a stage does not run on a masked LM, in one line each.
 MASKED_LM_REASONS: dict[str, str] = {
     LENSES: "learned lenses are trained to predict the next token's distribution; a masked LM predicts its mask",
     ATTENTION_KNOCKOUT: "the knockout cuts the last token's attention to the earlier words; in a bidirectional "
