@@ -30,10 +30,14 @@ def _with(stem: Path, suffix: str) -> Path:
 
 
 def save_figure(
-    fig: go.Figure, stem: str | Path, *, png: bool = True, width: int = 1000, height: int = 700
+    fig: go.Figure, stem: str | Path, *, png: bool = True, width: int | None = None, height: int | None = None
 ) -> list[Path]:
-    """Write `stem`.html, `stem`.fig.json (and `stem`.png); returns the paths written."""
+    """Write `stem`.html, `stem`.fig.json (and `stem`.png); returns the paths written. The PNG's
+    size: `width` x `height` where given, else the figure's own layout size (a figure of many
+    panels sets its height), else 1000 x 700."""
     stem = Path(stem)
+    width = width or fig.layout.width or 1000
+    height = height or fig.layout.height or 700
     _ensure_plotlyjs(stem.parent)
     written = [
         atomic_write(

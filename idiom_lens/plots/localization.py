@@ -110,9 +110,13 @@ def localization_profiles(
             fig.add_vline(x=depth, line={"color": "#d62728", "dash": "dot", "width": 1.5}, row=r, col=c)
     for c in range(1, len(depths) + 1):
         fig.update_xaxes(title_text="layer", row=len(rows), col=c)
-    fig.for_each_annotation(lambda a: a.update(font={"size": 10}))
+    # Row titles read horizontally at the left (plotly puts them rotated at the right, where long
+    # method names overlap); column titles keep their place.
+    fig.for_each_annotation(lambda a: a.update(font={"size": 11}))
+    fig.for_each_annotation(lambda a: a.update(textangle=0, x=0, xanchor="right", xshift=-45),
+                            selector=lambda a: a.text in rows)
     fig.update_layout(
         title=title or "Per-layer profile of each method on the implanted idioms (dotted line: the implanted layer)",
-        template="plotly_white", height=90 + 170 * len(rows), width=260 + 330 * len(depths),
-        legend={"font": {"size": 10}})
+        template="plotly_white", height=140 + 120 * len(rows), width=560 + 300 * len(depths),
+        margin={"l": 330, "t": 100}, legend={"font": {"size": 10}})
     return fig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -63,6 +65,24 @@ def test_profiles_mark_the_true_layer_in_every_panel(scores):
     drawn = [t for t in pooled if list(t.y) == pytest.approx(want.sort_values("layer")["value"].tolist())]
     assert len(drawn) == 1
     assert [a.text for a in fig.layout.annotations][:2] == ["implanted in layer 1", "implanted in layer 4"]
+    row_titles = [a for a in fig.layout.annotations if a.text in ("logit lens gain", "tracing MLP (last)")]
+    assert len(row_titles) == 2 and all(a.textangle == 0 and a.xanchor == "right" for a in row_titles)
+
+
+def test_saved_png_takes_the_figures_own_size(scores, tmp_path):
+    """A figure of many panels sets its height; the PNG keeps it unless a size is given."""
+    from idiom_lens.plots.export import save_figure
+
+    def png_size(path):
+        return struct.unpack(">II", path.read_bytes()[16:24])  # the IHDR chunk's width and height
+
+    fig = localization_profiles(scores)
+    own = save_figure(fig, tmp_path / "own", png=True)[-1]
+    assert png_size(own) == (fig.layout.width, fig.layout.height)
+    given = save_figure(fig, tmp_path / "given", png=True, width=640, height=480)[-1]
+    assert png_size(given) == (640, 480)
+    plain = save_figure(go.Figure(go.Scatter(x=[0, 1], y=[0, 1])), tmp_path / "plain", png=True)[-1]
+    assert png_size(plain) == (1000, 700)
 
 
 def test_bad_input_is_named(scores):
