@@ -139,6 +139,7 @@ def main() -> None:
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as f:
                 f.write(line + "\n")
 

@@ -428,6 +428,33 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
                source=str(settings_path.relative_to(out)))
 
 
+IMPLANT_SCALING = "implant-scaling/scaling.jsonl"
+
+
+def implant_scaling_claims(claims: Claims, out: Path, command: str) -> None:
+    """How implanting scales with the number of idioms (one layer, one seed): per size the
+    training time, epochs, time per epoch and the side effects. A rerun appends to the file; the
+    last record of each (layer, size) counts."""
+    path = out / IMPLANT_SCALING
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["layer"], record["n_probes"])] = record
+    for (layer, n), record in sorted(records.items()):
+        base = f"implant_scaling.layer{layer}.n{n}"
+        effects = record.get("side_effects") or {}
+        values = {"seconds": (record["seconds"], "{:.0f}"), "epochs": (record["epochs"], "{:d}"),
+                  "seconds_per_epoch": (record["seconds_per_epoch"], "{:.2f}"), "rate": (record["rate"], "{:.2f}"),
+                  "kl_per_token": (effects.get("kl_per_token"), "{:.3f}"),
+                  "text_changed": (effects.get("text_changed"), "{:.2f}"),
+                  "idioms_lost": (effects.get("n_lost"), "{:d}"), "idioms_gained": (effects.get("n_gained"), "{:d}")}
+        for key, (value, form) in values.items():
+            if value is not None:
+                claims.add(f"{base}.{key}", value=value, n=n, text=form.format(value), command=command,
+                           source=IMPLANT_SCALING)
+
+
 def patching_claims(claims: Claims, out: Path, command: str) -> None:
     """Attribution against exact patching per site, structural zeros (cells before the swapped word)
     left out: Pearson and Spearman correlation, top-5 overlap, recall of the exact top-5 in the
@@ -646,6 +673,7 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
         recall_claims(claims, out, f"recall-{model}", shown[f"recall-{model}"])
     patching_claims(claims, out, shown["attribution-patching"])
     ground_truth_claims(claims, out, shown[GROUND_TRUTH])
+    implant_scaling_claims(claims, out, shown["implant-scaling"])
     if (out / "knockouts-all-memorized" / "knockout_layers.parquet").is_file():
         knockout_claims(claims, out, "knockouts-all-memorized", shown["knockouts-all-memorized"])
     timing_claims(claims, out, steps)

@@ -92,3 +92,22 @@ def test_knockout_claims_name_each_secondary_variant_by_the_setting_that_differs
     assert names == {f"k.{v}memorized_idioms.all.targeted.layer3" for v in ("", "live.", "mean.", "magnitude.")}
     assert claims.items["k.live.memorized_idioms.all.targeted.layer3"]["text"] == "0.60 [0.36, 0.64]"
     assert claims.items["k.memorized_idioms.all.targeted.layer3.removed_norm"]["text"] == "12.00"
+
+
+def test_implant_scaling_claims_take_the_last_record_of_each_size(tmp_path):
+    """A rerun appends to scaling.jsonl: the last record of a (layer, size) is the one claimed."""
+    path = tmp_path / publish.IMPLANT_SCALING
+    path.parent.mkdir(parents=True)
+    record = {"layer": 8, "n_probes": 25, "rate": 1.0, "epochs": 62, "seconds": 105.04, "seconds_per_epoch": 1.46,
+              "side_effects": {"kl_per_token": 0.0346, "text_changed": 0.179, "n_lost": 59, "n_gained": 58}}
+    rerun = record | {"seconds": 99.6, "epochs": 60}
+    bigger = record | {"n_probes": 100, "seconds": 187.9, "side_effects": None}
+    path.write_text("\n".join(json.dumps(r) for r in (record, bigger, rerun)) + "\n")
+    claims = publish.Claims()
+    publish.implant_scaling_claims(claims, tmp_path, "python benchmarks/implant_bench.py")
+    assert claims.items["implant_scaling.layer8.n25.seconds"]["text"] == "100"
+    assert claims.items["implant_scaling.layer8.n25.epochs"]["text"] == "60"
+    assert claims.items["implant_scaling.layer8.n25.kl_per_token"]["text"] == "0.035"
+    assert claims.items["implant_scaling.layer8.n25.idioms_lost"]["value"] == 59
+    assert claims.items["implant_scaling.layer8.n100.seconds"]["n"] == 100
+    assert "implant_scaling.layer8.n100.kl_per_token" not in claims.items
