@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -68,10 +69,13 @@ def side_effects(
     text_probes: Sequence[Probe],
     idioms: Sequence[Probe],
     batch_size: int = 16,
+    base_memorized: Sequence[bool] | None = None,
 ) -> SideEffects:
     """Held-out KL(base || implanted) on `text_probes` (every position of prompt + target, and the
     last prompt token) and the memorization of `idioms` on both models (leave the implanted idioms
-    out of `idioms`). The two models must share a tokenizer (an implant and its base do)."""
+    out of `idioms`). The two models must share a tokenizer (an implant and its base do).
+    `base_memorized`: the base model's memorized flags on `idioms`, in order, when already known
+    (a benchmark scoring several implants of one base computes them once)."""
     text_probes, idioms = check_probes(text_probes), check_probes(idioms)
     if base_model.d_vocab != implanted_model.d_vocab or base_model.n_layers != implanted_model.n_layers:
         raise InputError(f"side_effects compares a model with its implant: {base_model.spec!r} and "
@@ -95,7 +99,12 @@ def side_effects(
         last.append(kl[rows, base.last])
         changed.append(base.logits[rows, base.last].argmax(-1) != implanted.logits[rows, implanted.last].argmax(-1))
     tokens, at_last, flips = torch.cat(per_token), torch.cat(last), torch.cat(changed)
-    before = score_memorization(base_model, idioms, batch_size=batch_size).to_dataframe()["memorized"].to_numpy()
+    if base_memorized is None:
+        before = score_memorization(base_model, idioms, batch_size=batch_size).to_dataframe()["memorized"].to_numpy()
+    elif len(base_memorized) != len(idioms):
+        raise InputError(f"base_memorized has {len(base_memorized)} flags for {len(idioms)} idioms: expected one each")
+    else:
+        before = np.asarray(base_memorized, dtype=bool)
     after = score_memorization(implanted_model, idioms, batch_size=batch_size).to_dataframe()["memorized"].to_numpy()
     return SideEffects(
         kl_per_token=float(tokens.mean()), kl_last=float(at_last.mean()), kl_last_max=float(at_last.max()),

@@ -193,7 +193,8 @@ def run_ground_truth(
                              "train_seconds": result.seconds, "converged": result.converged,
                              "neurons": list(result.neurons) if result.neurons is not None else None})
             write_parquet(out / "implants.parquet", pd.DataFrame(implants))
-            effect = side_effects(base, model, text_probes=text, idioms=[by_id[i] for i in memo["probe_id"]])
+            effect = side_effects(base, model, text_probes=text, idioms=[by_id[i] for i in memo["probe_id"]],
+                                  base_memorized=memo["memorized"].tolist())
             effects.append(effect.to_dataframe().assign(implant=name, layer=layer, seed=seed))
             write_parquet(out / "side_effects.parquet", pd.concat(effects, ignore_index=True))
             now = score_memorization(model, [implanted[i] for i in scored], batch_size=32).to_dataframe()

@@ -46,6 +46,11 @@ def test_a_changed_mlp_shows_in_the_kl_and_the_rates(tiny_model, tiny_model_dir,
     # the per-token mean covers every real position: one KL per token of each text
     lengths = [len(tiny_model.tokenizer(p.text).input_ids) for p in texts]
     assert effects.n_tokens == sum(lengths)
+    # the base model's flags, when given, are used as they are and give the same numbers
+    given = side_effects(tiny_model, changed, text_probes=texts, idioms=idioms, base_memorized=before.tolist())
+    assert given == effects
+    with pytest.raises(InputError, match="base_memorized has 1 flags"):
+        side_effects(tiny_model, changed, text_probes=texts, idioms=idioms, base_memorized=[True])
 
 
 def test_empty_sets_are_refused(tiny_model, split):
