@@ -2,8 +2,9 @@
 the figures and the regeneration record. Nothing here computes a statistic; it reads the tables
 the runs wrote and formats them.
 
-    docs/claims.json        every number a page may cite: name -> value, text, n, interval,
-                            command, source (tests/test_docs.py checks the prose against it)
+    docs/claims.json        every number a page may cite: {"commands": step -> command,
+                            "claims": name -> value, text, n, interval, step, source}
+                            (tests/test_docs.py checks the prose against it)
     docs/results/*.md       the runs' own tables and summaries, one page per run
     docs/figures/*.png      the figures the pages show, copied from the runs
     docs/regeneration.md    what ran, with which command, how long, at which commit
@@ -75,26 +76,37 @@ def _number(value: Any) -> Any:
 
 
 class Claims:
-    """The claims file being written: `add` one number with where it came from."""
+    """The claims file being written: `add` one number with where it came from. `commands`: the
+    regeneration's step names and their commands; a claim names its step, and the file holds each
+    command once (12,000 claims repeating their command made the file 2 MB larger)."""
 
-    def __init__(self) -> None:
+    REGENERATE = "regenerate"
+
+    def __init__(self, commands: dict[str, str]) -> None:
         self.items: dict[str, dict[str, Any]] = {}
+        self.commands = {**commands, self.REGENERATE: "python experiments/regenerate.py --out published"}
+        self._step_of = {command: name for name, command in self.commands.items()}
 
     def add(self, name: str, *, value: Any, text: str, command: str, source: str, n: int | None = None,
             interval: tuple[float, float] | None = None, what: str = "") -> None:
         if name in self.items:
             raise ValueError(f"claim {name!r} written twice")
+        if command not in self._step_of:
+            raise ValueError(f"claim {name!r}: the command {command!r} is no step of the regeneration")
         self.items[name] = {
             "value": _number(value), "text": text, "n": None if n is None else int(n),
             "interval": None if interval is None else [_number(interval[0]), _number(interval[1])],
-            "interval_kind": what or None, "command": command, "source": source,
+            "interval_kind": what or None, "step": self._step_of[command], "source": source,
         }
 
     def write(self, path: Path) -> None:
         from idiom_lens.io import write_text
 
+        used = sorted({item["step"] for item in self.items.values()})
+        commands = json.dumps({step: self.commands[step] for step in used}, indent=1, sort_keys=True)
         lines = [f"{json.dumps(name)}: {json.dumps(item, sort_keys=True)}" for name, item in sorted(self.items.items())]
-        write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")  # one claim per line: diffs read well
+        # one claim per line: diffs read well
+        write_text(path, '{"commands": ' + commands + ',\n"claims": {\n' + ",\n".join(lines) + "\n}}\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,12 +513,12 @@ def timing_claims(claims: Claims, out: Path, steps: Iterable[Any]) -> None:
         total += 0 if step.long else seconds
     if complete:
         claims.add("regeneration.total_minutes", value=total / 60, text=f"{total / 60:.0f}",
-                   command="python experiments/regenerate.py --out published", source=".steps/")
+                   command=claims.commands[Claims.REGENERATE], source=".steps/")
     # A step resumed after an interruption records its last run only, so the expected time of an
     # uninterrupted run is each step's measured duration as `experiments/regenerate.py` keeps it.
     expected = sum(step.minutes for step in steps if not step.long)
     claims.add("regeneration.expected_minutes", value=expected, text=f"{expected:.0f}",
-               command="python experiments/regenerate.py --out published", source="experiments/regenerate.py")
+               command=claims.commands[Claims.REGENERATE], source="experiments/regenerate.py")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,7 +675,7 @@ def write_regeneration(out: Path, docs: Path, steps: Iterable[Any]) -> None:
 def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
     """Everything under docs/ that comes from a run, rewritten from the runs in `out`."""
     shown = {step.name: step.shown() for step in steps}
-    claims = Claims()
+    claims = Claims(shown)
     for model in MODELS:
         study_claims(claims, out, model, shown[f"study-{model}"])
     for model in MODELS:

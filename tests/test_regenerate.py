@@ -57,7 +57,7 @@ def test_claims_are_the_tables_numbers(tmp_path):
     """Memorization claims on a hand-written table: the share, its Wilson interval, its text."""
     from idiom_lens.analyses.stats import wilson_interval
 
-    claims = publish.Claims()
+    claims = publish.Claims({"study-m": "idiom-lens run"})
     root = tmp_path / "study" / "m" / "trajectory"
     root.mkdir(parents=True)
     pd.DataFrame({"kind": ["idiom"], "subset": ["all"], "n": [1886], "memorized": [788],
@@ -69,9 +69,16 @@ def test_claims_are_the_tables_numbers(tmp_path):
     assert claim["value"] == pytest.approx(788 / 1886) and claim["interval"] == [pytest.approx(lo), pytest.approx(hi)]
     assert claim["text"] == f"{788 / 1886:.3f} [{lo:.3f}, {hi:.3f}]" and claim["n"] == 1886
     assert claims.items["m.memorized.idiom.all.count"]["text"] == "788"
-    assert claim["source"] == "study/m/trajectory/memorization_summary.parquet"
+    assert claim["source"] == "study/m/trajectory/memorization_summary.parquet" and claim["step"] == "study-m"
     with pytest.raises(ValueError, match="written twice"):
-        claims.add("m.memorized.idiom.all", value=1, text="1", command="c", source="s")
+        claims.add("m.memorized.idiom.all", value=1, text="1", command="idiom-lens run", source="s")
+    with pytest.raises(ValueError, match="no step of the regeneration"):
+        claims.add("m.other", value=1, text="1", command="idiom-lens other", source="s")
+    # the file holds each step's command once, and every claim's step is among them
+    claims.write(tmp_path / "claims.json")
+    written = json.loads((tmp_path / "claims.json").read_text())
+    assert written["commands"] == {"study-m": "idiom-lens run"}
+    assert written["claims"]["m.memorized.idiom.all"] == claim
 
 
 def test_knockout_claims_name_each_secondary_variant_by_the_setting_that_differs(tmp_path):
@@ -86,7 +93,7 @@ def test_knockout_claims_name_each_secondary_variant_by_the_setting_that_differs
             row | {"rank_by": "effective", "norm": "frozen", "ablation": "mean", "primary": False},
             row | {"rank_by": "magnitude", "norm": "frozen", "ablation": "zero", "primary": False}]
     pd.DataFrame(rows).to_parquet(root / "knockout_layers_variants.parquet")
-    claims = publish.Claims()
+    claims = publish.Claims({"k": "python experiments/knockouts.py"})
     publish.knockout_claims(claims, tmp_path, "k", "python experiments/knockouts.py")
     names = {n for n in claims.items if not n.endswith("removed_norm")}
     assert names == {f"k.{v}memorized_idioms.all.targeted.layer3" for v in ("", "live.", "mean.", "magnitude.")}
@@ -103,7 +110,7 @@ def test_implant_scaling_claims_take_the_last_record_of_each_size(tmp_path):
     rerun = record | {"seconds": 99.6, "epochs": 60}
     bigger = record | {"n_probes": 100, "seconds": 187.9, "side_effects": None}
     path.write_text("\n".join(json.dumps(r) for r in (record, bigger, rerun)) + "\n")
-    claims = publish.Claims()
+    claims = publish.Claims({"implant-scaling": "python benchmarks/implant_bench.py"})
     publish.implant_scaling_claims(claims, tmp_path, "python benchmarks/implant_bench.py")
     assert claims.items["implant_scaling.layer8.n25.seconds"]["text"] == "100"
     assert claims.items["implant_scaling.layer8.n25.epochs"]["text"] == "60"
