@@ -177,7 +177,7 @@ def layer_scores(
     layer, or to an `Implant` (layer and seed). Groups not named there are left out; an implant
     the table lacks raises `InputError`. `measures`: default every measure of the table. A measure
     with no value at the true layer (the lens gains at layer 0) scores NaN with n = 0."""
-    implants = _implants(true_layers)
+    implants = dict(sorted(_implants(true_layers).items()))  # one order, whatever the caller's: same intervals
     missing = [c for c in PER_PROBE_COLUMNS if c not in per_probe.columns]
     if missing:
         raise InputError(f"per_probe lacks the columns {missing}: expected a recall per-probe table "

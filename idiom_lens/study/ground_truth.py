@@ -257,7 +257,7 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
     per_probe = pd.concat(parts, ignore_index=True)[PER_PROBE_COLUMNS]
     tables = []
     for set_name in SETS:
-        groups = {g for g in per_probe["group"].unique() if g.startswith(set_name + " | ")}
+        groups = sorted({g for g in per_probe["group"].unique() if g.startswith(set_name + " | ")})
         if not groups:
             continue
         true = {}

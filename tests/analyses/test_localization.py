@@ -142,6 +142,19 @@ def test_intervals_contain_the_mean_and_depths_resample_within_each_implant():
     assert set(scores.profile.loc[scores.profile["scope"] == "depth", "implant"]) == {"layer 2", "layer 9"}
 
 
+def test_scores_do_not_depend_on_the_order_of_implants_or_rows():
+    """The same results given in another order (implants named in reverse, rows shuffled) give the
+    same table, intervals included: a pooled bootstrap must not follow the caller's order."""
+    rng = np.random.default_rng(3)
+    per = _table("logit lens gain", {"a": rng.normal(size=(9, N_LAYERS)), "b": rng.normal(size=(8, N_LAYERS))})
+    true = {"a": Implant(layer=2, seed=0), "b": Implant(layer=2, seed=1)}
+    first = layer_scores(per, true_layers=true)
+    again = layer_scores(per.sample(frac=1.0, random_state=0), true_layers=dict(reversed(list(true.items()))))
+    pd.testing.assert_frame_equal(first.frame, again.frame)
+    pooled = _row(first, "logit lens gain", "layer 2")
+    assert pooled["score_low"] < pooled["score"] < pooled["score_high"]  # a real interval, not a point
+
+
 def test_a_pooled_depth_of_opposite_implants_has_no_spread():
     """One implant always found (score 1), one never (score 0), ten probes each: resampling within
     each implant keeps the pooled mean at 0.5 in every resample; resampling the pooled probes would not."""
