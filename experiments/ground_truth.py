@@ -4,7 +4,7 @@ finds the implanted layer, beside two controls (the same idioms on the base mode
 bundled idioms on the implanted model).
 
     python experiments/ground_truth.py --out out/ground-truth [--model gemma-3-270m] [--layers 2 8 14]
-        [--seeds 0 1] [--n-scored 20] [--n-control 10] [--implant-mode layer]
+        [--seeds 0 1] [--n-scored 20] [--n-control 10] [--implant-mode layer] [--neurons-only]
 
 The library does the work (`idiom_lens.study.ground_truth`; `idiom-lens localize` is the same from
 the command line). Resumable: each implant is stored in the model cache and reused, each
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--implant-mode", choices=("layer", "neurons"), default=defaults.mode)
     parser.add_argument("--n-scored", type=int, default=defaults.n_scored)
     parser.add_argument("--n-control", type=int, default=defaults.n_control)
+    parser.add_argument("--neurons-only", action="store_true",
+                        help="neurons mode: implants, side effects and neuron precision only (no layer localizers)")
     parser.add_argument("--no-png", action="store_true")
     parser.add_argument("--rescore", action="store_true", help="no model: score the results saved under --out")
     args = parser.parse_args(argv)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         table = score_ground_truth(args.out, png=not args.no_png)
     else:
         options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.implant_mode,
-                                     n_scored=args.n_scored, n_control=args.n_control)
+                                     n_scored=args.n_scored, n_control=args.n_control,
+                                     layer_localizers=not args.neurons_only)
         table = run_ground_truth(args.model, args.out, options, png=not args.no_png)
     depth = table[table["scope"] == "depth"]
     print(markdown_table(depth[["set", "measure", "depth", "n", "score", "score_low", "score_high",

@@ -20,6 +20,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,15 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
     claims.add(f"{GROUND_TRUTH}.total_minutes", value=settings["total_seconds"] / 60,
                text=f"{settings['total_seconds'] / 60:.0f}", command=command,
                source=str(settings_path.relative_to(out)))
+    # Where the time goes: training the implants (once: they are cached) and the base model's tuned
+    # lens (once per model, whichever run trained it: `make results` trains it in its first step).
+    train = float(_table(implants_path)["train_seconds"].sum())
+    claims.add(f"{GROUND_TRUTH}.implants_train_minutes", value=train / 60, text=f"{train / 60:.0f}", command=command,
+               source=str(implants_path.relative_to(out)))
+    lens_seconds = ((settings.get("tuned_lens") or {}).get("settings") or {}).get("train_seconds")
+    if lens_seconds is not None:
+        claims.add(f"{GROUND_TRUTH}.tuned_lens_train_minutes", value=lens_seconds / 60, text=f"{lens_seconds / 60:.0f}",
+                   command=command, source=str(settings_path.relative_to(out)))
 
 
 IMPLANT_SCALING = "implant-scaling/scaling.jsonl"
@@ -499,9 +509,11 @@ def patching_claims(claims: Claims, out: Path, command: str) -> None:
                command=command, source="attribution-patching/bench.json")
 
 
-def timing_claims(claims: Claims, out: Path, steps: Iterable[Any]) -> None:
-    """Each finished step's wall time (from its marker) and the total of the default steps."""
-    total, complete = 0.0, True
+def timing_claims(claims: Claims, out: Path, steps: Iterable[Any], *, total: bool = True) -> None:
+    """Each finished step's wall time (from its marker) and, with `total`, the total of the
+    default steps and their expected time."""
+    steps = list(steps)
+    total_seconds, complete = 0.0, total
     for step in steps:
         marker = out / ".steps" / f"{step.name}.json"
         if not marker.is_file():
@@ -510,9 +522,11 @@ def timing_claims(claims: Claims, out: Path, steps: Iterable[Any]) -> None:
         seconds = json.loads(marker.read_text())["seconds"]
         claims.add(f"regeneration.{step.name}.minutes", value=seconds / 60, text=f"{seconds / 60:.0f}",
                    command=step.shown(), source=str(marker.relative_to(out)))
-        total += 0 if step.long else seconds
+        total_seconds += 0 if step.long else seconds
+    if not total:
+        return
     if complete:
-        claims.add("regeneration.total_minutes", value=total / 60, text=f"{total / 60:.0f}",
+        claims.add("regeneration.total_minutes", value=total_seconds / 60, text=f"{total_seconds / 60:.0f}",
                    command=claims.commands[Claims.REGENERATE], source=".steps/")
     # A step resumed after an interruption records its last run only, so the expected time of an
     # uninterrupted run is each step's measured duration as `experiments/regenerate.py` keeps it.
@@ -658,7 +672,9 @@ def write_regeneration(out: Path, docs: Path, steps: Iterable[Any]) -> None:
             "(`experiments/regenerate.py`, `experiments/publish.py`). It is resumable: a finished step is skipped "
             "while its command is unchanged, and the `idiom-lens` commands resume their own stages. "
             "`make results-long` adds the runs marked `--long`; `IDIOMEM=path/to/idiomem.jsonl` adds the flag "
-            "agreement with the authors' annotations.\n\n"
+            "agreement with the authors' annotations. `python experiments/regenerate.py --out published --steps "
+            "STEP` reruns one step and republishes only what it writes (its claims, page, figures and row here; "
+            "the steps `experiments/publish.py` lists in `ALONE`).\n\n"
             "A number in the README or the findings is written `<!--claim:NAME-->TEXT<!--/claim-->` and "
             "`tests/test_docs.py` fails when TEXT differs from `docs/claims.json`: a regeneration that moves a "
             "number makes the prose be reread.\n\n"
@@ -695,3 +711,65 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
     write_regeneration(out, docs, steps)
     print(f"[publish] {len(claims.items)} claims -> {docs / 'claims.json'}; pages in {docs / 'results'}; "
           f"{len(FIGURES)} figures in {docs / 'figures'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Republishing some steps: one benchmark rerun, the rest of docs/ kept
+# ----------------------------------------------------------------------------------------------
+
+# The steps that can be republished alone: step name -> (its claims, its page or None).
+ALONE: dict[str, tuple[Any, Any]] = {
+    GROUND_TRUTH: (ground_truth_claims, write_ground_truth_page),
+    "implant-scaling": (implant_scaling_claims, None),
+}
+
+
+def publish_steps(out: Path, docs: Path, *, names: Iterable[str], steps: list[Any]) -> None:
+    """Rewrite what the steps `names` publish (their claims and wall times in docs/claims.json,
+    their page, their figures, their rows of docs/regeneration.md) from their runs in `out`,
+    keeping everything else under `docs` as the last full publish wrote it: one rerun benchmark
+    is republished without the hours of the others' runs."""
+    from idiom_lens.io import write_text
+
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in ALONE]
+    if unknown:
+        raise ValueError(f"steps {unknown} cannot be republished alone: expected some of {sorted(ALONE)} "
+                         f"(or a full publish)")
+    by_name = {step.name: step for step in steps}
+    shown = {step.name: step.shown() for step in steps}
+    written = json.loads((docs / "claims.json").read_text())
+    claims = Claims(shown)
+    expected = "regeneration.expected_minutes"  # the sum of every step's expected time, which may have changed
+    claims.items = {name: item for name, item in written["claims"].items()
+                    if item["step"] not in names and name != expected}
+    minutes = sum(step.minutes for step in steps if not step.long)
+    claims.add(expected, value=minutes, text=f"{minutes:.0f}", command=claims.commands[Claims.REGENERATE],
+               source="experiments/regenerate.py")
+    for name in names:
+        claims_fn, page_fn = ALONE[name]
+        claims_fn(claims, out, shown[name])
+        timing_claims(claims, out, [by_name[name]], total=False)
+        if page_fn is not None:
+            page_fn(out, docs / "results", shown[name])
+    claims.write(docs / "claims.json")
+    figures = [(src, dst) for src, dst in FIGURES if src.split("/")[0] in names]
+    for src, dst in figures:
+        if not (out / src).is_file():
+            raise FileNotFoundError(f"{out / src} is missing: the run that writes it did not finish")
+        shutil.copyfile(out / src, docs / "figures" / dst)
+    # their rows of docs/regeneration.md, formatted as a full publish formats them
+    fresh = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_regeneration(out, Path(tmp), [by_name[n] for n in names])
+        for line in (Path(tmp) / "regeneration.md").read_text().splitlines():
+            if line.startswith("| ") and line.split(" | ")[0][2:] in names:
+                fresh[line.split(" | ")[0][2:]] = line
+    page = docs / "regeneration.md"
+    lines = [fresh.get(line.split(" | ")[0][2:], line) if line.startswith("| ") else line
+             for line in page.read_text().splitlines()]
+    lines = [re.sub(r"[0-9.]+ min for `make results` in all", f"{minutes:g} min for `make results` in all", line)
+             for line in lines]
+    write_text(page, "\n".join(lines) + "\n")
+    print(f"[publish] {', '.join(names)}: {len(claims.items)} claims -> {docs / 'claims.json'}; "
+          f"{len(figures)} figures; the rest of {docs} kept")

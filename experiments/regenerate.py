@@ -5,6 +5,7 @@ then rewrite docs/claims.json, docs/results/ and docs/figures/ from those runs.
     python experiments/regenerate.py --out published --long   # + the runs too long for it
     python experiments/regenerate.py --out published --idiomem idiomem.jsonl   # + flag agreement
     python experiments/regenerate.py --out published --publish-only
+    python experiments/regenerate.py --out published --steps ground-truth-gemma-3-270m   # one step, republished
 
 Resumable at two levels: each `idiom-lens` command resumes its own stages, and each finished
 step leaves `OUT/.steps/<name>.json` (its command, wall time, the commit) so a rerun skips it
@@ -131,8 +132,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="the authors' idiomem.jsonl: also the flag agreement of docs/datasets.md")
     parser.add_argument("--publish-only", action="store_true", help="only rewrite docs/ from the runs already in OUT")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs folder to rewrite (default docs/)")
+    parser.add_argument("--steps", nargs="+", default=None, metavar="STEP",
+                        help="run and republish only these steps, keeping the rest of docs/ (publish.ALONE names "
+                             "the steps that can be)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
+    if args.steps is not None:
+        from publish import publish_steps
+
+        chosen = {step.name: step for step in steps(idiomem=args.idiomem)}
+        unknown = [name for name in args.steps if name not in chosen]
+        if unknown:
+            raise SystemExit(f"[regenerate] --steps {unknown} are no steps: expected some of {sorted(chosen)}")
+        if not args.publish_only:
+            for name in args.steps:
+                run_step(chosen[name], out)
+        publish_steps(out, args.docs, names=args.steps, steps=steps(idiomem=args.idiomem))
+        return 0
     if not args.publish_only:
         for step in steps(idiomem=args.idiomem):
             if step.long and not args.long:

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-control", type=int, default=defaults.n_control, metavar="N",
                    help="memorized bundled idioms run on each depth's first implant, as a control "
                         f"(default {defaults.n_control})")
+    p.add_argument("--neurons-only", action="store_true",
+                   help="with --implant-mode neurons: only the implants, their side effects and the precision of "
+                        "each neuron ranking against the trained neurons (no layer-level localizers)")
     p.add_argument("--rescore", action="store_true", help="no model: score and draw the results saved under --out")
     p.set_defaults(handler=handle)
 
@@ -43,9 +46,16 @@ def handle(args: argparse.Namespace) -> int:
         table = score_ground_truth(args.out, png=not args.no_png)
     else:
         options = GroundTruthOptions(layers=args.layers, seeds=tuple(args.seeds), mode=args.implant_mode,
-                                     dataset=args.implant_set, n_scored=args.n_scored, n_control=args.n_control)
+                                     dataset=args.implant_set, n_scored=args.n_scored, n_control=args.n_control,
+                                     layer_localizers=not args.neurons_only)
         table = run_ground_truth(args.model, args.out, options, png=not args.no_png)
     shown = table[(table["scope"] == "depth") & (table["set"] == "implanted")]
     print(markdown_table(shown[["measure", "depth", "n", "score", "score_low", "score_high", "profile_top_layer"]]))
+    precision = args.out / "neuron_precision.parquet"
+    if precision.is_file():
+        import pandas as pd
+
+        print(markdown_table(pd.read_parquet(precision)[["implant", "method", "k", "n", "precision", "precision_low",
+                                                          "precision_high", "chance_precision"]]))
     print(f"wrote the scores and figures to {args.out}")
     return 0

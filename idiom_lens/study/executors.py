@@ -14,8 +14,8 @@ saying what to install.
   given its own device(s) by Ray (`num_gpus`); a model larger than one GPU combines with
   `n_devices` inside the actor.
 - A part goes to the workers in units: for an analysis that treats every probe on its own
-  (`Sweep.per_probe`) tasks of `WorkerOptions.task_size` probes (default two per worker and
-  part; one-probe tasks repeated each call's set-up and made knockouts on 2 workers slower than
+  (`Sweep.per_probe`) tasks of `WorkerOptions.task_sizes` (default two per worker and part, of
+  near-equal size; one-probe tasks repeated each call's set-up and made knockouts on 2 workers slower than
   one process), else the whole part (the trajectory, whose forward batches are sorted by length
   within the call). On a cluster, give `--probes-per-task` so that a task lasts at least a few
   seconds and the parts have several tasks per worker.
@@ -288,8 +288,9 @@ class RayExecutor:
         pieces: dict[int, list[int]] = {}  # part -> its units
         for i, probes in todo:
             pieces[i] = []
-            size = self.options.task_size(len(probes)) if per_probe else len(probes)
-            for unit_probes in (tuple(probes[k : k + size]) for k in range(0, len(probes), size)):
+            sizes = self.options.task_sizes(len(probes)) if per_probe else [len(probes)]
+            starts = [sum(sizes[:j]) for j in range(len(sizes))]
+            for unit_probes in (tuple(probes[k : k + n]) for k, n in zip(starts, sizes, strict=True)):
                 pieces[i].append(len(units))
                 owner.append(i)
                 units.append(Unit(quiet, tuple(unit_probes)))

@@ -13,7 +13,8 @@ model now predicts. Two controls sit beside it, both scored against the same tru
   whether a method points at the implanted layer whatever the probe.
 Scores (`analyses.localization.layer_scores`): per measure and implant, the true layer's rank
 among the layers per probe, as a score in [0, 1] (1 = first, chance 0.5) with a bootstrap
-interval over idioms, pooled over seeds per depth; in neurons mode, the precision of each neuron
+interval over idioms, pooled over seeds per depth (tracing's restored shares rank a probe's
+layers as its raw effects do, so only the raw effects are scored); in neurons mode, the precision of each neuron
 ranking's top k against the trained neurons (`neuron_precision`: the knockouts' effective,
 magnitude and DLA rankings and |activation| at the implanted layer, per scored idiom).
 
@@ -58,7 +59,9 @@ class GroundTruthOptions:
     `sample_seed`, the same for every implant where they are predicted) and on `n_control`
     memorized bundled idioms (first seed of each depth); tracing's total-effect floor
     `min_total_effect`; `implant`: any other `ImplantOptions` field (lr, max_epochs, ...;
-    default: theirs). Raises `InputError` for a bad value."""
+    default: theirs). `layer_localizers=False` (neurons mode only) skips the layer-level
+    localizers and their controls: implants, side effects and neuron precision only, for a quick
+    neuron-level benchmark. Raises `InputError` for a bad value."""
 
     layers: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0, 1)
@@ -70,6 +73,7 @@ class GroundTruthOptions:
     implant: dict[str, Any] = field(default_factory=dict)  # other `ImplantOptions` (lr, max_epochs, ...)
     min_total_effect: float = 0.05
     sample_seed: int = 0
+    layer_localizers: bool = True
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -81,6 +85,9 @@ class GroundTruthOptions:
             raise InputError("seeds names no seed: expected e.g. (0, 1)")
         if self.mode not in ("layer", "neurons"):
             raise InputError(f"mode must be 'layer' or 'neurons', got {self.mode!r}")
+        if not self.layer_localizers and self.mode != "neurons":
+            raise InputError("layer_localizers=False leaves nothing to score in mode 'layer': neuron precision needs "
+                             "mode 'neurons'")
         for name in ("n_scored", "n_control"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_scored" else 0):
@@ -152,10 +159,13 @@ def run_ground_truth(
     # Candidates to score: twice as many as scored, so that n_scored remain where an implant misses some.
     scored = _sample(list(implanted), 2 * options.n_scored, options.sample_seed)
     localizers = options.localizers
-    if "tuned" in localizers.lenses and tuned_lens is None:
+    seconds: dict[str, float] = {}
+    if "tuned" in localizers.lenses and tuned_lens is None and options.layer_localizers:
         from idiom_lens.lenses.cache import obtain_lens
 
+        t = time.perf_counter()
         tuned_lens = obtain_lens(base, "tuned", log=log)
+        seconds["tuned_lens"] = round(time.perf_counter() - t, 1)  # once per model: trained here or read
 
     def lens_for(model: Any) -> Any:
         """The base model's tuned lens, named for `model` (its layers and width are the base's)."""
@@ -176,10 +186,10 @@ def run_ground_truth(
 
     implants, effects, precision, sets_of = [], [], [], {}
     base_ids = scored[:options.n_scored]
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
-    run_localizers(base, [implanted[i] for i in base_ids], out / "base", replace(localizers, seed=0),
-                   compat=compat(base.spec), tuned_lens=lens_for(base), log=log)
+    if options.layer_localizers:
+        run_localizers(base, [implanted[i] for i in base_ids], out / "base", replace(localizers, seed=0),
+                       compat=compat(base.spec), tuned_lens=lens_for(base), log=log)
     seconds["base"] = round(time.perf_counter() - t, 1)
     for layer in layers:
         for s, seed in enumerate(options.seeds):
@@ -201,22 +211,23 @@ def run_ground_truth(
             ids = now.loc[now["memorized"], "probe_id"].tolist()[:options.n_scored]
             if not ids:
                 raise InputError(f"the implant {result.spec} predicts none of the scored idioms: nothing to localize")
-            controls = memorized if s == 0 else []
-            run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
-                           replace(localizers, seed=seed), compat=compat(result.spec), tuned_lens=lens_for(model),
-                           log=log)
+            controls = memorized if s == 0 and options.layer_localizers else []
+            if options.layer_localizers:
+                run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
+                               replace(localizers, seed=seed), compat=compat(result.spec),
+                               tuned_lens=lens_for(model), log=log)
             if result.neurons is not None:
                 rankings = layer_neuron_scores(model, [implanted[i] for i in ids], layer=layer)
                 precision.append(neuron_precision(rankings, result.neurons, implant=name).to_dataframe()
                                  .assign(layer=layer, seed=seed))
                 write_parquet(out / "neuron_precision.parquet", pd.concat(precision, ignore_index=True))
-            sets_of[name] = {_group(IMPLANTED, layer, seed): ids}
+            sets_of[name] = {_group(IMPLANTED, layer, seed): ids} if options.layer_localizers else {}
             if controls:
                 sets_of[name][_group(MEMORIZED, layer, seed)] = controls
             seconds[name] = round(time.perf_counter() - t, 1)
             write_json(out / "settings.json", {"base": base.settings(), "options": options.describe(),
                                                "layers": list(layers), "sets": sets_of, "base_ids": base_ids,
-                                               "tuned_lens": None if lens_for(base) is None else
+                                               "tuned_lens": None if tuned_lens is None else
                                                {**tuned_lens.describe(), "note": "the base model's tuned lens, "
                                                 "read on every implanted model"},
                                                "seconds": seconds,
@@ -245,7 +256,7 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
     window = settings["options"]["localizers"]["window"]
     floor = settings["options"]["min_total_effect"]
     parts = [localizer_profile(out / name, sets=sets, window=window, min_total_effect=floor).per_probe
-             for name, sets in settings["sets"].items()]
+             for name, sets in settings["sets"].items() if sets]
     # The base model's values once per depth (not once per seed), on the idioms its first implant scored.
     first_seed = settings["options"]["seeds"][0]
     base_sets = {}
@@ -253,8 +264,11 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
         implanted_ids = settings["sets"].get(f"L{layer}-s{first_seed}", {}).get(_group(IMPLANTED, layer, first_seed))
         if implanted_ids:
             base_sets[_group(NO_IMPLANT, layer, first_seed)] = [i for i in settings["base_ids"] if i in implanted_ids]
-    parts.append(localizer_profile(out / "base", sets=base_sets, window=window, min_total_effect=floor).per_probe)
-    per_probe = pd.concat(parts, ignore_index=True)[PER_PROBE_COLUMNS]
+    if base_sets:
+        parts.append(localizer_profile(out / "base", sets=base_sets, window=window,
+                                       min_total_effect=floor).per_probe)
+    per_probe = pd.concat(parts, ignore_index=True)[PER_PROBE_COLUMNS] if parts else \
+        pd.DataFrame(columns=PER_PROBE_COLUMNS)
     tables = []
     for set_name in SETS:
         groups = sorted({g for g in per_probe["group"].unique() if g.startswith(set_name + " | ")})
@@ -264,18 +278,26 @@ def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:
         for g in groups:
             layer, seed = g.split("| L")[1].split(" s")
             true[g] = Implant(layer=int(layer), seed=int(seed))
-        scores = layer_scores(per_probe[per_probe["group"].isin(groups)], true_layers=true)
+        part = per_probe[per_probe["group"].isin(groups)]
+        # A probe's tracing share (effect / its total effect) ranks the layers as its raw effect does:
+        # scored once, as the raw effect (the share differs only in which probes pass the floor).
+        measures = [m for m in dict.fromkeys(part["measure"]) if not (m.startswith("tracing ") and " share " in m)]
+        scores = layer_scores(part, true_layers=true, measures=measures)
         scores.save(out, name=f"localization_{set_name.split(' ')[0]}")
         tables.append(scores.to_dataframe().assign(set=set_name))
         if set_name == IMPLANTED:
             save_figure(localization_heatmap(scores, title="Does each localizer find the implanted layer?"),
                         out / "localization_scores", png=png)
             save_figure(localization_profiles(scores), out / "localization_profiles", png=png)
-    table = pd.concat(tables, ignore_index=True)
-    write_parquet(out / "localization.parquet", table)
-    depth = table[table["scope"] == "depth"]
-    shown = depth[["set", "measure", "depth", "n", "score", "score_low", "score_high", "hit", "profile_top_layer"]]
-    text = markdown_table(shown) + "\n"
+    columns = ["set", "measure", "depth", "n", "score", "score_low", "score_high", "hit", "profile_top_layer"]
+    if tables:
+        table = pd.concat(tables, ignore_index=True)
+        write_parquet(out / "localization.parquet", table)
+        shown = table.loc[table["scope"] == "depth", columns]
+        text = markdown_table(shown) + "\n"
+    else:  # neurons only (layer_localizers=False): no layer scores
+        table = pd.DataFrame(columns=[*columns, "scope"])
+        shown, text = table[columns], "No layer-level localizers ran (layer_localizers=False).\n"
     summary = {"settings": settings, "scores": shown.to_dict("records")}
     if (out / "neuron_precision.parquet").is_file():
         neurons = pd.read_parquet(out / "neuron_precision.parquet")

@@ -40,6 +40,8 @@ def test_options_are_checked():
         GroundTruthOptions(seeds=())
     with pytest.raises(InputError, match="implant options"):
         GroundTruthOptions(implant={"learning_rate": 1.0})
+    with pytest.raises(InputError, match="nothing to score in mode 'layer'"):
+        GroundTruthOptions(layer_localizers=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,9 @@ def test_benchmark_writes_every_table(benchmark):
     effects = pd.read_parquet(out / "side_effects.parquet")
     assert {"kl_per_token", "idioms_rate_before", "idioms_rate_after"} <= set(effects["measure"])
     assert {IMPLANTED, NO_IMPLANT} <= set(table["set"])
+    # tracing is scored on its raw effects; its shares would rank every probe's layers the same way
+    assert "tracing MLP (last)" in set(table["measure"])
+    assert not any(m.startswith("tracing") and " share " in m for m in table["measure"])
     pd.testing.assert_frame_equal(score_ground_truth(out, png=False), table)  # rescoring reads the same results
 
 
@@ -148,7 +153,7 @@ def test_the_report_shows_the_ground_truth_stage(benchmark):
     assert inner and not any(p.stem in section.body for p in inner)
 
 
-def test_neurons_mode_scores_the_trained_neurons(strong_mlp_dir, probes, tmp_path, monkeypatch):
+def test_neurons_mode_scores_the_trained_neurons(strong_mlp_dir, probes, tmp_path, monkeypatch, capsys):
     """Neurons mode: precision@k of each neuron ranking at the implanted layer against the trained
     neurons, in its table and in localization.md; the trained neurons' own change makes the
     ranking that reads the trained output vectors (effective) beat chance."""
@@ -170,6 +175,20 @@ def test_neurons_mode_scores_the_trained_neurons(strong_mlp_dir, probes, tmp_pat
     print(precision[["method", "k", "precision", "chance_precision"]])
     assert effective["precision"] > effective["chance_precision"]
     assert "Neurons mode: precision@k" in (tmp_path / "out" / "localization.md").read_text()
+    # neurons only: the same implant (from the cache) and the same precision, no layer localizer
+    from dataclasses import replace
+
+    run_ground_truth(str(strong_mlp_dir), tmp_path / "only", replace(options, layer_localizers=False), png=False,
+                     log=lambda line: None)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "only" / "neuron_precision.parquet"), precision)
+    assert not (tmp_path / "only" / "base").exists() and not (tmp_path / "only" / "L1-s0").exists()
+    assert "No layer-level localizers ran" in (tmp_path / "only" / "localization.md").read_text()
+    from idiom_lens.cli import main
+
+    capsys.readouterr()
+    assert main(["localize", "--out", str(tmp_path / "only"), "--rescore", "--no-png"]) == 0
+    printed = capsys.readouterr().out
+    assert "effective" in printed and "chance_precision" in printed
 
 
 def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
@@ -196,6 +215,62 @@ def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
     kl = claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.kl_per_token"]
     assert kl["value"] == pytest.approx(effects.loc["kl_per_token", "value"]) and kl["text"] == f"{kl['value']:.2f}"
     assert claims.items[f"{publish.GROUND_TRUTH}.implant.L1-s0.rate"]["value"] == 1.0
+    implants = pd.read_parquet(out / "implants.parquet")
+    train = claims.items[f"{publish.GROUND_TRUTH}.implants_train_minutes"]
+    assert train["value"] == pytest.approx(implants["train_seconds"].sum() / 60)
+    lens = json.loads((out / "settings.json").read_text())["tuned_lens"]["settings"]["train_seconds"]
+    assert claims.items[f"{publish.GROUND_TRUTH}.tuned_lens_train_minutes"]["value"] == pytest.approx(lens / 60)
     publish.write_ground_truth_page(tmp_path, tmp_path / "results", "python experiments/ground_truth.py")
     page = (tmp_path / "results" / "ground_truth.md").read_text()
     assert "Implants:" in page and "Side effects" in page and "kl_per_token" in page
+
+
+def test_a_rerun_benchmark_is_republished_alone(benchmark, tmp_path):
+    """`regenerate.py --steps ground-truth-gemma-3-270m`: its claims, page, figures and row are
+    rewritten from the run; every other claim and row stays as the last full publish wrote it."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    import publish  # noqa: E402  (experiments/publish.py)
+    import regenerate  # noqa: E402  (experiments/regenerate.py)
+
+    out, table, _ = benchmark
+    published, docs = tmp_path / "published", tmp_path / "docs"
+    shutil.copytree(out, published / publish.GROUND_TRUTH)
+    for name in ("localization_scores.png", "localization_profiles.png"):  # png=False in the fixture's run
+        (published / publish.GROUND_TRUTH / name).write_bytes(b"new " + name.encode())
+    (published / ".steps").mkdir()
+    (published / ".steps" / f"{publish.GROUND_TRUTH}.json").write_text(json.dumps(
+        {"seconds": 600.0, "commit": "abc1234", "finished": "2026-12-07T12:00:00+00:00"}))
+    steps = regenerate.steps()
+    shown = {step.name: step.shown() for step in steps}
+    old = publish.Claims(shown)
+    old.add("other.claim", value=1.0, text="1", command=shown["compare"], source="x")
+    old.add(f"{publish.GROUND_TRUTH}.stale", value=2.0, text="2", command=shown[publish.GROUND_TRUTH], source="y")
+    (docs / "results").mkdir(parents=True)
+    (docs / "figures").mkdir()
+    old.write(docs / "claims.json")
+    (docs / "regeneration.md").write_text("Per step (1 min for `make results` in all):\n\n"
+                                          "| step | command |\n|---|---|\n| compare | kept |\n"
+                                          f"| {publish.GROUND_TRUTH} | old row |\n")
+
+    publish.publish_steps(published, docs, names=[publish.GROUND_TRUTH], steps=steps)
+
+    claims = json.loads((docs / "claims.json").read_text())["claims"]
+    assert claims["other.claim"]["text"] == "1" and f"{publish.GROUND_TRUTH}.stale" not in claims
+    row = table[(table["set"] == IMPLANTED) & (table["scope"] == "depth")
+                & (table["measure"] == "knockout whole MLP log-p drop")].iloc[0]
+    assert claims[f"{publish.GROUND_TRUTH}.implanted.knockout_whole_mlp_log_p_drop.depth1.score"]["value"] == \
+        row["score"]
+    assert claims[f"regeneration.{publish.GROUND_TRUTH}.minutes"]["text"] == "10"
+    expected = sum(step.minutes for step in steps if not step.long)
+    assert claims["regeneration.expected_minutes"]["value"] == expected
+    assert (docs / "figures" / "gemma-3-270m_localization_scores.png").read_bytes() == b"new localization_scores.png"
+    assert "Side effects" in (docs / "results" / "ground_truth.md").read_text()
+    page = (docs / "regeneration.md").read_text()
+    assert "| compare | kept |" in page and "old row" not in page and "| 10.0 min | abc1234 | 2026-12-07 |" in page
+    assert f"{expected:g} min for `make results` in all" in page
+    with pytest.raises(ValueError, match="cannot be republished alone"):
+        publish.publish_steps(published, docs, names=["compare"], steps=steps)
