@@ -48,8 +48,9 @@ class Step:
 
 def steps(*, idiomem: Path | None = None) -> list[Step]:
     # Minutes per step, alone on 2 cores. The recall steps: about 75 min per seed (knockouts 2 x 15,
-    # tracing about 40, the rest about 8), seen on both models on 2026-12-07. Ground truth: 77 min
-    # of localizers plus 32 min training the six implants (cached after the first run), 2026-12-07.
+    # tracing about 40, the rest about 8), seen on both models on 2026-12-07. Ground truth: 142 min
+    # from an empty cache on a 2-core AMD EPYC, of which 24 trained the tuned lens (the study step's
+    # here) and 51 the six implants (cached after the first run), 2026-12-07.
     """Every run the docs cite, in the order they run (the README's first)."""
     py = "python"
     found = [
@@ -75,7 +76,7 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
                                      "--out", "{out}/recall-smollm2-135m", "--per-set", "50", "--seeds", "0", "1",
                                      "--window", "5"), 150),
         Step("ground-truth-gemma-3-270m", (py, "experiments/ground_truth.py",
-                                           "--out", "{out}/ground-truth-gemma-3-270m"), 110),
+                                           "--out", "{out}/ground-truth-gemma-3-270m"), 120),
         Step("implant-scaling", (py, "benchmarks/implant_bench.py", "--dataset", "implanted", "--layers", "8",
                                  "--n-idioms", "25", "50", "100", "--out", "{out}/implant-scaling/scaling.jsonl"), 8),
         Step("knockouts-all-memorized", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-all-memorized",
