@@ -262,7 +262,9 @@ class CellComparison:
     position, which restores everything in every layer), and correlation, spearman, overlap and
     recall are NaN. `largest`: index (in the cells given) of the largest |exact| cell, the first
     in cell order among those within `atol` of it, -1 without cells; `largest_rank`: the rank
-    attribution gives it by |estimate|, 1 = first, counting the cells it puts strictly above it."""
+    attribution gives it by |estimate|, 1 = first, counting the cells it puts above it by more
+    than `atol` (the same tolerance that chose it: otherwise a near-tie, which fp32 rounding
+    breaks differently on each CPU, ranks an exact copy of the values second)."""
 
     n_cells: int
     spread: bool
@@ -308,7 +310,7 @@ def compare_cells(
         overlap=top_overlap(exact, approx, top, atol=atol) if spread else nan,
         recall=top_recall(exact, approx, top, shortlist, atol=atol) if spread else nan,
         largest=largest, largest_exact=float(exact[largest]), largest_approx=float(approx[largest]),
-        largest_rank=float(1 + np.sum(np.abs(approx) > abs(approx[largest]))),
+        largest_rank=float(1 + np.sum(np.abs(approx) > abs(approx[largest]) + atol)),
     )
 
 

@@ -357,6 +357,9 @@ def test_compare_cells_edge_cases():
     assert empty.n_cells == 0 and empty.largest == -1 and math.isnan(empty.correlation)
     negative = compare_cells([0.2, -0.9, 0.5], [0.3, -0.3, 0.3])
     assert negative.largest == 1 and negative.largest_exact == -0.9 and negative.largest_rank == 1  # ties favour it
+    # a near-tie within atol does not outrank the chosen cell: an exact copy of the values ranks it first
+    near = compare_cells(np.array([0.9, 0.9004, 0.1]), np.array([0.9, 0.9004, 0.1]))
+    assert near.largest == 0 and near.largest_rank == 1
     with pytest.raises(InputError, match="same cells"):
         compare_cells([1.0], [1.0, 2.0])
 
