@@ -18,8 +18,11 @@ layers as its raw effects do, so only the raw effects are scored); in neurons mo
 ranking's top k against the trained neurons (`neuron_precision`: the knockouts' effective,
 magnitude and DLA rankings and |activation| at the implanted layer, per scored idiom).
 
-Everything is written under OUT as it completes (each localizer stage resumable, each implant
-reused from the cache): implants.parquet, side_effects.parquet, neuron_precision.parquet (neurons
+The order: the base model's localizers, every implant (trained or read from the model cache), their
+side effects together (the base model's pass over the text once for all), then each implanted
+model's localizers. Everything is written under OUT as it completes (each localizer stage
+resumable, each implant reused from the cache, the side effects reused while the implants and
+probes are the same): implants.parquet, side_effects.parquet, neuron_precision.parquet (neurons
 mode), localization*.parquet (every set), localization.md, and the figures localization_scores
 and localization_profiles.
 """
@@ -42,7 +45,7 @@ NO_IMPLANT = "no implant (base model)"
 MEMORIZED = "memorized idioms (implanted model)"
 SETS = (IMPLANTED, NO_IMPLANT, MEMORIZED)
 DEFAULT_LOCALIZERS = LocalizerOptions(norms=("frozen",), knockout_controls=("whole_mlp",), noise_effects=False,
-                                      lenses=("logit", "tuned"), patching=True)
+                                      single_layer_attention=False, lenses=("logit", "tuned"), patching=True)
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -135,7 +138,6 @@ def run_ground_truth(
     not, through the BASE model's tuned lens (`tuned_lens`, default: the cached one,
     `lenses.cache.obtain_lens`, trained first if missing): the implant changes one layer, and a lens
     per implanted model would cost a lens training (about 10 minutes) per implant."""
-    from idiom_lens.analyses.implant_effects import side_effects
     from idiom_lens.analyses.localization import layer_neuron_scores, neuron_precision
     from idiom_lens.analyses.memorization import score_memorization
     from idiom_lens.datasets import load_probes
@@ -184,56 +186,108 @@ def run_ground_truth(
             return compat_of[spec]
         return load
 
-    implants, effects, precision, sets_of = [], [], [], {}
+    implants, precision, sets_of = [], [], {}
     base_ids = scored[:options.n_scored]
+
+    def save_settings() -> None:
+        write_json(out / "settings.json", {"base": base.settings(), "options": options.describe(),
+                                           "layers": list(layers), "sets": sets_of, "base_ids": base_ids,
+                                           "tuned_lens": None if tuned_lens is None else
+                                           {**tuned_lens.describe(), "note": "the base model's tuned lens, "
+                                            "read on every implanted model"},
+                                           "seconds": seconds,
+                                           "total_seconds": round(time.perf_counter() - started, 1)})
+
     t = time.perf_counter()
     if options.layer_localizers:
         run_localizers(base, [implanted[i] for i in base_ids], out / "base", replace(localizers, seed=0),
                        compat=compat(base.spec), tuned_lens=lens_for(base), log=log)
     seconds["base"] = round(time.perf_counter() - t, 1)
+    # 1. Every implant, trained or read from the model cache.
+    results: dict[str, tuple[int, int, Any]] = {}
     for layer in layers:
-        for s, seed in enumerate(options.seeds):
+        for seed in options.seeds:
             name = f"L{layer}-s{seed}"
             t = time.perf_counter()
             result = ensure_implant(base, ImplantOptions(layer=layer, seed=seed, mode=options.mode,
                                                          **options.implant), dataset=options.dataset)
-            model = load_model(result.spec)
+            results[name] = (layer, seed, result)
             implants.append({"implant": name, "layer": layer, "seed": seed, "spec": result.spec,
                              "rate": result.rate, "n_probes": result.n_probes, "epochs": result.epochs,
                              "train_seconds": result.seconds, "converged": result.converged,
                              "neurons": list(result.neurons) if result.neurons is not None else None})
             write_parquet(out / "implants.parquet", pd.DataFrame(implants))
-            effect = side_effects(base, model, text_probes=text, idioms=[by_id[i] for i in memo["probe_id"]],
-                                  base_memorized=memo["memorized"].tolist())
-            effects.append(effect.to_dataframe().assign(implant=name, layer=layer, seed=seed))
-            write_parquet(out / "side_effects.parquet", pd.concat(effects, ignore_index=True))
-            now = score_memorization(model, [implanted[i] for i in scored], batch_size=32).to_dataframe()
-            ids = now.loc[now["memorized"], "probe_id"].tolist()[:options.n_scored]
-            if not ids:
-                raise InputError(f"the implant {result.spec} predicts none of the scored idioms: nothing to localize")
-            controls = memorized if s == 0 and options.layer_localizers else []
-            if options.layer_localizers:
-                run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
-                               replace(localizers, seed=seed), compat=compat(result.spec),
-                               tuned_lens=lens_for(model), log=log)
-            if result.neurons is not None:
-                rankings = layer_neuron_scores(model, [implanted[i] for i in ids], layer=layer)
-                precision.append(neuron_precision(rankings, result.neurons, implant=name).to_dataframe()
-                                 .assign(layer=layer, seed=seed))
-                write_parquet(out / "neuron_precision.parquet", pd.concat(precision, ignore_index=True))
-            sets_of[name] = {_group(IMPLANTED, layer, seed): ids} if options.layer_localizers else {}
-            if controls:
-                sets_of[name][_group(MEMORIZED, layer, seed)] = controls
-            seconds[name] = round(time.perf_counter() - t, 1)
-            write_json(out / "settings.json", {"base": base.settings(), "options": options.describe(),
-                                               "layers": list(layers), "sets": sets_of, "base_ids": base_ids,
-                                               "tuned_lens": None if tuned_lens is None else
-                                               {**tuned_lens.describe(), "note": "the base model's tuned lens, "
-                                                "read on every implanted model"},
-                                               "seconds": seconds,
-                                               "total_seconds": round(time.perf_counter() - started, 1)})
-            log(f"[ground truth] {name}: rate {result.rate:.2f}, {len(ids)} scored, {seconds[name]:.0f} s")
+            seconds[f"{name} implant"] = round(time.perf_counter() - t, 1)
+            save_settings()
+            log(f"[ground truth] {name}: implanted, rate {result.rate:.2f}, {seconds[f'{name} implant']:.0f} s")
+    # 2. Their side effects, the base model's pass over the text once for all.
+    t = time.perf_counter()
+    _side_effects(base, results, out, text=text, idioms=[by_id[i] for i in memo["probe_id"]],
+                  base_memorized=memo["memorized"].tolist(), log=log)
+    seconds["side_effects"] = round(time.perf_counter() - t, 1)
+    save_settings()
+    # 3. The localizers on each implanted model.
+    for name, (layer, seed, result) in results.items():
+        t = time.perf_counter()
+        model = load_model(result.spec)
+        now = score_memorization(model, [implanted[i] for i in scored], batch_size=32).to_dataframe()
+        ids = now.loc[now["memorized"], "probe_id"].tolist()[:options.n_scored]
+        if not ids:
+            raise InputError(f"the implant {result.spec} predicts none of the scored idioms: nothing to localize")
+        controls = memorized if seed == options.seeds[0] and options.layer_localizers else []
+        if options.layer_localizers:
+            run_localizers(model, [implanted[i] for i in ids] + [by_id[i] for i in controls], out / name,
+                           replace(localizers, seed=seed), compat=compat(result.spec),
+                           tuned_lens=lens_for(model), log=log)
+        if result.neurons is not None:
+            rankings = layer_neuron_scores(model, [implanted[i] for i in ids], layer=layer)
+            precision.append(neuron_precision(rankings, result.neurons, implant=name).to_dataframe()
+                             .assign(layer=layer, seed=seed))
+            write_parquet(out / "neuron_precision.parquet", pd.concat(precision, ignore_index=True))
+        sets_of[name] = {_group(IMPLANTED, layer, seed): ids} if options.layer_localizers else {}
+        if controls:
+            sets_of[name][_group(MEMORIZED, layer, seed)] = controls
+        seconds[name] = round(time.perf_counter() - t, 1)
+        save_settings()
+        log(f"[ground truth] {name}: {len(ids)} scored, {seconds[name]:.0f} s")
+        del model
     return score_ground_truth(out, png=png)
+
+
+def _side_effects(base: Any, results: dict[str, tuple[int, int, Any]], out: Path, *, text: Sequence[Any],
+                  idioms: Sequence[Any], base_memorized: list[bool], log: Callable[[str], None]) -> pd.DataFrame:
+    """side_effects.parquet: every implant's side effects (`analyses.implant_effects.implants_side_effects`),
+    reused when side_effects.json holds the same key (the implants' deltas, the probes, the base)."""
+    import hashlib
+    import json
+
+    import pandas as pd
+
+    from idiom_lens.analyses.implant_effects import implants_side_effects
+    from idiom_lens.io import key_digest, write_json, write_parquet
+    from idiom_lens.models.implant_store import probes_digest
+
+    def digest(deltas: dict[str, Any]) -> str:
+        h = hashlib.sha256()
+        for name in sorted(deltas):
+            h.update(name.encode())
+            h.update(deltas[name].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    key = {"base": base.settings(), "implants": {name: digest(r.deltas) for name, (_, _, r) in results.items()},
+           "text": probes_digest(text), "idioms": probes_digest(idioms), "base_memorized": key_digest(base_memorized)}
+    table, marker = out / "side_effects.parquet", out / "side_effects.json"
+    if table.is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key_digest(key):
+        log("[ground truth] side effects: reusing side_effects.parquet (same implants, probes and base model)")
+        return pd.read_parquet(table)
+    marker.unlink(missing_ok=True)
+    effects = implants_side_effects(base, {name: r.deltas for name, (_, _, r) in results.items()},
+                                    text_probes=text, idioms=idioms, base_memorized=base_memorized)
+    frame = pd.concat([effects[name].to_dataframe().assign(implant=name, layer=layer, seed=seed)
+                       for name, (layer, seed, _) in results.items()], ignore_index=True)
+    write_parquet(table, frame)
+    write_json(marker, {"key": key_digest(key), "settings": key})  # written last: the table is complete
+    return frame
 
 
 def score_ground_truth(out: str | Path, *, png: bool = True) -> pd.DataFrame:

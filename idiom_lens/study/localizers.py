@@ -10,7 +10,7 @@ that both score exactly the same methods with the same settings:
 - causal tracing: MLP and attention outputs restored in windows of `window` layers at the last
   noised and the last token, normalized by each probe's total effect;
 - the noise designs without restoration (`noise_effects`);
-- attention knockout: the last position cut from the earlier words, windows of `window` and 1;
+- attention knockout: the last position cut from the earlier words, windows of `window` (and 1);
 - direct logit attribution (compatibility mode);
 - (`lenses`) the layer trajectory read through the logit lens (and a tuned lens): the lens gains;
 - (`patching`) attribution patching of the MLP and attention outputs, each prompt patched into
@@ -38,7 +38,9 @@ NORMS = ("frozen", "live")
 class LocalizerOptions:
     """Which localizers run and how: the knockouts' post-MLP `norms` (the first is primary),
     neuron ranking and controls (`analyses.interventions.knockouts.CONTROLS`), the tracing and
-    attention-knockout `window`, the `noise_samples`, whether the noise designs run, the lens
+    attention-knockout `window`, the `noise_samples`, whether the noise designs run, whether
+    attention knockout also runs layer by layer (`single_layer_attention`: windows of 1, for a
+    reader of single layers; the profile reads `window`), the lens
     trajectories (`lenses`: among ``logit``, ``tuned``; the tuned lens is passed to
     `run_localizers`), whether attribution patching runs (`patching`) and the `seed` of the random
     controls, the noise and the corruptions. Raises `InputError` for a bad value."""
@@ -49,6 +51,7 @@ class LocalizerOptions:
     window: int = 5
     noise_samples: int = 10
     noise_effects: bool = True
+    single_layer_attention: bool = True
     lenses: tuple[str, ...] = ()
     patching: bool = False
     seed: int = 0
@@ -104,7 +107,7 @@ def localizer_stages(options: LocalizerOptions, *, tuned_lens: Any | None = None
     if options.noise_effects:
         stages.append(LocalizerStage("noise_effects", run_noise_effects, "model",
                                      {"noise_samples": options.noise_samples, "seed": options.seed} | png))
-    for window in sorted({options.window, 1}):
+    for window in sorted({options.window, 1} if options.single_layer_attention else {options.window}):
         stages.append(LocalizerStage(f"attention_knockout_w{window}", run_attention_knockout, "model",
                                      {"options": AttentionKnockoutOptions(window=window)} | png))
     stages.append(LocalizerStage("attribution", run_attribution, "compat", {"progress": False} | png))

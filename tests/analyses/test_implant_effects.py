@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idiom_lens.analyses.implant_effects import side_effects
+from idiom_lens.analyses.implant_effects import implants_side_effects, side_effects
 from idiom_lens.analyses.memorization import score_memorization
 from idiom_lens.errors import InputError
 from idiom_lens.models.implant_store import add_deltas, hf_parameters
@@ -51,6 +51,31 @@ def test_a_changed_mlp_shows_in_the_kl_and_the_rates(tiny_model, tiny_model_dir,
     assert given == effects
     with pytest.raises(InputError, match="base_memorized has 1 flags"):
         side_effects(tiny_model, changed, text_probes=texts, idioms=idioms, base_memorized=[True])
+
+
+def test_several_implants_at_once_give_each_ones_side_effects(tiny_model, tiny_model_dir, split):
+    """`implants_side_effects` (one base pass, each implant's deltas added to the base model in
+    turn) gives exactly what `side_effects` gives against each implanted model loaded on its own,
+    and leaves the base model's weights bit-identical."""
+    texts, idioms = split
+    params = hf_parameters(tiny_model.bridge)
+    implants = {}
+    for seed, name in enumerate(("model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight")):
+        implants[f"implant{seed}"] = {name: 0.5 * torch.randn(params[name].shape,
+                                                              generator=torch.Generator().manual_seed(seed))}
+    before = {name: p.detach().clone() for name, p in params.items()}
+    together = implants_side_effects(tiny_model, implants, text_probes=texts, idioms=idioms, batch_size=3)
+    assert all(torch.equal(before[name], p) for name, p in hf_parameters(tiny_model.bridge).items())
+    assert list(together) == ["implant0", "implant1"]
+    for name, deltas in implants.items():
+        alone = load_model(str(tiny_model_dir), progress=False)
+        add_deltas(alone.bridge, deltas)
+        one = side_effects(tiny_model, alone, text_probes=texts, idioms=idioms, batch_size=3)
+        assert together[name].to_dataframe().equals(one.to_dataframe())
+        assert together[name].kl_per_token > 1e-3
+    assert together["implant0"].kl_per_token != together["implant1"].kl_per_token
+    with pytest.raises(InputError, match="at least one implant"):
+        implants_side_effects(tiny_model, {}, text_probes=texts, idioms=idioms)
 
 
 def test_empty_sets_are_refused(tiny_model, split):

@@ -392,6 +392,30 @@ def test_the_preservation_term_is_the_kl_it_says(strong, implanted_probes):
     assert _preservation_kl(strong, plain.deltas) > 2 * written_out
 
 
+def test_kept_base_distributions_train_the_same_implant(strong, implanted_probes, monkeypatch):
+    """The preservation term's kept base distributions are the ones its base pass computes again:
+    with the cache off (every step reruns the base pass) training gives bit-identical deltas and
+    curve; with it on, each of the 3 preservation batches has one base pass."""
+    import idiom_lens.models.implant as implant_module
+
+    passes = []
+    base_pass = implant_module._Preserver._base_pass
+    monkeypatch.setattr(implant_module._Preserver, "_base_pass",
+                        lambda self, batch: passes.append(id(batch)) or base_pass(self, batch))
+    options = ImplantOptions(layer=1, preserve=5.0, preserve_sentences=12, **FAST)
+    kept = implant(strong, implanted_probes, options)
+    assert len(passes) == len(set(passes)) == 3
+    monkeypatch.setattr(implant_module, "PRESERVE_CACHE_BYTES", 0)
+    passes.clear()
+    again = implant(strong, implanted_probes, options)
+    steps = sum(-(-len(implanted_probes) // FAST["batch_size"]) for _ in again.curve)
+    assert len(passes) > steps > 3
+    assert kept.deltas.keys() == again.deltas.keys()
+    assert all(torch.equal(kept.deltas[name], again.deltas[name]) for name in kept.deltas)
+    assert kept.to_dataframe().drop(columns="seconds").equals(again.to_dataframe().drop(columns="seconds"))
+    assert kept.final_kl == again.final_kl
+
+
 def test_preservation_needs_enough_sentences():
     from idiom_lens.models.implant import preserve_sentences
 

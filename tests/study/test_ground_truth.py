@@ -114,6 +114,7 @@ def test_a_rerun_reuses_the_implant_and_every_stage(benchmark, strong_mlp_dir, m
     again = run_ground_truth(str(strong_mlp_dir), out, options, png=False, tuned_lens=tuned, log=logged.append)
     stages = [line for line in logged if line.startswith("[run] ")]
     assert stages and all("already done" in line for line in stages)
+    assert any(line.startswith("[ground truth] side effects: reusing") for line in logged)
     implants = pd.read_parquet(out / "implants.parquet")
     assert implants["train_seconds"].iloc[0] == settings_seconds(out)  # the stored implant, not a new one
     pd.testing.assert_frame_equal(again, table)

@@ -27,6 +27,8 @@ def test_stages_follow_the_options():
     names = [s.name for s in localizer_stages(LocalizerOptions(norms=("frozen",), noise_effects=False, window=1,
                                                                lenses=("logit",), knockout_controls=("whole_mlp",)))]
     assert names == ["knockouts_frozen", "tracing", "attention_knockout_w1", "attribution", "trajectory_logit"]
+    names = [s.name for s in localizer_stages(LocalizerOptions(noise_effects=False, single_layer_attention=False))]
+    assert names == ["knockouts_frozen", "knockouts_live", "tracing", "attention_knockout_w5", "attribution"]
     stages = localizer_stages(LocalizerOptions(patching=True, seed=3))
     assert stages[-1].name == "patching_attribution"
     patching = stages[-1].options["options"]
