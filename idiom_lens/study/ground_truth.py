@@ -261,8 +261,6 @@ def _side_effects(base: Any, results: dict[str, tuple[int, int, Any]], out: Path
     import hashlib
     import json
 
-    import pandas as pd
-
     from idiom_lens.analyses.implant_effects import implants_side_effects
     from idiom_lens.io import key_digest, write_json, write_parquet
     from idiom_lens.models.implant_store import probes_digest
