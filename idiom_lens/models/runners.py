@@ -145,9 +145,14 @@ class SuffixRunner:
     def run(
         self, n_rows: int, hooks: Sequence[tuple[str, HookFn]], *, start: int = 0,
         resid: Float[Tensor, "row pos d_model"] | None = None, from_pos: int = 0,
-        past: PrefixKV | KVRecorder | None = None,
-    ) -> Float[Tensor, "row d_vocab"]:
+        past: PrefixKV | KVRecorder | None = None, unembed: bool = True,
+    ) -> Float[Tensor, "row d_vocab"] | Float[Tensor, "row d_model"]:
         """Read-position logits of `n_rows` rows resumed at block `start` with `hooks` active.
+
+        `unembed=False` returns what the unembedding would read instead (the final norm's output,
+        [row, d_model]; `logits` unembeds it, outside the hooks): Gemma's unembedding streams its
+        671 MB matrix once per call, so a call costs about as much for 2 rows as for 32, and a
+        caller running many small batches (one per start layer) unembeds them together.
 
         `resid` is the residual stream entering `start`, one per row (default: the clean one):
         causal tracing resumes corrupted runs this way. With `from_pos` > 0 only the positions
@@ -175,10 +180,24 @@ class SuffixRunner:
                 out = bridge.blocks[layer](x, **_suffix_kwargs(self.block_kwargs[layer], from_pos, past))
                 x = out[0] if isinstance(out, tuple) else out
             at = self.last - from_pos
-            logits = bridge.unembed(final_transform(self.model, x[:, at : at + 1]))
+            read = final_transform(self.model, x[:, at : at + 1])
+            if not unembed:
+                return read[:, -1]
+            logits = bridge.unembed(read)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, -1].float()
+
+    def logits(self, read: Float[Tensor, "row d_model"], *, chunk: int = 256) -> Float[Tensor, "row d_vocab"]:
+        """The logits of final-norm outputs (`run(..., unembed=False)`), `chunk` rows per call."""
+        parts = []
+        with torch.no_grad():
+            for i in range(0, read.shape[0], chunk):
+                logits = self.model.bridge.unembed(read[i : i + chunk][:, None])[:, -1]
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                parts.append(logits.float())
+        return torch.cat(parts)
 
     def self_check(self, *, what: str, probe: str) -> None:
         """Stop (`FastPathError`) unless rows resumed at the first, a middle and the last layer

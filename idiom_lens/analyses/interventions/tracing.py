@@ -246,6 +246,7 @@ def trace_prompt(
                 if pos >= first_pos:
                     rows_by_start.setdefault(layers[0], []).append((si, layer, col, pos, layers))
     reuse_checked = False
+    reads: list[tuple[list[tuple[int, int, int, int, tuple[int, ...]]], Tensor]] = []  # unembedded together below
     for start in sorted(rows_by_start):
         cells = sorted(rows_by_start[start], key=lambda cell: cell[3])
         per_batch = max(1, batch_size // n_samples)
@@ -257,18 +258,22 @@ def trace_prompt(
                 later = range(start, n_layers)
                 past = PrefixKV({l: recorded.keys[l][:, :, :from_pos].repeat(len(chunk), 1, 1, 1) for l in later},
                                 {l: recorded.values[l][:, :, :from_pos].repeat(len(chunk), 1, 1, 1) for l in later})
-            logits = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=from_pos),
-                                start=start, resid=entering[start][:, from_pos:].repeat(len(chunk), 1, 1),
-                                from_pos=from_pos, past=past)
+            read = runner.run(len(chunk) * n_samples, _restore_hooks(chunk, specs, clean, n_samples, offset=from_pos),
+                              start=start, resid=entering[start][:, from_pos:].repeat(len(chunk), 1, 1),
+                              from_pos=from_pos, past=past, unembed=False)
             if check is not None and from_pos and not reuse_checked:  # reused keys and values vs whole-prompt rows
                 whole = runner.run(n_samples, _restore_hooks(chunk[:1], specs, clean, n_samples), start=start,
                                    resid=entering[start])
-                check_close(logits[:n_samples], whole, what="causal tracing (restored, earlier keys and values reused)",
-                            probe=check)
+                check_close(runner.logits(read[:n_samples]), whole,
+                            what="causal tracing (restored, earlier keys and values reused)", probe=check)
                 reuse_checked = True
-            probs = prob_of_pred(logits).reshape(len(chunk), n_samples)
-            for (si, layer, col, _, _), p in zip(chunk, probs):
-                restored[si, layer, col] = p
+            reads.append((chunk, read))
+    # One unembedding for every restored row (its 671 MB matrix streams once per call, whatever the rows).
+    if reads:
+        probs = prob_of_pred(runner.logits(torch.cat([read for _, read in reads]), chunk=batch_size))
+        cells = [cell for chunk, _ in reads for cell in chunk]
+        for (si, layer, col, _, _), p in zip(cells, probs.reshape(len(cells), n_samples)):
+            restored[si, layer, col] = p
     return PromptTrace(tuple(specs), restored, corrupted, float(clean_logp[pred].exp()), pred, noised, positions)
 
 

@@ -459,6 +459,12 @@ def test_suffix_runner_resumed_at_any_layer_is_the_full_forward(case):
             by_hand = full_forward(model, toks.prompt_ids, [hook])
             assert relative_error(runner.run(1, [hook], start=start)[0], by_hand) < rtol
             assert relative_error(by_hand, plain) > 10 * rtol
+            # the final-norm outputs of several runs, unembedded together, are each run's logits
+            reads = torch.cat([runner.run(2, [], start=start, unembed=False),
+                               runner.run(1, [hook], start=start, unembed=False)])
+            assert reads.shape == (3, model.d_model)
+            together = runner.logits(reads, chunk=2)
+            assert relative_error(together[0], plain) < rtol and relative_error(together[2], by_hand) < rtol
 
 
 def test_suffix_runner_from_a_position_with_recorded_keys_is_the_full_forward(case):

@@ -160,7 +160,9 @@ def _probe_rows(
     (`output_diagnostics`) per cell (in order), knocked out at `options.positions` with
     `options.norm` and the ablation values `fills` (None: zero).
 
-    With whole prompts (`SuffixRunner`) a batch holds cells of one start layer and resumes there."""
+    With whole prompts (`SuffixRunner`) a batch holds cells of one start layer and resumes there,
+    and the batches' last positions are unembedded together at the end (one call of the 671 MB
+    unembedding per probe instead of one per start layer)."""
     runner = state.runner
     valid = valid_mask(model)
     gains = post_norm_gains(model)
@@ -172,6 +174,14 @@ def _probe_rows(
     else:
         groups = {0: list(range(len(configs)))}
     results: dict[str, np.ndarray] = {}
+
+    def keep(chunk: list[int], metrics: dict[str, np.ndarray]) -> None:
+        for key, values in metrics.items():
+            if key not in results:
+                results[key] = np.empty(len(configs), dtype=values.dtype)
+            results[key][chunk] = values
+
+    reads: list[tuple[list[int], Tensor]] = []  # SuffixRunner: (cells, final-norm outputs), unembedded at the end
     for start, index in groups.items():
         for b in range(0, len(index), batch_size):
             chunk = index[b : b + batch_size]
@@ -182,19 +192,22 @@ def _probe_rows(
             layers = sorted({layer for cfg in cells for layer in cfg.layers})
             hooks += output_capture_hooks(layers, last=runner.last, store=outputs)
             if isinstance(runner, SuffixRunner):
-                logits = runner.run(len(chunk), hooks, start=start)
+                reads.append((chunk, runner.run(len(chunk), hooks, start=start, unembed=False)))
             else:
-                logits = runner.run(len(chunk), hooks)
-            metrics = last_metrics(logits, state.pred_id, state.pred_prob, target_id, valid=valid)
+                keep(chunk, last_metrics(runner.run(len(chunk), hooks), state.pred_id, state.pred_prob, target_id,
+                                         valid=valid))
+            diagnostics: dict[str, np.ndarray] = {}
             for r, cfg in enumerate(cells):
                 window = list(cfg.layers)
                 knocked = torch.stack([outputs[layer][r] for layer in window])
                 for key, value in output_diagnostics(state.outputs[window], knocked).items():
-                    metrics.setdefault(key, np.empty(len(cells)))[r] = value
-            for key, values in metrics.items():
-                if key not in results:
-                    results[key] = np.empty(len(configs), dtype=values.dtype)
-                results[key][chunk] = values
+                    diagnostics.setdefault(key, np.empty(len(cells)))[r] = value
+            keep(chunk, diagnostics)
+    if reads and isinstance(runner, SuffixRunner):
+        logits = runner.logits(torch.cat([read for _, read in reads]))
+        metrics = last_metrics(logits, state.pred_id, state.pred_prob, target_id, valid=valid)
+        keep([i for chunk, _ in reads for i in chunk], metrics)
+        results = {key: results[key] for key in [*metrics, *(k for k in results if k not in metrics)]}  # as before
     return results
 
 
