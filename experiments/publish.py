@@ -444,6 +444,18 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
     train = float(_table(implants_path)["train_seconds"].sum())
     claims.add(f"{GROUND_TRUTH}.implants_train_minutes", value=train / 60, text=f"{train / 60:.0f}", command=command,
                source=str(implants_path.relative_to(out)))
+    # This run's stages (settings.json "seconds"): the localizers (the base model's and each
+    # implant's, model loads included), the side effects of every implant together, and obtaining
+    # the tuned lens (seconds when it was read from the cache).
+    seconds = settings.get("seconds") or {}
+    implant_names = set(_table(implants_path)["implant"])
+    stages = {"localizers": float(seconds.get("base", 0.0)) + sum(float(seconds[n]) for n in implant_names
+                                                                  if n in seconds),
+              "side_effects": seconds.get("side_effects"), "tuned_lens_obtained": seconds.get("tuned_lens")}
+    for stage, value in stages.items():
+        if value is not None:
+            claims.add(f"{GROUND_TRUTH}.{stage}_minutes", value=float(value) / 60, text=f"{float(value) / 60:.0f}",
+                       command=command, source=str(settings_path.relative_to(out)))
     lens_seconds = ((settings.get("tuned_lens") or {}).get("settings") or {}).get("train_seconds")
     if lens_seconds is not None:
         claims.add(f"{GROUND_TRUTH}.tuned_lens_train_minutes", value=lens_seconds / 60, text=f"{lens_seconds / 60:.0f}",

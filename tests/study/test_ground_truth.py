@@ -221,6 +221,13 @@ def test_published_claims_are_the_tables_numbers(benchmark, tmp_path):
     assert train["value"] == pytest.approx(implants["train_seconds"].sum() / 60)
     lens = json.loads((out / "settings.json").read_text())["tuned_lens"]["settings"]["train_seconds"]
     assert claims.items[f"{publish.GROUND_TRUTH}.tuned_lens_train_minutes"]["value"] == pytest.approx(lens / 60)
+    seconds = json.loads((out / "settings.json").read_text())["seconds"]
+    stages = {stage: claims.items[f"{publish.GROUND_TRUTH}.{stage}_minutes"]["value"] * 60
+              for stage in ("localizers", "side_effects")}
+    assert stages == pytest.approx({"localizers": seconds["base"] + seconds["L1-s0"],
+                                    "side_effects": seconds["side_effects"]})
+    assert "tuned_lens" not in seconds  # the lens was given, not obtained: no claim of its time
+    assert f"{publish.GROUND_TRUTH}.tuned_lens_obtained_minutes" not in claims.items
     publish.write_ground_truth_page(tmp_path, tmp_path / "results", "python experiments/ground_truth.py")
     page = (tmp_path / "results" / "ground_truth.md").read_text()
     assert "Implants:" in page and "Side effects" in page and "kl_per_token" in page
