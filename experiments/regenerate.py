@@ -76,7 +76,7 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
                                      "--out", "{out}/recall-smollm2-135m", "--per-set", "50", "--seeds", "0", "1",
                                      "--window", "5"), 150),
         Step("ground-truth-gemma-3-270m", (py, "experiments/ground_truth.py",
-                                           "--out", "{out}/ground-truth-gemma-3-270m"), 120),
+                                           "--out", "{out}/ground-truth-gemma-3-270m"), 95),
         Step("implant-scaling", (py, "benchmarks/implant_bench.py", "--dataset", "implanted", "--layers", "8",
                                  "--n-idioms", "25", "50", "100", "--out", "{out}/implant-scaling/scaling.jsonl"), 8),
         Step("knockouts-all-memorized", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-all-memorized",

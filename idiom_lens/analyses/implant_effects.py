@@ -100,8 +100,8 @@ def implants_side_effects(
     """`side_effects` of several implants of `base_model`, given as their deltas ({name: deltas},
     `ImplantResult.deltas`), added to the base model in turn (`implant_store.deltas_added`; its
     weights come back bit-identical). The base model's pass over the text runs once for all of
-    them: six implants take 7 passes instead of 12. The same numbers as `side_effects` with each
-    implanted model loaded from its spec (tested)."""
+    them: six implants take 7 passes instead of 12. The same numbers as `side_effects` against each
+    implanted model loaded on its own (tested)."""
     from idiom_lens.models.implant_store import deltas_added
 
     if not implants:

@@ -268,9 +268,12 @@ def trace_prompt(
                             what="causal tracing (restored, earlier keys and values reused)", probe=check)
                 reuse_checked = True
             reads.append((chunk, read))
-    # One unembedding for every restored row (its 671 MB matrix streams once per call, whatever the rows).
+    # The restored rows unembedded together, `batch_size` per call: the unembedding streams its
+    # 671 MB matrix once per call, whatever the rows (and one batch of logits is in memory at a time).
     if reads:
-        probs = prob_of_pred(runner.logits(torch.cat([read for _, read in reads]), chunk=batch_size))
+        rows = torch.cat([read for _, read in reads])
+        probs = torch.cat([prob_of_pred(runner.logits(rows[i : i + batch_size], chunk=batch_size))
+                           for i in range(0, len(rows), batch_size)])
         cells = [cell for chunk, _ in reads for cell in chunk]
         for (si, layer, col, _, _), p in zip(cells, probs.reshape(len(cells), n_samples)):
             restored[si, layer, col] = p

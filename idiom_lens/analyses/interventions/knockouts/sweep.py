@@ -204,9 +204,12 @@ def _probe_rows(
                     diagnostics.setdefault(key, np.empty(len(cells)))[r] = value
             keep(chunk, diagnostics)
     if reads and isinstance(runner, SuffixRunner):
-        logits = runner.logits(torch.cat([read for _, read in reads]))
-        metrics = last_metrics(logits, state.pred_id, state.pred_prob, target_id, valid=valid)
-        keep([i for chunk, _ in reads for i in chunk], metrics)
+        rows, order = torch.cat([read for _, read in reads]), [i for chunk, _ in reads for i in chunk]
+        metrics: dict[str, np.ndarray] = {}
+        for b in range(0, len(order), batch_size):  # one batch of logits in memory at a time
+            metrics = last_metrics(runner.logits(rows[b : b + batch_size], chunk=batch_size), state.pred_id,
+                                   state.pred_prob, target_id, valid=valid)
+            keep(order[b : b + batch_size], metrics)
         results = {key: results[key] for key in [*metrics, *(k for k in results if k not in metrics)]}  # as before
     return results
 
