@@ -370,14 +370,19 @@ def mlp_parameters(bridge: Any, layer: int) -> dict[str, nn.Parameter]:
     return found
 
 
-def base_fingerprint(bridge: Any, layer: int) -> str:
-    """sha256 of the original MLP weights of `layer` (names, shapes, dtypes and values): deltas are
-    only meaningful added to these exact tensors."""
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of named tensors in their order (names, shapes, dtypes and values)."""
     digest = hashlib.sha256()
-    for name, p in mlp_parameters(bridge, layer).items():
+    for name, p in tensors.items():
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def base_fingerprint(bridge: Any, layer: int) -> str:
+    """sha256 of the original MLP weights of `layer` (names, shapes, dtypes and values): deltas are
+    only meaningful added to these exact tensors."""
+    return tensors_digest(mlp_parameters(bridge, layer))
 
 
 def add_deltas(bridge: Any, deltas: Mapping[str, Tensor]) -> None:

@@ -258,21 +258,15 @@ def _side_effects(base: Any, results: dict[str, tuple[int, int, Any]], out: Path
                   idioms: Sequence[Any], base_memorized: list[bool], log: Callable[[str], None]) -> pd.DataFrame:
     """side_effects.parquet: every implant's side effects (`analyses.implant_effects.implants_side_effects`),
     reused when side_effects.json holds the same key (the implants' deltas, the probes, the base)."""
-    import hashlib
     import json
 
     from idiom_lens.analyses.implant_effects import implants_side_effects
     from idiom_lens.io import key_digest, write_json, write_parquet
-    from idiom_lens.models.implant_store import probes_digest
+    from idiom_lens.models.implant_store import probes_digest, tensors_digest
 
-    def digest(deltas: dict[str, Any]) -> str:
-        h = hashlib.sha256()
-        for name in sorted(deltas):
-            h.update(name.encode())
-            h.update(deltas[name].detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    key = {"base": base.settings(), "implants": {name: digest(r.deltas) for name, (_, _, r) in results.items()},
+    # sorted: a trained implant and one read from the cache list their tensors in different orders
+    key = {"base": base.settings(), "implants": {name: tensors_digest(dict(sorted(r.deltas.items())))
+                                                for name, (_, _, r) in results.items()},
            "text": probes_digest(text), "idioms": probes_digest(idioms), "base_memorized": key_digest(base_memorized)}
     table, marker = out / "side_effects.parquet", out / "side_effects.json"
     if table.is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key_digest(key):
