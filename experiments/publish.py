@@ -645,9 +645,15 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
               + ("\nNoise designs (no restoration; total effect = clean - noised probability):\n\n"
                  + noise.read_text() if noise.is_file() else ""))
     write_ground_truth_page(out, results, shown[GROUND_TRUTH])
+    write_attribution_patching_page(out, results, shown["attribution-patching"])
+
+
+def write_attribution_patching_page(out: Path, results: Path, command: str) -> None:
+    """docs/results/attribution_patching.md: the agreement table, one column per site."""
+    from idiom_lens.study.text import markdown_table
+
     agreement = pd.read_parquet(out / "attribution-patching" / "agreement.parquet")
-    _page(results / "attribution_patching.md", "Attribution patching against exact patching",
-          shown["attribution-patching"],
+    _page(results / "attribution_patching.md", "Attribution patching against exact patching", command,
           markdown_table(agreement.set_index("site").T.reset_index(names="measure"), digits=3))
 
 
@@ -733,6 +739,7 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
 ALONE: dict[str, tuple[Any, Any]] = {
     GROUND_TRUTH: (ground_truth_claims, write_ground_truth_page),
     "implant-scaling": (implant_scaling_claims, None),
+    "attribution-patching": (patching_claims, write_attribution_patching_page),
 }
 
 

@@ -118,3 +118,35 @@ def test_implant_scaling_claims_take_the_last_record_of_each_size(tmp_path):
     assert claims.items["implant_scaling.layer8.n25.idioms_lost"]["value"] == 59
     assert claims.items["implant_scaling.layer8.n100.seconds"]["n"] == 100
     assert "implant_scaling.layer8.n100.kl_per_token" not in claims.items
+
+
+def test_attribution_patching_is_republished_alone(tmp_path):
+    """`regenerate.py --steps attribution-patching`: its claims and page come from the new run, a
+    claim of another step is kept, and its stale claims are gone."""
+    run = tmp_path / "published" / "attribution-patching"
+    run.mkdir(parents=True)
+    pd.DataFrame({"site": ["resid"], "correlation": [0.9], "correlation_low": [0.8], "correlation_high": [0.95],
+                  "largest_rank_median": [1.0], "n_correlated": [20]}).to_parquet(run / "agreement.parquet")
+    (run / "bench.json").write_text(json.dumps({"n_valid_pairs": 20}))
+    steps = regenerate.steps()
+    shown = {step.name: step.shown() for step in steps}
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "figures").mkdir()
+    old = publish.Claims(shown)
+    old.add("other.claim", value=1.0, text="1", command=shown["compare"], source="x")
+    old.add("attribution_patching.resid.largest_rank_median", value=2.0, text="2",
+            command=shown["attribution-patching"], source="y")
+    old.add("attribution_patching.stale", value=3.0, text="3", command=shown["attribution-patching"], source="y")
+    old.write(docs / "claims.json")
+    (docs / "regeneration.md").write_text("| step | command |\n|---|---|\n| attribution-patching | old row |\n")
+
+    publish.publish_steps(tmp_path / "published", docs, names=["attribution-patching"], steps=steps)
+
+    claims = json.loads((docs / "claims.json").read_text())["claims"]
+    assert claims["other.claim"]["text"] == "1" and "attribution_patching.stale" not in claims
+    assert claims["attribution_patching.resid.largest_rank_median"]["text"] == "1"
+    assert claims["attribution_patching.resid.correlation"]["text"] == "0.90 [0.80, 0.95]"
+    assert claims["attribution_patching.n_valid_pairs"]["value"] == 20
+    assert "largest_rank_median" in (docs / "results" / "attribution_patching.md").read_text()
+    assert "old row" not in (docs / "regeneration.md").read_text()
