@@ -32,7 +32,12 @@ from torch import Tensor
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
 from idiom_lens.models.readout import final_transform
-from idiom_lens.models.selfcheck import check_against_full_forward, prefix_cache_works
+from idiom_lens.models.selfcheck import (
+    check_against_full_forward,
+    check_close,
+    plain_last_logits,
+    prefix_cache_works,
+)
 from idiom_lens.models.vocab import mask_logits
 from idiom_lens.types import HookFn
 
@@ -199,14 +204,33 @@ class SuffixRunner:
                 parts.append(logits.float())
         return torch.cat(parts)
 
-    def self_check(self, *, what: str, probe: str) -> None:
+    def token_logits(self, read: Float[Tensor, "row d_model"], token_id: int) -> Float[Tensor, " row"]:
+        """One token's logit per row of final-norm outputs (`run(..., unembed=False)`): what
+        `logits(read)[:, token_id]` gives (up to fp32 summation order) from one column of the
+        unembedding instead of all of them; for a metric that reads one logit."""
+        bridge = self.model.bridge
+        with torch.no_grad():
+            logit = read.to(bridge.W_U.dtype) @ bridge.W_U[:, token_id]
+            if bridge.b_U is not None:
+                logit = logit + bridge.b_U[token_id]
+            if self.softcap:
+                logit = torch.tanh(logit / self.softcap) * self.softcap
+        return logit.float()
+
+    def self_check(self, *, what: str, probe: str, token_id: int | None = None) -> None:
         """Stop (`FastPathError`) unless rows resumed at the first, a middle and the last layer
         equal a plain full forward of the prompt (the recorded block arguments, the direct
-        block calls, the last-position unembedding), under the installed versions."""
+        block calls, the last-position unembedding), under the installed versions; with
+        `token_id`, also `token_logits` of those rows against the plain forward's logit."""
+        plain = plain_last_logits(self.model, self.prompt_ids, self.suffix_ids) if token_id is not None else None
         for start in sorted({0, self.model.n_layers // 2, self.model.n_layers - 1}):
             check_against_full_forward(self.model, self.prompt_ids, self.run(2, [], start=start),
                                        what=f"{what} (resumed at layer {start})", probe=probe,
                                        suffix_ids=self.suffix_ids)
+            if plain is not None:
+                one = self.token_logits(self.run(2, [], start=start, unembed=False), token_id)
+                check_close(one, plain[token_id].expand(2), probe=probe,
+                            what=f"{what} (one token's logit, resumed at layer {start})")
 
 
 class KVRecorder:

@@ -16,8 +16,11 @@ and corrupted target logits differ by less than `min_gap` get NaN (no effect to 
 
 Implementation: `transformer_lens.patching` works with the bridge (it only needs
 `run_with_hooks` and the standard hook names) but runs one forward per (layer, position). Here
-the (layer, position) cells are the rows of batches of one forward each, with the unembedding
-on the last position only; the tests check the result equals `get_act_patch_resid_pre`.
+the cells of one layer are the rows of batches resumed at that layer (`SuffixRunner`: the layers
+below compute the receiver's own values, so they run once), and only the target's logit is
+unembedded (one column of W_U, not 262,144); the tests check the result equals
+`get_act_patch_resid_pre` and patching by hooks on a plain Hugging Face forward, and the first
+pair of every set is checked against a plain full forward at run time.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
 from idiom_lens.models.loading import LoadedModel
-from idiom_lens.models.runners import PromptRunner, masked_prediction
+from idiom_lens.models.runners import PromptRunner, SuffixRunner, masked_prediction
 from idiom_lens.models.tokenization import split_masked_probe, split_probe
 from idiom_lens.models.vocab import mask_summary, valid_mask
 
@@ -248,6 +251,36 @@ def site_activations(
 Cell = tuple[str, int, int]  # (site, layer, position)
 
 
+def patch_layer(
+    runner: SuffixRunner, source: dict[tuple[str, int], Tensor], cells: Sequence[Cell]
+) -> Float[Tensor, "row d_model"]:
+    """One batch of cells of one layer: row r is the runner's prompt resumed at that layer with
+    `source`'s activation written at `cells[r]` (``resid_pre`` into the residual entering the
+    block, the other sites by a hook on the block's output). Returns what the unembedding reads at
+    the read position (`SuffixRunner.run(unembed=False)`)."""
+    layers = {l for _, l, _ in cells}
+    if len(layers) != 1:
+        raise InputError(f"patch_layer takes the cells of one layer, got layers {sorted(layers)}")
+    layer = layers.pop()
+    x = runner.resid[layer].expand(len(cells), -1, -1).clone()
+    hooks = []
+    for site in sorted({s for s, _, _ in cells}):
+        rows_t = torch.tensor([r for r, (s, _, _) in enumerate(cells) if s == site])
+        pos_t = torch.tensor([p for s, _, p in cells if s == site])
+        value = source[(site, layer)][pos_t].to(x.dtype)
+        if site == "resid_pre":  # the residual entering block `layer` is what the run resumes from
+            x[rows_t, pos_t] = value
+            continue
+
+        def hook(h: Tensor, hook: Any, rows_t: Tensor = rows_t, pos_t: Tensor = pos_t, value: Tensor = value) -> Tensor:
+            h = h.clone()
+            h[rows_t, pos_t] = value.to(h.dtype)
+            return h
+
+        hooks.append((f"blocks.{layer}.{SITE_HOOKS[site]}", hook))
+    return runner.run(len(cells), hooks, start=layer, resid=x, unembed=False)
+
+
 def patch_cells(
     runner: PromptRunner, source: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[Cell]]
 ) -> Float[Tensor, "row d_vocab"]:
@@ -319,13 +352,14 @@ def patch_pair(
     clean_acts, clean_logits = site_activations(model, clean_ids, sites, suffix_ids=suffix_ids)
     corr_acts, corr_logits = site_activations(model, corrupted_ids, sites, suffix_ids=suffix_ids)
     source = clean_acts if sender == "clean" else corr_acts
-    runner = PromptRunner(model, clean_ids if receiver == "clean" else corrupted_ids, use_kv=False,
-                          suffix_ids=suffix_ids)
+    runner = SuffixRunner(model, clean_ids if receiver == "clean" else corrupted_ids, suffix_ids=suffix_ids)
     n_layers, n_pos = model.n_layers, len(clean_ids)
-    cells = [((s, l, p),) for s in sites for l in range(n_layers) for p in range(n_pos)]
-    values = [patch_cells(runner, source, cells[i : i + batch_size])[:, target_id]
-              for i in range(0, len(cells), batch_size)]
-    patched = torch.cat(values).reshape(len(sites), n_layers, n_pos)
+    reads = []
+    for layer in range(n_layers):
+        cells = [(s, layer, p) for s in sites for p in range(n_pos)]
+        reads += [patch_layer(runner, source, cells[i : i + batch_size]) for i in range(0, len(cells), batch_size)]
+    patched = runner.token_logits(torch.cat(reads), target_id)  # (layer, site, pos) order
+    patched = patched.reshape(n_layers, len(sites), n_pos).transpose(0, 1)
     return PairPatching(
         tuple(sites), patched, float(clean_logits[target_id]), float(corr_logits[target_id]),
         masked_prediction(clean_logits, valid_mask(model))[0], masked_prediction(corr_logits, valid_mask(model))[0],
@@ -501,8 +535,8 @@ def patch_probes(
     """
     def exact(model: LoadedModel, pair: Corruption, first: bool) -> PairPatching:
         if first:  # the shortcuts under the installed versions, against a plain full forward
-            PromptRunner(model, pair.corrupted_ids, use_kv=False, suffix_ids=pair.suffix_ids).self_check(
-                what="patching", probe=pair.probe_id)
+            SuffixRunner(model, pair.corrupted_ids, suffix_ids=pair.suffix_ids).self_check(
+                what="patching", probe=pair.probe_id, token_id=pair.target_id)
         return patch_pair(model, clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids,
                           target_id=pair.target_id, sites=options.sites, batch_size=batch_size,
                           suffix_ids=pair.suffix_ids)

@@ -113,8 +113,8 @@ def test_exact_where_the_logit_is_linear_in_the_cell(model):
 
     _logit_with(model, pair.corrupted_ids, pair.target_id, "ln_final.hook_scale", keep)
 
-    def freeze(x, hook):
-        return frozen["scale"].to(x.dtype).expand_as(x)
+    def freeze(x, hook):  # only the last position is read: its scale, wherever the final norm runs
+        return frozen["scale"][:, -1:].to(x.dtype).expand_as(x)
 
     kw = dict(clean_ids=pair.clean_ids, corrupted_ids=pair.corrupted_ids, target_id=pair.target_id, sites=("mlp_out",))
     with model.bridge.hooks(fwd_hooks=[("ln_final.hook_scale", freeze)]):
