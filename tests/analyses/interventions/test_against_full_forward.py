@@ -543,3 +543,22 @@ def test_self_check_stops_a_wrong_batched_forward(tiny_model, probes, monkeypatc
     monkeypatch.setattr(tiny_model.bridge, "run_with_hooks", lambda *a, **kw: real(*a, **kw) * 1.01)
     with pytest.raises(FastPathError, match="batched"):
         layer_trajectory(tiny_model, probes, sites=["resid_post"])
+
+
+def test_one_token_logit_equals_the_full_unembedding_and_a_wrong_one_stops_patching(case, monkeypatch):
+    """`SuffixRunner.token_logits` (one column of W_U) equals the full logits' column; patching
+    reads only that logit, so its run-time check must stop a wrong one before any pair is patched."""
+    from idiom_lens.analyses.interventions.patching import PatchingOptions, patch_probes
+
+    model, probes = case
+    toks = tokenize_probes(model, probes[:1])[0]
+    runner = SuffixRunner(model, toks.prompt_ids, suffix_ids=toks.suffix_ids)
+    for start in (0, model.n_layers - 1):
+        read = runner.run(3, [], start=start, unembed=False)
+        full = runner.logits(read)
+        for token in (toks.target_id, int(full[0].argmax())):
+            assert relative_error(runner.token_logits(read, token), full[:, token]) < forward_rtol(model)
+    real = SuffixRunner.token_logits
+    monkeypatch.setattr(SuffixRunner, "token_logits", lambda self, read, token_id: real(self, read, token_id) + 0.5)
+    with pytest.raises(FastPathError, match="one token's logit"):
+        patch_probes(model, probes[:3], PatchingOptions())
