@@ -18,9 +18,9 @@ Implementation: `transformer_lens.patching` works with the bridge (it only needs
 `run_with_hooks` and the standard hook names) but runs one forward per (layer, position). Here
 the cells of one layer are the rows of batches resumed at that layer (`SuffixRunner`: the layers
 below compute the receiver's own values, so they run once), and only the target's logit is
-unembedded (one column of W_U, not 262,144); the tests check the result equals
-`get_act_patch_resid_pre` and patching by hooks on a plain Hugging Face forward, and the first
-pair of every set is checked against a plain full forward at run time.
+unembedded (one column of W_U, not 262,144); the tests check the result equals TransformerLens's
+`get_act_patch_*` and, cell by cell, a hand-written patched full forward, and the first pair of
+every set is checked against a plain full forward at run time.
 """
 
 from __future__ import annotations
