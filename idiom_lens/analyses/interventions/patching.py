@@ -281,27 +281,6 @@ def patch_layer(
     return runner.run(len(cells), hooks, start=layer, resid=x, unembed=False)
 
 
-def patch_cells(
-    runner: PromptRunner, source: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[Cell]]
-) -> Float[Tensor, "row d_vocab"]:
-    """One batch: row r is the runner's prompt with `source`'s activation written at each of the
-    cells `rows[r]` (an empty row runs unpatched). Returns last-position logits per row."""
-    hooks = []
-    for s, l in sorted({(s, l) for row in rows for s, l, _ in row}):
-        pairs = [(r, p) for r, row in enumerate(rows) for s2, l2, p in row if (s2, l2) == (s, l)]
-        rows_t = torch.tensor([r for r, _ in pairs])
-        pos_t = torch.tensor([p for _, p in pairs])
-        value = source[(s, l)][pos_t]
-
-        def hook(x: Tensor, hook: Any, rows_t: Tensor = rows_t, pos_t: Tensor = pos_t, value: Tensor = value) -> Tensor:
-            x = x.clone()
-            x[rows_t, pos_t] = value.to(x.dtype)
-            return x
-
-        hooks.append((f"blocks.{l}.{SITE_HOOKS[s]}", hook))
-    return runner.run(len(rows), hooks)
-
-
 @dataclass(frozen=True)
 class PairPatching:
     """Patched target logits of one clean/corrupted pair: [site, layer, pos]."""
