@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from idiom_lens.analyses.interventions.knockouts import RankBy, post_norm_gains, rank_neurons, rms_gain
 from idiom_lens.analyses.memorization import probe_group
-from idiom_lens.analyses.saved import Saved, SavedTables, plain
+from idiom_lens.analyses.saved import Saved, SavedTables, joined_settings, plain
 from idiom_lens.datasets.probes import Probe
 from idiom_lens.datasets.selection import check_probes
 from idiom_lens.errors import InputError
@@ -86,6 +86,20 @@ class ValueVectorRanks(Saved):
                      mean_min_rank=("min_rank", "mean"), share_top1_is_pred=("top1_is_pred", "mean"))
                 .reset_index())
 
+    @staticmethod
+    def join_parts(parts: Sequence[ValueVectorRanks]) -> ValueVectorRanks:
+        """Parts of one run (disjoint probes in order, the same ks and settings) as one result."""
+        if not parts:
+            raise InputError("no value-vector parts to join")
+        if any(tuple(p.ks) != tuple(parts[0].ks) for p in parts):
+            raise InputError(f"value-vector parts have different ks: {sorted({tuple(p.ks) for p in parts})}")
+        return ValueVectorRanks(
+            probe_ids=tuple(i for p in parts for i in p.probe_ids), groups=tuple(g for p in parts for g in p.groups),
+            pred_ids=tuple(i for p in parts for i in p.pred_ids), ks=tuple(parts[0].ks),
+            ranks=np.concatenate([p.ranks for p in parts]), neurons=np.concatenate([p.neurons for p in parts]),
+            settings=joined_settings(parts, what="ValueVectorRanks"),
+        )
+
     default_name = "value_vectors"
 
     def saved_tables(self) -> dict[str, pd.DataFrame]:
@@ -110,7 +124,7 @@ class ValueVectorRanks(Saved):
         shape = tuple(meta["shape"])
         return cls(
             probe_ids=tuple(str(v) for v in probes["probe_id"]), groups=tuple(str(v) for v in probes["group"]),
-            pred_ids=tuple(plain(v) for v in probes["pred_id"]), ks=meta["ks"],
+            pred_ids=tuple(plain(v) for v in probes["pred_id"]), ks=tuple(meta["ks"]),
             ranks=long["rank"].to_numpy().astype(meta["ranks_dtype"]).reshape(shape),
             neurons=long["neuron"].to_numpy().astype(meta["neurons_dtype"]).reshape(shape),
             settings=saved.settings,
@@ -128,7 +142,9 @@ def value_vector_ranks(
     progress: bool = False,
 ) -> ValueVectorRanks:
     """Rank of each probe's (masked) prediction in the vocabulary projections of its top-k neurons'
-    value vectors, every layer. Each needed neuron is projected once (in chunks of `chunk`).
+    value vectors, every layer. Each needed neuron is projected once, in GEMMs of exactly `chunk`
+    rows (speed and memory only; a fixed shape, so a probe's ranks do not depend on which other
+    probes share the call: parts and worker tasks give one call's ranks).
 
     Raises `InputError` for a k outside 1..d_mlp, unknown weights or a chunk below 1.
     """
@@ -155,18 +171,24 @@ def value_vector_ranks(
             w_u = w_u * rms_gain(model.bridge.ln_final, model, what="final norm")[:, None]
     preds = np.array(ranking.pred_ids)
     ranks = np.zeros(top.shape, dtype=np.int64)
-    for layer in tqdm(range(model.n_layers), desc="value vectors", disable=not progress):
-        needed = np.unique(top[:, layer])
-        for start in range(0, len(needed), chunk):
-            neurons = torch.as_tensor(needed[start : start + chunk])
-            with torch.no_grad():
-                proj = w_out[layer, neurons] @ w_u  # [c, d_vocab]
-                proj = proj.masked_fill(~valid, float("-inf"))
-            for j, neuron in enumerate(neurons.tolist()):
-                where = np.argwhere(top[:, layer] == neuron)  # (probe, r) pairs using this neuron
-                pred = torch.as_tensor(preds[where[:, 0]])
-                count = (proj[j][None, :] > proj[j, pred][:, None]).sum(-1).numpy()
-                ranks[where[:, 0], layer, where[:, 1]] = count
+    # every (layer, neuron) some probe needs, projected once, in GEMMs of exactly `chunk` rows (the
+    # last one zero-padded): CPU BLAS picks its kernel by the row count, and kernels round
+    # differently, so a fixed shape keeps each projection, and so each probe's ranks, the same
+    # whatever other probes share the call (a sweep cut into parts or worker tasks).
+    needed = [(layer, int(n)) for layer in range(model.n_layers) for n in np.unique(top[:, layer])]
+    starts = range(0, len(needed), chunk)
+    for start in tqdm(starts, desc="value vectors", disable=not progress):
+        rows = needed[start : start + chunk]
+        with torch.no_grad():
+            vectors = torch.zeros(chunk, w_out.shape[-1], dtype=w_out.dtype)
+            vectors[: len(rows)] = w_out[[lay for lay, _ in rows], [n for _, n in rows]]
+            proj = (vectors @ w_u)[: len(rows)]  # [rows, d_vocab]
+            proj = proj.masked_fill(~valid, float("-inf"))
+        for j, (layer, neuron) in enumerate(rows):
+            where = np.argwhere(top[:, layer] == neuron)  # (probe, r) pairs using this neuron
+            pred = torch.as_tensor(preds[where[:, 0]])
+            count = (proj[j][None, :] > proj[j, pred][:, None]).sum(-1).numpy()
+            ranks[where[:, 0], layer, where[:, 1]] = count
     tokens = tokenize_probes(model, probes)
     groups = tuple(probe_group(p.kind, int(pred) == t.target_id) for p, pred, t in zip(probes, preds, tokens))
     settings = model.settings() | mask_summary(model) | {

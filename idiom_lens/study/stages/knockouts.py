@@ -47,8 +47,8 @@ def run_knockouts(
     `compare_positions` also runs the other positions ("last" beside "all", or the reverse), written
     as knockouts_<positions>*.parquet, with side-by-side figures (`knockout_positions_heatmaps`).
     Layer skipping takes the grid's window lengths that fit the model, at every position.
-    The knockouts and layer skipping run in resumable parts (`parts.sweep_per_probe`), on `executor`'s workers
-    when given: the same files."""
+    The knockouts, the value vectors and layer skipping run in resumable parts
+    (`parts.sweep_per_probe`), on `executor`'s workers when given: the same files."""
     from idiom_lens.analyses.interventions import (
         KnockoutResult,
         SkipOptions,
@@ -57,6 +57,7 @@ def run_knockouts(
         value_vector_ranks,
     )
     from idiom_lens.analyses.interventions.skipping import SkipResult
+    from idiom_lens.analyses.interventions.value_vectors import ValueVectorRanks
     from idiom_lens.io import write_parquet
     from idiom_lens.plots import save_figure
     from idiom_lens.plots.interventions import (
@@ -116,7 +117,9 @@ def run_knockouts(
                                               "transform first, so the projection is not its read-out"}
         log(f"  value vectors: not run on a masked LM: {summary['value_vectors']['not_run']}")
     elif value_vector_ks:
-        vv = value_vector_ranks(model, probes, ks=value_vector_ks, rank_by=options.rank_by)
+        vv = sweep_per_probe(executor, model, probes, out, "value_vectors",
+                             partial(value_vector_ranks, ks=value_vector_ks, rank_by=options.rank_by),
+                             join=ValueVectorRanks.join_parts, load=ValueVectorRanks.load)
         vv.save(out)
         summary["value_vectors"] = vv.settings
     if skip:

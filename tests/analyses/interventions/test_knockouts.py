@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tolerances import forward_rtol, logit_atol, probes_prob_atol  # tests/tolerances.py: why each bound
@@ -522,6 +523,33 @@ def test_value_vector_ranks_by_hand(tiny_gemma_post, probes):
     assert eff.settings["weights"] == "effective" and eff.ranks.shape == (3, model.n_layers, 1)
     with pytest.raises(InputError, match="ks"):
         value_vector_ranks(model, probes[:3], ks=(0,))
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_value_vector_ranks_of_a_probe_do_not_depend_on_the_other_probes(which, request, probes, tmp_path):
+    """Batched equals unbatched: each probe's ranks alone equal its ranks among other probes (the
+    projections run in GEMMs of one fixed shape; CPU BLAS rounds by row count otherwise), on the
+    tiny model and on Gemma 3 270M (its 262,144-token unembedding). Parts joined, saved and loaded
+    are the one call's result."""
+    if which == "tiny":
+        model, chosen = request.getfixturevalue("tiny_gemma_post"), probes[:4]
+    else:
+        model, chosen = request.getfixturevalue("embedded_model"), list(load_probes("idioms"))[:3]
+    together = value_vector_ranks(model, chosen, ks=(1, 3))
+    alone = [value_vector_ranks(model, [p], ks=(1, 3)) for p in chosen]
+    for p, single in enumerate(alone):
+        assert single.pred_ids[0] == together.pred_ids[p]
+        np.testing.assert_array_equal(single.neurons[0], together.neurons[p])
+        np.testing.assert_array_equal(single.ranks[0], together.ranks[p])
+    joined = type(together).join_parts([value_vector_ranks(model, chosen[:2], ks=(1, 3)), *alone[2:]])
+    joined.save(tmp_path)
+    loaded = type(together).load(tmp_path)
+    for result in (joined, loaded):
+        assert result.probe_ids == together.probe_ids and result.ks == together.ks
+        np.testing.assert_array_equal(result.ranks, together.ranks)
+        pd.testing.assert_frame_equal(result.to_dataframe(), together.to_dataframe())
+    with pytest.raises(InputError, match="different ks"):
+        type(together).join_parts([together, value_vector_ranks(model, chosen[:1], ks=(1,))])
 
 
 def test_grid_shape_summary_intervals_and_groups(tiny_model, probes, tmp_path):
