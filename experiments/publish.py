@@ -391,30 +391,35 @@ def recall_claims(claims: Claims, out: Path, name: str, command: str) -> None:
 
 
 GROUND_TRUTH = "ground-truth-gemma-3-270m"
+GROUND_TRUTH_NEURONS = "ground-truth-neurons-gemma-3-270m"  # neurons mode: implants and neuron precision only
 
 
-def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
+def ground_truth_claims(claims: Claims, out: Path, command: str, *, name: str = GROUND_TRUTH,
+                        layers: bool = True) -> None:
     """Per set, localizer and implant depth: the true layer's score (bootstrap 95% over idioms and
     seeds), the share of idioms where it is ranked first (Wilson 95%) and the layer the pooled
-    profile ranks first; per implant the rate, epochs, training seconds and the side effects."""
-    root = out / GROUND_TRUTH
-    path = root / "localization.parquet"
-    table = _table(path)
-    depth = table[table["scope"] == "depth"]
-    for row in depth.itertuples():
-        base = f"{GROUND_TRUTH}.{slug(str(row.set).split(' ')[0])}.{slug(row.measure)}.depth{row.depth}"
-        claims.add(f"{base}.score", value=row.score, n=row.n, interval=(row.score_low, row.score_high),
-                   text=short_ci(row.score, row.score_low, row.score_high), what="bootstrap 95% over idioms and seeds",
-                   command=command, source=str(path.relative_to(out)))
-        claims.add(f"{base}.hit", value=row.hit, n=row.n, interval=(row.hit_low, row.hit_high),
-                   text=short_ci(row.hit, row.hit_low, row.hit_high), what="Wilson 95%", command=command,
-                   source=str(path.relative_to(out)))
-        top = None if pd.isna(row.profile_top_layer) else int(row.profile_top_layer)
-        claims.add(f"{base}.top_layer", value=top, text=_layer(top),
-                   command=command, source=str(path.relative_to(out)))
+    profile ranks first; per implant the rate, epochs, training seconds and the side effects; in
+    neurons mode each ranking's precision@k against the trained neurons. `layers=False`: a
+    neurons-only run (`--neurons-only`), which has no layer scores and must have neuron precision."""
+    root = out / name
+    if layers:
+        path = root / "localization.parquet"
+        table = _table(path)
+        depth = table[table["scope"] == "depth"]
+        for row in depth.itertuples():
+            base = f"{name}.{slug(str(row.set).split(' ')[0])}.{slug(row.measure)}.depth{row.depth}"
+            claims.add(f"{base}.score", value=row.score, n=row.n, interval=(row.score_low, row.score_high),
+                       text=short_ci(row.score, row.score_low, row.score_high),
+                       what="bootstrap 95% over idioms and seeds", command=command, source=str(path.relative_to(out)))
+            claims.add(f"{base}.hit", value=row.hit, n=row.n, interval=(row.hit_low, row.hit_high),
+                       text=short_ci(row.hit, row.hit_low, row.hit_high), what="Wilson 95%", command=command,
+                       source=str(path.relative_to(out)))
+            top = None if pd.isna(row.profile_top_layer) else int(row.profile_top_layer)
+            claims.add(f"{base}.top_layer", value=top, text=_layer(top),
+                       command=command, source=str(path.relative_to(out)))
     implants_path = root / "implants.parquet"
     for row in _table(implants_path).itertuples():
-        base = f"{GROUND_TRUTH}.implant.{row.implant}"
+        base = f"{name}.implant.{row.implant}"
         claims.add(f"{base}.rate", value=row.rate, n=row.n_probes, text=share(row.rate), command=command,
                    source=str(implants_path.relative_to(out)))
         claims.add(f"{base}.epochs", value=row.epochs, text=str(int(row.epochs)), command=command,
@@ -425,24 +430,24 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
     for row in _table(effects_path).itertuples():
         value = float(row.value)
         text = f"{value:.0f}" if row.measure in ("idioms_lost", "idioms_gained") else f"{value:.2f}"
-        claims.add(f"{GROUND_TRUTH}.implant.{row.implant}.{row.measure}", value=value, n=row.n, text=text,
+        claims.add(f"{name}.implant.{row.implant}.{row.measure}", value=value, n=row.n, text=text,
                    command=command, source=str(effects_path.relative_to(out)))
     neurons_path = root / "neuron_precision.parquet"
-    if neurons_path.is_file():
+    if neurons_path.is_file() or not layers:  # a neurons-only run without it is an error (_table)
         for row in _table(neurons_path).itertuples():
-            claims.add(f"{GROUND_TRUTH}.neurons.{row.implant}.{slug(row.method)}.k{row.k}", value=row.precision,
+            claims.add(f"{name}.neurons.{row.implant}.{slug(row.method)}.k{row.k}", value=row.precision,
                        n=row.n, interval=(row.precision_low, row.precision_high), what="bootstrap 95% over idioms",
                        text=short_ci(row.precision, row.precision_low, row.precision_high), command=command,
                        source=str(neurons_path.relative_to(out)))
     settings_path = root / "settings.json"
     settings = _json(settings_path)
-    claims.add(f"{GROUND_TRUTH}.total_minutes", value=settings["total_seconds"] / 60,
+    claims.add(f"{name}.total_minutes", value=settings["total_seconds"] / 60,
                text=f"{settings['total_seconds'] / 60:.0f}", command=command,
                source=str(settings_path.relative_to(out)))
     # Where the time goes: training the implants (once: they are cached) and the base model's tuned
     # lens (once per model, whichever run trained it: `make results` trains it in its first step).
     train = float(_table(implants_path)["train_seconds"].sum())
-    claims.add(f"{GROUND_TRUTH}.implants_train_minutes", value=train / 60, text=f"{train / 60:.0f}", command=command,
+    claims.add(f"{name}.implants_train_minutes", value=train / 60, text=f"{train / 60:.0f}", command=command,
                source=str(implants_path.relative_to(out)))
     # This run's stages (settings.json "seconds"): the localizers (the base model's and each
     # implant's, model loads included), the side effects of every implant together, and obtaining
@@ -454,12 +459,17 @@ def ground_truth_claims(claims: Claims, out: Path, command: str) -> None:
               "side_effects": seconds.get("side_effects"), "tuned_lens_obtained": seconds.get("tuned_lens")}
     for stage, value in stages.items():
         if value is not None:
-            claims.add(f"{GROUND_TRUTH}.{stage}_minutes", value=float(value) / 60, text=f"{float(value) / 60:.0f}",
+            claims.add(f"{name}.{stage}_minutes", value=float(value) / 60, text=f"{float(value) / 60:.0f}",
                        command=command, source=str(settings_path.relative_to(out)))
     lens_seconds = ((settings.get("tuned_lens") or {}).get("settings") or {}).get("train_seconds")
     if lens_seconds is not None:
-        claims.add(f"{GROUND_TRUTH}.tuned_lens_train_minutes", value=lens_seconds / 60, text=f"{lens_seconds / 60:.0f}",
+        claims.add(f"{name}.tuned_lens_train_minutes", value=lens_seconds / 60, text=f"{lens_seconds / 60:.0f}",
                    command=command, source=str(settings_path.relative_to(out)))
+
+
+def ground_truth_neurons_claims(claims: Claims, out: Path, command: str) -> None:
+    """The neurons-only run's claims: implants, side effects, neuron precision and minutes."""
+    ground_truth_claims(claims, out, command, name=GROUND_TRUTH_NEURONS, layers=False)
 
 
 IMPLANT_SCALING = "implant-scaling/scaling.jsonl"
@@ -604,6 +614,24 @@ def write_ground_truth_page(out: Path, results: Path, command: str) -> None:
             "![profiles](../figures/gemma-3-270m_localization_profiles.png)")
 
 
+def write_ground_truth_neurons_page(out: Path, results: Path, command: str) -> None:
+    """docs/results/ground_truth_neurons.md: neurons mode's implants, side effects and precision."""
+    from idiom_lens.study.text import markdown_table
+
+    root = out / GROUND_TRUTH_NEURONS
+    implants = pd.read_parquet(root / "implants.parquet")
+    implants["neurons"] = [", ".join(str(int(n)) for n in ns) for ns in implants["neurons"]]
+    effects = pd.read_parquet(root / "side_effects.parquet").pivot(index="implant", columns="measure", values="value")
+    _page(results / "ground_truth_neurons.md", "Ground truth at the neuron level (Gemma 3 270M)", command,
+          "Implanted idioms trained into 20 seeded-random neurons of one MLP layer (their W_out columns only) per "
+          "depth, 2 seeds each; per ranking of the implanted layer's neurons, precision@k of its top k against the "
+          "trained neurons (95% bootstrap over the scored idioms; chance = 20 / d_mlp) and recall@k (chance "
+          "k / d_mlp).\n\n" + (root / "localization.md").read_text()
+          + "\nImplants (neurons: the trained neurons):\n\n" + markdown_table(implants)
+          + "\n\nSide effects (KL in nats; text: the bundled text set; idioms: the bundled idioms):\n\n"
+          + markdown_table(effects.reset_index(), digits=3))
+
+
 def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
     from idiom_lens.study.text import markdown_table
 
@@ -645,6 +673,7 @@ def write_pages(out: Path, docs: Path, shown: dict[str, str]) -> None:
               + ("\nNoise designs (no restoration; total effect = clean - noised probability):\n\n"
                  + noise.read_text() if noise.is_file() else ""))
     write_ground_truth_page(out, results, shown[GROUND_TRUTH])
+    write_ground_truth_neurons_page(out, results, shown[GROUND_TRUTH_NEURONS])
     write_attribution_patching_page(out, results, shown["attribution-patching"])
 
 
@@ -719,6 +748,7 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
         recall_claims(claims, out, f"recall-{model}", shown[f"recall-{model}"])
     patching_claims(claims, out, shown["attribution-patching"])
     ground_truth_claims(claims, out, shown[GROUND_TRUTH])
+    ground_truth_neurons_claims(claims, out, shown[GROUND_TRUTH_NEURONS])
     implant_scaling_claims(claims, out, shown["implant-scaling"])
     if (out / "knockouts-all-memorized" / "knockout_layers.parquet").is_file():
         knockout_claims(claims, out, "knockouts-all-memorized", shown["knockouts-all-memorized"])
@@ -738,6 +768,7 @@ def publish(out: Path, docs: Path, *, steps: list[Any]) -> None:
 # The steps that can be republished alone: step name -> (its claims, its page or None).
 ALONE: dict[str, tuple[Any, Any]] = {
     GROUND_TRUTH: (ground_truth_claims, write_ground_truth_page),
+    GROUND_TRUTH_NEURONS: (ground_truth_neurons_claims, write_ground_truth_neurons_page),
     "implant-scaling": (implant_scaling_claims, None),
     "attribution-patching": (patching_claims, write_attribution_patching_page),
 }

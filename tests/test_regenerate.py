@@ -150,3 +150,42 @@ def test_attribution_patching_is_republished_alone(tmp_path):
     assert claims["attribution_patching.n_valid_pairs"]["value"] == 20
     assert "largest_rank_median" in (docs / "results" / "attribution_patching.md").read_text()
     assert "old row" not in (docs / "regeneration.md").read_text()
+
+
+def test_neurons_only_ground_truth_is_published_alone(tmp_path):
+    """`regenerate.py --steps ground-truth-neurons-gemma-3-270m`: a neurons-only run (no layer
+    scores) gives its implants', side effects' and neuron precision's claims and its page; without
+    neuron_precision.parquet it fails instead of publishing nothing."""
+    name = publish.GROUND_TRUTH_NEURONS
+    run = tmp_path / "published" / name
+    run.mkdir(parents=True)
+    pd.DataFrame({"implant": ["L2-s0"], "layer": [2], "seed": [0], "rate": [0.95], "n_probes": [120], "epochs": [80],
+                  "train_seconds": [200.4], "neurons": [[3, 17]]}).to_parquet(run / "implants.parquet")
+    pd.DataFrame({"implant": ["L2-s0", "L2-s0"], "measure": ["kl_per_token", "idioms_lost"], "value": [0.0123, 7.0],
+                  "n": [755, 1886]}).to_parquet(run / "side_effects.parquet")
+    (run / "settings.json").write_text(json.dumps({"total_seconds": 600.0, "seconds": {"L2-s0": 30.0,
+                                                                                      "side_effects": 120.0}}))
+    (run / "localization.md").write_text("No layer-level localizers ran (layer_localizers=False).\n")
+    steps = regenerate.steps()
+    shown = {step.name: step.shown() for step in steps}
+    assert "--neurons-only" in shown[name]
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "figures").mkdir()
+    publish.Claims(shown).write(docs / "claims.json")
+    (docs / "regeneration.md").write_text("| step | command |\n|---|---|\n")
+    with pytest.raises(FileNotFoundError, match="neuron_precision.parquet"):
+        publish.publish_steps(tmp_path / "published", docs, names=[name], steps=steps)
+    pd.DataFrame({"implant": ["L2-s0"], "method": ["knockout effective"], "k": [20], "n": [20], "precision": [0.6],
+                  "precision_low": [0.5], "precision_high": [0.7]}).to_parquet(run / "neuron_precision.parquet")
+
+    publish.publish_steps(tmp_path / "published", docs, names=[name], steps=steps)
+
+    claims = json.loads((docs / "claims.json").read_text())["claims"]
+    assert claims[f"{name}.neurons.L2-s0.knockout_effective.k20"]["text"] == "0.60 [0.50, 0.70]"
+    assert claims[f"{name}.implant.L2-s0.rate"]["value"] == 0.95
+    assert claims[f"{name}.implant.L2-s0.kl_per_token"]["text"] == "0.01"
+    assert claims[f"{name}.total_minutes"]["text"] == "10"
+    assert not any(".depth" in n for n in claims)  # no layer scores in a neurons-only run
+    page = (docs / "results" / "ground_truth_neurons.md").read_text()
+    assert "3, 17" in page and "kl_per_token" in page

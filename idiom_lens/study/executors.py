@@ -14,7 +14,7 @@ saying what to install.
   given its own device(s) by Ray (`num_gpus`); a model larger than one GPU combines with
   `n_devices` inside the actor.
 - A part goes to the workers in units: for an analysis that treats every probe on its own
-  (`Sweep.per_probe`) tasks of `WorkerOptions.task_sizes` (default two per worker and part, of
+  (`Sweep.per_probe`) tasks of `WorkerOptions.task_sizes` (default one per worker and part, of
   near-equal size; one-probe tasks repeated each call's set-up and made knockouts on 2 workers slower than
   one process), else the whole part (the trajectory, whose forward batches are sorted by length
   within the call). On a cluster, give `--probes-per-task` so that a task lasts at least a few

@@ -28,8 +28,8 @@ class WorkerOptions:
     cluster ("auto" finds the one on this machine, or "HOST:PORT"); otherwise a local Ray is
     started and stopped for the run. `threads`: torch threads per worker (default: this
     machine's cores divided among the workers, at least 1). `probes_per_task`: probes per task
-    of an analysis that treats every probe on its own (default `task_sizes`: a part cut into two
-    tasks per worker of near-equal size, so that each task's set-up, e.g. the first probe's
+    of an analysis that treats every probe on its own (default `task_sizes`: a part cut into one
+    task per worker of near-equal size, so that each task's set-up, e.g. the first probe's
     self-check, is paid once for many probes while every worker gets the same work)."""
 
     workers: int | None = None
@@ -66,18 +66,17 @@ class WorkerOptions:
 
     def task_sizes(self, n_probes: int) -> list[int]:
         """How a part of `n_probes` is cut into tasks: `probes_per_task` each (the last one what is
-        left), else a multiple of the workers' count (two per worker, fewer for a short part) of
-        sizes that differ by at most one, largest first, so that every worker gets the same work:
-        6 probes on 2 workers are 2, 2, 1, 1 (3 each), not 2, 2, 2 (4 on one worker, 2 on the other)."""
+        left), else one task per worker (fewer for a short part) of sizes that differ by at most
+        one, largest first: 6 probes on 2 workers are 3, 3. Each task pays the analysis' set-up
+        (self-checks, norms), and set-ups on 2 workers of 2 cores contend for memory bandwidth: on
+        the embedded model (ray_bench) the knockout stage on 2 workers took 15.5-16.5 s in tasks of
+        3, 3 and 18.5-19.7 s in tasks of 2, 2, 1, 1."""
         if n_probes < 1:
             return []
         if self.probes_per_task is not None:
             size = self.probes_per_task
             return [min(size, n_probes - k) for k in range(0, n_probes, size)]
-        w = self.n_workers
-        n_tasks = min(2 * w, n_probes)
-        if n_tasks > w:
-            n_tasks -= n_tasks % w
+        n_tasks = min(self.n_workers, n_probes)
         small, extra = divmod(n_probes, n_tasks)
         return [small + 1] * extra + [small] * (n_tasks - extra)
 

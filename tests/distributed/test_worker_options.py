@@ -61,16 +61,17 @@ def test_indexed_cuda_device_with_workers(monkeypatch, tmp_path, capsys):
     assert "--device cuda:1: with --workers give --device cuda" in capsys.readouterr().err
 
 
-def test_tasks_are_two_per_worker_of_equal_work_unless_given(monkeypatch):
+def test_tasks_are_one_per_worker_of_equal_work_unless_given(monkeypatch):
     monkeypatch.setattr(workers, "ray_available", lambda: True)  # sizing needs no Ray
     one, two = workers.WorkerOptions(workers=1), workers.WorkerOptions(workers=2)
-    assert one.task_sizes(10) == [5, 5] and one.task_sizes(1) == [1] and one.task_sizes(0) == []
-    # 6 probes on 2 workers: 4 tasks, 3 probes per worker (3 tasks of 2 would give one worker 4)
-    assert two.task_sizes(6) == [2, 2, 1, 1] and two.task_sizes(3) == [2, 1] and two.task_sizes(1) == [1]
-    for n in range(1, 40):
-        sizes = two.task_sizes(n)
-        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-        assert len(sizes) % 2 == 0 or n == 1
+    assert one.task_sizes(10) == [10] and one.task_sizes(1) == [1] and one.task_sizes(0) == []
+    # 6 probes on 2 workers: one task of 3 each; 7: 4 and 3
+    assert two.task_sizes(6) == [3, 3] and two.task_sizes(7) == [4, 3] and two.task_sizes(1) == [1]
+    for w in (2, 3, 5):
+        for n in range(1, 40):
+            sizes = workers.WorkerOptions(workers=w).task_sizes(n)
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            assert len(sizes) == min(w, n)
     options = workers.WorkerOptions(workers=1, probes_per_task=3)
     assert options.task_sizes(10) == [3, 3, 3, 1] and options.task_sizes(2) == [2]  # a short part: one task
     assert StudyOptions(probes_per_task=4).worker_options().probes_per_task == 4
