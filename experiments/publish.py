@@ -620,13 +620,15 @@ def write_ground_truth_neurons_page(out: Path, results: Path, command: str) -> N
 
     root = out / GROUND_TRUTH_NEURONS
     implants = pd.read_parquet(root / "implants.parquet")
+    n_trained = sorted({len(ns) for ns in implants["neurons"]})
     implants["neurons"] = [", ".join(str(int(n)) for n in ns) for ns in implants["neurons"]]
     effects = pd.read_parquet(root / "side_effects.parquet").pivot(index="implant", columns="measure", values="value")
     _page(results / "ground_truth_neurons.md", "Ground truth at the neuron level (Gemma 3 270M)", command,
-          "Implanted idioms trained into 20 seeded-random neurons of one MLP layer (their W_out columns only) per "
-          "depth, 2 seeds each; per ranking of the implanted layer's neurons, precision@k of its top k against the "
-          "trained neurons (95% bootstrap over the scored idioms; chance = 20 / d_mlp) and recall@k (chance "
-          "k / d_mlp).\n\n" + (root / "localization.md").read_text()
+          f"Implanted idioms trained into {' or '.join(map(str, n_trained))} seeded-random neurons of one MLP layer "
+          f"(their W_out columns only) at layers {', '.join(map(str, sorted(set(implants['layer']))))}, seeds "
+          f"{', '.join(map(str, sorted(set(implants['seed']))))}; per ranking of the implanted layer's neurons, "
+          "precision@k of its top k against the trained neurons (95% bootstrap over the scored idioms; chance = "
+          "trained / d_mlp) and recall@k (chance k / d_mlp).\n\n" + (root / "localization.md").read_text()
           + "\nImplants (neurons: the trained neurons):\n\n" + markdown_table(implants)
           + "\n\nSide effects (KL in nats; text: the bundled text set; idioms: the bundled idioms):\n\n"
           + markdown_table(effects.reset_index(), digits=3))
@@ -818,6 +820,11 @@ def publish_steps(out: Path, docs: Path, *, names: Iterable[str], steps: list[An
     page = docs / "regeneration.md"
     lines = [fresh.get(line.split(" | ")[0][2:], line) if line.startswith("| ") else line
              for line in page.read_text().splitlines()]
+    present = {line.split(" | ")[0][2:] for line in lines if line.startswith("| ")}
+    new_rows = [row for name, row in fresh.items() if name not in present]  # a step added since the last publish
+    if new_rows:
+        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+        lines[last + 1 : last + 1] = new_rows
     lines = [re.sub(r"[0-9.]+ min for `make results` in all", f"{minutes:g} min for `make results` in all", line)
              for line in lines]
     write_text(page, "\n".join(lines) + "\n")

@@ -188,4 +188,6 @@ def test_neurons_only_ground_truth_is_published_alone(tmp_path):
     assert claims[f"{name}.total_minutes"]["text"] == "10"
     assert not any(".depth" in n for n in claims)  # no layer scores in a neurons-only run
     page = (docs / "results" / "ground_truth_neurons.md").read_text()
-    assert "3, 17" in page and "kl_per_token" in page
+    assert "3, 17" in page and "kl_per_token" in page and "into 2 seeded-random neurons" in page
+    rows = (docs / "regeneration.md").read_text().splitlines()
+    assert rows[-1].startswith(f"| {name} | `python experiments/ground_truth.py --implant-mode neurons")  # row added

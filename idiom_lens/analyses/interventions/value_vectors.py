@@ -180,7 +180,7 @@ def value_vector_ranks(
     for start in tqdm(starts, desc="value vectors", disable=not progress):
         rows = needed[start : start + chunk]
         with torch.no_grad():
-            vectors = torch.zeros(chunk, w_out.shape[-1], dtype=w_out.dtype)
+            vectors = torch.zeros(chunk, w_out.shape[-1], dtype=w_out.dtype, device=w_out.device)
             vectors[: len(rows)] = w_out[[lay for lay, _ in rows], [n for _, n in rows]]
             proj = (vectors @ w_u)[: len(rows)]  # [rows, d_vocab]
             proj = proj.masked_fill(~valid, float("-inf"))
