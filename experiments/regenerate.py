@@ -79,7 +79,7 @@ def steps(*, idiomem: Path | None = None) -> list[Step]:
                                            "--out", "{out}/ground-truth-gemma-3-270m"), 95),
         Step("ground-truth-neurons-gemma-3-270m",
              (py, "experiments/ground_truth.py", "--implant-mode", "neurons", "--neurons-only",
-              "--out", "{out}/ground-truth-neurons-gemma-3-270m"), 45),
+              "--out", "{out}/ground-truth-neurons-gemma-3-270m"), 90),
         Step("implant-scaling", (py, "benchmarks/implant_bench.py", "--dataset", "implanted", "--layers", "8",
                                  "--n-idioms", "25", "50", "100", "--out", "{out}/implant-scaling/scaling.jsonl"), 8),
         Step("knockouts-all-memorized", (py, "experiments/knockouts.py", "--out", "{out}/knockouts-all-memorized",
