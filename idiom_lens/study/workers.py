@@ -68,9 +68,9 @@ class WorkerOptions:
         """How a part of `n_probes` is cut into tasks: `probes_per_task` each (the last one what is
         left), else one task per worker (fewer for a short part) of sizes that differ by at most
         one, largest first: 6 probes on 2 workers are 3, 3. Each task pays the analysis' set-up
-        (self-checks, norms), and set-ups on 2 workers of 2 cores contend for memory bandwidth: on
-        the embedded model (ray_bench) the knockout stage on 2 workers took 15.5-16.5 s in tasks of
-        3, 3 and 18.5-19.7 s in tasks of 2, 2, 1, 1."""
+        (self-checks, norms), and set-ups on 2 workers of 2 cores contend for memory bandwidth: the
+        knockout stage of 6 idioms of the embedded model on 2 workers took 15.5-16.5 s in tasks
+        of 3, 3 and 18.5-19.7 s in tasks of 2, 2, 1, 1 (docs/speed.md)."""
         if n_probes < 1:
             return []
         if self.probes_per_task is not None:
